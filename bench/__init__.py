@@ -1,0 +1,1 @@
+"""Benchmarks (python -m bench.<name>); results are recorded by device under bench/results/."""

@@ -1,0 +1,310 @@
+"""One dataclass tree is the config; TOML sections map 1:1 onto it.
+
+    [model]      what to build (variant, sizes, attention)      -> ModelConfig
+    [mask]       masking-ratio schedule over epochs              -> MaskConfig
+    [diffusion]  noise schedule of the diffused decoder inputs   -> DiffusionConfig
+    [loss]       reconstruction and contrastive terms            -> LossConfig
+    [optim]      the paper's Table 4 optimiser recipe            -> OptimConfig
+    [train]      epochs and batch size                           -> TrainConfig
+
+Unknown keys and bad values fail with one line naming the file, the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VARIANTS = ("mavil", "diffmavil", "audiomae", "audiomae_diff")
+ATTENTION_BACKENDS = ("sdpa", "math")
+
+# Size presets: `base` is the paper's (ViT-B encoders, 512-d decoders, AudioSet inputs); the
+# smaller ones share every line of model code and exist for CPU tests and demos.
+SIZES: dict[str, dict] = {
+    "base": dict(encoder_dim=768, encoder_depth=12, encoder_heads=12,
+                 decoder_dim=512, decoder_depth=8, decoder_heads=16,
+                 audio_frames=1024, mel_bins=128, video_frames=16, video_size=224),
+    "small": dict(encoder_dim=192, encoder_depth=4, encoder_heads=3,
+                  decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                  audio_frames=256, mel_bins=128, video_frames=8, video_size=64),
+    "tiny": dict(encoder_dim=64, encoder_depth=2, encoder_heads=2,
+                 decoder_dim=64, decoder_depth=2, decoder_heads=2,
+                 audio_frames=128, mel_bins=128, video_frames=4, video_size=48),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a bad value."""
+
+
+def _choices(*values):
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    variant: str = field(default="diffmavil", metadata=_choices(*VARIANTS))
+    # Preset for the fields left at None below; explicit keys override it.
+    size: str = field(default="base", metadata=_choices(*SIZES))
+    video_decoder_attention: str = field(default="cross", metadata=_choices("self", "cross"))
+    attention: str = field(default="sdpa", metadata=_choices(*ATTENTION_BACKENDS))
+    encoder_dim: int | None = None
+    encoder_depth: int | None = None
+    encoder_heads: int | None = None
+    fusion_depth: int = 2
+    decoder_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+    mlp_ratio: float = 4.0
+    audio_frames: int | None = None
+    mel_bins: int | None = None
+    audio_patch: tuple[int, int] = (16, 16)
+    video_frames: int | None = None
+    video_size: int | None = None
+    video_patch: tuple[int, int, int] = (2, 16, 16)
+    # Swin-style audio decoder: window over the (time, frequency) token grid; odd blocks shift
+    # by `audio_decoder_shift` (AudioMAE: 4x4 windows shifted along time).
+    audio_decoder_window: tuple[int, int] = (4, 4)
+    audio_decoder_shift: tuple[int, int] = (2, 0)
+    audio_decoder_rel_pos: bool = True
+    # Fast path: Triton kernels where they exist (env FASTMAVIL_KERNELS wins, see kernels/).
+    kernels: bool = True
+
+    def __post_init__(self):
+        for key, value in SIZES.get(self.size, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    @property
+    def has_video(self) -> bool:
+        return self.variant in ("mavil", "diffmavil")
+
+    @property
+    def diffusion(self) -> bool:
+        """Diffused masked patches (DiffMAE-style) instead of learned [MASK] tokens."""
+        return self.variant in ("diffmavil", "audiomae_diff")
+
+    @property
+    def mask_first(self) -> bool:
+        """Mask first and project only visible patches (DiffMAViL), else project all (MAViL)."""
+        return self.diffusion
+
+    @property
+    def audio_grid(self) -> tuple[int, int]:
+        return (self.audio_frames // self.audio_patch[0], self.mel_bins // self.audio_patch[1])
+
+    @property
+    def video_grid(self) -> tuple[int, int, int]:
+        t, h, w = self.video_patch
+        return (self.video_frames // t, self.video_size // h, self.video_size // w)
+
+    def check(self) -> None:
+        for dim, heads in (("encoder_dim", "encoder_heads"), ("decoder_dim", "decoder_heads")):
+            d, h = getattr(self, dim), getattr(self, heads)
+            if d % h or d % 4:
+                raise ConfigError(f"model.{dim} = {d} must be divisible by model.{heads} = {h} "
+                                  "and by 4 (sin-cos positional embedding)")
+        for key, size, patch in (("audio_frames", self.audio_frames, self.audio_patch[0]),
+                                 ("mel_bins", self.mel_bins, self.audio_patch[1]),
+                                 ("video_frames", self.video_frames, self.video_patch[0]),
+                                 ("video_size", self.video_size, self.video_patch[1]),
+                                 ("video_size", self.video_size, self.video_patch[2])):
+            if size <= 0 or size % patch:
+                raise ConfigError(f"model.{key} = {size} must be a positive multiple of the "
+                                  f"patch size {patch}")
+        for axis, (g, w) in enumerate(zip(self.audio_grid, self.audio_decoder_window)):
+            if w <= 0 or g % min(w, g):
+                raise ConfigError(f"model.audio_decoder_window = {list(self.audio_decoder_window)}"
+                                  f" must tile the audio token grid {list(self.audio_grid)}")
+            if not 0 <= self.audio_decoder_shift[axis] < min(w, g) or (
+                    self.audio_decoder_shift[axis] and w >= g):
+                raise ConfigError(f"model.audio_decoder_shift = {list(self.audio_decoder_shift)} "
+                                  "must lie in [0, window) and be 0 where the window spans the "
+                                  "grid")
+
+
+@dataclass
+class MaskConfig:
+    # Masking ratio per epoch: `fixed` uses `start` throughout; `linear` goes from `start` at the
+    # first epoch to `end` at the last (the paper's curriculum: 0.9 -> 0.8).
+    schedule: str = field(default="fixed", metadata=_choices("fixed", "linear"))
+    start: float = 0.8
+    end: float | None = None  # defaults to `start`
+
+    def __post_init__(self):
+        if self.end is None:
+            self.end = self.start
+
+    def check(self) -> None:
+        for key in ("start", "end"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"mask.{key} = {getattr(self, key)} must lie in (0, 1)")
+        if self.schedule == "fixed" and self.end != self.start:
+            raise ConfigError(f"mask.end = {self.end} differs from mask.start = {self.start} "
+                              "but mask.schedule = 'fixed'; use 'linear'")
+
+
+@dataclass
+class DiffusionConfig:
+    # DDPM-style forward process on the masked patches (paper Sec. 3, App. C).
+    steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # Variance exponent phi: the noise variance of step t is beta_t ** phi (DiffMAE).
+    phi: float = 0.8
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"diffusion.steps = {self.steps} must be >= 1")
+        if not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise ConfigError("diffusion.beta_start and diffusion.beta_end must satisfy "
+                              f"0 < beta_start <= beta_end < 1, got {self.beta_start}, "
+                              f"{self.beta_end}")
+        if self.phi <= 0:
+            raise ConfigError(f"diffusion.phi = {self.phi} must be > 0")
+
+
+@dataclass
+class LossConfig:
+    # Reconstruction targets normalised per patch (MAE's norm_pix_loss).
+    norm_pix: bool = True
+    # InfoNCE weights and temperature. The paper does not give them; peers use temperatures
+    # 0.05-0.1 and small weights (CAV-MAE: 0.01). Our choice: 0.01 each, temperature 0.1.
+    inter_weight: float = 0.01
+    intra_weight: float = 0.01
+    temperature: float = 0.1
+
+    def check(self) -> None:
+        for key in ("inter_weight", "intra_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"loss.{key} = {getattr(self, key)} must be >= 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature = {self.temperature} must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    # Table 4, pre-training column.
+    lr: float = 4e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: int = 8
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    # Effective batch size; with adaptive_batch it is B0, the batch at the lowest masking ratio.
+    batch_size: int = 2048
+    # Adaptive batch (paper Sec. 3): B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0.
+    adaptive_batch: bool = False
+
+    def check(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"train.epochs = {self.epochs} and train.batch_size = "
+                              f"{self.batch_size} must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self) -> "Config":
+        for section in dataclasses.fields(self):
+            sub = getattr(self, section.name)
+            if hasattr(sub, "check"):
+                sub.check()
+        return self
+
+
+def _coerce(value, hint, key: str):
+    """Checks a TOML value against a field's type hint; ints are accepted for floats."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # `X | None`: TOML has no None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} = {value!r} must be a list of {len(args)} values")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} must be of type {hint.__name__}")
+    return value
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.')} must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = prefix + key
+        if key not in known:
+            raise ConfigError(f"unknown key {name}; allowed: {', '.join(known)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value, name + ".")
+            continue
+        kwargs[key] = _coerce(value, hint, name)
+        choices = known[key].metadata.get("choices")
+        if choices and kwargs[key] not in choices:
+            raise ConfigError(f"{name} = {value!r} is not one of: {', '.join(choices)}")
+    return cls(**kwargs)
+
+
+def _parse_value(text: str):
+    """A CLI override value in TOML syntax (`0.9`, `true`, `[4, 4]`), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict, dotted_key: str, text: str) -> None:
+    """Sets `section.key` (e.g. `model.size`, `small`) in a raw config dict."""
+    *path, leaf = dotted_key.split(".")
+    node = data
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted_key}: {part} is not a section")
+    node[leaf] = _parse_value(text)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _from_dict(Config, data).check()
+
+
+def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Config:
+    """Reads a TOML config, applies dotted overrides, validates; errors name the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    try:
+        for key, text in (overrides or {}).items():
+            apply_override(data, key, text)
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

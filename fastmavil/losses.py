@@ -1,0 +1,27 @@
+"""Pre-training objectives: masked-patch MSE and InfoNCE (paper App. B.1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalisation of reconstruction targets (MAE's norm_pix_loss)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True, unbiased=False)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked patches given, pred and target (B, m, P)."""
+    return (pred.float() - target.float()).pow(2).mean()
+
+
+def info_nce(x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between x and y (B, D): row i of x and row i of y are the positives,
+    every other row of the other side a negative; cosine similarity over temperature."""
+    x = F.normalize(x.float(), dim=-1)
+    y = F.normalize(y.float(), dim=-1)
+    logits = x @ y.t() / temperature
+    labels = torch.arange(x.shape[0], device=x.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))

@@ -1,0 +1,3 @@
+from .mavil import MAViL, PretrainOutput, build_model
+
+__all__ = ["MAViL", "PretrainOutput", "build_model"]

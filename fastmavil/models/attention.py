@@ -1,0 +1,114 @@
+"""Attention through one function, and the transformer blocks built on it.
+
+Backends: `sdpa` (torch's scaled_dot_product_attention, which picks a fused kernel) and `math`
+(explicit softmax: the reference, and what FLOP counting uses since FlopCounterMode has no
+formula for some fused CPU kernels).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKENDS = ("sdpa", "math")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+              backend: str = "sdpa") -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v for q (B, H, Lq, d), k and v (B, H, Lk, d).
+
+    `bias` is additive (-inf masks a pair) and broadcasts to (B, H, Lq, Lk).
+    """
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    if backend != "math":
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
+    for module in model.modules():
+        if isinstance(module, (SelfAttention, CrossAttention)):
+            module.backend = backend
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., L, heads * d) -> (..., heads, L, d)"""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-3, -2).flatten(-2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, backend: str = "sdpa"):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.proj(_merge_heads(attention(q, k, v, bias, self.backend)))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x (B, Lq, D) attend to context (B, Lk, D) only."""
+
+    def __init__(self, dim: int, heads: int, backend: str = "sdpa"):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = _split_heads(self.q(x), self.heads)
+        k, v = (_split_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
+        return self.proj(_merge_heads(attention(q, k, v, None, self.backend)))
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim: int, ratio: float):
+        hidden = int(dim * ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm block whose queries attend only to a fixed context (no self-attention among
+    queries): the DiffMAE "cross" decoder block."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim)
+        self.attn = CrossAttention(dim, heads, backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self.norm_context(context))
+        return x + self.mlp(self.norm2(x))

@@ -1,0 +1,48 @@
+"""ViT encoders over visible patches, and the fusion encoder over both modalities."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Block
+from .patch import PatchEmbed
+
+
+class Encoder(nn.Module):
+    """Patch embedding + fixed positions + pre-norm ViT blocks + final norm (no [CLS] token:
+    the contrastive terms and fine-tuning mean-pool the tokens)."""
+
+    def __init__(self, channels: int, patch: tuple[int, ...], pos: torch.Tensor, dim: int,
+                 depth: int, heads: int, mlp_ratio: float, mask_first: bool,
+                 backend: str = "sdpa"):
+        super().__init__()
+        self.patch_embed = PatchEmbed(channels, patch, dim, mask_first)
+        self.register_buffer("pos", pos, persistent=False)  # (N, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, backend) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, *S); ids_keep (V, B, n) for V masked views of the same clips, or None for
+        every token -> (V * B, n, dim)."""
+        tokens = self.patch_embed(x, ids_keep)
+        tokens = tokens + (self.pos if ids_keep is None else self.pos[ids_keep])
+        tokens = tokens.flatten(0, -3) if tokens.dim() > 3 else tokens
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+
+class FusionEncoder(nn.Module):
+    """Transformer blocks over the concatenated audio and video tokens (MAViL's g_av)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, backend: str = "sdpa"):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, backend) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([audio, video], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return x[:, :audio.shape[1]], x[:, audio.shape[1]:]

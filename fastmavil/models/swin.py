@@ -1,0 +1,114 @@
+"""Swin-style local attention on the audio decoder's (time, frequency) token grid.
+
+Attention runs within non-overlapping windows; a shifted block first rolls the grid by -shift,
+so windows straddle the previous block's borders, and masks pairs that the roll brought
+together from opposite edges (Swin). As in Swin and AudioMAE, each window adds a learned
+relative-position bias (switchable).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Mlp, SelfAttention, _merge_heads, _split_heads, attention
+
+
+def to_windows(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """(B, R, C, D) grid -> (B, windows, wr * wc, D), windows row-major."""
+    b, rows, cols, d = x.shape
+    wr, wc = window
+    x = x.view(b, rows // wr, wr, cols // wc, wc, d).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, -1, wr * wc, d)
+
+
+def from_windows(x: torch.Tensor, grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
+    """(B, windows, wr * wc, D) -> (B, R, C, D), the inverse of `to_windows`."""
+    (rows, cols), (wr, wc) = grid, window
+    b, d = x.shape[0], x.shape[-1]
+    x = x.view(b, rows // wr, cols // wc, wr, wc, d).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, rows, cols, d)
+
+
+def shift_mask(grid: tuple[int, int], window: tuple[int, int],
+               shift: tuple[int, int]) -> torch.Tensor:
+    """(windows, L, L) additive mask: -inf between tokens from different regions of the rolled grid."""
+    labels = []
+    for size, w, s in zip(grid, window, shift):
+        lab = torch.zeros(size, dtype=torch.long)
+        if s:
+            lab[size - w:size - s] = 1
+            lab[size - s:] = 2
+        labels.append(lab)
+    region = (labels[0][:, None] * 3 + labels[1][None, :]).float()
+    region = to_windows(region[None, :, :, None], window)[0, :, :, 0]  # (windows, L)
+    mask = torch.zeros(region.shape[0], region.shape[1], region.shape[1])
+    return mask.masked_fill(region[:, :, None] != region[:, None, :], float("-inf"))
+
+
+def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
+    """(L, L) index into a ((2 wr - 1) * (2 wc - 1),) table of relative offsets."""
+    wr, wc = window
+    r, c = torch.meshgrid(torch.arange(wr), torch.arange(wc), indexing="ij")
+    coords = torch.stack([r.flatten(), c.flatten()])          # (2, L)
+    rel = coords[:, :, None] - coords[:, None, :]             # (2, L, L)
+    return (rel[0] + wr - 1) * (2 * wc - 1) + (rel[1] + wc - 1)
+
+
+class WindowBlock(nn.Module):
+    """Pre-norm transformer block with (shifted) window attention over a (rows, cols) grid."""
+
+    def __init__(self, dim: int, heads: int, grid: tuple[int, int], window: tuple[int, int],
+                 shift: tuple[int, int] = (0, 0), mlp_ratio: float = 4.0, rel_pos: bool = True,
+                 backend: str = "sdpa"):
+        super().__init__()
+        # A window as large as the grid cannot shift (Swin does the same).
+        self.window = tuple(min(w, g) for w, g in zip(window, grid))
+        self.shift = tuple(0 if w >= g else s for s, w, g in zip(shift, window, grid))
+        self.grid, self.heads = tuple(grid), heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+        length = self.window[0] * self.window[1]
+        self.rel_pos_table = None
+        if rel_pos:
+            self.rel_pos_table = nn.Parameter(
+                torch.zeros((2 * self.window[0] - 1) * (2 * self.window[1] - 1), heads))
+            nn.init.trunc_normal_(self.rel_pos_table, std=0.02)
+            self.register_buffer("rel_pos_index", relative_position_index(self.window),
+                                 persistent=False)
+        windows = (grid[0] // self.window[0]) * (grid[1] // self.window[1])
+        mask = shift_mask(self.grid, self.window, self.shift) if any(self.shift) else None
+        self.register_buffer("mask", mask if mask is None else mask[:, None], persistent=False)
+        self._windows, self._length = windows, length
+
+    def attention_bias(self) -> torch.Tensor | None:
+        """(windows * heads, L, L) or None: relative-position bias plus the shift mask."""
+        bias = None
+        if self.rel_pos_table is not None:
+            bias = self.rel_pos_table[self.rel_pos_index].permute(2, 0, 1)[None]  # (1, H, L, L)
+        if self.mask is not None:
+            bias = self.mask if bias is None else bias + self.mask           # (windows, H|1, L, L)
+        if bias is None:
+            return None
+        return bias.expand(self._windows, self.heads, -1, -1).reshape(-1, *bias.shape[-2:])
+
+    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, d = x.shape
+        grid = x.view(b, *self.grid, d)
+        if any(self.shift):
+            grid = torch.roll(grid, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+        windows = to_windows(grid, self.window)                          # (B, W, L, D)
+        q, k, v = (_split_heads(t, self.heads) for t in self.attn.qkv(windows).chunk(3, -1))
+        # fold windows into the head axis: one attention call over (B, W * H, L, d)
+        out = attention(*(t.flatten(1, 2) for t in (q, k, v)), self.attention_bias(),
+                        self.attn.backend)
+        out = self.attn.proj(_merge_heads(out.unflatten(1, (self._windows, self.heads))))
+        grid = from_windows(out, self.grid, self.window)
+        if any(self.shift):
+            grid = torch.roll(grid, shifts=self.shift, dims=(1, 2))
+        return grid.reshape(b, -1, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.window_attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))

@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from fastmavil.masking import random_masking
+from fastmavil.models.attention import CrossAttention, SelfAttention, attention
+from fastmavil.models.decoder import Decoder
+from fastmavil.models.pos_embed import sincos_grid
+from fastmavil.models.swin import WindowBlock, from_windows, shift_mask, to_windows
+
+
+def _grads(module, *inputs):
+    out = module(*inputs)
+    out.square().sum().backward()
+    return out, [p.grad.clone() for p in module.parameters()] + [x.grad.clone() for x in inputs]
+
+
+@pytest.mark.parametrize("lq, lk", [(7, 7), (5, 11)])
+def test_sdpa_matches_math(lq, lk):
+    q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for n in (lq, lk, lk))
+    bias = torch.randn(3, lq, lk)
+    outs = []
+    for backend in ("sdpa", "math"):
+        out = attention(q, k, v, bias, backend)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        outs.append((out, grads))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls, args", [(SelfAttention, 1), (CrossAttention, 2)])
+def test_modules_agree_across_backends(cls, args):
+    torch.manual_seed(1)
+    module = cls(32, 4)
+    inputs = [torch.randn(2, 9, 32, requires_grad=True), torch.randn(2, 5, 32, requires_grad=True)]
+    results = []
+    for backend in ("sdpa", "math"):
+        module.backend = backend
+        module.zero_grad()
+        for x in inputs:
+            x.grad = None
+        results.append(_grads(module, *inputs[:args]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _cross_decoder():
+    grid = (2, 3, 3)
+    dec = Decoder("cross", encoder_dim=24, dim=32, depth=2, heads=4, mlp_ratio=4.0, patch_dim=10,
+                  pos=sincos_grid(32, grid), diffusion=True)
+    ids = random_masking((2,), 18, 0.75)
+    return dec.eval(), ids
+
+
+def test_cross_decoder_masked_queries_never_attend_to_each_other():
+    dec, ids = _cross_decoder()
+    latents, noisy = torch.randn(2, ids.keep.shape[1], 24), torch.randn(2, ids.mask.shape[1], 10)
+    out = dec(latents, ids, noisy)
+    changed = noisy.clone()
+    changed[1, 3] += 1.0
+    diff = (dec(latents, ids, changed) - out).abs().amax(dim=-1)
+    assert diff[1, 3] > 1e-3
+    diff[1, 3] = 0
+    assert diff.max() == 0  # no other query moved, in either sample
+
+
+def test_cross_decoder_visible_latent_reaches_every_query():
+    dec, ids = _cross_decoder()
+    latents, noisy = torch.randn(2, ids.keep.shape[1], 24), torch.randn(2, ids.mask.shape[1], 10)
+    out = dec(latents, ids, noisy)
+    changed = latents.clone()
+    changed[0, 1] += 1.0
+    diff = (dec(changed, ids, noisy) - out).abs().amax(dim=-1)
+    assert (diff[0] > 1e-6).all() and diff[1].max() == 0
+
+
+def test_window_partition_round_trip():
+    x = torch.randn(2, 8, 6, 5)
+    assert torch.equal(from_windows(to_windows(x, (4, 3)), (8, 6), (4, 3)), x)
+
+
+def _window_of(grid, window, shift):
+    """Set of token indices that share a window with each token, computed independently:
+    windows tile the grid rolled by -shift, and a rolled window never joins tokens that the roll
+    wrapped around from opposite edges."""
+    rows, cols = grid
+    members = {}
+    for r in range(rows):
+        for c in range(cols):
+            rr, cc = (r - shift[0]) % rows, (c - shift[1]) % cols  # position after the roll
+            wrap_r, wrap_c = r < shift[0], c < shift[1]
+            key = (rr // window[0], cc // window[1], wrap_r, wrap_c)
+            members.setdefault(key, set()).add(r * cols + c)
+    return {i: group for group in members.values() for i in group}
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (2, 0), (2, 1)])
+def test_window_block_sees_only_its_window(shift):
+    grid, window = (8, 4), (4, 2)
+    torch.manual_seed(2)
+    block = WindowBlock(16, 2, grid, window, shift).eval()
+    x = torch.randn(1, 32, 16)
+    out = block(x)
+    window_of = _window_of(grid, window, shift)
+    for token in (0, 5, 13, 31):
+        outside = [i for i in range(32) if i not in window_of[token]]
+        y = x.clone()
+        y[0, outside] += torch.randn(len(outside), 16)
+        assert torch.allclose(block(y)[0, token], out[0, token], atol=1e-6), token
+        inside = [i for i in window_of[token] if i != token]
+        y = x.clone()
+        y[0, inside] += torch.randn(len(inside), 16)
+        assert not torch.allclose(block(y)[0, token], out[0, token], atol=1e-4), token
+
+
+def test_shift_mask_blocks_wrapped_regions():
+    mask = shift_mask((8, 4), (4, 4), (2, 0))
+    assert mask.shape == (2, 16, 16)
+    assert (mask[0] == 0).all()                       # first window: one region
+    assert torch.isinf(mask[1]).any() and (mask[1].diagonal() == 0).all()
+
+
+def test_window_block_backends_agree():
+    torch.manual_seed(3)
+    block = WindowBlock(16, 2, (8, 4), (4, 2), (2, 1))
+    x = torch.randn(2, 32, 16, requires_grad=True)
+    outs = []
+    for backend in ("sdpa", "math"):
+        block.attn.backend = backend
+        block.zero_grad()
+        x.grad = None
+        out = block(x)
+        out.square().sum().backward()
+        outs.append((out, x.grad.clone(), block.rel_pos_table.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

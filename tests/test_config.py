@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+
+from fastmavil.config import SIZES, ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_configs_load_at_paper_size(path):
+    cfg = load_config(path)
+    m = cfg.model
+    assert (m.encoder_dim, m.encoder_depth, m.encoder_heads) == (768, 12, 12)
+    assert (m.decoder_dim, m.decoder_depth, m.decoder_heads) == (512, 8, 16)
+    assert m.audio_grid == (64, 8) and m.video_grid == (8, 14, 14)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == (4e-4, 1e-6, 1e-5)
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.warmup_epochs == 8
+    assert (cfg.train.epochs, cfg.train.batch_size) == (60, 2048)
+    assert (cfg.diffusion.steps, cfg.diffusion.phi) == (1000, 0.8)
+
+
+def test_paper_rows():
+    rows = {name: load_config(CONFIGS / f"{name}.toml") for name in ("r1", "r2", "r3", "r4")}
+    assert rows["r1"].model.video_decoder_attention == "self"
+    assert all(rows[r].model.video_decoder_attention == "cross" for r in ("r2", "r3", "r4"))
+    assert (rows["r2"].mask.schedule, rows["r2"].mask.start) == ("fixed", 0.8)
+    assert (rows["r3"].mask.start, rows["r3"].mask.end) == (0.9, 0.8)
+    assert not rows["r3"].train.adaptive_batch and rows["r4"].train.adaptive_batch
+    assert load_config(CONFIGS / "mavil.toml").model.variant == "mavil"
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    path = write(tmp_path, "[model]\nvarient = 'mavil'\n")
+    with pytest.raises(ConfigError, match=r"c\.toml: unknown key model\.varient; allowed: variant"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="unknown key modle"):
+        load_config(write(tmp_path, "[modle]\nsize = 'tiny'\n"))
+
+
+def test_bad_choice_lists_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match="model.variant = 'mae' is not one of: mavil, diffmavil"):
+        load_config(write(tmp_path, "[model]\nvariant = 'mae'\n"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[train]\nepochs = 'ten'\n", "train.epochs = 'ten' must be of type int"),
+    ("[train]\nepochs = true\n", "train.epochs = True must be of type int"),
+    ("[model]\naudio_patch = [16]\n", "model.audio_patch = \\[16\\] must be a list of 2 values"),
+    ("[mask]\nstart = 1.2\n", "mask.start = 1.2 must lie in \\(0, 1\\)"),
+    ("[mask]\nstart = 0.9\nend = 0.8\n", "use 'linear'"),
+    ("[model]\nsize = 'tiny'\nencoder_heads = 3\n", "model.encoder_dim = 64 must be divisible"),
+    ("[model]\nsize = 'tiny'\nmel_bins = 100\n", "model.mel_bins = 100 must be a positive multiple"),
+    ("[model]\nsize = 'tiny'\naudio_decoder_window = [3, 4]\n", "must tile the audio token grid"),
+    ("[diffusion]\nbeta_start = 0.5\nbeta_end = 0.1\n", "beta_start <= beta_end"),
+    ("[loss]\ntemperature = 0\n", "loss.temperature = 0.0 must be > 0"),
+    ("model = 3\n", "model must be a table"),
+])
+def test_bad_values(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[model\n"))
+
+
+def test_size_preset_and_explicit_keys(tmp_path):
+    cfg = load_config(write(tmp_path, "[model]\nsize = 'small'\ndecoder_depth = 3\n"))
+    assert cfg.model.encoder_dim == SIZES["small"]["encoder_dim"]
+    assert cfg.model.decoder_depth == 3
+    assert cfg.mask.end == cfg.mask.start == 0.8  # end defaults to start
+
+
+def test_dotted_overrides(tmp_path):
+    path = write(tmp_path, "[model]\nvariant = 'mavil'\n")
+    cfg = load_config(path, {"model.size": "tiny", "mask.schedule": "linear", "mask.start": "0.9",
+                             "mask.end": "0.8",
+                             "model.audio_decoder_window": "[2, 2]",
+                             "model.audio_decoder_shift": "[1, 0]", "loss.norm_pix": "false"})
+    assert cfg.model.size == "tiny" and cfg.model.encoder_dim == 64
+    assert (cfg.mask.schedule, cfg.mask.start, cfg.mask.end) == ("linear", 0.9, 0.8)
+    assert cfg.model.audio_decoder_window == (2, 2) and cfg.loss.norm_pix is False
+    with pytest.raises(ConfigError, match="train.epochs = 'x' must be of type int"):
+        load_config(path, {"train.epochs": "x"})
