@@ -85,7 +85,9 @@ def _print_table(results: dict[str, dict[str, float]], baseline_name: str) -> No
         r = ratios(flops, base)
         table.add_row(name, *(f"{flops[k] / 1e9:.1f} ({r[k]:.2f})" if r[k] is not None
                               else f"{flops[k] / 1e9:.1f}" for k in COLUMNS))
-    Console(width=max(Console().width, 120)).print(table)
+    # wide enough that config paths and cells never wrap, even when piped
+    width = max(len(name) for name in results) + 15 * len(COLUMNS) + 10
+    Console(width=max(Console().width, width)).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true",
                         help="print {config: {module: ratio to baseline}} as JSON")
     args = parser.parse_args(argv)
-    names = list(dict.fromkeys(args.configs + ([args.baseline] if args.baseline else [])))
+    names = list(dict.fromkeys(([args.baseline] if args.baseline else []) + args.configs))
     try:
         results = {name: schedule_flops(load_config(name)) for name in names}
     except ConfigError as err:

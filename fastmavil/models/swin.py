@@ -69,7 +69,6 @@ class WindowBlock(nn.Module):
         self.attn = SelfAttention(dim, heads, backend)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
-        length = self.window[0] * self.window[1]
         self.rel_pos_table = None
         if rel_pos:
             self.rel_pos_table = nn.Parameter(
@@ -80,7 +79,7 @@ class WindowBlock(nn.Module):
         windows = (grid[0] // self.window[0]) * (grid[1] // self.window[1])
         mask = shift_mask(self.grid, self.window, self.shift) if any(self.shift) else None
         self.register_buffer("mask", mask if mask is None else mask[:, None], persistent=False)
-        self._windows, self._length = windows, length
+        self._windows = windows
 
     def attention_bias(self) -> torch.Tensor | None:
         """(windows * heads, L, L) or None: relative-position bias plus the shift mask."""
