@@ -11,7 +11,18 @@ setup(
                                     "bench", "bench.*"]),
     # torch below 2.14: on the project's CPU machines pip then takes the local CPU build (2.13)
     # instead of downloading a multi-GB CUDA build; GPU users get the CUDA wheel as usual.
-    install_requires=["torch>=2.4,<2.14", "numpy", "rich"],
-    extras_require={"dev": ["pytest>=7"]},
-    entry_points={"console_scripts": ["fastmavil-flops=fastmavil.flops:main"]},
+    install_requires=[
+        "torch>=2.4,<2.14", "numpy", "rich",
+        "av>=12",          # PyAV: video encode/decode for prep, synth and the reference loader
+        "soundfile",       # FLAC audio
+        # NVIDIA DALI: GPU (and CPU, for VP9 + FLAC) decoding; wheels exist for Linux x86_64 only
+        'nvidia-dali-cuda120; platform_system == "Linux" and platform_machine == "x86_64"',
+    ],
+    extras_require={"dev": ["pytest>=7", "kaldi-native-fbank"]},
+    entry_points={"console_scripts": [
+        "fastmavil-train=fastmavil.train.pretrain:main",
+        "fastmavil-flops=fastmavil.flops:main",
+        "fastmavil-synth=fastmavil.data.synth:main",
+        "fastmavil-prep=fastmavil.data.prep:main",
+    ]},
 )

@@ -1,11 +1,13 @@
 """One dataclass tree is the config; TOML sections map 1:1 onto it.
 
     [model]      what to build (variant, sizes, attention)      -> ModelConfig
+    [data]       shards, feature normalisation, loader           -> DataConfig
     [mask]       masking-ratio schedule over epochs              -> MaskConfig
     [diffusion]  noise schedule of the diffused decoder inputs   -> DiffusionConfig
     [loss]       reconstruction and contrastive terms            -> LossConfig
     [optim]      the paper's Table 4 optimiser recipe            -> OptimConfig
-    [train]      epochs and batch size                           -> TrainConfig
+    [train]      epochs, batch schedule, loop switches           -> TrainConfig
+    [run]        where the run directory goes                    -> RunConfig
 
 Unknown keys and bad values fail with one line naming the file, the key and what is allowed.
 """
@@ -127,6 +129,39 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    # A dataset folder with index.json (fastmavil-prep / fastmavil-synth), a folder of
+    # shard-*.tar, or one .tar file.
+    shards: str = ""
+    num_workers: int = 2
+    shuffle_buffer: int = 512
+    # fbank normalisation (fbank - mean) / (2 * std); AudioSet values (paper Table 4).
+    audio_mean: float = -4.268
+    audio_std: float = 4.569
+    # Table 4 "R": roll the waveform cyclically by a random offset when loading (training only).
+    roll: bool = True
+    # Video: frames (model.video_frames) evenly over this many seconds.
+    video_seconds: float = 4.0
+    video_mean: tuple[float, float, float] = (0.45, 0.45, 0.45)   # MAE-ST; ImageNet also fine
+    video_std: tuple[float, float, float] = (0.225, 0.225, 0.225)
+    seed: int = 0
+    # When > 0 and `shards` (a folder named `train`) holds no dataset yet, fastmavil-train
+    # first generates this many synthetic clips there (fastmavil-synth), for demos.
+    synth_clips: int = 0
+
+    def check(self) -> None:
+        if self.synth_clips and Path(self.shards).name != "train":
+            raise ConfigError(f"data.shards = {self.shards!r} must end in a folder named 'train' "
+                              "when data.synth_clips > 0 (fastmavil-synth writes train/ and "
+                              "heldout/)")
+        if self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ConfigError(f"data.num_workers = {self.num_workers} must be >= 0 and "
+                              f"data.shuffle_buffer = {self.shuffle_buffer} >= 1")
+        if self.audio_std <= 0 or min(self.video_std) <= 0 or self.video_seconds <= 0:
+            raise ConfigError("data.audio_std, data.video_std and data.video_seconds must be > 0")
+
+
+@dataclass
 class MaskConfig:
     # Masking ratio per epoch: `fixed` uses `start` throughout; `linear` goes from `start` at the
     # first epoch to `end` at the last (the paper's curriculum: 0.9 -> 0.8).
@@ -193,6 +228,16 @@ class OptimConfig:
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: int = 8
+    # How lr follows the adaptive batch B_e (see fastmavil.schedule.learning_rate).
+    lr_batch_scaling: str = field(default="none", metadata=_choices("none", "linear", "sqrt"))
+    # `adamw`: torch.optim.AdamW (fused on CUDA); `apex`: apex's FusedAdam, only if importable.
+    optimizer: str = field(default="adamw", metadata=_choices("adamw", "apex"))
+
+    def check(self) -> None:
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr = {self.min_lr} must lie in [0, optim.lr = {self.lr}]")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs = {self.warmup_epochs} must be >= 0")
 
 
 @dataclass
@@ -202,21 +247,58 @@ class TrainConfig:
     batch_size: int = 2048
     # Adaptive batch (paper Sec. 3): B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0.
     adaptive_batch: bool = False
+    # Shapes: B_e rounds to a multiple of batch_multiple; rho_e takes at most max_shapes values.
+    batch_multiple: int = 8
+    max_shapes: int = 11
+    # Memory limit: the largest batch a step may ask for (0: no limit); checked before training.
+    max_batch_size: int = 0
+    max_steps: int = 0          # stop after this many optimizer steps (0: run every epoch)
+    grad_accum: int = 1         # micro-batches per optimizer step
+    grad_clip: float = 0.0      # max gradient norm (0: off; MAE and AudioMAE do not clip)
+    compile: bool = False       # torch.compile the model (CUDA; slow to start on a CPU)
+    deterministic: bool = False  # deterministic algorithms (bitwise resume on a CPU)
+    seed: int = 0
+    device: str = "auto"        # auto | cpu | cuda | cuda:N
+    # auto: bf16 autocast on CUDA, fp32 on a CPU
+    precision: str = field(default="auto", metadata=_choices("auto", "bf16", "fp32"))
+    log_every: int = 10
+    ckpt_every: int = 500       # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5      # consecutive non-finite losses before the run stops
 
     def check(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"train.epochs = {self.epochs} and train.batch_size = "
-                              f"{self.batch_size} must be >= 1")
+        for key in ("epochs", "batch_size", "batch_multiple", "max_shapes", "grad_accum",
+                    "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} = {getattr(self, key)} must be >= 1")
+        for key in ("max_batch_size", "max_steps", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} = {getattr(self, key)} must be >= 0")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size = {self.batch_size} must be divisible by "
+                              f"train.grad_accum = {self.grad_accum}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"train.device = {self.device!r} is not one of: auto, cpu, cuda, "
+                              "cuda:N")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs"           # runs go to <dir>/<name>/
+    name: str = ""              # default: the config file's stem
+    tensorboard: bool = True    # TensorBoard events too, when tensorboard is installed
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def check(self) -> "Config":
         for section in dataclasses.fields(self):
@@ -291,6 +373,25 @@ def apply_override(data: dict, dotted_key: str, text: str) -> None:
 
 def config_from_dict(data: dict) -> Config:
     return _from_dict(Config, data).check()
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, one table per section (readable by load_config)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (tuple, list)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        sub = getattr(cfg, section.name)
+        lines += [f"{f.name} = {value(getattr(sub, f.name))}" for f in dataclasses.fields(sub)]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Config:

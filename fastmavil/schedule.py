@@ -1,7 +1,20 @@
-"""Per-epoch schedules of the paper's efficiency ideas (Sec. 3): masking ratio and batch size."""
+"""Schedules of the paper's efficiency ideas (Sec. 3) and the learning rate.
+
+Masking ratio per epoch (`fixed` or `linear` from rho1 to rho2), and with the adaptive batch
+B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0, so the visible tokens per step stay constant.
+An epoch is a pass over the dataset, so larger batches mean fewer steps: the wall-clock saving.
+
+Compiled graphs and autotuned kernels specialise on shapes, so the ratio is quantised to at most
+`train.max_shapes` levels between rho1 and rho2 and the batch rounded to a multiple of
+`train.batch_multiple`: a run sees at most `max_shapes` distinct (rho, B) shapes. Everything is a
+function of the epoch alone, so every rank derives the same plan.
+"""
 from __future__ import annotations
 
-from .config import MaskConfig
+import math
+from dataclasses import dataclass
+
+from .config import Config, ConfigError, MaskConfig
 
 
 def mask_ratio(mask: MaskConfig, epoch: int, epochs: int) -> float:
@@ -12,9 +25,81 @@ def mask_ratio(mask: MaskConfig, epoch: int, epochs: int) -> float:
 
 
 def adaptive_batch_size(mask: MaskConfig, epoch: int, epochs: int, base: int) -> float:
-    """B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0: a constant budget of visible tokens.
-
-    Unrounded; the trainer rounds and quantises it.
-    """
+    """B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0, unrounded."""
     low = min(mask.start, mask.end)
     return (1.0 - low) / (1.0 - mask_ratio(mask, epoch, epochs)) * base
+
+
+def quantized_mask_ratio(mask: MaskConfig, epoch: int, epochs: int, levels: int) -> float:
+    """rho_e snapped to the nearest of `levels` evenly spaced values from start to end."""
+    ratio = mask_ratio(mask, epoch, epochs)
+    if mask.start == mask.end or levels < 2:
+        return ratio
+    step = (mask.end - mask.start) / (levels - 1)
+    return round(mask.start + step * round((ratio - mask.start) / step), 9)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    epoch: int
+    mask_ratio: float
+    batch_size: int   # global batch per optimizer step (all ranks, all accumulation steps)
+    steps: int        # optimizer steps: full batches only
+
+
+def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
+    """The (rho, B, steps) of every epoch for a dataset of `num_clips` clips."""
+    t, mask = cfg.train, cfg.mask
+    plans = []
+    for epoch in range(t.epochs):
+        ratio = quantized_mask_ratio(mask, epoch, t.epochs, t.max_shapes)
+        batch = t.batch_size
+        if t.adaptive_batch:
+            low = min(mask.start, mask.end)
+            exact = (1.0 - low) / (1.0 - ratio) * t.batch_size
+            batch = max(t.batch_multiple, t.batch_multiple * round(exact / t.batch_multiple))
+        if t.max_batch_size and batch > t.max_batch_size:
+            raise ConfigError(f"epoch {epoch} needs a batch of {batch} (mask ratio {ratio:.3f}) "
+                              f"but train.max_batch_size = {t.max_batch_size}; lower "
+                              "train.batch_size or raise the limit")
+        if num_clips < batch:
+            raise ConfigError(f"the dataset has {num_clips} clips, fewer than one batch of "
+                              f"{batch} (epoch {epoch}); lower train.batch_size")
+        plans.append(EpochPlan(epoch, ratio, batch, num_clips // batch))
+    return plans
+
+
+def learning_rate(cfg: Config, step: int, plans: list[EpochPlan]) -> float:
+    """Linear warm-up over the first `optim.warmup_epochs` epochs' steps, then cosine decay to
+    `optim.min_lr` at the last step, per iteration.
+
+    Batch-size rule: `optim.lr_batch_scaling` = `none` keeps lr independent of the changing
+    batch (the adaptive batch keeps the visible tokens per step constant, so each step's
+    gradient averages the same number of tokens); `linear` or `sqrt` scale lr by B_e / B0 or
+    its square root.
+    """
+    o = cfg.optim
+    total = sum(p.steps for p in plans)
+    warmup = sum(p.steps for p in plans[:o.warmup_epochs])
+    if step < warmup:
+        lr = o.lr * (step + 1) / warmup
+    else:
+        progress = (step - warmup) / max(1, total - warmup)
+        lr = o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if o.lr_batch_scaling != "none":
+        ratio = epoch_at(step, plans).batch_size / cfg.train.batch_size
+        lr *= ratio if o.lr_batch_scaling == "linear" else math.sqrt(ratio)
+    return lr
+
+
+def epoch_at(step: int, plans: list[EpochPlan]) -> EpochPlan:
+    """The epoch that optimizer step `step` (0-based) falls in; the last one past the end."""
+    for plan in plans:
+        if step < plan.steps:
+            return plan
+        step -= plan.steps
+    return plans[-1]
+
+
+def first_step(epoch: int, plans: list[EpochPlan]) -> int:
+    return sum(p.steps for p in plans[:epoch])

@@ -13,7 +13,17 @@ def write(tmp_path, text):
     return path
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.stem)
+PAPER_CONFIGS = sorted(p for p in CONFIGS.glob("*.toml") if p.stem != "demo")
+
+
+def test_demo_is_a_tiny_r4():
+    cfg = load_config(CONFIGS / "demo.toml")
+    assert cfg.model.size == "tiny" and cfg.model.video_decoder_attention == "cross"
+    assert (cfg.mask.schedule, cfg.mask.start, cfg.mask.end) == ("linear", 0.9, 0.8)
+    assert cfg.train.adaptive_batch and cfg.data.synth_clips > 0
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_load_at_paper_size(path):
     cfg = load_config(path)
     m = cfg.model

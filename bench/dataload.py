@@ -1,0 +1,102 @@
+"""Clips per second of the reference loader (PyAV + soundfile + torch fbank), by worker count.
+
+    python -m bench.dataload                       # demo sizes, 1 and 2 workers
+    python -m bench.dataload --size small --workers 1 2 --data DIR
+
+Generates a synthetic dataset (fastmavil-synth, cached under --data) unless it exists, then
+times full training passes (shuffle, random window and roll; worker start-up included, best of
+`--repeats`), and writes a JSON record under bench/results/. Decoding dominates; model sizes only change the output
+resolution and the fbank length.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from fastmavil.config import Config, ModelConfig
+from fastmavil.data.loader import ShardDataset, build_loader, loader_spec
+from fastmavil.data.synth import SynthSpec, synthesize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_pass(source: Path, size: str, workers: int, batch_size: int, repeats: int) -> dict:
+    cfg = Config(model=ModelConfig(size=size)).check()
+    cfg.data.shuffle_buffer = 32  # smaller than the dataset, so batches stream out
+    dataset = ShardDataset(source, loader_spec(cfg, train=True))
+    loader = build_loader(dataset, batch_size, num_workers=workers, drop_last=False)
+    seconds = float("inf")
+    for epoch in range(repeats):
+        dataset.set_epoch(epoch)
+        clips, start = 0, time.perf_counter()
+        for batch in loader:
+            clips += len(batch["keys"])
+        seconds = min(seconds, time.perf_counter() - start)
+    return {"size": size, "workers": workers, "batch_size": batch_size, "clips": clips,
+            "seconds": round(seconds, 3), "clips_per_s": round(clips / seconds, 1)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.dataload", description=__doc__)
+    parser.add_argument("--data", type=Path, default=Path("data/bench-synth"),
+                        help="synthetic dataset folder (generated when missing)")
+    parser.add_argument("--clips", type=int, default=200)
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="passes per row; the best counts")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/)")
+    args = parser.parse_args(argv)
+
+    source = args.data / "train"
+    if not (source / "index.json").exists():
+        synthesize(args.data, clips=args.clips, heldout=0.0, spec=SynthSpec())
+    rows = [time_pass(source, args.size, w, args.batch_size, args.repeats) for w in args.workers]
+
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"Reference loader, {args.size} sizes, {rows[0]['clips']} synthetic 4 s "
+                        "clips (VP9 96x96 8 fps + FLAC)")
+    for column in ("workers", "clips/s", "seconds"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["workers"]), f"{row['clips_per_s']:.1f}", f"{row['seconds']:.2f}")
+    Console().print(table)
+    import av
+    record = {"bench": "dataload", "device": _cpu_name(), "cpus": os.cpu_count(),
+              "torch": torch.__version__, "pyav": av.__version__, "commit": _commit(),
+              "rows": rows}
+    out = args.out or RESULTS / f"dataload-cpu-{args.size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data: webdataset-style shards of encoded clips, the tools that write them, features, loaders."""

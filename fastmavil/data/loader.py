@@ -1,0 +1,227 @@
+"""The reference loader: a PyTorch IterableDataset over the shards, PyAV for video, soundfile
+for audio, Kaldi fbank in torch.
+
+Shards are split across ranks and DataLoader workers (when there are fewer shards than
+consumers, every consumer reads every shard and keeps every n-th clip instead). Training
+shuffles the shard order per epoch and the clips through a shuffle buffer, starts the video
+window at random and rolls the waveform (Table 4 "R"); evaluation does none of these.
+
+A clip that cannot be used is repaired (stereo -> mono, other rates -> 16 kHz, short audio
+zero-padded, short video frames repeated) or skipped with a warning that names the shard and
+the key; skips are counted by reason and reported when a pass ends. One bad clip never ends a
+run; a truncated shard yields the clips before the damage.
+
+Batches: audio (B, 1, T, F), video (B, 3, Fr, H, W) unless audio_only, labels (B, K) multi-hot,
+keys (list of B strings).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .fbank import crop_or_pad, kaldi_fbank, normalize
+from .media import SAMPLE_RATE, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_video
+from .shards import Clip, read_index, read_shard, shard_paths
+from .video import normalize_video, pick_frames, resize_crop, sample_times, window_start
+
+log = logging.getLogger("fastmavil.data")
+
+# fbank needs one 25 ms window: shorter audio carries nothing to learn from.
+MIN_SAMPLES = 400
+
+
+class SkipClip(Exception):
+    """The clip is unusable; the message is the reason counted in the skip report."""
+
+
+@dataclass
+class LoaderSpec:
+    """What one sample looks like; built from a Config by `loader_spec`."""
+    audio_frames: int = 1024
+    mel_bins: int = 128
+    video_frames: int = 16
+    video_size: int = 224
+    video_seconds: float = 4.0
+    audio_mean: float = -4.268
+    audio_std: float = 4.569
+    video_mean: tuple = (0.45, 0.45, 0.45)
+    video_std: tuple = (0.225, 0.225, 0.225)
+    audio_only: bool = False
+    train: bool = True
+    roll: bool = True
+    shuffle_buffer: int = 512
+    seed: int = 0
+
+
+def loader_spec(cfg, train: bool = True) -> LoaderSpec:
+    m, d = cfg.model, cfg.data
+    return LoaderSpec(m.audio_frames, m.mel_bins, m.video_frames, m.video_size, d.video_seconds,
+                      d.audio_mean, d.audio_std, d.video_mean, d.video_std,
+                      audio_only=not m.has_video, train=train, roll=d.roll,
+                      shuffle_buffer=d.shuffle_buffer, seed=d.seed)
+
+
+class ShardDataset(IterableDataset):
+    def __init__(self, source: str | Path, spec: LoaderSpec, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.shards = shard_paths(source)
+        source = Path(source)
+        self.labels = read_index(source)["labels"] if (source / "index.json").exists() else []
+        self.label_index = {name: i for i, name in enumerate(self.labels)}
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.epoch = 0
+        self.skipped = Counter()  # reason -> clips, for this process's passes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseeds the shard order, windows and rolls: call before each training epoch."""
+        self.epoch = epoch
+
+    def _consumer(self) -> tuple[int, int, np.random.Generator]:
+        worker = get_worker_info()
+        wid, nworkers = (worker.id, worker.num_workers) if worker else (0, 1)
+        consumer = self.rank * nworkers + wid
+        rng = np.random.default_rng([self.spec.seed, self.epoch, consumer])
+        return consumer, self.world_size * nworkers, rng
+
+    def _clips(self, consumer: int, consumers: int) -> Iterator[Clip]:
+        shards = list(self.shards)
+        if self.spec.train:
+            np.random.default_rng([self.spec.seed, self.epoch]).shuffle(shards)  # same on all
+        split_shards = len(shards) >= consumers
+        mine = shards[consumer::consumers] if split_shards else shards
+        n = 0
+        for shard in mine:
+            try:
+                for clip in read_shard(shard):
+                    n += 1
+                    if split_shards or (n - 1) % consumers == consumer:
+                        yield clip
+            except (tarfile.TarError, OSError, EOFError) as err:
+                self._skip(f"unreadable shard ({type(err).__name__})", shard.name, "*")
+
+    def __iter__(self) -> Iterator[dict]:
+        consumer, consumers, rng = self._consumer()
+        buffer, size = [], self.spec.shuffle_buffer if self.spec.train else 1
+        yielded, skipped_before = 0, sum(self.skipped.values())
+        for clip in self._clips(consumer, consumers):
+            try:
+                sample = self.decode(clip, rng)
+            except SkipClip as err:
+                self._skip(str(err), clip.shard, clip.display_key)
+                continue
+            buffer.append(sample)
+            if len(buffer) >= size:
+                yield buffer.pop(int(rng.integers(len(buffer))))
+                yielded += 1
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+            yielded += 1
+        skipped = sum(self.skipped.values()) - skipped_before
+        if skipped:
+            log.warning("loader consumer %d/%d: %d clips, %d skipped (%s)", consumer, consumers,
+                        yielded, skipped, ", ".join(f"{r}: {c}" for r, c in self.skipped.items()))
+
+    def _skip(self, reason: str, shard: str, key: str) -> None:
+        self.skipped[reason.split(":")[0]] += 1
+        log.warning("skipping %s/%s: %s", shard, key, reason)
+
+    def decode(self, clip: Clip, rng: np.random.Generator) -> dict:
+        """One clip's members -> a sample; raises SkipClip with the reason."""
+        spec = self.spec
+        if "json" not in clip.members:
+            raise SkipClip("missing json")
+        try:
+            meta = json.loads(clip.members["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SkipClip(f"corrupt json: {err}") from None
+        if "flac" not in clip.members:
+            raise SkipClip("missing audio")
+        try:
+            wave, repairs = decode_audio(clip.members["flac"])
+        except MediaError as err:
+            raise SkipClip(f"corrupt audio: {err}") from None
+        if len(wave) < MIN_SAMPLES:
+            raise SkipClip(f"audio too short: {len(wave)} samples, fbank needs {MIN_SAMPLES}")
+        for repair in repairs:
+            log.info("%s/%s: %s", clip.shard, clip.display_key, repair)
+        sample = {"audio": self._audio(wave, rng), "labels": self._labels(meta, clip),
+                  "key": clip.display_key}
+        if not spec.audio_only:
+            sample["video"] = self._video(clip, meta, rng)
+        return sample
+
+    def _audio(self, wave: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        spec = self.spec
+        if spec.train and spec.roll:
+            wave = np.roll(wave, int(rng.integers(len(wave))))
+        fbank = kaldi_fbank(torch.from_numpy(wave), SAMPLE_RATE, spec.mel_bins)
+        fbank = crop_or_pad(fbank, spec.audio_frames)
+        return normalize(fbank, spec.audio_mean, spec.audio_std)[None]  # (1, T, F)
+
+    def _video(self, clip: Clip, meta: dict, rng: np.random.Generator) -> torch.Tensor:
+        spec = self.spec
+        ext = next((e for e in VIDEO_EXTENSIONS if e in clip.members), None)
+        if ext is None:
+            raise SkipClip("missing video")
+        data = clip.members[ext]
+        duration = float(meta.get("duration") or 0.0)
+        try:
+            if duration > 0:
+                start = window_start(duration, spec.video_seconds, spec.train, rng)
+                span = min(spec.video_seconds, duration)
+                try:
+                    frames, times = decode_video(data, start, start + span)
+                except MediaError:  # window past the real end (wrong duration): decode it all
+                    frames, times = decode_video(data)
+                    start, span = 0.0, float(times[-1]) + 1e-3
+            else:
+                frames, times = decode_video(data)
+                start, span = 0.0, max(float(times[-1]), 1e-3)
+        except MediaError as err:
+            raise SkipClip(f"corrupt video: {err}") from None
+        picked = pick_frames(sample_times(start, span, spec.video_frames), times)
+        x = resize_crop(torch.from_numpy(frames[picked]), spec.video_size, spec.train, rng)
+        return normalize_video(x, spec.video_mean, spec.video_std)
+
+    def _labels(self, meta: dict, clip: Clip) -> torch.Tensor:
+        target = torch.zeros(len(self.labels))
+        for label in meta.get("labels", []):
+            index = self.label_index.get(label) if isinstance(label, str) else label
+            if isinstance(index, int) and 0 <= index < len(self.labels):
+                target[index] = 1.0
+            elif self.labels:
+                log.warning("%s/%s: label %r is not in the dataset index", clip.shard,
+                            clip.display_key, label)
+        return target
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {"keys": [s["key"] for s in samples],
+             "audio": torch.stack([s["audio"] for s in samples]),
+             "labels": torch.stack([s["labels"] for s in samples])}
+    if "video" in samples[0]:
+        batch["video"] = torch.stack([s["video"] for s in samples])
+    return batch
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers decode in parallel; one thread each avoids oversubscription
+
+
+def build_loader(dataset: ShardDataset, batch_size: int, num_workers: int = 2,
+                 drop_last: bool | None = None) -> DataLoader:
+    """A DataLoader over `dataset`; drops the last partial batch in training by default."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      drop_last=dataset.spec.train if drop_last is None else drop_last,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
+                      persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None)

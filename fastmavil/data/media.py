@@ -1,0 +1,146 @@
+"""Encoding and decoding of the media members of a shard, in memory.
+
+Video: VP9 in WebM (DALI decodes it on a CPU) or H.264 in MP4 (GPU decoding), both through
+PyAV, with a short keyframe interval so that a random 4 s window can be reached by seeking.
+Audio: 16 kHz mono FLAC through soundfile.
+"""
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+VIDEO_CODECS = {"vp9": ("libvpx-vp9", "webm"), "h264": ("libx264", "mp4")}
+VIDEO_EXTENSIONS = tuple(ext for _, ext in VIDEO_CODECS.values())
+
+
+class MediaError(ValueError):
+    """A media member could not be decoded."""
+
+
+def _av():
+    try:
+        import av
+    except ImportError as err:  # PyAV is a core dependency; the GPU bench image lacks it
+        raise ImportError("video encoding and decoding need PyAV: pip install av") from err
+    return av
+
+
+def encode_video(frames: np.ndarray, fps: float, codec: str = "vp9",
+                 keyframe_interval: int | None = None, crf: int = 32) -> bytes:
+    """frames (T, H, W, 3) uint8 RGB, H and W even -> the bytes of a .webm (vp9) or .mp4 (h264).
+
+    `keyframe_interval` is in frames (default: one second).
+    """
+    if codec not in VIDEO_CODECS:
+        raise ValueError(f"video codec {codec!r}: choose from {', '.join(VIDEO_CODECS)}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"frame size {width}x{height} must be even (yuv420p)")
+    av = _av()
+    encoder, container = VIDEO_CODECS[codec]
+    gop = str(keyframe_interval or max(1, round(fps)))
+    # Single-threaded, fixed settings: the same frames give the same bytes.
+    options = {"vp9": {"deadline": "realtime", "cpu-used": "8", "crf": str(crf), "b:v": "0",
+                       "g": gop, "threads": "1", "row-mt": "0"},
+               "h264": {"preset": "veryfast", "crf": str(min(crf, 51)), "g": gop,
+                        "threads": "1"}}[codec]
+    buffer = io.BytesIO()
+    # bitexact: no random segment UID or creation time, so the bytes depend on the frames only
+    with av.open(buffer, "w", format=container, options={"fflags": "+bitexact"}) as out:
+        stream = out.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = options
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def decode_video(data: bytes, start: float = 0.0, end: float | None = None,
+                 size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes the frames shown in [start, end) seconds -> (frames (T, H, W, 3) uint8, times (T,)).
+
+    Seeks to the keyframe before `start`, so a window costs about its own length to decode.
+    `size` (width, height) rescales while converting to RGB. Raises MediaError when nothing
+    decodes.
+    """
+    av = _av()
+    frames, times, period = [], [], 0.0
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise MediaError("no video stream")
+            stream = container.streams.video[0]
+            period = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
+            if start > 0 and stream.time_base is not None:
+                container.seek(int(start / stream.time_base), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                t = frame.time if frame.time is not None else len(times) / float(
+                    stream.average_rate or 1)
+                if end is not None and t >= end:
+                    break
+                if t < start:  # keep only the last frame before start: it is shown at start
+                    frames.clear()
+                    times.clear()
+                width, height = size or (frame.width, frame.height)
+                frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                times.append(t)
+    except MediaError:
+        raise
+    except Exception as err:  # PyAV raises many types (InvalidDataError, EOFError, ...)
+        if not frames:
+            raise MediaError(f"video does not decode: {err}") from err
+        # a truncated file: keep what decoded before the damage
+    if not frames or times[-1] + period <= start:  # the clip ended before the window
+        raise MediaError("video has no frames in the window")
+    return np.stack(frames), np.asarray(times, dtype=np.float64)
+
+
+def encode_flac(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """waveform (samples,) or (samples, channels) float in [-1, 1] -> FLAC bytes (16 bit)."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.clip(waveform, -1.0, 1.0), sample_rate, format="FLAC",
+                    subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def decode_audio(data: bytes, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, list[str]]:
+    """Any soundfile-readable bytes -> (mono float32 waveform at `sample_rate`, repairs made).
+
+    Repairs: multi-channel audio is averaged to mono, other rates are resampled.
+    """
+    import soundfile
+
+    try:
+        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as err:
+        raise MediaError(f"audio does not decode: {err}") from err
+    repairs = []
+    if wave.shape[1] > 1:
+        repairs.append(f"downmixed {wave.shape[1]} channels")
+    wave = wave.mean(axis=1)
+    if rate != sample_rate:
+        repairs.append(f"resampled {rate} Hz to {sample_rate} Hz")
+        wave = resample(wave, rate, sample_rate)
+    return wave.astype(np.float32), repairs
+
+
+def resample(wave: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
+    """Band-limited resampling of a mono float waveform (libswresample through PyAV)."""
+    if rate == new_rate or len(wave) == 0:
+        return wave.astype(np.float32)
+    av = _av()
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave, np.float32)[None], format="flt",
+                                       layout="mono")
+    frame.sample_rate = rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=new_rate)
+    out = [f.to_ndarray()[0] for f in resampler.resample(frame)]
+    out += [f.to_ndarray()[0] for f in resampler.resample(None)]  # flush
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)

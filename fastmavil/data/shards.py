@@ -1,0 +1,157 @@
+"""Webdataset-style tar shards and their index.
+
+A dataset folder holds `shard-000000.tar`, `shard-000001.tar`, ... and `index.json`. Each clip is
+a group of consecutive tar members sharing a key: `KEY.webm` (VP9) or `KEY.mp4` (H.264),
+`KEY.flac` (16 kHz mono) and `KEY.json` (labels, duration, source, optional split/fold). Python's
+tarfile and DALI's webdataset reader both read it.
+
+Shards are written under a temporary name and renamed when complete, so a shard file that
+exists is whole: tools that write shards resume by skipping the ones already there.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+INDEX = "index.json"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """`dir/clip.flac` -> (`dir/clip`, `flac`): as in webdataset and DALI, the extension starts
+    at the first dot of the file name, so keys hold no dots."""
+    folder, slash, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return folder + slash + stem, ext
+
+
+class ShardWriter:
+    """Writes one shard: `add(key, {"flac": bytes, "webm": bytes, "json": dict})`, then `close()`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.GNU_FORMAT)
+        self.clips = 0
+
+    def add(self, key: str, members: dict[str, bytes | dict]) -> None:
+        if "." in Path(key).name:
+            raise ValueError(f"clip key {key!r} must not contain a dot (it separates the extension)")
+        for ext in sorted(members):
+            data = members[ext]
+            if isinstance(data, dict):
+                data = json.dumps(data, sort_keys=True).encode()
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644  # reproducible bytes
+            self.tar.addfile(info, io.BytesIO(data))
+        self.clips += 1
+
+    def close(self) -> None:
+        self.tar.close()
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.abort() if exc_type else self.close()
+
+
+@dataclass
+class Clip:
+    """One clip read from a shard: member extension -> raw bytes."""
+    shard: str
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def display_key(self) -> str:
+        """The key printable everywhere (names that are not UTF-8 carry surrogate escapes)."""
+        return self.key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def read_shard(path: str | Path) -> Iterator[Clip]:
+    """Yields the clips of a shard in order; members of one key must be consecutive.
+
+    A truncated shard yields the clips before the damage, then raises tarfile.ReadError.
+    """
+    path = Path(path)
+    clip = None
+    with tarfile.open(path, "r:", errors="surrogateescape") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, ext = split_key(info.name)
+            if clip is not None and key != clip.key:
+                yield clip
+                clip = None
+            if clip is None:
+                clip = Clip(path.name, key)
+            clip.members[ext] = tar.extractfile(info).read()
+    if clip is not None:
+        yield clip
+
+
+def write_index(folder: str | Path, shards: list[dict], labels: list[str], **extra) -> dict:
+    """Writes `index.json`: clip count, label names, shards [{name, clips, bytes}], and extras."""
+    folder = Path(folder)
+    index = {"clips": sum(s["clips"] for s in shards), "labels": labels,
+             "shards": sorted(shards, key=lambda s: s["name"]), **extra}
+    tmp = folder / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, folder / INDEX)
+    return index
+
+
+def read_index(folder: str | Path) -> dict:
+    path = Path(folder) / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no dataset index; write shards with fastmavil-prep "
+                                "or fastmavil-synth") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    for key in ("clips", "labels", "shards"):
+        if key not in index:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return index
+
+
+def shard_paths(source: str | Path) -> list[Path]:
+    """The shards of a dataset: a folder with index.json, a folder of shards, or one .tar file."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if (source / INDEX).exists():
+        return [source / s["name"] for s in read_index(source)["shards"]]
+    paths = sorted(source.glob("shard-*.tar"))
+    if not paths:
+        raise FileNotFoundError(f"{source}: no shards (shard-*.tar) and no {INDEX}")
+    return paths
+
+
+def count_clips(source: str | Path) -> int:
+    """Clips in a dataset: from its index, else by scanning the shards' tar headers."""
+    source = Path(source)
+    if source.is_dir() and (source / INDEX).exists():
+        return int(read_index(source)["clips"])
+    keys = 0
+    for path in shard_paths(source):
+        with tarfile.open(path, "r:", errors="surrogateescape") as tar:
+            keys += len({split_key(info.name)[0] for info in tar if info.isfile()})
+    return keys

@@ -1,0 +1,55 @@
+"""Video sampling: 16 frames evenly over a 4 s window, resized, cropped and normalised.
+
+The window starts at random in training and is centred for evaluation. Frame i is the frame on
+screen at time start + (i + 1/2) * window / 16. A clip shorter than the window is sampled over
+its whole length instead, so its frames repeat (a clip with a single frame repeats it 16 times);
+nothing is padded with blank frames.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+KINETICS_MEAN, KINETICS_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)  # MAE-ST
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def window_start(duration: float, window: float, train: bool, rng: np.random.Generator) -> float:
+    """Start of the sampled window: uniform over the clip in training, centred otherwise."""
+    slack = max(duration - window, 0.0)
+    return float(rng.uniform(0.0, slack)) if train else slack / 2
+
+
+def sample_times(start: float, span: float, num_frames: int) -> np.ndarray:
+    """num_frames times evenly over [start, start + span), at the centres of equal intervals."""
+    return start + (np.arange(num_frames) + 0.5) * span / num_frames
+
+
+def pick_frames(times: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
+    """Index of the frame on screen at each time (the last one shown at or before it)."""
+    return np.clip(np.searchsorted(frame_times, times, side="right") - 1, 0, len(frame_times) - 1)
+
+
+def resize_crop(frames: torch.Tensor, size: int, train: bool,
+                rng: np.random.Generator) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, size, size) float in [0, 1]: the short side resized to
+    `size`, then a random (training) or centred (evaluation) square crop."""
+    x = frames.permute(0, 3, 1, 2).float() / 255.0              # (T, 3, H, W)
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False,
+                          antialias=True)
+    top = int(rng.integers(new_h - size + 1)) if train else (new_h - size) // 2
+    left = int(rng.integers(new_w - size + 1)) if train else (new_w - size) // 2
+    x = x[..., top:top + size, left:left + size].clamp_(0.0, 1.0)
+    return x.permute(1, 0, 2, 3).contiguous()
+
+
+def normalize_video(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(3, T, H, W) in [0, 1] -> per-channel (x - mean) / std."""
+    mean = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype).view(3, 1, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,97 @@
+"""The shard-writing pipeline shared by fastmavil-prep and fastmavil-synth.
+
+Items (input files, synthetic clip seeds) are cut into fixed groups of `clips_per_shard`, one
+group per shard, so a rerun maps every item to the same shard. Worker processes turn items into
+clip members; the main process writes them in order. A shard is finished when its tar exists
+(it is renamed into place only when complete) next to its sidecar `shard-N.meta.json`
+(clip count, bytes, failures); finished shards are not redone. Items that fail are recorded
+(source, reason) and reported in `failures.csv` instead of ending the run.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .shards import ShardWriter, shard_name, write_index
+
+
+class ClipFailure(Exception):
+    """Raised by a clip maker for an input it cannot turn into a clip; the run goes on."""
+
+
+def _meta_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.replace(".tar", ".meta.json"))
+
+
+def _run_one(args):
+    make_clip, item = args
+    try:
+        key, members = make_clip(item)
+        return key, members, None
+    except ClipFailure as err:
+        return None, None, str(err)
+    except Exception as err:  # an unexpected error in one clip must not end the run
+        return None, None, f"{type(err).__name__}: {err}"
+
+
+def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe: Callable,
+                 labels: list[str], clips_per_shard: int, workers: int = 0,
+                 title: str = "writing shards", **index_extra) -> dict:
+    """Writes the shards and index.json of `items`; returns the index.
+
+    make_clip(item) -> (key, {ext: bytes | dict}) runs in worker processes (top-level function,
+    picklable items); describe(item) names the item in the failures report.
+    """
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if clips_per_shard < 1:
+        raise ValueError(f"clips_per_shard = {clips_per_shard} must be >= 1")
+    groups = [items[i:i + clips_per_shard] for i in range(0, len(items), clips_per_shard)]
+    workers = workers or os.cpu_count() or 1
+    # spawn: workers start clean (no inherited threads from torch or PyAV in the parent)
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    shards = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, transient=False) as progress:
+            task = progress.add_task(title, total=len(items))
+            for number, group in enumerate(groups):
+                path = out / shard_name(number)
+                if path.exists() and _meta_path(path).exists():  # finished by an earlier run
+                    shards.append(json.loads(_meta_path(path).read_text()))
+                    progress.advance(task, len(group))
+                    continue
+                jobs = [(make_clip, item) for item in group]
+                results = pool.imap(_run_one, jobs) if pool else map(_run_one, jobs)
+                failures = []
+                with ShardWriter(path) as writer:
+                    for item, (key, members, error) in zip(group, results):
+                        if error is None:
+                            writer.add(key, members)
+                        else:
+                            failures.append([describe(item), error])
+                        progress.advance(task)
+                    meta = {"name": path.name, "clips": writer.clips, "failures": failures}
+                    # sidecar first: the tar's rename on close is what marks the shard finished
+                    _meta_path(path).write_text(json.dumps(meta))
+                meta["bytes"] = path.stat().st_size
+                _meta_path(path).write_text(json.dumps(meta))
+                shards.append(meta)
+    finally:
+        if pool:
+            pool.terminate()
+    failures = [f for s in shards for f in s["failures"]]
+    with open(out / "failures.csv", "w", newline="", encoding="utf-8",
+              errors="backslashreplace") as f:
+        csv.writer(f).writerows([["source", "reason"], *failures])
+    index = write_index(out, [{k: s[k] for k in ("name", "clips", "bytes") if k in s}
+                              for s in shards], labels, failed=len(failures), **index_extra)
+    return index

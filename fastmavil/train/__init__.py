@@ -1,0 +1,1 @@
+"""Training: the pre-training loop, checkpoints, metrics and the fastmavil-train command."""

@@ -1,0 +1,83 @@
+"""Checkpoints: atomic writes, the newest K kept, resume from the newest complete one.
+
+A checkpoint is written to a temporary name, flushed to disk (fsync) and renamed into place, so a
+crash mid-write leaves the previous checkpoints untouched and at worst a `.tmp` file, which is
+ignored and cleaned up. Resuming takes the newest checkpoint that loads; a damaged one is
+reported and skipped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("fastmavil.train")
+NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Writes checkpoints/step-XXXXXXXX.pt atomically and deletes all but the newest `keep`."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:08d}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; leftover `.tmp` files from a crash are removed."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    for tmp in folder.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+    return sorted(p for p in folder.iterdir() if NAME.match(p.name))
+
+
+def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, or None when the run has none."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a damaged file: fall back to the one before
+            log.warning("checkpoint %s does not load (%s: %s); trying an older one", path,
+                        type(err).__name__, err)
+    return None
+
+
+def rng_state() -> dict:
+    """Every RNG a step draws from: Python, NumPy, torch CPU and CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,366 @@
+"""The pre-training loop: `fastmavil-train CONFIG [--section.key VALUE ...]`.
+
+One epoch is one pass over the dataset at that epoch's (mask ratio, batch size) from the plan
+(fastmavil.schedule); a step draws one batch, runs the model's training forward (masking,
+diffusion and losses live in the model), and takes an AdamW step with a per-iteration lr.
+The run directory `<run.dir>/<run.name>/` holds the resolved config.toml, metrics.jsonl,
+TensorBoard events (when installed) and checkpoints/; starting the same command again resumes
+from the newest complete checkpoint. SIGINT/SIGTERM finish the current step, checkpoint, and
+exit 0.
+
+Host syncs: one boolean per step (is the loss finite? a non-finite step is skipped, as AMP's
+GradScaler does); everything else is read at log intervals.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError, load_config, to_toml
+from ..data.loader import ShardDataset, build_loader, loader_spec
+from ..data.shards import count_clips
+from ..flops import count_forward
+from ..masking import num_visible
+from ..models import build_model
+from ..models.attention import set_attention_backend
+from ..schedule import EpochPlan, first_step, learning_rate, plan_epochs
+from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
+                      peak_memory_bytes)
+
+log = logging.getLogger("fastmavil.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss stays non-finite); checkpoints are intact."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but CUDA is not available; use cpu or auto")
+    return torch.device(name)
+
+
+def prepare_data(cfg: Config) -> Path:
+    """The training shards; generates the synthetic demo dataset on first use."""
+    d = cfg.data
+    if not d.shards:
+        raise ConfigError("data.shards is empty: pass --data.shards DIR (a dataset from "
+                          "fastmavil-prep or fastmavil-synth)")
+    source = Path(d.shards)
+    if d.synth_clips and not (source / "index.json").exists():
+        from ..data.synth import SynthSpec, synthesize
+        log.info("generating %d synthetic clips under %s (first use only)", d.synth_clips,
+                 source.parent)
+        synthesize(source.parent, clips=d.synth_clips, spec=SynthSpec(seed=d.seed))
+    if not source.exists():
+        raise ConfigError(f"data.shards = {d.shards!r} does not exist")
+    return source
+
+
+def forward_flops_per_sample(cfg: Config, ratios: set[float]) -> dict[float, float]:
+    """Model forward FLOPs per sample at each mask ratio, counted on the meta device."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    set_attention_backend(model, "math")
+    return {r: count_forward(model, r)["total"] for r in ratios}
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
+    o = cfg.optim
+    # No weight decay on biases, norms, the mask token and the relative-position tables (MAE).
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "mask_token" not in n
+             and "rel_pos" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
+    groups = [{"params": decay, "weight_decay": o.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if o.optimizer == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise ConfigError("optim.optimizer = 'apex' but apex is not importable; use 'adamw' "
+                              "(PyTorch's fused AdamW)") from None
+        return FusedAdam(groups, lr=o.lr, betas=o.betas, adam_w_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=device.type == "cuda")
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the loop finishes its step, checkpoints and exits. A second
+    SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, sig, frame):
+        if self.signal is not None and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(sig).name
+        log.warning("%s received: stopping after this step", self.signal)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config, argv: list[str]) -> dict:
+    """Runs (or resumes) the configured pre-training; returns the final summary."""
+    t = cfg.train
+    device = resolve_device(t.device)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+    torch.manual_seed(t.seed)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    source = prepare_data(cfg)
+    dataset = ShardDataset(source, loader_spec(cfg, train=True))
+    plans = plan_epochs(cfg, count_clips(source))
+    total_steps = sum(p.steps for p in plans)
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    model = build_model(cfg).to(device)
+    optimizer = make_optimizer(cfg, model, device)
+    generator = torch.Generator(device=device).manual_seed(t.seed)
+    step = 0
+    resumed = load_latest(run_dir)
+    if resumed:
+        path, state = resumed
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        log.info("resumed from %s (step %d)", path, step)
+    forward = torch.compile(model) if t.compile else model
+
+    flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in plans})
+    peak, peak_source = device_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext())
+
+    def checkpoint(at: int) -> Path:
+        return save_checkpoint(run_dir, at, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(), "rng": rng_state(), "step": at,
+            "config": to_toml(cfg)}, t.keep_checkpoints)
+
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                        TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(),
+                        console=console)
+    timer, bad_steps, last_ckpt = StepTimer(), 0, None
+    sums, samples_since, updates_since, started = {}, 0, 0, time.perf_counter()
+    summary = {"start_step": step, "samples": 0}
+    with (StopFlag() as stop, MetricsWriter(run_dir, None if cfg.run.tensorboard else False) as writer,
+          GpuUtilization(device) as gpu_util, progress):
+        task = progress.add_task("train", total=total_steps, completed=step, epoch="-", loss="-",
+                                 rate="-")
+        for plan in plans:
+            epoch_end = first_step(plan.epoch, plans) + plan.steps
+            if step >= min(epoch_end, total_steps):
+                continue
+            skip = step - first_step(plan.epoch, plans)  # steps of this epoch already done
+            dataset.set_epoch(plan.epoch)
+            micro = plan.batch_size // t.grad_accum
+            batches = iter(build_loader(dataset, micro, cfg.data.num_workers))
+            for _ in range(skip * t.grad_accum):  # resume mid-epoch: same data, in order
+                next(batches)
+            progress.update(task, epoch=plan.epoch)
+            while step < min(epoch_end, total_steps) and stop.signal is None:
+                lr = learning_rate(cfg, step, plans)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, terms_sum = 0.0, {}
+                try:
+                    for _ in range(t.grad_accum):
+                        batch = next(batches)
+                        timer.data_ready()
+                        with autocast:
+                            out = forward(*_to_device(batch, device), plan.mask_ratio, generator)
+                        (out.loss / t.grad_accum).backward()
+                        loss_sum = loss_sum + out.loss.detach() / t.grad_accum
+                        for k, v in out.terms.items():
+                            terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / t.grad_accum
+                except StopIteration:
+                    # Each DataLoader worker drops its own last partial batch, so an epoch can
+                    # hold a step or two fewer than the plan: move on to the next epoch.
+                    optimizer.zero_grad(set_to_none=True)
+                    log.debug("epoch %d ended %d steps early", plan.epoch, epoch_end - step)
+                    step = epoch_end
+                    progress.update(task, completed=min(step, total_steps))
+                    break
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+                step += 1
+                timer.step_done()
+                progress.advance(task)
+                if not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):  # 1 sync
+                    # skipped: no update, but the step (and its data) count, so the schedule
+                    # and a resume stay aligned
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_steps += 1
+                    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a "
+                                "row)", step, bad_steps)
+                    if bad_steps >= t.max_bad_steps:
+                        raise TrainingError(
+                            f"{bad_steps} non-finite steps in a row at step {step}; the last "
+                            f"good checkpoint is intact in {run_dir / 'checkpoints'}")
+                    continue
+                bad_steps = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                samples_since += plan.batch_size
+                updates_since += 1
+                summary["samples"] += plan.batch_size
+                for k, v in {"loss": loss_sum, **terms_sum, "grad_norm": grad_norm}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if updates_since and (step % t.log_every == 0 or step == total_steps):
+                    record = _log_record(cfg, plan, step, lr, sums, updates_since, timer,
+                                         device, flops, peak, gpu_util, samples_since)
+                    writer.write(record)
+                    summary["last"] = record
+                    progress.update(task, loss=f"{record['loss']:.4f}",
+                                    rate=f"{record['samples_per_s']:.1f}")
+                    progress.console.print(_line(record, total_steps), soft_wrap=True)
+                    sums, samples_since, updates_since = {}, 0, 0
+                if step % t.ckpt_every == 0:
+                    last_ckpt = checkpoint(step)
+            if stop.signal is not None or step >= total_steps:
+                break
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}.pt"):
+            last_ckpt = checkpoint(step)
+    summary.update(step=step, total_steps=total_steps, checkpoint=str(last_ckpt),
+                   seconds=time.perf_counter() - started, run_dir=str(run_dir),
+                   interrupted=stop.signal, peak_source=peak_source)
+    _print_summary(console, summary, argv)
+    return summary
+
+
+def _to_device(batch: dict, device: torch.device) -> tuple:
+    video = batch.get("video")
+    return (batch["audio"].to(device, non_blocking=True),
+            None if video is None else video.to(device, non_blocking=True))
+
+
+def _log_record(cfg, plan: EpochPlan, step, lr, sums, updates, timer, device, flops, peak,
+                gpu_util, samples) -> dict:
+    """One metrics record over the steps since the last one (`updates` of them applied)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    timing = timer.summary(sync)
+    seconds = timing["step_ms"] * timing["steps"] / 1000.0
+    m = cfg.model
+    visible = num_visible(math.prod(m.audio_grid), plan.mask_ratio)
+    if m.has_video:
+        visible += num_visible(math.prod(m.video_grid), plan.mask_ratio)
+    train_flops = 3.0 * flops[plan.mask_ratio] * samples  # forward + backward (2x forward)
+    record = {"step": step, "epoch": plan.epoch, "mask_ratio": plan.mask_ratio,
+              "batch_size": plan.batch_size, "visible_tokens": visible * plan.batch_size,
+              "lr": lr, **{k: float(v) / updates for k, v in sums.items()},
+              "step_ms": timing["step_ms"], "samples_per_s": samples / seconds,
+              "tokens_per_s": visible * samples / seconds,
+              "tflops": train_flops / seconds / 1e12,
+              "mfu": mfu(train_flops, seconds, peak),
+              "data_wait": timing["data_wait_share"],
+              "peak_memory_gb": peak_memory_bytes(device) / 2 ** 30,
+              "gpu_util": gpu_util.mean()}
+    gpu_util.reset()
+    return record
+
+
+def _line(r: dict, total: int) -> str:
+    terms = " ".join(f"{k} {r[k]:.4f}" for k in ("mse_audio", "mse_video", "inter", "intra")
+                     if k in r)
+    mfu_text = f" mfu {r['mfu'] * 100:.1f}%" if r["mfu"] is not None else ""
+    return (f"step {r['step']}/{total} ep {r['epoch']} rho {r['mask_ratio']:.3f} "
+            f"B {r['batch_size']} loss {r['loss']:.4f} ({terms}) gnorm {r['grad_norm']:.3f} "
+            f"lr {r['lr']:.2e} {r['step_ms']:.0f} ms {r['samples_per_s']:.1f} samples/s "
+            f"{r['tflops']:.3f} TFLOP/s{mfu_text} data {r['data_wait'] * 100:.0f}%")
+
+
+def _print_summary(console, s: dict, argv: list[str]) -> None:
+    from rich.table import Table
+    table = Table(title="fastmavil-train summary", show_header=False)
+    table.add_row("steps", f"{s['step']} / {s['total_steps']} (this run from {s['start_step']})")
+    table.add_row("samples this run", str(s["samples"]))
+    table.add_row("time", f"{s['seconds']:.1f} s")
+    last = s.get("last")
+    if last:
+        table.add_row("final loss", f"{last['loss']:.4f}")
+        for k in ("mse_audio", "mse_video", "inter", "intra"):
+            if k in last:
+                table.add_row(f"  {k}", f"{last[k]:.4f}")
+    table.add_row("run directory", s["run_dir"])
+    table.add_row("checkpoint", s["checkpoint"])
+    table.add_row("MFU peak", s["peak_source"])
+    console.print(table)
+    if s["interrupted"]:
+        console.print(f"stopped by {s['interrupted']} at step {s['step']}; resume with: "
+                      f"fastmavil-train {' '.join(argv)}")
+
+
+def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
+    """CONFIG then `--section.key VALUE` or `--section.key=VALUE` overrides."""
+    parser = argparse.ArgumentParser(
+        prog="fastmavil-train", description="Pre-train MAViL / DiffMAViL / AudioMAE.",
+        epilog="Override any config key: --train.max_steps 100 --data.shards DIR")
+    parser.add_argument("config", help="TOML config, e.g. configs/r4.toml")
+    args, rest = parser.parse_known_args(argv)
+    overrides, i = {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or "." not in arg:
+            parser.error(f"unexpected argument {arg!r}; overrides look like --section.key VALUE")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(rest):
+            key, value = arg[2:], rest[i + 1]
+            i += 2
+        else:
+            parser.error(f"{arg} needs a value")
+        overrides[key] = value
+    return args.config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    path, overrides = parse_args(argv)
+    try:
+        cfg = load_config(path, overrides)
+        if not cfg.run.name:
+            cfg.run.name = Path(path).stem
+        train(cfg, argv)
+    except ConfigError as err:
+        print(f"fastmavil-train: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"fastmavil-train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

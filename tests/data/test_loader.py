@@ -1,0 +1,203 @@
+"""The reference loader on generated shards, bad clips included."""
+import io
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from fastmavil.data.loader import LoaderSpec, ShardDataset, build_loader, loader_spec
+from fastmavil.data.media import encode_flac, encode_video
+from fastmavil.data.shards import ShardWriter, read_shard
+from fastmavil.data.synth import SynthSpec, make_clip
+
+SPEC = LoaderSpec(audio_frames=128, mel_bins=64, video_frames=4, video_size=32,
+                  video_seconds=1.0, shuffle_buffer=4)
+SYNTH = SynthSpec(seconds=1.0, size=48, fps=8.0)
+
+
+def good(index):
+    return make_clip(index, SYNTH, "train")
+
+
+def flac(seconds, rate=16000, channels=1):
+    wave = 0.3 * np.sin(np.arange(int(seconds * rate)) / 7.0)
+    return encode_flac(np.stack([wave] * channels, 1) if channels > 1 else wave, rate)
+
+
+def raw_tar(path, members):
+    """A tar with exactly these (name, bytes) members; names may be non-UTF-8 (surrogates)."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def bad_shard(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    _, ok = good(0)
+    video, meta = ok["webm"], b'{"labels": [], "duration": 1.0}'
+    long_video = make_clip(0, SynthSpec(seconds=3.0, size=48, fps=8.0), "train")[1]["webm"]
+    short = encode_video(np.full((2, 48, 48, 3), 90, np.uint8), 8.0)
+    empty_audio = io.BytesIO()
+    soundfile.write(empty_audio, np.zeros(0), 16000, format="FLAC")
+    clips = {
+        "good": [("webm", video), ("flac", ok["flac"]), ("json", meta)],
+        "truncated_video": [("webm", long_video[: int(len(long_video) * 0.7)]),
+                            ("flac", ok["flac"]), ("json", b'{"duration": 3.0}')],
+        "corrupt_video": [("webm", b"\x1a\x45" + bytes(300)), ("flac", ok["flac"]),
+                          ("json", meta)],
+        "corrupt_audio": [("webm", video), ("flac", b"fLaC" + bytes(100)), ("json", meta)],
+        "missing_audio": [("webm", video), ("json", meta)],
+        "missing_json": [("webm", video), ("flac", ok["flac"])],
+        "empty_audio": [("webm", video), ("flac", empty_audio.getvalue()), ("json", meta)],
+        "tiny_audio": [("webm", video), ("flac", flac(0.01)), ("json", meta)],
+        "short": [("webm", short), ("flac", flac(0.3)), ("json", b'{"duration": 0.25}')],
+        "stereo_44k": [("webm", video), ("flac", flac(1.0, 44100, 2)), ("json", meta)],
+        "wrong_duration": [("webm", video), ("flac", ok["flac"]), ("json", b'{"duration": 9}')],
+        "caf\udce9": [("webm", video), ("flac", ok["flac"]), ("json", meta)],  # latin-1 byte
+    }
+    raw_tar(folder / "shard-000000.tar",
+            [(f"{key}.{ext}", data) for key, members in clips.items() for ext, data in members])
+    return folder
+
+
+def test_bad_clips_are_repaired_or_skipped_and_counted(bad_shard, caplog):
+    dataset = ShardDataset(bad_shard, LoaderSpec(**{**SPEC.__dict__, "train": False}))
+    with caplog.at_level(logging.INFO, logger="fastmavil.data"):
+        samples = {s["key"]: s for s in dataset}
+    assert set(samples) == {"good", "truncated_video", "short", "stereo_44k", "wrong_duration",
+                            "caf\ufffd"}
+    # a zero-length FLAC does not even parse: it counts as corrupt
+    assert dict(dataset.skipped) == {"corrupt video": 1, "corrupt audio": 2, "missing audio": 1,
+                                     "missing json": 1, "audio too short": 1}
+    for s in samples.values():
+        assert s["audio"].shape == (1, 128, 64) and s["video"].shape == (3, 4, 32, 32)
+        assert torch.isfinite(s["audio"]).all() and torch.isfinite(s["video"]).all()
+    # short audio is zero-padded (before normalisation) after its 28 fbank frames
+    pad = (0 - SPEC.audio_mean) / (2 * SPEC.audio_std)
+    assert torch.allclose(samples["short"]["audio"][0, 28:], torch.tensor(pad))
+    assert not torch.allclose(samples["short"]["audio"][0, :28], torch.tensor(pad))
+    # the two frames of the short video repeat to fill four
+    video = samples["short"]["video"]
+    assert torch.equal(video[:, 0], video[:, 1]) and torch.equal(video[:, 2], video[:, 3])
+    text = caplog.text
+    assert "skipping shard-000000.tar/corrupt_video: corrupt video" in text
+    assert "skipping shard-000000.tar/missing_json: missing json" in text
+    assert "stereo_44k: downmixed 2 channels" in text and "resampled 44100 Hz" in text
+    assert "skipping shard-000000.tar/tiny_audio: audio too short: 160 samples" in text
+    assert "6 skipped" in text
+
+
+def test_truncated_shard_yields_the_clips_before_the_damage(tmp_path, caplog):
+    with ShardWriter(tmp_path / "shard-000000.tar") as writer:
+        for i in range(4):
+            writer.add(*good(i))
+    data = (tmp_path / "shard-000000.tar").read_bytes()
+    (tmp_path / "shard-000000.tar").write_bytes(data[: int(len(data) * 0.6)])
+    dataset = ShardDataset(tmp_path, LoaderSpec(**{**SPEC.__dict__, "train": False}))
+    keys = [s["key"] for s in dataset]
+    assert keys[:2] == ["synth000000", "synth000001"] and len(keys) < 4
+    assert sum(dataset.skipped.values()) >= 1
+
+
+def write_dataset(folder, clips, per_shard):
+    from fastmavil.data.shards import shard_name, write_index
+    from fastmavil.data.synth import class_names
+    shards = []
+    for s in range(0, clips, per_shard):
+        path = folder / shard_name(s // per_shard)
+        with ShardWriter(path) as writer:
+            for i in range(s, min(s + per_shard, clips)):
+                writer.add(*good(i))
+        shards.append({"name": path.name, "clips": writer.clips, "bytes": path.stat().st_size})
+    write_index(folder, shards, class_names(SYNTH.classes))
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ds")
+    write_dataset(folder, 12, 3)
+    return folder
+
+
+def test_batches_labels_and_normalisation(dataset_dir):
+    dataset = ShardDataset(dataset_dir, SPEC)
+    batches = list(build_loader(dataset, batch_size=4, num_workers=0))
+    assert len(batches) == 3
+    b = batches[0]
+    assert b["audio"].shape == (4, 1, 128, 64) and b["video"].shape == (4, 3, 4, 32, 32)
+    assert b["labels"].shape == (4, 10) and (b["labels"].sum(1) == 1).all()
+    assert len(b["keys"]) == 4
+    for batch in batches:
+        for key, labels in zip(batch["keys"], batch["labels"]):
+            expected = make_clip(int(key[5:]), SYNTH, "train")[1]["json"]["labels"][0]
+            assert dataset.labels[int(labels.argmax())] == expected
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_every_clip_once_per_epoch_across_workers_and_ranks(dataset_dir):
+    keys = []
+    for rank in range(2):
+        dataset = ShardDataset(dataset_dir, SPEC, rank=rank, world_size=2)
+        for batch in build_loader(dataset, batch_size=2, num_workers=2, drop_last=False):
+            keys += batch["keys"]
+    assert sorted(keys) == [f"synth{i:06d}" for i in range(12)]
+    # fewer shards (4) than consumers (2 ranks x 3 workers): clips are split instead
+    keys = []
+    for rank in range(2):
+        dataset = ShardDataset(dataset_dir, SPEC, rank=rank, world_size=2)
+        keys += [k for b in build_loader(dataset, 2, num_workers=3, drop_last=False)
+                 for k in b["keys"]]
+    assert sorted(keys) == [f"synth{i:06d}" for i in range(12)]
+
+
+def test_training_shuffles_per_epoch_and_evaluation_is_fixed(dataset_dir):
+    def order(train, epoch):
+        dataset = ShardDataset(dataset_dir, LoaderSpec(**{**SPEC.__dict__, "train": train}))
+        dataset.set_epoch(epoch)
+        return [s["key"] for s in dataset]
+    assert order(True, 0) == order(True, 0)
+    assert order(True, 0) != order(True, 1)
+    assert order(False, 0) == order(False, 1) == [f"synth{i:06d}" for i in range(12)]
+
+
+def test_random_roll_and_window_only_in_training(dataset_dir):
+    def first(train, epoch):
+        dataset = ShardDataset(dataset_dir, LoaderSpec(**{**SPEC.__dict__, "train": train,
+                                                         "shuffle_buffer": 1}))
+        dataset.set_epoch(epoch)
+        return next(iter(dataset))
+    a, b = first(False, 0), first(False, 1)
+    assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["video"], b["video"])
+    dataset = ShardDataset(dataset_dir, LoaderSpec(**{**SPEC.__dict__, "shuffle_buffer": 1}))
+    clip = next(read_shard(dataset.shards[0]))
+    rolled = [dataset.decode(clip, np.random.default_rng(s))["audio"] for s in range(2)]
+    assert not torch.equal(rolled[0], rolled[1])
+
+
+def test_audio_only_mode_skips_video(dataset_dir, tmp_path):
+    spec = LoaderSpec(**{**SPEC.__dict__, "audio_only": True})
+    sample = next(iter(ShardDataset(dataset_dir, spec)))
+    assert "video" not in sample and sample["audio"].shape == (1, 128, 64)
+    # a clip without video is fine when only audio is read
+    raw_tar(tmp_path / "shard-000000.tar", [("a.flac", flac(1.0)), ("a.json", b"{}")])
+    assert [s["key"] for s in ShardDataset(tmp_path, spec)] == ["a"]
+
+
+def test_loader_spec_follows_the_config():
+    from fastmavil.config import Config, ModelConfig
+    cfg = Config(model=ModelConfig(size="tiny", variant="audiomae")).check()
+    spec = loader_spec(cfg, train=False)
+    assert (spec.audio_frames, spec.mel_bins, spec.video_size) == (128, 128, 48)
+    assert spec.audio_only and not spec.train and spec.audio_mean == -4.268
+
+
+def test_missing_dataset_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        ShardDataset(tmp_path, SPEC)

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import soundfile
+import io
+
+from fastmavil.data.media import (MediaError, decode_audio, decode_video, encode_flac,
+                                  encode_video, resample)
+
+
+def moving_square(frames=24, size=64):
+    video = np.zeros((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        video[t, 20:40, t:t + 20] = (200, 60, 30)
+    return video
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_video_round_trip_and_window(codec):
+    frames = moving_square()
+    data = encode_video(frames, fps=8.0, codec=codec, keyframe_interval=4, crf=10)
+    decoded, times = decode_video(data)
+    assert decoded.shape == frames.shape
+    np.testing.assert_allclose(times, np.arange(24) / 8.0)
+    assert np.abs(decoded.astype(int) - frames).mean() < 6
+    window, wtimes = decode_video(data, start=1.1, end=2.0, size=(32, 32))
+    # the frame on screen at 1.1 s (shown at 1.0 s) is kept, then every frame before 2.0 s
+    np.testing.assert_allclose(wtimes, [1.0, 1.125, 1.25, 1.375, 1.5, 1.625, 1.75, 1.875])
+    assert window.shape == (8, 32, 32, 3)
+    assert encode_video(frames, 8.0, codec) == encode_video(frames, 8.0, codec)  # deterministic
+
+
+def test_video_errors():
+    with pytest.raises(ValueError, match="must be even"):
+        encode_video(np.zeros((2, 31, 32, 3), np.uint8), 8.0)
+    with pytest.raises(ValueError, match="video codec 'av1'"):
+        encode_video(np.zeros((2, 32, 32, 3), np.uint8), 8.0, codec="av1")
+    with pytest.raises(MediaError, match="does not decode"):
+        decode_video(b"not a video" * 50)
+    data = encode_video(moving_square(), 8.0)
+    with pytest.raises(MediaError, match="no frames in the window"):
+        decode_video(data, start=10.0, end=11.0)
+
+
+def test_flac_round_trip_downmix_and_resample():
+    t = np.arange(16000) / 16000
+    wave = 0.5 * np.sin(2 * np.pi * 440 * t)
+    out, repairs = decode_audio(encode_flac(wave))
+    assert repairs == [] and out.dtype == np.float32
+    np.testing.assert_allclose(out, wave, atol=1e-4)
+    buffer = io.BytesIO()
+    t44 = np.arange(44100) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t44), np.zeros_like(t44)], 1) * 0.5
+    soundfile.write(buffer, stereo, 44100, format="WAV")
+    out, repairs = decode_audio(buffer.getvalue())
+    assert repairs == ["downmixed 2 channels", "resampled 44100 Hz to 16000 Hz"]
+    assert abs(len(out) - 16000) <= 32
+    # the 440 Hz tone survives resampling at half amplitude (the silent channel averages in)
+    spectrum = np.abs(np.fft.rfft(out[:16000]))
+    assert abs(np.argmax(spectrum) - 440) <= 1
+    assert np.abs(out[1000:15000]).max() == pytest.approx(0.25, abs=0.01)
+    assert len(resample(np.zeros(0, np.float32), 44100, 16000)) == 0

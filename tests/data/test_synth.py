@@ -1,0 +1,67 @@
+import json
+
+import numpy as np
+import pytest
+
+from fastmavil.data.media import decode_audio, decode_video
+from fastmavil.data.shards import read_index, read_shard
+from fastmavil.data.synth import SOUNDS, SynthSpec, class_names, main, make_clip
+
+SPEC = SynthSpec(seconds=2.0, size=48, fps=8.0)
+
+
+def test_classes_are_distinct_and_stable():
+    names = class_names(10)
+    assert len(set(names)) == 10 and names[0] == "tone-red-circle-left_right"
+    assert {n.split("-")[0] for n in names} == set(SOUNDS)
+    assert len(set(class_names(40))) == 40
+    with pytest.raises(ValueError, match="--classes 1000"):
+        class_names(1000)
+
+
+def test_clip_is_deterministic_and_audio_video_follow_the_event():
+    key, members = make_clip(7, SPEC, "train")
+    assert make_clip(7, SPEC, "train") == (key, members)
+    assert make_clip(8, SPEC, "train")[1]["flac"] != members["flac"]
+    meta = members["json"]
+    onset, offset = meta["event"]
+    wave, _ = decode_audio(members["flac"])
+    frames, times = decode_video(members["webm"])
+    assert wave.shape == (32000,) and frames.shape == (16, 48, 48, 3)
+    # the class sound is loud during the event and quiet outside it
+    t = np.arange(len(wave)) / 16000
+    inside, outside = (t >= onset) & (t < offset), (t < onset - 0.05) | (t >= offset + 0.05)
+    assert np.abs(wave[inside]).mean() > 2 * np.abs(wave[outside]).mean()
+    # the coloured object shows only while the sound plays: saturated pixels
+    saturation = frames.max(-1).astype(int) - frames.min(-1)
+    coloured = (saturation > 80).sum(axis=(1, 2))
+    during = (times >= onset + 0.13) & (times < offset - 0.13)
+    away = (times < onset - 0.13) | (times >= offset + 0.13)
+    if "white" not in meta["labels"][0]:
+        assert coloured[during].min() > 0 and coloured[away].max() == 0
+
+
+def test_cli_writes_train_and_heldout_and_resumes(tmp_path, capsys):
+    out = tmp_path / "synth"
+    args = ["--out", str(out), "--clips", "10", "--heldout", "0.2", "--seconds", "1",
+            "--size", "32", "--clips-per-shard", "4", "--workers", "1"]
+    assert main(args) == 0
+    assert "train: 8 clips in 2 shard(s), 0 failed" in capsys.readouterr().out
+    train, heldout = read_index(out / "train"), read_index(out / "heldout")
+    assert (train["clips"], heldout["clips"]) == (8, 2)
+    assert train["labels"] == class_names(10)
+    clips = [c for s in train["shards"] for c in read_shard(out / "train" / s["name"])]
+    assert len({c.key for c in clips}) == 8
+    assert all(json.loads(c.members["json"])["split"] == "train" for c in clips)
+    first = (out / "train" / "shard-000000.tar").stat().st_mtime_ns
+    (out / "train" / "shard-000001.tar").unlink()
+    assert main(args) == 0  # resumes: shard 0 kept, shard 1 rewritten
+    assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
+    assert read_index(out / "train")["clips"] == 8
+    assert (out / "train" / "shard-000001.tar").exists()
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path), "--size", "33"])
+    assert exit_info.value.code == 2 and "--size even" in capsys.readouterr().err

@@ -1,0 +1,247 @@
+import json
+import logging
+import math
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from fastmavil.train import metrics
+from fastmavil.train.metrics import (GpuUtilization, MetricsWriter, StepTimer,
+                                     device_peak_flops, gpu_peak_flops,
+                                     measure_cpu_matmul_peak, mfu, nvml_index,
+                                     peak_memory_bytes, reset_peak_memory, tflops)
+
+
+@pytest.mark.parametrize("name,dtype,tf32,tflop", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, False, 989.4),
+    ("NVIDIA H100 80GB HBM3", torch.float32, True, 494.7),
+    ("NVIDIA H100 80GB HBM3", torch.float32, False, 66.9),
+    ("NVIDIA H100 PCIe", torch.bfloat16, False, 756.0),
+    ("NVIDIA H100 PCIe", torch.float32, True, 378.0),
+    ("NVIDIA H100 PCIe", torch.float32, False, 51.0),
+    ("NVIDIA H200", torch.bfloat16, False, 989.4),
+    ("NVIDIA H200", torch.float16, False, 989.4),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, False, 312.0),
+    ("NVIDIA A100 80GB PCIe", torch.float32, True, 156.0),
+    ("NVIDIA A100-SXM4-40GB", torch.float32, False, 19.5),
+])
+def test_gpu_peak_flops_by_name(name, dtype, tf32, tflop):
+    assert gpu_peak_flops(name, dtype, tf32) == pytest.approx(tflop * 1e12)
+
+
+def test_gpu_peak_flops_unknown():
+    assert gpu_peak_flops("NVIDIA GeForce RTX 4090", torch.bfloat16, False) is None
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", torch.float64, False) is None
+
+
+def test_cpu_matmul_peak_plausible_and_cached():
+    first = measure_cpu_matmul_peak(size=256, seconds=0.15)
+    assert first > 1e8
+    start = time.perf_counter()
+    assert measure_cpu_matmul_peak(size=256, seconds=0.15) == first
+    assert time.perf_counter() - start < 0.05
+
+
+def test_device_peak_flops_cpu():
+    peak, source = device_peak_flops(torch.device("cpu"), torch.float32)
+    assert isinstance(peak, float) and peak > 1e8
+    assert "measured" in source and f"{torch.get_num_threads()} threads" in source
+    # bf16 on CPU is measured against the (cached) fp32 peak, not a slow bf16 matmul.
+    assert device_peak_flops(torch.device("cpu"), torch.bfloat16) == (peak, source)
+
+
+def test_device_peak_flops_cuda_from_datasheet(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert device_peak_flops(torch.device("cuda", 0), torch.bfloat16) == (
+        pytest.approx(989.4e12), "H200 datasheet bf16")
+    assert device_peak_flops(torch.device("cuda", 0), torch.float32)[1] == "H200 datasheet tf32"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    peak, source = device_peak_flops(torch.device("cuda", 0), torch.float16)
+    assert peak is None and "Tesla T4" in source
+
+
+def test_mfu_and_tflops():
+    assert tflops(6e12, 2.0) == pytest.approx(3.0)
+    assert mfu(3e14, 1.0, 1e15) == pytest.approx(0.3)
+    assert mfu(3e14, 0.5, 1e15) == pytest.approx(0.6)
+    assert mfu(3e14, 1.0, None) is None
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * metrics.resource.getpagesize()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/statm")
+def test_peak_memory_cpu_grows():
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)  # a no-op on CPU
+    before = peak_memory_bytes(cpu)
+    assert before > 0
+    # Enough to push the resident set past the old peak, whatever it is now.
+    extra = before - _resident_bytes() + (64 << 20)
+    array = np.ones(extra // 8)  # np.ones writes every page, so they all become resident
+    assert peak_memory_bytes(cpu) > before
+    del array
+
+
+def test_nvml_index_mapping():
+    assert nvml_index(1, "3,5") == 5
+    assert nvml_index(0, " 3, 5") == 3
+    assert nvml_index(1, "") == 1
+    assert nvml_index(1, "GPU-8f6e0c1a,GPU-1d2b3c4d") == 1  # UUIDs: falls back
+    assert nvml_index(2, "3,5") == 2  # out of range: falls back
+
+
+def test_nvml_index_reads_environment(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert nvml_index(1) == 5
+
+
+def test_gpu_utilization_inert_on_cpu(caplog):
+    with caplog.at_level(logging.INFO, logger="fastmavil.train"):
+        util = GpuUtilization(torch.device("cpu"), interval=0.01)
+    assert "GPU utilisation not reported" in caplog.text
+    util.start()
+    util.stop()
+    assert util.mean() is None
+    with util as same:
+        assert same is util
+    assert util.mean() is None
+
+
+def test_gpu_utilization_inert_without_pynvml(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    with caplog.at_level(logging.INFO, logger="fastmavil.train"):
+        util = GpuUtilization(torch.device("cuda", 0))
+    assert "nvidia-ml-py" in caplog.text
+    util.start()
+    util.stop()
+    assert util.mean() is None
+
+
+def _fake_pynvml(percent: int, opened: list, fail_init: bool = False) -> types.ModuleType:
+    fake = types.ModuleType("pynvml")
+
+    def nvml_init():
+        if fail_init:
+            raise RuntimeError("driver/library version mismatch")
+
+    def handle_by_index(index):
+        opened.append(index)
+        return f"handle-{index}"
+
+    fake.nvmlInit = nvml_init
+    fake.nvmlDeviceGetHandleByIndex = handle_by_index
+    fake.nvmlDeviceGetUtilizationRates = lambda handle: types.SimpleNamespace(gpu=percent,
+                                                                               memory=0)
+    return fake
+
+
+def test_gpu_utilization_samples_fake_nvml(monkeypatch):
+    opened = []
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(73, opened))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with GpuUtilization(torch.device("cuda", 1), interval=0.01) as util:
+        time.sleep(0.05)
+    assert opened == [5]
+    assert util.mean() == pytest.approx(73.0)
+    util.reset()
+    assert util.mean() is None
+
+
+def test_gpu_utilization_nvml_init_fails(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(73, [], fail_init=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level(logging.INFO, logger="fastmavil.train"):
+        util = GpuUtilization(torch.device("cuda", 0), interval=0.01)
+    assert "version mismatch" in caplog.text
+    with util:
+        time.sleep(0.02)
+    assert util.mean() is None
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_writer_jsonl(tmp_path):
+    with MetricsWriter(tmp_path / "run", tensorboard=False) as writer:
+        writer.write({"step": 1, "loss": torch.tensor(0.5), "lr": 1e-4, "note": "warmup"})
+        writer.write({"step": 2, "loss": float("nan"), "grad_norm": torch.tensor(math.inf),
+                      "seen": np.int64(7)})
+        # Flushed per record: readable before close.
+        assert len(_records(tmp_path / "run" / "metrics.jsonl")) == 2
+    assert _records(tmp_path / "run" / "metrics.jsonl") == [
+        {"step": 1, "loss": 0.5, "lr": 1e-4, "note": "warmup"},
+        {"step": 2, "loss": None, "grad_norm": None, "seen": 7},
+    ]
+
+
+def test_metrics_writer_appends_on_reopen(tmp_path):
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        writer.write({"step": 1, "loss": 1.0})
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        writer.write({"step": 2, "loss": 0.9})
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_metrics_writer_requires_step(tmp_path):
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        with pytest.raises(KeyError, match="step"):
+            writer.write({"loss": 1.0})
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_tensorboard(), reason="tensorboard is installed")
+def test_metrics_writer_tensorboard_required_but_missing(tmp_path):
+    with pytest.raises(RuntimeError, match="pip install tensorboard"):
+        MetricsWriter(tmp_path, tensorboard=True)
+
+
+@pytest.mark.skipif(_has_tensorboard(), reason="tensorboard is installed")
+def test_metrics_writer_tensorboard_if_installed(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="fastmavil.train"):
+        with MetricsWriter(tmp_path) as writer:
+            writer.write({"step": 1, "loss": 1.0})
+    assert "tensorboard package is not installed" in caplog.text
+    assert _records(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_step_timer_data_wait_share():
+    timer = StepTimer()
+    syncs = []
+    for _ in range(3):
+        time.sleep(0.02)  # waiting for the batch
+        timer.data_ready()
+        time.sleep(0.02)  # the step
+        timer.step_done()
+    summary = timer.summary(sync=lambda: syncs.append(1))
+    assert syncs == [1]
+    assert summary["steps"] == 3
+    assert summary["data_wait_share"] == pytest.approx(0.5, abs=0.2)
+    assert 25 <= summary["step_ms"] <= 120
+    # The next summary covers only the steps after this one.
+    timer.data_ready()
+    timer.step_done()
+    assert timer.summary(sync=lambda: syncs.append(1))["steps"] == 1
+    assert syncs == [1, 1]
+
+
+def test_step_timer_without_steps():
+    assert StepTimer().summary() == {"step_ms": None, "data_wait_share": None, "steps": 0}

@@ -1,0 +1,133 @@
+"""End-to-end pre-training on a small generated dataset: demo, resume, signals, faults."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmavil.config import ConfigError, load_config
+from fastmavil.data.synth import SynthSpec, synthesize
+from fastmavil.train import pretrain
+from fastmavil.train.checkpoint import list_checkpoints, load_latest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, clips=24, heldout=0.0, clips_per_shard=8, workers=1,
+               spec=SynthSpec(seconds=1.0, size=48, fps=8.0))
+    return out / "train"
+
+
+def overrides(shards, run_dir, **extra):
+    base = {"data.shards": str(shards), "data.synth_clips": "0", "data.num_workers": "0",
+            "data.shuffle_buffer": "8", "train.epochs": "3", "train.batch_size": "4",
+            "train.batch_multiple": "2", "train.log_every": "1", "train.ckpt_every": "3",
+            "train.deterministic": "true", "run.dir": str(run_dir), "run.name": "t"}
+    return {**base, **{k.replace("__", "."): str(v) for k, v in extra.items()}}
+
+
+def run(shards, run_dir, **extra):
+    cfg = load_config(ROOT / "configs" / "demo.toml", overrides(shards, run_dir, **extra))
+    return pretrain.train(cfg, ["configs/demo.toml"])
+
+
+def losses(run_dir):
+    lines = (Path(run_dir) / "t" / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def test_run_logs_falls_and_checkpoints(shards, tmp_path):
+    summary = run(shards, tmp_path)
+    plan_steps = summary["total_steps"]
+    assert summary["step"] == plan_steps > 10
+    records = [json.loads(l) for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("step", "epoch", "mask_ratio", "batch_size", "visible_tokens", "loss", "mse_audio",
+                "mse_video", "inter", "intra", "grad_norm", "lr", "step_ms", "samples_per_s",
+                "tokens_per_s", "tflops", "mfu", "data_wait", "peak_memory_gb", "gpu_util"):
+        assert key in records[-1], key
+    assert records[0]["mask_ratio"] == 0.9 and records[-1]["mask_ratio"] == 0.8
+    assert records[0]["batch_size"] == 8 and records[-1]["batch_size"] == 4  # adaptive batch
+    assert records[-1]["mse_video"] < records[0]["mse_video"]
+    assert (tmp_path / "t" / "config.toml").read_text().startswith("[model]")
+    ckpts = list_checkpoints(tmp_path / "t")
+    assert len(ckpts) <= 3 and ckpts[-1].name == f"step-{plan_steps:08d}.pt"
+
+
+def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path):
+    run(shards, tmp_path / "a", train__max_steps=8)
+    run(shards, tmp_path / "b", train__max_steps=5)   # stops mid-epoch, checkpoint at 5
+    assert load_latest(tmp_path / "b" / "t")[1]["step"] == 5
+    summary = run(shards, tmp_path / "b", train__max_steps=8)
+    assert summary["start_step"] == 5
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 9))
+    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]  # bitwise on a CPU
+    sa = load_latest(tmp_path / "a" / "t")[1]["model"]
+    sb = load_latest(tmp_path / "b" / "t")[1]["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path):
+    args = [sys.executable, "-m", "fastmavil.train.pretrain", str(ROOT / "configs" / "demo.toml")]
+    for k, v in overrides(shards, tmp_path, train__epochs=30).items():
+        args += [f"--{k}", v]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) \
+            and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM received" in out and "resume with: fastmavil-train" in out
+    step = load_latest(tmp_path / "t")[1]["step"]
+    assert step >= 2
+    summary = run(shards, tmp_path, train__epochs=30, train__max_steps=step + 2)
+    assert summary["start_step"] == step and summary["step"] == step + 2
+
+
+def test_non_finite_loss_is_skipped_then_stops(shards, tmp_path, monkeypatch, caplog):
+    real_build = pretrain.build_model
+
+    def nan_model(cfg):
+        model = real_build(cfg)
+        forward = model.forward
+
+        def poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            out.loss = out.loss * float("nan")
+            return out
+        model.forward = poisoned
+        return model
+
+    run(shards, tmp_path, train__max_steps=3)
+    before = load_latest(tmp_path / "t")[1]["model"]
+    monkeypatch.setattr(pretrain, "build_model", nan_model)
+    with pytest.raises(pretrain.TrainingError, match="2 non-finite steps in a row at step 5"):
+        run(shards, tmp_path, train__max_steps=10, train__max_bad_steps=2)
+    assert "non-finite loss or gradient, update skipped" in caplog.text
+    path, state = load_latest(tmp_path / "t")
+    assert state["step"] == 3 and all(torch.equal(before[k], state["model"][k]) for k in before)
+
+
+def test_clear_errors_before_training(tmp_path, shards, capsys):
+    with pytest.raises(ConfigError, match="data.shards is empty"):
+        run("", tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        run(tmp_path / "nowhere", tmp_path)
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        run(shards, tmp_path, train__batch_size=64)
+    assert pretrain.main([str(ROOT / "configs" / "demo.toml"), "--mask.start", "1.5"]) == 2
+    assert "mask.start = 1.5 must lie in (0, 1)" in capsys.readouterr().err
+    assert pretrain.main([str(ROOT / "configs" / "demo.toml"), "--trian.epochs=3"]) == 2
+    assert "unknown key trian" in capsys.readouterr().err
