@@ -250,10 +250,14 @@ class TrainConfig:
     # Shapes: B_e rounds to a multiple of batch_multiple; rho_e takes at most max_shapes values.
     batch_multiple: int = 8
     max_shapes: int = 11
-    # Memory limit: the largest batch a step may ask for (0: no limit); checked before training.
+    # Samples per forward pass (0: the whole batch). A step accumulates gradients over
+    # batch / micro_batch_size passes, so the effective batch follows the schedule whatever fits
+    # in memory (the paper: 2048 over 256 GPUs, 8 per GPU).
+    micro_batch_size: int = 0
+    # Memory limit: the most samples one forward pass may take (0: no limit); checked against
+    # the whole schedule before training starts.
     max_batch_size: int = 0
     max_steps: int = 0          # stop after this many optimizer steps (0: run every epoch)
-    grad_accum: int = 1         # micro-batches per optimizer step
     grad_clip: float = 0.0      # max gradient norm (0: off; MAE and AudioMAE do not clip)
     compile: bool = False       # torch.compile the model (CUDA; slow to start on a CPU)
     deterministic: bool = False  # deterministic algorithms (bitwise resume on a CPU)
@@ -267,16 +271,19 @@ class TrainConfig:
     max_bad_steps: int = 5      # consecutive non-finite losses before the run stops
 
     def check(self) -> None:
-        for key in ("epochs", "batch_size", "batch_multiple", "max_shapes", "grad_accum",
-                    "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps"):
+        for key in ("epochs", "batch_size", "batch_multiple", "max_shapes", "log_every",
+                    "ckpt_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} = {getattr(self, key)} must be >= 1")
-        for key in ("max_batch_size", "max_steps", "grad_clip"):
+        for key in ("micro_batch_size", "max_batch_size", "max_steps", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} = {getattr(self, key)} must be >= 0")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(f"train.batch_size = {self.batch_size} must be divisible by "
-                              f"train.grad_accum = {self.grad_accum}")
+        micro = self.micro_batch_size
+        if micro and (self.batch_size % micro or (self.adaptive_batch
+                                                   and self.batch_multiple % micro)):
+            raise ConfigError(f"train.micro_batch_size = {micro} must divide train.batch_size = "
+                              f"{self.batch_size} and, with the adaptive batch, "
+                              f"train.batch_multiple = {self.batch_multiple}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"train.device = {self.device!r} is not one of: auto, cpu, cuda, "
                               "cuda:N")

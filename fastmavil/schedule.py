@@ -43,7 +43,8 @@ def quantized_mask_ratio(mask: MaskConfig, epoch: int, epochs: int, levels: int)
 class EpochPlan:
     epoch: int
     mask_ratio: float
-    batch_size: int   # global batch per optimizer step (all ranks, all accumulation steps)
+    batch_size: int   # samples per optimizer step (the effective batch)
+    micro_batch: int  # samples per forward pass; batch_size / micro_batch passes per step
     steps: int        # optimizer steps: full batches only
 
 
@@ -58,14 +59,15 @@ def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
             low = min(mask.start, mask.end)
             exact = (1.0 - low) / (1.0 - ratio) * t.batch_size
             batch = max(t.batch_multiple, t.batch_multiple * round(exact / t.batch_multiple))
-        if t.max_batch_size and batch > t.max_batch_size:
-            raise ConfigError(f"epoch {epoch} needs a batch of {batch} (mask ratio {ratio:.3f}) "
-                              f"but train.max_batch_size = {t.max_batch_size}; lower "
-                              "train.batch_size or raise the limit")
+        micro = t.micro_batch_size or batch
+        if t.max_batch_size and micro > t.max_batch_size:
+            raise ConfigError(f"epoch {epoch} runs {micro} samples per forward pass (mask ratio "
+                              f"{ratio:.3f}) but train.max_batch_size = {t.max_batch_size}; set "
+                              "train.micro_batch_size or raise the limit")
         if num_clips < batch:
             raise ConfigError(f"the dataset has {num_clips} clips, fewer than one batch of "
                               f"{batch} (epoch {epoch}); lower train.batch_size")
-        plans.append(EpochPlan(epoch, ratio, batch, num_clips // batch))
+        plans.append(EpochPlan(epoch, ratio, batch, micro, num_clips // batch))
     return plans
 
 

@@ -1,13 +1,20 @@
 """Triton kernels for the fast path (each file: kernel + autograd.Function + its reference).
 
 One switch chooses the fast path or the plain PyTorch references: the model config's
-`model.kernels`, overridden by the environment variable FASTMAVIL_KERNELS=0|1.
+`model.kernels`, overridden by the environment variable FASTMAVIL_KERNELS=0|1. A kernel runs
+natively on CUDA tensors, or on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1,
+for tests); anywhere else it falls back to its reference and says so once.
 """
 from __future__ import annotations
 
+import logging
 import os
 
+import torch
+
 ENV_VAR = "FASTMAVIL_KERNELS"
+log = logging.getLogger("fastmavil.kernels")
+_warned: set[str] = set()
 
 
 def kernels_enabled(config_value: bool = True) -> bool:
@@ -18,3 +25,31 @@ def kernels_enabled(config_value: bool = True) -> bool:
     if env not in ("0", "1"):
         raise ValueError(f"{ENV_VAR}={env!r}: expected 0 or 1")
     return env == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def can_launch(name: str, *tensors: torch.Tensor) -> bool:
+    """True when kernel `name` can run on these tensors; otherwise logs once why the reference
+    runs instead."""
+    if not triton_available():
+        reason = "triton is not installed"
+    elif all(t.is_cuda for t in tensors) or (interpreting() and not any(t.is_cuda
+                                                                        for t in tensors)):
+        return True
+    else:
+        reason = "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+    if name not in _warned:
+        _warned.add(name)
+        log.warning("kernel %s: %s; using the PyTorch reference", name, reason)
+    return False

@@ -38,10 +38,11 @@ def test_both_orders_embed_the_same_visible_tokens(shape, patch):
     after = PatchEmbed(shape[1], patch, 24, mask_first=False)
     after.load_state_dict(first.state_dict())
     num_tokens = patchify(x, patch).shape[1]
+    pos = torch.randn(num_tokens, 24)
     ids = random_masking((2, shape[0]), num_tokens, 0.75)
-    conv_tokens = after.proj(x).flatten(2).transpose(1, 2)
+    conv_tokens = after.proj(x).flatten(2).transpose(1, 2) + pos
     expected = torch.stack([torch.stack([conv_tokens[b, ids.keep[v, b]] for b in range(shape[0])])
                             for v in range(2)])
-    torch.testing.assert_close(first(x, ids.keep), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(after(x, ids.keep), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(first(x, None), conv_tokens)
+    torch.testing.assert_close(first(x, ids.keep, pos), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after(x, ids.keep, pos), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first(x, None, pos), conv_tokens)

@@ -24,8 +24,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, *S); ids_keep (V, B, n) for V masked views of the same clips, or None for
         every token -> (V * B, n, dim)."""
-        tokens = self.patch_embed(x, ids_keep)
-        tokens = tokens + (self.pos if ids_keep is None else self.pos[ids_keep])
+        tokens = self.patch_embed(x, ids_keep, self.pos)
         tokens = tokens.flatten(0, -3) if tokens.dim() > 3 else tokens
         for block in self.blocks:
             tokens = block(tokens)

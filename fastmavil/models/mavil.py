@@ -61,6 +61,7 @@ class MAViL(nn.Module):
                                            cfg.diffusion.beta_end, cfg.diffusion.phi) \
             if m.diffusion else None
         self.apply(_init_weights)
+        self.use_kernels(False)
 
     @property
     def has_video(self) -> bool:
@@ -115,19 +116,44 @@ class MAViL(nn.Module):
         num_tokens = math.prod(patch_grid(tuple(x.shape[2:]), patch))
         return random_masking((views, x.shape[0]), num_tokens, ratio, x.device, generator)
 
+    def use_kernels(self, enabled: bool) -> None:
+        """Fast path (Triton kernels) or the plain PyTorch references; both compute the same."""
+        self.fused = enabled
+        for encoder in (self.audio_encoder, getattr(self, "video_encoder", None)):
+            if encoder is not None:
+                encoder.patch_embed.fused = enabled
+
     def _reconstruct(self, decoder: Decoder, x: torch.Tensor, patch: tuple[int, ...],
                      latents: torch.Tensor, ids: Masking,
                      generator: torch.Generator | None) -> torch.Tensor:
+        """MSE of the decoder's prediction on the masked patches (diffused inputs or [MASK])."""
+        norm_pix = self.cfg.loss.norm_pix
+        if self.fused:  # gather, normalise, diffuse, project and score without copies
+            from kernels.diffuse_embed import diffuse_embed_masked
+            from kernels.masked_mse import masked_patch_mse
+            masked = None
+            if self.diffusion is not None:
+                t = self.diffusion.sample_timesteps(x.shape[0], x.device, generator)
+                seed = torch.randint(2 ** 31 - 1, (1,), device=x.device, generator=generator)
+                embed = decoder.noisy_embed
+                masked = diffuse_embed_masked(
+                    x, ids.mask, t, self.diffusion.alpha_bar,
+                    embed.weight.view(embed.out_features, x.shape[1], *patch), embed.bias,
+                    decoder.pos, patch, norm_pix, seed=seed)
+            return masked_patch_mse(decoder(latents, ids, masked), x, ids.mask, patch, norm_pix)
         target = gather_tokens(patchify(x, patch), ids.mask)  # (B, m, P)
-        if self.cfg.loss.norm_pix:
+        if norm_pix:
             target = normalize_patches(target)
-        noisy = None
+        masked = None
         if self.diffusion is not None:
             t = self.diffusion.sample_timesteps(x.shape[0], x.device, generator)
-            noise = torch.randn(target.shape, device=x.device, dtype=target.dtype,
-                                generator=generator)
-            noisy = self.diffusion.q_sample(target, t, noise)
-        return masked_mse(decoder(latents, ids, noisy), target)
+            noisy = self.diffusion.q_sample(target, t, self._noise(target, generator))
+            masked = decoder.embed_noisy(noisy, ids)
+        return masked_mse(decoder(latents, ids, masked), target)
+
+    @staticmethod
+    def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randn(like.shape, device=like.device, dtype=like.dtype, generator=generator)
 
 
 def _check_shape(name: str, x: torch.Tensor, expected: tuple[int, ...]) -> None:

@@ -54,11 +54,20 @@ class PatchEmbed(nn.Module):
         self.proj = conv(channels, dim, kernel_size=patch, stride=patch)
         self.patch = tuple(patch)
         self.mask_first = mask_first
+        self.fused = False  # mask-first through kernels.patch_embed_visible (set by the model)
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
-        """x (B, C, *S), ids_keep (..., B, n) or None for all tokens -> (..., B, n, D)."""
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None,
+                pos: torch.Tensor) -> torch.Tensor:
+        """x (B, C, *S), ids_keep (..., B, n) or None for all tokens, pos (N, D) fixed positions
+        -> tokens with their positions (..., B, n, D)."""
         if ids_keep is None or not self.mask_first:
-            tokens = self.proj(x).flatten(2).transpose(1, 2)
+            tokens = self.proj(x).flatten(2).transpose(1, 2) + pos
             return tokens if ids_keep is None else gather_tokens(tokens, ids_keep)
+        if self.fused:
+            from kernels.patch_embed import patch_embed_visible
+            views = ids_keep.reshape(-1, *ids_keep.shape[-2:])
+            out = [patch_embed_visible(x, v, self.proj.weight, self.proj.bias, pos, self.patch)
+                   for v in views]  # one launch per masked view, x read in place
+            return torch.stack(out).view(*ids_keep.shape, -1)
         visible = gather_tokens(patchify(x, self.patch), ids_keep)
-        return F.linear(visible, self.proj.weight.flatten(1), self.proj.bias)
+        return F.linear(visible, self.proj.weight.flatten(1), self.proj.bias) + pos[ids_keep]

@@ -26,7 +26,7 @@ log = logging.getLogger("fastmavil.train")
 
 # Dense peak TFLOP/s (no 2:4 sparsity) from the NVIDIA H100, H200 and A100 datasheets, whose
 # headline Tensor Core figures are with sparsity, twice these. fp32 is the non-tensor-core rate;
-# tf32 applies to fp32 matmuls when torch.backends.cuda.matmul.allow_tf32 is on.
+# tf32 applies to fp32 matmuls when torch.get_float32_matmul_precision() is "high" or "medium".
 _H100_SXM = {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100 SXM": _H100_SXM,
@@ -105,7 +105,7 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float |
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        tf32 = torch.backends.cuda.matmul.allow_tf32
+        tf32 = torch.get_float32_matmul_precision() != "highest"  # fp32 matmuls run as TF32
         peak, row = gpu_peak_flops(name, dtype, tf32), _gpu_row(name)
         if peak is None:
             return None, f"no datasheet peak for {name!r} {dtype}"

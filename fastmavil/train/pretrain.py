@@ -68,6 +68,17 @@ def prepare_data(cfg: Config) -> Path:
     return source
 
 
+def fast_path(cfg: Config, device: torch.device) -> bool:
+    """Triton kernels when requested (model.kernels, env FASTMAVIL_KERNELS) and runnable."""
+    from kernels import kernels_enabled, triton_available
+    if not kernels_enabled(cfg.model.kernels):
+        return False
+    if device.type != "cuda" or not triton_available():
+        log.info("Triton kernels need a CUDA device and triton: using the PyTorch references")
+        return False
+    return True
+
+
 def forward_flops_per_sample(cfg: Config, ratios: set[float]) -> dict[float, float]:
     """Model forward FLOPs per sample at each mask ratio, counted on the meta device."""
     with torch.device("meta"):
@@ -137,9 +148,10 @@ def train(cfg: Config, argv: list[str]) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
     model = build_model(cfg).to(device)
+    model.use_kernels(fast_path(cfg, device))
     optimizer = make_optimizer(cfg, model, device)
     generator = torch.Generator(device=device).manual_seed(t.seed)
-    step = 0
+    step, last_ckpt = 0, None
     resumed = load_latest(run_dir)
     if resumed:
         path, state = resumed
@@ -147,7 +159,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         set_rng_state(state["rng"])
-        step = state["step"]
+        step, last_ckpt = state["step"], path
         log.info("resumed from %s (step %d)", path, step)
     forward = torch.compile(model) if t.compile else model
 
@@ -170,10 +182,11 @@ def train(cfg: Config, argv: list[str]) -> dict:
                         MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(),
                         console=console)
-    timer, bad_steps, last_ckpt = StepTimer(), 0, None
+    timer, bad_steps = StepTimer(), 0
     sums, samples_since, updates_since, started = {}, 0, 0, time.perf_counter()
     summary = {"start_step": step, "samples": 0}
-    with (StopFlag() as stop, MetricsWriter(run_dir, None if cfg.run.tensorboard else False) as writer,
+    tensorboard = None if cfg.run.tensorboard else False  # None: when installed
+    with (StopFlag() as stop, MetricsWriter(run_dir, tensorboard) as writer,
           GpuUtilization(device) as gpu_util, progress):
         task = progress.add_task("train", total=total_steps, completed=step, epoch="-", loss="-",
                                  rate="-")
@@ -183,9 +196,9 @@ def train(cfg: Config, argv: list[str]) -> dict:
                 continue
             skip = step - first_step(plan.epoch, plans)  # steps of this epoch already done
             dataset.set_epoch(plan.epoch)
-            micro = plan.batch_size // t.grad_accum
-            batches = iter(build_loader(dataset, micro, cfg.data.num_workers))
-            for _ in range(skip * t.grad_accum):  # resume mid-epoch: same data, in order
+            accum = plan.batch_size // plan.micro_batch
+            batches = iter(build_loader(dataset, plan.micro_batch, cfg.data.num_workers))
+            for _ in range(skip * accum):  # resume mid-epoch: the same data, in order
                 next(batches)
             progress.update(task, epoch=plan.epoch)
             while step < min(epoch_end, total_steps) and stop.signal is None:
@@ -194,15 +207,15 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     group["lr"] = lr
                 loss_sum, terms_sum = 0.0, {}
                 try:
-                    for _ in range(t.grad_accum):
+                    for _ in range(accum):
                         batch = next(batches)
                         timer.data_ready()
                         with autocast:
                             out = forward(*_to_device(batch, device), plan.mask_ratio, generator)
-                        (out.loss / t.grad_accum).backward()
-                        loss_sum = loss_sum + out.loss.detach() / t.grad_accum
+                        (out.loss / accum).backward()
+                        loss_sum = loss_sum + out.loss.detach() / accum
                         for k, v in out.terms.items():
-                            terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / t.grad_accum
+                            terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / accum
                 except StopIteration:
                     # Each DataLoader worker drops its own last partial batch, so an epoch can
                     # hold a step or two fewer than the plan: move on to the next epoch.
@@ -249,7 +262,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     last_ckpt = checkpoint(step)
             if stop.signal is not None or step >= total_steps:
                 break
-        if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}.pt"):
+        if last_ckpt is None or last_ckpt.name != f"step-{step:08d}.pt":
             last_ckpt = checkpoint(step)
     summary.update(step=step, total_steps=total_steps, checkpoint=str(last_ckpt),
                    seconds=time.perf_counter() - started, run_dir=str(run_dir),

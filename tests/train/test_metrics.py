@@ -56,10 +56,12 @@ def test_device_peak_flops_cpu():
 
 def test_device_peak_flops_cuda_from_datasheet(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # TF32 on
     assert device_peak_flops(torch.device("cuda", 0), torch.bfloat16) == (
         pytest.approx(989.4e12), "H200 datasheet bf16")
     assert device_peak_flops(torch.device("cuda", 0), torch.float32)[1] == "H200 datasheet tf32"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert device_peak_flops(torch.device("cuda", 0), torch.float32)[1] == "H200 datasheet fp32"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     peak, source = device_peak_flops(torch.device("cuda", 0), torch.float16)
     assert peak is None and "Tesla T4" in source

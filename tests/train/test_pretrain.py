@@ -62,10 +62,11 @@ def test_run_logs_falls_and_checkpoints(shards, tmp_path):
 
 
 def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path):
-    run(shards, tmp_path / "a", train__max_steps=8)
-    run(shards, tmp_path / "b", train__max_steps=5)   # stops mid-epoch, checkpoint at 5
+    micro = {"train__micro_batch_size": 2}  # two forward passes per step, accumulated
+    run(shards, tmp_path / "a", train__max_steps=8, **micro)
+    run(shards, tmp_path / "b", train__max_steps=5, **micro)  # stops mid-epoch, checkpoint at 5
     assert load_latest(tmp_path / "b" / "t")[1]["step"] == 5
-    summary = run(shards, tmp_path / "b", train__max_steps=8)
+    summary = run(shards, tmp_path / "b", train__max_steps=8, **micro)
     assert summary["start_step"] == 5
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == list(range(1, 9))

@@ -35,10 +35,13 @@ def test_quantised_ratio_levels():
 
 
 def test_plan_errors_before_training():
-    cfg = load_config(CONFIGS / "r4.toml", {"train.max_batch_size": "3000"})
-    with pytest.raises(ConfigError, match=r"epoch 0 needs a batch of 4096 \(mask ratio 0.900\) but "
-                                          r"train.max_batch_size = 3000"):
+    cfg = load_config(CONFIGS / "r4.toml", {"train.max_batch_size": "3000",
+                                            "train.micro_batch_size": "0"})
+    with pytest.raises(ConfigError, match=r"epoch 0 runs 4096 samples per forward pass \(mask "
+                                          r"ratio 0.900\) but train.max_batch_size = 3000"):
         plan_epochs(cfg, 1_000_000)
+    cfg = load_config(CONFIGS / "r4.toml", {"train.max_batch_size": "8"})
+    assert {p.micro_batch for p in plan_epochs(cfg, 1_000_000)} == {8}  # accumulation fits
     with pytest.raises(ConfigError, match="the dataset has 100 clips, fewer than one batch"):
         plan_epochs(load_config(CONFIGS / "r2.toml"), 100)
 

@@ -1,0 +1,47 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fastmavil.train import checkpoint as ckpt
+
+
+def test_keeps_the_newest_k(tmp_path):
+    for step in (10, 20, 30, 40):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000030.pt",
+                                                                 "step-00000040.pt"]
+    path, state = ckpt.load_latest(tmp_path)
+    assert state["step"] == 40 and path.name == "step-00000040.pt"
+    assert ckpt.load_latest(tmp_path / "none") is None
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1, "w": torch.ones(3)}, keep=3)
+
+    def dying_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 2, {"step": 2}, keep=3)
+    monkeypatch.undo()
+    path, state = ckpt.load_latest(tmp_path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # cleaned up on the next look
+
+
+def test_a_damaged_newest_checkpoint_falls_back(tmp_path, caplog):
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=3)
+    ckpt.save_checkpoint(tmp_path, 2, {"step": 2}, keep=3)
+    (tmp_path / "checkpoints" / "step-00000002.pt").write_bytes(b"garbage")
+    assert ckpt.load_latest(tmp_path)[1]["step"] == 1
+    assert "step-00000002.pt does not load" in caplog.text
+
+
+def test_rng_state_round_trip():
+    state = ckpt.rng_state()
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
