@@ -46,18 +46,16 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, patch_dim)
 
-    def embed_noisy(self, noisy: torch.Tensor, ids: Masking) -> torch.Tensor:
-        """Diffused masked patches (B, m, patch_dim) -> decoder tokens with their positions (the
-        plain path of kernels.diffuse_embed_masked)."""
-        return self.noisy_embed(noisy) + self.pos[ids.mask]
-
-    def forward(self, latents: torch.Tensor, ids: Masking,
+    def forward(self, latents: torch.Tensor, ids: Masking, noisy: torch.Tensor | None = None,
                 masked: torch.Tensor | None = None) -> torch.Tensor:
-        """latents (B, n, encoder_dim) of the visible tokens; ids with keep (B, n), mask (B, m);
-        masked (B, m, dim): the embedded diffused patches (diffusion), or None for [MASK]
-        tokens -> predicted masked patches (B, m, patch_dim)."""
+        """latents (B, n, encoder_dim) of the visible tokens; ids with keep (B, n), mask (B, m).
+        Masked tokens: `noisy` (B, m, patch_dim) diffused patches, projected here; or `masked`
+        (B, m, dim) already projected with positions (kernels.diffuse_embed_masked); or neither,
+        for [MASK] tokens -> predicted masked patches (B, m, patch_dim)."""
         visible = self.embed(latents) + self.pos[ids.keep]
-        if masked is None:
+        if noisy is not None:
+            masked = self.noisy_embed(noisy) + self.pos[ids.mask]
+        elif masked is None:
             masked = self.mask_token + self.pos[ids.mask]
         if self.attention == "cross":
             for block in self.blocks:

@@ -140,16 +140,16 @@ class MAViL(nn.Module):
                     x, ids.mask, t, self.diffusion.alpha_bar,
                     embed.weight.view(embed.out_features, x.shape[1], *patch), embed.bias,
                     decoder.pos, patch, norm_pix, seed=seed)
-            return masked_patch_mse(decoder(latents, ids, masked), x, ids.mask, patch, norm_pix)
+            pred = decoder(latents, ids, masked=masked)
+            return masked_patch_mse(pred, x, ids.mask, patch, norm_pix)
         target = gather_tokens(patchify(x, patch), ids.mask)  # (B, m, P)
         if norm_pix:
             target = normalize_patches(target)
-        masked = None
+        noisy = None
         if self.diffusion is not None:
             t = self.diffusion.sample_timesteps(x.shape[0], x.device, generator)
             noisy = self.diffusion.q_sample(target, t, self._noise(target, generator))
-            masked = decoder.embed_noisy(noisy, ids)
-        return masked_mse(decoder(latents, ids, masked), target)
+        return masked_mse(decoder(latents, ids, noisy), target)
 
     @staticmethod
     def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

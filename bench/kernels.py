@@ -1,0 +1,186 @@
+"""Times each fused kernel against its PyTorch reference at paper sizes.
+
+    python -m bench.kernels                  # all kernels, audio and video, rho 0.8 and 0.9
+
+Shapes: audio B=32, (1, 1024, 128) fbank, 16x16 patches; video B=16, (3, 16, 224, 224),
+2x16x16 tubelets; encoder width 768, decoder width 512. Modes: forward, backward,
+forward+backward. On CUDA, triton.testing.do_bench gives p20/p50/p80 in ms, and the table shows
+achieved GB/s and TFLOP/s against the device's peak. On a CPU only the references run (Triton
+kernels need a GPU; the interpreter is for correctness, not speed), timed with perf_counter.
+Rows are appended to bench/results/kernels-<device>.csv (kernel, provider, mode, shape,
+p20/p50/p80, device, versions, commit).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fastmavil.diffusion import DiffusionSchedule
+from fastmavil.masking import random_masking
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Dense datasheet HBM bandwidth, GB/s, by device-name fragment (most specific first).
+PEAK_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0))
+GEOMETRY = {"audio": dict(batch=32, shape=(1, 1024, 128), patch=(16, 16)),
+            "video": dict(batch=16, shape=(3, 16, 224, 224), patch=(2, 16, 16))}
+
+
+def _cases(device: torch.device, dtype: torch.dtype, modality: str, ratio: float):
+    """(kernel name, fused fn, reference fn, FLOPs, bytes) per kernel; fns take no arguments
+    and return the output to time or backpropagate."""
+    from kernels.diffuse_embed import diffuse_embed_masked, reference_diffuse_embed_masked
+    from kernels.masked_mse import masked_patch_mse, reference_masked_patch_mse
+    from kernels.patch_embed import patch_embed_visible, reference_patch_embed_visible
+
+    g = GEOMETRY[modality]
+    b, patch = g["batch"], g["patch"]
+    x = torch.randn(b, *g["shape"], device=device, dtype=dtype)
+    n_tokens = math.prod(s // p for s, p in zip(g["shape"][1:], patch))
+    p_dim = g["shape"][0] * math.prod(patch)
+    ids = random_masking((b,), n_tokens, ratio, device)
+    n, m = ids.keep.shape[1], ids.mask.shape[1]
+    size = dtype.itemsize
+
+    def params(dim):
+        w = torch.randn(dim, g["shape"][0], *patch, device=device, dtype=dtype) * 0.02
+        return [t.requires_grad_() for t in (w, torch.zeros(dim, device=device, dtype=dtype),
+                                            torch.randn(n_tokens, dim, device=device, dtype=dtype))]
+
+    enc, dec = params(768), params(512)
+    sched = DiffusionSchedule().to(device)
+    t = sched.sample_timesteps(b, device)
+    noise = torch.randn(b, m, p_dim, device=device, dtype=dtype)
+    pred = torch.randn(b, m, p_dim, device=device, dtype=dtype, requires_grad=True)
+    return [
+        ("patch_embed_visible",
+         lambda: patch_embed_visible(x, ids.keep, *enc, patch),
+         lambda: reference_patch_embed_visible(x, ids.keep, *enc, patch),
+         2 * b * n * p_dim * 768, size * (b * n * p_dim + 768 * p_dim + 2 * b * n * 768)),
+        ("diffuse_embed_masked",
+         lambda: diffuse_embed_masked(x, ids.mask, t, sched.alpha_bar, *dec, patch, True,
+                                      noise=noise),
+         lambda: reference_diffuse_embed_masked(x, ids.mask, t, sched.alpha_bar, *dec, patch,
+                                                True, noise=noise),
+         2 * b * m * p_dim * 512, size * (2 * b * m * p_dim + 512 * p_dim + 2 * b * m * 512)),
+        ("masked_patch_mse",
+         lambda: masked_patch_mse(pred, x, ids.mask, patch, True),
+         lambda: reference_masked_patch_mse(pred, x, ids.mask, patch, True),
+         3 * b * m * p_dim, size * 2 * b * m * p_dim),
+    ]
+
+
+def _time(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
+    """(p20, p50, p80) milliseconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return tuple(do_bench(fn, quantiles=[0.2, 0.5, 0.8]))
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return q[1], statistics.median(times), q[7]
+
+
+def _timed_fn(make, mode: str):
+    """What to time for one mode: the forward, the backward alone (graph kept), or both."""
+    if mode == "forward":
+        return make
+    if mode == "forward+backward":
+        def both():
+            out = make()
+            out.backward(torch.ones_like(out))
+        return both
+    out = make()
+    grad = torch.ones_like(out)
+    return lambda: out.backward(grad, retain_graph=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.9])
+    parser.add_argument("--modalities", nargs="+", default=["audio", "video"])
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                        help="default: bf16 on CUDA, fp32 on a CPU")
+    parser.add_argument("--reps", type=int, default=5, help="repeats per CPU timing")
+    args = parser.parse_args(argv)
+
+    import subprocess
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastmavil.train.metrics import device_peak_flops
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda
+                                                                             else "fp32")]
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    console = Console(width=max(Console().width, 150))
+    if not cuda:
+        console.print("No CUDA device: timing the PyTorch references only (Triton kernels run "
+                      "natively on GPUs; on a CPU only through the interpreter, for tests).")
+    peak_flops, _ = device_peak_flops(device, dtype)
+    peak_gbps = next((v for k, v in PEAK_GBPS if k.lower() in name.lower()), None)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    providers = ("triton", "torch") if cuda else ("torch",)
+    table = Table(title=f"Kernels on {name} ({dtype}), ms p50 [p20-p80]")
+    for column in ("kernel", "input", "mode", "provider", "ms", "GB/s", "TFLOP/s", "speedup"):
+        table.add_column(column)
+    rows = []
+    for modality in args.modalities:
+        for ratio in args.ratios:
+            for kernel, fused, reference, flops, nbytes in _cases(device, dtype, modality, ratio):
+                shape = f"{modality} B={GEOMETRY[modality]['batch']} rho={ratio}"
+                for mode in ("forward", "backward", "forward+backward"):
+                    timings = {}
+                    for provider in providers:
+                        fn = _timed_fn(fused if provider == "triton" else reference, mode)
+                        timings[provider] = _time(fn, device, args.reps)
+                        rows.append([kernel, provider, mode, shape, *timings[provider], name,
+                                     torch.__version__, triton_version, commit])
+                    for provider, (p20, p50, p80) in timings.items():
+                        # backward computes weight (not input) gradients: one more matmul
+                        work = {"forward": 1, "backward": 1, "forward+backward": 2}[mode]
+                        gbps = nbytes * work / p50 / 1e6
+                        tf = flops * work / p50 / 1e9
+                        gb_text = f"{gbps:.0f}" + (f" ({gbps / peak_gbps:.0%})" if peak_gbps
+                                                   else "")
+                        tf_text = f"{tf:.2f}" + (f" ({tf * 1e12 / peak_flops:.0%})"
+                                                 if peak_flops else "")
+                        speedup = (f"{timings['torch'][1] / p50:.2f}x"
+                                   if provider == "triton" else "")
+                        table.add_row(kernel, shape, mode, provider,
+                                      f"{p50:.3f} [{p20:.3f}-{p80:.3f}]", gb_text, tf_text,
+                                      speedup)
+    console.print(table)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"kernels-{name.replace(' ', '_')}.csv"
+    new = not out.exists()
+    with open(out, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["kernel", "provider", "mode", "shape", "p20_ms", "p50_ms", "p80_ms",
+                             "device", "torch", "triton", "commit"])
+        writer.writerows(rows)
+    console.print(f"appended {len(rows)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Patch geometry shared by the kernels: every input is seen as 5-D (B, C, D, H, W) with a 3-D
+patch (pd, ph, pw), so one kernel serves audio (B, 1, T, F) with patch (16, 16) -> viewed as
+(B, 1, 1, T, F) with patch (1, 16, 16) and video (B, C, Fr, H, W) with patch (2, 16, 16).
+
+Token n is row-major over the grid (GD, GH, GW); element k of a patch vector is row-major over
+(C, pd, ph, pw), the order of a convolution weight, as in fastmavil.models.patch.patchify.
+Kernels read patch elements straight from the input by this index arithmetic: the patchified
+tensor is never materialised.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the references below still work; kernels need triton
+    triton = tl = None
+
+
+def as_5d(x: torch.Tensor, patch: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """A (B, C, *S) input with a 2-D or 3-D patch -> a 5-D view and a 3-D patch (no copy)."""
+    if x.dim() == 4 and len(patch) == 2:
+        return x.unsqueeze(2), (1, *patch)
+    if x.dim() == 5 and len(patch) == 3:
+        return x, tuple(patch)
+    raise ValueError(f"input of shape {tuple(x.shape)} does not fit patch {tuple(patch)}: "
+                     "expected (B, C, T, F) with a 2-D patch or (B, C, D, H, W) with a 3-D one")
+
+
+def geometry(x5: torch.Tensor, patch3: tuple[int, int, int]) -> dict:
+    """Grid sizes and patch dimension of a 5-D input; errors name the shapes."""
+    _, c, d, h, w = x5.shape
+    pd, ph, pw = patch3
+    if d % pd or h % ph or w % pw:
+        raise ValueError(f"input size {(d, h, w)} is not divisible by patch {patch3}")
+    return {"GD": d // pd, "GH": h // ph, "GW": w // pw, "N": (d // pd) * (h // ph) * (w // pw),
+            "P": c * pd * ph * pw}
+
+
+def reference_gather(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """The patches of x at ids (B, n) -> (B, n, P), by patchify + gather (the plain path)."""
+    from fastmavil.masking import gather_tokens
+    from fastmavil.models.patch import patchify
+    return gather_tokens(patchify(x, tuple(patch)), ids)
+
+
+def patch_dim(channels: int, patch: tuple[int, ...]) -> int:
+    return channels * math.prod(patch)
+
+
+if triton is not None:
+    @triton.jit
+    def patch_offsets(token, k, GH, GW, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                      stride_c, stride_d, stride_h, stride_w):
+        """Element offsets (without the batch term) of patch elements k (BLOCK_K,) of tokens
+        token (BLOCK_M,) -> (BLOCK_M, BLOCK_K)."""
+        gw = token % GW
+        gh = (token // GW) % GH
+        gd = token // (GW * GH)
+        kw = k % PW
+        kh = (k // PW) % PH
+        kd = (k // (PW * PH)) % PD
+        c = k // (PW * PH * PD)
+        row = (gd * PD)[:, None] + kd[None, :]
+        col_h = (gh * PH)[:, None] + kh[None, :]
+        col_w = (gw * PW)[:, None] + kw[None, :]
+        return (c[None, :] * stride_c + row * stride_d + col_h * stride_h + col_w * stride_w)

@@ -1,0 +1,380 @@
+"""Fused DiffMAViL masked-token input: gather -> norm_pix -> diffuse -> project -> + pos.
+
+The plain path (fastmavil.models.mavil `_reconstruct` + the decoder's `noisy_embed`) patchifies
+the whole input, gathers the m masked patches, normalises them, diffuses them with noise of the
+same size and projects them: four (B, m, P) tensors in HBM. Here one kernel reads the masked
+patches straight from x (kernels._patches.patch_offsets), keeps them in registers and writes only
+the (B, m, Dd) embedding. Per tile of BLOCK_M tokens (rows of the flattened (B * m) batch):
+
+  pass 1 over P (if norm_pix): per-token mean and M2, merged chunk by chunk (Chan et al.), which
+         stays exact for near-constant patches where sum(x^2) - P mean^2 cancels;
+  pass 2 over P: reload the chunk, x_t = sqrt(ab[t]) (x - mean) rstd + sqrt(1 - ab[t]) eps, with
+         eps loaded from `noise` or drawn from Philox (tl.randn(seed, row * P + k), row = b m + j),
+         and accumulate x_t @ W^T in fp32;
+  epilogue: + bias + pos[ids].
+
+Backward (weight, bias and pos only; the diffused patches are an input of the decoder, not a
+function of a parameter): x_t is never stored. Saved are x, ids, t, alpha_bar, the noise tensor
+or the seed (cloned on the device), and the per-token mean / rstd (2 floats per token). The
+grad_weight kernel recomputes x_t tile by tile, Philox noise included (it is a pure function of
+seed and offset), and accumulates grad_out^T x_t over row splits into fp32 partials summed by
+torch (deterministic, no atomics). grad_bias and grad_pos are cheap reductions in torch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from fastmavil.losses import normalize_patches
+
+from ._patches import as_5d, geometry, reference_gather, tl, triton
+
+NAME = "diffuse_embed"
+
+
+def reference_diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tensor,
+                                   alpha_bar: torch.Tensor, weight: torch.Tensor,
+                                   bias: torch.Tensor, pos: torch.Tensor,
+                                   patch_size: tuple[int, ...], norm_pix: bool = True, *,
+                                   noise: torch.Tensor) -> torch.Tensor:
+    """The plain PyTorch path the kernel must equal; noise (B, m, P) is required."""
+    x0 = reference_gather(x, ids_mask, patch_size)
+    if norm_pix:
+        x0 = normalize_patches(x0)
+    a = alpha_bar[t].to(x0.dtype).view(-1, 1, 1)  # as DiffusionSchedule.q_sample
+    x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+    return F.linear(x_t, weight.reshape(weight.shape[0], -1), bias) + pos[ids_mask]
+
+
+def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tensor,
+                         alpha_bar: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         pos: torch.Tensor, patch_size: tuple[int, ...], norm_pix: bool = True,
+                         noise: torch.Tensor | None = None,
+                         seed: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Embedding (B, m, Dd) of the diffused masked patches, in x's dtype.
+
+    x          audio (B, 1, T, F) with a 2-D patch, or video (B, C, Fr, H, W) with a 3-D patch
+    ids_mask   (B, m) int64 masked token ids (row-major over the patch grid)
+    t          (B,) int64 timesteps, one per sample
+    alpha_bar  (T + 1,) table indexed by t directly, alpha_bar[0] = 1 (no noise), as
+               fastmavil.diffusion.DiffusionSchedule.alpha_bar
+    weight     (Dd, C, *patch_size) or (Dd, P), an nn.Linear(P, Dd) weight; bias (Dd,)
+    pos        (N, Dd) positional embedding of every token; pos[ids_mask] is added
+    norm_pix   normalise each patch by its own mean and biased variance (+1e-6) first
+    noise      (B, m, P) eps, or
+    seed       an int or a 1-element integer tensor on x's device: eps is drawn in the kernel
+               from Philox, eps[b, j, k] = tl.randn(seed, (b * m + j) * P + k) (see
+               `philox_noise`); a device tensor is read by the kernel, so the training step never
+               syncs with the host. Exactly one of noise / seed must be given.
+
+    The compute dtype is x's: fp32 in true fp32 (IEEE dots), bf16/fp16 with fp32 accumulation.
+    ids_mask is not range-checked on the device. Gradients flow to weight, bias and pos only.
+    Without a CUDA device or the Triton interpreter the reference runs; a seed then draws eps
+    from torch.Generator(seed), a different stream of the same distribution.
+    """
+    if (noise is None) == (seed is None):
+        raise ValueError("diffuse_embed_masked: pass exactly one of noise (B, m, P) and seed")
+    x5, patch3 = as_5d(x, tuple(patch_size))
+    geo = geometry(x5, patch3)
+    _check_shapes(x, ids_mask, t, weight, bias, pos, noise, geo)
+    seed_t = None if seed is None else _seed_tensor(seed, x.device)
+    extra = (noise,) if seed_t is None else (seed_t,)
+    if not kernels.can_launch(NAME, x, ids_mask, t, alpha_bar, weight, bias, pos, *extra):
+        if noise is None:
+            generator = torch.Generator(x.device).manual_seed(int(seed_t.item()))
+            noise = torch.randn((*ids_mask.shape, geo["P"]), generator=generator,
+                                device=x.device, dtype=x.dtype)
+        return reference_diffuse_embed_masked(x, ids_mask, t, alpha_bar, weight, bias, pos,
+                                              patch_size, norm_pix, noise=noise)
+    return _DiffuseEmbed.apply(x, ids_mask, t, alpha_bar, weight, bias, pos, tuple(patch_size),
+                               norm_pix, noise, seed_t)
+
+
+def philox_noise(seed: int | torch.Tensor, batch: int, m: int, patch_dim: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """The eps (B, m, P) fp32 that `diffuse_embed_masked(..., seed=seed)` draws in its kernel
+    (needs CUDA or the Triton interpreter)."""
+    out = torch.empty(batch, m, patch_dim, device=device, dtype=torch.float32)
+    seed_t = _seed_tensor(seed, out.device)
+    block = 4096  # large blocks: the interpreter pays per program
+    _philox_kernel[(triton.cdiv(out.numel(), block),)](seed_t, out, out.numel(), BLOCK=block,
+                                                       num_warps=8)
+    return out
+
+
+def _seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(1,) int64 seed on device. A tensor is cloned there, so that the caller may advance it in
+    place before backward; an int is filled by a device kernel, not copied from the host."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
+            raise ValueError(f"seed tensor must hold one integer, got {seed.dtype} of shape "
+                             f"{tuple(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"seed tensor is on {seed.device}, the input on {device}")
+        return seed.reshape(1).to(torch.int64, copy=True)
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+
+
+def _check_shapes(x, ids, t, weight, bias, pos, noise, geo) -> None:
+    b, p, n = x.shape[0], geo["P"], geo["N"]
+    if ids.dim() != 2 or ids.shape[0] != b or ids.dtype != torch.int64:
+        raise ValueError(f"ids_mask must be (B={b}, m) int64, got {ids.dtype} "
+                         f"{tuple(ids.shape)}")
+    if t.shape != (b,):
+        raise ValueError(f"t must be (B={b},), got {tuple(t.shape)}")
+    dd = weight.shape[0]
+    if weight.numel() != dd * p or bias.shape != (dd,) or pos.shape != (n, dd):
+        raise ValueError(f"expected weight (Dd, {p}) in any view, bias (Dd,) and pos ({n}, Dd); "
+                         f"got {tuple(weight.shape)}, {tuple(bias.shape)}, {tuple(pos.shape)}")
+    if noise is not None and noise.shape != (*ids.shape, p):
+        raise ValueError(f"noise must be {(*ids.shape, p)}, got {tuple(noise.shape)}")
+
+
+class _DiffuseEmbed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ids, t, alpha_bar, weight, bias, pos, patch, norm_pix, noise, seed_t):
+        x5, patch3 = as_5d(x, patch)
+        geo = geometry(x5, patch3)
+        ids, t = ids.contiguous(), t.contiguous()
+        noise = None if noise is None else noise.contiguous()
+        w2 = weight.reshape(weight.shape[0], -1).contiguous()
+        b, m = ids.shape
+        dd, rows = w2.shape[0], b * m
+        out = torch.empty(b, m, dd, device=x.device, dtype=x.dtype)
+        stats = torch.empty(2, rows, device=x.device, dtype=torch.float32)  # mean, rstd
+        args = _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, norm_pix)
+        grid = lambda meta: (triton.cdiv(dd, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]))
+        fwd = _fwd_kernel if kernels.interpreting() else _fwd_tuned
+        fwd[grid](w2, bias.contiguous(), pos.contiguous(), out, dd, *args["pointers"],
+                  *args["sizes"], **args["constexpr"],
+                  **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
+        ctx.save_for_backward(x, ids, t, alpha_bar, noise, seed_t, stats)
+        ctx.patch, ctx.norm_pix = patch, norm_pix
+        ctx.weight_meta = (weight.shape, weight.dtype)
+        ctx.pos_meta = (pos.shape, pos.dtype)
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, ids, t, alpha_bar, noise, seed_t, stats = ctx.saved_tensors
+        need_w, need_b, need_p = ctx.needs_input_grad[4:7]
+        grad_out = grad_out.contiguous()
+        g2 = grad_out.flatten(0, 1)
+        grad_w = grad_b = grad_p = None
+        if need_w:
+            grad_w = _weight_grad(x, ids, t, alpha_bar, noise, seed_t, stats, g2, ctx)
+        if need_b:
+            grad_b = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        if need_p:
+            shape, dtype = ctx.pos_meta
+            grad_p = torch.zeros(shape, device=g2.device, dtype=dtype).index_add_(
+                0, ids.flatten(), g2.to(dtype))
+        return None, None, None, None, grad_w, grad_b, grad_p, None, None, None, None
+
+
+def _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, norm_pix) -> dict:
+    """Arguments the forward and grad_weight kernels share (same names, same order)."""
+    b, m = ids.shape
+    # Unused pointers get a valid tensor of the input: never read, only typed.
+    return {
+        "pointers": (x5, ids, t, alpha_bar, x5 if noise is None else noise,
+                     ids if seed_t is None else seed_t, stats),
+        "sizes": (b * m, m, geo["P"], geo["GH"], geo["GW"], *x5.stride()),
+        "constexpr": dict(PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix,
+                          HAS_NOISE=noise is not None,
+                          PRECISION="ieee" if x5.dtype == torch.float32 else None),
+    }
+
+
+def _weight_grad(x, ids, t, alpha_bar, noise, seed_t, stats, g2, ctx) -> torch.Tensor:
+    """grad_weight (Dd, P) = grad_out^T x_t, with x_t recomputed in the kernel."""
+    x5, patch3 = as_5d(x, ctx.patch)
+    geo = geometry(x5, patch3)
+    rows, dd = g2.shape
+    p = geo["P"]
+    # Row splits give the small (Dd x P) output enough programs to fill the GPU; each split
+    # writes its own fp32 partial, so the sum is deterministic. The interpreter splits small
+    # row counts too, so that the tests cover it.
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    tiles = triton.cdiv(dd, 128) * triton.cdiv(p, 128)
+    min_rows = 16 if kernels.interpreting() else 256
+    splits = max(1, min(triton.cdiv(rows, min_rows), triton.cdiv(2 * sms, tiles)))
+    partial = torch.empty(splits, dd, p, device=x.device, dtype=torch.float32)
+    args = _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, ctx.norm_pix)
+    grid = lambda meta: (triton.cdiv(dd, meta["BLOCK_N"]), triton.cdiv(p, meta["BLOCK_K"]),
+                         splits)
+    bwd = _bwd_kernel if kernels.interpreting() else _bwd_tuned
+    bwd[grid](g2, partial, dd, splits, *args["pointers"], *args["sizes"], **args["constexpr"],
+              **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
+    shape, dtype = ctx.weight_meta
+    return partial.sum(0).to(dtype).reshape(shape)
+
+
+# Interpreter: one small fixed config (autotuning there is too slow); ragged edges still occur.
+_INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256)
+
+if triton is not None:
+    from ._patches import patch_offsets
+
+    @triton.jit
+    def _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m):
+        """Token id, sample index, sqrt(ab[t]) and sqrt(1 - ab[t]) of each row of (B * m)."""
+        token = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+        b = rows // m
+        ab = tl.load(ab_ptr + tl.load(t_ptr + b, mask=row_mask, other=0), mask=row_mask,
+                     other=1.0).to(tl.float32)
+        return token, b, tl.sqrt_rn(ab), tl.sqrt_rn(1.0 - ab)
+
+    @triton.jit
+    def _load_patch(x_ptr, token, b, row_mask, k, P, GH, GW, stride_b, stride_c, stride_d,
+                    stride_h, stride_w, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+        """Patch elements k of the rows' tokens -> (BLOCK_M, BLOCK_K) fp32, 0 outside."""
+        offs = b.to(tl.int64)[:, None] * stride_b + patch_offsets(
+            token, k, GH, GW, PD, PH, PW, stride_c, stride_d, stride_h, stride_w)
+        mask = row_mask[:, None] & (k < P)[None, :]
+        return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _patch_stats(x_ptr, token, b, row_mask, P, GH, GW, stride_b, stride_c, stride_d,
+                     stride_h, stride_w, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Per-token mean and 1 / sqrt(biased var + eps); chunk statistics merged exactly."""
+        mean = tl.zeros((BLOCK_M,), tl.float32)
+        m2 = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, P, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            chunk = _load_patch(x_ptr, token, b, row_mask, k, P, GH, GW, stride_b, stride_c,
+                                stride_d, stride_h, stride_w, PD, PH, PW)
+            n_c = tl.minimum(P - k0, BLOCK_K).to(tl.float32)
+            n = k0 + n_c
+            mean_c = tl.sum(chunk, axis=1) / n_c
+            dev = tl.where((k < P)[None, :], chunk - mean_c[:, None], 0.0)
+            delta = mean_c - mean
+            mean += delta * (n_c / n)
+            m2 += tl.sum(dev * dev, axis=1) + delta * delta * (k0 * n_c / n)
+        return mean, 1.0 / tl.sqrt_rn(m2 / P + 1e-6)  # eps of normalize_patches
+
+    @triton.jit
+    def _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k, mean, scale, sigma,
+                       P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
+                       PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                       HAS_NOISE: tl.constexpr):
+        """x_t = scale (x - mean) + sigma eps for a (BLOCK_M, BLOCK_K) tile, 0 outside."""
+        x = _load_patch(x_ptr, token, b, row_mask, k, P, GH, GW, stride_b, stride_c, stride_d,
+                        stride_h, stride_w, PD, PH, PW)
+        flat = rows.to(tl.int64)[:, None] * P + k[None, :]  # = offset in (B, m, P)
+        mask = row_mask[:, None] & (k < P)[None, :]
+        if HAS_NOISE:
+            eps = tl.load(noise_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+        else:
+            eps = tl.randn(tl.load(seed_ptr), flat)
+        x_t = (x - mean[:, None]) * scale[:, None] + sigma[:, None] * eps
+        return tl.where(mask, x_t, 0.0)
+
+    @triton.jit
+    def _tile_setup(rows, x_ptr, ids_ptr, t_ptr, ab_ptr, stats_ptr, R, m, P, GH, GW,
+                    stride_b, stride_c, stride_d, stride_h, stride_w, PD: tl.constexpr,
+                    PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
+                    FROM_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Row mask, tokens, samples, mean, rstd, x scale and noise scale of a row tile; the
+        patch statistics are computed (forward) or loaded from the forward's (backward)."""
+        row_mask = rows < R
+        token, b, sqrt_ab, sigma = _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m)
+        if NORM:
+            if FROM_STATS:
+                mean = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
+                rstd = tl.load(stats_ptr + R + rows, mask=row_mask, other=1.0)
+            else:
+                mean, rstd = _patch_stats(x_ptr, token, b, row_mask, P, GH, GW, stride_b,
+                                          stride_c, stride_d, stride_h, stride_w, PD, PH, PW,
+                                          BLOCK_M, BLOCK_K)
+        else:
+            mean = tl.zeros((BLOCK_M,), tl.float32)
+            rstd = tl.full((BLOCK_M,), 1.0, tl.float32)
+        return row_mask, token, b, mean, rstd, sqrt_ab * rstd, sigma
+
+    @triton.jit
+    def _fwd_kernel(w_ptr, bias_ptr, pos_ptr, out_ptr, Dd,
+                    x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr, stats_ptr,
+                    R, m, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
+                    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
+                    HAS_NOISE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # N blocks vary fastest: the programs sharing a row tile run together, so its gathered
+        # patches are re-read from L2; W (at most a few MB) stays there anyway.
+        pid_n = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < Dd
+        row_mask, token, b, mean, rstd, scale, sigma = _tile_setup(
+            rows, x_ptr, ids_ptr, t_ptr, ab_ptr, stats_ptr, R, m, P, GH, GW, stride_b, stride_c,
+            stride_d, stride_h, stride_w, PD, PH, PW, NORM, False, BLOCK_M, BLOCK_K)
+        if NORM:
+            if pid_n == 0:  # saved for backward, which then skips the statistics pass
+                tl.store(stats_ptr + rows, mean, mask=row_mask)
+                tl.store(stats_ptr + R + rows, rstd, mask=row_mask)
+        dtype = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, P, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            x_t = _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k, mean,
+                                 scale, sigma, P, GH, GW, stride_b, stride_c, stride_d, stride_h,
+                                 stride_w, PD, PH, PW, HAS_NOISE)
+            w = tl.load(w_ptr + n[None, :] * P + k[:, None],
+                        mask=n_mask[None, :] & (k < P)[:, None], other=0.0)  # W^T chunk
+            acc = tl.dot(x_t.to(dtype), w.to(dtype), acc, input_precision=PRECISION)
+        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out_mask = row_mask[:, None] & n_mask[None, :]
+        acc += tl.load(pos_ptr + token[:, None] * Dd + n[None, :], mask=out_mask,
+                       other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * Dd + n[None, :], acc.to(dtype),
+                 mask=out_mask)
+
+    @triton.jit
+    def _bwd_kernel(g_ptr, partial_ptr, Dd, SPLITS,
+                    x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr, stats_ptr,
+                    R, m, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
+                    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
+                    HAS_NOISE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """partial[split] (Dd, P) = sum over the split's rows of grad_out^T x_t."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        split = tl.program_id(2)
+        n_mask = n < Dd
+        dtype = x_ptr.dtype.element_ty
+        # Whole BLOCK_M tiles per split, so splits never overlap.
+        per_split = tl.cdiv(tl.cdiv(R, SPLITS), BLOCK_M) * BLOCK_M
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for r0 in range(split * per_split, tl.minimum((split + 1) * per_split, R), BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_mask, token, b, mean, rstd, scale, sigma = _tile_setup(
+                rows, x_ptr, ids_ptr, t_ptr, ab_ptr, stats_ptr, R, m, P, GH, GW, stride_b,
+                stride_c, stride_d, stride_h, stride_w, PD, PH, PW, NORM, True, BLOCK_M, BLOCK_K)
+            x_t = _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k, mean,
+                                 scale, sigma, P, GH, GW, stride_b, stride_c, stride_d, stride_h,
+                                 stride_w, PD, PH, PW, HAS_NOISE)
+            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * Dd + n[None, :],
+                        mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(tl.trans(g.to(dtype)), x_t.to(dtype), acc, input_precision=PRECISION)
+        offs = (split * Dd + n[:, None]).to(tl.int64) * P + k[None, :]
+        tl.store(partial_ptr + offs, acc, mask=n_mask[:, None] & (k < P)[None, :])
+
+    @triton.jit
+    def _philox_kernel(seed_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.randn(tl.load(seed_ptr), offs), mask=offs < numel)
+
+    def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list:
+        return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w,
+                              num_stages=s) for bm, bn, bk, w, s in shapes]
+
+    # H100: few configs, keyed on the shapes that change between call sites (audio / video).
+    _fwd_tuned = triton.autotune(
+        _configs([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3),
+                  (128, 64, 64, 4, 3), (64, 64, 64, 4, 4)]), key=["m", "Dd", "P"])(_fwd_kernel)
+    _bwd_tuned = triton.autotune(
+        _configs([(64, 128, 128, 8, 3), (64, 128, 64, 4, 3), (64, 64, 128, 4, 3),
+                  (128, 64, 64, 4, 3)]), key=["m", "Dd", "P"])(_bwd_kernel)

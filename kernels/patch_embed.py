@@ -1,0 +1,279 @@
+"""Visible-patch embedding: the patch projection of only the kept tokens, plus their positions.
+
+    out[b, i] = W @ patch(x[b], ids[b, i]) + bias + pos[ids[b, i]]        W = weight.view(D, P)
+
+equals `conv(x, weight, bias, stride=patch)` flattened to tokens and gathered at ids, plus
+pos[ids] (fastmavil.models.patch.PatchEmbed). Fusion: one tiled matmul whose A operand is read
+straight from x by index arithmetic (kernels._patches.patch_offsets), so neither the patchified
+input (B, N, P) nor the visible patches (B, n, P) are ever materialised; bias and positions are
+added in the epilogue.
+
+Backward saves only x (a reference, no copy) and ids. grad_weight is a second tiled matmul
+grad_out^T (D, B*n) x patches (B*n, P) that gathers the patches from x again, split over B*n
+into a few deterministic partial sums so that small D x P grids still fill the GPU. grad_bias (a
+sum) and grad_pos (an index_add) only touch the (B*n, D) gradient once: plain torch. x and the
+integer ids get no gradient.
+
+Dtypes: the matmul runs in x's dtype, or in the autocast dtype when autocast is on for x's
+device (as F.linear would), with tiles cast inside the kernel (no copy of x or weight) and fp32
+accumulation; bias and pos are added in fp32; the output has x's dtype (so under autocast with
+fp32 x it is fp32, like the plain path's bf16 linear + fp32 pos). weight, bias and pos may be
+fp32, bf16 or fp16, each independently; their gradients come back in their own dtypes. fp32
+matmuls use TF32 exactly when torch's own fp32 matmuls may (fp32_precision / allow_tf32).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+from triton.runtime import KernelInterface
+
+import kernels
+from kernels._patches import as_5d, geometry, patch_offsets, reference_gather
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Rows of grad_out per partial sum of grad_weight; at most _MAX_SPLITS partials (D, P) in fp32.
+_ROWS_PER_SPLIT = 512
+_MAX_SPLITS = 8
+
+
+def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
+                                  bias: torch.Tensor, pos: torch.Tensor,
+                                  patch_size: tuple[int, ...]) -> torch.Tensor:
+    """The plain PyTorch computation: patchify + gather + F.linear + pos gather -> (B, n, D)."""
+    visible = reference_gather(x, ids_keep, patch_size)
+    tokens = F.linear(visible, weight.flatten(1).to(x.dtype), bias.to(x.dtype))
+    return (tokens + pos[ids_keep].to(x.dtype)).to(x.dtype)
+
+
+@triton.jit
+def _mma(acc, a, b, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr):
+    """acc + a @ b on operands rounded to COMPUTE. ROUND_ONLY multiplies the rounded values in
+    fp32 (exact products, same sums): the interpreter's tl.dot reads bf16 as raw integers
+    (triton-lang/triton#11584)."""
+    a, b = a.to(COMPUTE), b.to(COMPUTE)
+    if ROUND_ONLY:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, n, D, P, GH, GW,
+                    stride_ib, stride_in, stride_xb, stride_xc, stride_xd, stride_xh, stride_xw,
+                    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_M tokens, BLOCK_N features) tile of sample b: gathered patches @ W^T."""
+    b = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < n, cols < D
+    # Offsets within one sample fit int32; the batch term may not, hence int64.
+    tok = tl.load(ids_ptr + b * stride_ib + rows * stride_in, mask=row_ok, other=0).to(tl.int32)
+    x_b = x_ptr + b.to(tl.int64) * stride_xb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < P
+        offs = patch_offsets(tok, ks, GH, GW, PD, PH, PW,
+                             stride_xc, stride_xd, stride_xh, stride_xw)
+        a = tl.load(x_b + offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * P + ks[:, None],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(acc, a, w, COMPUTE, PRECISION, ROUND_ONLY)
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc += tl.load(pos_ptr + tok[:, None] * D + cols[None, :], mask=tile_ok,
+                   other=0.0).to(tl.float32)
+    out = out_ptr + (b.to(tl.int64) * n + rows[:, None]) * D + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _weight_grad_kernel(go_ptr, x_ptr, ids_ptr, part_ptr, R, CHUNK, n, D, P, GH, GW,
+                        stride_ib, stride_in, stride_xb, stride_xc, stride_xd, stride_xh,
+                        stride_xw, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                        COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Partial s of grad W: grad_out[rows]^T @ patches[rows] over rows [s*CHUNK, (s+1)*CHUNK)
+    of the flattened (b, i) index, one (BLOCK_D, BLOCK_P) tile."""
+    split = tl.program_id(2)
+    ds = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    d_ok, p_ok = ds < D, ps < P
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, R)
+    acc = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rs < end
+        b, i = rs // n, rs % n
+        tok = tl.load(ids_ptr + b * stride_ib + i * stride_in, mask=r_ok, other=0).to(tl.int32)
+        g = tl.load(go_ptr + rs[None, :].to(tl.int64) * D + ds[:, None],
+                    mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        offs = b.to(tl.int64)[:, None] * stride_xb + patch_offsets(
+            tok, ps, GH, GW, PD, PH, PW, stride_xc, stride_xd, stride_xh, stride_xw)
+        a = tl.load(x_ptr + offs, mask=r_ok[:, None] & p_ok[None, :], other=0.0)
+        acc = _mma(acc, g, a, COMPUTE, PRECISION, ROUND_ONLY)
+    part = part_ptr + (split.to(tl.int64) * D + ds[:, None]) * P + ps[None, :]
+    tl.store(part, acc, mask=d_ok[:, None] & p_ok[None, :])
+
+
+def _config(m: int, n: int, k: int, warps: int, stages: int, names: str) -> triton.Config:
+    return triton.Config(dict(zip(names.split(), (m, n, k))), num_warps=warps, num_stages=stages)
+
+
+# H100 candidates (n ~ 50-400 tokens per sample, D 384-1024, P 256 or 1536). The interpreter
+# runs one fixed config instead (autotuning would time every candidate), with wide tiles since
+# its cost is per operation rather than per element.
+_FWD = "BLOCK_M BLOCK_N BLOCK_K"
+_BWD = "BLOCK_D BLOCK_P BLOCK_R"
+_forward_tuned = triton.autotune(
+    [_config(64, 64, 64, 4, 3, _FWD), _config(128, 64, 64, 4, 3, _FWD),
+     _config(64, 128, 64, 4, 3, _FWD), _config(128, 128, 32, 8, 3, _FWD),
+     _config(64, 128, 32, 4, 4, _FWD)],
+    key=["n", "D", "P", "COMPUTE", "PRECISION"])(_forward_kernel)
+_weight_grad_tuned = triton.autotune(
+    [_config(64, 64, 64, 4, 3, _BWD), _config(128, 64, 32, 4, 3, _BWD),
+     _config(64, 128, 32, 4, 3, _BWD), _config(128, 128, 32, 8, 3, _BWD)],
+    key=["CHUNK", "D", "P", "COMPUTE", "PRECISION"])(_weight_grad_kernel)
+_FWD_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}
+_BWD_INTERPRET = {"BLOCK_D": 128, "BLOCK_P": 128, "BLOCK_R": 32}
+
+
+def _launch(tuned: KernelInterface, kernel: KernelInterface, fixed: dict,
+            grid: Callable[[dict], tuple[int, int, int]], *args, **constexprs) -> None:
+    """The autotuned kernel natively; under the interpreter the same body with `fixed` tiles."""
+    if kernels.interpreting():
+        kernel[grid(fixed)](*args, **constexprs, **fixed)
+    else:
+        tuned[grid](*args, **constexprs)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would multiply in: the autocast dtype if autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _tf32_allowed() -> bool:
+    """torch's TF32 setting for fp32 matmuls: its fp32_precision API where torch has one, since
+    reading the legacy allow_tf32 raises once that API was used (torch >= 2.9)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return matmul.allow_tf32
+
+
+def _dot_constexprs(compute: torch.dtype) -> dict:
+    """IEEE fp32 unless torch allows TF32 matmuls (half dtypes ignore it: "tf32" = default)."""
+    ieee = compute == torch.float32 and not _tf32_allowed()
+    return dict(COMPUTE=_TL[compute], PRECISION="ieee" if ieee else "tf32",
+                ROUND_ONLY=kernels.interpreting() and compute == torch.bfloat16)
+
+
+def _geometry_args(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...]) -> tuple:
+    x5, patch3 = as_5d(x, patch)
+    g = geometry(x5, patch3)
+    runtime = (g["GH"], g["GW"], *ids.stride(), *x5.stride())
+    return x5, runtime, dict(zip(("PD", "PH", "PW"), patch3))
+
+
+class _PatchEmbedVisible(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                pos: torch.Tensor, patch: tuple[int, ...], compute: torch.dtype) -> torch.Tensor:
+        b, n = ids.shape
+        d, p = weight.shape[0], weight.shape[1:].numel()
+        # Copies only if not contiguous already (parameters and buffers are): D*P + D + N*D.
+        w = weight.reshape(d, p).contiguous()
+        x5, runtime, patch3 = _geometry_args(x, ids, patch)
+        out = torch.empty(b, n, d, device=x.device, dtype=x.dtype)
+        const = dict(**_dot_constexprs(compute), **patch3)
+
+        def grid(meta: dict) -> tuple[int, int, int]:
+            return triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_N"]), b
+
+        _launch(_forward_tuned, _forward_kernel, _FWD_INTERPRET, grid, x5, ids, w,
+                bias.contiguous(), pos.contiguous(), out, n, d, p, *runtime, **const)
+        ctx.save_for_backward(x, ids)
+        ctx.meta = (patch, compute, weight.shape, weight.dtype, bias.dtype, pos.shape, pos.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, ids = ctx.saved_tensors
+        patch, compute, w_shape, w_dtype, bias_dtype, pos_shape, pos_dtype = ctx.meta
+        go = grad_out.contiguous().flatten(0, 1)  # (B*n, D); a copy only if not contiguous
+        r, d = go.shape
+        grad_w = grad_b = grad_pos = None
+        if ctx.needs_input_grad[2]:
+            p = w_shape[1:].numel()
+            splits = max(1, min(r // _ROWS_PER_SPLIT, _MAX_SPLITS))
+            chunk = triton.cdiv(r, splits)
+            partial = torch.empty(splits, d, p, device=go.device, dtype=torch.float32)
+            x5, runtime, patch3 = _geometry_args(x, ids, patch)
+            const = dict(**_dot_constexprs(compute), **patch3)
+
+            def grid(meta: dict) -> tuple[int, int, int]:
+                return triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(p, meta["BLOCK_P"]), splits
+
+            _launch(_weight_grad_tuned, _weight_grad_kernel, _BWD_INTERPRET, grid, go, x5, ids,
+                    partial, r, chunk, ids.shape[1], d, p, *runtime, **const)
+            grad_w = partial.sum(0).view(w_shape).to(w_dtype)  # fixed order: deterministic
+        if ctx.needs_input_grad[3]:
+            grad_b = go.sum(0, dtype=torch.float32).to(bias_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_pos = torch.zeros(pos_shape, device=go.device, dtype=torch.float32)
+            grad_pos = grad_pos.index_add_(0, ids.flatten(), go.float()).to(pos_dtype)
+        return None, None, grad_w, grad_b, grad_pos, None, None
+
+
+def _check(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+           pos: torch.Tensor, patch: tuple[int, ...]) -> None:
+    x5, patch3 = as_5d(x, patch)
+    g = geometry(x5, patch3)
+    b, c = x.shape[:2]
+    d = weight.shape[0]
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("pos", pos)):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_FLOATS}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[0] != b or ids.shape[1] < 1:
+        raise ValueError(f"ids_keep must be int64 (B={b}, n>=1); got {ids.dtype} "
+                         f"{tuple(ids.shape)}")
+    if ids.device != x.device:
+        raise ValueError(f"ids_keep is on {ids.device} but x is on {x.device}")
+    if x.requires_grad:  # rather than silently dropping it
+        raise ValueError("x requires grad, but patch_embed_visible gives no gradient for the "
+                         "input; detach it or use reference_patch_embed_visible")
+    expected = {"weight": (d, c, *patch), "bias": (d,), "pos": (g["N"], d)}
+    for name, t in (("weight", weight), ("bias", bias), ("pos", pos)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {expected[name]} "
+                             f"for x {tuple(x.shape)} and patch {tuple(patch)}")
+
+
+def patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor, pos: torch.Tensor,
+                        patch_size: tuple[int, ...]) -> torch.Tensor:
+    """Embeddings of the visible patches with their positions.
+
+    x (B, C, T, F) with a 2-D patch or (B, C, Fr, H, W) with a 3-D one (any strides);
+    ids_keep (B, n) int64 token ids in [0, N) (not range-checked: that would sync the device);
+    weight (D, C, *patch_size), bias (D,), pos (N, D) -> (B, n, D) in x's dtype.
+    Runs the Triton kernel where kernels.can_launch allows, else the PyTorch reference.
+    """
+    patch = tuple(int(s) for s in patch_size)
+    _check(x, ids_keep, weight, bias, pos, patch)
+    if kernels.can_launch("patch_embed_visible", x, weight):
+        return _PatchEmbedVisible.apply(x, ids_keep, weight, bias, pos, patch, _compute_dtype(x))
+    return reference_patch_embed_visible(x, ids_keep, weight, bias, pos, patch)

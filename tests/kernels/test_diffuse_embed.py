@@ -1,0 +1,191 @@
+"""kernels.diffuse_embed against its PyTorch reference: forward, grads of weight / bias / pos,
+in-kernel Philox noise, fallback. Without CUDA the kernels run in Triton's interpreter."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import logging  # noqa: E402
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+from fastmavil.diffusion import DiffusionSchedule  # noqa: E402
+from fastmavil.masking import random_masking  # noqa: E402
+from kernels.diffuse_embed import (diffuse_embed_masked, philox_noise,  # noqa: E402
+                                   reference_diffuse_embed_masked)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = 1e-4 if CUDA else 1e-5  # fp32 rtol = atol; inputs are scaled so values are O(1..30)
+STEPS = 1000
+needs_cuda = pytest.mark.skipif(not CUDA,
+                                reason="needs a CUDA GPU: native Triton fp32/bf16 parity")
+
+AUDIO = ((1, 64, 48), (16, 16))          # grid 4 x 3
+VIDEO = ((3, 4, 32, 48), (2, 16, 16))    # non-square, grid 2 x 2 x 3
+ODD = ((1, 12, 20), (3, 5))              # P = 15: ragged patch-dim blocks
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def make_inputs(batch, geometry, dd, ratio, t, dtype=torch.float32, device=DEVICE):
+    """Random inputs of nn.Linear-like scale; masked ids from random_masking, forced to include
+    the grid's first and last tokens."""
+    shape, patch = geometry
+    x = torch.randn(batch, *shape) * 2 + 0.5
+    n = math.prod(s // p for s, p in zip(shape[1:], patch))
+    p = shape[0] * math.prod(patch)
+    ids = random_masking((batch,), n, ratio).mask.clone()
+    if 0 not in ids[0]:  # replacing a masked token keeps the ids of a sample distinct
+        ids[0, 0] = 0
+    if n - 1 not in ids[-1]:
+        ids[-1, -1] = n - 1
+    weight = torch.randn(dd, shape[0], *patch) / math.sqrt(p)
+    bias, pos = torch.randn(dd) * 0.1, torch.randn(n, dd) * 0.5
+    to = dict(device=device, dtype=dtype)
+    return dict(x=x.to(**to), ids_mask=ids.to(device), t=torch.as_tensor(t).to(device),
+                alpha_bar=DiffusionSchedule(STEPS).alpha_bar.to(device),
+                weight=weight.to(**to).requires_grad_(), bias=bias.to(**to).requires_grad_(),
+                pos=pos.to(**to).requires_grad_(), patch_size=patch)
+
+
+def grads(out, inputs, grad_out=None):
+    """Grads of weight, bias, pos for grad_out (default: a fixed random one)."""
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    return torch.autograd.grad(out, (inputs["weight"], inputs["bias"], inputs["pos"]), grad_out)
+
+
+def run(fn, inputs, grad_out=None, **kw):
+    out = fn(**inputs, **kw)
+    return out.detach(), grads(out, inputs, grad_out)
+
+
+def assert_matches(inputs, tol=TOL, **kw):
+    """Kernel vs reference (explicit noise, or the kernel's Philox noise for a seed)."""
+    ref_kw = dict(kw)
+    if "seed" in kw:
+        b, m = inputs["ids_mask"].shape
+        ref_kw["noise"] = philox_noise(ref_kw.pop("seed"), b, m, inputs["weight"][0].numel(),
+                                       DEVICE)
+    got, got_grads = run(diffuse_embed_masked, inputs, **kw)
+    want, want_grads = run(reference_diffuse_embed_masked, inputs, **ref_kw)
+    for name, a, b in zip(("out", "weight", "bias", "pos"), (got, *got_grads),
+                          (want, *want_grads)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter path is for machines without CUDA")
+def test_can_launch_on_cpu_under_interpreter():
+    assert kernels.can_launch("diffuse_embed", torch.zeros(1))
+
+
+@pytest.mark.parametrize("batch, geometry, dd, ratio, t, norm_pix", [
+    (3, AUDIO, 64, 0.75, [1, STEPS, 500], True),
+    (1, AUDIO, 768, 0.9, [STEPS], False),
+    (1, VIDEO, 192, 0.8, [1], True),
+    (3, VIDEO, 64, 0.9, [STEPS, 1, 37], False),
+    (3, ODD, 192, 0.85, [7, STEPS, 1], True),
+])
+def test_matches_reference_with_noise(batch, geometry, dd, ratio, t, norm_pix):
+    inputs = make_inputs(batch, geometry, dd, ratio, t)
+    b, m = inputs["ids_mask"].shape
+    noise = torch.randn(b, m, inputs["weight"][0].numel(), device=DEVICE)
+    assert_matches(inputs, norm_pix=norm_pix, noise=noise)
+
+
+@pytest.mark.parametrize("batch, geometry, dd", [(3, AUDIO, 64), (1, VIDEO, 192)])
+def test_seeded_kernel_matches_reference_with_its_philox_noise(batch, geometry, dd):
+    inputs = make_inputs(batch, geometry, dd, 0.8, [STEPS, 1, 250][:batch])
+    assert_matches(inputs, seed=1234)
+
+
+def test_seed_determinism_and_device_tensor_seed():
+    inputs = make_inputs(2, AUDIO, 64, 0.75, [STEPS, STEPS])  # t = T: mostly noise
+    a, grads_a = run(diffuse_embed_masked, inputs, seed=5)
+    seed = torch.tensor([5], device=DEVICE)
+    b = diffuse_embed_masked(**inputs, seed=seed)
+    seed.add_(1)  # the caller advancing its seed in place must not change backward
+    grads_b = grads(b, inputs)
+    assert torch.equal(a, b) and all(torch.equal(g, h) for g, h in zip(grads_a, grads_b))
+    assert torch.equal(a, diffuse_embed_masked(**inputs, seed=torch.tensor(5, device=DEVICE)))
+    d = diffuse_embed_masked(**inputs, seed=6).detach()
+    assert (d - a).abs().mean() > 0.1
+
+
+def test_philox_noise_statistics():
+    batch, m, p = 2, 100, 1000  # 200k elements
+    eps = philox_noise(7, batch, m, p, DEVICE).double().cpu()
+    assert abs(eps.mean()) < 0.01 and abs(eps.var() - 1) < 0.02
+    corr = lambda u, v: torch.corrcoef(torch.stack([u.flatten(), v.flatten()]))[0, 1].abs()
+    assert corr(eps[:, :-1], eps[:, 1:]) < 0.02    # neighbouring tokens
+    assert corr(eps[:, 0::2], eps[:, 1::2]) < 0.02  # any two tokens
+    assert corr(eps[0], eps[1]) < 0.02              # samples
+    assert torch.unique(eps.flatten(0, 1), dim=0).shape[0] == batch * m  # no shared token noise
+    assert not torch.equal(eps[:, :2], philox_noise(8, batch, 2, p, DEVICE).double().cpu())
+
+
+def test_needs_exactly_one_of_noise_and_seed():
+    inputs = make_inputs(1, AUDIO, 64, 0.75, [1])
+    noise = torch.randn(1, inputs["ids_mask"].shape[1], 256, device=DEVICE)
+    with pytest.raises(ValueError, match="exactly one of noise"):
+        diffuse_embed_masked(**inputs)
+    with pytest.raises(ValueError, match="exactly one of noise"):
+        diffuse_embed_masked(**inputs, noise=noise, seed=1)
+
+
+def test_falls_back_to_reference_and_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "_warned", set())
+    inputs = make_inputs(2, AUDIO, 64, 0.75, [1, STEPS], device="cpu")
+    noise = torch.randn(2, inputs["ids_mask"].shape[1], 256)
+    with caplog.at_level(logging.WARNING, logger="fastmavil.kernels"):
+        got = diffuse_embed_masked(**inputs, noise=noise)
+        seeded = diffuse_embed_masked(**inputs, seed=3)
+    assert torch.equal(got, reference_diffuse_embed_masked(**inputs, noise=noise))
+    assert torch.equal(seeded, diffuse_embed_masked(**inputs, seed=3))
+    assert [r.getMessage() for r in caplog.records] == [
+        "kernel diffuse_embed: tensors are on the CPU and TRITON_INTERPRET=1 is not set; "
+        "using the PyTorch reference"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("geometry, batch, dd", [
+    (((1, 1024, 128), (16, 16)), 4, 512),
+    (((3, 16, 224, 224), (2, 16, 16)), 2, 512),
+])
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_cuda_fp32_at_model_size(geometry, batch, dd, norm_pix):
+    inputs = make_inputs(batch, geometry, dd, 0.8, torch.randint(1, STEPS + 1, (batch,)))
+    b, m = inputs["ids_mask"].shape
+    noise = torch.randn(b, m, inputs["weight"][0].numel(), device=DEVICE)
+    assert_matches(inputs, tol=1e-4, norm_pix=norm_pix, noise=noise)
+    assert_matches(inputs, tol=1e-4, norm_pix=norm_pix, seed=99)
+
+
+@needs_cuda
+@pytest.mark.parametrize("geometry, batch", [(((1, 1024, 128), (16, 16)), 4),
+                                             (((3, 16, 224, 224), (2, 16, 16)), 2)])
+def test_cuda_bf16_close_to_fp32_reference(geometry, batch):
+    """bf16 kernel vs the fp32 reference on the same bf16 values: max |error| / max |ref|."""
+    t = torch.randint(1, STEPS + 1, (batch,))
+    half = make_inputs(batch, geometry, 512, 0.8, t, dtype=torch.bfloat16)
+    full = {k: (v.detach().float().requires_grad_(v.requires_grad)
+                if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in half.items()}
+    b, m = half["ids_mask"].shape
+    noise = torch.randn(b, m, half["weight"][0].numel(), device=DEVICE).bfloat16()
+    grad_out = torch.randn(b, m, 512, device=DEVICE).bfloat16()
+    got = run(diffuse_embed_masked, half, grad_out, noise=noise)
+    want = run(reference_diffuse_embed_masked, full, grad_out.float(), noise=noise.float())
+    for a, w in zip((got[0], *got[1]), (want[0], *want[1])):
+        assert a.dtype == torch.bfloat16
+        assert ((a.float() - w).abs().max() / w.abs().max()) <= 1e-2
+
