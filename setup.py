@@ -15,6 +15,7 @@ setup(
         "torch>=2.4,<2.14", "numpy", "rich",
         "av>=12",          # PyAV: video encode/decode for prep, synth and the reference loader
         "soundfile",       # FLAC audio
+        "nvidia-ml-py",    # pynvml: GPU utilisation in metrics and benchmarks
         'triton; platform_system == "Linux"',  # kernels (CUDA, or the CPU interpreter in tests)
         # NVIDIA DALI: GPU (and CPU, for VP9 + FLAC) decoding; wheels exist for Linux x86_64 only
         'nvidia-dali-cuda120; platform_system == "Linux" and platform_machine == "x86_64"',

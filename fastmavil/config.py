@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 VARIANTS = ("mavil", "diffmavil", "audiomae", "audiomae_diff")
-ATTENTION_BACKENDS = ("sdpa", "math")
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
 
 # Size presets: `base` is the paper's (ViT-B encoders, 512-d decoders, AudioSet inputs); the
 # smaller ones share every line of model code and exist for CPU tests and demos.
@@ -52,7 +52,8 @@ class ModelConfig:
     # Preset for the fields left at None below; explicit keys override it.
     size: str = field(default="base", metadata=_choices(*SIZES))
     video_decoder_attention: str = field(default="cross", metadata=_choices("self", "cross"))
-    attention: str = field(default="sdpa", metadata=_choices(*ATTENTION_BACKENDS))
+    # auto: flash-attn where it applies (CUDA, bf16/fp16), else PyTorch SDPA; math: reference
+    attention: str = field(default="auto", metadata=_choices(*ATTENTION_BACKENDS))
     encoder_dim: int | None = None
     encoder_depth: int | None = None
     encoder_heads: int | None = None

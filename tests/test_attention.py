@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastmavil.masking import random_masking
-from fastmavil.models.attention import CrossAttention, SelfAttention, attention
+from fastmavil.models.attention import CrossAttention, SelfAttention, attention, flash_attn_func
 from fastmavil.models.decoder import Decoder
 from fastmavil.models.pos_embed import sincos_grid
 from fastmavil.models.swin import WindowBlock, from_windows, shift_mask, to_windows
@@ -14,27 +14,55 @@ def _grads(module, *inputs):
     return out, [p.grad.clone() for p in module.parameters()] + [x.grad.clone() for x in inputs]
 
 
-@pytest.mark.parametrize("lq, lk", [(7, 7), (5, 11)])
-def test_sdpa_matches_math(lq, lk):
-    q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for n in (lq, lk, lk))
-    bias = torch.randn(3, lq, lk)
+FLASH = pytest.mark.skipif(
+    flash_attn_func() is None or not torch.cuda.is_available(),
+    reason="needs the flash-attn package and a CUDA GPU (not installable on the CPU machines)")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# (backend, device, dtype, rtol, atol): every backend present against math on the same inputs
+CASES = [pytest.param("sdpa", "cpu", torch.float32, 1e-5, 1e-5, id="sdpa-cpu-fp32"),
+         pytest.param("auto", "cpu", torch.float32, 1e-5, 1e-5, id="auto-cpu-fp32"),
+         pytest.param("sdpa", "cuda", torch.bfloat16, 2e-2, 2e-2, id="sdpa-cuda-bf16",
+                      marks=CUDA),
+         pytest.param("flash", "cuda", torch.bfloat16, 2e-2, 2e-2, id="flash-cuda-bf16",
+                      marks=FLASH)]
+
+
+@pytest.mark.parametrize("backend, device, dtype, rtol, atol", CASES)
+@pytest.mark.parametrize("lq, lk, with_bias", [(7, 7, True), (5, 11, True), (9, 9, False),
+                                               (4, 13, False)])
+def test_backends_match_math(backend, device, dtype, rtol, atol, lq, lk, with_bias):
+    if backend == "flash" and with_bias:
+        pytest.skip("flash-attn takes no additive bias; biased calls go through sdpa")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, device=device, dtype=dtype, requires_grad=True)
+               for n in (lq, lk, lk))
+    bias = torch.randn(3, lq, lk, device=device) if with_bias else None
     outs = []
-    for backend in ("sdpa", "math"):
-        out = attention(q, k, v, bias, backend)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for name in (backend, "math"):
+        out = attention(q, k, v, bias, name)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
         outs.append((out, grads))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=rtol, atol=atol)
     for a, b in zip(outs[0][1], outs[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=10 * rtol, atol=10 * atol)
+
+
+def test_flash_backend_explains_when_it_cannot_run():
+    if flash_attn_func() is not None and torch.cuda.is_available():
+        pytest.skip("flash-attn runs here")
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="needs the flash-attn package, a CUDA device"):
+        attention(q, q, q, None, "flash")
 
 
 @pytest.mark.parametrize("cls, args", [(SelfAttention, 1), (CrossAttention, 2)])
-def test_modules_agree_across_backends(cls, args):
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_modules_agree_across_backends(cls, args, backend):
     torch.manual_seed(1)
     module = cls(32, 4)
     inputs = [torch.randn(2, 9, 32, requires_grad=True), torch.randn(2, 5, 32, requires_grad=True)]
     results = []
-    for backend in ("sdpa", "math"):
+    for backend in (backend, "math"):
         module.backend = backend
         module.zero_grad()
         for x in inputs:
@@ -121,12 +149,13 @@ def test_shift_mask_blocks_wrapped_regions():
     assert torch.isinf(mask[1]).any() and (mask[1].diagonal() == 0).all()
 
 
-def test_window_block_backends_agree():
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_window_block_backends_agree(backend):
     torch.manual_seed(3)
     block = WindowBlock(16, 2, (8, 4), (4, 2), (2, 1))
     x = torch.randn(2, 32, 16, requires_grad=True)
     outs = []
-    for backend in ("sdpa", "math"):
+    for backend in (backend, "math"):
         block.attn.backend = backend
         block.zero_grad()
         x.grad = None

@@ -1,27 +1,59 @@
 """Attention through one function, and the transformer blocks built on it.
 
-Backends: `sdpa` (torch's scaled_dot_product_attention, which picks a fused kernel) and `math`
-(explicit softmax: the reference, and what FLOP counting uses since FlopCounterMode has no
-formula for some fused CPU kernels).
+Backends:
+  flash  the flash-attn package's flash_attn_func (CUDA, fp16/bf16, no additive bias; it takes
+         different query and key lengths, so it serves cross-attention too);
+  sdpa   torch's scaled_dot_product_attention, which picks a flash, cuDNN, memory-efficient or
+         math kernel itself;
+  math   explicit softmax: the reference, and what FLOP counting uses (FlopCounterMode has no
+         formula for some fused CPU kernels);
+  auto   flash where it applies (importable, CUDA, fp16/bf16, no bias), otherwise sdpa.
+Windowed attention with a shift mask or relative-position bias carries a bias, so `flash` and
+`auto` run it through sdpa.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("sdpa", "math")
+BACKENDS = ("auto", "flash", "sdpa", "math")
+
+
+@functools.lru_cache(maxsize=1)
+def flash_attn_func():
+    """flash_attn.flash_attn_func, or None when the package is not installed (imported lazily)."""
+    try:
+        from flash_attn import flash_attn_func as func
+    except ImportError:
+        return None
+    return func
+
+
+def _flash_applies(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (bias is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and flash_attn_func() is not None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
-              backend: str = "sdpa") -> torch.Tensor:
+              backend: str = "auto") -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v for q (B, H, Lq, d), k and v (B, H, Lk, d).
 
     `bias` is additive (-inf masks a pair) and broadcasts to (B, H, Lq, Lk).
     """
+    if backend in ("auto", "flash") and _flash_applies(q, bias):
+        # flash-attn wants (B, L, H, d)
+        out = flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    if backend == "flash" and bias is None:
+        raise RuntimeError("attention backend 'flash' needs the flash-attn package, a CUDA "
+                           f"device and fp16/bf16 inputs (got {q.dtype} on {q.device}); use "
+                           "'auto' to fall back to sdpa")
     if bias is not None:
         bias = bias.to(q.dtype)
-    if backend == "sdpa":
+    if backend in ("auto", "flash", "sdpa"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     if backend != "math":
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
@@ -49,7 +81,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, backend: str = "sdpa"):
+    def __init__(self, dim: int, heads: int, backend: str = "auto"):
         super().__init__()
         self.heads, self.backend = heads, backend
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -63,7 +95,7 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from x (B, Lq, D) attend to context (B, Lk, D) only."""
 
-    def __init__(self, dim: int, heads: int, backend: str = "sdpa"):
+    def __init__(self, dim: int, heads: int, backend: str = "auto"):
         super().__init__()
         self.heads, self.backend = heads, backend
         self.q = nn.Linear(dim, dim)
@@ -85,7 +117,7 @@ class Mlp(nn.Sequential):
 class Block(nn.Module):
     """Pre-norm ViT block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "sdpa"):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads, backend)
@@ -101,7 +133,7 @@ class CrossBlock(nn.Module):
     """Pre-norm block whose queries attend only to a fixed context (no self-attention among
     queries): the DiffMAE "cross" decoder block."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "sdpa"):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.norm_context = nn.LayerNorm(dim)

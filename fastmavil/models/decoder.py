@@ -22,7 +22,7 @@ class Decoder(nn.Module):
     def __init__(self, attention: str, encoder_dim: int, dim: int, depth: int, heads: int,
                  mlp_ratio: float, patch_dim: int, pos: torch.Tensor, diffusion: bool,
                  grid: tuple[int, ...] = (), window: tuple[int, int] = (4, 4),
-                 shift: tuple[int, int] = (0, 0), rel_pos: bool = True, backend: str = "sdpa"):
+                 shift: tuple[int, int] = (0, 0), rel_pos: bool = True, backend: str = "auto"):
         super().__init__()
         self.attention = attention
         self.embed = nn.Linear(encoder_dim, dim)

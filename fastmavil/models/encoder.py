@@ -14,7 +14,7 @@ class Encoder(nn.Module):
 
     def __init__(self, channels: int, patch: tuple[int, ...], pos: torch.Tensor, dim: int,
                  depth: int, heads: int, mlp_ratio: float, mask_first: bool,
-                 backend: str = "sdpa"):
+                 backend: str = "auto"):
         super().__init__()
         self.patch_embed = PatchEmbed(channels, patch, dim, mask_first)
         self.register_buffer("pos", pos, persistent=False)  # (N, dim)
@@ -34,7 +34,7 @@ class Encoder(nn.Module):
 class FusionEncoder(nn.Module):
     """Transformer blocks over the concatenated audio and video tokens (MAViL's g_av)."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, backend: str = "sdpa"):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, backend: str = "auto"):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, backend) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)

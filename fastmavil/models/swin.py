@@ -59,7 +59,7 @@ class WindowBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, grid: tuple[int, int], window: tuple[int, int],
                  shift: tuple[int, int] = (0, 0), mlp_ratio: float = 4.0, rel_pos: bool = True,
-                 backend: str = "sdpa"):
+                 backend: str = "auto"):
         super().__init__()
         # A window as large as the grid cannot shift (Swin does the same).
         self.window = tuple(min(w, g) for w, g in zip(window, grid))

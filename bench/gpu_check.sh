@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One check for a machine with a GPU, installing nothing (the lent image has torch and triton
+# but no DALI, flash-attn or PyAV): CUDA kernel and attention parity tests, bench.kernels and
+# bench.throughput at paper size, then a summary. About 8 minutes on an H100.
+#   bash bench/gpu_check.sh            # from the repository root; results in bench/results/
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+out=${OUT:-bench/results}
+mkdir -p "$out"
+log="$out/gpu_check.log"
+: > "$log"
+status=()
+
+run() {  # name, timeout seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "=== $name: $*" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  status+=("$(printf '%-34s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$log"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee -a "$log"
+run "kernel + attention tests (CUDA)" 240 python -m pytest -q -x tests/kernels \
+  tests/test_attention.py tests/data/test_fbank.py
+run "bench.kernels" 150 python -m bench.kernels
+run "bench.throughput (base)" 270 python -m bench.throughput --size base
+
+if [ "$out" != "bench/results" ]; then  # the device tool returns what lands under $OUT
+  cp bench/results/kernels-*.csv bench/results/throughput-*base* "$out"/ 2>/dev/null
+fi
+echo "=== summary" | tee -a "$log"
+printf '%s\n' "${status[@]}" | tee -a "$log"
+python - "$out" <<'PY' 2>&1 | tee -a "$log"
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput-*-base.json")):
+    record = json.loads(path.read_text())
+    for r in record["configs"]:
+        f = r["fast"]
+        mfu = "-" if f["mfu"] is None else f"{f['mfu']:.1%}"
+        print(f"{pathlib.Path(r['config']).stem:6s} speedup {r['speedup']:.2f}x  fast "
+              f"{f['samples_per_s']:.1f} samples/s  MFU {mfu}")
+    view = record["curriculum"].get("r4", {})
+    if view:
+        print(f"R4 step-time spread ±{view['step_ms_spread']:.1%}; epoch vs R1 "
+              f"{view.get('relative_to_r1', float('nan')):.2f}x, vs R3 "
+              f"{view.get('relative_to_r3', float('nan')):.2f}x")
+PY

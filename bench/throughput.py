@@ -1,0 +1,287 @@
+"""Training-step throughput: the fast path against the plain PyTorch reference path.
+
+    python -m bench.throughput                      # r1-r4 and mavil; paper size on CUDA
+    python -m bench.throughput --size small         # the default without CUDA
+
+reference path: kernels off, math attention, eager, AdamW (for-each)
+fast path:      kernels on (where they run), auto attention, fused AdamW on CUDA,
+                torch.compile with --compile
+Both train the same model (same weights) on the same synthetic batch already on the device, so
+this measures the model, not the loader (bench.dataload does that). Steps alternate between
+the paths after a warm-up; medians over --repeats. bf16 autocast on CUDA, fp32 on a CPU.
+
+Curriculum view (R3 and R4): the fast path timed at every distinct (rho, B) shape of the
+schedule, with per-epoch step time, samples/s, visible tokens per step and GPU utilisation,
+and the projected epoch time of R4 relative to R1 and R3 (the paper: 0.82x of R1).
+Writes bench/results/throughput-<device>.json (each config's record carries `speedup`, fast
+over reference samples/s) and a PNG plot when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fastmavil.config import Config, load_config
+from fastmavil.masking import num_visible
+from fastmavil.models import build_model
+from fastmavil.models.attention import set_attention_backend
+from fastmavil.schedule import plan_epochs
+from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
+                                     reset_peak_memory)
+from fastmavil.train.pretrain import forward_flops_per_sample
+
+from ._report import RESULTS, commit, device_name, print_table
+
+CONFIGS = ["configs/r1.toml", "configs/r2.toml", "configs/r3.toml", "configs/r4.toml",
+           "configs/mavil.toml"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Trainer:
+    """One path (reference or fast) of one config: model, optimiser, a step on a fixed batch."""
+
+    def __init__(self, cfg: Config, device: torch.device, fast: bool, compile_model: bool,
+                 state: dict | None):
+        self.model = build_model(cfg).to(device)
+        if state is not None:
+            self.model.load_state_dict(state)
+        from kernels import kernels_enabled, triton_available
+        self.model.use_kernels(fast and device.type == "cuda" and triton_available()
+                               and kernels_enabled(True))
+        set_attention_backend(self.model, "auto" if fast else "math")
+        self.forward = torch.compile(self.model) if fast and compile_model else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4,
+                                           fused=fast and device.type == "cuda",
+                                           foreach=None if fast else True)
+        self.device = device
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.generator = torch.Generator(device).manual_seed(0)
+
+    def step(self, audio, video, ratio: float) -> None:
+        with self.autocast:
+            out = self.forward(audio, video, ratio, self.generator)
+        out.loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def time(self, audio, video, ratio: float, steps: int) -> float:
+        """Milliseconds per step over `steps` steps (synchronised at both ends)."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step(audio, video, ratio)
+        sync()
+        return (time.perf_counter() - start) * 1e3 / steps
+
+
+def batch_for(cfg: Config, batch: int, device: torch.device):
+    m = cfg.model
+    audio = torch.randn(batch, 1, m.audio_frames, m.mel_bins, device=device)
+    video = torch.randn(batch, 3, m.video_frames, m.video_size, m.video_size, device=device) \
+        if m.has_video else None
+    return audio, video
+
+
+def visible_tokens(cfg: Config, ratio: float) -> int:
+    m = cfg.model
+    n = num_visible(math.prod(m.audio_grid), ratio)
+    return n + (num_visible(math.prod(m.video_grid), ratio) if m.has_video else 0)
+
+
+def compare(path: str, cfg: Config, device: torch.device, args, peak) -> dict:
+    """Reference vs fast path on one config at its final masking ratio, interleaved."""
+    ratio, batch = cfg.mask.end, args.batch
+    audio, video = batch_for(cfg, batch, device)
+    reference = Trainer(cfg, device, fast=False, compile_model=False, state=None)
+    fast = Trainer(cfg, device, fast=True, compile_model=args.compile,
+                   state=reference.model.state_dict())
+    flops = 3 * forward_flops_per_sample(cfg, {ratio})[ratio] * batch
+    record = {"config": path, "mask_ratio": ratio, "batch": batch, "flops_per_step": flops}
+    for _ in range(args.warmup):
+        reference.step(audio, video, ratio)
+        fast.step(audio, video, ratio)
+    times = {"reference": [], "fast": []}
+    utils = {"reference": [], "fast": []}
+    memory = {}
+    for _ in range(args.repeats):
+        for name, trainer in (("reference", reference), ("fast", fast)):
+            reset_peak_memory(device)
+            with GpuUtilization(device) as util:
+                times[name].append(trainer.time(audio, video, ratio, args.steps))
+            utils[name].append(util.mean())
+            memory[name] = max(memory.get(name, 0), peak_memory_bytes(device))
+    for name in times:
+        ms = statistics.median(times[name])
+        seconds = ms / 1e3
+        util = [u for u in utils[name] if u is not None]
+        record[name] = {"step_ms": ms, "samples_per_s": batch / seconds,
+                        "tokens_per_s": visible_tokens(cfg, ratio) * batch / seconds,
+                        "tflops": flops / seconds / 1e12, "mfu": mfu(flops, seconds, peak),
+                        "peak_memory_gb": memory[name] / 2 ** 30,
+                        "gpu_util": statistics.mean(util) if util else None}
+    record["speedup"] = record["fast"]["samples_per_s"] / record["reference"]["samples_per_s"]
+    return record
+
+
+def curriculum(cfg_path: str, cfg: Config, device: torch.device, args) -> dict:
+    """The fast path at every distinct (rho, B) shape of the config's schedule."""
+    cfg.train.batch_size, cfg.train.micro_batch_size = args.batch, 0
+    cfg.train.batch_multiple = max(1, min(cfg.train.batch_multiple, args.batch // 4))
+    plans = plan_epochs(cfg, args.clips)
+    trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None)
+    shapes = {}
+    for plan in plans:
+        key = (plan.mask_ratio, plan.batch_size)
+        if key in shapes:
+            continue
+        audio, video = batch_for(cfg, plan.batch_size, device)
+        for _ in range(args.warmup):
+            trainer.step(audio, video, plan.mask_ratio)
+        with GpuUtilization(device) as util:
+            ms = statistics.median(trainer.time(audio, video, plan.mask_ratio, args.steps)
+                                   for _ in range(args.repeats))
+        shapes[key] = {"step_ms": ms, "gpu_util": util.mean()}
+    epochs = [{"epoch": p.epoch, "mask_ratio": p.mask_ratio, "batch": p.batch_size,
+               "steps": p.steps, "step_ms": shapes[(p.mask_ratio, p.batch_size)]["step_ms"],
+               "samples_per_s": p.batch_size / shapes[(p.mask_ratio, p.batch_size)]["step_ms"]
+               * 1e3, "tokens_per_step": visible_tokens(cfg, p.mask_ratio) * p.batch_size,
+               "gpu_util": shapes[(p.mask_ratio, p.batch_size)]["gpu_util"],
+               "epoch_s": p.steps * shapes[(p.mask_ratio, p.batch_size)]["step_ms"] / 1e3}
+              for p in plans]
+    step_ms = [e["step_ms"] for e in epochs]
+    mean = statistics.mean(step_ms)
+    return {"config": cfg_path, "shapes": len(shapes), "epochs": epochs,
+            "mean_epoch_s": statistics.mean(e["epoch_s"] for e in epochs),
+            "step_ms_spread": (max(step_ms) - min(step_ms)) / 2 / mean}
+
+
+def _plot(views: dict, out: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    fig, left = plt.subplots(figsize=(8, 4))
+    right = left.twinx()
+    for name, view in views.items():
+        epochs = [e["epoch"] for e in view["epochs"]]
+        left.plot(epochs, [e["samples_per_s"] for e in view["epochs"]], label=f"{name} samples/s")
+        util = [e["gpu_util"] for e in view["epochs"]]
+        if all(u is not None for u in util):
+            right.plot(epochs, util, "--", label=f"{name} GPU util %")
+    left.set_xlabel("epoch")
+    left.set_ylabel("samples/s")
+    right.set_ylabel("GPU utilisation %")
+    left.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out)
+    return f"wrote {out}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
+    parser.add_argument("configs", nargs="*", default=CONFIGS)
+    parser.add_argument("--size", choices=["tiny", "small", "base"], default=None,
+                        help="model size (default: base on CUDA, small on a CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="B0 (default 32 CUDA, 8 CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timing")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--clips", type=int, default=1_900_000,
+                        help="dataset size for the projected epoch times (AS-2M)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    parser.add_argument("--no-curriculum", action="store_true")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    args.size = args.size or ("base" if cuda else "small")
+    args.batch = args.batch or (32 if cuda else 8)
+    args.steps = args.steps or (5 if cuda else 2)
+    peak, peak_source = device_peak_flops(device, torch.bfloat16 if cuda else torch.float32)
+    name = device_name(device)
+
+    configs = {path: load_config(ROOT / path if not Path(path).exists() else path,
+                                 {"model.size": args.size}) for path in args.configs}
+    records = [compare(path, cfg, device, args, peak) for path, cfg in configs.items()]
+    rows = []
+    for r in records:
+        for path_name in ("reference", "fast"):
+            p = r[path_name]
+            rows.append([Path(r["config"]).stem, path_name, f"{p['step_ms']:.1f}",
+                         f"{p['samples_per_s']:.1f}", f"{p['tokens_per_s']:.0f}",
+                         f"{r['flops_per_step'] / 1e12:.3f}", f"{p['tflops']:.2f}",
+                         "-" if p["mfu"] is None else f"{p['mfu']:.1%}",
+                         f"{p['peak_memory_gb']:.2f}",
+                         "-" if p["gpu_util"] is None else f"{p['gpu_util']:.0f}%",
+                         f"{r['speedup']:.2f}x" if path_name == "fast" else ""])
+    print_table(f"Training step, {args.size} size, B={args.batch}, {name} (peak: {peak_source})",
+                ["config", "path", "step ms", "samples/s", "vis tokens/s", "TFLOP/step",
+                 "TFLOP/s", "MFU", "peak GB", "GPU util", "speedup"], rows)
+
+    views = {}
+    if not args.no_curriculum:
+        for path, cfg in configs.items():
+            if cfg.mask.schedule == "linear":
+                views[Path(path).stem] = curriculum(path, cfg, device, args)
+        for stem, view in views.items():
+            runs = []  # consecutive epochs at one shape share a row
+            for e in view["epochs"]:
+                if runs and (runs[-1][0]["mask_ratio"], runs[-1][0]["batch"]) == (
+                        e["mask_ratio"], e["batch"]):
+                    runs[-1].append(e)
+                else:
+                    runs.append([e])
+            print_table(f"Curriculum view {stem}: {view['shapes']} shapes, per-epoch step time "
+                        f"within ±{view['step_ms_spread']:.1%} of its mean",
+                        ["epochs", "rho", "B", "step ms", "samples/s", "tokens/step", "GPU util",
+                         "epoch s"],
+                        [[f"{r[0]['epoch']}-{r[-1]['epoch']}", f"{r[0]['mask_ratio']:.2f}",
+                          str(r[0]["batch"]), f"{r[0]['step_ms']:.1f}",
+                          f"{r[0]['samples_per_s']:.1f}", str(r[0]["tokens_per_step"]),
+                          "-" if r[0]["gpu_util"] is None else f"{r[0]['gpu_util']:.0f}%",
+                          f"{r[0]['epoch_s']:.0f}"] for r in runs])
+        r1 = next((r for r in records if Path(r["config"]).stem == "r1"), None)
+        if "r4" in views and r1:
+            r1_epoch = args.clips // args.batch * r1["fast"]["step_ms"] / 1e3
+            views["r4"]["relative_to_r1"] = views["r4"]["mean_epoch_s"] / r1_epoch
+            print(f"projected R4 epoch time: {views['r4']['relative_to_r1']:.2f}x of R1 "
+                  "(paper: 0.82x)")
+        if "r4" in views and "r3" in views:
+            views["r4"]["relative_to_r3"] = (views["r4"]["mean_epoch_s"]
+                                             / views["r3"]["mean_epoch_s"])
+            print(f"projected R4 epoch time: {views['r4']['relative_to_r3']:.2f}x of R3")
+
+    import kernels
+    import platform
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    RESULTS.mkdir(exist_ok=True)
+    slug = name.replace(" ", "_").replace("/", "_")
+    out = RESULTS / f"throughput-{slug}-{args.size}.json"
+    out.write_text(json.dumps({
+        "bench": "throughput", "device": name, "peak": peak_source, "size": args.size,
+        "batch": args.batch, "torch": torch.__version__, "triton": triton_version,
+        "python": platform.python_version(), "commit": commit(),
+        "kernels_env": kernels.kernels_enabled(True), "configs": records,
+        "curriculum": views}, indent=2) + "\n")
+    print(f"wrote {out}")
+    if views:
+        print(_plot(views, out.with_suffix(".png")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
