@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from fastmavil.config import Config, ModelConfig
 from fastmavil.data.loader import ShardDataset, build_loader, loader_spec
 from fastmavil.data.synth import SynthSpec, synthesize
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from ._report import RESULTS, commit, device_name
 
 
 def time_pass(source: Path, size: str, workers: int, batch_size: int, repeats: int) -> dict:
@@ -41,24 +39,6 @@ def time_pass(source: Path, size: str, workers: int, batch_size: int, repeats: i
         seconds = min(seconds, time.perf_counter() - start)
     return {"size": size, "workers": workers, "batch_size": batch_size, "clips": clips,
             "seconds": round(seconds, 3), "clips_per_s": round(clips / seconds, 1)}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(str(row["workers"]), f"{row['clips_per_s']:.1f}", f"{row['seconds']:.2f}")
     Console().print(table)
     import av
-    record = {"bench": "dataload", "device": _cpu_name(), "cpus": os.cpu_count(),
-              "torch": torch.__version__, "pyav": av.__version__, "commit": _commit(),
-              "rows": rows}
+    record = {"bench": "dataload", "device": device_name(torch.device("cpu")),
+              "cpus": os.cpu_count(), "torch": torch.__version__, "pyav": av.__version__,
+              "commit": commit(), "rows": rows}
     out = args.out or RESULTS / f"dataload-cpu-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -17,14 +17,14 @@ import csv
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from fastmavil.diffusion import DiffusionSchedule
 from fastmavil.masking import random_masking
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from ._report import RESULTS, commit, print_table
+
 # Dense datasheet HBM bandwidth, GB/s, by device-name fragment (most specific first).
 PEAK_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0))
 GEOMETRY = {"audio": dict(batch=32, shape=(1, 1024, 128), patch=(16, 16)),
@@ -86,6 +86,8 @@ def _time(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
+    if len(times) < 2:
+        return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")
     return q[1], statistics.median(times), q[7]
 
@@ -113,11 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="repeats per CPU timing")
     args = parser.parse_args(argv)
 
-    import subprocess
-
-    from rich.console import Console
-    from rich.table import Table
-
     from fastmavil.train.metrics import device_peak_flops
 
     cuda = torch.cuda.is_available()
@@ -125,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda
                                                                              else "fp32")]
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    console = Console(width=max(Console().width, 150))
     if not cuda:
-        console.print("No CUDA device: timing the PyTorch references only (Triton kernels run "
+        print("No CUDA device: timing the PyTorch references only (Triton kernels run "
                       "natively on GPUs; on a CPU only through the interpreter, for tests).")
     peak_flops, _ = device_peak_flops(device, dtype)
     peak_gbps = next((v for k, v in PEAK_GBPS if k.lower() in name.lower()), None)
@@ -136,13 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    head = commit()
     providers = ("triton", "torch") if cuda else ("torch",)
-    table = Table(title=f"Kernels on {name} ({dtype}), ms p50 [p20-p80]")
-    for column in ("kernel", "input", "mode", "provider", "ms", "GB/s", "TFLOP/s", "speedup"):
-        table.add_column(column)
-    rows = []
+    rows, table = [], []
     for modality in args.modalities:
         for ratio in args.ratios:
             for kernel, fused, reference, flops, nbytes in _cases(device, dtype, modality, ratio):
@@ -153,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                         fn = _timed_fn(fused if provider == "triton" else reference, mode)
                         timings[provider] = _time(fn, device, args.reps)
                         rows.append([kernel, provider, mode, shape, *timings[provider], name,
-                                     torch.__version__, triton_version, commit])
+                                     torch.__version__, triton_version, head])
                     for provider, (p20, p50, p80) in timings.items():
                         # backward computes weight (not input) gradients: one more matmul
                         work = {"forward": 1, "backward": 1, "forward+backward": 2}[mode]
@@ -165,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  if peak_flops else "")
                         speedup = (f"{timings['torch'][1] / p50:.2f}x"
                                    if provider == "triton" else "")
-                        table.add_row(kernel, shape, mode, provider,
+                        table.append([kernel, shape, mode, provider,
                                       f"{p50:.3f} [{p20:.3f}-{p80:.3f}]", gb_text, tf_text,
-                                      speedup)
-    console.print(table)
+                                      speedup])
+    print_table(f"Kernels on {name} ({dtype}), ms p50 [p20-p80]",
+                ["kernel", "input", "mode", "provider", "ms", "GB/s", "TFLOP/s", "speedup"], table)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"kernels-{name.replace(' ', '_')}.csv"
     new = not out.exists()
@@ -178,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerow(["kernel", "provider", "mode", "shape", "p20_ms", "p50_ms", "p80_ms",
                              "device", "torch", "triton", "commit"])
         writer.writerows(rows)
-    console.print(f"appended {len(rows)} rows to {out}")
+    print(f"appended {len(rows)} rows to {out}")
     return 0
 
 

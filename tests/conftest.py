@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -19,3 +21,28 @@ def tiny_batch(cfg: Config, batch: int = 3):
     audio = torch.randn(batch, 1, m.audio_frames, m.mel_bins)
     video = torch.randn(batch, 3, m.video_frames, m.video_size, m.video_size)
     return audio, video
+
+
+@contextlib.contextmanager
+def torch_flag(obj, name: str, value):
+    """Sets a torch backend flag and restores it. (pytest's monkeypatch cannot restore these
+    properties of torch.backends modules on every pytest version.)"""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@pytest.fixture
+def true_fp32():
+    """fp32 matmuls and convolutions in true fp32 (no TF32) on CUDA, through torch's
+    fp32_precision API where it has one (mixing it with allow_tf32 makes torch raise)."""
+    with contextlib.ExitStack() as stack:
+        for backend in (torch.backends.cuda.matmul, torch.backends.cudnn):
+            if hasattr(backend, "fp32_precision"):
+                stack.enter_context(torch_flag(backend, "fp32_precision", "ieee"))
+            else:
+                stack.enter_context(torch_flag(backend, "allow_tf32", False))
+        yield

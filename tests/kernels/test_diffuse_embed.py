@@ -30,9 +30,7 @@ VIDEO = ((3, 4, 32, 48), (2, 16, 16))    # non-square, grid 2 x 2 x 3
 ODD = ((1, 12, 20), (3, 5))              # P = 15: ragged patch-dim blocks
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+pytestmark = pytest.mark.usefixtures("true_fp32")  # tests/conftest.py: TF32 off on CUDA
 
 
 def make_inputs(batch, geometry, dd, ratio, t, dtype=torch.float32, device=DEVICE):

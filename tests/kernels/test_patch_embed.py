@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 import kernels  # noqa: E402
 from fastmavil.masking import random_masking  # noqa: E402
 from fastmavil.models.patch import PatchEmbed, patch_grid  # noqa: E402
+from conftest import torch_flag  # noqa: E402
 from kernels import patch_embed as pe  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -40,15 +41,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _true_fp32(monkeypatch):
-    """References and kernel in true fp32 on CUDA (the conv path too), through torch's
-    fp32_precision API where it has one: mixing it with allow_tf32 makes torch raise."""
-    for backend in (torch.backends.cuda.matmul, torch.backends.cudnn):
-        if hasattr(backend, "fp32_precision"):
-            monkeypatch.setattr(backend, "fp32_precision", "ieee")
-        else:
-            monkeypatch.setattr(backend, "allow_tf32", False)
+pytestmark = pytest.mark.usefixtures("true_fp32")  # tests/conftest.py: TF32 off on CUDA
 
 
 def visible_ids(batch: int, num_tokens: int, ratio: float) -> torch.Tensor:
@@ -203,11 +196,11 @@ def test_autocast_multiplies_in_bf16():
 
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
                     reason="torch < 2.9: only the legacy allow_tf32 flag")
-def test_fp32_dot_precision_follows_torch(monkeypatch):
+def test_fp32_dot_precision_follows_torch():
     assert pe._dot_constexprs(torch.float32)["PRECISION"] == "ieee"  # the fixture: TF32 off
     assert pe._dot_constexprs(torch.bfloat16)["PRECISION"] == "tf32"  # Triton's default
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
-    assert pe._dot_constexprs(torch.float32)["PRECISION"] == "tf32"
+    with torch_flag(torch.backends.cuda.matmul, "fp32_precision", "tf32"):
+        assert pe._dot_constexprs(torch.float32)["PRECISION"] == "tf32"
 
 
 def test_equals_model_patch_embed():
