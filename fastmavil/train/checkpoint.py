@@ -25,7 +25,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Writes checkpoints/step-XXXXXXXX.pt atomically and deletes all but the newest `keep`."""
+    """Writes checkpoints/step-<8-digit step>.pt atomically and deletes all but the newest `keep`."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:08d}.pt"
