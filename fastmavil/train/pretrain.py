@@ -8,8 +8,9 @@ TensorBoard events (when installed) and checkpoints/; starting the same command 
 from the newest complete checkpoint. SIGINT/SIGTERM finish the current step, checkpoint, and
 exit 0.
 
-Host syncs: one boolean per step (is the loss finite? a non-finite step is skipped, as AMP's
-GradScaler does); everything else is read at log intervals.
+No host sync per step: a non-finite step is skipped on the device by the fused AdamW
+(found_inf, as under AMP's GradScaler); losses, counters and timings are read at log intervals
+and checkpoints.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
             raise ConfigError("optim.optimizer = 'apex' but apex is not importable; use 'adamw' "
                               "(PyTorch's fused AdamW)") from None
         return FusedAdam(groups, lr=o.lr, betas=o.betas, adam_w_mode=True)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=device.type == "cuda")
+    # fused on CUDA and CPU: one kernel per step, and it can skip a step on the device
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=True)
 
 
 class StopFlag:
@@ -182,8 +184,12 @@ def train(cfg: Config, argv: list[str]) -> dict:
                         MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(),
                         console=console)
-    timer, bad_steps = StepTimer(), 0
-    sums, samples_since, updates_since, started = {}, 0, 0, time.perf_counter()
+    timer, started = StepTimer(), time.perf_counter()
+    device_skip = isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    # device-side counters, read at log intervals: updates applied, non-finite steps in a row
+    updates = torch.zeros((), device=device)
+    bad_run = torch.zeros((), device=device, dtype=torch.long)
+    sums, samples_since, logged_at = {}, 0, step
     summary = {"start_step": step, "samples": 0}
     tensorboard = None if cfg.run.tensorboard else False  # None: when installed
     with (StopFlag() as stop, MetricsWriter(run_dir, tensorboard) as writer,
@@ -229,39 +235,46 @@ def train(cfg: Config, argv: list[str]) -> dict:
                 step += 1
                 timer.step_done()
                 progress.advance(task)
-                if not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):  # 1 sync
-                    # skipped: no update, but the step (and its data) count, so the schedule
-                    # and a resume stay aligned
+                # A non-finite loss or gradient skips the update. The step and its data still
+                # count, so the schedule and a resume stay aligned. With torch's fused AdamW
+                # the skip happens on the device (found_inf, as under AMP's GradScaler) and the
+                # host learns of it at the next log or checkpoint; other optimisers read it now.
+                finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+                if device_skip:
+                    optimizer.found_inf = (~finite).float()
+                elif not bool(finite):
                     optimizer.zero_grad(set_to_none=True)
-                    bad_steps += 1
-                    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a "
-                                "row)", step, bad_steps)
-                    if bad_steps >= t.max_bad_steps:
-                        raise TrainingError(
-                            f"{bad_steps} non-finite steps in a row at step {step}; the last "
-                            f"good checkpoint is intact in {run_dir / 'checkpoints'}")
-                    continue
-                bad_steps = 0
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                bad_run = torch.where(finite, 0, bad_run + 1)
+                updates = updates + finite
                 samples_since += plan.batch_size
-                updates_since += 1
-                summary["samples"] += plan.batch_size
                 for k, v in {"loss": loss_sum, **terms_sum, "grad_norm": grad_norm}.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if updates_since and (step % t.log_every == 0 or step == total_steps):
-                    record = _log_record(cfg, plan, step, lr, sums, updates_since, timer,
-                                         device, flops, peak, gpu_util, samples_since)
-                    writer.write(record)
-                    summary["last"] = record
-                    progress.update(task, loss=f"{record['loss']:.4f}",
-                                    rate=f"{record['samples_per_s']:.1f}")
-                    progress.console.print(_line(record, total_steps), soft_wrap=True)
-                    sums, samples_since, updates_since = {}, 0, 0
+                    sums[k] = sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
+                due_log = step % t.log_every == 0 or step == total_steps
+                if due_log or step % t.ckpt_every == 0:
+                    _check_bad_steps(int(bad_run), step, t.max_bad_steps, run_dir)  # a sync
+                if due_log:
+                    applied, steps_since = int(updates), step - logged_at
+                    if applied < steps_since:
+                        log.warning("steps %d-%d: %d non-finite loss or gradient, update "
+                                    "skipped", logged_at + 1, step, steps_since - applied)
+                    if applied:
+                        record = _log_record(cfg, plan, step, lr, sums, applied, timer, device,
+                                             flops, peak, gpu_util, samples_since)
+                        writer.write(record)
+                        summary["last"] = record
+                        progress.update(task, loss=f"{record['loss']:.4f}",
+                                        rate=f"{record['samples_per_s']:.1f}")
+                        progress.console.print(_line(record, total_steps), soft_wrap=True)
+                    summary["samples"] += samples_since
+                    sums, samples_since, logged_at = {}, 0, step
+                    updates = torch.zeros((), device=device)
                 if step % t.ckpt_every == 0:
                     last_ckpt = checkpoint(step)
             if stop.signal is not None or step >= total_steps:
                 break
+        summary["samples"] += samples_since  # steps after the last log line
         if last_ckpt is None or last_ckpt.name != f"step-{step:08d}.pt":
             last_ckpt = checkpoint(step)
     summary.update(step=step, total_steps=total_steps, checkpoint=str(last_ckpt),
@@ -269,6 +282,12 @@ def train(cfg: Config, argv: list[str]) -> dict:
                    interrupted=stop.signal, peak_source=peak_source)
     _print_summary(console, summary, argv)
     return summary
+
+
+def _check_bad_steps(in_a_row: int, step: int, limit: int, run_dir: Path) -> None:
+    if in_a_row >= limit:
+        raise TrainingError(f"{in_a_row} non-finite steps in a row at step {step}; the last good "
+                            f"checkpoint is intact in {run_dir / 'checkpoints'}")
 
 
 def _to_device(batch: dict, device: torch.device) -> tuple:
