@@ -14,6 +14,7 @@ Unknown keys and bad values fail with one line naming the file, the key and what
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import tomllib
 import types
 import typing
@@ -313,6 +314,9 @@ class Config:
             sub = getattr(self, section.name)
             if hasattr(sub, "check"):
                 sub.check()
+        if self.mask.schedule == "linear" and self.train.max_shapes < 2:
+            raise ConfigError(f"train.max_shapes = {self.train.max_shapes} cannot follow "
+                              "mask.schedule = 'linear' (it needs >= 2 ratios)")
         return self
 
 
@@ -361,11 +365,13 @@ def _from_dict(cls, data: dict, prefix: str = ""):
 
 
 def _parse_value(text: str):
-    """A CLI override value in TOML syntax (`0.9`, `true`, `[4, 4]`), else a bare string."""
+    """A CLI override value in TOML syntax (`0.9`, `true`, `[4, 4]`), else a bare string (also
+    for what TOML would read as a date, e.g. a run named 2024-01-15)."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    return text if isinstance(value, (datetime.date, datetime.time)) else value
 
 
 def apply_override(data: dict, dotted_key: str, text: str) -> None:

@@ -86,7 +86,7 @@ def learning_rate(cfg: Config, step: int, plans: list[EpochPlan]) -> float:
     if step < warmup:
         lr = o.lr * (step + 1) / warmup
     else:
-        progress = (step - warmup) / max(1, total - warmup)
+        progress = (step - warmup) / max(1, total - 1 - warmup)  # min_lr at the last step
         lr = o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     if o.lr_batch_scaling != "none":
         ratio = epoch_at(step, plans).batch_size / cfg.train.batch_size

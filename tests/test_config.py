@@ -102,3 +102,5 @@ def test_dotted_overrides(tmp_path):
     assert cfg.model.audio_decoder_window == (2, 2) and cfg.loss.norm_pix is False
     with pytest.raises(ConfigError, match="train.epochs = 'x' must be of type int"):
         load_config(path, {"train.epochs": "x"})
+    # text TOML would read as a date stays text
+    assert load_config(path, {"run.name": "2024-01-15"}).run.name == "2024-01-15"

@@ -118,6 +118,10 @@ class ShardDataset(IterableDataset):
             except SkipClip as err:
                 self._skip(str(err), clip.shard, clip.display_key)
                 continue
+            except Exception as err:  # anything unforeseen in one clip must not end the run
+                self._skip(f"decode error: {type(err).__name__}: {err}", clip.shard,
+                           clip.display_key)
+                continue
             buffer.append(sample)
             if len(buffer) >= size:
                 yield buffer.pop(int(rng.integers(len(buffer))))

@@ -3,7 +3,8 @@
 A checkpoint is written to a temporary name, flushed to disk (fsync) and renamed into place, so a
 crash mid-write leaves the previous checkpoints untouched and at worst a `.tmp` file, which is
 ignored and cleaned up. Resuming takes the newest checkpoint that loads; a damaged one is
-reported and skipped.
+reported and renamed `*.bad`, so it never takes a slot of the newest K again. When checkpoints
+exist but none loads, resuming stops with an error instead of starting again from step 0.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ import torch
 
 log = logging.getLogger("fastmavil.train")
 NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """The run has checkpoints but none of them loads."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -60,9 +65,14 @@ def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a damaged file: fall back to the one before
-            log.warning("checkpoint %s does not load (%s: %s); trying an older one", path,
-                        type(err).__name__, err)
+        except Exception as err:  # a damaged file: set it aside, fall back to the one before
+            bad = path.with_name(path.name + ".bad")
+            path.rename(bad)
+            log.warning("checkpoint %s does not load (%s: %s); moved to %s, trying an older one",
+                        path, type(err).__name__, err, bad.name)
+    if any(checkpoint_dir(run_dir).glob("*.bad")):
+        raise CheckpointError(f"{checkpoint_dir(run_dir)} holds checkpoints but none loads (see "
+                              "the *.bad files); not restarting from step 0 over them")
     return None
 
 

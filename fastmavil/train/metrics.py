@@ -333,6 +333,11 @@ class StepTimer:
         self._wait = 0.0
         self._steps = 0
 
+    def fetch_start(self) -> None:
+        """Marks the start of a fetch that does not follow a step (the next micro-batch of a
+        step), so the compute before it does not count as data wait."""
+        self._last_step = time.perf_counter()
+
     def data_ready(self) -> None:
         self._wait += time.perf_counter() - self._last_step
 

@@ -33,7 +33,7 @@ from ..masking import num_visible
 from ..models import build_model
 from ..models.attention import set_attention_backend
 from ..schedule import EpochPlan, first_step, learning_rate, plan_epochs
-from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, set_rng_state
 from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
                       peak_memory_bytes)
 
@@ -189,6 +189,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
     # device-side counters, read at log intervals: updates applied, non-finite steps in a row
     updates = torch.zeros((), device=device)
     bad_run = torch.zeros((), device=device, dtype=torch.long)
+    worst_run = bad_run.clone()
     sums, samples_since, logged_at = {}, 0, step
     summary = {"start_step": step, "samples": 0}
     tensorboard = None if cfg.run.tensorboard else False  # None: when installed
@@ -204,8 +205,12 @@ def train(cfg: Config, argv: list[str]) -> dict:
             dataset.set_epoch(plan.epoch)
             accum = plan.batch_size // plan.micro_batch
             batches = iter(build_loader(dataset, plan.micro_batch, cfg.data.num_workers))
-            for _ in range(skip * accum):  # resume mid-epoch: the same data, in order
-                next(batches)
+            try:
+                for _ in range(skip * accum):  # resume mid-epoch: the same data, in order
+                    next(batches)
+            except StopIteration:  # the epoch's data ended already (a different loader setup)
+                step = min(epoch_end, total_steps)
+                continue
             progress.update(task, epoch=plan.epoch)
             while step < min(epoch_end, total_steps) and stop.signal is None:
                 lr = learning_rate(cfg, step, plans)
@@ -213,7 +218,9 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     group["lr"] = lr
                 loss_sum, terms_sum = 0.0, {}
                 try:
-                    for _ in range(accum):
+                    for micro_step in range(accum):
+                        if micro_step:
+                            timer.fetch_start()
                         batch = next(batches)
                         timer.data_ready()
                         with autocast:
@@ -227,8 +234,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     # hold a step or two fewer than the plan: move on to the next epoch.
                     optimizer.zero_grad(set_to_none=True)
                     log.debug("epoch %d ended %d steps early", plan.epoch, epoch_end - step)
-                    step = epoch_end
-                    progress.update(task, completed=min(step, total_steps))
+                    step = min(epoch_end, total_steps)
+                    progress.update(task, completed=step)
                     break
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
@@ -247,13 +254,15 @@ def train(cfg: Config, argv: list[str]) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 bad_run = torch.where(finite, 0, bad_run + 1)
+                worst_run = torch.maximum(worst_run, bad_run)  # a streak can end between reads
                 updates = updates + finite
                 samples_since += plan.batch_size
                 for k, v in {"loss": loss_sum, **terms_sum, "grad_norm": grad_norm}.items():
                     sums[k] = sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
                 due_log = step % t.log_every == 0 or step == total_steps
                 if due_log or step % t.ckpt_every == 0:
-                    _check_bad_steps(int(bad_run), step, t.max_bad_steps, run_dir)  # a sync
+                    _check_bad_steps(int(worst_run), step, t.max_bad_steps, run_dir)  # a sync
+                    worst_run = bad_run.clone()
                 if due_log:
                     applied, steps_since = int(updates), step - logged_at
                     if applied < steps_since:
@@ -267,6 +276,9 @@ def train(cfg: Config, argv: list[str]) -> dict:
                         progress.update(task, loss=f"{record['loss']:.4f}",
                                         rate=f"{record['samples_per_s']:.1f}")
                         progress.console.print(_line(record, total_steps), soft_wrap=True)
+                    else:  # nothing applied: start the next interval's timing afresh
+                        timer.summary()
+                        gpu_util.reset()
                     summary["samples"] += samples_since
                     sums, samples_since, logged_at = {}, 0, step
                     updates = torch.zeros((), device=device)
@@ -388,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fastmavil-train: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:
+    except (TrainingError, CheckpointError) as err:
         print(f"fastmavil-train: {err}", file=sys.stderr)
         return 1
     return 0

@@ -94,6 +94,17 @@ def test_bad_clips_are_repaired_or_skipped_and_counted(bad_shard, caplog):
     assert "6 skipped" in text
 
 
+def test_an_unforeseen_error_in_one_clip_skips_it(tmp_path, caplog):
+    _, ok = good(0)
+    raw_tar(tmp_path / "shard-000000.tar", [
+        ("list.webm", ok["webm"]), ("list.flac", ok["flac"]), ("list.json", b"[1, 2]"),
+        ("fine.webm", ok["webm"]), ("fine.flac", ok["flac"]), ("fine.json", b"{}")])
+    dataset = ShardDataset(tmp_path, LoaderSpec(**{**SPEC.__dict__, "train": False}))
+    assert [s["key"] for s in dataset] == ["fine"]
+    assert dict(dataset.skipped) == {"decode error": 1}
+    assert "skipping shard-000000.tar/list: decode error: AttributeError" in caplog.text
+
+
 def test_truncated_shard_yields_the_clips_before_the_damage(tmp_path, caplog):
     with ShardWriter(tmp_path / "shard-000000.tar") as writer:
         for i in range(4):

@@ -32,12 +32,22 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # cleaned up on the next look
 
 
-def test_a_damaged_newest_checkpoint_falls_back(tmp_path, caplog):
-    ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=3)
-    ckpt.save_checkpoint(tmp_path, 2, {"step": 2}, keep=3)
+def test_a_damaged_newest_checkpoint_falls_back_and_is_set_aside(tmp_path, caplog):
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=1)
     (tmp_path / "checkpoints" / "step-00000002.pt").write_bytes(b"garbage")
     assert ckpt.load_latest(tmp_path)[1]["step"] == 1
     assert "step-00000002.pt does not load" in caplog.text
+    # the damaged file no longer counts among the newest K: the next save keeps itself
+    ckpt.save_checkpoint(tmp_path, 3, {"step": 3}, keep=1)
+    assert ckpt.load_latest(tmp_path)[1]["step"] == 3
+    assert (tmp_path / "checkpoints" / "step-00000002.pt.bad").exists()
+
+
+def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=1)
+    (tmp_path / "checkpoints" / "step-00000001.pt").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="holds checkpoints but none loads"):
+        ckpt.load_latest(tmp_path)
 
 
 def test_rng_state_round_trip():

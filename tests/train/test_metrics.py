@@ -247,3 +247,15 @@ def test_step_timer_data_wait_share():
 
 def test_step_timer_without_steps():
     assert StepTimer().summary() == {"step_ms": None, "data_wait_share": None, "steps": 0}
+
+
+def test_step_timer_does_not_count_compute_between_micro_batches_as_data_wait():
+    timer = StepTimer()
+    for _ in range(2):
+        for micro in range(3):
+            if micro:
+                timer.fetch_start()
+            timer.data_ready()            # data arrives at once
+            time.sleep(0.01)              # compute of one micro-batch
+        timer.step_done()
+    assert timer.summary()["data_wait_share"] < 0.2
