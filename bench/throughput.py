@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -29,13 +28,12 @@ from pathlib import Path
 import torch
 
 from fastmavil.config import Config, load_config
-from fastmavil.masking import num_visible
 from fastmavil.models import build_model
 from fastmavil.models.attention import set_attention_backend
 from fastmavil.schedule import plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
                                      reset_peak_memory)
-from fastmavil.train.pretrain import forward_flops_per_sample
+from fastmavil.train.pretrain import fast_path, forward_flops_per_sample
 
 from ._report import RESULTS, commit, device_name, print_table
 
@@ -52,9 +50,7 @@ class Trainer:
         self.model = build_model(cfg).to(device)
         if state is not None:
             self.model.load_state_dict(state)
-        from kernels import kernels_enabled, triton_available
-        self.model.use_kernels(fast and device.type == "cuda" and triton_available()
-                               and kernels_enabled(True))
+        self.model.use_kernels(fast and fast_path(cfg, device))
         set_attention_backend(self.model, "auto" if fast else "math")
         self.forward = torch.compile(self.model) if fast and compile_model else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4,
@@ -91,12 +87,6 @@ def batch_for(cfg: Config, batch: int, device: torch.device):
     return audio, video
 
 
-def visible_tokens(cfg: Config, ratio: float) -> int:
-    m = cfg.model
-    n = num_visible(math.prod(m.audio_grid), ratio)
-    return n + (num_visible(math.prod(m.video_grid), ratio) if m.has_video else 0)
-
-
 def compare(path: str, cfg: Config, device: torch.device, args, peak) -> dict:
     """Reference vs fast path on one config at its final masking ratio, interleaved."""
     ratio, batch = cfg.mask.end, args.batch
@@ -124,7 +114,7 @@ def compare(path: str, cfg: Config, device: torch.device, args, peak) -> dict:
         seconds = ms / 1e3
         util = [u for u in utils[name] if u is not None]
         record[name] = {"step_ms": ms, "samples_per_s": batch / seconds,
-                        "tokens_per_s": visible_tokens(cfg, ratio) * batch / seconds,
+                        "tokens_per_s": sum(cfg.model.visible_tokens(ratio)) * batch / seconds,
                         "tflops": flops / seconds / 1e12, "mfu": mfu(flops, seconds, peak),
                         "peak_memory_gb": memory[name] / 2 ** 30,
                         "gpu_util": statistics.mean(util) if util else None}
@@ -153,7 +143,7 @@ def curriculum(cfg_path: str, cfg: Config, device: torch.device, args) -> dict:
     epochs = [{"epoch": p.epoch, "mask_ratio": p.mask_ratio, "batch": p.batch_size,
                "steps": p.steps, "step_ms": shapes[(p.mask_ratio, p.batch_size)]["step_ms"],
                "samples_per_s": p.batch_size / shapes[(p.mask_ratio, p.batch_size)]["step_ms"]
-               * 1e3, "tokens_per_step": visible_tokens(cfg, p.mask_ratio) * p.batch_size,
+               * 1e3, "tokens_per_step": sum(cfg.model.visible_tokens(p.mask_ratio)) * p.batch_size,
                "gpu_util": shapes[(p.mask_ratio, p.batch_size)]["gpu_util"],
                "epoch_s": p.steps * shapes[(p.mask_ratio, p.batch_size)]["step_ms"] / 1e3}
               for p in plans]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import tomllib
 import types
 import typing
@@ -104,6 +105,12 @@ class ModelConfig:
     def video_grid(self) -> tuple[int, int, int]:
         t, h, w = self.video_patch
         return (self.video_frames // t, self.video_size // h, self.video_size // w)
+
+    def visible_tokens(self, ratio: float) -> tuple[int, ...]:
+        """Visible tokens per sample at mask ratio `ratio`: (audio,) or (audio, video)."""
+        from .masking import num_visible
+        grids = [self.audio_grid] + ([self.video_grid] if self.has_video else [])
+        return tuple(num_visible(math.prod(g), ratio) for g in grids)
 
     def check(self) -> None:
         for dim, heads in (("encoder_dim", "encoder_heads"), ("decoder_dim", "decoder_heads")):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import Counter
 
@@ -20,7 +19,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config, ConfigError, load_config
-from .masking import num_visible
 from .models import build_model
 from .models.attention import set_attention_backend
 from .schedule import mask_ratio
@@ -49,14 +47,13 @@ def schedule_flops(cfg: Config) -> dict[str, float]:
     with torch.device("meta"):
         model = build_model(cfg)
     set_attention_backend(model, "math")
-    m, epochs = cfg.model, cfg.train.epochs
-    grids = [m.audio_grid] + ([m.video_grid] if m.has_video else [])
+    epochs = cfg.train.epochs
     # FLOPs depend on the ratio only through the visible counts: count each distinct shape once.
     shapes = Counter()
     ratio_of_shape = {}
     for epoch in range(epochs):
         ratio = mask_ratio(cfg.mask, epoch, epochs)
-        shape = tuple(num_visible(math.prod(g), ratio) for g in grids)
+        shape = cfg.model.visible_tokens(ratio)
         shapes[shape] += 1
         ratio_of_shape.setdefault(shape, ratio)
     total = dict.fromkeys(COLUMNS, 0.0)

@@ -26,8 +26,12 @@ def mask_ratio(mask: MaskConfig, epoch: int, epochs: int) -> float:
 
 def adaptive_batch_size(mask: MaskConfig, epoch: int, epochs: int, base: int) -> float:
     """B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0, unrounded."""
-    low = min(mask.start, mask.end)
-    return (1.0 - low) / (1.0 - mask_ratio(mask, epoch, epochs)) * base
+    return _token_budget_batch(mask, mask_ratio(mask, epoch, epochs), base)
+
+
+def _token_budget_batch(mask: MaskConfig, ratio: float, base: int) -> float:
+    """The batch at `ratio` with as many visible tokens as B0 at the lowest ratio."""
+    return (1.0 - min(mask.start, mask.end)) / (1.0 - ratio) * base
 
 
 def quantized_mask_ratio(mask: MaskConfig, epoch: int, epochs: int, levels: int) -> float:
@@ -56,8 +60,7 @@ def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
         ratio = quantized_mask_ratio(mask, epoch, t.epochs, t.max_shapes)
         batch = t.batch_size
         if t.adaptive_batch:
-            low = min(mask.start, mask.end)
-            exact = (1.0 - low) / (1.0 - ratio) * t.batch_size
+            exact = _token_budget_batch(mask, ratio, t.batch_size)
             batch = max(t.batch_multiple, t.batch_multiple * round(exact / t.batch_multiple))
         micro = t.micro_batch_size or batch
         if t.max_batch_size and micro > t.max_batch_size:

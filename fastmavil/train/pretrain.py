@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import signal
 import sys
 import time
@@ -29,7 +28,6 @@ from ..config import Config, ConfigError, load_config, to_toml
 from ..data.loader import ShardDataset, build_loader, loader_spec
 from ..data.shards import count_clips
 from ..flops import count_forward
-from ..masking import num_visible
 from ..models import build_model
 from ..models.attention import set_attention_backend
 from ..schedule import EpochPlan, first_step, learning_rate, plan_epochs
@@ -314,10 +312,7 @@ def _log_record(cfg, plan: EpochPlan, step, lr, sums, updates, timer, device, fl
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     timing = timer.summary(sync)
     seconds = timing["step_ms"] * timing["steps"] / 1000.0
-    m = cfg.model
-    visible = num_visible(math.prod(m.audio_grid), plan.mask_ratio)
-    if m.has_video:
-        visible += num_visible(math.prod(m.video_grid), plan.mask_ratio)
+    visible = sum(cfg.model.visible_tokens(plan.mask_ratio))
     train_flops = 3.0 * flops[plan.mask_ratio] * samples  # forward + backward (2x forward)
     record = {"step": step, "epoch": plan.epoch, "mask_ratio": plan.mask_ratio,
               "batch_size": plan.batch_size, "visible_tokens": visible * plan.batch_size,
