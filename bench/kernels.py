@@ -106,6 +106,20 @@ def _timed_fn(make, mode: str):
     return lambda: out.backward(grad, retain_graph=True)
 
 
+def _autotuned() -> list[str]:
+    """The config each autotuned kernel chose, per tuning key: which candidates earn their
+    compile time."""
+    from kernels import diffuse_embed, masked_mse, patch_embed
+    tuners = {"patch_embed forward": patch_embed._forward_tuned,
+              "patch_embed weight grad": patch_embed._weight_grad_tuned,
+              "diffuse_embed forward": diffuse_embed._fwd_tuned,
+              "diffuse_embed weight grad": diffuse_embed._bwd_tuned,
+              **{f"masked_mse {getattr(k, '__name__', k)}": t
+                 for k, t in masked_mse._tuned.items()}}
+    return [f"{name} {key}: {config}" for name, tuner in tuners.items()
+            for key, config in getattr(tuner, "cache", {}).items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.9])
@@ -172,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                              "device", "torch", "triton", "commit"])
         writer.writerows(rows)
     print(f"appended {len(rows)} rows to {out}")
+    if cuda:
+        print("autotuned:", *_autotuned(), sep="\n  ")
     return 0
 
 

@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+import kernels
 from fastmavil.config import Config, load_config
 from fastmavil.models import build_model
 from fastmavil.models.attention import set_attention_backend
@@ -47,7 +49,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, device: torch.device, fast: bool, compile_model: bool,
                  state: dict | None):
-        self.model = build_model(cfg).to(device)
+        with device:  # initialised on the device: seconds less per paper-size model
+            self.model = build_model(cfg)
+        self.model.to(device)  # buffers made from CPU arrays
         if state is not None:
             self.model.load_state_dict(state)
         self.model.use_kernels(fast and fast_path(cfg, device))
@@ -88,8 +92,24 @@ def batch_for(cfg: Config, batch: int, device: torch.device):
 
 
 def compare(path: str, cfg: Config, device: torch.device, args, peak) -> dict:
+    """Reference vs fast path at args.batch, halved while the reference path (math attention
+    keeps every attention matrix for backward) runs out of GPU memory."""
+    batch = args.batch
+    while True:
+        try:
+            return _compare(path, cfg, device, args, peak, batch)
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            print(f"{path}: out of memory at B={batch}; retrying at B={batch // 2}")
+            batch //= 2
+        finally:
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+
+
+def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: int) -> dict:
     """Reference vs fast path on one config at its final masking ratio, interleaved."""
-    ratio, batch = cfg.mask.end, args.batch
+    ratio = cfg.mask.end
     audio, video = batch_for(cfg, batch, device)
     reference = Trainer(cfg, device, fast=False, compile_model=False, state=None)
     fast = Trainer(cfg, device, fast=True, compile_model=args.compile,
@@ -154,6 +174,14 @@ def curriculum(cfg_path: str, cfg: Config, device: torch.device, args) -> dict:
             "step_ms_spread": (max(step_ms) - min(step_ms)) / 2 / mean}
 
 
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def _plot(views: dict, out: Path) -> str:
     try:
         import matplotlib
@@ -199,23 +227,38 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (5 if cuda else 2)
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if cuda else torch.float32)
     name = device_name(device)
+    slug = name.replace(" ", "_").replace("/", "_")
+    RESULTS.mkdir(exist_ok=True)
+
+    def save(records: list, views: dict) -> Path:
+        out = RESULTS / f"throughput-{slug}-{args.size}.json"
+        out.write_text(json.dumps({
+            "bench": "throughput", "device": name, "peak": peak_source, "size": args.size,
+            "batch": args.batch, "torch": torch.__version__, "triton": _triton_version(),
+            "python": platform.python_version(), "commit": commit(),
+            "kernels_env": kernels.kernels_enabled(True), "configs": records,
+            "curriculum": views}, indent=2) + "\n")
+        return out
 
     configs = {path: load_config(ROOT / path if not Path(path).exists() else path,
                                  {"model.size": args.size}) for path in args.configs}
-    records = [compare(path, cfg, device, args, peak) for path, cfg in configs.items()]
+    records = []
+    for path, cfg in configs.items():
+        records.append(compare(path, cfg, device, args, peak))
+        out = save(records, {})  # so far: a run cut short keeps what it measured
     rows = []
     for r in records:
         for path_name in ("reference", "fast"):
             p = r[path_name]
-            rows.append([Path(r["config"]).stem, path_name, f"{p['step_ms']:.1f}",
+            rows.append([Path(r["config"]).stem, path_name, str(r["batch"]), f"{p['step_ms']:.1f}",
                          f"{p['samples_per_s']:.1f}", f"{p['tokens_per_s']:.0f}",
                          f"{r['flops_per_step'] / 1e12:.3f}", f"{p['tflops']:.2f}",
                          "-" if p["mfu"] is None else f"{p['mfu']:.1%}",
                          f"{p['peak_memory_gb']:.2f}",
                          "-" if p["gpu_util"] is None else f"{p['gpu_util']:.0f}%",
                          f"{r['speedup']:.2f}x" if path_name == "fast" else ""])
-    print_table(f"Training step, {args.size} size, B={args.batch}, {name} (peak: {peak_source})",
-                ["config", "path", "step ms", "samples/s", "vis tokens/s", "TFLOP/step",
+    print_table(f"Training step, {args.size} size, {name} (peak: {peak_source})",
+                ["config", "path", "B", "step ms", "samples/s", "vis tokens/s", "TFLOP/step",
                  "TFLOP/s", "MFU", "peak GB", "GPU util", "speedup"], rows)
 
     views = {}
@@ -242,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r[0]['epoch_s']:.0f}"] for r in runs])
         r1 = next((r for r in records if Path(r["config"]).stem == "r1"), None)
         if "r4" in views and r1:
-            r1_epoch = args.clips // args.batch * r1["fast"]["step_ms"] / 1e3
+            r1_epoch = args.clips // r1["batch"] * r1["fast"]["step_ms"] / 1e3
             views["r4"]["relative_to_r1"] = views["r4"]["mean_epoch_s"] / r1_epoch
             print(f"projected R4 epoch time: {views['r4']['relative_to_r1']:.2f}x of R1 "
                   "(paper: 0.82x)")
@@ -250,23 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             views["r4"]["relative_to_r3"] = (views["r4"]["mean_epoch_s"]
                                              / views["r3"]["mean_epoch_s"])
             print(f"projected R4 epoch time: {views['r4']['relative_to_r3']:.2f}x of R3")
-
-    import kernels
-    import platform
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    RESULTS.mkdir(exist_ok=True)
-    slug = name.replace(" ", "_").replace("/", "_")
-    out = RESULTS / f"throughput-{slug}-{args.size}.json"
-    out.write_text(json.dumps({
-        "bench": "throughput", "device": name, "peak": peak_source, "size": args.size,
-        "batch": args.batch, "torch": torch.__version__, "triton": triton_version,
-        "python": platform.python_version(), "commit": commit(),
-        "kernels_env": kernels.kernels_enabled(True), "configs": records,
-        "curriculum": views}, indent=2) + "\n")
+    out = save(records, views)
     print(f"wrote {out}")
     if views:
         print(_plot(views, out.with_suffix(".png")))

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+import kernels
+
 try:
     import triton
     import triton.language as tl
@@ -51,6 +53,32 @@ def patch_dim(channels: int, patch: tuple[int, ...]) -> int:
     return channels * math.prod(patch)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would multiply in: the autocast dtype if autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _tf32_allowed() -> bool:
+    """torch's TF32 setting for fp32 matmuls: its fp32_precision API where torch has one, since
+    reading the legacy allow_tf32 raises once that API was used (torch >= 2.9)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return matmul.allow_tf32
+
+
+def dot_constexprs(compute: torch.dtype) -> dict:
+    """Constexprs of `mma` for a compute dtype: IEEE fp32 unless torch allows TF32 matmuls (half
+    dtypes ignore the precision: "tf32" is Triton's default)."""
+    ieee = compute == torch.float32 and not _tf32_allowed()
+    tl_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                torch.float16: tl.float16}[compute]
+    return dict(COMPUTE=tl_dtype, PRECISION="ieee" if ieee else "tf32",
+                ROUND_ONLY=kernels.interpreting() and compute == torch.bfloat16)
+
+
 if triton is not None:
     @triton.jit
     def patch_offsets(token, k, GH, GW, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -68,3 +96,13 @@ if triton is not None:
         col_h = (gh * PH)[:, None] + kh[None, :]
         col_w = (gw * PW)[:, None] + kw[None, :]
         return (c[None, :] * stride_c + row * stride_d + col_h * stride_h + col_w * stride_w)
+
+    @triton.jit
+    def mma(acc, a, b, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr):
+        """acc + a @ b on operands rounded to COMPUTE. ROUND_ONLY multiplies the rounded values in
+        fp32 (exact products, same sums): the interpreter's tl.dot reads bf16 as raw integers
+        (triton-lang/triton#11584)."""
+        a, b = a.to(COMPUTE), b.to(COMPUTE)
+        if ROUND_ONLY:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=PRECISION)

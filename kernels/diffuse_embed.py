@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import kernels
 from fastmavil.losses import normalize_patches
 
-from ._patches import as_5d, geometry, reference_gather, tl, triton
+from ._patches import (as_5d, compute_dtype, dot_constexprs, geometry, reference_gather, tl,
+                       triton)
 
 NAME = "diffuse_embed"
 
@@ -68,7 +69,9 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
                `philox_noise`); a device tensor is read by the kernel, so the training step never
                syncs with the host. Exactly one of noise / seed must be given.
 
-    The compute dtype is x's: fp32 in true fp32 (IEEE dots), bf16/fp16 with fp32 accumulation.
+    The projection multiplies in the dtype F.linear would (the autocast dtype under autocast,
+    else x's; fp32 in IEEE unless torch allows TF32) with fp32 accumulation; the statistics and
+    x_t are computed in fp32 and rounded once before the product, as the plain path rounds x_t.
     ids_mask is not range-checked on the device. Gradients flow to weight, bias and pos only.
     Without a CUDA device or the Triton interpreter the reference runs; a seed then draws eps
     from torch.Generator(seed), a different stream of the same distribution.
@@ -88,7 +91,7 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
         return reference_diffuse_embed_masked(x, ids_mask, t, alpha_bar, weight, bias, pos,
                                               patch_size, norm_pix, noise=noise)
     return _DiffuseEmbed.apply(x, ids_mask, t, alpha_bar, weight, bias, pos, tuple(patch_size),
-                               norm_pix, noise, seed_t)
+                               norm_pix, noise, seed_t, compute_dtype(x))
 
 
 def philox_noise(seed: int | torch.Tensor, batch: int, m: int, patch_dim: int,
@@ -133,7 +136,8 @@ def _check_shapes(x, ids, t, weight, bias, pos, noise, geo) -> None:
 
 class _DiffuseEmbed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ids, t, alpha_bar, weight, bias, pos, patch, norm_pix, noise, seed_t):
+    def forward(ctx, x, ids, t, alpha_bar, weight, bias, pos, patch, norm_pix, noise, seed_t,
+                compute):
         x5, patch3 = as_5d(x, patch)
         geo = geometry(x5, patch3)
         ids, t = ids.contiguous(), t.contiguous()
@@ -143,14 +147,15 @@ class _DiffuseEmbed(torch.autograd.Function):
         dd, rows = w2.shape[0], b * m
         out = torch.empty(b, m, dd, device=x.device, dtype=x.dtype)
         stats = torch.empty(2, rows, device=x.device, dtype=torch.float32)  # mean, rstd
-        args = _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, norm_pix)
+        args = _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, norm_pix,
+                            compute)
         grid = lambda meta: (triton.cdiv(dd, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]))
         fwd = _fwd_kernel if kernels.interpreting() else _fwd_tuned
         fwd[grid](w2, bias.contiguous(), pos.contiguous(), out, dd, *args["pointers"],
                   *args["sizes"], **args["constexpr"],
                   **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
         ctx.save_for_backward(x, ids, t, alpha_bar, noise, seed_t, stats)
-        ctx.patch, ctx.norm_pix = patch, norm_pix
+        ctx.patch, ctx.norm_pix, ctx.compute = patch, norm_pix, compute  # backward: no autocast
         ctx.weight_meta = (weight.shape, weight.dtype)
         ctx.pos_meta = (pos.shape, pos.dtype)
         ctx.bias_dtype = bias.dtype
@@ -171,10 +176,11 @@ class _DiffuseEmbed(torch.autograd.Function):
             shape, dtype = ctx.pos_meta
             grad_p = torch.zeros(shape, device=g2.device, dtype=dtype).index_add_(
                 0, ids.flatten(), g2.to(dtype))
-        return None, None, None, None, grad_w, grad_b, grad_p, None, None, None, None
+        return None, None, None, None, grad_w, grad_b, grad_p, None, None, None, None, None
 
 
-def _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, norm_pix) -> dict:
+def _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, norm_pix,
+                 compute) -> dict:
     """Arguments the forward and grad_weight kernels share (same names, same order)."""
     b, m = ids.shape
     # Unused pointers get a valid tensor of the input: never read, only typed.
@@ -183,8 +189,7 @@ def _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, norm_
                      ids if seed_t is None else seed_t, stats),
         "sizes": (b * m, m, geo["P"], geo["GH"], geo["GW"], *x5.stride()),
         "constexpr": dict(PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix,
-                          HAS_NOISE=noise is not None,
-                          PRECISION="ieee" if x5.dtype == torch.float32 else None),
+                          HAS_NOISE=noise is not None, **dot_constexprs(compute)),
     }
 
 
@@ -202,7 +207,8 @@ def _weight_grad(x, ids, t, alpha_bar, noise, seed_t, stats, g2, ctx) -> torch.T
     min_rows = 16 if kernels.interpreting() else 256
     splits = max(1, min(triton.cdiv(rows, min_rows), triton.cdiv(2 * sms, tiles)))
     partial = torch.empty(splits, dd, p, device=x.device, dtype=torch.float32)
-    args = _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, ctx.norm_pix)
+    args = _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, ctx.norm_pix,
+                        ctx.compute)
     grid = lambda meta: (triton.cdiv(dd, meta["BLOCK_N"]), triton.cdiv(p, meta["BLOCK_K"]),
                          splits)
     bwd = _bwd_kernel if kernels.interpreting() else _bwd_tuned
@@ -216,7 +222,7 @@ def _weight_grad(x, ids, t, alpha_bar, noise, seed_t, stats, g2, ctx) -> torch.T
 _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256)
 
 if triton is not None:
-    from ._patches import patch_offsets
+    from ._patches import mma, patch_offsets
 
     @triton.jit
     def _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m):
@@ -300,8 +306,9 @@ if triton is not None:
                     x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr, stats_ptr,
                     R, m, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
                     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
-                    HAS_NOISE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    HAS_NOISE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                    ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
         # N blocks vary fastest: the programs sharing a row tile run together, so its gathered
         # patches are re-read from L2; W (at most a few MB) stays there anyway.
         pid_n = tl.program_id(0)
@@ -315,7 +322,6 @@ if triton is not None:
             if pid_n == 0:  # saved for backward, which then skips the statistics pass
                 tl.store(stats_ptr + rows, mean, mask=row_mask)
                 tl.store(stats_ptr + R + rows, rstd, mask=row_mask)
-        dtype = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, P, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -324,12 +330,13 @@ if triton is not None:
                                  stride_w, PD, PH, PW, HAS_NOISE)
             w = tl.load(w_ptr + n[None, :] * P + k[:, None],
                         mask=n_mask[None, :] & (k < P)[:, None], other=0.0)  # W^T chunk
-            acc = tl.dot(x_t.to(dtype), w.to(dtype), acc, input_precision=PRECISION)
+            acc = mma(acc, x_t, w, COMPUTE, PRECISION, ROUND_ONLY)
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out_mask = row_mask[:, None] & n_mask[None, :]
         acc += tl.load(pos_ptr + token[:, None] * Dd + n[None, :], mask=out_mask,
                        other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * Dd + n[None, :], acc.to(dtype),
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * Dd + n[None, :],
+                 acc.to(out_ptr.dtype.element_ty),
                  mask=out_mask)
 
     @triton.jit
@@ -337,14 +344,14 @@ if triton is not None:
                     x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr, stats_ptr,
                     R, m, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
                     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
-                    HAS_NOISE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    HAS_NOISE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                    ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
         """partial[split] (Dd, P) = sum over the split's rows of grad_out^T x_t."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         split = tl.program_id(2)
         n_mask = n < Dd
-        dtype = x_ptr.dtype.element_ty
         # Whole BLOCK_M tiles per split, so splits never overlap.
         per_split = tl.cdiv(tl.cdiv(R, SPLITS), BLOCK_M) * BLOCK_M
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -358,7 +365,7 @@ if triton is not None:
                                  stride_w, PD, PH, PW, HAS_NOISE)
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * Dd + n[None, :],
                         mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(tl.trans(g.to(dtype)), x_t.to(dtype), acc, input_precision=PRECISION)
+            acc = mma(acc, tl.trans(g), x_t, COMPUTE, PRECISION, ROUND_ONLY)
         offs = (split * Dd + n[:, None]).to(tl.int64) * P + k[None, :]
         tl.store(partial_ptr + offs, acc, mask=n_mask[:, None] & (k < P)[None, :])
 
@@ -373,8 +380,8 @@ if triton is not None:
 
     # H100: few configs, keyed on the shapes that change between call sites (audio / video).
     _fwd_tuned = triton.autotune(
-        _configs([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3),
-                  (128, 64, 64, 4, 3), (64, 64, 64, 4, 4)]), key=["m", "Dd", "P"])(_fwd_kernel)
+        _configs([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3)]),
+        key=["m", "Dd", "P"])(_fwd_kernel)
     _bwd_tuned = triton.autotune(
-        _configs([(64, 128, 128, 8, 3), (64, 128, 64, 4, 3), (64, 64, 128, 4, 3),
-                  (128, 64, 64, 4, 3)]), key=["m", "Dd", "P"])(_bwd_kernel)
+        _configs([(64, 128, 128, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)]),
+        key=["m", "Dd", "P"])(_bwd_kernel)

@@ -83,8 +83,7 @@ if triton is not None:
     from ._patches import patch_offsets
 
     CUDA_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w)
-                    for bm, bk, w in ((4, 256, 4), (8, 256, 4), (16, 256, 8), (4, 512, 8),
-                                      (8, 512, 8))]
+                    for bm, bk, w in ((4, 256, 4), (8, 256, 4), (8, 512, 8))]
 
     @triton.jit
     def _token_block(ids_ptr, stride_ib, stride_im, M, BLOCK_M: tl.constexpr):

@@ -33,10 +33,10 @@ from torch.autograd.function import once_differentiable
 from triton.runtime import KernelInterface
 
 import kernels
-from kernels._patches import as_5d, geometry, patch_offsets, reference_gather
+from kernels._patches import (as_5d, compute_dtype, dot_constexprs, geometry, mma,
+                              patch_offsets, reference_gather)
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Rows of grad_out per partial sum of grad_weight; at most _MAX_SPLITS partials (D, P) in fp32.
 _ROWS_PER_SPLIT = 512
 _MAX_SPLITS = 8
@@ -49,17 +49,6 @@ def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weigh
     visible = reference_gather(x, ids_keep, patch_size)
     tokens = F.linear(visible, weight.flatten(1).to(x.dtype), bias.to(x.dtype))
     return (tokens + pos[ids_keep].to(x.dtype)).to(x.dtype)
-
-
-@triton.jit
-def _mma(acc, a, b, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr):
-    """acc + a @ b on operands rounded to COMPUTE. ROUND_ONLY multiplies the rounded values in
-    fp32 (exact products, same sums): the interpreter's tl.dot reads bf16 as raw integers
-    (triton-lang/triton#11584)."""
-    a, b = a.to(COMPUTE), b.to(COMPUTE)
-    if ROUND_ONLY:
-        a, b = a.to(tl.float32), b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -85,7 +74,7 @@ def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, n, D, P, 
         a = tl.load(x_b + offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * P + ks[:, None],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(acc, a, w, COMPUTE, PRECISION, ROUND_ONLY)
+        acc = mma(acc, a, w, COMPUTE, PRECISION, ROUND_ONLY)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc += tl.load(pos_ptr + tok[:, None] * D + cols[None, :], mask=tile_ok,
@@ -119,7 +108,7 @@ def _weight_grad_kernel(go_ptr, x_ptr, ids_ptr, part_ptr, R, CHUNK, n, D, P, GH,
         offs = b.to(tl.int64)[:, None] * stride_xb + patch_offsets(
             tok, ps, GH, GW, PD, PH, PW, stride_xc, stride_xd, stride_xh, stride_xw)
         a = tl.load(x_ptr + offs, mask=r_ok[:, None] & p_ok[None, :], other=0.0)
-        acc = _mma(acc, g, a, COMPUTE, PRECISION, ROUND_ONLY)
+        acc = mma(acc, g, a, COMPUTE, PRECISION, ROUND_ONLY)
     part = part_ptr + (split.to(tl.int64) * D + ds[:, None]) * P + ps[None, :]
     tl.store(part, acc, mask=d_ok[:, None] & p_ok[None, :])
 
@@ -128,19 +117,19 @@ def _config(m: int, n: int, k: int, warps: int, stages: int, names: str) -> trit
     return triton.Config(dict(zip(names.split(), (m, n, k))), num_warps=warps, num_stages=stages)
 
 
-# H100 candidates (n ~ 50-400 tokens per sample, D 384-1024, P 256 or 1536). The interpreter
+# H100 candidates (n ~ 50-400 tokens per sample, D 384-1024, P 256 or 1536), three each: every
+# candidate is one more compile (seconds) per dtype and patch geometry. The interpreter
 # runs one fixed config instead (autotuning would time every candidate), with wide tiles since
 # its cost is per operation rather than per element.
 _FWD = "BLOCK_M BLOCK_N BLOCK_K"
 _BWD = "BLOCK_D BLOCK_P BLOCK_R"
 _forward_tuned = triton.autotune(
-    [_config(64, 64, 64, 4, 3, _FWD), _config(128, 64, 64, 4, 3, _FWD),
-     _config(64, 128, 64, 4, 3, _FWD), _config(128, 128, 32, 8, 3, _FWD),
-     _config(64, 128, 32, 4, 4, _FWD)],
+    [_config(128, 128, 64, 8, 3, _FWD), _config(64, 128, 64, 4, 3, _FWD),
+     _config(128, 64, 64, 4, 3, _FWD)],
     key=["n", "D", "P", "COMPUTE", "PRECISION"])(_forward_kernel)
 _weight_grad_tuned = triton.autotune(
-    [_config(64, 64, 64, 4, 3, _BWD), _config(128, 64, 32, 4, 3, _BWD),
-     _config(64, 128, 32, 4, 3, _BWD), _config(128, 128, 32, 8, 3, _BWD)],
+    [_config(128, 128, 64, 8, 3, _BWD), _config(64, 128, 32, 4, 3, _BWD),
+     _config(64, 64, 64, 4, 3, _BWD)],
     key=["CHUNK", "D", "P", "COMPUTE", "PRECISION"])(_weight_grad_kernel)
 _FWD_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}
 _BWD_INTERPRET = {"BLOCK_D": 128, "BLOCK_P": 128, "BLOCK_R": 32}
@@ -153,29 +142,6 @@ def _launch(tuned: KernelInterface, kernel: KernelInterface, fixed: dict,
         kernel[grid(fixed)](*args, **constexprs, **fixed)
     else:
         tuned[grid](*args, **constexprs)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype F.linear would multiply in: the autocast dtype if autocast is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def _tf32_allowed() -> bool:
-    """torch's TF32 setting for fp32 matmuls: its fp32_precision API where torch has one, since
-    reading the legacy allow_tf32 raises once that API was used (torch >= 2.9)."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        return matmul.fp32_precision == "tf32"
-    return matmul.allow_tf32
-
-
-def _dot_constexprs(compute: torch.dtype) -> dict:
-    """IEEE fp32 unless torch allows TF32 matmuls (half dtypes ignore it: "tf32" = default)."""
-    ieee = compute == torch.float32 and not _tf32_allowed()
-    return dict(COMPUTE=_TL[compute], PRECISION="ieee" if ieee else "tf32",
-                ROUND_ONLY=kernels.interpreting() and compute == torch.bfloat16)
 
 
 def _geometry_args(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...]) -> tuple:
@@ -195,7 +161,7 @@ class _PatchEmbedVisible(torch.autograd.Function):
         w = weight.reshape(d, p).contiguous()
         x5, runtime, patch3 = _geometry_args(x, ids, patch)
         out = torch.empty(b, n, d, device=x.device, dtype=x.dtype)
-        const = dict(**_dot_constexprs(compute), **patch3)
+        const = dict(**dot_constexprs(compute), **patch3)
 
         def grid(meta: dict) -> tuple[int, int, int]:
             return triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_N"]), b
@@ -220,7 +186,7 @@ class _PatchEmbedVisible(torch.autograd.Function):
             chunk = triton.cdiv(r, splits)
             partial = torch.empty(splits, d, p, device=go.device, dtype=torch.float32)
             x5, runtime, patch3 = _geometry_args(x, ids, patch)
-            const = dict(**_dot_constexprs(compute), **patch3)
+            const = dict(**dot_constexprs(compute), **patch3)
 
             def grid(meta: dict) -> tuple[int, int, int]:
                 return triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(p, meta["BLOCK_P"]), splits
@@ -275,5 +241,5 @@ def patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.T
     patch = tuple(int(s) for s in patch_size)
     _check(x, ids_keep, weight, bias, pos, patch)
     if kernels.can_launch("patch_embed_visible", x, weight):
-        return _PatchEmbedVisible.apply(x, ids_keep, weight, bias, pos, patch, _compute_dtype(x))
+        return _PatchEmbedVisible.apply(x, ids_keep, weight, bias, pos, patch, compute_dtype(x))
     return reference_patch_embed_visible(x, ids_keep, weight, bias, pos, patch)

@@ -18,8 +18,12 @@ import torch
 from fastmavil.data.fbank import (AUDIOSET_MEAN, AUDIOSET_STD, crop_or_pad, kaldi_fbank,
                                   mel_banks, normalize)
 
-knf = pytest.importorskip("kaldi_native_fbank",
-                          reason="kaldi-native-fbank is the reference Kaldi implementation")
+try:
+    import kaldi_native_fbank as knf
+except ImportError:  # the tests that need no reference still run (the CUDA one, say)
+    knf = None
+needs_knf = pytest.mark.skipif(knf is None, reason="kaldi-native-fbank (the dev extra) is the "
+                               "reference Kaldi implementation and is not installed")
 
 SR = 16000
 TOL = 5e-3
@@ -96,6 +100,7 @@ SIGNALS = ["speech", "tone", "chirp", "noise", "silence", "mix"]
 LENGTHS = dict(zip(SIGNALS, [16000, 12345, 16001, 9999, 4567, 20000 + 77]))
 
 
+@needs_knf
 @pytest.mark.parametrize("num_bins", [23, 40, 80, 120, 126])
 @pytest.mark.parametrize("name", SIGNALS)
 def test_matches_kaldi_native_fbank(name: str, num_bins: int) -> None:
@@ -112,6 +117,7 @@ def test_silence_and_constants_sit_at_the_floor() -> None:
         assert torch.all(out == torch.tensor(torch.finfo(torch.float32).eps).log())
 
 
+@needs_knf
 @pytest.mark.parametrize("length, frames", [(0, 0), (399, 0), (400, 1), (559, 1), (560, 2)])
 def test_frame_count_snip_edges(length: int, frames: int) -> None:
     wave = make_signal("noise", length, np.random.default_rng(1))
@@ -148,6 +154,7 @@ def test_mel_banks_match_kaldi_formula(num_bins: int, sample_rate: int, n_fft: i
                                rtol=0, atol=1e-12)
 
 
+@needs_knf
 def test_128_bins_empty_filter_sits_at_the_floor() -> None:
     # Kaldi refuses 128 bins at 16 kHz (a filter covers no FFT bin); torchaudio, and so AudioMAE,
     # accepts it and that bin is log(eps) in every frame.

@@ -130,6 +130,27 @@ def test_philox_noise_statistics():
     assert not torch.equal(eps[:, :2], philox_noise(8, batch, 2, p, DEVICE).double().cpu())
 
 
+@pytest.mark.parametrize("geometry", [AUDIO, VIDEO])
+def test_autocast_multiplies_in_bf16(geometry):
+    """Under bf16 autocast with fp32 x the projection runs on bf16 operands (as F.linear would
+    in the plain path) and the output stays fp32. Both paths round x_t and W to bf16 (CUDA to
+    nearest, the interpreter toward zero), so they agree to bf16 accuracy and both differ from
+    the fp32 result."""
+    inputs = make_inputs(3, geometry, 192, 0.8, [1, STEPS, 40])
+    b, m = inputs["ids_mask"].shape
+    noise = torch.randn(b, m, inputs["weight"][0].numel(), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, got_grads = run(diffuse_embed_masked, inputs, noise=noise)
+        want, want_grads = run(reference_diffuse_embed_masked, inputs, noise=noise)
+    fp32 = reference_diffuse_embed_masked(**inputs, noise=noise).detach()
+    assert got.dtype == want.dtype == torch.float32
+    for name, a, w in zip(("out", "weight", "bias", "pos"), (got, *got_grads),
+                          (want, *want_grads)):
+        error = (a.float() - w.float()).abs().max() / w.float().abs().max()
+        assert error <= 1e-2, f"{name}: {error:.2e}"
+    assert (got - fp32).abs().max() / fp32.abs().max() > 1e-4  # rounded: not an fp32 product
+
+
 def test_needs_exactly_one_of_noise_and_seed():
     inputs = make_inputs(1, AUDIO, 64, 0.75, [1])
     noise = torch.randn(1, inputs["ids_mask"].shape[1], 256, device=DEVICE)

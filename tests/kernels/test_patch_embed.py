@@ -22,6 +22,7 @@ from fastmavil.masking import random_masking  # noqa: E402
 from fastmavil.models.patch import PatchEmbed, patch_grid  # noqa: E402
 from conftest import torch_flag  # noqa: E402
 from kernels import patch_embed as pe  # noqa: E402
+from kernels._patches import dot_constexprs  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -197,10 +198,10 @@ def test_autocast_multiplies_in_bf16():
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
                     reason="torch < 2.9: only the legacy allow_tf32 flag")
 def test_fp32_dot_precision_follows_torch():
-    assert pe._dot_constexprs(torch.float32)["PRECISION"] == "ieee"  # the fixture: TF32 off
-    assert pe._dot_constexprs(torch.bfloat16)["PRECISION"] == "tf32"  # Triton's default
+    assert dot_constexprs(torch.float32)["PRECISION"] == "ieee"  # the fixture: TF32 off
+    assert dot_constexprs(torch.bfloat16)["PRECISION"] == "tf32"  # Triton's default
     with torch_flag(torch.backends.cuda.matmul, "fp32_precision", "tf32"):
-        assert pe._dot_constexprs(torch.float32)["PRECISION"] == "tf32"
+        assert dot_constexprs(torch.float32)["PRECISION"] == "tf32"
 
 
 def test_equals_model_patch_embed():
