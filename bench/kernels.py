@@ -111,9 +111,7 @@ def _autotuned() -> list[str]:
     compile time."""
     from kernels import diffuse_embed, masked_mse, patch_embed
     tuners = {"patch_embed forward": patch_embed._forward_tuned,
-              "patch_embed weight grad": patch_embed._weight_grad_tuned,
               "diffuse_embed forward": diffuse_embed._fwd_tuned,
-              "diffuse_embed weight grad": diffuse_embed._bwd_tuned,
               **{f"masked_mse {getattr(k, '__name__', k)}": t
                  for k, t in masked_mse._tuned.items()}}
     return [f"{name} {key}: {config}" for name, tuner in tuners.items()

@@ -142,6 +142,33 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
     return record
 
 
+def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
+            steps: int = 3) -> str:
+    """The fast path's operators by device time over a few steps, and how much of the step's wall
+    time the device was busy (a CPU-bound step shows a low share)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None)
+    audio, video = batch_for(cfg, batch, device)
+    ratio = cfg.mask.end
+    for _ in range(args.warmup):
+        trainer.step(audio, video, ratio)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with torch_profile(activities=activities) as prof:
+        wall_ms = trainer.time(audio, video, ratio, steps)
+    events = prof.key_averages()
+    cuda = device.type == "cuda"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy_ms = sum(getattr(e, key) for e in events) / 1e3 / steps
+    launches = sum(e.count for e in events if cuda and getattr(e, key) > 0) / steps
+    head = (f"{label} fast path, B={batch}, rho={ratio}: "
+            f"{wall_ms:.1f} ms per step (profiled), self {'device' if cuda else 'CPU'} time "
+            f"{busy_ms:.1f} ms per step" + (f", {launches:.0f} device operators per step"
+                                             if cuda else ""))
+    return head + "\n" + events.table(sort_by=key, row_limit=30, max_name_column_width=70)
+
+
 def curriculum(cfg_path: str, cfg: Config, device: torch.device, args) -> dict:
     """The fast path at every distinct (rho, B) shape of the config's schedule."""
     cfg.train.batch_size, cfg.train.micro_batch_size = args.batch, 0
@@ -219,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="dataset size for the projected epoch times (AS-2M)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
     parser.add_argument("--no-curriculum", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the fast path of the first config: where a step's time goes")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -246,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     for path, cfg in configs.items():
         records.append(compare(path, cfg, device, args, peak))
         out = save(records, {})  # so far: a run cut short keeps what it measured
+    if args.profile:
+        path, cfg = next(iter(configs.items()))
+        text = profile(Path(path).stem, cfg, device, args, records[0]["batch"])
+        out = RESULTS / f"profile-{slug}-{Path(path).stem}.txt"
+        out.write_text(text + "\n")
+        print(text, f"\nwrote {out}", sep="\n")
     rows = []
     for r in records:
         for path_name in ("reference", "fast"):

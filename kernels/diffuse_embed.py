@@ -4,7 +4,8 @@ The plain path (fastmavil.models.mavil `_reconstruct` + the decoder's `noisy_emb
 the whole input, gathers the m masked patches, normalises them, diffuses them with noise of the
 same size and projects them: four (B, m, P) tensors in HBM. Here one kernel reads the masked
 patches straight from x (kernels._patches.patch_offsets), keeps them in registers and writes only
-the (B, m, Dd) embedding. Per tile of BLOCK_M tokens (rows of the flattened (B * m) batch):
+the (B, m, Dd) embedding (and, for backward, x_t). Per tile of BLOCK_M tokens (rows of the
+flattened (B * m) batch):
 
   pass 1 over P (if norm_pix): per-token mean and M2, merged chunk by chunk (Chan et al.), which
          stays exact for near-constant patches where sum(x^2) - P mean^2 cancels;
@@ -14,11 +15,12 @@ the (B, m, Dd) embedding. Per tile of BLOCK_M tokens (rows of the flattened (B *
   epilogue: + bias + pos[ids].
 
 Backward (weight, bias and pos only; the diffused patches are an input of the decoder, not a
-function of a parameter): x_t is never stored. Saved are x, ids, t, alpha_bar, the noise tensor
-or the seed (cloned on the device), and the per-token mean / rstd (2 floats per token). The
-grad_weight kernel recomputes x_t tile by tile, Philox noise included (it is a pure function of
-seed and offset), and accumulates grad_out^T x_t over row splits into fp32 partials summed by
-torch (deterministic, no atomics). grad_bias and grad_pos are cheap reductions in torch.
+function of a parameter): when weight needs a gradient, the programs of the first feature block
+store the x_t tiles they multiplied, (B * m, P) in the compute dtype (the tensor the plain path
+saves for F.linear's backward), and grad_weight = grad_out^T x_t is one cuBLAS matmul. (A
+Triton kernel that recomputed x_t in backward instead, Philox noise included, measured about 2x
+slower than cuBLAS on an H200; BENCHMARKS.md.) grad_bias and grad_pos are cheap reductions in
+torch.
 """
 from __future__ import annotations
 
@@ -107,15 +109,16 @@ def philox_noise(seed: int | torch.Tensor, batch: int, m: int, patch_dim: int,
 
 
 def _seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(1,) int64 seed on device. A tensor is cloned there, so that the caller may advance it in
-    place before backward; an int is filled by a device kernel, not copied from the host."""
+    """(1,) int64 seed on device: a tensor is read by the kernel in stream order (the caller may
+    advance it in place afterwards); an int is filled by a device kernel, not copied from the
+    host."""
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
             raise ValueError(f"seed tensor must hold one integer, got {seed.dtype} of shape "
                              f"{tuple(seed.shape)}")
         if seed.device != device:
             raise ValueError(f"seed tensor is on {seed.device}, the input on {device}")
-        return seed.reshape(1).to(torch.int64, copy=True)
+        return seed.reshape(1).to(torch.int64)
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
@@ -144,18 +147,21 @@ class _DiffuseEmbed(torch.autograd.Function):
         noise = None if noise is None else noise.contiguous()
         w2 = weight.reshape(weight.shape[0], -1).contiguous()
         b, m = ids.shape
-        dd, rows = w2.shape[0], b * m
+        dd, rows, p = w2.shape[0], b * m, geo["P"]
         out = torch.empty(b, m, dd, device=x.device, dtype=x.dtype)
-        stats = torch.empty(2, rows, device=x.device, dtype=torch.float32)  # mean, rstd
-        args = _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, norm_pix,
-                            compute)
+        save = ctx.needs_input_grad[4]
+        # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
+        x_t = torch.empty(rows, p, device=x.device, dtype=compute) if save else out
         grid = lambda meta: (triton.cdiv(dd, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]))
         fwd = _fwd_kernel if kernels.interpreting() else _fwd_tuned
-        fwd[grid](w2, bias.contiguous(), pos.contiguous(), out, dd, *args["pointers"],
-                  *args["sizes"], **args["constexpr"],
+        fwd[grid](w2, bias.contiguous(), pos.contiguous(), out, x_t, dd,
+                  x5, ids, t, alpha_bar, x5 if noise is None else noise,
+                  ids if seed_t is None else seed_t,  # unused pointers: typed, never read
+                  rows, m, p, geo["GH"], geo["GW"], *x5.stride(),
+                  PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix,
+                  HAS_NOISE=noise is not None, SAVE_XT=save, **dot_constexprs(compute),
                   **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
-        ctx.save_for_backward(x, ids, t, alpha_bar, noise, seed_t, stats)
-        ctx.patch, ctx.norm_pix, ctx.compute = patch, norm_pix, compute  # backward: no autocast
+        ctx.save_for_backward(ids, x_t if save else None)
         ctx.weight_meta = (weight.shape, weight.dtype)
         ctx.pos_meta = (pos.shape, pos.dtype)
         ctx.bias_dtype = bias.dtype
@@ -163,13 +169,13 @@ class _DiffuseEmbed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, ids, t, alpha_bar, noise, seed_t, stats = ctx.saved_tensors
+        ids, x_t = ctx.saved_tensors
         need_w, need_b, need_p = ctx.needs_input_grad[4:7]
-        grad_out = grad_out.contiguous()
-        g2 = grad_out.flatten(0, 1)
+        g2 = grad_out.flatten(0, 1)  # (B * m, Dd)
         grad_w = grad_b = grad_p = None
-        if need_w:
-            grad_w = _weight_grad(x, ids, t, alpha_bar, noise, seed_t, stats, g2, ctx)
+        if need_w:  # in the compute dtype, as F.linear's backward under autocast
+            shape, dtype = ctx.weight_meta
+            grad_w = torch.mm(g2.to(x_t.dtype).t(), x_t).to(dtype).reshape(shape)
         if need_b:
             grad_b = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         if need_p:
@@ -177,45 +183,6 @@ class _DiffuseEmbed(torch.autograd.Function):
             grad_p = torch.zeros(shape, device=g2.device, dtype=dtype).index_add_(
                 0, ids.flatten(), g2.to(dtype))
         return None, None, None, None, grad_w, grad_b, grad_p, None, None, None, None, None
-
-
-def _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, norm_pix,
-                 compute) -> dict:
-    """Arguments the forward and grad_weight kernels share (same names, same order)."""
-    b, m = ids.shape
-    # Unused pointers get a valid tensor of the input: never read, only typed.
-    return {
-        "pointers": (x5, ids, t, alpha_bar, x5 if noise is None else noise,
-                     ids if seed_t is None else seed_t, stats),
-        "sizes": (b * m, m, geo["P"], geo["GH"], geo["GW"], *x5.stride()),
-        "constexpr": dict(PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix,
-                          HAS_NOISE=noise is not None, **dot_constexprs(compute)),
-    }
-
-
-def _weight_grad(x, ids, t, alpha_bar, noise, seed_t, stats, g2, ctx) -> torch.Tensor:
-    """grad_weight (Dd, P) = grad_out^T x_t, with x_t recomputed in the kernel."""
-    x5, patch3 = as_5d(x, ctx.patch)
-    geo = geometry(x5, patch3)
-    rows, dd = g2.shape
-    p = geo["P"]
-    # Row splits give the small (Dd x P) output enough programs to fill the GPU; each split
-    # writes its own fp32 partial, so the sum is deterministic. The interpreter splits small
-    # row counts too, so that the tests cover it.
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    tiles = triton.cdiv(dd, 128) * triton.cdiv(p, 128)
-    min_rows = 16 if kernels.interpreting() else 256
-    splits = max(1, min(triton.cdiv(rows, min_rows), triton.cdiv(2 * sms, tiles)))
-    partial = torch.empty(splits, dd, p, device=x.device, dtype=torch.float32)
-    args = _common_args(x5, patch3, geo, ids, t, alpha_bar, noise, seed_t, stats, ctx.norm_pix,
-                        ctx.compute)
-    grid = lambda meta: (triton.cdiv(dd, meta["BLOCK_N"]), triton.cdiv(p, meta["BLOCK_K"]),
-                         splits)
-    bwd = _bwd_kernel if kernels.interpreting() else _bwd_tuned
-    bwd[grid](g2, partial, dd, splits, *args["pointers"], *args["sizes"], **args["constexpr"],
-              **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
-    shape, dtype = ctx.weight_meta
-    return partial.sum(0).to(dtype).reshape(shape)
 
 
 # Interpreter: one small fixed config (autotuning there is too slow); ragged edges still occur.
@@ -280,54 +247,41 @@ if triton is not None:
         return tl.where(mask, x_t, 0.0)
 
     @triton.jit
-    def _tile_setup(rows, x_ptr, ids_ptr, t_ptr, ab_ptr, stats_ptr, R, m, P, GH, GW,
-                    stride_b, stride_c, stride_d, stride_h, stride_w, PD: tl.constexpr,
-                    PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
-                    FROM_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Row mask, tokens, samples, mean, rstd, x scale and noise scale of a row tile; the
-        patch statistics are computed (forward) or loaded from the forward's (backward)."""
-        row_mask = rows < R
-        token, b, sqrt_ab, sigma = _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m)
-        if NORM:
-            if FROM_STATS:
-                mean = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
-                rstd = tl.load(stats_ptr + R + rows, mask=row_mask, other=1.0)
-            else:
-                mean, rstd = _patch_stats(x_ptr, token, b, row_mask, P, GH, GW, stride_b,
-                                          stride_c, stride_d, stride_h, stride_w, PD, PH, PW,
-                                          BLOCK_M, BLOCK_K)
-        else:
-            mean = tl.zeros((BLOCK_M,), tl.float32)
-            rstd = tl.full((BLOCK_M,), 1.0, tl.float32)
-        return row_mask, token, b, mean, rstd, sqrt_ab * rstd, sigma
-
-    @triton.jit
-    def _fwd_kernel(w_ptr, bias_ptr, pos_ptr, out_ptr, Dd,
-                    x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr, stats_ptr,
+    def _fwd_kernel(w_ptr, bias_ptr, pos_ptr, out_ptr, xt_ptr, Dd,
+                    x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr,
                     R, m, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
                     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
-                    HAS_NOISE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-                    ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    HAS_NOISE: tl.constexpr, SAVE_XT: tl.constexpr, COMPUTE: tl.constexpr,
+                    PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One (BLOCK_M rows, BLOCK_N features) tile: x_t @ W^T + bias + pos; with SAVE_XT the
+        first feature block also stores x_t (R, P) for backward."""
         # N blocks vary fastest: the programs sharing a row tile run together, so its gathered
         # patches are re-read from L2; W (at most a few MB) stays there anyway.
         pid_n = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < Dd
-        row_mask, token, b, mean, rstd, scale, sigma = _tile_setup(
-            rows, x_ptr, ids_ptr, t_ptr, ab_ptr, stats_ptr, R, m, P, GH, GW, stride_b, stride_c,
-            stride_d, stride_h, stride_w, PD, PH, PW, NORM, False, BLOCK_M, BLOCK_K)
+        row_mask = rows < R
+        token, b, sqrt_ab, sigma = _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m)
         if NORM:
-            if pid_n == 0:  # saved for backward, which then skips the statistics pass
-                tl.store(stats_ptr + rows, mean, mask=row_mask)
-                tl.store(stats_ptr + R + rows, rstd, mask=row_mask)
+            mean, rstd = _patch_stats(x_ptr, token, b, row_mask, P, GH, GW, stride_b, stride_c,
+                                      stride_d, stride_h, stride_w, PD, PH, PW, BLOCK_M, BLOCK_K)
+        else:
+            mean = tl.zeros((BLOCK_M,), tl.float32)
+            rstd = tl.full((BLOCK_M,), 1.0, tl.float32)
+        scale = sqrt_ab * rstd
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, P, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             x_t = _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k, mean,
                                  scale, sigma, P, GH, GW, stride_b, stride_c, stride_d, stride_h,
                                  stride_w, PD, PH, PW, HAS_NOISE)
+            if SAVE_XT:
+                if pid_n == 0:
+                    tl.store(xt_ptr + rows.to(tl.int64)[:, None] * P + k[None, :],
+                             x_t.to(xt_ptr.dtype.element_ty),
+                             mask=row_mask[:, None] & (k < P)[None, :])
             w = tl.load(w_ptr + n[None, :] * P + k[:, None],
                         mask=n_mask[None, :] & (k < P)[:, None], other=0.0)  # W^T chunk
             acc = mma(acc, x_t, w, COMPUTE, PRECISION, ROUND_ONLY)
@@ -336,38 +290,7 @@ if triton is not None:
         acc += tl.load(pos_ptr + token[:, None] * Dd + n[None, :], mask=out_mask,
                        other=0.0).to(tl.float32)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * Dd + n[None, :],
-                 acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
-
-    @triton.jit
-    def _bwd_kernel(g_ptr, partial_ptr, Dd, SPLITS,
-                    x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr, stats_ptr,
-                    R, m, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
-                    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
-                    HAS_NOISE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-                    ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-        """partial[split] (Dd, P) = sum over the split's rows of grad_out^T x_t."""
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        split = tl.program_id(2)
-        n_mask = n < Dd
-        # Whole BLOCK_M tiles per split, so splits never overlap.
-        per_split = tl.cdiv(tl.cdiv(R, SPLITS), BLOCK_M) * BLOCK_M
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for r0 in range(split * per_split, tl.minimum((split + 1) * per_split, R), BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_mask, token, b, mean, rstd, scale, sigma = _tile_setup(
-                rows, x_ptr, ids_ptr, t_ptr, ab_ptr, stats_ptr, R, m, P, GH, GW, stride_b,
-                stride_c, stride_d, stride_h, stride_w, PD, PH, PW, NORM, True, BLOCK_M, BLOCK_K)
-            x_t = _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k, mean,
-                                 scale, sigma, P, GH, GW, stride_b, stride_c, stride_d, stride_h,
-                                 stride_w, PD, PH, PW, HAS_NOISE)
-            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * Dd + n[None, :],
-                        mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = mma(acc, tl.trans(g), x_t, COMPUTE, PRECISION, ROUND_ONLY)
-        offs = (split * Dd + n[:, None]).to(tl.int64) * P + k[None, :]
-        tl.store(partial_ptr + offs, acc, mask=n_mask[:, None] & (k < P)[None, :])
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _philox_kernel(seed_ptr, out_ptr, numel, BLOCK: tl.constexpr):
@@ -381,7 +304,4 @@ if triton is not None:
     # H100: few configs, keyed on the shapes that change between call sites (audio / video).
     _fwd_tuned = triton.autotune(
         _configs([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3)]),
-        key=["m", "Dd", "P"])(_fwd_kernel)
-    _bwd_tuned = triton.autotune(
-        _configs([(64, 128, 128, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)]),
-        key=["m", "Dd", "P"])(_bwd_kernel)
+        key=["m", "Dd", "P", "COMPUTE", "PRECISION"])(_fwd_kernel)

@@ -4,15 +4,15 @@
 
 equals `conv(x, weight, bias, stride=patch)` flattened to tokens and gathered at ids, plus
 pos[ids] (fastmavil.models.patch.PatchEmbed). Fusion: one tiled matmul whose A operand is read
-straight from x by index arithmetic (kernels._patches.patch_offsets), so neither the patchified
-input (B, N, P) nor the visible patches (B, n, P) are ever materialised; bias and positions are
-added in the epilogue.
+straight from x by index arithmetic (kernels._patches.patch_offsets), so the patchified input
+(B, N, P) is never materialised; bias and positions are added in the epilogue.
 
-Backward saves only x (a reference, no copy) and ids. grad_weight is a second tiled matmul
-grad_out^T (D, B*n) x patches (B*n, P) that gathers the patches from x again, split over B*n
-into a few deterministic partial sums so that small D x P grids still fill the GPU. grad_bias (a
-sum) and grad_pos (an index_add) only touch the (B*n, D) gradient once: plain torch. x and the
-integer ids get no gradient.
+When weight needs a gradient, the programs of the first feature block also write the A tiles
+they loaded, i.e. the visible patches (B*n, P) in the compute dtype (the tensor the plain path
+saves for F.linear's backward), and backward computes grad_weight = grad_out^T @ patches with
+one cuBLAS matmul. (A Triton weight-grad kernel that re-gathered the patches from x measured
+1.7-2x slower than cuBLAS on an H200; BENCHMARKS.md.) grad_bias (a sum) and grad_pos (an
+index_add) touch the (B*n, D) gradient once: plain torch. x and the integer ids get no gradient.
 
 Dtypes: the matmul runs in x's dtype, or in the autocast dtype when autocast is on for x's
 device (as F.linear would), with tiles cast inside the kernel (no copy of x or weight) and fp32
@@ -23,23 +23,17 @@ matmuls use TF32 exactly when torch's own fp32 matmuls may (fp32_precision / all
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
-from triton.runtime import KernelInterface
 
 import kernels
 from kernels._patches import (as_5d, compute_dtype, dot_constexprs, geometry, mma,
                               patch_offsets, reference_gather)
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-# Rows of grad_out per partial sum of grad_weight; at most _MAX_SPLITS partials (D, P) in fp32.
-_ROWS_PER_SPLIT = 512
-_MAX_SPLITS = 8
 
 
 def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
@@ -52,12 +46,14 @@ def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weigh
 
 
 @triton.jit
-def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, n, D, P, GH, GW,
-                    stride_ib, stride_in, stride_xb, stride_xc, stride_xd, stride_xh, stride_xw,
-                    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_ptr, n, D, P,
+                    GH, GW, stride_ib, stride_in, stride_xb, stride_xc, stride_xd, stride_xh,
+                    stride_xw, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                     COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One (BLOCK_M tokens, BLOCK_N features) tile of sample b: gathered patches @ W^T."""
+                    SAVE_PATCHES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """One (BLOCK_M tokens, BLOCK_N features) tile of sample b: gathered patches @ W^T; with
+    SAVE_PATCHES the first feature block also stores the patches (B*n, P) for backward."""
     b = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,6 +68,11 @@ def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, n, D, P, 
         offs = patch_offsets(tok, ks, GH, GW, PD, PH, PW,
                              stride_xc, stride_xd, stride_xh, stride_xw)
         a = tl.load(x_b + offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if SAVE_PATCHES:
+            if tl.program_id(1) == 0:
+                tl.store(patches_ptr + (b.to(tl.int64) * n + rows[:, None]) * P + ks[None, :],
+                         a.to(patches_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & k_ok[None, :])
         w = tl.load(w_ptr + cols[None, :] * P + ks[:, None],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(acc, a, w, COMPUTE, PRECISION, ROUND_ONLY)
@@ -83,36 +84,6 @@ def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, n, D, P, 
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
-def _weight_grad_kernel(go_ptr, x_ptr, ids_ptr, part_ptr, R, CHUNK, n, D, P, GH, GW,
-                        stride_ib, stride_in, stride_xb, stride_xc, stride_xd, stride_xh,
-                        stride_xw, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                        COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Partial s of grad W: grad_out[rows]^T @ patches[rows] over rows [s*CHUNK, (s+1)*CHUNK)
-    of the flattened (b, i) index, one (BLOCK_D, BLOCK_P) tile."""
-    split = tl.program_id(2)
-    ds = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    d_ok, p_ok = ds < D, ps < P
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, R)
-    acc = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rs < end
-        b, i = rs // n, rs % n
-        tok = tl.load(ids_ptr + b * stride_ib + i * stride_in, mask=r_ok, other=0).to(tl.int32)
-        g = tl.load(go_ptr + rs[None, :].to(tl.int64) * D + ds[:, None],
-                    mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-        offs = b.to(tl.int64)[:, None] * stride_xb + patch_offsets(
-            tok, ps, GH, GW, PD, PH, PW, stride_xc, stride_xd, stride_xh, stride_xw)
-        a = tl.load(x_ptr + offs, mask=r_ok[:, None] & p_ok[None, :], other=0.0)
-        acc = mma(acc, g, a, COMPUTE, PRECISION, ROUND_ONLY)
-    part = part_ptr + (split.to(tl.int64) * D + ds[:, None]) * P + ps[None, :]
-    tl.store(part, acc, mask=d_ok[:, None] & p_ok[None, :])
-
-
 def _config(m: int, n: int, k: int, warps: int, stages: int, names: str) -> triton.Config:
     return triton.Config(dict(zip(names.split(), (m, n, k))), num_warps=warps, num_stages=stages)
 
@@ -122,26 +93,11 @@ def _config(m: int, n: int, k: int, warps: int, stages: int, names: str) -> trit
 # runs one fixed config instead (autotuning would time every candidate), with wide tiles since
 # its cost is per operation rather than per element.
 _FWD = "BLOCK_M BLOCK_N BLOCK_K"
-_BWD = "BLOCK_D BLOCK_P BLOCK_R"
 _forward_tuned = triton.autotune(
     [_config(128, 128, 64, 8, 3, _FWD), _config(64, 128, 64, 4, 3, _FWD),
      _config(128, 64, 64, 4, 3, _FWD)],
     key=["n", "D", "P", "COMPUTE", "PRECISION"])(_forward_kernel)
-_weight_grad_tuned = triton.autotune(
-    [_config(128, 128, 64, 8, 3, _BWD), _config(64, 128, 32, 4, 3, _BWD),
-     _config(64, 64, 64, 4, 3, _BWD)],
-    key=["CHUNK", "D", "P", "COMPUTE", "PRECISION"])(_weight_grad_kernel)
 _FWD_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}
-_BWD_INTERPRET = {"BLOCK_D": 128, "BLOCK_P": 128, "BLOCK_R": 32}
-
-
-def _launch(tuned: KernelInterface, kernel: KernelInterface, fixed: dict,
-            grid: Callable[[dict], tuple[int, int, int]], *args, **constexprs) -> None:
-    """The autotuned kernel natively; under the interpreter the same body with `fixed` tiles."""
-    if kernels.interpreting():
-        kernel[grid(fixed)](*args, **constexprs, **fixed)
-    else:
-        tuned[grid](*args, **constexprs)
 
 
 def _geometry_args(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...]) -> tuple:
@@ -161,39 +117,31 @@ class _PatchEmbedVisible(torch.autograd.Function):
         w = weight.reshape(d, p).contiguous()
         x5, runtime, patch3 = _geometry_args(x, ids, patch)
         out = torch.empty(b, n, d, device=x.device, dtype=x.dtype)
-        const = dict(**dot_constexprs(compute), **patch3)
-
-        def grid(meta: dict) -> tuple[int, int, int]:
-            return triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_N"]), b
-
-        _launch(_forward_tuned, _forward_kernel, _FWD_INTERPRET, grid, x5, ids, w,
-                bias.contiguous(), pos.contiguous(), out, n, d, p, *runtime, **const)
-        ctx.save_for_backward(x, ids)
-        ctx.meta = (patch, compute, weight.shape, weight.dtype, bias.dtype, pos.shape, pos.dtype)
+        save = ctx.needs_input_grad[2]
+        # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
+        patches = torch.empty(b * n, p, device=x.device, dtype=compute) if save else out
+        const = dict(**dot_constexprs(compute), **patch3, SAVE_PATCHES=save)
+        args = (x5, ids, w, bias.contiguous(), pos.contiguous(), out, patches, n, d, p, *runtime)
+        if kernels.interpreting():  # one fixed config: autotuning would time every candidate
+            cfg = _FWD_INTERPRET
+            _forward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]), b)](
+                *args, **const, **cfg)
+        else:
+            _forward_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),
+                                         triton.cdiv(d, meta["BLOCK_N"]), b)](*args, **const)
+        ctx.save_for_backward(ids, patches if save else None)
+        ctx.meta = (weight.shape, weight.dtype, bias.dtype, pos.shape, pos.dtype)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, ids = ctx.saved_tensors
-        patch, compute, w_shape, w_dtype, bias_dtype, pos_shape, pos_dtype = ctx.meta
-        go = grad_out.contiguous().flatten(0, 1)  # (B*n, D); a copy only if not contiguous
-        r, d = go.shape
+        ids, patches = ctx.saved_tensors
+        w_shape, w_dtype, bias_dtype, pos_shape, pos_dtype = ctx.meta
+        go = grad_out.flatten(0, 1)  # (B*n, D)
         grad_w = grad_b = grad_pos = None
-        if ctx.needs_input_grad[2]:
-            p = w_shape[1:].numel()
-            splits = max(1, min(r // _ROWS_PER_SPLIT, _MAX_SPLITS))
-            chunk = triton.cdiv(r, splits)
-            partial = torch.empty(splits, d, p, device=go.device, dtype=torch.float32)
-            x5, runtime, patch3 = _geometry_args(x, ids, patch)
-            const = dict(**dot_constexprs(compute), **patch3)
-
-            def grid(meta: dict) -> tuple[int, int, int]:
-                return triton.cdiv(d, meta["BLOCK_D"]), triton.cdiv(p, meta["BLOCK_P"]), splits
-
-            _launch(_weight_grad_tuned, _weight_grad_kernel, _BWD_INTERPRET, grid, go, x5, ids,
-                    partial, r, chunk, ids.shape[1], d, p, *runtime, **const)
-            grad_w = partial.sum(0).view(w_shape).to(w_dtype)  # fixed order: deterministic
+        if ctx.needs_input_grad[2]:  # in the compute dtype, as F.linear's backward under autocast
+            grad_w = torch.mm(go.to(patches.dtype).t(), patches).view(w_shape).to(w_dtype)
         if ctx.needs_input_grad[3]:
             grad_b = go.sum(0, dtype=torch.float32).to(bias_dtype)
         if ctx.needs_input_grad[4]:

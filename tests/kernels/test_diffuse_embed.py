@@ -99,6 +99,28 @@ def test_matches_reference_with_noise(batch, geometry, dd, ratio, t, norm_pix):
     assert_matches(inputs, norm_pix=norm_pix, noise=noise)
 
 
+def test_every_output_element_is_written(monkeypatch):
+    """The output and the x_t saved for grad W come from torch.empty: poison it with NaN, so any
+    element a tile misses shows up (ragged row, feature and patch tiles; the reference runs
+    unpoisoned)."""
+    inputs = make_inputs(3, ODD, 192, 0.85, [7, STEPS, 1])
+    b, m = inputs["ids_mask"].shape
+    noise = torch.randn(b, m, inputs["weight"][0].numel(), device=DEVICE)
+    want, want_grads = run(reference_diffuse_embed_masked, inputs, noise=noise)
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with monkeypatch.context() as poison:
+        poison.setattr(torch, "empty", poisoned)
+        got, got_grads = run(diffuse_embed_masked, inputs, noise=noise)
+    for a, w in zip((got, *got_grads), (want, *want_grads)):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, w, rtol=TOL, atol=TOL)
+
+
 @pytest.mark.parametrize("batch, geometry, dd", [(3, AUDIO, 64), (1, VIDEO, 192)])
 def test_seeded_kernel_matches_reference_with_its_philox_noise(batch, geometry, dd):
     inputs = make_inputs(batch, geometry, dd, 0.8, [STEPS, 1, 250][:batch])
