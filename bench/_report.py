@@ -2,6 +2,7 @@
 since the GPU image may lack rich), the commit, and the device name."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -29,9 +30,16 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 def commit() -> str:
+    """FASTMAVIL_COMMIT if set (a copied tree's git metadata can be stale), else git's HEAD with
+    "+dirty" when tracked files differ from it."""
+    if os.environ.get("FASTMAVIL_COMMIT"):
+        return os.environ["FASTMAVIL_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
