@@ -7,8 +7,10 @@ Shapes: audio B=32, (1, 1024, 128) fbank, 16x16 patches; video B=16, (3, 16, 224
 forward+backward. On CUDA, triton.testing.do_bench gives p20/p50/p80 in ms, and the table shows
 achieved GB/s and TFLOP/s against the device's peak. On a CPU only the references run (Triton
 kernels need a GPU; the interpreter is for correctness, not speed), timed with perf_counter.
-Rows are appended to bench/results/kernels-<device>.csv (kernel, provider, mode, shape,
-p20/p50/p80, device, versions, commit).
+On CUDA each row also has the kernels' device time per call from the profiler (launch overhead
+excluded: at these sizes do_bench's wall time is mostly the host's). Rows are appended to
+bench/results/kernels-<device>.csv (kernel, provider, mode, shape, p20/p50/p80, device,
+versions, commit, device_ms).
 """
 from __future__ import annotations
 
@@ -92,6 +94,22 @@ def _time(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
     return q[1], statistics.median(times), q[7]
 
 
+def _device_ms(fn, reps: int = 20) -> float:
+    """Milliseconds of GPU kernels per call, from the profiler: the device time alone, without
+    the host's launch overhead, which dominates do_bench at these sizes and which a training step
+    hides (its host runs ahead of the GPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in kernels) / 1e3 / reps
+
+
 def _timed_fn(make, mode: str):
     """What to time for one mode: the forward, the backward alone (graph kept), or both."""
     if mode == "forward":
@@ -152,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
             for kernel, fused, reference, flops, nbytes in _cases(device, dtype, modality, ratio):
                 shape = f"{modality} B={GEOMETRY[modality]['batch']} rho={ratio}"
                 for mode in ("forward", "backward", "forward+backward"):
-                    timings = {}
+                    timings, device_ms = {}, {}
                     for provider in providers:
                         fn = _timed_fn(fused if provider == "triton" else reference, mode)
                         timings[provider] = _time(fn, device, args.reps)
+                        device_ms[provider] = _device_ms(fn) if cuda else None
                         rows.append([kernel, provider, mode, shape, *timings[provider], name,
-                                     torch.__version__, triton_version, head])
+                                     torch.__version__, triton_version, head,
+                                     "" if device_ms[provider] is None
+                                     else f"{device_ms[provider]:.4f}"])
                     for provider, (p20, p50, p80) in timings.items():
                         # backward computes weight (not input) gradients: one more matmul
                         work = {"forward": 1, "backward": 1, "forward+backward": 2}[mode]
@@ -169,20 +190,26 @@ def main(argv: list[str] | None = None) -> int:
                                                  if peak_flops else "")
                         speedup = (f"{timings['torch'][1] / p50:.2f}x"
                                    if provider == "triton" else "")
+                        dev = device_ms[provider]
+                        dev_speedup = (f"{device_ms['torch'] / dev:.2f}x"
+                                       if provider == "triton" and dev else "")
                         table.append([kernel, shape, mode, provider,
                                       f"{p50:.3f} [{p20:.3f}-{p80:.3f}]", gb_text, tf_text,
-                                      speedup])
-    print_table(f"Kernels on {name} ({dtype}), ms p50 [p20-p80]",
-                ["kernel", "input", "mode", "provider", "ms", "GB/s", "TFLOP/s", "speedup"], table)
+                                      speedup, "-" if dev is None else f"{dev:.3f}",
+                                      dev_speedup])
+    print_table(f"Kernels on {name} ({dtype}): wall ms p50 [p20-p80] (GB/s and TFLOP/s from it), "
+                "and kernel time alone (device ms)",
+                ["kernel", "input", "mode", "provider", "ms", "GB/s", "TFLOP/s", "speedup",
+                 "device ms", "device speedup"], table)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"kernels-{name.replace(' ', '_')}.csv"
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["kernel", "provider", "mode", "shape", "p20_ms", "p50_ms", "p80_ms",
-                             "device", "torch", "triton", "commit"])
-        writer.writerows(rows)
+    header = ["kernel", "provider", "mode", "shape", "p20_ms", "p50_ms", "p80_ms", "device",
+              "torch", "triton", "commit", "device_ms"]
+    old = list(csv.reader(out.open())) if out.exists() else []
+    if old and old[0] != header:  # a file from before the device_ms column: pad its rows
+        old = [header] + [r + [""] * (len(header) - len(r)) for r in old[1:]]
+    with open(out, "w", newline="") as f:
+        csv.writer(f).writerows((old or [header]) + rows)
     print(f"appended {len(rows)} rows to {out}")
     if cuda:
         print("autotuned:", *_autotuned(), sep="\n  ")
