@@ -415,6 +415,17 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def config_changes(old_toml: str, new: Config) -> dict[str, tuple]:
+    """Dotted key -> (old, new) for every value that differs between a saved config (TOML text,
+    as to_toml writes it) and `new`; keys present on one side only count as changed."""
+    def flat(toml_text: str) -> dict:
+        return {f"{section}.{key}": value for section, table in tomllib.loads(toml_text).items()
+                for key, value in table.items()}
+    old, cur = flat(old_toml), flat(to_toml(new))
+    return {k: (old.get(k), cur.get(k)) for k in sorted(old.keys() | cur.keys())
+            if old.get(k) != cur.get(k)}
+
+
 def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Config:
     """Reads a TOML config, applies dotted overrides, validates; errors name the file."""
     path = Path(path)

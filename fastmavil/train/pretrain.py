@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, load_config, to_toml
+from ..config import Config, ConfigError, config_changes, load_config, to_toml
 from ..data.loader import ShardDataset, build_loader, loader_spec
 from ..data.shards import count_clips
 from ..flops import count_forward
@@ -129,6 +129,34 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+# Keys that may differ between a checkpoint's config and the resuming one: how the run executes,
+# not what it trains (micro-batches keep the effective batch and its samples).
+RESUME_FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+               "train.max_bad_steps", "train.compile", "train.device", "train.max_batch_size",
+               "train.micro_batch_size", "run.dir", "run.tensorboard"}
+# Allowed with a warning (a dataset moved to another disk, a machine with other cores); the
+# samples after resuming then need not be those an uninterrupted run would have seen.
+RESUME_WARN = {"data.shards", "data.num_workers", "data.synth_clips"}
+
+
+def check_resume_config(path: Path, saved: str | None, cfg: Config) -> None:
+    """Refuses to resume a run under a config that trains something else (the model, data
+    pipeline, masking, schedule or optimiser of the checkpoint's config), naming each change."""
+    if saved is None:  # a checkpoint from before configs were saved: nothing to compare
+        return
+    changes = config_changes(saved, cfg)
+    refused = {k: v for k, v in changes.items() if k not in RESUME_FREE | RESUME_WARN}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(f"{path} was written under a different config ({listed}); resume "
+                          "with the checkpoint's values (its config is in the run's config.toml) "
+                          "or start a new run with --run.name")
+    for key in sorted(changes.keys() & RESUME_WARN):
+        old, new = changes[key]
+        log.warning("resuming with %s changed (%r -> %r): the samples from here on differ from "
+                    "an uninterrupted run's", key, old, new)
+
+
 def train(cfg: Config, argv: list[str]) -> dict:
     """Runs (or resumes) the configured pre-training; returns the final summary."""
     t = cfg.train
@@ -146,13 +174,15 @@ def train(cfg: Config, argv: list[str]) -> dict:
 
     run_dir = Path(cfg.run.dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    resumed = load_latest(run_dir)
+    if resumed:
+        check_resume_config(resumed[0], resumed[1].get("config"), cfg)
     (run_dir / "config.toml").write_text(to_toml(cfg))
     model = build_model(cfg).to(device)
     model.use_kernels(fast_path(cfg, device))
     optimizer = make_optimizer(cfg, model, device)
     generator = torch.Generator(device=device).manual_seed(t.seed)
     step, last_ckpt = 0, None
-    resumed = load_latest(run_dir)
     if resumed:
         path, state = resumed
         model.load_state_dict(state["model"])

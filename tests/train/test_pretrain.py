@@ -76,6 +76,20 @@ def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_resume_refuses_a_config_that_trains_something_else(shards, tmp_path, caplog):
+    run(shards, tmp_path, train__max_steps=3)
+    saved = (tmp_path / "t" / "config.toml").read_text()
+    with pytest.raises(ConfigError, match=r"step-00000003.pt was written under a different "
+                       r"config \(mask.start: 0.9 -> 0.85; optim.lr: .*\); resume with"):
+        run(shards, tmp_path, train__max_steps=4, optim__lr=3e-4, mask__start=0.85)
+    assert (tmp_path / "t" / "config.toml").read_text() == saved  # left as the run's
+    with caplog.at_level("WARNING", logger="fastmavil.train"):
+        summary = run(shards, tmp_path, train__max_steps=4, data__shuffle_buffer=8,
+                      data__num_workers=1, train__log_every=2)
+    assert summary["start_step"] == 3 and summary["step"] == 4
+    assert "data.num_workers changed (0 -> 1)" in caplog.text
+
+
 def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path):
     args = [sys.executable, "-m", "fastmavil.train.pretrain", str(ROOT / "configs" / "demo.toml")]
     for k, v in overrides(shards, tmp_path, train__epochs=30).items():
