@@ -5,7 +5,7 @@
 
 reference path: kernels off, math attention, eager, AdamW (for-each)
 fast path:      kernels on (where they run), auto attention, fused AdamW on CUDA,
-                torch.compile with --compile
+                compiled transformer blocks with --compile (models/compile.py)
 Both train the same model (same weights) on the same synthetic batch already on the device, so
 this measures the model, not the loader (bench.dataload does that). Steps alternate between
 the paths after a warm-up; medians over --repeats. bf16 autocast on CUDA, fp32 on a CPU.
@@ -30,7 +30,7 @@ import torch
 
 import kernels
 from fastmavil.config import Config, load_config
-from fastmavil.models import build_model
+from fastmavil.models import build_model, compile_blocks
 from fastmavil.models.attention import set_attention_backend
 from fastmavil.schedule import plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
@@ -56,7 +56,8 @@ class Trainer:
             self.model.load_state_dict(state)
         self.model.use_kernels(fast and fast_path(cfg, device))
         set_attention_backend(self.model, "auto" if fast else "math")
-        self.forward = torch.compile(self.model) if fast and compile_model else self.model
+        if fast and compile_model:
+            compile_blocks(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4,
                                            fused=fast and device.type == "cuda",
                                            foreach=None if fast else True)
@@ -67,7 +68,7 @@ class Trainer:
 
     def step(self, audio, video, ratio: float) -> None:
         with self.autocast:
-            out = self.forward(audio, video, ratio, self.generator)
+            out = self.model(audio, video, ratio, self.generator)
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--clips", type=int, default=1_900_000,
                         help="dataset size for the projected epoch times (AS-2M)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the fast path's transformer blocks (regional torch.compile)")
     parser.add_argument("--no-curriculum", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="profile the fast path of the first config: where a step's time goes")

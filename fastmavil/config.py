@@ -268,7 +268,7 @@ class TrainConfig:
     max_batch_size: int = 0
     max_steps: int = 0          # stop after this many optimizer steps (0: run every epoch)
     grad_clip: float = 0.0      # max gradient norm (0: off; MAE and AudioMAE do not clip)
-    compile: bool = False       # torch.compile the model (CUDA; slow to start on a CPU)
+    compile: bool = False       # torch.compile each transformer block (models/compile.py)
     deterministic: bool = False  # deterministic algorithms (bitwise resume on a CPU)
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda | cuda:N

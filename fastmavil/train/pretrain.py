@@ -28,7 +28,7 @@ from ..config import Config, ConfigError, config_changes, load_config, to_toml
 from ..data.loader import ShardDataset, build_loader, loader_spec
 from ..data.shards import count_clips
 from ..flops import count_forward
-from ..models import build_model
+from ..models import build_model, compile_blocks
 from ..models.attention import set_attention_backend
 from ..schedule import EpochPlan, first_step, learning_rate, plan_epochs
 from .checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, set_rng_state
@@ -191,7 +191,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
         set_rng_state(state["rng"])
         step, last_ckpt = state["step"], path
         log.info("resumed from %s (step %d)", path, step)
-    forward = torch.compile(model) if t.compile else model
+    if t.compile:
+        log.info("compiled %d transformer blocks", compile_blocks(model))
 
     flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in plans})
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
@@ -252,7 +253,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
                         batch = next(batches)
                         timer.data_ready()
                         with autocast:
-                            out = forward(*_to_device(batch, device), plan.mask_ratio, generator)
+                            out = model(*_to_device(batch, device), plan.mask_ratio, generator)
                         (out.loss / accum).backward()
                         loss_sum = loss_sum + out.loss.detach() / accum
                         for k, v in out.terms.items():

@@ -13,6 +13,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 import kernels  # noqa: E402
+from conftest import nan_filled_empty  # noqa: E402
 from fastmavil.diffusion import DiffusionSchedule  # noqa: E402
 from fastmavil.masking import random_masking  # noqa: E402
 from kernels.diffuse_embed import (diffuse_embed_masked, philox_noise,  # noqa: E402
@@ -99,7 +100,7 @@ def test_matches_reference_with_noise(batch, geometry, dd, ratio, t, norm_pix):
     assert_matches(inputs, norm_pix=norm_pix, noise=noise)
 
 
-def test_every_output_element_is_written(monkeypatch):
+def test_every_output_element_is_written():
     """The output and the x_t saved for grad W come from torch.empty: poison it with NaN, so any
     element a tile misses shows up (ragged row, feature and patch tiles; the reference runs
     unpoisoned)."""
@@ -107,14 +108,7 @@ def test_every_output_element_is_written(monkeypatch):
     b, m = inputs["ids_mask"].shape
     noise = torch.randn(b, m, inputs["weight"][0].numel(), device=DEVICE)
     want, want_grads = run(reference_diffuse_embed_masked, inputs, noise=noise)
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with monkeypatch.context() as poison:
-        poison.setattr(torch, "empty", poisoned)
+    with nan_filled_empty():
         got, got_grads = run(diffuse_embed_masked, inputs, noise=noise)
     for a, w in zip((got, *got_grads), (want, *want_grads)):
         assert not a.isnan().any()

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 import kernels  # noqa: E402
 from fastmavil.masking import random_masking  # noqa: E402
 from fastmavil.models.patch import PatchEmbed, patch_grid  # noqa: E402
-from conftest import torch_flag  # noqa: E402
+from conftest import nan_filled_empty, torch_flag  # noqa: E402
 from kernels import patch_embed as pe  # noqa: E402
 from kernels._patches import dot_constexprs  # noqa: E402
 
@@ -125,20 +125,13 @@ def test_ragged_tiles(monkeypatch):
     check_against_reference(x, ids, weight, bias, pos, (3, 5))
 
 
-def test_every_output_element_is_written(monkeypatch):
+def test_every_output_element_is_written():
     """The output and the patches saved for grad W come from torch.empty: poison it with NaN,
     so any element a tile misses shows up (the references run unpoisoned)."""
     x, ids, weight, bias, pos = make_inputs((3, 1, 48, 80), (16, 16), 192, 0.8)
     ref, grad, ref_grads = run(pe.reference_patch_embed_visible, x, ids, weight, bias, pos,
                                (16, 16))
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with monkeypatch.context() as poison:
-        poison.setattr(torch, "empty", poisoned)
+    with nan_filled_empty():
         out, _, grads = run(pe.patch_embed_visible, x, ids, weight, bias, pos, (16, 16), grad)
     for actual, expected in zip((out, *grads), (ref, *ref_grads)):
         assert not actual.isnan().any()
