@@ -31,14 +31,15 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 def commit() -> str:
     """FASTMAVIL_COMMIT if set (a copied tree's git metadata can be stale), else git's HEAD with
-    "+dirty" when tracked files differ from it."""
+    "+dirty" when tracked files other than benchmark records differ from it."""
     if os.environ.get("FASTMAVIL_COMMIT"):
         return os.environ["FASTMAVIL_COMMIT"]
     try:
         def git(*args: str) -> str:
             return subprocess.run(["git", *args], capture_output=True, text=True,
                                   check=True).stdout.strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    f":!{RESULTS.relative_to(RESULTS.parents[1])}")
         return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

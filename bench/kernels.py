@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import statistics
 import time
 
@@ -136,6 +137,31 @@ def _autotuned() -> list[str]:
             for key, config in getattr(tuner, "cache", {}).items()]
 
 
+HEADER = ["kernel", "provider", "mode", "shape", "p20_ms", "p50_ms", "p80_ms", "device", "torch",
+          "triton", "commit", "device_ms"]
+
+
+def _append_rows(path, rows: list[list]) -> None:
+    """Appends to the CSV; a file from before the device_ms column is first rewritten with that
+    column empty (through a temporary file, so an interrupted run loses no rows)."""
+    if path.exists():
+        with path.open(newline="") as f:
+            old = list(csv.reader(f))
+        if old and old[0] == HEADER[:-1]:
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("w", newline="") as f:
+                csv.writer(f).writerows([HEADER] + [r + [""] for r in old[1:]])
+            os.replace(tmp, path)
+        elif old and old[0] != HEADER:
+            raise SystemExit(f"{path}: unexpected columns {old[0]}; move the file aside")
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(HEADER)
+        writer.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.9])
@@ -203,13 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                  "device ms", "device speedup"], table)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"kernels-{name.replace(' ', '_')}.csv"
-    header = ["kernel", "provider", "mode", "shape", "p20_ms", "p50_ms", "p80_ms", "device",
-              "torch", "triton", "commit", "device_ms"]
-    old = list(csv.reader(out.open())) if out.exists() else []
-    if old and old[0] != header:  # a file from before the device_ms column: pad its rows
-        old = [header] + [r + [""] * (len(header) - len(r)) for r in old[1:]]
-    with open(out, "w", newline="") as f:
-        csv.writer(f).writerows((old or [header]) + rows)
+    _append_rows(out, rows)
     print(f"appended {len(rows)} rows to {out}")
     if cuda:
         print("autotuned:", *_autotuned(), sep="\n  ")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import statistics
@@ -105,7 +106,15 @@ def compare(path: str, cfg: Config, device: torch.device, args, peak) -> dict:
             print(f"{path}: out of memory at B={batch}; retrying at B={batch // 2}")
             batch //= 2
         finally:
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            release_memory(device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Frees the models of a finished comparison: compiled modules sit in reference cycles, so
+    collect them before returning the cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: int) -> dict:
@@ -260,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if cuda else torch.float32)
     name = device_name(device)
     slug = name.replace(" ", "_").replace("/", "_")
+    head = commit()  # once: the records written below must not make the tree look modified
     RESULTS.mkdir(exist_ok=True)
 
     def save(records: list, views: dict) -> Path:
@@ -267,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps({
             "bench": "throughput", "device": name, "peak": peak_source, "size": args.size,
             "batch": args.batch, "torch": torch.__version__, "triton": _triton_version(),
-            "python": platform.python_version(), "commit": commit(),
+            "python": platform.python_version(), "commit": head,
             "kernels_env": kernels.kernels_enabled(True), "configs": records,
             "curriculum": views}, indent=2) + "\n")
         return out

@@ -417,13 +417,18 @@ def to_toml(cfg: Config) -> str:
 
 def config_changes(old_toml: str, new: Config) -> dict[str, tuple]:
     """Dotted key -> (old, new) for every value that differs between a saved config (TOML text,
-    as to_toml writes it) and `new`; keys present on one side only count as changed."""
+    as to_toml writes it) and `new`. A key the saved config lacks (a field added since) counts
+    only when `new` moves it off its default; a key that no longer exists is ignored."""
     def flat(toml_text: str) -> dict:
         return {f"{section}.{key}": value for section, table in tomllib.loads(toml_text).items()
                 for key, value in table.items()}
-    old, cur = flat(old_toml), flat(to_toml(new))
-    return {k: (old.get(k), cur.get(k)) for k in sorted(old.keys() | cur.keys())
-            if old.get(k) != cur.get(k)}
+    try:
+        old = flat(old_toml)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"the saved config is not valid TOML: {e}") from None
+    cur, defaults = flat(to_toml(new)), flat(to_toml(Config().check()))
+    return {k: (old.get(k), v) for k, v in sorted(cur.items())
+            if (old[k] != v if k in old else v != defaults.get(k))}
 
 
 def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Config:

@@ -92,8 +92,10 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
                                 device=x.device, dtype=x.dtype)
         return reference_diffuse_embed_masked(x, ids_mask, t, alpha_bar, weight, bias, pos,
                                               patch_size, norm_pix, noise=noise)
+    # Store x_t only for a weight gradient (needs_input_grad ignores no_grad).
+    save = weight.requires_grad and torch.is_grad_enabled()
     return _DiffuseEmbed.apply(x, ids_mask, t, alpha_bar, weight, bias, pos, tuple(patch_size),
-                               norm_pix, noise, seed_t, compute_dtype(x))
+                               norm_pix, noise, seed_t, compute_dtype(x), save)
 
 
 def philox_noise(seed: int | torch.Tensor, batch: int, m: int, patch_dim: int,
@@ -140,7 +142,7 @@ def _check_shapes(x, ids, t, weight, bias, pos, noise, geo) -> None:
 class _DiffuseEmbed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids, t, alpha_bar, weight, bias, pos, patch, norm_pix, noise, seed_t,
-                compute):
+                compute, save):
         x5, patch3 = as_5d(x, patch)
         geo = geometry(x5, patch3)
         ids, t = ids.contiguous(), t.contiguous()
@@ -149,7 +151,6 @@ class _DiffuseEmbed(torch.autograd.Function):
         b, m = ids.shape
         dd, rows, p = w2.shape[0], b * m, geo["P"]
         out = torch.empty(b, m, dd, device=x.device, dtype=x.dtype)
-        save = ctx.needs_input_grad[4]
         # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
         x_t = torch.empty(rows, p, device=x.device, dtype=compute) if save else out
         grid = lambda meta: (triton.cdiv(dd, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]))
@@ -182,7 +183,7 @@ class _DiffuseEmbed(torch.autograd.Function):
             shape, dtype = ctx.pos_meta
             grad_p = torch.zeros(shape, device=g2.device, dtype=dtype).index_add_(
                 0, ids.flatten(), g2.to(dtype))
-        return None, None, None, None, grad_w, grad_b, grad_p, None, None, None, None, None
+        return (None, None, None, None, grad_w, grad_b, grad_p) + (None,) * 6
 
 
 # Interpreter: one small fixed config (autotuning there is too slow); ragged edges still occur.
@@ -304,4 +305,4 @@ if triton is not None:
     # H100: few configs, keyed on the shapes that change between call sites (audio / video).
     _fwd_tuned = triton.autotune(
         _configs([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3)]),
-        key=["m", "Dd", "P", "COMPUTE", "PRECISION"])(_fwd_kernel)
+        key=["m", "Dd", "P", "COMPUTE", "PRECISION", "SAVE_XT"])(_fwd_kernel)

@@ -96,7 +96,7 @@ _FWD = "BLOCK_M BLOCK_N BLOCK_K"
 _forward_tuned = triton.autotune(
     [_config(128, 128, 64, 8, 3, _FWD), _config(64, 128, 64, 4, 3, _FWD),
      _config(128, 64, 64, 4, 3, _FWD)],
-    key=["n", "D", "P", "COMPUTE", "PRECISION"])(_forward_kernel)
+    key=["n", "D", "P", "COMPUTE", "PRECISION", "SAVE_PATCHES"])(_forward_kernel)
 _FWD_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}
 
 
@@ -110,14 +110,14 @@ def _geometry_args(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...]) -
 class _PatchEmbedVisible(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                pos: torch.Tensor, patch: tuple[int, ...], compute: torch.dtype) -> torch.Tensor:
+                pos: torch.Tensor, patch: tuple[int, ...], compute: torch.dtype,
+                save: bool) -> torch.Tensor:
         b, n = ids.shape
         d, p = weight.shape[0], weight.shape[1:].numel()
         # Copies only if not contiguous already (parameters and buffers are): D*P + D + N*D.
         w = weight.reshape(d, p).contiguous()
         x5, runtime, patch3 = _geometry_args(x, ids, patch)
         out = torch.empty(b, n, d, device=x.device, dtype=x.dtype)
-        save = ctx.needs_input_grad[2]
         # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
         patches = torch.empty(b * n, p, device=x.device, dtype=compute) if save else out
         const = dict(**dot_constexprs(compute), **patch3, SAVE_PATCHES=save)
@@ -147,7 +147,7 @@ class _PatchEmbedVisible(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_pos = torch.zeros(pos_shape, device=go.device, dtype=torch.float32)
             grad_pos = grad_pos.index_add_(0, ids.flatten(), go.float()).to(pos_dtype)
-        return None, None, grad_w, grad_b, grad_pos, None, None
+        return None, None, grad_w, grad_b, grad_pos, None, None, None
 
 
 def _check(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -189,5 +189,8 @@ def patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.T
     patch = tuple(int(s) for s in patch_size)
     _check(x, ids_keep, weight, bias, pos, patch)
     if kernels.can_launch("patch_embed_visible", x, weight):
-        return _PatchEmbedVisible.apply(x, ids_keep, weight, bias, pos, patch, compute_dtype(x))
+        # Store the patches only for a weight gradient (needs_input_grad ignores no_grad).
+        save = weight.requires_grad and torch.is_grad_enabled()
+        return _PatchEmbedVisible.apply(x, ids_keep, weight, bias, pos, patch, compute_dtype(x),
+                                        save)
     return reference_patch_embed_visible(x, ids_keep, weight, bias, pos, patch)

@@ -24,6 +24,37 @@ def tiny_batch(cfg: Config, batch: int = 3):
 
 
 @contextlib.contextmanager
+def saved_floats():
+    """Collects (shape, dtype) of every floating tensor autograd saves inside the block."""
+    saved = []
+
+    def pack(t):
+        if t.is_floating_point():
+            saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
+@contextlib.contextmanager
+def allocations():
+    """Collects the shapes torch.empty is asked for inside the block."""
+    shapes, empty = [], torch.empty
+
+    def recording(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        shapes.append(tuple(t.shape))
+        return t
+
+    torch.empty = recording
+    try:
+        yield shapes
+    finally:
+        torch.empty = empty
+
+
+@contextlib.contextmanager
 def nan_filled_empty():
     """Inside the block torch.empty fills floating tensors with NaN, so an element that a kernel
     should write but misses shows up in its output."""

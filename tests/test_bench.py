@@ -2,8 +2,10 @@
 speed itself is only ever claimed from real benchmark runs, BENCHMARKS.md)."""
 import csv
 import json
+import types
 
 import pytest
+import torch
 
 import bench.kernels
 import bench.throughput
@@ -29,12 +31,32 @@ def test_throughput_writes_comparison_curriculum_and_profile(results):
     assert "r4 fast path" in profile.read_text()
 
 
-def test_kernels_appends_rows_with_their_commit(results):
+def test_kernels_appends_rows_with_their_commit(results, monkeypatch):
+    monkeypatch.setenv("FASTMAVIL_COMMIT", "abc1234")
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    path = results / f"kernels-{name.replace(' ', '_')}.csv"
+    legacy = bench.kernels.HEADER[:-1]  # a record from before the device_ms column
+    path.write_text(",".join(legacy) + "\n" + ",".join(["old"] * len(legacy)) + "\n")
     argv = ["--modalities", "audio", "--ratios", "0.9", "--reps", "1"]
     assert bench.kernels.main(argv) == 0
     assert bench.kernels.main(argv) == 0
-    (path,) = results.glob("kernels-*.csv")
-    header, *rows = list(csv.reader(path.open()))
-    assert header[-2:] == ["commit", "device_ms"]
-    assert len(rows) == 2 * 3 * 3  # two runs x three kernels x three modes, references only
-    assert {r[1] for r in rows} == {"torch"} and all(r[10] for r in rows)
+    header, old, *rows = list(csv.reader(path.open()))
+    assert header == bench.kernels.HEADER and old == ["old"] * len(legacy) + [""]
+    providers = {"torch", "triton"} if torch.cuda.is_available() else {"torch"}  # CPU: refs only
+    assert len(rows) == 2 * 3 * 3 * len(providers)  # two runs x three kernels x three modes
+    assert {r[1] for r in rows} == providers and {r[10] for r in rows} == {"abc1234"}
+
+
+def test_compare_halves_the_batch_while_out_of_memory(monkeypatch):
+    batches = []
+
+    def compare_at(path, cfg, device, args, peak, batch):
+        batches.append(batch)
+        if batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"batch": batch}
+
+    monkeypatch.setattr(bench.throughput, "_compare", compare_at)
+    args = types.SimpleNamespace(batch=8)
+    record = bench.throughput.compare("r1", None, torch.device("cpu"), args, None)
+    assert batches == [8, 4, 2] and record == {"batch": 2}

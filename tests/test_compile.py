@@ -1,11 +1,13 @@
 """Regional compilation (fastmavil.models.compile_blocks)."""
+import pytest
 import torch
 from torch import nn
 
 from conftest import tiny_config
 from fastmavil.models import build_model, compile_blocks
-from fastmavil.models.attention import Block
+from fastmavil.models.attention import Block, CrossBlock
 from fastmavil.models.compile import BLOCKS
+from fastmavil.models.swin import WindowBlock
 
 
 def test_every_transformer_block_is_compiled_and_nothing_else(monkeypatch):
@@ -17,21 +19,37 @@ def test_every_transformer_block_is_compiled_and_nothing_else(monkeypatch):
     assert len(compiled) == sum(isinstance(m, BLOCKS) for m in model.modules())
 
 
-def test_compiled_block_equals_eager_forward_and_backward():
+def _block_and_inputs(kind: str, batch: int, tokens: int):
+    """A small block of each kind and its inputs; the Swin block's grid is (tokens/4, 4)."""
+    if kind == "vit":
+        return Block(32, 2, backend="sdpa"), (torch.randn(batch, tokens, 32),)
+    if kind == "cross":
+        return CrossBlock(32, 2, backend="sdpa"), (torch.randn(batch, tokens, 32),
+                                                   torch.randn(batch, 5, 32))
+    block = WindowBlock(32, 2, grid=(tokens // 4, 4), window=(2, 2), shift=(1, 1),
+                        backend="sdpa")
+    return block, (torch.randn(batch, tokens, 32),)
+
+
+@pytest.mark.parametrize("kind, lengths", [("vit", (7, 12)), ("cross", (7, 12)),
+                                           ("swin", (16, 16))])
+def test_compiled_block_equals_eager_forward_and_backward(kind, lengths):
+    """Compiled vs eager block, forward and parameter gradients; ViT and cross blocks at a
+    second token count too (the masking ratio changes between epochs)."""
     from torch._dynamo.utils import counters
     counters.clear()
     torch.manual_seed(0)
-    eager = Block(32, 2, backend="sdpa")
-    compiled = Block(32, 2, backend="sdpa")
+    eager, _ = _block_and_inputs(kind, 3, lengths[0])
+    compiled, _ = _block_and_inputs(kind, 3, lengths[0])
     compiled.load_state_dict(eager.state_dict())
     compile_blocks(compiled)
-    for tokens in (7, 12):  # a second length: the masking ratio changes between epochs
-        x = torch.randn(3, tokens, 32)
+    for tokens in lengths:
+        _, inputs = _block_and_inputs(kind, 3, tokens)
         grad = torch.randn(3, tokens, 32)
         outs = []
         for block in (eager, compiled):
             block.zero_grad()
-            out = block(x)
+            out = block(*inputs)
             out.backward(grad)
             outs.append((out, [p.grad.clone() for p in block.parameters()]))
         (a, ga), (b, gb) = outs

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmavil.config import SIZES, ConfigError, load_config
+from fastmavil.config import SIZES, Config, ConfigError, config_changes, load_config, to_toml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -104,3 +104,17 @@ def test_dotted_overrides(tmp_path):
         load_config(path, {"train.epochs": "x"})
     # text TOML would read as a date stays text
     assert load_config(path, {"run.name": "2024-01-15"}).run.name == "2024-01-15"
+
+
+def test_config_changes_between_a_saved_config_and_the_current_one():
+    cfg = Config().check()
+    # an older file: a field since removed (grad_accum), one since added (micro_batch_size)
+    saved = to_toml(cfg).replace("micro_batch_size = 0\n", "grad_accum = 1\n")
+    assert config_changes(saved, cfg) == {}
+    lr = cfg.optim.lr
+    cfg.optim.lr, cfg.train.micro_batch_size, cfg.model.size = lr / 2, 8, "tiny"
+    assert config_changes(saved, cfg) == {"model.size": ("base", "tiny"),
+                                          "optim.lr": (lr, lr / 2),
+                                          "train.micro_batch_size": (None, 8)}
+    with pytest.raises(ConfigError, match="saved config is not valid TOML"):
+        config_changes("[train\n", cfg)

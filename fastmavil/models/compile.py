@@ -1,9 +1,10 @@
 """Regional compilation: torch.compile each transformer block rather than the whole model.
 
 The blocks hold the step's memory-bound work (LayerNorms, GELU, residual adds, dtype casts
-around the matmuls), which the compiler fuses; identical blocks share one compiled graph, so
-compiling takes seconds instead of minutes at paper size, and the masking, the Triton kernels
-and the losses stay eager (nothing to trace through).
+around the matmuls), which the compiler fuses; blocks of one kind and width share a compiled
+graph (a whole-model compile at paper size did not finish within 55 s on an H200; this one is
+not measured there yet), and the masking, the Triton kernels and the losses stay eager (nothing
+to trace through).
 """
 from __future__ import annotations
 

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, config_changes, load_config, to_toml
+from ..config import Config, ConfigError, load_config, to_toml
 from ..data.loader import ShardDataset, build_loader, loader_spec
 from ..data.shards import count_clips
 from ..flops import count_forward
 from ..models import build_model, compile_blocks
 from ..models.attention import set_attention_backend
 from ..schedule import EpochPlan, first_step, learning_rate, plan_epochs
+from . import resume
 from .checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, set_rng_state
 from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
                       peak_memory_bytes)
@@ -129,34 +130,6 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-# Keys that may differ between a checkpoint's config and the resuming one: how the run executes,
-# not what it trains (micro-batches keep the effective batch and its samples).
-RESUME_FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-               "train.max_bad_steps", "train.compile", "train.device", "train.max_batch_size",
-               "train.micro_batch_size", "run.dir", "run.tensorboard"}
-# Allowed with a warning (a dataset moved to another disk, a machine with other cores); the
-# samples after resuming then need not be those an uninterrupted run would have seen.
-RESUME_WARN = {"data.shards", "data.num_workers", "data.synth_clips"}
-
-
-def check_resume_config(path: Path, saved: str | None, cfg: Config) -> None:
-    """Refuses to resume a run under a config that trains something else (the model, data
-    pipeline, masking, schedule or optimiser of the checkpoint's config), naming each change."""
-    if saved is None:  # a checkpoint from before configs were saved: nothing to compare
-        return
-    changes = config_changes(saved, cfg)
-    refused = {k: v for k, v in changes.items() if k not in RESUME_FREE | RESUME_WARN}
-    if refused:
-        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-        raise ConfigError(f"{path} was written under a different config ({listed}); resume "
-                          "with the checkpoint's values (its config is in the run's config.toml) "
-                          "or start a new run with --run.name")
-    for key in sorted(changes.keys() & RESUME_WARN):
-        old, new = changes[key]
-        log.warning("resuming with %s changed (%r -> %r): the samples from here on differ from "
-                    "an uninterrupted run's", key, old, new)
-
-
 def train(cfg: Config, argv: list[str]) -> dict:
     """Runs (or resumes) the configured pre-training; returns the final summary."""
     t = cfg.train
@@ -165,18 +138,20 @@ def train(cfg: Config, argv: list[str]) -> dict:
     torch.manual_seed(t.seed)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
-    source = prepare_data(cfg)
-    dataset = ShardDataset(source, loader_spec(cfg, train=True))
-    plans = plan_epochs(cfg, count_clips(source))
-    total_steps = sum(p.steps for p in plans)
-    if t.max_steps:
-        total_steps = min(total_steps, t.max_steps)
-
     run_dir = Path(cfg.run.dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed = load_latest(run_dir)
     if resumed:
-        check_resume_config(resumed[0], resumed[1].get("config"), cfg)
+        resume.check_config(resumed[0], resumed[1].get("config"), cfg)
+    source = prepare_data(cfg)
+    dataset = ShardDataset(source, loader_spec(cfg, train=True))
+    clips, precision = count_clips(source), "bf16" if bf16 else "fp32"
+    if resumed:
+        resume.check_run(resumed[0], resumed[1], clips, precision)
+    plans = plan_epochs(cfg, clips)
+    total_steps = sum(p.steps for p in plans)
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
     (run_dir / "config.toml").write_text(to_toml(cfg))
     model = build_model(cfg).to(device)
     model.use_kernels(fast_path(cfg, device))
@@ -203,7 +178,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
         return save_checkpoint(run_dir, at, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(), "rng": rng_state(), "step": at,
-            "config": to_toml(cfg)}, t.keep_checkpoints)
+            "config": to_toml(cfg), "clips": clips, "precision": precision},
+            t.keep_checkpoints)
 
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,

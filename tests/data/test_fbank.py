@@ -117,13 +117,12 @@ def test_silence_and_constants_sit_at_the_floor() -> None:
         assert torch.all(out == torch.tensor(torch.finfo(torch.float32).eps).log())
 
 
-@needs_knf
 @pytest.mark.parametrize("length, frames", [(0, 0), (399, 0), (400, 1), (559, 1), (560, 2)])
 def test_frame_count_snip_edges(length: int, frames: int) -> None:
     wave = make_signal("noise", length, np.random.default_rng(1))
     ours = kaldi_fbank(torch.from_numpy(wave), num_mel_bins=40)
     assert ours.shape == (frames, 40)
-    if length:
+    if length and knf is not None:  # the values too, where the Kaldi reference is installed
         compare(ours.numpy(), knf_fbank(wave - wave.mean(), 40))
 
 

@@ -13,7 +13,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 import kernels  # noqa: E402
-from conftest import nan_filled_empty  # noqa: E402
+from conftest import allocations, nan_filled_empty, saved_floats  # noqa: E402
 from fastmavil.diffusion import DiffusionSchedule  # noqa: E402
 from fastmavil.masking import random_masking  # noqa: E402
 from kernels.diffuse_embed import (diffuse_embed_masked, philox_noise,  # noqa: E402
@@ -165,6 +165,31 @@ def test_autocast_multiplies_in_bf16(geometry):
         error = (a.float() - w.float()).abs().max() / w.float().abs().max()
         assert error <= 1e-2, f"{name}: {error:.2e}"
     assert (got - fp32).abs().max() / fp32.abs().max() > 1e-4  # rounded: not an fp32 product
+
+
+def test_keeps_x_t_only_for_a_weight_gradient():
+    """Backward keeps x_t in the compute dtype (bf16 under autocast, as the plain path's
+    F.linear input) when weight trains; nothing of that size with a frozen weight or without
+    grad mode, and bias / pos gradients still match the reference."""
+    inputs = make_inputs(2, VIDEO, 64, 0.8, [3, STEPS])
+    (b, m), p = inputs["ids_mask"].shape, inputs["weight"][0].numel()
+    noise = torch.randn(b, m, p, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), saved_floats() as saved:
+        diffuse_embed_masked(**inputs, noise=noise)
+    assert saved == [((b * m, p), torch.bfloat16)]
+    with torch.no_grad(), allocations() as shapes:
+        diffuse_embed_masked(**inputs, noise=noise)
+    assert (b * m, p) not in shapes
+    inputs["weight"].requires_grad_(False)
+    with saved_floats() as saved, allocations() as shapes:
+        out = diffuse_embed_masked(**inputs, noise=noise)
+    assert saved == [] and (b * m, p) not in shapes
+    params = (inputs["bias"], inputs["pos"])
+    grad = torch.randn_like(out)
+    ref = reference_diffuse_embed_masked(**inputs, noise=noise)
+    for actual, expected in zip(torch.autograd.grad(out, params, grad),
+                                torch.autograd.grad(ref, params, grad)):
+        torch.testing.assert_close(actual, expected, rtol=TOL, atol=TOL)
 
 
 def test_needs_exactly_one_of_noise_and_seed():

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 import kernels  # noqa: E402
 from fastmavil.masking import random_masking  # noqa: E402
 from fastmavil.models.patch import PatchEmbed, patch_grid  # noqa: E402
-from conftest import nan_filled_empty, torch_flag  # noqa: E402
+from conftest import allocations, nan_filled_empty, saved_floats, torch_flag  # noqa: E402
 from kernels import patch_embed as pe  # noqa: E402
 from kernels._patches import dot_constexprs  # noqa: E402
 
@@ -186,6 +186,30 @@ def test_autocast_multiplies_in_bf16():
     assert_close(grads[0], exact_grads[0].bfloat16().float(), 2 ** -8)
     unrounded = pe.reference_patch_embed_visible(x_up, ids, w_up, bias, pos, patch)
     assert not torch.allclose(out, unrounded, rtol=FP32_TOL, atol=0)
+
+
+def test_keeps_the_patches_only_for_a_weight_gradient():
+    """Backward keeps the visible patches in the compute dtype (bf16 under autocast, as the plain
+    path's F.linear input) when weight trains; nothing of that size with a frozen weight or
+    without grad mode, and bias / pos gradients still match the reference."""
+    shape, patch, dim, ratio = CASES["audio-B3-D64"]
+    x, ids, weight, bias, pos = make_inputs(shape, patch, dim, ratio)
+    rows, p = ids.numel(), weight[0].numel()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), saved_floats() as saved:
+        pe.patch_embed_visible(x, ids, weight, bias, pos, patch)
+    assert saved == [((rows, p), torch.bfloat16)]
+    with torch.no_grad(), allocations() as shapes:
+        pe.patch_embed_visible(x, ids, weight, bias, pos, patch)
+    assert (rows, p) not in shapes
+    weight.requires_grad_(False)
+    with saved_floats() as saved, allocations() as shapes:
+        out = pe.patch_embed_visible(x, ids, weight, bias, pos, patch)
+    assert saved == [] and (rows, p) not in shapes
+    grad = torch.randn_like(out)
+    ref = pe.reference_patch_embed_visible(x, ids, weight, bias, pos, patch)
+    for actual, expected in zip(torch.autograd.grad(out, (bias, pos), grad),
+                                torch.autograd.grad(ref, (bias, pos), grad)):
+        assert_close(actual, expected, FP32_TOL)
 
 
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),

@@ -84,10 +84,19 @@ def test_resume_refuses_a_config_that_trains_something_else(shards, tmp_path, ca
         run(shards, tmp_path, train__max_steps=4, optim__lr=3e-4, mask__start=0.85)
     assert (tmp_path / "t" / "config.toml").read_text() == saved  # left as the run's
     with caplog.at_level("WARNING", logger="fastmavil.train"):
-        summary = run(shards, tmp_path, train__max_steps=4, data__shuffle_buffer=8,
-                      data__num_workers=1, train__log_every=2)
+        summary = run(shards, tmp_path, train__max_steps=4, data__num_workers=1,
+                      model__attention="math", train__log_every=2)
     assert summary["start_step"] == 3 and summary["step"] == 4
     assert "data.num_workers changed (0 -> 1)" in caplog.text
+
+
+def test_resume_refuses_data_of_another_size(shards, tmp_path):
+    run(shards, tmp_path / "run", train__max_steps=3)
+    other = tmp_path / "other"
+    synthesize(other, clips=16, heldout=0.0, clips_per_shard=8, workers=1,
+               spec=SynthSpec(seconds=1.0, size=48, fps=8.0))
+    with pytest.raises(ConfigError, match=r"trained on 24 clips, the data now holds 16"):
+        run(other / "train", tmp_path / "run", train__max_steps=4)
 
 
 def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path):

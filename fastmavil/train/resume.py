@@ -1,0 +1,60 @@
+"""What may change when a run resumes from its checkpoint.
+
+A checkpoint keeps the config it was trained under, the clip count its schedule was planned
+for and the precision it ran in. Resuming under a config that trains something else (model,
+data pipeline, masking, schedule, optimiser) is refused with the changed keys named; settings
+of how the run executes may change freely; a few that change which samples come next, or the
+numerics, are allowed with a warning.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..config import Config, ConfigError, config_changes
+
+log = logging.getLogger("fastmavil.train")
+
+# How the run executes, not what it trains (micro-batches keep the effective batch and its
+# samples; the attention backends compute the same attention).
+FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+        "train.max_bad_steps", "train.compile", "train.device", "train.deterministic",
+        "train.max_batch_size", "train.micro_batch_size", "run.dir", "run.tensorboard",
+        "model.attention"}
+# A dataset moved to another disk, a machine with other cores, the kernels on or off (their
+# in-kernel noise is another stream): the samples or noise from here on differ from an
+# uninterrupted run's.
+WARN = {"data.shards", "data.num_workers", "data.synth_clips", "model.kernels"}
+
+
+def check_config(path: Path, saved: str | None, cfg: Config) -> None:
+    """Before any work: refuses a config that trains something else than the checkpoint's."""
+    if saved is None:
+        log.warning("%s holds no config (written by an older fastmavil): resuming without "
+                    "checking that the config is the one it was trained under", path)
+        return
+    changes = config_changes(saved, cfg)
+    refused = {k: v for k, v in changes.items() if k not in FREE | WARN}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(f"{path} was written under a different config ({listed}); resume "
+                          "with the checkpoint's values (its config is in the run's config.toml) "
+                          "or start a new run with --run.name")
+    for key in sorted(changes.keys() & WARN):
+        old, new = changes[key]
+        log.warning("resuming with %s changed (%r -> %r): the samples from here on differ from "
+                    "an uninterrupted run's", key, old, new)
+
+
+def check_run(path: Path, state: dict, clips: int, precision: str) -> None:
+    """Once the data is known: the schedule must be the checkpoint's (same clip count); a
+    precision change (train.precision = auto on another device) is allowed with a warning."""
+    planned = state.get("clips")
+    if planned is not None and planned != clips:
+        raise ConfigError(f"{path} was trained on {planned} clips, the data now holds {clips}: "
+                          "the schedule (steps per epoch, batch per epoch) would shift under "
+                          "the resumed step; point data.shards at the run's data or start a "
+                          "new run with --run.name")
+    if state.get("precision") not in (None, precision):
+        log.warning("resuming in %s; the checkpoint was trained in %s", precision,
+                    state["precision"])
