@@ -14,12 +14,16 @@ Windowed attention with a shift mask or relative-position bias carries a bias, s
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 BACKENDS = ("auto", "flash", "sdpa", "math")
+# Whether flash-attn is installed, found without importing it: a constant that torch.compile'd
+# blocks read instead of tracing the lazy import below on every call where it is absent.
+FLASH_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,8 +37,8 @@ def flash_attn_func():
 
 
 def _flash_applies(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (bias is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and flash_attn_func() is not None)
+    return (FLASH_INSTALLED and bias is None and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_func() is not None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
