@@ -139,16 +139,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if sys.platform == "darwin":
-        return peak  # bytes on macOS
-    # KiB on Linux. getrusage's high-water mark was seen lagging the resident set on these
-    # machines; /proc's VmHWM is the larger of the recorded mark and the current set.
-    try:
-        with open("/proc/self/status") as status:
-            hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        hwm = 0
-    return max(peak, hwm) * 1024
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import mmap
 import sys
 import time
 import types
@@ -85,11 +86,12 @@ def test_peak_memory_cpu_grows():
     reset_peak_memory(cpu)  # a no-op on CPU
     before = peak_memory_bytes(cpu)
     assert before > 0
-    # Enough to push the resident set past the old peak, whatever it is now.
+    # Enough fresh pages to push the resident set past the old peak, whatever it is now: an
+    # anonymous mapping, since malloc may hand back freed memory that is still resident.
     extra = before - _resident_bytes() + (64 << 20)
-    array = np.ones(extra // 8)  # np.ones writes every page, so they all become resident
-    assert peak_memory_bytes(cpu) > before
-    del array
+    with mmap.mmap(-1, extra) as pages:
+        np.frombuffer(pages, dtype=np.uint8)[:] = 1  # write every page so it becomes resident
+        assert peak_memory_bytes(cpu) > before
 
 
 def test_nvml_index_mapping():
