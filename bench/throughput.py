@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         path, cfg = next(iter(configs.items()))
         text = profile(Path(path).stem, cfg, device, args, records[0]["batch"])
+        release_memory(device)
         out = RESULTS / f"profile-{slug}-{Path(path).stem}.txt"
         out.write_text(text + "\n")
         print(text, f"\nwrote {out}", sep="\n")
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         for path, cfg in configs.items():
             if cfg.mask.schedule == "linear":
                 views[Path(path).stem] = curriculum(path, cfg, device, args)
+                release_memory(device)
         for stem, view in views.items():
             runs = []  # consecutive epochs at one shape share a row
             for e in view["epochs"]:
