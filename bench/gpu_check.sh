@@ -31,10 +31,12 @@ run() {  # name, timeout seconds, command...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$log"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$log"
-keep() {  # the device tool returns what lands under $OUT
-  if [ "$out" != "bench/results" ]; then
-    cp bench/results/kernels-*.csv bench/results/throughput-*base* "$out"/ 2>/dev/null
-  fi
+keep() {  # the device tool returns what lands under $OUT (at most 8 files): this run's records
+  [ "$out" = "bench/results" ] && return 0
+  for f in bench/results/kernels-*.csv bench/results/throughput-*-base.json \
+           bench/results/throughput-*-base.png; do
+    case $f in *-cpu.csv) ;; *) [ -f "$f" ] && cp "$f" "$out"/ ;; esac
+  done
   return 0
 }
 # Triton compiles each kernel variant once per process: pytest-xdist (when present) spreads the
