@@ -98,6 +98,37 @@ if triton is not None:
         return (c[None, :] * stride_c + row * stride_d + col_h * stride_h + col_w * stride_w)
 
     @triton.jit
+    def load_patches(base, token, row_ok, k, P, GH, GW, PD: tl.constexpr, PH: tl.constexpr,
+                     PW: tl.constexpr, stride_c, stride_d, stride_h, stride_w):
+        """Elements k (BLOCK_K,) of the patches `token` (BLOCK_M,) -> (BLOCK_M, BLOCK_K) fp32, 0
+        outside; `base` points at each row's sample: a scalar, or (BLOCK_M, 1) pointers."""
+        offs = patch_offsets(token, k, GH, GW, PD, PH, PW, stride_c, stride_d, stride_h, stride_w)
+        mask = row_ok[:, None] & (k < P)[None, :]
+        return tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def patch_stats(base, token, row_ok, P, GH, GW, PD: tl.constexpr, PH: tl.constexpr,
+                    PW: tl.constexpr, stride_c, stride_d, stride_h, stride_w, eps,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Per-patch mean and 1 / sqrt(biased variance + eps), as losses.normalize_patches, over
+        BLOCK_K chunks merged with Chan et al.'s formula, which stays exact for near-constant
+        patches where sum(x^2) - P mean^2 would cancel."""
+        mean = tl.zeros((BLOCK_M,), tl.float32)
+        m2 = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, P, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            chunk = load_patches(base, token, row_ok, k, P, GH, GW, PD, PH, PW,
+                                 stride_c, stride_d, stride_h, stride_w)
+            n_c = tl.minimum(P - k0, BLOCK_K).to(tl.float32)
+            n = k0 + n_c
+            mean_c = tl.sum(chunk, axis=1) / n_c
+            dev = tl.where((k < P)[None, :], chunk - mean_c[:, None], 0.0)
+            delta = mean_c - mean
+            mean += delta * (n_c / n)
+            m2 += tl.sum(dev * dev, axis=1) + delta * delta * (k0 * n_c / n)
+        return mean, 1.0 / tl.sqrt_rn(m2 / P + eps)
+
+    @triton.jit
     def mma(acc, a, b, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr):
         """acc + a @ b on operands rounded to COMPUTE. ROUND_ONLY multiplies the rounded values in
         fp32 (exact products, same sums): the interpreter's tl.dot reads bf16 as raw integers

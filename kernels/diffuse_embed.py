@@ -190,7 +190,7 @@ class _DiffuseEmbed(torch.autograd.Function):
 _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256)
 
 if triton is not None:
-    from ._patches import mma, patch_offsets
+    from ._patches import load_patches, mma, patch_stats
 
     @triton.jit
     def _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m):
@@ -202,42 +202,13 @@ if triton is not None:
         return token, b, tl.sqrt_rn(ab), tl.sqrt_rn(1.0 - ab)
 
     @triton.jit
-    def _load_patch(x_ptr, token, b, row_mask, k, P, GH, GW, stride_b, stride_c, stride_d,
-                    stride_h, stride_w, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
-        """Patch elements k of the rows' tokens -> (BLOCK_M, BLOCK_K) fp32, 0 outside."""
-        offs = b.to(tl.int64)[:, None] * stride_b + patch_offsets(
-            token, k, GH, GW, PD, PH, PW, stride_c, stride_d, stride_h, stride_w)
-        mask = row_mask[:, None] & (k < P)[None, :]
-        return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _patch_stats(x_ptr, token, b, row_mask, P, GH, GW, stride_b, stride_c, stride_d,
-                     stride_h, stride_w, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Per-token mean and 1 / sqrt(biased var + eps); chunk statistics merged exactly."""
-        mean = tl.zeros((BLOCK_M,), tl.float32)
-        m2 = tl.zeros((BLOCK_M,), tl.float32)
-        for k0 in range(0, P, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            chunk = _load_patch(x_ptr, token, b, row_mask, k, P, GH, GW, stride_b, stride_c,
-                                stride_d, stride_h, stride_w, PD, PH, PW)
-            n_c = tl.minimum(P - k0, BLOCK_K).to(tl.float32)
-            n = k0 + n_c
-            mean_c = tl.sum(chunk, axis=1) / n_c
-            dev = tl.where((k < P)[None, :], chunk - mean_c[:, None], 0.0)
-            delta = mean_c - mean
-            mean += delta * (n_c / n)
-            m2 += tl.sum(dev * dev, axis=1) + delta * delta * (k0 * n_c / n)
-        return mean, 1.0 / tl.sqrt_rn(m2 / P + 1e-6)  # eps of normalize_patches
-
-    @triton.jit
     def _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k, mean, scale, sigma,
                        P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
                        PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                        HAS_NOISE: tl.constexpr):
         """x_t = scale (x - mean) + sigma eps for a (BLOCK_M, BLOCK_K) tile, 0 outside."""
-        x = _load_patch(x_ptr, token, b, row_mask, k, P, GH, GW, stride_b, stride_c, stride_d,
-                        stride_h, stride_w, PD, PH, PW)
+        x = load_patches(x_ptr + b.to(tl.int64)[:, None] * stride_b, token, row_mask, k, P, GH,
+                         GW, PD, PH, PW, stride_c, stride_d, stride_h, stride_w)
         flat = rows.to(tl.int64)[:, None] * P + k[None, :]  # = offset in (B, m, P)
         mask = row_mask[:, None] & (k < P)[None, :]
         if HAS_NOISE:
@@ -266,8 +237,9 @@ if triton is not None:
         row_mask = rows < R
         token, b, sqrt_ab, sigma = _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m)
         if NORM:
-            mean, rstd = _patch_stats(x_ptr, token, b, row_mask, P, GH, GW, stride_b, stride_c,
-                                      stride_d, stride_h, stride_w, PD, PH, PW, BLOCK_M, BLOCK_K)
+            mean, rstd = patch_stats(x_ptr + b.to(tl.int64)[:, None] * stride_b, token, row_mask,
+                                     P, GH, GW, PD, PH, PW, stride_c, stride_d, stride_h,
+                                     stride_w, 1e-6, BLOCK_M, BLOCK_K)  # normalize_patches' eps
         else:
             mean = tl.zeros((BLOCK_M,), tl.float32)
             rstd = tl.full((BLOCK_M,), 1.0, tl.float32)

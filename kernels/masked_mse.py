@@ -80,7 +80,7 @@ def _check(pred: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
 if triton is not None:
     import triton.language as tl
 
-    from ._patches import patch_offsets
+    from ._patches import load_patches, patch_stats
 
     CUDA_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w)
                     for bm, bk, w in ((4, 256, 4), (8, 256, 4), (8, 512, 8))]
@@ -95,12 +95,16 @@ if triton is not None:
         return b, rows, row_ok, token
 
     @triton.jit
-    def _load_x(x_base, token, k, mask, GH, GW, PD: tl.constexpr, PH: tl.constexpr,
-                PW: tl.constexpr, stride_xc, stride_xd, stride_xh, stride_xw):
-        """Elements k of the patches `token`, read straight from x, in fp32 (0 where masked)."""
-        offs = patch_offsets(token, k, GH, GW, PD, PH, PW, stride_xc, stride_xd, stride_xh,
-                             stride_xw)
-        return tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
+    def _residual(x_base, p_base, token, row_ok, k0, mean, rstd, P, GH, GW, stride_pk,
+                  stride_xc, stride_xd, stride_xh, stride_xw, PD: tl.constexpr,
+                  PH: tl.constexpr, PW: tl.constexpr, BLOCK_K: tl.constexpr):
+        """pred - target for patch elements k0 + [0, BLOCK_K) (0 outside), those k and mask."""
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (k < P)[None, :]
+        xv = load_patches(x_base, token, row_ok, k, P, GH, GW, PD, PH, PW,
+                          stride_xc, stride_xd, stride_xh, stride_xw)
+        pv = tl.load(p_base + k[None, :] * stride_pk, mask=mask, other=0.0).to(tl.float32)
+        return tl.where(mask, pv - (xv - mean[:, None]) * rstd[:, None], 0.0), k, mask
 
     @triton.jit
     def _mse_fwd_kernel(pred_ptr, x_ptr, ids_ptr, mean_ptr, rstd_ptr, partial_ptr, eps,
@@ -114,31 +118,15 @@ if triton is not None:
         mean = tl.zeros([BLOCK_M], tl.float32)
         rstd = tl.full([BLOCK_M], 1.0, tl.float32)  # mean 0, rstd 1: target = x (exactly)
         if NORM_PIX:
-            m2 = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, P, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                mask = row_ok[:, None] & (k < P)[None, :]
-                xv = _load_x(x_base, token, k, mask, GH, GW, PD, PH, PW,
-                             stride_xc, stride_xd, stride_xh, stride_xw)
-                n_a = k0 * 1.0
-                n_b = tl.minimum(P - k0, BLOCK_K) * 1.0
-                mean_b = tl.sum(xv, axis=1) / n_b
-                dev = tl.where(mask, xv - mean_b[:, None], 0.0)
-                # Chan et al.: merge (n_a, mean, m2) with this chunk's (n_b, mean_b, M2_b)
-                delta = mean_b - mean
-                mean += delta * (n_b / (n_a + n_b))
-                m2 += tl.sum(dev * dev, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
-            rstd = 1.0 / tl.sqrt_rn(m2 / P + eps)  # biased variance, as normalize_patches
+            mean, rstd = patch_stats(x_base, token, row_ok, P, GH, GW, PD, PH, PW, stride_xc,
+                                     stride_xd, stride_xh, stride_xw, eps, BLOCK_M, BLOCK_K)
 
         p_base = pred_ptr + b * stride_pb + rows[:, None] * stride_pm
         acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # reduced once at the end: fewer roundings
         for k0 in range(0, P, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            mask = row_ok[:, None] & (k < P)[None, :]
-            xv = _load_x(x_base, token, k, mask, GH, GW, PD, PH, PW,
-                         stride_xc, stride_xd, stride_xh, stride_xw)
-            pv = tl.load(p_base + k[None, :] * stride_pk, mask=mask, other=0.0).to(tl.float32)
-            diff = tl.where(mask, pv - (xv - mean[:, None]) * rstd[:, None], 0.0)
+            diff, _, _ = _residual(x_base, p_base, token, row_ok, k0, mean, rstd, P, GH, GW,
+                                   stride_pk, stride_xc, stride_xd, stride_xh, stride_xw,
+                                   PD, PH, PW, BLOCK_K)
             acc += diff * diff
         tl.store(partial_ptr + b * M + rows, tl.sum(acc, axis=1), mask=row_ok)
         tl.store(mean_ptr + b * M + rows, mean, mask=row_ok)
@@ -160,13 +148,10 @@ if triton is not None:
         p_base = pred_ptr + b * stride_pb + rows[:, None] * stride_pm
         g_base = grad_ptr + (b * M + rows[:, None]) * P
         for k0 in range(0, P, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            mask = row_ok[:, None] & (k < P)[None, :]
-            xv = _load_x(x_base, token, k, mask, GH, GW, PD, PH, PW,
-                         stride_xc, stride_xd, stride_xh, stride_xw)
-            pv = tl.load(p_base + k[None, :] * stride_pk, mask=mask, other=0.0).to(tl.float32)
-            grad = (pv - (xv - mean[:, None]) * rstd[:, None]) * coef
-            tl.store(g_base + k[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+            diff, k, mask = _residual(x_base, p_base, token, row_ok, k0, mean, rstd, P, GH, GW,
+                                      stride_pk, stride_xc, stride_xd, stride_xh, stride_xw,
+                                      PD, PH, PW, BLOCK_K)
+            tl.store(g_base + k[None, :], (diff * coef).to(grad_ptr.dtype.element_ty), mask=mask)
 
     _tuned = {k: triton.autotune(CUDA_CONFIGS, key=["M", "P"])(k)
               for k in (_mse_fwd_kernel, _mse_bwd_kernel)}
