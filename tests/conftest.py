@@ -38,37 +38,30 @@ def saved_floats():
 
 
 @contextlib.contextmanager
-def allocations():
-    """Collects the shapes torch.empty is asked for inside the block."""
-    shapes, empty = [], torch.empty
-
-    def recording(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        shapes.append(tuple(t.shape))
-        return t
-
-    torch.empty = recording
+def _empty_then(after):
+    """Inside the block torch.empty returns after(tensor)."""
+    empty = torch.empty
+    torch.empty = lambda *args, **kwargs: after(empty(*args, **kwargs))
     try:
-        yield shapes
+        yield
     finally:
         torch.empty = empty
+
+
+@contextlib.contextmanager
+def allocations():
+    """Collects the shapes torch.empty is asked for inside the block."""
+    shapes = []
+    with _empty_then(lambda t: shapes.append(tuple(t.shape)) or t):
+        yield shapes
 
 
 @contextlib.contextmanager
 def nan_filled_empty():
     """Inside the block torch.empty fills floating tensors with NaN, so an element that a kernel
     should write but misses shows up in its output."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = poisoned
-    try:
+    with _empty_then(lambda t: t.fill_(float("nan")) if t.is_floating_point() else t):
         yield
-    finally:
-        torch.empty = empty
 
 
 @contextlib.contextmanager
