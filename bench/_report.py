@@ -45,6 +45,13 @@ def commit() -> str:
         return "unknown"
 
 
+def kernel_rows(events) -> list:
+    """The device-kernel rows of a profiler's key_averages(): an operator's own row repeats the
+    time of the kernels it launched, so device time is summed over these alone."""
+    from torch.autograd import DeviceType
+    return [e for e in events if e.device_type == DeviceType.CUDA]
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

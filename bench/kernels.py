@@ -26,7 +26,7 @@ import torch
 from fastmavil.diffusion import DiffusionSchedule
 from fastmavil.masking import random_masking
 
-from ._report import RESULTS, commit, print_table
+from ._report import RESULTS, commit, kernel_rows, print_table
 
 # Dense datasheet HBM bandwidth, GB/s, by device-name fragment (most specific first).
 PEAK_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0))
@@ -99,7 +99,6 @@ def _device_ms(fn, reps: int = 20) -> float:
     """Milliseconds of GPU kernels per call, from the profiler: the device time alone, without
     the host's launch overhead, which dominates do_bench at these sizes and which a training step
     hides (its host runs ahead of the GPU)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -107,8 +106,7 @@ def _device_ms(fn, reps: int = 20) -> float:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    return sum(e.self_device_time_total for e in kernels) / 1e3 / reps
+    return sum(e.self_device_time_total for e in kernel_rows(prof.key_averages())) / 1e3 / reps
 
 
 def _timed_fn(make, mode: str):

@@ -38,7 +38,7 @@ from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, pea
                                      reset_peak_memory)
 from fastmavil.train.pretrain import fast_path, forward_flops_per_sample
 
-from ._report import RESULTS, commit, device_name, print_table
+from ._report import RESULTS, commit, device_name, kernel_rows, print_table
 
 CONFIGS = ["configs/r1.toml", "configs/r2.toml", "configs/r3.toml", "configs/r4.toml",
            "configs/mavil.toml"]
@@ -156,7 +156,6 @@ def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
             steps: int = 3) -> str:
     """The fast path's operators by device time over a few steps, and how much of the step's wall
     time the device was busy (a CPU-bound step shows a low share)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None)
@@ -171,12 +170,11 @@ def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
     events = prof.key_averages()
     cuda = device.type == "cuda"
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    # Device kernels only: an operator's row repeats the time of the kernels it launched.
-    kernel_rows = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else events
-    busy_ms = sum(getattr(e, key) for e in kernel_rows) / 1e3 / steps
+    rows = kernel_rows(events) if cuda else events
+    busy_ms = sum(getattr(e, key) for e in rows) / 1e3 / steps
     head = (f"{label} fast path, B={batch}, rho={ratio}: {wall_ms:.1f} ms per step while "
             f"profiled, {'device kernels' if cuda else 'CPU operators'} {busy_ms:.1f} ms per step"
-            + (f" in {sum(e.count for e in kernel_rows) / steps:.0f} launches" if cuda else ""))
+            + (f" in {sum(e.count for e in rows) / steps:.0f} launches" if cuda else ""))
     return head + "\n" + events.table(sort_by=key, row_limit=30, max_name_column_width=70)
 
 
