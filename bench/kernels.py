@@ -4,9 +4,12 @@
 
 Shapes: audio B=32, (1, 1024, 128) fbank, 16x16 patches; video B=16, (3, 16, 224, 224),
 2x16x16 tubelets; encoder width 768, decoder width 512. Modes: forward, backward,
-forward+backward. On CUDA, triton.testing.do_bench gives p20/p50/p80 in ms, and the table shows
-achieved GB/s and TFLOP/s against the device's peak. On a CPU only the references run (Triton
-kernels need a GPU; the interpreter is for correctness, not speed), timed with perf_counter.
+forward+backward. Dtypes (--dtype): bf16 (inputs and parameters bf16, every parameter and the
+positions trained: the kernels' whole interface), fp32, or amp (as in training: fp32 inputs and
+parameters under bf16 autocast, fixed positions, a bf16 prediction into the loss). On CUDA,
+triton.testing.do_bench gives p20/p50/p80 in ms, and the table shows achieved GB/s and TFLOP/s
+against the device's peak. On a CPU only the references run (Triton kernels need a GPU; the
+interpreter is for correctness, not speed), timed with perf_counter.
 On CUDA each row also has the kernels' device time per call from the profiler (launch overhead
 excluded: at these sizes do_bench's wall time is mostly the host's). Rows are appended to
 bench/results/kernels-<device>.csv (kernel, provider, mode, shape, p20/p50/p80, device,
@@ -34,13 +37,17 @@ GEOMETRY = {"audio": dict(batch=32, shape=(1, 1024, 128), patch=(16, 16)),
             "video": dict(batch=16, shape=(3, 16, 224, 224), patch=(2, 16, 16))}
 
 
-def _cases(device: torch.device, dtype: torch.dtype, modality: str, ratio: float):
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "amp": torch.float32}
+
+
+def _cases(device: torch.device, setting: str, modality: str, ratio: float):
     """(kernel name, fused fn, reference fn, FLOPs, bytes) per kernel; fns take no arguments
     and return the output to time or backpropagate."""
     from kernels.diffuse_embed import diffuse_embed_masked, reference_diffuse_embed_masked
     from kernels.masked_mse import masked_patch_mse, reference_masked_patch_mse
     from kernels.patch_embed import patch_embed_visible, reference_patch_embed_visible
 
+    dtype, amp = DTYPES[setting], setting == "amp"
     g = GEOMETRY[modality]
     b, patch = g["batch"], g["patch"]
     x = torch.randn(b, *g["shape"], device=device, dtype=dtype)
@@ -52,28 +59,36 @@ def _cases(device: torch.device, dtype: torch.dtype, modality: str, ratio: float
 
     def params(dim):
         w = torch.randn(dim, g["shape"][0], *patch, device=device, dtype=dtype) * 0.02
-        return [t.requires_grad_() for t in (w, torch.zeros(dim, device=device, dtype=dtype),
-                                            torch.randn(n_tokens, dim, device=device, dtype=dtype))]
+        pos = torch.randn(n_tokens, dim, device=device, dtype=dtype)
+        trained = (w, torch.zeros(dim, device=device, dtype=dtype)) + (() if amp else (pos,))
+        return [t.requires_grad_() for t in trained] + ([pos] if amp else [])
+
+    def run(fn, *fn_args, **kwargs):  # under bf16 autocast in the amp setting, as in training
+        def call():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                return fn(*fn_args, **kwargs)
+        return call
 
     enc, dec = params(768), params(512)
     sched = DiffusionSchedule().to(device)
     t = sched.sample_timesteps(b, device)
     noise = torch.randn(b, m, p_dim, device=device, dtype=dtype)
-    pred = torch.randn(b, m, p_dim, device=device, dtype=dtype, requires_grad=True)
+    pred = torch.randn(b, m, p_dim, device=device, dtype=torch.bfloat16 if amp else dtype,
+                       requires_grad=True)  # under autocast the decoder's head gives bf16
     return [
         ("patch_embed_visible",
-         lambda: patch_embed_visible(x, ids.keep, *enc, patch),
-         lambda: reference_patch_embed_visible(x, ids.keep, *enc, patch),
+         run(patch_embed_visible, x, ids.keep, *enc, patch),
+         run(reference_patch_embed_visible, x, ids.keep, *enc, patch),
          2 * b * n * p_dim * 768, size * (b * n * p_dim + 768 * p_dim + 2 * b * n * 768)),
         ("diffuse_embed_masked",
-         lambda: diffuse_embed_masked(x, ids.mask, t, sched.alpha_bar, *dec, patch, True,
-                                      noise=noise),
-         lambda: reference_diffuse_embed_masked(x, ids.mask, t, sched.alpha_bar, *dec, patch,
-                                                True, noise=noise),
+         run(diffuse_embed_masked, x, ids.mask, t, sched.alpha_bar, *dec, patch, True,
+             noise=noise),
+         run(reference_diffuse_embed_masked, x, ids.mask, t, sched.alpha_bar, *dec, patch,
+             True, noise=noise),
          2 * b * m * p_dim * 512, size * (2 * b * m * p_dim + 512 * p_dim + 2 * b * m * 512)),
         ("masked_patch_mse",
-         lambda: masked_patch_mse(pred, x, ids.mask, patch, True),
-         lambda: reference_masked_patch_mse(pred, x, ids.mask, patch, True),
+         run(masked_patch_mse, pred, x, ids.mask, patch, True),
+         run(reference_masked_patch_mse, pred, x, ids.mask, patch, True),
          3 * b * m * p_dim, size * 2 * b * m * p_dim),
     ]
 
@@ -164,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.9])
     parser.add_argument("--modalities", nargs="+", default=["audio", "video"])
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                        help="default: bf16 on CUDA, fp32 on a CPU")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="bf16, fp32, or amp (fp32 under bf16 autocast, as in training); "
+                             "default: bf16 on CUDA, fp32 on a CPU")
     parser.add_argument("--reps", type=int, default=5, help="repeats per CPU timing")
     args = parser.parse_args(argv)
 
@@ -173,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda
-                                                                             else "fp32")]
+    setting = args.dtype or ("bf16" if cuda else "fp32")
+    dtype = torch.bfloat16 if setting == "amp" else DTYPES[setting]  # the matmuls' dtype
     name = torch.cuda.get_device_name() if cuda else "cpu"
     if not cuda:
         print("No CUDA device: timing the PyTorch references only (Triton kernels run "
@@ -191,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, table = [], []
     for modality in args.modalities:
         for ratio in args.ratios:
-            for kernel, fused, reference, flops, nbytes in _cases(device, dtype, modality, ratio):
-                shape = f"{modality} B={GEOMETRY[modality]['batch']} rho={ratio}"
+            for kernel, fused, reference, flops, nbytes in _cases(device, setting, modality,
+                                                                  ratio):
+                shape = f"{modality} B={GEOMETRY[modality]['batch']} rho={ratio} {setting}"
                 for mode in ("forward", "backward", "forward+backward"):
                     timings, device_ms = {}, {}
                     for provider in providers:
@@ -221,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{p50:.3f} [{p20:.3f}-{p80:.3f}]", gb_text, tf_text,
                                       speedup, "-" if dev is None else f"{dev:.3f}",
                                       dev_speedup])
-    print_table(f"Kernels on {name} ({dtype}): wall ms p50 [p20-p80] (GB/s and TFLOP/s from it), "
+    print_table(f"Kernels on {name} ({setting}): wall ms p50 [p20-p80] (GB/s and TFLOP/s from it), "
                 "and kernel time alone (device ms)",
                 ["kernel", "input", "mode", "provider", "ms", "GB/s", "TFLOP/s", "speedup",
                  "device ms", "device speedup"], table)

@@ -4,17 +4,19 @@
     python -m bench.throughput --size small         # the default without CUDA
 
 reference path: kernels off, math attention, eager, AdamW (for-each)
-fast path:      kernels on (where they run), auto attention, fused AdamW on CUDA,
+fast path:      kernels on (where they run), auto attention, fused AdamW (as the trainer),
                 compiled transformer blocks with --compile (models/compile.py)
 Both train the same model (same weights) on the same synthetic batch already on the device, so
 this measures the model, not the loader (bench.dataload does that). Steps alternate between
 the paths after a warm-up; medians over --repeats. bf16 autocast on CUDA, fp32 on a CPU.
 
 Curriculum view (R3 and R4): the fast path timed at every distinct (rho, B) shape of the
-schedule, with per-epoch step time, samples/s, visible tokens per step and GPU utilisation,
-and the projected epoch time of R4 relative to R1 and R3 (the paper: 0.82x of R1).
-Writes bench/results/throughput-<device>.json (each config's record carries `speedup`, fast
-over reference samples/s) and a PNG plot when matplotlib is installed.
+schedule, with per-epoch step time, samples/s, visible tokens and model FLOPs per step and GPU
+utilisation, and the projected epoch time of R4 relative to R1 and R3 (the paper: 0.82x of
+R1). --batch-rule flops plans R4's batches by FLOPs rather than visible tokens
+(train.adaptive_batch_rule, fastmavil/schedule.py).
+Writes bench/results/throughput-<device>-<size>[-compile][-flops].json (each config's record
+carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -31,12 +33,13 @@ import torch
 
 import kernels
 from fastmavil.config import Config, load_config
+from fastmavil.flops import forward_flops_per_sample
 from fastmavil.models import build_model, compile_blocks
 from fastmavil.models.attention import set_attention_backend
 from fastmavil.schedule import plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
                                      reset_peak_memory)
-from fastmavil.train.pretrain import fast_path, forward_flops_per_sample
+from fastmavil.train.pretrain import fast_path
 
 from ._report import RESULTS, commit, device_name, kernel_rows, print_table
 
@@ -60,8 +63,7 @@ class Trainer:
         if fast and compile_model:
             compile_blocks(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4,
-                                           fused=fast and device.type == "cuda",
-                                           foreach=None if fast else True)
+                                           fused=fast or None, foreach=None if fast else True)
         self.device = device
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
@@ -109,6 +111,12 @@ def compare(path: str, cfg: Config, device: torch.device, args, peak) -> dict:
             release_memory(device)
 
 
+def _mean(samples: list) -> float | None:
+    """Mean of the utilisation samples; None where none were taken (no CUDA or no NVML)."""
+    taken = [u for u in samples if u is not None]
+    return statistics.mean(taken) if taken else None
+
+
 def release_memory(device: torch.device) -> None:
     """Frees the models of a finished comparison: compiled modules sit in reference cycles, so
     collect them before returning the cached blocks."""
@@ -142,12 +150,11 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
     for name in times:
         ms = statistics.median(times[name])
         seconds = ms / 1e3
-        util = [u for u in utils[name] if u is not None]
         record[name] = {"step_ms": ms, "samples_per_s": batch / seconds,
                         "tokens_per_s": sum(cfg.model.visible_tokens(ratio)) * batch / seconds,
                         "tflops": flops / seconds / 1e12, "mfu": mfu(flops, seconds, peak),
                         "peak_memory_gb": memory[name] / 2 ** 30,
-                        "gpu_util": statistics.mean(util) if util else None}
+                        "gpu_util": _mean(utils[name])}
     record["speedup"] = record["fast"]["samples_per_s"] / record["reference"]["samples_per_s"]
     return record
 
@@ -179,35 +186,44 @@ def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
 
 
 def curriculum(cfg_path: str, cfg: Config, device: torch.device, args) -> dict:
-    """The fast path at every distinct (rho, B) shape of the config's schedule."""
+    """The fast path at every distinct (rho, B) shape of the config's schedule. Each repeat
+    times every shape once, round robin, so a drift of the machine's speed during the run (clocks,
+    other load) spreads over all shapes instead of biasing the ones timed last."""
     cfg.train.batch_size, cfg.train.micro_batch_size = args.batch, 0
     cfg.train.batch_multiple = max(1, min(cfg.train.batch_multiple, args.batch // 4))
     plans = plan_epochs(cfg, args.clips)
+    flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in plans})
     trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None)
-    shapes = {}
-    for plan in plans:
-        key = (plan.mask_ratio, plan.batch_size)
-        if key in shapes:
-            continue
-        audio, video = batch_for(cfg, plan.batch_size, device)
+    keys = list(dict.fromkeys((p.mask_ratio, p.batch_size) for p in plans))
+    batches = {key: batch_for(cfg, key[1], device) for key in keys}
+    for ratio, batch in keys:
         for _ in range(args.warmup):
-            trainer.step(audio, video, plan.mask_ratio)
-        with GpuUtilization(device) as util:
-            ms = statistics.median(trainer.time(audio, video, plan.mask_ratio, args.steps)
-                                   for _ in range(args.repeats))
-        shapes[key] = {"step_ms": ms, "gpu_util": util.mean()}
+            trainer.step(*batches[ratio, batch], ratio)
+    times, utils = {key: [] for key in keys}, {key: [] for key in keys}
+    for _ in range(args.repeats):
+        for ratio, batch in keys:
+            with GpuUtilization(device) as util:
+                times[ratio, batch].append(
+                    trainer.time(*batches[ratio, batch], ratio, args.steps))
+            utils[ratio, batch].append(util.mean())
+    shapes = {key: {"step_ms": statistics.median(times[key]), "gpu_util": _mean(utils[key])}
+              for key in keys}
     epochs = [{"epoch": p.epoch, "mask_ratio": p.mask_ratio, "batch": p.batch_size,
                "steps": p.steps, "step_ms": shapes[(p.mask_ratio, p.batch_size)]["step_ms"],
                "samples_per_s": p.batch_size / shapes[(p.mask_ratio, p.batch_size)]["step_ms"]
                * 1e3, "tokens_per_step": sum(cfg.model.visible_tokens(p.mask_ratio)) * p.batch_size,
+               "tflop_per_step": 3 * flops[p.mask_ratio] * p.batch_size / 1e12,
                "gpu_util": shapes[(p.mask_ratio, p.batch_size)]["gpu_util"],
                "epoch_s": p.steps * shapes[(p.mask_ratio, p.batch_size)]["step_ms"] / 1e3}
               for p in plans]
     step_ms = [e["step_ms"] for e in epochs]
     mean = statistics.mean(step_ms)
+    work = [e["tflop_per_step"] for e in epochs]
     return {"config": cfg_path, "shapes": len(shapes), "epochs": epochs,
+            "batch_rule": cfg.train.adaptive_batch_rule if cfg.train.adaptive_batch else "fixed",
             "mean_epoch_s": statistics.mean(e["epoch_s"] for e in epochs),
-            "step_ms_spread": (max(step_ms) - min(step_ms)) / 2 / mean}
+            "step_ms_spread": (max(step_ms) - min(step_ms)) / 2 / mean,
+            "flops_spread": (max(work) - min(work)) / 2 / statistics.mean(work)}
 
 
 def _triton_version() -> str | None:
@@ -256,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="compile the fast path's transformer blocks (regional torch.compile)")
     parser.add_argument("--no-curriculum", action="store_true")
+    parser.add_argument("--batch-rule", choices=["tokens", "flops"], default=None,
+                        help="train.adaptive_batch_rule for configs with the adaptive batch "
+                             "(default: each config's own; the paper's is tokens)")
     parser.add_argument("--profile", action="store_true",
                         help="profile the fast path of the first config: where a step's time goes")
     args = parser.parse_args(argv)
@@ -267,11 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if cuda else torch.float32)
     name = device_name(device)
     slug = name.replace(" ", "_").replace("/", "_")
+    # variants get their own record, so a run of one never overwrites the default's
+    variant = ("-compile" if args.compile else "") + (f"-{args.batch_rule}" if args.batch_rule
+                                                      else "")
     head = commit()  # once: the records written below must not make the tree look modified
     RESULTS.mkdir(exist_ok=True)
 
     def save(records: list, views: dict) -> Path:
-        out = RESULTS / f"throughput-{slug}-{args.size}.json"
+        out = RESULTS / f"throughput-{slug}-{args.size}{variant}.json"
         out.write_text(json.dumps({
             "bench": "throughput", "device": name, "peak": peak_source, "size": args.size,
             "batch": args.batch, "torch": torch.__version__, "triton": _triton_version(),
@@ -282,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = {path: load_config(ROOT / path if not Path(path).exists() else path,
                                  {"model.size": args.size}) for path in args.configs}
+    for cfg in configs.values():
+        cfg.train.adaptive_batch_rule = args.batch_rule or cfg.train.adaptive_batch_rule
     records = []
     for path, cfg in configs.items():
         records.append(compare(path, cfg, device, args, peak))
@@ -290,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         path, cfg = next(iter(configs.items()))
         text = profile(Path(path).stem, cfg, device, args, records[0]["batch"])
         release_memory(device)
-        out = RESULTS / f"profile-{slug}-{Path(path).stem}.txt"
+        out = RESULTS / f"profile-{slug}-{Path(path).stem}{variant}.txt"
         out.write_text(text + "\n")
         print(text, f"\nwrote {out}", sep="\n")
     rows = []
@@ -322,13 +346,16 @@ def main(argv: list[str] | None = None) -> int:
                     runs[-1].append(e)
                 else:
                     runs.append([e])
-            print_table(f"Curriculum view {stem}: {view['shapes']} shapes, per-epoch step time "
-                        f"within ±{view['step_ms_spread']:.1%} of its mean",
-                        ["epochs", "rho", "B", "step ms", "samples/s", "tokens/step", "GPU util",
-                         "epoch s"],
+            print_table(f"Curriculum view {stem} (batch: {view['batch_rule']}): "
+                        f"{view['shapes']} shapes, per-epoch step time within "
+                        f"±{view['step_ms_spread']:.1%} of its mean, FLOPs per step within "
+                        f"±{view['flops_spread']:.1%}",
+                        ["epochs", "rho", "B", "step ms", "samples/s", "tokens/step",
+                         "TFLOP/step", "GPU util", "epoch s"],
                         [[f"{r[0]['epoch']}-{r[-1]['epoch']}", f"{r[0]['mask_ratio']:.2f}",
                           str(r[0]["batch"]), f"{r[0]['step_ms']:.1f}",
                           f"{r[0]['samples_per_s']:.1f}", str(r[0]["tokens_per_step"]),
+                          f"{r[0]['tflop_per_step']:.3f}",
                           "-" if r[0]["gpu_util"] is None else f"{r[0]['gpu_util']:.0f}%",
                           f"{r[0]['epoch_s']:.0f}"] for r in runs])
         r1 = next((r for r in records if Path(r["config"]).stem == "r1"), None)

@@ -254,8 +254,14 @@ class TrainConfig:
     epochs: int = 60
     # Effective batch size; with adaptive_batch it is B0, the batch at the lowest masking ratio.
     batch_size: int = 2048
-    # Adaptive batch (paper Sec. 3): B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0.
+    # Adaptive batch (paper Sec. 3), B0 at the lowest masking ratio; the batch at epoch e by
+    #   tokens  B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0: the paper's formula (constant
+    #           visible tokens per step)
+    #   flops   B_e = F(min(rho1, rho2)) / F(rho_e) * B0, F = the model's forward FLOPs per
+    #           sample: the paper's stated aim, "constant compute at each iteration", which the
+    #           token rule misses because the decoders' work follows the masked tokens
     adaptive_batch: bool = False
+    adaptive_batch_rule: str = field(default="tokens", metadata=_choices("tokens", "flops"))
     # Shapes: B_e rounds to a multiple of batch_multiple; rho_e takes at most max_shapes values.
     batch_multiple: int = 8
     max_shapes: int = 11

@@ -42,6 +42,22 @@ def count_forward(model, mask_ratio_value: float) -> dict[str, float]:
     return flops
 
 
+_counted: dict[tuple[str, float], float] = {}  # (model-defining config, ratio) -> FLOPs
+
+
+def forward_flops_per_sample(cfg: Config, ratios) -> dict[float, float]:
+    """Total forward FLOPs per sample at each masking ratio, counted on the meta device (about
+    a second per ratio at paper size, so counts are kept: the schedule and the trainer ask)."""
+    key = repr((cfg.model, cfg.loss, cfg.diffusion))  # what build_model and forward read
+    missing = [r for r in ratios if (key, r) not in _counted]
+    if missing:
+        with torch.device("meta"):
+            model = build_model(cfg)
+        set_attention_backend(model, "math")
+        _counted.update({(key, r): count_forward(model, r)["total"] for r in missing})
+    return {r: _counted[key, r] for r in ratios}
+
+
 def schedule_flops(cfg: Config) -> dict[str, float]:
     """Per-sample forward FLOPs by module, averaged over the masking ratio of every epoch."""
     with torch.device("meta"):

@@ -1,7 +1,11 @@
 """Schedules of the paper's efficiency ideas (Sec. 3) and the learning rate.
 
 Masking ratio per epoch (`fixed` or `linear` from rho1 to rho2), and with the adaptive batch
-B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0, so the visible tokens per step stay constant.
+B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0, so the visible tokens per step stay constant
+(`train.adaptive_batch_rule = "tokens"`, the paper's formula). The paper's aim is "constant
+compute at each iteration", which that formula misses: the decoders' work follows the masked
+tokens, so at rho = 0.9 a token-budget step does ~1.4x the FLOPs of one at 0.8. `"flops"`
+scales B0 by the model's forward FLOPs per sample instead, F(min rho) / F(rho_e).
 An epoch is a pass over the dataset, so larger batches mean fewer steps: the wall-clock saving.
 
 Compiled graphs and autotuned kernels specialise on shapes, so the ratio is quantised to at most
@@ -52,16 +56,29 @@ class EpochPlan:
     steps: int        # optimizer steps: full batches only
 
 
+def _flops_budget_batches(cfg: Config, ratios: set[float]) -> dict[float, float]:
+    """The batch at each ratio with as many forward FLOPs as B0 at the lowest ratio."""
+    from .flops import forward_flops_per_sample  # builds the model on the meta device
+    lowest = min(cfg.mask.start, cfg.mask.end)
+    flops = forward_flops_per_sample(cfg, ratios | {lowest})
+    return {r: flops[lowest] / flops[r] * cfg.train.batch_size for r in ratios}
+
+
 def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
     """The (rho, B, steps) of every epoch for a dataset of `num_clips` clips."""
     t, mask = cfg.train, cfg.mask
+    ratios = [quantized_mask_ratio(mask, epoch, t.epochs, t.max_shapes)
+              for epoch in range(t.epochs)]
+    if t.adaptive_batch and t.adaptive_batch_rule == "flops":
+        exact = _flops_budget_batches(cfg, set(ratios))
+    else:
+        exact = {r: _token_budget_batch(mask, r, t.batch_size) for r in set(ratios)}
     plans = []
-    for epoch in range(t.epochs):
-        ratio = quantized_mask_ratio(mask, epoch, t.epochs, t.max_shapes)
+    for epoch, ratio in enumerate(ratios):
         batch = t.batch_size
         if t.adaptive_batch:
-            exact = _token_budget_batch(mask, ratio, t.batch_size)
-            batch = max(t.batch_multiple, t.batch_multiple * round(exact / t.batch_multiple))
+            batch = max(t.batch_multiple,
+                        t.batch_multiple * round(exact[ratio] / t.batch_multiple))
         micro = t.micro_batch_size or batch
         if t.max_batch_size and micro > t.max_batch_size:
             raise ConfigError(f"epoch {epoch} runs {micro} samples per forward pass (mask ratio "
@@ -79,7 +96,7 @@ def learning_rate(cfg: Config, step: int, plans: list[EpochPlan]) -> float:
     `optim.min_lr` at the last step, per iteration.
 
     Batch-size rule: `optim.lr_batch_scaling` = `none` keeps lr independent of the changing
-    batch (the adaptive batch keeps the visible tokens per step constant, so each step's
+    batch (the paper's adaptive batch keeps the visible tokens per step constant, so each step's
     gradient averages the same number of tokens); `linear` or `sqrt` scale lr by B_e / B0 or
     its square root.
     """

@@ -20,14 +20,18 @@ def results(tmp_path, monkeypatch):
 
 def test_throughput_writes_comparison_curriculum_and_profile(results):
     assert bench.throughput.main(["configs/r4.toml", "--size", "tiny", "--steps", "1",
-                                  "--repeats", "1", "--warmup", "1", "--profile"]) == 0
-    (record_path,) = results.glob("throughput-*-tiny.json")
+                                  "--repeats", "2", "--warmup", "1", "--profile",
+                                  "--batch-rule", "flops"]) == 0
+    (record_path,) = results.glob("throughput-*-tiny-flops.json")
     record = json.loads(record_path.read_text())
     (r4,) = record["configs"]
     assert r4["speedup"] > 0 and r4["fast"]["step_ms"] > 0 and r4["flops_per_step"] > 0
     view = record["curriculum"]["r4"]
     assert view["shapes"] == len({(e["mask_ratio"], e["batch"]) for e in view["epochs"]}) > 1
-    (profile,) = results.glob("profile-*-r4.txt")
+    assert view["batch_rule"] == "flops"
+    assert view["epochs"][0]["batch"] > view["epochs"][-1]["batch"]
+    assert all(e["tflop_per_step"] > 0 for e in view["epochs"])
+    (profile,) = results.glob("profile-*-r4-flops.txt")
     assert "r4 fast path" in profile.read_text()
 
 
@@ -38,13 +42,14 @@ def test_kernels_appends_rows_with_their_commit(results, monkeypatch):
     legacy = bench.kernels.HEADER[:-1]  # a record from before the device_ms column
     path.write_text(",".join(legacy) + "\n" + ",".join(["old"] * len(legacy)) + "\n")
     argv = ["--modalities", "audio", "--ratios", "0.9", "--reps", "1"]
-    assert bench.kernels.main(argv) == 0
-    assert bench.kernels.main(argv) == 0
+    assert bench.kernels.main(argv + ["--dtype", "fp32"]) == 0
+    assert bench.kernels.main(argv + ["--dtype", "amp"]) == 0  # as in training: autocast
     header, old, *rows = list(csv.reader(path.open()))
     assert header == bench.kernels.HEADER and old == ["old"] * len(legacy) + [""]
     providers = {"torch", "triton"} if torch.cuda.is_available() else {"torch"}  # CPU: refs only
     assert len(rows) == 2 * 3 * 3 * len(providers)  # two runs x three kernels x three modes
     assert {r[1] for r in rows} == providers and {r[10] for r in rows} == {"abc1234"}
+    assert {r[3] for r in rows} == {"audio B=32 rho=0.9 fp32", "audio B=32 rho=0.9 amp"}
 
 
 def test_compare_halves_the_batch_while_out_of_memory(monkeypatch):

@@ -27,9 +27,8 @@ import torch
 from ..config import Config, ConfigError, load_config, to_toml
 from ..data.loader import ShardDataset, build_loader, loader_spec
 from ..data.shards import count_clips
-from ..flops import count_forward
+from ..flops import forward_flops_per_sample
 from ..models import build_model, compile_blocks
-from ..models.attention import set_attention_backend
 from ..schedule import EpochPlan, first_step, learning_rate, plan_epochs
 from . import resume
 from .checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, set_rng_state
@@ -77,14 +76,6 @@ def fast_path(cfg: Config, device: torch.device) -> bool:
         log.info("Triton kernels need a CUDA device and triton: using the PyTorch references")
         return False
     return True
-
-
-def forward_flops_per_sample(cfg: Config, ratios: set[float]) -> dict[float, float]:
-    """Model forward FLOPs per sample at each mask ratio, counted on the meta device."""
-    with torch.device("meta"):
-        model = build_model(cfg)
-    set_attention_backend(model, "math")
-    return {r: count_forward(model, r)["total"] for r in ratios}
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
@@ -150,6 +141,10 @@ def train(cfg: Config, argv: list[str]) -> dict:
         resume.check_run(resumed[0], resumed[1], clips, precision)
     plans = plan_epochs(cfg, clips)
     total_steps = sum(p.steps for p in plans)
+    log.info("plan: %d epochs, %d steps; mask ratio %.2f -> %.2f; batch %d -> %d (%s)",
+             len(plans), total_steps, plans[0].mask_ratio, plans[-1].mask_ratio,
+             plans[0].batch_size, plans[-1].batch_size,
+             f"adaptive, {t.adaptive_batch_rule} rule" if t.adaptive_batch else "fixed")
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
     (run_dir / "config.toml").write_text(to_toml(cfg))

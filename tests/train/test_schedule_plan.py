@@ -74,3 +74,27 @@ def test_epoch_lookup():
     assert epoch_at(0, plans).epoch == 0
     assert epoch_at(first_step(5, plans), plans).epoch == 5
     assert epoch_at(10 ** 9, plans).epoch == 59
+
+
+def test_flops_rule_keeps_the_model_flops_per_step():
+    """train.adaptive_batch_rule = "flops": B_e * F(rho_e) stays at B0 * F(min rho), so the batch
+    grows less than the token rule's (the decoders' work follows the masked tokens)."""
+    from fastmavil.flops import forward_flops_per_sample
+    overrides = {"model.size": "tiny"}
+    tokens = plan_epochs(load_config(CONFIGS / "r4.toml", overrides), 1_900_000)
+    cfg = load_config(CONFIGS / "r4.toml", {**overrides, "train.adaptive_batch_rule": "flops"})
+    plans = plan_epochs(cfg, 1_900_000)
+    flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in plans})
+    budget = 2048 * flops[0.8]
+    for p in plans:
+        assert p.batch_size % 8 == 0 and p.steps == 1_900_000 // p.batch_size
+        assert p.batch_size * flops[p.mask_ratio] == pytest.approx(budget, rel=0.01), p
+    assert plans[-1].batch_size == 2048 < plans[0].batch_size < tokens[0].batch_size == 4096
+    r3 = plan_epochs(load_config(CONFIGS / "r3.toml", overrides), 1_900_000)
+    steps = [sum(p.steps for p in plan) for plan in (tokens, plans, r3)]
+    assert steps == sorted(steps)  # token rule < flops rule < fixed batch
+
+
+def test_unknown_batch_rule_is_refused():
+    with pytest.raises(ConfigError, match="adaptive_batch_rule"):
+        load_config(CONFIGS / "r4.toml", {"train.adaptive_batch_rule": "memory"})
