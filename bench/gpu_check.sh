@@ -8,6 +8,10 @@
 #   FASTMAVIL_COMMIT=<sha> bash bench/gpu_check.sh   # from the repository root; results in
 #                                                    # bench/results/ (the sha: a copied tree's
 #                                                    # git metadata can be stale)
+#   FASTMAVIL_COMMIT=<sha> bash bench/gpu_check.sh extra
+#       the follow-up measurements instead, also under 8 minutes: bench.kernels in training's
+#       setting (--dtype amp), R1 and R4 with compiled blocks (--compile), and R1/R3/R4 with
+#       the FLOPs batch rule (--batch-rule flops)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -31,29 +35,42 @@ run() {  # name, timeout seconds, command...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$log"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$log"
+started=$(mktemp)  # records written after this are this run's
+trap 'rm -f "$started"' EXIT
 keep() {  # the device tool returns what lands under $OUT (at most 8 files): this run's records
   [ "$out" = "bench/results" ] && return 0
-  for f in bench/results/kernels-*.csv bench/results/throughput-*-base.json \
-           bench/results/throughput-*-base.png; do
-    case $f in *-cpu.csv) ;; *) [ -f "$f" ] && cp "$f" "$out"/ ;; esac
-  done
+  find bench/results -maxdepth 1 -type f -newer "$started" \
+    \( -name 'kernels-*.csv' -o -name 'throughput-*-base*.json' -o -name 'throughput-*-base*.png' \
+    -o -name 'profile-*.txt' \) -exec cp {} "$out"/ \;
   return 0
 }
 # Triton compiles each kernel variant once per process: pytest-xdist (when present) spreads the
 # compiles over the cores.
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 12")
-run "kernel + attention tests (CUDA)" 120 python -m pytest -q -p no:cacheprovider $workers \
-  tests/kernels tests/test_attention.py tests/data/test_fbank.py
-run "bench.kernels" 80 python -m bench.kernels
-keep
-run "bench.throughput (base)" 260 python -m bench.throughput --size base --steps 3
-keep
+if [ "${1:-}" = "extra" ]; then
+  run "bench.kernels (amp)" 90 python -m bench.kernels --dtype amp
+  keep
+  run "bench.throughput (base, compile)" 210 python -m bench.throughput --size base --steps 3 \
+    --compile --no-curriculum configs/r1.toml configs/r4.toml
+  keep
+  run "bench.throughput (base, flops rule)" 160 python -m bench.throughput --size base --steps 3 \
+    --batch-rule flops configs/r1.toml configs/r3.toml configs/r4.toml
+  keep
+else
+  run "kernel + attention tests (CUDA)" 120 python -m pytest -q -p no:cacheprovider $workers \
+    tests/kernels tests/test_attention.py tests/data/test_fbank.py
+  run "bench.kernels" 80 python -m bench.kernels
+  keep
+  run "bench.throughput (base)" 260 python -m bench.throughput --size base --steps 3
+  keep
+fi
 echo "=== summary" | tee -a "$log"
 printf '%s\n' "${status[@]}" | tee -a "$log"
 python - "$out" <<'PY' 2>&1 | tee -a "$log"
 import json, pathlib, sys
-for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput-*-base.json")):
+for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput-*-base*.json")):
     record = json.loads(path.read_text())
+    print(path.name)
     for r in record["configs"]:
         f = r["fast"]
         mfu = "-" if f["mfu"] is None else f"{f['mfu']:.1%}"

@@ -134,9 +134,10 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
                    state=reference.model.state_dict())
     flops = 3 * forward_flops_per_sample(cfg, {ratio})[ratio] * batch
     record = {"config": path, "mask_ratio": ratio, "batch": batch, "flops_per_step": flops}
-    for _ in range(args.warmup):
-        reference.step(audio, video, ratio)
-        fast.step(audio, video, ratio)
+    warmup_s = {}  # the first steps compile (--compile) and autotune: how long that takes
+    for name, trainer in (("reference", reference), ("fast", fast)):
+        warmup_s[name] = (trainer.time(audio, video, ratio, args.warmup) * args.warmup / 1e3
+                          if args.warmup else 0.0)
     times = {"reference": [], "fast": []}
     utils = {"reference": [], "fast": []}
     memory = {}
@@ -154,7 +155,7 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
                         "tokens_per_s": sum(cfg.model.visible_tokens(ratio)) * batch / seconds,
                         "tflops": flops / seconds / 1e12, "mfu": mfu(flops, seconds, peak),
                         "peak_memory_gb": memory[name] / 2 ** 30,
-                        "gpu_util": _mean(utils[name])}
+                        "gpu_util": _mean(utils[name]), "warmup_s": warmup_s[name]}
     record["speedup"] = record["fast"]["samples_per_s"] / record["reference"]["samples_per_s"]
     return record
 
@@ -327,10 +328,11 @@ def main(argv: list[str] | None = None) -> int:
                          "-" if p["mfu"] is None else f"{p['mfu']:.1%}",
                          f"{p['peak_memory_gb']:.2f}",
                          "-" if p["gpu_util"] is None else f"{p['gpu_util']:.0f}%",
+                         f"{p['warmup_s']:.1f}",
                          f"{r['speedup']:.2f}x" if path_name == "fast" else ""])
     print_table(f"Training step, {args.size} size, {name} (peak: {peak_source})",
                 ["config", "path", "B", "step ms", "samples/s", "vis tokens/s", "TFLOP/step",
-                 "TFLOP/s", "MFU", "peak GB", "GPU util", "speedup"], rows)
+                 "TFLOP/s", "MFU", "peak GB", "GPU util", "warm-up s", "speedup"], rows)
 
     views = {}
     if not args.no_curriculum:

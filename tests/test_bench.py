@@ -26,6 +26,7 @@ def test_throughput_writes_comparison_curriculum_and_profile(results):
     record = json.loads(record_path.read_text())
     (r4,) = record["configs"]
     assert r4["speedup"] > 0 and r4["fast"]["step_ms"] > 0 and r4["flops_per_step"] > 0
+    assert r4["fast"]["warmup_s"] > 0 and r4["reference"]["warmup_s"] > 0
     view = record["curriculum"]["r4"]
     assert view["shapes"] == len({(e["mask_ratio"], e["batch"]) for e in view["epochs"]}) > 1
     assert view["batch_rule"] == "flops"
