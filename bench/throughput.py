@@ -134,10 +134,10 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
                    state=reference.model.state_dict())
     flops = 3 * forward_flops_per_sample(cfg, {ratio})[ratio] * batch
     record = {"config": path, "mask_ratio": ratio, "batch": batch, "flops_per_step": flops}
-    warmup_s = {}  # the first steps compile (--compile) and autotune: how long that takes
+    warmup_s = {}  # wall time of the warm-up steps, which compile (--compile) and autotune
     for name, trainer in (("reference", reference), ("fast", fast)):
         warmup_s[name] = (trainer.time(audio, video, ratio, args.warmup) * args.warmup / 1e3
-                          if args.warmup else 0.0)
+                          if args.warmup else None)
     times = {"reference": [], "fast": []}
     utils = {"reference": [], "fast": []}
     memory = {}
@@ -196,6 +196,7 @@ def curriculum(cfg_path: str, cfg: Config, device: torch.device, args) -> dict:
     flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in plans})
     trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None)
     keys = list(dict.fromkeys((p.mask_ratio, p.batch_size) for p in plans))
+    # every shape's batch made once and held (paper size: ~5 GB of video on the GPU)
     batches = {key: batch_for(cfg, key[1], device) for key in keys}
     for ratio, batch in keys:
         for _ in range(args.warmup):
@@ -299,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             "bench": "throughput", "device": name, "peak": peak_source, "size": args.size,
             "batch": args.batch, "torch": torch.__version__, "triton": _triton_version(),
             "python": platform.python_version(), "commit": head,
-            "kernels_env": kernels.kernels_enabled(True), "configs": records,
+            "kernels_env": kernels.kernels_enabled(True), "args": vars(args),
+            "configs": records,
             "curriculum": views}, indent=2) + "\n")
         return out
 
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                          "-" if p["mfu"] is None else f"{p['mfu']:.1%}",
                          f"{p['peak_memory_gb']:.2f}",
                          "-" if p["gpu_util"] is None else f"{p['gpu_util']:.0f}%",
-                         f"{p['warmup_s']:.1f}",
+                         "-" if p["warmup_s"] is None else f"{p['warmup_s']:.1f}",
                          f"{r['speedup']:.2f}x" if path_name == "fast" else ""])
     print_table(f"Training step, {args.size} size, {name} (peak: {peak_source})",
                 ["config", "path", "B", "step ms", "samples/s", "vis tokens/s", "TFLOP/step",

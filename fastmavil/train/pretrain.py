@@ -140,6 +140,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
     if resumed:
         resume.check_run(resumed[0], resumed[1], clips, precision)
     plans = plan_epochs(cfg, clips)
+    if resumed:
+        resume.check_plan(resumed[0], resumed[1], plans)
     total_steps = sum(p.steps for p in plans)
     log.info("plan: %d epochs, %d steps; mask ratio %.2f -> %.2f; batch %d -> %d (%s)",
              len(plans), total_steps, plans[0].mask_ratio, plans[-1].mask_ratio,
@@ -173,7 +175,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
         return save_checkpoint(run_dir, at, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(), "rng": rng_state(), "step": at,
-            "config": to_toml(cfg), "clips": clips, "precision": precision},
+            "config": to_toml(cfg), "clips": clips, "plan": resume.plan_record(plans),
+            "precision": precision},
             t.keep_checkpoints)
 
     from rich.console import Console

@@ -1,10 +1,10 @@
 """What may change when a run resumes from its checkpoint.
 
-A checkpoint keeps the config it was trained under, the clip count its schedule was planned
-for and the precision it ran in. Resuming under a config that trains something else (model,
-data pipeline, masking, schedule, optimiser) is refused with the changed keys named; settings
-of how the run executes may change freely; a few that change which samples come next, or the
-numerics, are allowed with a warning.
+A checkpoint keeps the config it was trained under, the clip count and the schedule it was
+planned with, and the precision it ran in. Resuming under a config that trains something else
+(model, data pipeline, masking, schedule, optimiser) is refused with the changed keys named;
+settings of how the run executes may change freely; a few that change which samples come next,
+or the numerics, are allowed with a warning.
 """
 from __future__ import annotations
 
@@ -58,3 +58,32 @@ def check_run(path: Path, state: dict, clips: int, precision: str) -> None:
     if state.get("precision") not in (None, precision):
         log.warning("resuming in %s; the checkpoint was trained in %s", precision,
                     state["precision"])
+
+
+def plan_record(plans) -> list[list]:
+    """The schedule as a checkpoint stores it: [mask ratio, batch, steps] per epoch."""
+    return [[p.mask_ratio, p.batch_size, p.steps] for p in plans]
+
+
+def check_plan(path: Path, state: dict, plans) -> None:
+    """The schedule must be the checkpoint's: the same config and clip count can still plan
+    differently under other code (the FLOPs batch rule counts the model's FLOPs; quantisation
+    rules), and the resumed step would then land in another epoch, batch or lr."""
+    saved = state.get("plan")
+    if saved is None:  # written before checkpoints kept their plan
+        return
+    now = plan_record(plans)
+    if saved != now:
+        epoch = next((e for e, (a, b) in enumerate(zip(saved, now)) if a != b),
+                     min(len(saved), len(now)))
+        raise ConfigError(f"{path} was planned differently: epoch {epoch} was "
+                          f"{_describe(saved, epoch)}, now {_describe(now, epoch)} (the code "
+                          "that plans the schedule changed); resume with the version that wrote "
+                          "it or start a new run with --run.name")
+
+
+def _describe(plan: list[list], epoch: int) -> str:
+    if epoch >= len(plan):
+        return "absent"
+    ratio, batch, steps = plan[epoch]
+    return f"rho {ratio:.3f}, batch {batch}, {steps} steps"

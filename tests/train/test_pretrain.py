@@ -1,4 +1,5 @@
 """End-to-end pre-training on a small generated dataset: demo, resume, signals, faults."""
+import dataclasses
 import json
 import os
 import signal
@@ -97,6 +98,25 @@ def test_resume_refuses_data_of_another_size(shards, tmp_path):
                spec=SynthSpec(seconds=1.0, size=48, fps=8.0))
     with pytest.raises(ConfigError, match=r"trained on 24 clips, the data now holds 16"):
         run(other / "train", tmp_path / "run", train__max_steps=4)
+
+
+def test_resume_refuses_a_schedule_planned_differently(shards, tmp_path, monkeypatch):
+    """Same config and data, other planning code (e.g. a FLOP count that moved a batch across
+    a rounding step): the resumed step would land elsewhere in the schedule."""
+    run(shards, tmp_path, train__max_steps=3)
+    real_plan = pretrain.plan_epochs
+
+    def replanned(cfg, clips):
+        plans = real_plan(cfg, clips)
+        return [plans[0], dataclasses.replace(plans[1], batch_size=plans[1].batch_size + 2,
+                                              steps=plans[1].steps - 1), *plans[2:]]
+
+    monkeypatch.setattr(pretrain, "plan_epochs", replanned)
+    with pytest.raises(ConfigError, match=r"step-00000003.pt was planned differently: epoch 1 "
+                                          r"was rho 0.\d+, batch \d+, \d+ steps, now rho"):
+        run(shards, tmp_path, train__max_steps=4)
+    monkeypatch.setattr(pretrain, "plan_epochs", real_plan)
+    assert run(shards, tmp_path, train__max_steps=4)["start_step"] == 3
 
 
 def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path):
