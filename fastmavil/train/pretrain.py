@@ -194,6 +194,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
     bad_run = torch.zeros((), device=device, dtype=torch.long)
     worst_run = bad_run.clone()
     sums, samples_since, logged_at = {}, 0, step
+    unplayed = 0  # planned steps since the last log that an epoch's data did not hold
     summary = {"start_step": step, "samples": 0}
     tensorboard = None if cfg.run.tensorboard else False  # None: when installed
     with (StopFlag() as stop, MetricsWriter(run_dir, tensorboard) as writer,
@@ -237,6 +238,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     # hold a step or two fewer than the plan: move on to the next epoch.
                     optimizer.zero_grad(set_to_none=True)
                     log.debug("epoch %d ended %d steps early", plan.epoch, epoch_end - step)
+                    unplayed += min(epoch_end, total_steps) - step
                     step = min(epoch_end, total_steps)
                     progress.update(task, completed=step)
                     break
@@ -267,10 +269,10 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     _check_bad_steps(int(worst_run), step, t.max_bad_steps, run_dir)  # a sync
                     worst_run = bad_run.clone()
                 if due_log:
-                    applied, steps_since = int(updates), step - logged_at
-                    if applied < steps_since:
+                    applied, steps_run = int(updates), step - logged_at - unplayed
+                    if applied < steps_run:
                         log.warning("steps %d-%d: %d non-finite loss or gradient, update "
-                                    "skipped", logged_at + 1, step, steps_since - applied)
+                                    "skipped", logged_at + 1, step, steps_run - applied)
                     if applied:
                         record = _log_record(cfg, plan, step, lr, sums, applied, timer, device,
                                              flops, peak, gpu_util, samples_since)
@@ -283,7 +285,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
                         timer.summary()
                         gpu_util.reset()
                     summary["samples"] += samples_since
-                    sums, samples_since, logged_at = {}, 0, step
+                    sums, samples_since, logged_at, unplayed = {}, 0, step, 0
                     updates = torch.zeros((), device=device)
                 if step % t.ckpt_every == 0:
                     last_ckpt = checkpoint(step)
