@@ -138,6 +138,11 @@ def _timed_fn(make, mode: str):
     return lambda: out.backward(grad, retain_graph=True)
 
 
+def _against_target(speedup: float | None) -> str:
+    """A speedup against the kernels' target, >= 2x forward+backward."""
+    return "-" if speedup is None else f"{speedup:.2f}x ({'>=' if speedup >= 2 else '<'} 2x)"
+
+
 def _autotuned() -> list[str]:
     """The config each autotuned kernel chose, per tuning key: which candidates earn their
     compile time."""
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = "none"
     head = commit()
     providers = ("triton", "torch") if cuda else ("torch",)
-    rows, table = [], []
+    rows, table, target = [], [], []  # target: forward+backward speedups, wall and device
     for modality in args.modalities:
         for ratio in args.ratios:
             for kernel, fused, reference, flops, nbytes in _cases(device, setting, modality,
@@ -238,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{p50:.3f} [{p20:.3f}-{p80:.3f}]", gb_text, tf_text,
                                       speedup, "-" if dev is None else f"{dev:.3f}",
                                       dev_speedup])
+                        if provider == "triton" and mode == "forward+backward":
+                            target.append((kernel, shape, timings["torch"][1] / p50,
+                                           device_ms["torch"] / dev if dev else None))
     print_table(f"Kernels on {name} ({setting}): wall ms p50 [p20-p80] (GB/s and TFLOP/s from it), "
                 "and kernel time alone (device ms)",
                 ["kernel", "input", "mode", "provider", "ms", "GB/s", "TFLOP/s", "speedup",
@@ -246,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"kernels-{name.replace(' ', '_')}.csv"
     _append_rows(out, rows)
     print(f"appended {len(rows)} rows to {out}")
+    for kernel, shape, wall, dev in target:
+        print(f"forward+backward speedup, {kernel} {shape}: wall {_against_target(wall)}, "
+              f"device {_against_target(dev)}")
     if cuda:
         print("autotuned:", *_autotuned(), sep="\n  ")
     return 0
