@@ -68,3 +68,37 @@ def test_fast_step_equals_reference_step(variant, monkeypatch):
         scale = grad.abs().max().item() + 1e-12
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5 * scale,
                                    msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: host synchronisation is a CUDA matter")
+def test_fast_training_step_never_waits_for_the_device():
+    """The step the trainer runs (bf16 autocast, kernels, SDPA, gradient norm, fused AdamW with
+    an on-device skip) queues work without a host sync, so the host can run ahead of the GPU."""
+    from fastmavil.models.attention import set_attention_backend
+    torch.manual_seed(0)
+    model = build_model(small_config("diffmavil")).cuda()
+    model.use_kernels(True)
+    set_attention_backend(model, "auto")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    audio = torch.randn(2, 1, 64, 64, device="cuda")
+    video = torch.randn(2, 3, 4, 32, 32, device="cuda")
+    generator = torch.Generator("cuda").manual_seed(0)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(audio, video, 0.75, generator)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        optimizer.found_inf = (~(torch.isfinite(out.loss) & torch.isfinite(grad_norm))).float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # first calls compile, autotune (which times on the device) and initialise lazily
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
