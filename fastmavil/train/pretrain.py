@@ -197,6 +197,30 @@ def train(cfg: Config, argv: list[str]) -> dict:
     unplayed = 0  # planned steps since the last log that an epoch's data did not hold
     summary = {"start_step": step, "samples": 0}
     tensorboard = None if cfg.run.tensorboard else False  # None: when installed
+
+    def log_interval(plan: EpochPlan, lr: float) -> None:
+        """The log line and metrics record of the steps since the last one (their applied
+        updates), and a warning for any update skipped for a non-finite loss or gradient."""
+        nonlocal sums, samples_since, logged_at, unplayed, updates
+        applied, steps_run = int(updates), step - logged_at - unplayed
+        if applied < steps_run:
+            log.warning("steps %d-%d: %d non-finite loss or gradient, update skipped",
+                        logged_at + 1, step, steps_run - applied)
+        if applied:
+            record = _log_record(cfg, plan, step, lr, sums, applied, timer, device, flops, peak,
+                                 gpu_util, samples_since)
+            writer.write(record)
+            summary["last"] = record
+            progress.update(task, loss=f"{record['loss']:.4f}",
+                            rate=f"{record['samples_per_s']:.1f}")
+            progress.console.print(_line(record, total_steps), soft_wrap=True)
+        else:  # nothing applied: start the next interval's timing afresh
+            timer.summary()
+            gpu_util.reset()
+        summary["samples"] += samples_since
+        sums, samples_since, logged_at, unplayed = {}, 0, step, 0
+        updates = torch.zeros((), device=device)
+
     with (StopFlag() as stop, MetricsWriter(run_dir, tensorboard) as writer,
           GpuUtilization(device) as gpu_util, progress):
         task = progress.add_task("train", total=total_steps, completed=step, epoch="-", loss="-",
@@ -213,6 +237,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
                 for _ in range(skip * accum):  # resume mid-epoch: the same data, in order
                     next(batches)
             except StopIteration:  # the epoch's data ended already (a different loader setup)
+                unplayed += min(epoch_end, total_steps) - step
                 step = min(epoch_end, total_steps)
                 continue
             progress.update(task, epoch=plan.epoch)
@@ -237,7 +262,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     # Each DataLoader worker drops its own last partial batch, so an epoch can
                     # hold a step or two fewer than the plan: move on to the next epoch.
                     optimizer.zero_grad(set_to_none=True)
-                    log.debug("epoch %d ended %d steps early", plan.epoch, epoch_end - step)
+                    log.debug("epoch %d ended %d steps early", plan.epoch,
+                              min(epoch_end, total_steps) - step)
                     unplayed += min(epoch_end, total_steps) - step
                     step = min(epoch_end, total_steps)
                     progress.update(task, completed=step)
@@ -245,6 +271,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
                 step += 1
+                played = plan  # the epoch of the latest step run, for a log line after the loop
                 timer.step_done()
                 progress.advance(task)
                 # A non-finite loss or gradient skips the update. The step and its data still
@@ -269,29 +296,15 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     _check_bad_steps(int(worst_run), step, t.max_bad_steps, run_dir)  # a sync
                     worst_run = bad_run.clone()
                 if due_log:
-                    applied, steps_run = int(updates), step - logged_at - unplayed
-                    if applied < steps_run:
-                        log.warning("steps %d-%d: %d non-finite loss or gradient, update "
-                                    "skipped", logged_at + 1, step, steps_run - applied)
-                    if applied:
-                        record = _log_record(cfg, plan, step, lr, sums, applied, timer, device,
-                                             flops, peak, gpu_util, samples_since)
-                        writer.write(record)
-                        summary["last"] = record
-                        progress.update(task, loss=f"{record['loss']:.4f}",
-                                        rate=f"{record['samples_per_s']:.1f}")
-                        progress.console.print(_line(record, total_steps), soft_wrap=True)
-                    else:  # nothing applied: start the next interval's timing afresh
-                        timer.summary()
-                        gpu_util.reset()
-                    summary["samples"] += samples_since
-                    sums, samples_since, logged_at, unplayed = {}, 0, step, 0
-                    updates = torch.zeros((), device=device)
+                    log_interval(plan, lr)
                 if step % t.ckpt_every == 0:
                     last_ckpt = checkpoint(step)
             if stop.signal is not None or step >= total_steps:
                 break
-        summary["samples"] += samples_since  # steps after the last log line
+        if step - unplayed > logged_at:  # steps run since the last log line: an epoch whose
+            # data ran short jumped to the end, or a signal stopped the run between log lines
+            _check_bad_steps(int(worst_run), step, t.max_bad_steps, run_dir)
+            log_interval(played, lr)
         if last_ckpt is None or last_ckpt.name != f"step-{step:08d}.pt":
             last_ckpt = checkpoint(step)
     summary.update(step=step, total_steps=total_steps, checkpoint=str(last_ckpt),

@@ -70,7 +70,9 @@ def check_plan(path: Path, state: dict, plans) -> None:
     differently under other code (the FLOPs batch rule counts the model's FLOPs; quantisation
     rules), and the resumed step would then land in another epoch, batch or lr."""
     saved = state.get("plan")
-    if saved is None:  # written before checkpoints kept their plan
+    if saved is None:
+        log.warning("%s holds no schedule (written by an older fastmavil): resuming without "
+                    "checking that the schedule plans as it did", path)
         return
     now = plan_record(plans)
     if saved != now:
@@ -78,12 +80,13 @@ def check_plan(path: Path, state: dict, plans) -> None:
                      min(len(saved), len(now)))
         raise ConfigError(f"{path} was planned differently: epoch {epoch} was "
                           f"{_describe(saved, epoch)}, now {_describe(now, epoch)} (the code "
-                          "that plans the schedule changed); resume with the version that wrote "
-                          "it or start a new run with --run.name")
+                          "that plans the schedule changed, or under the FLOPs batch rule the "
+                          "FLOP count, e.g. with another torch); resume with the versions that "
+                          "wrote it or start a new run with --run.name")
 
 
 def _describe(plan: list[list], epoch: int) -> str:
     if epoch >= len(plan):
         return "absent"
     ratio, batch, steps = plan[epoch]
-    return f"rho {ratio:.3f}, batch {batch}, {steps} steps"
+    return f"rho {ratio:.9g}, batch {batch}, {steps} steps"

@@ -135,6 +135,50 @@ def test_steps_an_epoch_has_no_data_for_are_not_reported_as_non_finite(shards, t
     assert len(records) == 3  # one step played per epoch, each logged
 
 
+def test_a_resume_past_its_epochs_data_is_not_reported_as_non_finite(shards, tmp_path,
+                                                                       monkeypatch, caplog):
+    """Resumed mid-epoch with a loader that now holds fewer batches (another worker count):
+    the trainer moves to the next epoch, and those planned steps are no skipped updates."""
+    run(shards, tmp_path, train__max_steps=2)
+    real_loader, calls = pretrain.build_loader, []
+
+    def loader(*args):
+        calls.append(args)
+        batches = real_loader(*args)
+        return itertools.islice(batches, 1) if len(calls) == 1 else batches
+
+    monkeypatch.setattr(pretrain, "build_loader", loader)
+    with caplog.at_level("WARNING", logger="fastmavil.train"):
+        summary = run(shards, tmp_path, train__max_steps=6)
+    assert summary["start_step"] == 2 and summary["step"] == 6 and len(calls) > 1
+    assert "non-finite" not in caplog.text
+
+
+def test_the_steps_after_the_last_log_line_are_logged(shards, tmp_path, monkeypatch):
+    """The last epoch's data runs a batch short of the plan, between log lines: the steps it ran
+    still get their record, and the summary's loss is theirs."""
+    real_loader, calls = pretrain.build_loader, []
+
+    def all_but_last(batches):
+        batches = iter(batches)
+        held = next(batches)
+        for batch in batches:
+            yield held
+            held = batch
+
+    def loader(*args):
+        calls.append(args)
+        return all_but_last(real_loader(*args)) if len(calls) == 3 else real_loader(*args)
+
+    monkeypatch.setattr(pretrain, "build_loader", loader)
+    summary = run(shards, tmp_path, train__log_every=5)
+    records = [json.loads(line)
+               for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert len(calls) == 3 and summary["step"] == summary["total_steps"]
+    assert records[-1]["step"] == summary["total_steps"] > records[-2]["step"]
+    assert summary["last"] == records[-1]
+
+
 def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path):
     args = [sys.executable, "-m", "fastmavil.train.pretrain", str(ROOT / "configs" / "demo.toml")]
     for k, v in overrides(shards, tmp_path, train__epochs=30).items():
