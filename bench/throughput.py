@@ -210,14 +210,15 @@ def curriculum(cfg_path: str, cfg: Config, device: torch.device, args) -> dict:
             utils[ratio, batch].append(util.mean())
     shapes = {key: {"step_ms": statistics.median(times[key]), "gpu_util": _mean(utils[key])}
               for key in keys}
-    epochs = [{"epoch": p.epoch, "mask_ratio": p.mask_ratio, "batch": p.batch_size,
-               "steps": p.steps, "step_ms": shapes[(p.mask_ratio, p.batch_size)]["step_ms"],
-               "samples_per_s": p.batch_size / shapes[(p.mask_ratio, p.batch_size)]["step_ms"]
-               * 1e3, "tokens_per_step": sum(cfg.model.visible_tokens(p.mask_ratio)) * p.batch_size,
-               "tflop_per_step": 3 * flops[p.mask_ratio] * p.batch_size / 1e12,
-               "gpu_util": shapes[(p.mask_ratio, p.batch_size)]["gpu_util"],
-               "epoch_s": p.steps * shapes[(p.mask_ratio, p.batch_size)]["step_ms"] / 1e3}
-              for p in plans]
+    epochs = []
+    for p in plans:
+        ms, b = shapes[p.mask_ratio, p.batch_size]["step_ms"], p.batch_size
+        epochs.append({"epoch": p.epoch, "mask_ratio": p.mask_ratio, "batch": b, "steps": p.steps,
+                       "step_ms": ms, "samples_per_s": b / ms * 1e3,
+                       "tokens_per_step": sum(cfg.model.visible_tokens(p.mask_ratio)) * b,
+                       "tflop_per_step": 3 * flops[p.mask_ratio] * b / 1e12,
+                       "gpu_util": shapes[p.mask_ratio, p.batch_size]["gpu_util"],
+                       "epoch_s": p.steps * ms / 1e3})
     step_ms = [e["step_ms"] for e in epochs]
     mean = statistics.mean(step_ms)
     work = [e["tflop_per_step"] for e in epochs]

@@ -42,6 +42,14 @@ def count_forward(model, mask_ratio_value: float) -> dict[str, float]:
     return flops
 
 
+def _meta_model(cfg: Config):
+    """The model without memory, with the explicit-softmax attention the counter can see."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    set_attention_backend(model, "math")
+    return model
+
+
 _counted: dict[tuple[str, float], float] = {}  # (model-defining config, ratio) -> FLOPs
 
 
@@ -51,18 +59,14 @@ def forward_flops_per_sample(cfg: Config, ratios) -> dict[float, float]:
     key = repr((cfg.model, cfg.loss, cfg.diffusion))  # what build_model and forward read
     missing = [r for r in ratios if (key, r) not in _counted]
     if missing:
-        with torch.device("meta"):
-            model = build_model(cfg)
-        set_attention_backend(model, "math")
+        model = _meta_model(cfg)
         _counted.update({(key, r): count_forward(model, r)["total"] for r in missing})
     return {r: _counted[key, r] for r in ratios}
 
 
 def schedule_flops(cfg: Config) -> dict[str, float]:
     """Per-sample forward FLOPs by module, averaged over the masking ratio of every epoch."""
-    with torch.device("meta"):
-        model = build_model(cfg)
-    set_attention_backend(model, "math")
+    model = _meta_model(cfg)
     epochs = cfg.train.epochs
     # FLOPs depend on the ratio only through the visible counts: count each distinct shape once.
     shapes = Counter()

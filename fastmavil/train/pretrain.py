@@ -137,11 +137,9 @@ def train(cfg: Config, argv: list[str]) -> dict:
     source = prepare_data(cfg)
     dataset = ShardDataset(source, loader_spec(cfg, train=True))
     clips, precision = count_clips(source), "bf16" if bf16 else "fp32"
-    if resumed:
-        resume.check_run(resumed[0], resumed[1], clips, precision)
     plans = plan_epochs(cfg, clips)
     if resumed:
-        resume.check_plan(resumed[0], resumed[1], plans)
+        resume.check_run(resumed[0], resumed[1], clips, precision, plans)
     total_steps = sum(p.steps for p in plans)
     log.info("plan: %d epochs, %d steps; mask ratio %.2f -> %.2f; batch %d -> %d (%s)",
              len(plans), total_steps, plans[0].mask_ratio, plans[-1].mask_ratio,
@@ -193,19 +191,20 @@ def train(cfg: Config, argv: list[str]) -> dict:
     updates = torch.zeros((), device=device)
     bad_run = torch.zeros((), device=device, dtype=torch.long)
     worst_run = bad_run.clone()
-    sums, samples_since, logged_at = {}, 0, step
-    unplayed = 0  # planned steps since the last log that an epoch's data did not hold
+    # since the last log line: metric sums, samples, and steps run (not those an epoch's data
+    # ran short of, which are skipped without an update)
+    sums, samples_since, ran, logged_at = {}, 0, 0, step
     summary = {"start_step": step, "samples": 0}
     tensorboard = None if cfg.run.tensorboard else False  # None: when installed
 
     def log_interval(plan: EpochPlan, lr: float) -> None:
         """The log line and metrics record of the steps since the last one (their applied
         updates), and a warning for any update skipped for a non-finite loss or gradient."""
-        nonlocal sums, samples_since, logged_at, unplayed, updates
-        applied, steps_run = int(updates), step - logged_at - unplayed
-        if applied < steps_run:
+        nonlocal sums, samples_since, ran, logged_at, updates
+        applied = int(updates)
+        if applied < ran:
             log.warning("steps %d-%d: %d non-finite loss or gradient, update skipped",
-                        logged_at + 1, step, steps_run - applied)
+                        logged_at + 1, step, ran - applied)
         if applied:
             record = _log_record(cfg, plan, step, lr, sums, applied, timer, device, flops, peak,
                                  gpu_util, samples_since)
@@ -218,7 +217,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
             timer.summary()
             gpu_util.reset()
         summary["samples"] += samples_since
-        sums, samples_since, logged_at, unplayed = {}, 0, step, 0
+        sums, samples_since, ran, logged_at = {}, 0, 0, step
         updates = torch.zeros((), device=device)
 
     with (StopFlag() as stop, MetricsWriter(run_dir, tensorboard) as writer,
@@ -226,8 +225,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
         task = progress.add_task("train", total=total_steps, completed=step, epoch="-", loss="-",
                                  rate="-")
         for plan in plans:
-            epoch_end = first_step(plan.epoch, plans) + plan.steps
-            if step >= min(epoch_end, total_steps):
+            end = min(first_step(plan.epoch, plans) + plan.steps, total_steps)
+            if step >= end:
                 continue
             skip = step - first_step(plan.epoch, plans)  # steps of this epoch already done
             dataset.set_epoch(plan.epoch)
@@ -237,11 +236,10 @@ def train(cfg: Config, argv: list[str]) -> dict:
                 for _ in range(skip * accum):  # resume mid-epoch: the same data, in order
                     next(batches)
             except StopIteration:  # the epoch's data ended already (a different loader setup)
-                unplayed += min(epoch_end, total_steps) - step
-                step = min(epoch_end, total_steps)
+                step = end
                 continue
             progress.update(task, epoch=plan.epoch)
-            while step < min(epoch_end, total_steps) and stop.signal is None:
+            while step < end and stop.signal is None:
                 lr = learning_rate(cfg, step, plans)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -262,15 +260,13 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     # Each DataLoader worker drops its own last partial batch, so an epoch can
                     # hold a step or two fewer than the plan: move on to the next epoch.
                     optimizer.zero_grad(set_to_none=True)
-                    log.debug("epoch %d ended %d steps early", plan.epoch,
-                              min(epoch_end, total_steps) - step)
-                    unplayed += min(epoch_end, total_steps) - step
-                    step = min(epoch_end, total_steps)
+                    log.debug("epoch %d ended %d steps early", plan.epoch, end - step)
+                    step = end
                     progress.update(task, completed=step)
                     break
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-                step += 1
+                step, ran = step + 1, ran + 1
                 played = plan  # the epoch of the latest step run, for a log line after the loop
                 timer.step_done()
                 progress.advance(task)
@@ -301,8 +297,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     last_ckpt = checkpoint(step)
             if stop.signal is not None or step >= total_steps:
                 break
-        if step - unplayed > logged_at:  # steps run since the last log line: an epoch whose
-            # data ran short jumped to the end, or a signal stopped the run between log lines
+        if ran:  # steps run since the last log line: an epoch whose data ran short jumped to
+            # the end, or a signal stopped the run between log lines
             _check_bad_steps(int(worst_run), step, t.max_bad_steps, run_dir)
             log_interval(played, lr)
         if last_ckpt is None or last_ckpt.name != f"step-{step:08d}.pt":

@@ -46,15 +46,32 @@ def check_config(path: Path, saved: str | None, cfg: Config) -> None:
                     "an uninterrupted run's", key, old, new)
 
 
-def check_run(path: Path, state: dict, clips: int, precision: str) -> None:
-    """Once the data is known: the schedule must be the checkpoint's (same clip count); a
-    precision change (train.precision = auto on another device) is allowed with a warning."""
+def check_run(path: Path, state: dict, clips: int, precision: str, plans) -> None:
+    """Once the data is known and planned: the schedule must be the checkpoint's (same clip
+    count, same per-epoch plan); a precision change (train.precision = auto on another device)
+    is allowed with a warning.
+
+    The plan is compared as well as the clip count because the same config and data can still
+    plan differently under other code (the FLOPs batch rule counts the model's FLOPs;
+    quantisation rules), and the resumed step would then land in another epoch, batch or lr."""
     planned = state.get("clips")
     if planned is not None and planned != clips:
         raise ConfigError(f"{path} was trained on {planned} clips, the data now holds {clips}: "
                           "the schedule (steps per epoch, batch per epoch) would shift under "
                           "the resumed step; point data.shards at the run's data or start a "
                           "new run with --run.name")
+    saved, now = state.get("plan"), plan_record(plans)
+    if saved is None:
+        log.warning("%s holds no schedule (written by an older fastmavil): resuming without "
+                    "checking that the schedule plans as it did", path)
+    elif saved != now:
+        epoch = next((e for e, (a, b) in enumerate(zip(saved, now)) if a != b),
+                     min(len(saved), len(now)))
+        raise ConfigError(f"{path} was planned differently: epoch {epoch} was "
+                          f"{_describe(saved, epoch)}, now {_describe(now, epoch)} (the code "
+                          "that plans the schedule changed, or under the FLOPs batch rule the "
+                          "FLOP count, e.g. with another torch); resume with the versions that "
+                          "wrote it or start a new run with --run.name")
     if state.get("precision") not in (None, precision):
         log.warning("resuming in %s; the checkpoint was trained in %s", precision,
                     state["precision"])
@@ -63,26 +80,6 @@ def check_run(path: Path, state: dict, clips: int, precision: str) -> None:
 def plan_record(plans) -> list[list]:
     """The schedule as a checkpoint stores it: [mask ratio, batch, steps] per epoch."""
     return [[p.mask_ratio, p.batch_size, p.steps] for p in plans]
-
-
-def check_plan(path: Path, state: dict, plans) -> None:
-    """The schedule must be the checkpoint's: the same config and clip count can still plan
-    differently under other code (the FLOPs batch rule counts the model's FLOPs; quantisation
-    rules), and the resumed step would then land in another epoch, batch or lr."""
-    saved = state.get("plan")
-    if saved is None:
-        log.warning("%s holds no schedule (written by an older fastmavil): resuming without "
-                    "checking that the schedule plans as it did", path)
-        return
-    now = plan_record(plans)
-    if saved != now:
-        epoch = next((e for e, (a, b) in enumerate(zip(saved, now)) if a != b),
-                     min(len(saved), len(now)))
-        raise ConfigError(f"{path} was planned differently: epoch {epoch} was "
-                          f"{_describe(saved, epoch)}, now {_describe(now, epoch)} (the code "
-                          "that plans the schedule changed, or under the FLOPs batch rule the "
-                          "FLOP count, e.g. with another torch); resume with the versions that "
-                          "wrote it or start a new run with --run.name")
 
 
 def _describe(plan: list[list], epoch: int) -> str:
