@@ -10,9 +10,9 @@
 #                                                    # git metadata can be stale)
 #   FASTMAVIL_COMMIT=<sha> bash bench/gpu_check.sh extra
 #       the follow-up measurements instead, under 9.2 minutes (one device call): the same
-#       tests and bench.kernels, then R4 with compiled blocks (--compile), R1/R3/R4 with the
-#       FLOPs batch rule (--batch-rule flops) and bench.kernels in training's setting
-#       (--dtype amp), most decisive first
+#       tests and bench.kernels, then R4 with compiled blocks (--compile), the curriculum
+#       views of R1/R4/R3 with the FLOPs batch rule (--batch-rule flops) and bench.kernels in
+#       training's setting (--dtype amp), most decisive first
 set -uo pipefail
 mode=${1:-default}
 case $mode in default|extra) ;; *) echo "usage: bash bench/gpu_check.sh [extra]" >&2; exit 2;; esac
@@ -58,8 +58,10 @@ if [ "$mode" = extra ]; then
   run "bench.throughput (base, compile)" 160 python -m bench.throughput --size base --steps 3 \
     --compile --no-curriculum configs/r4.toml
   keep
+  # curriculum views only (the batch rule leaves the comparison unchanged): R1's single shape,
+  # the projection's baseline, then R4 and R3; each view is saved as soon as it is measured
   run "bench.throughput (base, flops rule)" 130 python -m bench.throughput --size base --steps 3 \
-    --batch-rule flops configs/r1.toml configs/r3.toml configs/r4.toml
+    --no-compare --batch-rule flops configs/r1.toml configs/r4.toml configs/r3.toml
   keep
   run "bench.kernels (amp)" 70 python -m bench.kernels --dtype amp
   keep
@@ -81,7 +83,9 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput-*-base*.json")):
               f"{f['samples_per_s']:.1f} samples/s  MFU {mfu}")
     view = record["curriculum"].get("r4", {})
     if view:
-        print(f"R4 step-time spread ±{view['step_ms_spread']:.1%}; epoch vs R1 "
+        print(f"R4 ({view.get('batch_rule', 'tokens')} rule) step-time spread "
+              f"±{view['step_ms_spread']:.1%} (FLOPs ±{view.get('flops_spread', float('nan')):.1%})"
+              f"; epoch vs R1 "
               f"{view.get('relative_to_r1', float('nan')):.2f}x, vs R3 "
               f"{view.get('relative_to_r3', float('nan')):.2f}x")
 PY

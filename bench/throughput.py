@@ -10,10 +10,10 @@ Both train the same model (same weights) on the same synthetic batch already on 
 this measures the model, not the loader (bench.dataload does that). Steps alternate between
 the paths after a warm-up; medians over --repeats. bf16 autocast on CUDA, fp32 on a CPU.
 
-Curriculum view (R3 and R4): the fast path timed at every distinct (rho, B) shape of the
-schedule, with per-epoch step time, samples/s, visible tokens and model FLOPs per step and GPU
-utilisation, and the projected epoch time of R4 relative to R1 and R3 (the paper: 0.82x of
-R1). --batch-rule flops plans R4's batches by FLOPs rather than visible tokens
+Curriculum view (R3 and R4, and R1's single shape as the baseline): the fast path alone timed
+at every distinct (rho, B) shape of the schedule, with per-epoch step time, samples/s, visible
+tokens and model FLOPs per step and GPU utilisation, and the projected epoch time of R4
+relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's batches by FLOPs rather than visible tokens
 (train.adaptive_batch_rule, fastmavil/schedule.py).
 Writes bench/results/throughput-<device>-<size>[-compile][-flops].json (each config's record
 carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is installed.
@@ -265,6 +265,52 @@ def _plot(views: dict, out: Path) -> str:
     return f"wrote {out}"
 
 
+def _print_comparison(records: list, title: str) -> None:
+    rows = []
+    for r in records:
+        for path_name in ("reference", "fast"):
+            p = r[path_name]
+            rows.append([Path(r["config"]).stem, path_name, str(r["batch"]), f"{p['step_ms']:.1f}",
+                         f"{p['samples_per_s']:.1f}", f"{p['tokens_per_s']:.0f}",
+                         f"{r['flops_per_step'] / 1e12:.3f}", f"{p['tflops']:.2f}",
+                         "-" if p["mfu"] is None else f"{p['mfu']:.1%}",
+                         f"{p['peak_memory_gb']:.2f}",
+                         "-" if p["gpu_util"] is None else f"{p['gpu_util']:.0f}%",
+                         "-" if p["warmup_s"] is None else f"{p['warmup_s']:.1f}",
+                         f"{r['speedup']:.2f}x" if path_name == "fast" else ""])
+    print_table(title, ["config", "path", "B", "step ms", "samples/s", "vis tokens/s",
+                        "TFLOP/step", "TFLOP/s", "MFU", "peak GB", "GPU util", "warm-up s",
+                        "speedup"], rows)
+
+
+def _print_view(stem: str, view: dict) -> None:
+    runs = []  # consecutive epochs at one shape share a row
+    for e in view["epochs"]:
+        if runs and (runs[-1][0]["mask_ratio"], runs[-1][0]["batch"]) == (e["mask_ratio"],
+                                                                           e["batch"]):
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    print_table(f"Curriculum view {stem} (batch: {view['batch_rule']}): {view['shapes']} "
+                f"shapes, per-epoch step time within ±{view['step_ms_spread']:.1%} of its mean, "
+                f"FLOPs per step within ±{view['flops_spread']:.1%}",
+                ["epochs", "rho", "B", "step ms", "samples/s", "tokens/step", "TFLOP/step",
+                 "GPU util", "epoch s"],
+                [[f"{r[0]['epoch']}-{r[-1]['epoch']}", f"{r[0]['mask_ratio']:.2f}",
+                  str(r[0]["batch"]), f"{r[0]['step_ms']:.1f}", f"{r[0]['samples_per_s']:.1f}",
+                  str(r[0]["tokens_per_step"]), f"{r[0]['tflop_per_step']:.3f}",
+                  "-" if r[0]["gpu_util"] is None else f"{r[0]['gpu_util']:.0f}%",
+                  f"{r[0]['epoch_s']:.0f}"] for r in runs])
+
+
+def _project(views: dict) -> None:
+    """R4's projected epoch time relative to R1 and R3, where their views exist."""
+    for base in ("r1", "r3"):
+        if "r4" in views and base in views:
+            views["r4"][f"relative_to_{base}"] = (views["r4"]["mean_epoch_s"]
+                                                  / views[base]["mean_epoch_s"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
     parser.add_argument("configs", nargs="*", default=CONFIGS)
@@ -279,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="compile the fast path's transformer blocks (regional torch.compile)")
     parser.add_argument("--no-curriculum", action="store_true")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip the reference-vs-fast comparison: curriculum views only")
     parser.add_argument("--batch-rule", choices=["tokens", "flops"], default=None,
                         help="train.adaptive_batch_rule for configs with the adaptive batch "
                              "(default: each config's own; the paper's is tokens)")
@@ -314,69 +362,41 @@ def main(argv: list[str] | None = None) -> int:
                                  {"model.size": args.size}) for path in args.configs}
     for cfg in configs.values():
         cfg.train.adaptive_batch_rule = args.batch_rule or cfg.train.adaptive_batch_rule
-    records = []
-    for path, cfg in configs.items():
+    records = []  # saved after each config and view: a run cut short keeps what it measured
+    compared = {} if args.no_compare else configs
+    for path, cfg in compared.items():
         records.append(compare(path, cfg, device, args, peak))
-        out = save(records, {})  # so far: a run cut short keeps what it measured
+        save(records, {})
     if args.profile:
         path, cfg = next(iter(configs.items()))
-        text = profile(Path(path).stem, cfg, device, args, records[0]["batch"])
+        batch = records[0]["batch"] if records else args.batch
+        text = profile(Path(path).stem, cfg, device, args, batch)
         release_memory(device)
         out = RESULTS / f"profile-{slug}-{Path(path).stem}{variant}.txt"
         out.write_text(text + "\n")
         print(text, f"\nwrote {out}", sep="\n")
-    rows = []
-    for r in records:
-        for path_name in ("reference", "fast"):
-            p = r[path_name]
-            rows.append([Path(r["config"]).stem, path_name, str(r["batch"]), f"{p['step_ms']:.1f}",
-                         f"{p['samples_per_s']:.1f}", f"{p['tokens_per_s']:.0f}",
-                         f"{r['flops_per_step'] / 1e12:.3f}", f"{p['tflops']:.2f}",
-                         "-" if p["mfu"] is None else f"{p['mfu']:.1%}",
-                         f"{p['peak_memory_gb']:.2f}",
-                         "-" if p["gpu_util"] is None else f"{p['gpu_util']:.0f}%",
-                         "-" if p["warmup_s"] is None else f"{p['warmup_s']:.1f}",
-                         f"{r['speedup']:.2f}x" if path_name == "fast" else ""])
-    print_table(f"Training step, {args.size} size, {name} (peak: {peak_source})",
-                ["config", "path", "B", "step ms", "samples/s", "vis tokens/s", "TFLOP/step",
-                 "TFLOP/s", "MFU", "peak GB", "GPU util", "warm-up s", "speedup"], rows)
+    if records:
+        _print_comparison(records, f"Training step, {args.size} size, {name} "
+                                   f"(peak: {peak_source})")
 
     views = {}
-    if not args.no_curriculum:
-        for path, cfg in configs.items():
-            if cfg.mask.schedule == "linear":
-                views[Path(path).stem] = curriculum(path, cfg, device, args)
-                release_memory(device)
-        for stem, view in views.items():
-            runs = []  # consecutive epochs at one shape share a row
-            for e in view["epochs"]:
-                if runs and (runs[-1][0]["mask_ratio"], runs[-1][0]["batch"]) == (
-                        e["mask_ratio"], e["batch"]):
-                    runs[-1].append(e)
-                else:
-                    runs.append([e])
-            print_table(f"Curriculum view {stem} (batch: {view['batch_rule']}): "
-                        f"{view['shapes']} shapes, per-epoch step time within "
-                        f"±{view['step_ms_spread']:.1%} of its mean, FLOPs per step within "
-                        f"±{view['flops_spread']:.1%}",
-                        ["epochs", "rho", "B", "step ms", "samples/s", "tokens/step",
-                         "TFLOP/step", "GPU util", "epoch s"],
-                        [[f"{r[0]['epoch']}-{r[-1]['epoch']}", f"{r[0]['mask_ratio']:.2f}",
-                          str(r[0]["batch"]), f"{r[0]['step_ms']:.1f}",
-                          f"{r[0]['samples_per_s']:.1f}", str(r[0]["tokens_per_step"]),
-                          f"{r[0]['tflop_per_step']:.3f}",
-                          "-" if r[0]["gpu_util"] is None else f"{r[0]['gpu_util']:.0f}%",
-                          f"{r[0]['epoch_s']:.0f}"] for r in runs])
-        r1 = next((r for r in records if Path(r["config"]).stem == "r1"), None)
-        if "r4" in views and r1:
-            r1_epoch = args.clips // r1["batch"] * r1["fast"]["step_ms"] / 1e3
-            views["r4"]["relative_to_r1"] = views["r4"]["mean_epoch_s"] / r1_epoch
-            print(f"projected R4 epoch time: {views['r4']['relative_to_r1']:.2f}x of R1 "
-                  "(paper: 0.82x)")
-        if "r4" in views and "r3" in views:
-            views["r4"]["relative_to_r3"] = (views["r4"]["mean_epoch_s"]
-                                             / views["r3"]["mean_epoch_s"])
-            print(f"projected R4 epoch time: {views['r4']['relative_to_r3']:.2f}x of R3")
+    viewed = {} if args.no_curriculum else configs
+    for path, cfg in viewed.items():
+        # R1 too, the baseline of the projected epoch times (paper Table 2), so that it is
+        # timed as R4 is: fast path alone at B0 (compare halves R1's batch where its reference
+        # path runs out of memory, as on an H100)
+        if cfg.mask.schedule == "linear" or Path(path).stem == "r1":
+            views[Path(path).stem] = curriculum(path, cfg, device, args)
+            release_memory(device)
+            _project(views)
+            save(records, views)
+    for stem, view in views.items():
+        _print_view(stem, view)
+    if "relative_to_r1" in views.get("r4", {}):
+        print(f"projected R4 epoch time: {views['r4']['relative_to_r1']:.2f}x of R1 "
+              "(paper: 0.82x)")
+    if "relative_to_r3" in views.get("r4", {}):
+        print(f"projected R4 epoch time: {views['r4']['relative_to_r3']:.2f}x of R3")
     out = save(records, views)
     print(f"wrote {out}")
     if views:

@@ -19,12 +19,12 @@ def results(tmp_path, monkeypatch):
 
 
 def test_throughput_writes_comparison_curriculum_and_profile(results):
-    assert bench.throughput.main(["configs/r4.toml", "--size", "tiny", "--steps", "1",
-                                  "--repeats", "2", "--warmup", "1", "--profile",
+    assert bench.throughput.main(["configs/r4.toml", "configs/r1.toml", "--size", "tiny",
+                                  "--steps", "1", "--repeats", "2", "--warmup", "1", "--profile",
                                   "--batch-rule", "flops"]) == 0
     (record_path,) = results.glob("throughput-*-tiny-flops.json")
     record = json.loads(record_path.read_text())
-    (r4,) = record["configs"]
+    r4, r1 = record["configs"]
     assert r4["speedup"] > 0 and r4["fast"]["step_ms"] > 0 and r4["flops_per_step"] > 0
     assert r4["fast"]["warmup_s"] > 0 and r4["reference"]["warmup_s"] > 0
     view = record["curriculum"]["r4"]
@@ -36,6 +36,12 @@ def test_throughput_writes_comparison_curriculum_and_profile(results):
     # is off the budget by at most half a sample in 8 (multiples of 2 gave +-9.6 %)
     assert view["flops_spread"] <= 0.5 / 8
     assert all(e["tflop_per_step"] > 0 for e in view["epochs"])
+    # R1, the projection's baseline, timed as R4 is: fast path alone at B0, one shape
+    baseline = record["curriculum"]["r1"]
+    assert baseline["shapes"] == 1 and baseline["batch_rule"] == "fixed"
+    assert {e["batch"] for e in baseline["epochs"]} == {r1["batch"]} == {8}
+    assert view["relative_to_r1"] == pytest.approx(view["mean_epoch_s"]
+                                                   / baseline["mean_epoch_s"])
     (profile,) = results.glob("profile-*-r4-flops.txt")
     assert "r4 fast path" in profile.read_text()
 
@@ -70,3 +76,22 @@ def test_compare_halves_the_batch_while_out_of_memory(monkeypatch):
     args = types.SimpleNamespace(batch=8)
     record = bench.throughput.compare("r1", None, torch.device("cpu"), args, None)
     assert batches == [8, 4, 2] and record == {"batch": 2}
+
+
+def test_throughput_curriculum_views_alone_are_saved_after_each_view(results, monkeypatch):
+    saved = []
+    write_text = type(results).write_text
+
+    def record_write(path, text, *a, **k):  # every record the run writes, in order
+        if path.suffix == ".json":
+            saved.append(json.loads(text))
+        return write_text(path, text, *a, **k)
+
+    monkeypatch.setattr(type(results), "write_text", record_write)
+    assert bench.throughput.main(["configs/r1.toml", "configs/r4.toml", "--size", "tiny",
+                                  "--steps", "1", "--repeats", "1", "--warmup", "0",
+                                  "--no-compare"]) == 0
+    assert all(s["configs"] == [] for s in saved)
+    # r1's view is on disk before r4's is measured; the projection once both are
+    assert [list(s["curriculum"]) for s in saved] == [["r1"], ["r1", "r4"], ["r1", "r4"]]
+    assert "relative_to_r1" in saved[1]["curriculum"]["r4"]
