@@ -3,8 +3,8 @@
 # but no DALI, flash-attn or PyAV): CUDA kernel and attention parity tests, bench.kernels and
 # bench.throughput at paper size, then a summary. Under 8 minutes (stage limits sum to 7.5; on an
 # H200: tests 95 s, bench.kernels 45 s; bench.throughput at 5 steps per timing ran past 210 s,
-# hence 3); results are copied to $OUT after each stage, so a run cut short keeps what it
-# measured.
+# hence 3); a stage may also use the seconds the earlier ones left unused; results are copied
+# to $OUT after each stage, so a run cut short keeps what it measured.
 #   FASTMAVIL_COMMIT=<sha> bash bench/gpu_check.sh   # from the repository root; results in
 #                                                    # bench/results/ (the sha: a copied tree's
 #                                                    # git metadata can be stale)
@@ -24,15 +24,17 @@ mkdir -p "$out"
 log="$out/gpu_check.log"
 : > "$log"
 status=()
+slack=0  # seconds the stages so far left unused: the next stage may take them
 
-run() {  # name, timeout seconds, command...
-  local name=$1 limit=$2
+run() {  # name, timeout seconds (plus the slack; the total never exceeds the sum), command...
+  local name=$1 limit=$(($2 + slack))
   shift 2
   local start=$SECONDS
-  echo "=== $name: $*" | tee -a "$log"
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
-  local rc=${PIPESTATUS[0]}
-  status+=("$(printf '%-34s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+  local rc=${PIPESTATUS[0]} used=$((SECONDS - start))
+  slack=$((limit > used ? limit - used : 0))
+  status+=("$(printf '%-34s rc=%-3s %4ss' "$name" "$rc" "$used")")
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$log"
