@@ -56,4 +56,5 @@ def test_compiled_block_equals_eager_forward_and_backward(kind, lengths):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         for g, h in zip(gb, ga):
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5)
-    assert counters["stats"]["unique_graphs"] >= 1  # really compiled, not run eagerly
+    # really compiled, not run eagerly; one graph for both token counts (dynamic shapes)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -17,8 +17,14 @@ BLOCKS = (Block, CrossBlock, WindowBlock)
 
 
 def compile_blocks(model: nn.Module) -> int:
-    """Compiles every transformer block of `model` in place; returns how many."""
+    """Compiles every transformer block of `model` in place; returns how many.
+
+    With dynamic shapes from the start: batch and token counts differ between the encoders and
+    change with the masking curriculum, and the default (a static graph, recompiled as dynamic
+    at the first new shape) compiles one graph more per block kind. R4 at small size on a CPU:
+    5 graphs instead of 8, 100 s of compilation instead of 118 s, none at a new ratio.
+    """
     blocks = [m for m in model.modules() if isinstance(m, BLOCKS)]
     for block in blocks:
-        block.compile()
+        block.compile(dynamic=True)
     return len(blocks)
