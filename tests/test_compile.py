@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config
+from conftest import tiny_batch, tiny_config
 from fastmavil.models import build_model, compile_blocks
 from fastmavil.models.attention import Block, CrossBlock
 from fastmavil.models.compile import BLOCKS
@@ -58,3 +58,25 @@ def test_compiled_block_equals_eager_forward_and_backward(kind, lengths):
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5)
     # really compiled, not run eagerly; one graph for both token counts (dynamic shapes)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("attention", ["cross", "self"])
+def test_one_graph_per_block_variant_over_batches_and_ratios(monkeypatch, attention):
+    """Training steps of a tiny DiffMAViL at two batch sizes and two masking ratios (the adaptive
+    batch curriculum) trace one graph per block variant: ViT (encoders and fusion), the video
+    decoder's (cross or self) and the Swin block unshifted and shifted. A shape or a view that
+    made a block recompile would add one. Dynamo alone (the eager backend): the count is the
+    point, not the code."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compile_ = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile",
+                        lambda self, *a, **k: compile_(self, *a, backend="eager", **k))
+    model = build_model(tiny_config(attention=attention))
+    compile_blocks(model)
+    generator = torch.Generator().manual_seed(0)
+    for batch, ratio in ((3, 0.8), (5, 0.9)):
+        model(*tiny_batch(model.cfg, batch), ratio, generator).loss.backward()
+    # ViT, Swin x 2, plus the cross block (with self-attention the decoder's blocks are ViTs)
+    assert counters["stats"]["unique_graphs"] == (4 if attention == "cross" else 3)

@@ -25,7 +25,8 @@ class Encoder(nn.Module):
         """x (B, C, *S); ids_keep (V, B, n) for V masked views of the same clips, or None for
         every token -> (V * B, n, dim)."""
         tokens = self.patch_embed(x, ids_keep, self.pos)
-        tokens = tokens.flatten(0, -3) if tokens.dim() > 3 else tokens
+        if tokens.dim() > 3:  # a copy, not a view: a compiled block guards on a view's base, so
+            tokens = tokens.flatten(0, -3).clone()  # the first block would need its own graph
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
