@@ -13,8 +13,9 @@ the paths after a warm-up; medians over --repeats. bf16 autocast on CUDA, fp32 o
 Curriculum view (R3 and R4, and R1's single shape as the baseline): the fast path alone timed
 at every distinct (rho, B) shape of the schedule, with per-epoch step time, samples/s, visible
 tokens and model FLOPs per step and GPU utilisation, and the projected epoch time of R4
-relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's batches by FLOPs rather than visible tokens
-(train.adaptive_batch_rule, fastmavil/schedule.py).
+relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's batches by
+FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py);
+--no-compare runs the views alone.
 Writes bench/results/throughput-<device>-<size>[-compile][-flops].json (each config's record
 carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is installed.
 """
