@@ -24,16 +24,17 @@ mkdir -p "$out"
 log="$out/gpu_check.log"
 : > "$log"
 status=()
-slack=0  # seconds the stages so far left unused: the next stage may take them
+slack=0  # seconds the stages so far left unused (or overran): the next stage gets (or pays) them
 
-run() {  # name, timeout seconds (plus the slack; the total never exceeds the sum), command...
+run() {  # name, timeout seconds (plus the slack, at least 1), command...
   local name=$1 limit=$(($2 + slack))
   shift 2
+  limit=$((limit < 1 ? 1 : limit))
   local start=$SECONDS
   echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
-  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"  # KILL 10 s after a TERM left unheeded
   local rc=${PIPESTATUS[0]} used=$((SECONDS - start))
-  slack=$((limit > used ? limit - used : 0))
+  slack=$((limit - used))
   status+=("$(printf '%-34s rc=%-3s %4ss' "$name" "$rc" "$used")")
 }
 
@@ -85,9 +86,10 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput-*-base*.json")):
               f"{f['samples_per_s']:.1f} samples/s  MFU {mfu}")
     view = record["curriculum"].get("r4", {})
     if view:
+        def show(key, text):  # "-" where an older record lacks the key
+            return text.format(view[key]) if key in view else "-"
         print(f"R4 ({view.get('batch_rule', 'tokens')} rule) step-time spread "
-              f"±{view['step_ms_spread']:.1%} (FLOPs ±{view.get('flops_spread', float('nan')):.1%})"
-              f"; epoch vs R1 "
-              f"{view.get('relative_to_r1', float('nan')):.2f}x, vs R3 "
-              f"{view.get('relative_to_r3', float('nan')):.2f}x")
+              f"{show('step_ms_spread', '±{:.1%}')} (FLOPs {show('flops_spread', '±{:.1%}')}); "
+              f"epoch vs R1 {show('relative_to_r1', '{:.2f}x')}, "
+              f"vs R3 {show('relative_to_r3', '{:.2f}x')}")
 PY

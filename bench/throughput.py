@@ -16,8 +16,9 @@ tokens and model FLOPs per step and GPU utilisation, and the projected epoch tim
 relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's batches by
 FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py);
 --no-compare runs the views alone.
-Writes bench/results/throughput-<device>-<size>[-compile][-flops].json (each config's record
-carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is installed.
+Writes bench/results/throughput-<device>-<size>[-compile][-flops][-views].json (each config's
+record carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is
+installed.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
@@ -187,50 +189,72 @@ def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
     return head + "\n" + events.table(sort_by=key, row_limit=30, max_name_column_width=70)
 
 
-def curriculum(cfg_path: str, cfg: Config, device: torch.device, args) -> dict:
-    """The fast path at every distinct (rho, B) shape of the config's schedule. Each repeat
-    times every shape once, round robin, so a drift of the machine's speed during the run (clocks,
-    other load) spreads over all shapes instead of biasing the ones timed last."""
+def curriculum(configs: dict[str, Config], device: torch.device, args,
+               save: Callable[[dict], None]) -> dict[str, dict]:
+    """The fast path at every distinct (rho, B) shape of each config's schedule, timed in one
+    round robin: each repeat times every (config, shape) once, so a drift of the machine's speed
+    during the run (clocks, other load) spreads over all of them instead of biasing the ones
+    timed last, and R4's projected epoch time against R1 and R3 compares steps timed side by
+    side. The views so far are saved after each repeat."""
+    runs = {Path(path).stem: _schedule(path, cfg, device, args) for path, cfg in configs.items()}
+    for run in runs.values():
+        for ratio, batch in run["keys"]:
+            for _ in range(args.warmup):
+                run["trainer"].step(*run["batches"][ratio, batch], ratio)
+    views = {}
+    for _ in range(args.repeats):
+        for run in runs.values():
+            for ratio, batch in run["keys"]:
+                with GpuUtilization(device) as util:
+                    run["times"][ratio, batch].append(
+                        run["trainer"].time(*run["batches"][ratio, batch], ratio, args.steps))
+                run["utils"][ratio, batch].append(util.mean())
+        views = {stem: _view(run) for stem, run in runs.items()}
+        _project(views)
+        save(views)
+    return views
+
+
+def _schedule(path: str, cfg: Config, device: torch.device, args) -> dict:
+    """One config's curriculum at B0 = args.batch: its epochs, distinct shapes, a batch for each
+    (held: ~5 GB of video per config at paper size on a GPU) and a fast-path trainer."""
     # The batch is rounded as finely, relative to B0, as the config rounds it (r4: to 8 of
     # 2048): B0 = 32 rounded to multiples of 8 would move R4's FLOPs per step by up to +-9 %
-    # under the flops rule (+-1 % with multiples of 1), more than the +-5 % the view measures.
+    # under the flops rule (+-1 % in multiples of 1), more than the +-5 % step-time target.
     multiple = cfg.train.batch_multiple * args.batch / cfg.train.batch_size
     cfg.train.batch_size, cfg.train.micro_batch_size = args.batch, 0
     cfg.train.batch_multiple = max(1, round(multiple))
     plans = plan_epochs(cfg, args.clips)
-    flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in plans})
-    trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None)
     keys = list(dict.fromkeys((p.mask_ratio, p.batch_size) for p in plans))
-    # every shape's batch made once and held (paper size: ~5 GB of video on the GPU)
-    batches = {key: batch_for(cfg, key[1], device) for key in keys}
-    for ratio, batch in keys:
-        for _ in range(args.warmup):
-            trainer.step(*batches[ratio, batch], ratio)
-    times, utils = {key: [] for key in keys}, {key: [] for key in keys}
-    for _ in range(args.repeats):
-        for ratio, batch in keys:
-            with GpuUtilization(device) as util:
-                times[ratio, batch].append(
-                    trainer.time(*batches[ratio, batch], ratio, args.steps))
-            utils[ratio, batch].append(util.mean())
-    shapes = {key: {"step_ms": statistics.median(times[key]), "gpu_util": _mean(utils[key])}
-              for key in keys}
+    return {"path": path, "cfg": cfg, "plans": plans, "keys": keys,
+            "flops": forward_flops_per_sample(cfg, {p.mask_ratio for p in plans}),
+            "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None),
+            "batches": {key: batch_for(cfg, key[1], device) for key in keys},
+            "times": {key: [] for key in keys}, "utils": {key: [] for key in keys}}
+
+
+def _view(run: dict) -> dict:
+    """Per-epoch step time, throughput, work and utilisation of one config's curriculum, from
+    the medians of its shapes' timings so far."""
+    cfg, flops = run["cfg"], run["flops"]
+    shapes = {key: {"step_ms": statistics.median(run["times"][key]),
+                    "gpu_util": _mean(run["utils"][key])} for key in run["keys"]}
     epochs = []
-    for p in plans:
-        ms, b = shapes[p.mask_ratio, p.batch_size]["step_ms"], p.batch_size
+    for p in run["plans"]:
+        shape, b = shapes[p.mask_ratio, p.batch_size], p.batch_size
+        ms = shape["step_ms"]
         epochs.append({"epoch": p.epoch, "mask_ratio": p.mask_ratio, "batch": b, "steps": p.steps,
                        "step_ms": ms, "samples_per_s": b / ms * 1e3,
                        "tokens_per_step": sum(cfg.model.visible_tokens(p.mask_ratio)) * b,
                        "tflop_per_step": 3 * flops[p.mask_ratio] * b / 1e12,
-                       "gpu_util": shapes[p.mask_ratio, p.batch_size]["gpu_util"],
-                       "epoch_s": p.steps * ms / 1e3})
+                       "gpu_util": shape["gpu_util"], "epoch_s": p.steps * ms / 1e3})
     step_ms = [e["step_ms"] for e in epochs]
-    mean = statistics.mean(step_ms)
     work = [e["tflop_per_step"] for e in epochs]
-    return {"config": cfg_path, "shapes": len(shapes), "epochs": epochs,
+    return {"config": run["path"], "shapes": len(shapes), "epochs": epochs,
             "batch_rule": cfg.train.adaptive_batch_rule if cfg.train.adaptive_batch else "fixed",
+            "repeats": len(next(iter(run["times"].values()))),
             "mean_epoch_s": statistics.mean(e["epoch_s"] for e in epochs),
-            "step_ms_spread": (max(step_ms) - min(step_ms)) / 2 / mean,
+            "step_ms_spread": (max(step_ms) - min(step_ms)) / 2 / statistics.mean(step_ms),
             "flops_spread": (max(work) - min(work)) / 2 / statistics.mean(work)}
 
 
@@ -334,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile the fast path of the first config: where a step's time goes")
     args = parser.parse_args(argv)
+    if args.no_compare and args.no_curriculum and not args.profile:
+        parser.error("--no-compare with --no-curriculum leaves nothing to measure")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     args.size = args.size or ("base" if cuda else "small")
@@ -343,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     name = device_name(device)
     slug = name.replace(" ", "_").replace("/", "_")
     # variants get their own record, so a run of one never overwrites the default's
-    variant = ("-compile" if args.compile else "") + (f"-{args.batch_rule}" if args.batch_rule
-                                                      else "")
+    variant = "".join(suffix for suffix, on in (("-compile", args.compile),
+                                                (f"-{args.batch_rule}", args.batch_rule),
+                                                ("-views", args.no_compare)) if on)
     head = commit()  # once: the records written below must not make the tree look modified
     RESULTS.mkdir(exist_ok=True)
 
@@ -380,17 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         _print_comparison(records, f"Training step, {args.size} size, {name} "
                                    f"(peak: {peak_source})")
 
-    views = {}
-    viewed = {} if args.no_curriculum else configs
-    for path, cfg in viewed.items():
-        # R1 too, the baseline of the projected epoch times (paper Table 2), so that it is
-        # timed as R4 is: fast path alone at B0 (compare halves R1's batch where its reference
-        # path runs out of memory, as on an H100)
-        if cfg.mask.schedule == "linear" or Path(path).stem == "r1":
-            views[Path(path).stem] = curriculum(path, cfg, device, args)
-            release_memory(device)
-            _project(views)
-            save(records, views)
+    # R3 and R4's schedules, and R1 (one shape), the baseline of R4's projected epoch time
+    # (paper Table 2), timed as R4 is: fast path alone at B0 (the comparison halves R1's batch
+    # where its reference path runs out of memory: it peaked at 98.9 GB at B = 32 on an H200)
+    viewed = {} if args.no_curriculum else {
+        path: cfg for path, cfg in configs.items()
+        if cfg.mask.schedule == "linear" or Path(path).stem == "r1"}
+    views = curriculum(viewed, device, args, lambda views: save(records, views)) if viewed else {}
+    release_memory(device)
     for stem, view in views.items():
         _print_view(stem, view)
     if "relative_to_r1" in views.get("r4", {}):
@@ -398,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
               "(paper: 0.82x)")
     if "relative_to_r3" in views.get("r4", {}):
         print(f"projected R4 epoch time: {views['r4']['relative_to_r3']:.2f}x of R3")
+    if not (records or views):  # a profile alone
+        return 0
     out = save(records, views)
     print(f"wrote {out}")
     if views:

@@ -78,20 +78,41 @@ def test_compare_halves_the_batch_while_out_of_memory(monkeypatch):
     assert batches == [8, 4, 2] and record == {"batch": 2}
 
 
-def test_throughput_curriculum_views_alone_are_saved_after_each_view(results, monkeypatch):
-    saved = []
+def test_throughput_views_alone_timed_round_robin_and_saved_after_each_repeat(results,
+                                                                             monkeypatch):
+    saved, timed = [], []
     write_text = type(results).write_text
 
     def record_write(path, text, *a, **k):  # every record the run writes, in order
         if path.suffix == ".json":
-            saved.append(json.loads(text))
+            saved.append((path.name, json.loads(text)))
         return write_text(path, text, *a, **k)
 
+    def time(trainer, audio, video, ratio, steps):
+        timed.append((trainer, len(audio), ratio))
+        return 1.0 + len(timed)
+
     monkeypatch.setattr(type(results), "write_text", record_write)
+    monkeypatch.setattr(bench.throughput.Trainer, "time", time)
     assert bench.throughput.main(["configs/r1.toml", "configs/r4.toml", "--size", "tiny",
-                                  "--steps", "1", "--repeats", "1", "--warmup", "0",
+                                  "--steps", "1", "--repeats", "2", "--warmup", "0",
                                   "--no-compare"]) == 0
-    assert all(s["configs"] == [] for s in saved)
-    # r1's view is on disk before r4's is measured; the projection once both are
-    assert [list(s["curriculum"]) for s in saved] == [["r1"], ["r1", "r4"], ["r1", "r4"]]
-    assert "relative_to_r1" in saved[1]["curriculum"]["r4"]
+    # its own file, not the default record's; no comparison; both views after every repeat
+    (name,) = {name for name, _ in saved}
+    assert name.startswith("throughput-") and name.endswith("-tiny-views.json")
+    assert all(record["configs"] == [] for _, record in saved)
+    assert [[v["repeats"] for v in record["curriculum"].values()] for _, record in saved] == [
+        [1, 1], [2, 2], [2, 2]]
+    final = saved[-1][1]["curriculum"]
+    assert final["r4"]["relative_to_r1"] == pytest.approx(final["r4"]["mean_epoch_s"]
+                                                          / final["r1"]["mean_epoch_s"])
+    # each repeat visits R1's shape and then every R4 shape: one round robin, not view by view
+    shapes = 1 + final["r4"]["shapes"]
+    first, second = timed[:shapes], timed[shapes:]
+    assert len(timed) == 2 * shapes and [t[1:] for t in first] == [t[1:] for t in second]
+    assert len({t[0] for t in first}) == 2
+
+
+def test_throughput_refuses_to_measure_nothing():
+    with pytest.raises(SystemExit):
+        bench.throughput.main(["--no-compare", "--no-curriculum"])

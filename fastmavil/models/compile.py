@@ -23,8 +23,8 @@ def compile_blocks(model: nn.Module) -> int:
     change with the masking curriculum, and the default (a static graph, recompiled as dynamic
     at the first new shape) compiles one graph more per block kind. With the encoders handing
     their first block a tensor that is not a view (encoder.py), a tiny R4 traces one graph per
-    block variant, 4, over two batch sizes and ratios, where it traced 9 (tests/test_compile.py);
-    at small size on a CPU its compilation took 100 s instead of 118 s.
+    block variant, 4, over two batch sizes and ratios, where it traced 10 (tests/test_compile.py).
+    On a GPU, whether dynamic kernels run as fast as static ones is not measured yet.
     """
     blocks = [m for m in model.modules() if isinstance(m, BLOCKS)]
     for block in blocks:

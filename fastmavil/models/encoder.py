@@ -25,8 +25,9 @@ class Encoder(nn.Module):
         """x (B, C, *S); ids_keep (V, B, n) for V masked views of the same clips, or None for
         every token -> (V * B, n, dim)."""
         tokens = self.patch_embed(x, ids_keep, self.pos)
-        if tokens.dim() > 3:  # a copy, not a view: a compiled block guards on a view's base, so
-            tokens = tokens.flatten(0, -3).clone()  # the first block would need its own graph
+        if tokens.dim() > 3:  # a copy, not a view: a compiled block guards on a view's base and
+            # would trace the first block again (the copy: ~80 MB per step at paper size, B = 32)
+            tokens = tokens.flatten(0, -3).clone()
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
