@@ -265,15 +265,22 @@ class MetricsWriter:
     """Appends one JSON object per line to `run_dir/metrics.jsonl`, and the numeric fields as
     TensorBoard scalars `train/<key>` at the record's step under `run_dir/tensorboard`.
 
-    The file is opened for appending, so a resumed run continues it, and flushed after every
-    record, so a crash loses nothing written. Records are flat dicts; NaN and infinities are
-    written as null. Tensor values are read with .item(), a host sync on CUDA, so write at log
-    intervals. `tensorboard`: None uses it if the package is installed, True requires it,
-    False turns it off.
+    The file is opened for appending, so a resumed run continues it (from `start_step`: records
+    past it are dropped first), and flushed after every record, so a crash loses nothing
+    written. Records are flat dicts; NaN and infinities are written as null. Tensor values are
+    read with .item(), a host sync on CUDA, so write at log intervals. `tensorboard`: None uses
+    it if the package is installed, True requires it, False turns it off.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool | None = None,
+                 start_step: int | None = None):
         run_dir = Path(run_dir)
+        self.path = run_dir / "metrics.jsonl"
+        # An earlier attempt may have logged steps past the checkpoint this run starts from
+        # (a crash before its next checkpoint): they are replayed now, so drop their records
+        # (and TensorBoard's events, purge_step) to keep one record per step.
+        if start_step is not None:
+            _drop_records_after(self.path, start_step)
         self._tb = None
         if tensorboard is not False:
             try:
@@ -284,9 +291,9 @@ class MetricsWriter:
                                        "installed: pip install tensorboard") from error
                 log.info("TensorBoard off: the tensorboard package is not installed")
             else:
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                         purge_step=None if start_step is None else start_step + 1)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
@@ -312,6 +319,25 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrites `path` (atomically) without the records past `step` and any line a crash cut
+    short."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 class StepTimer:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import signal
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -121,6 +122,39 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def _epoch_ended_early(plan: EpochPlan, resumed: int, ran: int, missing: int, source: Path,
+                       workers: int) -> None:
+    """An epoch's data ended `missing` steps before its plan: normal for a step or two (each
+    loader worker drops its last partial batch); beyond that a warning, and an error when the
+    epoch gave no step at all (every shard unreadable: nothing would train)."""
+    if resumed + ran == 0:
+        raise TrainingError(f"epoch {plan.epoch} gave not even one step's {plan.batch_size} "
+                            f"clips from {source}: are its shards readable? (see the warnings "
+                            "above)")
+    if missing > max(1, workers) + 1:
+        log.warning("epoch %d ended %d of its %d steps early: clips were skipped (see the "
+                    "warnings above)", plan.epoch, missing, plan.steps)
+    else:
+        log.debug("epoch %d ended %d steps early", plan.epoch, missing)
+
+
+def _open_dataset(cfg: Config, source: Path) -> tuple[ShardDataset, int]:
+    """The training shards and their clip count; a bad dataset is a ConfigError naming it."""
+    try:
+        dataset = ShardDataset(source, loader_spec(cfg, train=True))
+        clips = count_clips(source)
+    except tarfile.TarError as err:
+        raise ConfigError(f"data.shards = '{source}': not a readable tar file ({err})") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.shards = '{source}': {err}") from None
+    missing = [path.name for path in dataset.shards if not path.is_file()]
+    if missing:
+        raise ConfigError(f"data.shards = '{source}': {len(missing)} of the "
+                          f"{len(dataset.shards)} shards its index lists are missing: "
+                          + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+    return dataset, clips
+
+
 def train(cfg: Config, argv: list[str]) -> dict:
     """Runs (or resumes) the configured pre-training; returns the final summary."""
     t = cfg.train
@@ -135,8 +169,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
     if resumed:
         resume.check_config(resumed[0], resumed[1].get("config"), cfg)
     source = prepare_data(cfg)
-    dataset = ShardDataset(source, loader_spec(cfg, train=True))
-    clips, precision = count_clips(source), "bf16" if bf16 else "fp32"
+    dataset, clips = _open_dataset(cfg, Path(source))
+    precision = "bf16" if bf16 else "fp32"
     plans = plan_epochs(cfg, clips)
     if resumed:
         resume.check_run(resumed[0], resumed[1], clips, precision, plans)
@@ -220,7 +254,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
         sums, samples_since, ran, logged_at = {}, 0, 0, step
         updates = torch.zeros((), device=device)
 
-    with (StopFlag() as stop, MetricsWriter(run_dir, tensorboard) as writer,
+    with (StopFlag() as stop, MetricsWriter(run_dir, tensorboard, step) as writer,
           GpuUtilization(device) as gpu_util, progress):
         task = progress.add_task("train", total=total_steps, completed=step, epoch="-", loss="-",
                                  rate="-")
@@ -238,6 +272,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
             except StopIteration:  # the epoch's data ended already (a different loader setup)
                 step = end
                 continue
+            epoch_start = step
             progress.update(task, epoch=plan.epoch)
             while step < end and stop.signal is None:
                 lr = learning_rate(cfg, step, plans)
@@ -258,9 +293,11 @@ def train(cfg: Config, argv: list[str]) -> dict:
                             terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / accum
                 except StopIteration:
                     # Each DataLoader worker drops its own last partial batch, so an epoch can
-                    # hold a step or two fewer than the plan: move on to the next epoch.
+                    # hold a step or two fewer than the plan: move on to the next epoch. More
+                    # missing means clips were skipped (unreadable shards or clips, warned of).
                     optimizer.zero_grad(set_to_none=True)
-                    log.debug("epoch %d ended %d steps early", plan.epoch, end - step)
+                    _epoch_ended_early(plan, skip, step - epoch_start, end - step, source,
+                                       cfg.data.num_workers)
                     step = end
                     progress.update(task, completed=step)
                     break

@@ -15,16 +15,17 @@ from ..config import Config, ConfigError, config_changes
 
 log = logging.getLogger("fastmavil.train")
 
-# How the run executes, not what it trains (micro-batches keep the effective batch and its
-# samples; the attention backends compute the same attention).
+# How the run executes, not what it trains (the attention backends compute the same
+# attention).
 FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
         "train.max_bad_steps", "train.compile", "train.device", "train.deterministic",
-        "train.max_batch_size", "train.micro_batch_size", "run.dir", "run.tensorboard",
-        "model.attention"}
-# A dataset moved to another disk, a machine with other cores, the kernels on or off (their
-# in-kernel noise is another stream): the samples or noise from here on differ from an
-# uninterrupted run's.
-WARN = {"data.shards", "data.num_workers", "data.synth_clips", "model.kernels"}
+        "train.max_batch_size", "run.dir", "run.tensorboard", "model.attention"}
+# A dataset moved to another disk, a machine with other cores, another micro-batch size (each
+# loader worker forms its own micro-batches, so the resumed epoch skips other samples), the
+# kernels on or off (their in-kernel noise is another stream): the samples or noise from here
+# on differ from an uninterrupted run's.
+WARN = {"data.shards", "data.num_workers", "data.synth_clips", "train.micro_batch_size",
+        "model.kernels"}
 
 
 def check_config(path: Path, saved: str | None, cfg: Config) -> None:

@@ -197,6 +197,20 @@ def test_metrics_writer_appends_on_reopen(tmp_path):
     assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+def test_metrics_writer_resumed_drops_the_records_it_replays(tmp_path):
+    """An attempt logged steps 1-5 and crashed (its last line cut short) after its checkpoint at
+    step 3: the resumed writer keeps steps 1-3, so steps 4-5, replayed, appear once."""
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        for step in range(1, 6):
+            writer.write({"step": step, "loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as file:
+        file.write('{"step": 6, "lo')
+    with MetricsWriter(tmp_path, tensorboard=False, start_step=3) as writer:
+        writer.write({"step": 4, "loss": 0.5})
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_metrics_writer_requires_step(tmp_path):
     with MetricsWriter(tmp_path, tensorboard=False) as writer:
         with pytest.raises(KeyError, match="step"):

@@ -87,9 +87,11 @@ def test_resume_refuses_a_config_that_trains_something_else(shards, tmp_path, ca
     assert (tmp_path / "t" / "config.toml").read_text() == saved  # left as the run's
     with caplog.at_level("WARNING", logger="fastmavil.train"):
         summary = run(shards, tmp_path, train__max_steps=4, data__num_workers=1,
-                      model__attention="math", train__log_every=2)
+                      model__attention="math", train__log_every=2, train__micro_batch_size=2)
     assert summary["start_step"] == 3 and summary["step"] == 4
     assert "data.num_workers changed (0 -> 1)" in caplog.text
+    assert "train.micro_batch_size changed (0 -> 2)" in caplog.text  # other samples follow
+    assert "model.attention" not in caplog.text  # the same attention: no warning
 
 
 def test_resume_refuses_data_of_another_size(shards, tmp_path):
@@ -131,6 +133,8 @@ def test_steps_an_epoch_has_no_data_for_are_not_reported_as_non_finite(shards, t
         summary = run(shards, tmp_path)
     assert summary["step"] == summary["total_steps"] > 3  # every epoch ran short
     assert "non-finite" not in caplog.text
+    # epochs 1 and 2 ended 3 and 5 steps short, more than partial batches explain
+    assert caplog.text.count("clips were skipped") == 2
     records = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 3  # one step played per epoch, each logged
 
@@ -235,3 +239,37 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
     assert "mask.start = 1.5 must lie in (0, 1)" in capsys.readouterr().err
     assert pretrain.main([str(ROOT / "configs" / "demo.toml"), "--trian.epochs=3"]) == 2
     assert "unknown key trian" in capsys.readouterr().err
+
+
+def test_bad_shards_are_errors_not_an_empty_run(shards, tmp_path):
+    """A path that is no tar file, an index listing a shard that is gone, and shards that are all
+    unreadable: each stops the run with an error naming the data, instead of a run that
+    'finishes' its planned steps having trained on nothing."""
+    import shutil
+    garbage = tmp_path / "notatar.tar"
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(ConfigError, match=r"notatar.tar': not a readable tar file"):
+        run(garbage, tmp_path / "r0")
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    tars = sorted(copy.glob("*.tar"))
+    tars[1].unlink()
+    with pytest.raises(ConfigError, match=rf"1 of the 3 shards its index lists are missing: "
+                                          rf"{tars[1].name}"):
+        run(copy, tmp_path / "r1")
+    tars[1].write_bytes(b"")
+    for tar in tars:
+        tar.write_bytes(os.urandom(4096))
+    with pytest.raises(pretrain.TrainingError, match="epoch 0 gave not even one step"):
+        run(copy, tmp_path / "r2")
+    assert not list_checkpoints(tmp_path / "r2" / "t")
+
+
+def test_a_resume_after_a_crash_logs_each_step_once(shards, tmp_path):
+    """A crash after step 5 loses the steps since the checkpoint at 3 (here: that run's final
+    checkpoint removed); the resumed run replays 4 and 5, and its log holds each step once."""
+    run(shards, tmp_path, train__max_steps=5)
+    (tmp_path / "t" / "checkpoints" / "step-00000005.pt").unlink()
+    assert run(shards, tmp_path, train__max_steps=8)["start_step"] == 3
+    lines = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
