@@ -191,9 +191,15 @@ def train(cfg: Config, argv: list[str]) -> dict:
         path, state = resumed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
         step, last_ckpt = state["step"], path
+        try:
+            generator.set_state(state["generator"])
+        except RuntimeError:  # saved on another device type: CPU and CUDA states differ
+            generator.manual_seed(t.seed + step)
+            log.warning("%s was written on another device type: its masking RNG state does not "
+                        "load here, so it is reseeded from train.seed and the step (the masks "
+                        "from here on differ from an uninterrupted run's)", path)
+        set_rng_state(state["rng"])
         log.info("resumed from %s (step %d)", path, step)
     if t.compile:
         log.info("compiled %d transformer blocks", compile_blocks(model))

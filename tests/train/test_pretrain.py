@@ -273,3 +273,17 @@ def test_a_resume_after_a_crash_logs_each_step_once(shards, tmp_path):
     assert run(shards, tmp_path, train__max_steps=8)["start_step"] == 3
     lines = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
+
+
+def test_a_resume_on_another_device_type_reseeds_the_masking_rng(shards, tmp_path, caplog):
+    """train.device may change on resume; a CUDA generator's state (16 bytes) does not load into
+    a CPU generator, so the run reseeds it and says so rather than crashing."""
+    run(shards, tmp_path, train__max_steps=3)
+    path = tmp_path / "t" / "checkpoints" / "step-00000003.pt"
+    state = torch.load(path, weights_only=False)
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA state
+    torch.save(state, path)
+    with caplog.at_level("WARNING", logger="fastmavil.train"):
+        summary = run(shards, tmp_path, train__max_steps=5)
+    assert summary["start_step"] == 3 and summary["step"] == 5
+    assert "written on another device type" in caplog.text
