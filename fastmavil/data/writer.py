@@ -4,12 +4,15 @@ Items (input files, synthetic clip seeds) are cut into fixed groups of `clips_pe
 group per shard, so a rerun maps every item to the same shard. Worker processes turn items into
 clip members; the main process writes them in order. A shard is finished when its tar exists
 (it is renamed into place only when complete) next to its sidecar `shard-N.meta.json`
-(clip count, bytes, failures); finished shards are not redone. Items that fail are recorded
-(source, reason) and reported in `failures.csv` instead of ending the run.
+(clip count, bytes, failures, and a fingerprint of its items and the writing options);
+finished shards are not redone, unless their fingerprint shows that the rerun would put other
+items or options there (another clip count, split, source or spec). Items that fail are
+recorded (source, reason) and reported in `failures.csv` instead of ending the run.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import multiprocessing
 import os
@@ -25,6 +28,13 @@ class ClipFailure(Exception):
 
 def _meta_path(shard: Path) -> Path:
     return shard.with_name(shard.name.replace(".tar", ".meta.json"))
+
+
+def _fingerprint(group: Sequence, options: dict) -> str:
+    """What a shard is made of: its items and the options they are written with."""
+    text = json.dumps({"items": [repr(item) for item in group], "options": options},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _run_one(args):
@@ -65,10 +75,17 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
             task = progress.add_task(title, total=len(items))
             for number, group in enumerate(groups):
                 path = out / shard_name(number)
+                fingerprint = _fingerprint(group, index_extra)
                 if path.exists() and _meta_path(path).exists():  # finished by an earlier run
-                    shards.append(json.loads(_meta_path(path).read_text()))
-                    progress.advance(task, len(group))
-                    continue
+                    meta = json.loads(_meta_path(path).read_text())
+                    # shards from before fingerprints carry none: taken as they are
+                    if meta.get("fingerprint", fingerprint) == fingerprint:
+                        shards.append(meta)
+                        progress.advance(task, len(group))
+                        continue
+                    progress.console.print(f"{path}: written for other items or options; "
+                                           "rewriting it")
+                    path.unlink()  # gone first: a crash mid-rewrite leaves it unfinished
                 jobs = [(make_clip, item) for item in group]
                 results = pool.imap(_run_one, jobs) if pool else map(_run_one, jobs)
                 failures = []
@@ -79,7 +96,8 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
                         else:
                             failures.append([describe(item), error])
                         progress.advance(task)
-                    meta = {"name": path.name, "clips": writer.clips, "failures": failures}
+                    meta = {"name": path.name, "clips": writer.clips, "failures": failures,
+                            "fingerprint": fingerprint}
                     # sidecar first: the tar's rename on close is what marks the shard finished
                     _meta_path(path).write_text(json.dumps(meta))
                 meta["bytes"] = path.stat().st_size

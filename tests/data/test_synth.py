@@ -65,3 +65,21 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(tmp_path), "--size", "33"])
     assert exit_info.value.code == 2 and "--size even" in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_clips_rewrites_the_shards_it_changes(tmp_path, capsys):
+    """Shards are reused only for the same items and options: 20 then 40 clips into one folder
+    (another train/heldout split) must not mix the two runs' shards."""
+    out = tmp_path / "synth"
+    args = ["--out", str(out), "--heldout", "0.2", "--seconds", "1", "--size", "32",
+            "--clips-per-shard", "5", "--workers", "1"]
+    assert main(args + ["--clips", "20"]) == 0
+    assert main(args + ["--clips", "40"]) == 0
+    assert "written for other items or options" in capsys.readouterr().out
+    keys = {}
+    for split in ("train", "heldout"):
+        index = read_index(out / split)
+        keys[split] = [c.key for s in index["shards"] for c in read_shard(out / split / s["name"])]
+        assert len(keys[split]) == len(set(keys[split])) == index["clips"]
+    assert (len(keys["train"]), len(keys["heldout"])) == (32, 8)
+    assert not set(keys["train"]) & set(keys["heldout"])
