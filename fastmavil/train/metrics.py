@@ -326,7 +326,8 @@ def _drop_records_after(path: Path, step: int) -> None:
     short."""
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
     kept = []
     for line in lines:
         try:
@@ -334,7 +335,7 @@ def _drop_records_after(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    if len(kept) < len(lines):
+    if len(kept) < len(lines) or not text.endswith("\n"):  # the next record needs a new line
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, path)

@@ -128,9 +128,12 @@ def _epoch_ended_early(plan: EpochPlan, resumed: int, ran: int, missing: int, so
     loader worker drops its last partial batch); beyond that a warning, and an error when the
     epoch gave no step at all (every shard unreadable: nothing would train)."""
     if resumed + ran == 0:
+        split = (f", or data.num_workers = {workers} split the epoch into shares smaller than "
+                 f"a micro-batch of {plan.micro_batch} (each worker drops its partial batch)"
+                 if workers else "")
         raise TrainingError(f"epoch {plan.epoch} gave not even one step's {plan.batch_size} "
-                            f"clips from {source}: are its shards readable? (see the warnings "
-                            "above)")
+                            f"clips from {source}: its shards are unreadable (see any warnings "
+                            f"above){split}")
     if missing > max(1, workers) + 1:
         log.warning("epoch %d ended %d of its %d steps early: clips were skipped (see the "
                     "warnings above)", plan.epoch, missing, plan.steps)
@@ -272,10 +275,13 @@ def train(cfg: Config, argv: list[str]) -> dict:
             dataset.set_epoch(plan.epoch)
             accum = plan.batch_size // plan.micro_batch
             batches = iter(build_loader(dataset, plan.micro_batch, cfg.data.num_workers))
+            fetched = 0
             try:
-                for _ in range(skip * accum):  # resume mid-epoch: the same data, in order
+                for fetched in range(skip * accum):  # resume mid-epoch: the same data, in order
                     next(batches)
             except StopIteration:  # the epoch's data ended already (a different loader setup)
+                if fetched == 0:  # or there is none
+                    _epoch_ended_early(plan, 0, 0, end - step, source, cfg.data.num_workers)
                 step = end
                 continue
             epoch_start = step

@@ -209,6 +209,11 @@ def test_metrics_writer_resumed_drops_the_records_it_replays(tmp_path):
         writer.write({"step": 4, "loss": 0.5})
     assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
     assert not list(tmp_path.glob("*.tmp"))
+    # a last record complete but for its newline: the next one still gets its own line
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}')
+    with MetricsWriter(tmp_path, tensorboard=False, start_step=2) as writer:
+        writer.write({"step": 3})
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_metrics_writer_requires_step(tmp_path):

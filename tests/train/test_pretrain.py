@@ -257,12 +257,15 @@ def test_bad_shards_are_errors_not_an_empty_run(shards, tmp_path):
     with pytest.raises(ConfigError, match=rf"1 of the 3 shards its index lists are missing: "
                                           rf"{tars[1].name}"):
         run(copy, tmp_path / "r1")
-    tars[1].write_bytes(b"")
     for tar in tars:
         tar.write_bytes(os.urandom(4096))
     with pytest.raises(pretrain.TrainingError, match="epoch 0 gave not even one step"):
         run(copy, tmp_path / "r2")
     assert not list_checkpoints(tmp_path / "r2" / "t")
+    # resumed mid-epoch onto shards that have since become unreadable
+    run(shards, tmp_path / "r3", train__max_steps=1)
+    with pytest.raises(pretrain.TrainingError, match="epoch 0 gave not even one step"):
+        run(copy, tmp_path / "r3")
 
 
 def test_a_resume_after_a_crash_logs_each_step_once(shards, tmp_path):
