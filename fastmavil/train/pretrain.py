@@ -126,7 +126,8 @@ def _epoch_ended_early(plan: EpochPlan, resumed: int, ran: int, missing: int, so
                        workers: int) -> None:
     """An epoch's data ended `missing` steps before its plan: normal for a step or two (each
     loader worker drops its last partial batch); beyond that a warning, and an error when the
-    epoch gave no step at all (every shard unreadable: nothing would train)."""
+    epoch gave no step at all (unreadable shards, or worker shares each smaller than a batch:
+    nothing would train)."""
     if resumed + ran == 0:
         split = (f", or data.num_workers = {workers} split the epoch into shares smaller than "
                  f"a micro-batch of {plan.micro_batch} (each worker drops its partial batch)"
