@@ -122,13 +122,14 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _epoch_ended_early(plan: EpochPlan, resumed: int, ran: int, missing: int, source: Path,
+def _epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
                        workers: int) -> None:
-    """An epoch's data ended `missing` steps before its plan: normal for a step or two (each
-    loader worker drops its last partial batch); beyond that a warning, and an error when the
-    epoch gave no step at all (unreadable shards, or worker shares each smaller than a batch:
-    nothing would train)."""
-    if resumed + ran == 0:
+    """An epoch's data ended `missing` steps before its plan, after `done` steps (this run's
+    and, resumed mid-epoch, the earlier ones): normal for a step or two (each loader worker
+    drops its last partial batch); beyond that a warning, and an error when the epoch gave no
+    step at all (unreadable shards, or worker shares each smaller than a batch: nothing would
+    train)."""
+    if done == 0:
         split = (f", or data.num_workers = {workers} split the epoch into shares smaller than "
                  f"a micro-batch of {plan.micro_batch} (each worker drops its partial batch)"
                  if workers else "")
@@ -173,7 +174,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
     if resumed:
         resume.check_config(resumed[0], resumed[1].get("config"), cfg)
     source = prepare_data(cfg)
-    dataset, clips = _open_dataset(cfg, Path(source))
+    dataset, clips = _open_dataset(cfg, source)
     precision = "bf16" if bf16 else "fp32"
     plans = plan_epochs(cfg, clips)
     if resumed:
@@ -282,10 +283,9 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     next(batches)
             except StopIteration:  # the epoch's data ended already (a different loader setup)
                 if fetched == 0:  # or there is none
-                    _epoch_ended_early(plan, 0, 0, end - step, source, cfg.data.num_workers)
+                    _epoch_ended_early(plan, 0, end - step, source, cfg.data.num_workers)
                 step = end
                 continue
-            epoch_start = step
             progress.update(task, epoch=plan.epoch)
             while step < end and stop.signal is None:
                 lr = learning_rate(cfg, step, plans)
@@ -309,8 +309,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     # hold a step or two fewer than the plan: move on to the next epoch. More
                     # missing means clips were skipped (unreadable shards or clips, warned of).
                     optimizer.zero_grad(set_to_none=True)
-                    _epoch_ended_early(plan, skip, step - epoch_start, end - step, source,
-                                       cfg.data.num_workers)
+                    _epoch_ended_early(plan, step - first_step(plan.epoch, plans), end - step,
+                                       source, cfg.data.num_workers)
                     step = end
                     progress.update(task, completed=step)
                     break
