@@ -230,20 +230,50 @@ def _has_tensorboard() -> bool:
     return True
 
 
-@pytest.mark.skipif(_has_tensorboard(), reason="tensorboard is installed")
-def test_metrics_writer_tensorboard_required_but_missing(tmp_path):
+@pytest.fixture
+def no_tensorboard(monkeypatch):
+    """The tensorboard package hidden, whether or not it is installed."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+
+
+def test_metrics_writer_tensorboard_required_but_missing(tmp_path, no_tensorboard):
     with pytest.raises(RuntimeError, match="pip install tensorboard"):
         MetricsWriter(tmp_path, tensorboard=True)
 
 
-@pytest.mark.skipif(_has_tensorboard(), reason="tensorboard is installed")
-def test_metrics_writer_tensorboard_if_installed(tmp_path, caplog):
+def test_metrics_writer_tensorboard_if_installed(tmp_path, caplog, no_tensorboard):
     with caplog.at_level(logging.INFO, logger="fastmavil.train"):
         with MetricsWriter(tmp_path) as writer:
             writer.write({"step": 1, "loss": 1.0})
     assert "tensorboard package is not installed" in caplog.text
     assert _records(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
     assert not (tmp_path / "tensorboard").exists()
+
+
+def _scalars(log_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+@pytest.mark.skipif(not _has_tensorboard(), reason="the tensorboard package is not installed "
+                    "(optional: pip install tensorboard)")
+def test_metrics_writer_tensorboard_resumed_purges_replayed_steps(tmp_path):
+    """Steps 1-5 logged, checkpoint at 3, crash: the resumed writer's TensorBoard run shows
+    steps 4-5 once, with the replayed values, and only numeric fields become scalars."""
+    with MetricsWriter(tmp_path, tensorboard=True) as writer:
+        for step in range(1, 6):
+            writer.write({"step": step, "loss": 1.0, "note": "first", "done": False})
+    with MetricsWriter(tmp_path, tensorboard=True, start_step=3) as writer:
+        for step in range(4, 6):
+            writer.write({"step": step, "loss": 0.5})
+    assert _scalars(tmp_path / "tensorboard", "train/loss") == [
+        (1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5), (5, 0.5)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["train/loss"]
 
 
 def test_step_timer_data_wait_share():
