@@ -218,9 +218,12 @@ def curriculum(configs: dict[str, Config], device: torch.device, args,
 def _schedule(path: str, cfg: Config, device: torch.device, args) -> dict:
     """One config's curriculum at B0 = args.batch: its epochs, distinct shapes, a batch for each
     (held: ~5 GB of video per config at paper size on a GPU) and a fast-path trainer."""
-    # The batch is rounded as finely, relative to B0, as the config rounds it (r4: to 8 of
-    # 2048): B0 = 32 rounded to multiples of 8 would move R4's FLOPs per step by up to +-9 %
-    # under the flops rule (+-1 % in multiples of 1), more than the +-5 % step-time target.
+    # A step here is one forward pass of B_e samples: one pass of a run whose micro-batch at B0
+    # is args.batch (the trainer keeps the passes per step fixed and grows each pass with B_e).
+    # The batch is rounded as finely, relative to B0, as the config rounds B_e without
+    # micro-batches (r4: to 8 of 2048): B0 = 32 rounded to multiples of 8 would move R4's FLOPs
+    # per step by up to +-9 % under the flops rule (+-1 % in multiples of 1), more than the
+    # +-5 % step-time target.
     multiple = cfg.train.batch_multiple * args.batch / cfg.train.batch_size
     cfg.train.batch_size, cfg.train.micro_batch_size = args.batch, 0
     cfg.train.batch_multiple = max(1, round(multiple))

@@ -237,6 +237,11 @@ class OptimConfig:
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: int = 8
+    # What the warm-up and cosine run over (the paper says only "cosine decay"): `epochs`, the
+    # fractional epoch epoch + i / steps_e as MAE and AudioMAE's lr_sched do; `steps`, the
+    # optimizer steps. They differ only where epochs hold different numbers of steps (the
+    # adaptive batch: R4's epochs at rho = 0.9 have half the steps of those at 0.8).
+    lr_schedule: str = field(default="epochs", metadata=_choices("epochs", "steps"))
     # How lr follows the adaptive batch B_e (see fastmavil.schedule.learning_rate).
     lr_batch_scaling: str = field(default="none", metadata=_choices("none", "linear", "sqrt"))
     # `adamw`: torch.optim.AdamW (fused on CUDA); `apex`: apex's FusedAdam, only if importable.
@@ -262,12 +267,14 @@ class TrainConfig:
     #           token rule misses because the decoders' work follows the masked tokens
     adaptive_batch: bool = False
     adaptive_batch_rule: str = field(default="tokens", metadata=_choices("tokens", "flops"))
-    # Shapes: B_e rounds to a multiple of batch_multiple; rho_e takes at most max_shapes values.
+    # Shapes: B_e rounds to a multiple of batch_multiple (and of the passes per step, below);
+    # rho_e takes at most max_shapes values.
     batch_multiple: int = 8
     max_shapes: int = 11
-    # Samples per forward pass (0: the whole batch). A step accumulates gradients over
-    # batch / micro_batch_size passes, so the effective batch follows the schedule whatever fits
-    # in memory (the paper: 2048 over 256 GPUs, 8 per GPU).
+    # Samples per forward pass at B0 (0: the whole batch). A step accumulates gradients over
+    # batch_size / micro_batch_size passes, the same number in every epoch: with the adaptive
+    # batch each pass takes micro_batch_size * B_e / B0 samples, so a pass does as much work at
+    # every ratio (the paper: 2048 over 256 GPUs, 8 per GPU at rho = 0.8, 16 at 0.9).
     micro_batch_size: int = 0
     # Memory limit: the most samples one forward pass may take (0: no limit); checked against
     # the whole schedule before training starts.
@@ -294,11 +301,13 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} = {getattr(self, key)} must be >= 0")
         micro = self.micro_batch_size
-        if micro and (self.batch_size % micro or (self.adaptive_batch
-                                                   and self.batch_multiple % micro)):
+        if micro and self.batch_size % micro:
             raise ConfigError(f"train.micro_batch_size = {micro} must divide train.batch_size = "
-                              f"{self.batch_size} and, with the adaptive batch, "
-                              f"train.batch_multiple = {self.batch_multiple}")
+                              f"{self.batch_size}")
+        if self.adaptive_batch and self.batch_size % self.batch_multiple:
+            raise ConfigError(f"train.batch_size = {self.batch_size} must be a multiple of "
+                              f"train.batch_multiple = {self.batch_multiple} with the adaptive "
+                              "batch (it is the batch at the lowest mask ratio)")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"train.device = {self.device!r} is not one of: auto, cpu, cuda, "
                               "cuda:N")

@@ -6,12 +6,17 @@ B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0, so the visible tokens per step s
 compute at each iteration", which that formula misses: the decoders' work follows the masked
 tokens, so at rho = 0.9 a token-budget step does ~1.4x the FLOPs of one at 0.8. `"flops"`
 scales B0 by the model's forward FLOPs per sample instead, F(min rho) / F(rho_e).
-An epoch is a pass over the dataset, so larger batches mean fewer steps: the wall-clock saving.
+An epoch is a pass over the dataset, so larger batches mean fewer steps, and each forward pass
+carries the same work at every ratio, so the device stays as busy at rho = 0.9 as at 0.8: the
+wall-clock saving. With gradient accumulation (`train.micro_batch_size`) the number of passes per
+step is therefore fixed, B0 / micro_batch_size, and each pass takes B_e / passes samples (the
+paper: 2048 over 256 GPUs, 8 per GPU at rho = 0.8 and 16 at 0.9); a fixed micro-batch would
+only cut optimizer steps, running as many small passes as the fixed batch does.
 
 Compiled graphs and autotuned kernels specialise on shapes, so the ratio is quantised to at most
 `train.max_shapes` levels between rho1 and rho2 and the batch rounded to a multiple of
-`train.batch_multiple`: a run sees at most `max_shapes` distinct (rho, B) shapes. Everything is a
-function of the epoch alone, so every rank derives the same plan.
+`train.batch_multiple` and of the passes per step: a run sees at most `max_shapes` distinct
+(rho, B) shapes. Everything is a function of the epoch alone, so every rank derives the same plan.
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ class EpochPlan:
     epoch: int
     mask_ratio: float
     batch_size: int   # samples per optimizer step (the effective batch)
-    micro_batch: int  # samples per forward pass; batch_size / micro_batch passes per step
+    micro_batch: int  # samples per forward pass; batch_size / micro_batch passes per step,
+                      # the same number in every epoch
     steps: int        # optimizer steps: full batches only
 
 
@@ -73,17 +79,19 @@ def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
         exact = _flops_budget_batches(cfg, set(ratios))
     else:
         exact = {r: _token_budget_batch(mask, r, t.batch_size) for r in set(ratios)}
+    passes = t.batch_size // t.micro_batch_size if t.micro_batch_size else 1
+    unit = math.lcm(t.batch_multiple, passes)  # B0 is a multiple of both (TrainConfig.check)
     plans = []
     for epoch, ratio in enumerate(ratios):
         batch = t.batch_size
         if t.adaptive_batch:
-            batch = max(t.batch_multiple,
-                        t.batch_multiple * round(exact[ratio] / t.batch_multiple))
-        micro = t.micro_batch_size or batch
+            batch = max(unit, unit * round(exact[ratio] / unit))
+        micro = batch // passes
         if t.max_batch_size and micro > t.max_batch_size:
             raise ConfigError(f"epoch {epoch} runs {micro} samples per forward pass (mask ratio "
-                              f"{ratio:.3f}) but train.max_batch_size = {t.max_batch_size}; set "
-                              "train.micro_batch_size or raise the limit")
+                              f"{ratio:.3f}) but train.max_batch_size = {t.max_batch_size}; "
+                              "lower train.micro_batch_size (the pass at the lowest ratio) or "
+                              "raise the limit")
         if num_clips < batch:
             raise ConfigError(f"the dataset has {num_clips} clips, fewer than one batch of "
                               f"{batch} (epoch {epoch}); lower train.batch_size")
@@ -92,8 +100,15 @@ def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
 
 
 def learning_rate(cfg: Config, step: int, plans: list[EpochPlan]) -> float:
-    """Linear warm-up over the first `optim.warmup_epochs` epochs' steps, then cosine decay to
-    `optim.min_lr` at the last step, per iteration.
+    """Linear warm-up over the first `optim.warmup_epochs` epochs, then cosine decay to
+    `optim.min_lr`, set per iteration.
+
+    `optim.lr_schedule = "epochs"` runs both over the fractional epoch of the step, e + i / S_e
+    (step i of epoch e's S_e), exactly as MAE and AudioMAE's lr_sched: 0 at the first step, lr
+    after warm-up, min_lr at the end of the last epoch. `"steps"` runs them over optimizer steps:
+    lr / W at the first of the W warm-up steps, min_lr exactly at the last step. With a fixed
+    batch the two trace the same curve; with the adaptive batch an epoch's share of the decay is
+    its share of the epochs or of the steps.
 
     Batch-size rule: `optim.lr_batch_scaling` = `none` keeps lr independent of the changing
     batch (the paper's adaptive batch keeps the visible tokens per step constant, so each step's
@@ -101,12 +116,18 @@ def learning_rate(cfg: Config, step: int, plans: list[EpochPlan]) -> float:
     its square root.
     """
     o = cfg.optim
-    total = sum(p.steps for p in plans)
-    warmup = sum(p.steps for p in plans[:o.warmup_epochs])
-    if step < warmup:
-        lr = o.lr * (step + 1) / warmup
+    if o.lr_schedule == "epochs":  # the fractional epoch, as MAE's lr_sched
+        plan = epoch_at(step, plans)
+        epoch = plan.epoch + min(1.0, (step - first_step(plan.epoch, plans)) / plan.steps)
+        warm = epoch / o.warmup_epochs if epoch < o.warmup_epochs else None
+        progress = (epoch - o.warmup_epochs) / max(1, len(plans) - o.warmup_epochs)
+    else:  # optimizer steps
+        warmup = sum(p.steps for p in plans[:o.warmup_epochs])
+        warm = (step + 1) / warmup if step < warmup else None
+        progress = (step - warmup) / max(1, sum(p.steps for p in plans) - 1 - warmup)
+    if warm is not None:
+        lr = o.lr * warm
     else:
-        progress = (step - warmup) / max(1, total - 1 - warmup)  # min_lr at the last step
         lr = o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     if o.lr_batch_scaling != "none":
         ratio = epoch_at(step, plans).batch_size / cfg.train.batch_size

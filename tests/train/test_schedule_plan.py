@@ -9,23 +9,57 @@ from fastmavil.schedule import epoch_at, first_step, learning_rate, plan_epochs
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
 
 
-def test_r4_plan_keeps_the_visible_token_budget_with_few_shapes():
+def _visible(ratio: float) -> int:
+    return num_visible(512, ratio) + num_visible(1568, ratio)  # audio + video tokens per clip
+
+
+def test_r4_plan_keeps_the_visible_token_budget_per_pass_with_few_shapes():
+    """r4.toml: B0 = 2048 in passes of 8, so 256 passes per step in every epoch, each of
+    8 B_e / B0 samples (16 at rho = 0.9): every pass carries B0's visible tokens per pass, to
+    the nearest sample (within 1 / 16 of the budget)."""
     cfg = load_config(CONFIGS / "r4.toml")
     plans = plan_epochs(cfg, 1_900_000)
     assert len(plans) == 60 and plans[0].mask_ratio == 0.9 and plans[-1].mask_ratio == 0.8
-    shapes = {(p.mask_ratio, p.batch_size) for p in plans}
+    shapes = {(p.mask_ratio, p.batch_size, p.micro_batch) for p in plans}
     assert len(shapes) <= cfg.train.max_shapes == 11
-    assert all(p.batch_size % 8 == 0 for p in plans)
-    assert plans[0].batch_size == 4096 and plans[-1].batch_size == 2048
-    budget = 2048 * (num_visible(512, 0.8) + num_visible(1568, 0.8))
+    assert {p.batch_size // p.micro_batch for p in plans} == {256}
+    assert all(p.batch_size == 256 * p.micro_batch for p in plans)
+    assert (plans[0].batch_size, plans[0].micro_batch) == (4096, 16)
+    assert (plans[-1].batch_size, plans[-1].micro_batch) == (2048, 8)
     for p in plans:
-        tokens = p.batch_size * (num_visible(512, p.mask_ratio) + num_visible(1568, p.mask_ratio))
-        assert tokens == pytest.approx(budget, rel=0.02), p
+        exact = 8 * _visible(0.8) / _visible(p.mask_ratio)  # samples per pass at this ratio
+        assert abs(p.micro_batch - exact) <= 0.5, p
         assert p.steps == 1_900_000 // p.batch_size
-    # fewer steps than R3 (fixed batch): where the wall-clock saving comes from
+    # fewer steps than R3 (fixed batch) and, as the passes grow, fewer passes: the saving
     r3 = plan_epochs(load_config(CONFIGS / "r3.toml"), 1_900_000)
     ratio = sum(p.steps for p in plans) / sum(p.steps for p in r3)
     assert 0.6 < ratio < 0.8
+    passes = [sum(p.steps * p.batch_size // p.micro_batch for p in plan) for plan in (plans, r3)]
+    assert passes[0] / passes[1] == pytest.approx(ratio, rel=1e-3)  # a fixed pass: about 1.0
+
+
+def test_without_micro_batches_the_batch_rounds_to_the_multiple():
+    cfg = load_config(CONFIGS / "r4.toml", {"train.micro_batch_size": "0"})
+    plans = plan_epochs(cfg, 1_900_000)
+    budget = 2048 * _visible(0.8)
+    for p in plans:
+        assert p.batch_size % 8 == 0 and p.micro_batch == p.batch_size, p
+        assert p.batch_size * _visible(p.mask_ratio) == pytest.approx(budget, rel=0.02), p
+    assert plans[0].batch_size == 4096 and plans[-1].batch_size == 2048
+
+
+def test_micro_batch_and_multiple_must_fit_b0():
+    with pytest.raises(ConfigError, match="train.micro_batch_size = 48 must divide "
+                                          "train.batch_size = 2048"):
+        load_config(CONFIGS / "r4.toml", {"train.micro_batch_size": "48"})
+    with pytest.raises(ConfigError, match="train.batch_size = 2040 must be a multiple of "
+                                          "train.batch_multiple = 16 with the adaptive batch"):
+        load_config(CONFIGS / "r4.toml", {"train.batch_size": "2040", "train.batch_multiple": "16",
+                                          "train.micro_batch_size": "0"})
+    # passes (2048 / 32 = 64) coarser than the multiple: B_e rounds to multiples of 64
+    cfg = load_config(CONFIGS / "r4.toml", {"train.micro_batch_size": "32"})
+    assert all(p.batch_size % 64 == 0 and p.batch_size // p.micro_batch == 64
+               for p in plan_epochs(cfg, 100_000))
 
 
 def test_quantised_ratio_levels():
@@ -45,14 +79,19 @@ def test_plan_errors_before_training():
     with pytest.raises(ConfigError, match=r"epoch 0 runs 4096 samples per forward pass \(mask "
                                           r"ratio 0.900\) but train.max_batch_size = 3000"):
         plan_epochs(cfg, 1_000_000)
-    cfg = load_config(CONFIGS / "r4.toml", {"train.max_batch_size": "8"})
-    assert {p.micro_batch for p in plan_epochs(cfg, 1_000_000)} == {8}  # accumulation fits
+    # the pass grows with B_e: 8 samples at rho = 0.8 are 16 at 0.9
+    with pytest.raises(ConfigError, match=r"epoch 0 runs 16 samples per forward pass .* lower "
+                                          r"train.micro_batch_size"):
+        plan_epochs(load_config(CONFIGS / "r4.toml", {"train.max_batch_size": "8"}), 1_000_000)
+    cfg = load_config(CONFIGS / "r4.toml", {"train.max_batch_size": "8",
+                                            "train.micro_batch_size": "4"})
+    assert max(p.micro_batch for p in plan_epochs(cfg, 1_000_000)) == 8  # accumulation fits
     with pytest.raises(ConfigError, match="the dataset has 100 clips, fewer than one batch"):
         plan_epochs(load_config(CONFIGS / "r2.toml"), 100)
 
 
 def test_learning_rate_warmup_then_cosine():
-    cfg = load_config(CONFIGS / "r4.toml")
+    cfg = load_config(CONFIGS / "r4.toml", {"optim.lr_schedule": "steps"})
     plans = plan_epochs(cfg, 204_800)
     total, warmup = sum(p.steps for p in plans), sum(p.steps for p in plans[:8])
     lrs = [learning_rate(cfg, s, plans) for s in range(total)]
@@ -64,8 +103,39 @@ def test_learning_rate_warmup_then_cosine():
     mid = warmup + (total - warmup) // 2
     assert lrs[mid] == pytest.approx(1e-6 + (4e-4 - 1e-6) * 0.5 * (1 + math.cos(
         math.pi * (mid - warmup) / (total - 1 - warmup))))
-    linear = load_config(CONFIGS / "r4.toml", {"optim.lr_batch_scaling": "linear"})
+    linear = load_config(CONFIGS / "r4.toml", {"optim.lr_batch_scaling": "linear",
+                                               "optim.lr_schedule": "steps"})
     assert learning_rate(linear, 0, plans) == pytest.approx(2 * lrs[0])  # B = 2 B0 at rho 0.9
+
+
+def test_learning_rate_over_fractional_epochs_as_mae():
+    """The default: warm-up and cosine over epoch + i / S_e, MAE's lr_sched. R4's epochs at
+    rho = 0.9 hold half the steps of those at 0.8, so by steps the decay would run late."""
+    cfg = load_config(CONFIGS / "r4.toml")
+    assert cfg.optim.lr_schedule == "epochs"
+    plans = plan_epochs(cfg, 204_800)
+    lr = lambda step: learning_rate(cfg, step, plans)  # noqa: E731
+    assert lr(0) == 0.0
+    half = first_step(4, plans) + plans[4].steps // 2  # epoch 4.5 of 8 warm-up epochs
+    assert lr(half) == pytest.approx(4e-4 * (4 + (plans[4].steps // 2) / plans[4].steps) / 8)
+    for epoch in (8, 20, 34, 59):
+        assert lr(first_step(epoch, plans)) == pytest.approx(
+            1e-6 + (4e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (epoch - 8) / 52)))
+    total = sum(p.steps for p in plans)
+    lrs = [lr(s) for s in range(first_step(8, plans), total)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 1e-6 + 1e-8
+    steps = load_config(CONFIGS / "r4.toml", {"optim.lr_schedule": "steps"})
+    at = first_step(30, plans)
+    assert lr(at) < learning_rate(steps, at, plans) - 2e-5  # epoch 30: behind by steps
+    # a fixed batch: the two trace one curve, a step apart
+    for path in ("r3.toml", "r1.toml"):
+        by_epoch, by_step = (load_config(CONFIGS / path, {"optim.lr_schedule": unit})
+                             for unit in ("epochs", "steps"))
+        plans = plan_epochs(by_epoch, 204_800)
+        warmup = first_step(8, plans)
+        gap = max(abs(learning_rate(by_epoch, s, plans) - learning_rate(by_step, s, plans))
+                  for s in range(sum(p.steps for p in plans)))
+        assert gap <= 4e-4 / warmup * 1.01
 
 
 def test_epoch_lookup():
@@ -86,9 +156,9 @@ def test_flops_rule_keeps_the_model_flops_per_step():
     plans = plan_epochs(cfg, 1_900_000)
     flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in plans})
     budget = 2048 * flops[0.8]
-    for p in plans:
-        assert p.batch_size % 8 == 0 and p.steps == 1_900_000 // p.batch_size
-        assert p.batch_size * flops[p.mask_ratio] == pytest.approx(budget, rel=0.01), p
+    for p in plans:  # passes of 8 at B0: each within half a sample of the FLOPs budget
+        assert p.batch_size == 256 * p.micro_batch and p.steps == 1_900_000 // p.batch_size
+        assert abs(p.micro_batch - budget / 256 / flops[p.mask_ratio]) <= 0.5, p
     assert plans[-1].batch_size == 2048 < plans[0].batch_size < tokens[0].batch_size == 4096
     r3 = plan_epochs(load_config(CONFIGS / "r3.toml", overrides), 1_900_000)
     token_steps, flops_steps, fixed_steps = (sum(p.steps for p in plan)
