@@ -19,7 +19,8 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def info_nce(x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE between x and y (B, D): row i of x and row i of y are the positives,
-    every other row of the other side a negative; cosine similarity over temperature."""
+    every other row of the other side a negative; cosine similarity over temperature. B is one
+    forward pass (a micro-batch): negatives are not gathered across passes or devices."""
     x = F.normalize(x.float(), dim=-1)
     y = F.normalize(y.float(), dim=-1)
     logits = x @ y.t() / temperature

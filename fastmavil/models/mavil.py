@@ -133,6 +133,7 @@ class MAViL(nn.Module):
             from kernels.masked_mse import masked_patch_mse
             masked = None
             if self.diffusion is not None:
+                # One t per sample, drawn per modality: the paper does not say they share it.
                 t = self.diffusion.sample_timesteps(x.shape[0], x.device, generator)
                 seed = torch.randint(2 ** 31 - 1, (1,), device=x.device, generator=generator)
                 embed = decoder.noisy_embed
@@ -146,7 +147,7 @@ class MAViL(nn.Module):
         if norm_pix:
             target = normalize_patches(target)
         noisy = None
-        if self.diffusion is not None:
+        if self.diffusion is not None:  # t per sample and modality, as the fused path
             t = self.diffusion.sample_timesteps(x.shape[0], x.device, generator)
             noisy = self.diffusion.q_sample(target, t, self._noise(target, generator))
         return masked_mse(decoder(latents, ids, noisy), target)
