@@ -110,18 +110,23 @@ def _time(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
     return q[1], statistics.median(times), q[7]
 
 
-def _device_ms(fn, reps: int = 20) -> float:
+def _device_ms(fn, reps: int = 20) -> float | None:
     """Milliseconds of GPU kernels per call, from the profiler: the device time alone, without
     the host's launch overhead, which dominates do_bench at these sizes and which a training step
-    hides (its host runs ahead of the GPU)."""
+    hides (its host runs ahead of the GPU). None, with a warning, when the profiler saw no
+    kernel (a CUDA-only trace can come back empty), rather than a time of zero."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in kernel_rows(prof.key_averages())) / 1e3 / reps
+    total = sum(e.self_device_time_total for e in kernel_rows(prof.key_averages()))
+    if total <= 0:
+        print("warning: the profiler recorded no GPU kernel; device time left empty")
+        return None
+    return total / 1e3 / reps
 
 
 def _timed_fn(make, mode: str):
@@ -209,22 +214,29 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = "none"
     head = commit()
     providers = ("triton", "torch") if cuda else ("torch",)
-    rows, table, target = [], [], []  # target: forward+backward speedups, wall and device
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"kernels-{name.replace(' ', '_')}.csv"
+    rows, table, target = 0, [], []  # target: forward+backward speedups, wall and device
     for modality in args.modalities:
         for ratio in args.ratios:
             for kernel, fused, reference, flops, nbytes in _cases(device, setting, modality,
                                                                   ratio):
                 shape = f"{modality} B={GEOMETRY[modality]['batch']} rho={ratio} {setting}"
                 for mode in ("forward", "backward", "forward+backward"):
-                    timings, device_ms = {}, {}
+                    timings, device_ms, measured = {}, {}, []
                     for provider in providers:
                         fn = _timed_fn(fused if provider == "triton" else reference, mode)
                         timings[provider] = _time(fn, device, args.reps)
                         device_ms[provider] = _device_ms(fn) if cuda else None
-                        rows.append([kernel, provider, mode, shape, *timings[provider], name,
-                                     torch.__version__, triton_version, head,
-                                     "" if device_ms[provider] is None
-                                     else f"{device_ms[provider]:.4f}"])
+                        measured.append([kernel, provider, mode, shape, *timings[provider], name,
+                                         torch.__version__, triton_version, head,
+                                         "" if device_ms[provider] is None
+                                         else f"{device_ms[provider]:.4f}"])
+                    # Kept as measured: a run cut short (a time limit) loses no finished row.
+                    _append_rows(out, measured)
+                    rows += len(measured)
+                    print(f"{kernel} {shape} {mode}: " + ", ".join(
+                        f"{p} {timings[p][1]:.3f} ms" for p in providers), flush=True)
                     for provider, (p20, p50, p80) in timings.items():
                         # backward computes weight (not input) gradients: one more matmul
                         work = {"forward": 1, "backward": 1, "forward+backward": 2}[mode]
@@ -250,10 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 "and kernel time alone (device ms)",
                 ["kernel", "input", "mode", "provider", "ms", "GB/s", "TFLOP/s", "speedup",
                  "device ms", "device speedup"], table)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"kernels-{name.replace(' ', '_')}.csv"
-    _append_rows(out, rows)
-    print(f"appended {len(rows)} rows to {out}")
+    print(f"appended {rows} rows to {out}")
     for kernel, shape, wall, dev in target:
         print(f"forward+backward speedup, {kernel} {shape}: wall {_against_target(wall)}, "
               f"device {_against_target(dev)}")

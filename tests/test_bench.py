@@ -63,6 +63,26 @@ def test_kernels_appends_rows_with_their_commit(results, monkeypatch):
     assert {r[3] for r in rows} == {"audio B=32 rho=0.9 fp32", "audio B=32 rho=0.9 amp"}
 
 
+def test_kernels_keeps_the_rows_of_a_run_cut_short(results, monkeypatch):
+    """gpu_check.sh runs bench.kernels under a time limit: what was measured before the kill
+    is in the CSV already."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    path = results / f"kernels-{name.replace(' ', '_')}.csv"
+    real, calls = bench.kernels._time, []
+
+    def time_until_killed(*args):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # what the stage's timeout amounts to, mid-run
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(bench.kernels, "_time", time_until_killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench.kernels.main(["--modalities", "audio", "--ratios", "0.9", "--reps", "1"])
+    header, *rows = list(csv.reader(path.open()))
+    per_mode = 2 if torch.cuda.is_available() else 1  # providers
+    assert header == bench.kernels.HEADER and len(rows) == 4 // per_mode * per_mode
+
+
 def test_compare_halves_the_batch_while_out_of_memory(monkeypatch):
     batches = []
 

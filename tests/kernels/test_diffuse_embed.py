@@ -13,6 +13,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 import kernels  # noqa: E402
+import kernels.diffuse_embed as de  # noqa: E402
 from conftest import allocations, nan_filled_empty, saved_floats  # noqa: E402
 from fastmavil.diffusion import DiffusionSchedule  # noqa: E402
 from fastmavil.masking import random_masking  # noqa: E402
@@ -249,3 +250,27 @@ def test_cuda_bf16_close_to_fp32_reference(geometry, batch):
         assert a.dtype == torch.bfloat16
         assert ((a.float() - w).abs().max() / w.abs().max()) <= 1e-2
 
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index", range(len(de._fwd_tuned.configs)))
+def test_cuda_every_autotune_config(monkeypatch, index, dtype):
+    """Each candidate the autotuner may pick, with its warps and stages, on the video geometry
+    (P = 1536: the most shared memory): the other tests check only the one it picked."""
+    import triton
+    one = triton.autotune([de._fwd_tuned.configs[index]], key=[])  # one config: no tuning
+    monkeypatch.setattr(de, "_fwd_tuned", one(de._fwd_kernel))
+    half = make_inputs(2, ((3, 16, 64, 96), (2, 16, 16)), 192, 0.8,
+                       torch.randint(1, STEPS + 1, (2,)), dtype=dtype)
+    full = {k: (v.detach().float().requires_grad_(v.requires_grad)
+                if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in half.items()}
+    b, m = half["ids_mask"].shape
+    noise = torch.randn(b, m, half["weight"][0].numel(), device=DEVICE).to(dtype)
+    grad_out = torch.randn(b, m, 192, device=DEVICE).to(dtype)
+    got = run(diffuse_embed_masked, half, grad_out, noise=noise)
+    want = run(reference_diffuse_embed_masked, full, grad_out.float(), noise=noise.float())
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for a, w in zip((got[0], *got[1]), (want[0], *want[1])):
+        assert ((a.float() - w).abs().max() / w.abs().max()) <= tol

@@ -292,3 +292,21 @@ def test_cuda_full_size(shape, patch, dtype, tol):
                             patch, grad.float())
     for actual, expected in zip((out.float(), *grads), (ref, *ref_grads)):
         assert_close(actual, expected, tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+@pytest.mark.parametrize("index", range(len(pe._forward_tuned.configs)))
+def test_cuda_every_autotune_config(monkeypatch, index, dtype, tol):
+    """Each candidate the autotuner may pick, with its warps and stages, on the video geometry
+    (P = 1536: the most shared memory): the other tests check only the one it picked."""
+    import triton
+    one = triton.autotune([pe._forward_tuned.configs[index]], key=[])  # one config: no tuning
+    monkeypatch.setattr(pe, "_forward_tuned", one(pe._forward_kernel))
+    x, ids, *params = make_inputs((2, 3, 16, 64, 96), (2, 16, 16), 192, 0.8, dtype)
+    weight, bias, pos = (p.detach().to(dtype).float().requires_grad_() for p in params)
+    out, grad, grads = run(pe.patch_embed_visible, x, ids, weight, bias, pos, (2, 16, 16))
+    ref, _, ref_grads = run(pe.reference_patch_embed_visible, x.float(), ids, weight, bias, pos,
+                            (2, 16, 16), grad.float())
+    for actual, expected in zip((out.float(), *grads), (ref, *ref_grads)):
+        assert_close(actual, expected, tol)
