@@ -89,7 +89,7 @@ def _cases(device: torch.device, setting: str, modality: str, ratio: float):
         ("masked_patch_mse",
          run(masked_patch_mse, pred, x, ids.mask, patch, True),
          run(reference_masked_patch_mse, pred, x, ids.mask, patch, True),
-         3 * b * m * p_dim, size * 2 * b * m * p_dim),
+         3 * b * m * p_dim, (pred.element_size() + size) * b * m * p_dim),
     ]
 
 
