@@ -112,6 +112,11 @@ class CrossAttention(nn.Module):
         return self.proj(_merge_heads(attention(q, k, v, None, self.backend)))
 
 
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """The blocks' LayerNorm, with MAE's and AudioMAE's eps of 1e-6 (PyTorch's default: 1e-5)."""
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
 class Mlp(nn.Sequential):
     def __init__(self, dim: int, ratio: float):
         hidden = int(dim * ratio)
@@ -123,9 +128,9 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = layer_norm(dim)
         self.attn = SelfAttention(dim, heads, backend)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,10 +144,10 @@ class CrossBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm_context = nn.LayerNorm(dim)
+        self.norm1 = layer_norm(dim)
+        self.norm_context = layer_norm(dim)
         self.attn = CrossAttention(dim, heads, backend)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..masking import Masking, gather_tokens
-from .attention import Block, CrossBlock
+from .attention import Block, CrossBlock, layer_norm
 from .swin import WindowBlock
 
 
@@ -43,7 +43,7 @@ class Decoder(nn.Module):
         else:
             raise ValueError(f"unknown decoder attention {attention!r}")
         self.blocks = nn.ModuleList(blocks)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = layer_norm(dim)
         self.head = nn.Linear(dim, patch_dim)
 
     def forward(self, latents: torch.Tensor, ids: Masking, noisy: torch.Tensor | None = None,

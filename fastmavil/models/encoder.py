@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Block
+from .attention import Block, layer_norm
 from .patch import PatchEmbed
 
 
@@ -19,7 +19,7 @@ class Encoder(nn.Module):
         self.patch_embed = PatchEmbed(channels, patch, dim, mask_first)
         self.register_buffer("pos", pos, persistent=False)  # (N, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, backend) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = layer_norm(dim)
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, *S); ids_keep (V, B, n) for V masked views of the same clips, or None for
@@ -39,7 +39,7 @@ class FusionEncoder(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, backend: str = "auto"):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, backend) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = layer_norm(dim)
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([audio, video], dim=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Mlp, SelfAttention, _merge_heads, _split_heads, attention
+from .attention import Mlp, SelfAttention, _merge_heads, _split_heads, attention, layer_norm
 
 
 def to_windows(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
@@ -65,9 +65,9 @@ class WindowBlock(nn.Module):
         self.window = tuple(min(w, g) for w, g in zip(window, grid))
         self.shift = tuple(0 if w >= g else s for s, w, g in zip(shift, window, grid))
         self.grid, self.heads = tuple(grid), heads
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = layer_norm(dim)
         self.attn = SelfAttention(dim, heads, backend)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
         self.rel_pos_table = None
         if rel_pos:
