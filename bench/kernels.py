@@ -249,15 +249,16 @@ def main(argv: list[str] | None = None) -> int:
                         speedup = (f"{timings['torch'][1] / p50:.2f}x"
                                    if provider == "triton" else "")
                         dev = device_ms[provider]
+                        both = dev and device_ms["torch"]  # None: the profiler saw nothing
                         dev_speedup = (f"{device_ms['torch'] / dev:.2f}x"
-                                       if provider == "triton" and dev else "")
+                                       if provider == "triton" and both else "")
                         table.append([kernel, shape, mode, provider,
                                       f"{p50:.3f} [{p20:.3f}-{p80:.3f}]", gb_text, tf_text,
                                       speedup, "-" if dev is None else f"{dev:.3f}",
                                       dev_speedup])
                         if provider == "triton" and mode == "forward+backward":
                             target.append((kernel, shape, timings["torch"][1] / p50,
-                                           device_ms["torch"] / dev if dev else None))
+                                           device_ms["torch"] / dev if both else None))
     print_table(f"Kernels on {name} ({setting}): wall ms p50 [p20-p80] (GB/s and TFLOP/s from it), "
                 "and kernel time alone (device ms)",
                 ["kernel", "input", "mode", "provider", "ms", "GB/s", "TFLOP/s", "speedup",

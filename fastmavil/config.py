@@ -430,15 +430,21 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+# Fields added since configs were first saved whose default is not what the code did before
+# them: a saved config without the field was trained under this value.
+BEFORE_FIELD = {"optim.lr_schedule": "steps"}
+
+
 def config_changes(old_toml: str, new: Config) -> dict[str, tuple]:
     """Dotted key -> (old, new) for every value that differs between a saved config (TOML text,
     as to_toml writes it) and `new`. A key the saved config lacks (a field added since) counts
-    only when `new` moves it off its default; a key that no longer exists is ignored."""
+    only when `new` moves it off its default, or off BEFORE_FIELD's value; a key that no longer
+    exists is ignored."""
     def flat(toml_text: str) -> dict:
         return {f"{section}.{key}": value for section, table in tomllib.loads(toml_text).items()
                 for key, value in table.items()}
     try:
-        old = flat(old_toml)
+        old = {**BEFORE_FIELD, **flat(old_toml)}
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"the saved config is not valid TOML: {e}") from None
     cur, defaults = flat(to_toml(new)), flat(to_toml(Config().check()))

@@ -90,8 +90,8 @@ def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
         if t.max_batch_size and micro > t.max_batch_size:
             raise ConfigError(f"epoch {epoch} runs {micro} samples per forward pass (mask ratio "
                               f"{ratio:.3f}) but train.max_batch_size = {t.max_batch_size}; "
-                              "lower train.micro_batch_size (the pass at the lowest ratio) or "
-                              "raise the limit")
+                              "set or lower train.micro_batch_size (the pass at the lowest "
+                              "ratio) or raise the limit")
         if num_clips < batch:
             raise ConfigError(f"the dataset has {num_clips} clips, fewer than one batch of "
                               f"{batch} (epoch {epoch}); lower train.batch_size")
@@ -107,8 +107,8 @@ def learning_rate(cfg: Config, step: int, plans: list[EpochPlan]) -> float:
     (step i of epoch e's S_e), exactly as MAE and AudioMAE's lr_sched: 0 at the first step, lr
     after warm-up, min_lr at the end of the last epoch. `"steps"` runs them over optimizer steps:
     lr / W at the first of the W warm-up steps, min_lr exactly at the last step. With a fixed
-    batch the two trace the same curve; with the adaptive batch an epoch's share of the decay is
-    its share of the epochs or of the steps.
+    batch the two trace the same curve, a step apart; with the adaptive batch an epoch's share of
+    the decay is its share of the epochs or of the steps.
 
     Batch-size rule: `optim.lr_batch_scaling` = `none` keeps lr independent of the changing
     batch (the paper's adaptive batch keeps the visible tokens per step constant, so each step's

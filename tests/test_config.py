@@ -118,3 +118,9 @@ def test_config_changes_between_a_saved_config_and_the_current_one():
                                           "train.micro_batch_size": (None, 8)}
     with pytest.raises(ConfigError, match="saved config is not valid TOML"):
         config_changes("[train\n", cfg)
+    # a field added with a default unlike the code before it: a file without it trained so
+    older = to_toml(Config().check()).replace('lr_schedule = "epochs"\n', "")
+    assert config_changes(older, Config().check()) == {"optim.lr_schedule": ("steps", "epochs")}
+    steps = Config().check()
+    steps.optim.lr_schedule = "steps"
+    assert config_changes(older, steps) == {}

@@ -23,7 +23,8 @@ FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_ch
 # A dataset moved to another disk, a machine with other cores, another micro-batch size (each
 # loader worker forms its own micro-batches, so the resumed epoch skips other samples), the
 # kernels on or off (their in-kernel noise is another stream): the samples or noise from here
-# on differ from an uninterrupted run's.
+# on differ from an uninterrupted run's. Under the adaptive batch the micro-batch size is
+# refused instead: the passes per step it sets also round every epoch's batch.
 WARN = {"data.shards", "data.num_workers", "data.synth_clips", "train.micro_batch_size",
         "model.kernels"}
 
@@ -35,13 +36,14 @@ def check_config(path: Path, saved: str | None, cfg: Config) -> None:
                     "checking that the config is the one it was trained under", path)
         return
     changes = config_changes(saved, cfg)
-    refused = {k: v for k, v in changes.items() if k not in FREE | WARN}
+    warn = WARN - ({"train.micro_batch_size"} if cfg.train.adaptive_batch else set())
+    refused = {k: v for k, v in changes.items() if k not in FREE | warn}
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         raise ConfigError(f"{path} was written under a different config ({listed}); resume "
                           "with the checkpoint's values (its config is in the run's config.toml) "
                           "or start a new run with --run.name")
-    for key in sorted(changes.keys() & WARN):
+    for key in sorted(changes.keys() & warn):
         old, new = changes[key]
         log.warning("resuming with %s changed (%r -> %r): the samples from here on differ from "
                     "an uninterrupted run's", key, old, new)

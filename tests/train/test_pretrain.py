@@ -85,12 +85,14 @@ def test_resume_refuses_a_config_that_trains_something_else(shards, tmp_path, ca
                        r"config \(mask.start: 0.9 -> 0.85; optim.lr: .*\); resume with"):
         run(shards, tmp_path, train__max_steps=4, optim__lr=3e-4, mask__start=0.85)
     assert (tmp_path / "t" / "config.toml").read_text() == saved  # left as the run's
+    # under the adaptive batch the micro-batch size rounds every epoch's batch: refused
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size: 0 -> 2"):
+        run(shards, tmp_path, train__max_steps=4, train__micro_batch_size=2)
     with caplog.at_level("WARNING", logger="fastmavil.train"):
         summary = run(shards, tmp_path, train__max_steps=4, data__num_workers=1,
-                      model__attention="math", train__log_every=2, train__micro_batch_size=2)
+                      model__attention="math", train__log_every=2)
     assert summary["start_step"] == 3 and summary["step"] == 4
-    assert "data.num_workers changed (0 -> 1)" in caplog.text
-    assert "train.micro_batch_size changed (0 -> 2)" in caplog.text  # other samples follow
+    assert "data.num_workers changed (0 -> 1)" in caplog.text  # other samples follow
     assert "model.attention" not in caplog.text  # the same attention: no warning
 
 
