@@ -87,12 +87,14 @@ if triton is not None:
 
     @triton.jit
     def _token_block(ids_ptr, stride_ib, stride_im, M, BLOCK_M: tl.constexpr):
-        """This program's sample b (int64: b * stride may pass 2^31), rows, and token ids."""
+        """This program's sample b (int64: b * stride may pass 2^31), rows, and token ids
+        (int32, as the other kernels: offsets within one sample fit, and the per-element index
+        arithmetic then runs in 32 bits)."""
         b = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         token = tl.load(ids_ptr + b * stride_ib + rows * stride_im, mask=row_ok, other=0)
-        return b, rows, row_ok, token
+        return b, rows, row_ok, token.to(tl.int32)
 
     @triton.jit
     def _residual(x_base, p_base, token, row_ok, k0, mean, rstd, P, GH, GW, stride_pk,
