@@ -1,9 +1,17 @@
 import contextlib
+import os
 
 import pytest
 import torch
 
-from fastmavil.config import Config, ModelConfig
+# Without CUDA the kernel tests run Triton's interpreter. Triton reads TRITON_INTERPRET when a
+# kernel is decorated, so it is set here, before any test module can import one, whatever order
+# the modules are collected in. Nothing else launches kernels on a CPU (models start with them
+# off, and the trainer turns them on only on CUDA: fastmavil.train.pretrain.fast_path).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastmavil.config import Config, ModelConfig  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
