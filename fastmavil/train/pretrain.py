@@ -180,10 +180,13 @@ def train(cfg: Config, argv: list[str]) -> dict:
     if resumed:
         resume.check_run(resumed[0], resumed[1], clips, precision, plans)
     total_steps = sum(p.steps for p in plans)
-    log.info("plan: %d epochs, %d steps; mask ratio %.2f -> %.2f; batch %d -> %d (%s)",
+    passes = plans[0].batch_size // plans[0].micro_batch  # the same in every epoch
+    log.info("plan: %d epochs, %d steps; mask ratio %.2f -> %.2f; batch %d -> %d (%s)%s",
              len(plans), total_steps, plans[0].mask_ratio, plans[-1].mask_ratio,
              plans[0].batch_size, plans[-1].batch_size,
-             f"adaptive, {t.adaptive_batch_rule} rule" if t.adaptive_batch else "fixed")
+             f"adaptive, {t.adaptive_batch_rule} rule" if t.adaptive_batch else "fixed",
+             f" in {passes} passes of {plans[0].micro_batch} -> {plans[-1].micro_batch}"
+             if passes > 1 else "")
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
     (run_dir / "config.toml").write_text(to_toml(cfg))

@@ -63,9 +63,11 @@ def test_run_logs_falls_and_checkpoints(shards, tmp_path):
     assert len(ckpts) <= 3 and ckpts[-1].name == f"step-{plan_steps:08d}.pt"
 
 
-def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path):
+def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path, caplog):
     micro = {"train__micro_batch_size": 2}  # two forward passes per step, accumulated
-    run(shards, tmp_path / "a", train__max_steps=8, **micro)
+    with caplog.at_level("INFO", logger="fastmavil.train"):
+        run(shards, tmp_path / "a", train__max_steps=8, **micro)
+    assert "batch 8 -> 4 (adaptive, tokens rule) in 2 passes of 4 -> 2" in caplog.text
     run(shards, tmp_path / "b", train__max_steps=5, **micro)  # stops mid-epoch, checkpoint at 5
     assert load_latest(tmp_path / "b" / "t")[1]["step"] == 5
     summary = run(shards, tmp_path / "b", train__max_steps=8, **micro)
