@@ -54,9 +54,10 @@ def visible_ids(batch: int, num_tokens: int, ratio: float) -> torch.Tensor:
     for row in order:
         row.copy_(torch.cat([edges, row[(row != 0) & (row != num_tokens - 1)]]))
         row[:n] = row[:n][torch.randperm(n)]
-    keep = order[:, :n]
+    keep = order.to(DEVICE)[:, :n]  # sliced on the device: .to() of a slice would compact it
+    assert batch == 1 or not keep.is_contiguous()  # (1, n) slices count as contiguous
     assert (keep == 0).any(1).all() and (keep == num_tokens - 1).any(1).all()
-    return keep.to(DEVICE)
+    return keep
 
 
 def make_inputs(shape: tuple[int, ...], patch: tuple[int, ...], dim: int, ratio: float,
