@@ -4,8 +4,8 @@
 # bench.throughput at paper size, then a summary. Under 8 minutes (stage limits sum to 475 s; on
 # an H200: tests 95 s, bench.kernels 45 s before it also profiled device time and the tests grew;
 # bench.throughput at 5 steps per timing ran past 210 s, hence 3); a stage may also use the
-# seconds the earlier ones left unused; results are copied
-# to $OUT after each stage, so a run cut short keeps what it measured.
+# seconds the earlier ones left unused; results are copied to $OUT after each stage, so a run
+# cut short keeps what it measured.
 #   FASTMAVIL_COMMIT=<sha> bash bench/gpu_check.sh   # from the repository root; results in
 #                                                    # bench/results/ (the sha: a copied tree's
 #                                                    # git metadata can be stale)

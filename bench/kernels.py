@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = ("triton", "torch") if cuda else ("torch",)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"kernels-{name.replace(' ', '_')}.csv"
-    rows, table, target = 0, [], []  # target: forward+backward speedups, wall and device
+    written, table, target = 0, [], []  # target: forward+backward speedups, wall and device
     for modality in args.modalities:
         for ratio in args.ratios:
             for kernel, fused, reference, flops, nbytes in _cases(device, setting, modality,
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                                          else f"{device_ms[provider]:.4f}"])
                     # Kept as measured: a run cut short (a time limit) loses no finished row.
                     _append_rows(out, measured)
-                    rows += len(measured)
+                    written += len(measured)
                     print(f"{kernel} {shape} {mode}: " + ", ".join(
                         f"{p} {timings[p][1]:.3f} ms" for p in providers), flush=True)
                     for provider, (p20, p50, p80) in timings.items():
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 "and kernel time alone (device ms)",
                 ["kernel", "input", "mode", "provider", "ms", "GB/s", "TFLOP/s", "speedup",
                  "device ms", "device speedup"], table)
-    print(f"appended {rows} rows to {out}")
+    print(f"appended {written} rows to {out}")
     for kernel, shape, wall, dev in target:
         print(f"forward+backward speedup, {kernel} {shape}: wall {_against_target(wall)}, "
               f"device {_against_target(dev)}")

@@ -273,10 +273,11 @@ def train(cfg: Config, argv: list[str]) -> dict:
         task = progress.add_task("train", total=total_steps, completed=step, epoch="-", loss="-",
                                  rate="-")
         for plan in plans:
-            end = min(first_step(plan.epoch, plans) + plan.steps, total_steps)
+            start = first_step(plan.epoch, plans)
+            end = min(start + plan.steps, total_steps)
             if step >= end:
                 continue
-            skip = step - first_step(plan.epoch, plans)  # steps of this epoch already done
+            skip = step - start  # steps of this epoch already done
             dataset.set_epoch(plan.epoch)
             accum = plan.batch_size // plan.micro_batch
             batches = iter(build_loader(dataset, plan.micro_batch, cfg.data.num_workers))
@@ -312,8 +313,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     # hold a step or two fewer than the plan: move on to the next epoch. More
                     # missing means clips were skipped (unreadable shards or clips, warned of).
                     optimizer.zero_grad(set_to_none=True)
-                    _epoch_ended_early(plan, step - first_step(plan.epoch, plans), end - step,
-                                       source, cfg.data.num_workers)
+                    _epoch_ended_early(plan, step - start, end - step, source,
+                                       cfg.data.num_workers)
                     step = end
                     progress.update(task, completed=step)
                     break

@@ -231,6 +231,22 @@ def test_cuda_fp32_at_model_size(geometry, batch, dd, norm_pix):
     assert_matches(inputs, tol=1e-4, norm_pix=norm_pix, seed=99)
 
 
+def relative_errors_against_fp32(half, dd):
+    """The kernel on `half`'s values against the fp32 reference on the same values: its output
+    and gradients, each with max |error| / max |ref|."""
+    full = {k: (v.detach().float().requires_grad_(v.requires_grad)
+                if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in half.items()}
+    b, m = half["ids_mask"].shape
+    dtype = half["x"].dtype
+    noise = torch.randn(b, m, half["weight"][0].numel(), device=DEVICE).to(dtype)
+    grad_out = torch.randn(b, m, dd, device=DEVICE).to(dtype)
+    got = run(diffuse_embed_masked, half, grad_out, noise=noise)
+    want = run(reference_diffuse_embed_masked, full, grad_out.float(), noise=noise.float())
+    return [(a, ((a.float() - w).abs().max() / w.abs().max()).item())
+            for a, w in zip((got[0], *got[1]), (want[0], *want[1]))]
+
+
 @needs_cuda
 @pytest.mark.parametrize("geometry, batch", [(((1, 1024, 128), (16, 16)), 4),
                                              (((3, 16, 224, 224), (2, 16, 16)), 2)])
@@ -238,18 +254,9 @@ def test_cuda_bf16_close_to_fp32_reference(geometry, batch):
     """bf16 kernel vs the fp32 reference on the same bf16 values: max |error| / max |ref|."""
     t = torch.randint(1, STEPS + 1, (batch,))
     half = make_inputs(batch, geometry, 512, 0.8, t, dtype=torch.bfloat16)
-    full = {k: (v.detach().float().requires_grad_(v.requires_grad)
-                if torch.is_tensor(v) and v.is_floating_point() else v)
-            for k, v in half.items()}
-    b, m = half["ids_mask"].shape
-    noise = torch.randn(b, m, half["weight"][0].numel(), device=DEVICE).bfloat16()
-    grad_out = torch.randn(b, m, 512, device=DEVICE).bfloat16()
-    got = run(diffuse_embed_masked, half, grad_out, noise=noise)
-    want = run(reference_diffuse_embed_masked, full, grad_out.float(), noise=noise.float())
-    for a, w in zip((got[0], *got[1]), (want[0], *want[1])):
+    for a, error in relative_errors_against_fp32(half, 512):
         assert a.dtype == torch.bfloat16
-        assert ((a.float() - w).abs().max() / w.abs().max()) <= 1e-2
-
+        assert error <= 1e-2
 
 
 @needs_cuda
@@ -263,14 +270,6 @@ def test_cuda_every_autotune_config(monkeypatch, index, dtype):
     monkeypatch.setattr(de, "_fwd_tuned", one(de._fwd_kernel))
     half = make_inputs(2, ((3, 16, 64, 96), (2, 16, 16)), 192, 0.8,
                        torch.randint(1, STEPS + 1, (2,)), dtype=dtype)
-    full = {k: (v.detach().float().requires_grad_(v.requires_grad)
-                if torch.is_tensor(v) and v.is_floating_point() else v)
-            for k, v in half.items()}
-    b, m = half["ids_mask"].shape
-    noise = torch.randn(b, m, half["weight"][0].numel(), device=DEVICE).to(dtype)
-    grad_out = torch.randn(b, m, 192, device=DEVICE).to(dtype)
-    got = run(diffuse_embed_masked, half, grad_out, noise=noise)
-    want = run(reference_diffuse_embed_masked, full, grad_out.float(), noise=noise.float())
     tol = 1e-4 if dtype == torch.float32 else 1e-2
-    for a, w in zip((got[0], *got[1]), (want[0], *want[1])):
-        assert ((a.float() - w).abs().max() / w.abs().max()) <= tol
+    for _, error in relative_errors_against_fp32(half, 192):
+        assert error <= tol
