@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
+import kernels
 from fastmavil.losses import masked_mse, normalize_patches
 
-from . import can_launch, interpreting
 from ._patches import as_5d, geometry, reference_gather, triton
 
 EPS = 1e-6  # normalize_patches' default: keeps constant patches (variance 0) finite
@@ -54,7 +54,7 @@ def masked_patch_mse(pred: torch.Tensor, x: torch.Tensor, ids_mask: torch.Tensor
     """
     patch_size = tuple(patch_size)
     _check(pred, x, ids_mask, patch_size)
-    if can_launch("masked_patch_mse", pred, x):
+    if kernels.can_launch("masked_patch_mse", pred, x):
         return _MaskedPatchMSE.apply(pred, x, ids_mask, patch_size, norm_pix)
     return reference_masked_patch_mse(pred, x, ids_mask, patch_size, norm_pix)
 
@@ -161,7 +161,7 @@ if triton is not None:
 
 def _launch(kernel, batch: int, m: int, *args, **constexprs) -> None:
     """Grid (token blocks, B): the fixed config under the interpreter, else autotuned."""
-    if interpreting():
+    if kernels.interpreting():
         grid = (triton.cdiv(m, INTERPRET_CONFIG["BLOCK_M"]), batch)
         kernel[grid](*args, **constexprs, **INTERPRET_CONFIG)
     else:

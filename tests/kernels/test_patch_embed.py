@@ -20,7 +20,8 @@ if not torch.cuda.is_available():
 import kernels  # noqa: E402
 from fastmavil.masking import random_masking  # noqa: E402
 from fastmavil.models.patch import PatchEmbed, patch_grid  # noqa: E402
-from conftest import allocations, nan_filled_empty, saved_floats, torch_flag  # noqa: E402
+from conftest import (allocations, fits_this_gpu, nan_filled_empty, saved_floats,  # noqa: E402
+                      torch_flag)
 from kernels import patch_embed as pe  # noqa: E402
 from kernels._patches import dot_constexprs  # noqa: E402
 
@@ -306,7 +307,8 @@ def test_cuda_every_autotune_config(monkeypatch, index, dtype, tol):
     monkeypatch.setattr(pe, "_forward_tuned", one(pe._forward_kernel))
     x, ids, *params = make_inputs((2, 3, 16, 64, 96), (2, 16, 16), 192, 0.8, dtype)
     weight, bias, pos = (p.detach().to(dtype).float().requires_grad_() for p in params)
-    out, grad, grads = run(pe.patch_embed_visible, x, ids, weight, bias, pos, (2, 16, 16))
+    with fits_this_gpu():
+        out, grad, grads = run(pe.patch_embed_visible, x, ids, weight, bias, pos, (2, 16, 16))
     ref, _, ref_grads = run(pe.reference_patch_embed_visible, x.float(), ids, weight, bias, pos,
                             (2, 16, 16), grad.float())
     for actual, expected in zip((out.float(), *grads), (ref, *ref_grads)):

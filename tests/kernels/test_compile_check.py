@@ -1,0 +1,68 @@
+"""kernels.compile_check: every kernel variant of the CUDA path compiles for sm_90 (H100/H200)
+and fits its shared memory, checked on the CPU by Triton's NVIDIA backend and bundled ptxas.
+
+One run in the training setting (amp, audio and video) with a deliberately tiny shared-memory
+limit, so that the run shows both directions: variants over the limit are reported and fail the
+command, and the shared memory every variant reported fits the real sm_90 limit.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_LIMIT = 1024  # bytes: the matmul kernels need far more, the loss kernels far less
+
+
+def _nvidia_backend() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        get_ptxas(90)
+    except Exception:  # noqa: BLE001 -- no triton, no NVIDIA backend or no ptxas binary
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvidia_backend(),
+                    reason="needs Triton's NVIDIA backend and its bundled ptxas (no GPU needed)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the CUDA tests compile and "
+                    "run every variant natively, so this CPU-side check would only cost its time")
+def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
+    from kernels.compile_check import SHARED_LIMIT
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    run = subprocess.run(
+        [sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--settings", "amp",
+         "--shared-limit", str(TINY_LIMIT)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = run.stdout + run.stderr
+    rows = re.findall(r"^(ok  |FAIL) (\w+) +(amp \w+|any) .* shared +(\d+) B", out, re.M)
+    names = {name for _, name, _, _ in rows}
+    assert names == {"_forward_kernel", "_fwd_kernel", "_mse_fwd_kernel", "_mse_bwd_kernel",
+                     "_philox_kernel"}, out
+    assert {label for _, _, label, _ in rows} == {"amp audio", "amp video", "any"}, out
+    compiled = re.search(r"^(\d+) variants compiled for sm_90 in \d+ s, (\d+) failed", out, re.M)
+    assert compiled and int(compiled[1]) == len(rows), out  # no compile error: every row has
+    # its shared memory; each over the tiny limit fails, and only those
+    assert all((status == "FAIL") == (int(shared) > TINY_LIMIT)
+               for status, _, _, shared in rows), out
+    failed = sum(int(shared) > TINY_LIMIT for *_, shared in rows)
+    assert failed and int(compiled[2]) == failed and run.returncode == 1, out
+    assert max(int(shared) for *_, shared in rows) <= SHARED_LIMIT[90], out
+
+
+def test_a_candidate_too_large_for_the_gpu_skips_in_the_per_candidate_tests():
+    pytest.importorskip("triton", reason="the helper wraps Triton's OutOfResources")
+    from triton.runtime.errors import OutOfResources
+
+    from conftest import fits_this_gpu
+    with pytest.raises(pytest.skip.Exception, match="Required: 300000, Hardware limit: 232448"):
+        with fits_this_gpu():
+            raise OutOfResources(300000, 232448, "shared memory")
+    with pytest.raises(ValueError), fits_this_gpu():  # anything else still fails
+        raise ValueError("a wrong result")
