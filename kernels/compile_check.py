@@ -5,7 +5,9 @@ than the device has, otherwise shows up only on a GPU, and GPU time is short. Th
 the kernels' public functions (forward and backward) on small CPU tensors with every Triton
 launch intercepted, then compiles each intercepted launch for every autotune candidate the way
 Triton's JIT would on the target (same argument specialisation, constexprs and options; ptxas
-included) and compares its shared memory with the target's per-block limit.
+included) and compares its shared memory with the target's per-block limit. Each line also
+gives ptxas's registers per thread and spill bytes (stores/loads): a static hint of a
+candidate's cost, not a check (Triton's cache is bypassed so that ptxas runs for each).
 
     python -m kernels.compile_check                # sm_90 (H100/H200), every setting
     python -m kernels.compile_check --settings amp # the training setting only
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -158,6 +162,23 @@ def compile_launch(launch: Launch, config: dict, target):
                           options=options.__dict__)
 
 
+def compile_with_ptxas_report(launch: Launch, config: dict, target) -> tuple[object, str]:
+    """compile_launch, bypassing Triton's cache so that ptxas runs, and ptxas's report:
+    registers per thread and spill bytes (stores/loads), e.g. "regs 255 spills 40/48"."""
+    from triton import knobs
+
+    log = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True  # printed by Triton's ptxas step
+        kernel = compile_launch(launch, config, target)
+    regs = re.findall(r"Used (\d+) registers", log.getvalue())
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    report = (f"regs {regs[-1] if regs else '?'} spills "
+              + ("/".join(spills[-1]) if spills else "?"))
+    return kernel, report
+
+
 def _signature(launch: Launch) -> str:
     """What selects a compiled variant: argument dtypes (or types) and the call's constexprs."""
     args = [str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__
@@ -196,7 +217,8 @@ def check(arch: int = 90, settings=SETTINGS, shared_limit: int | None = None,
             seen.add(key)
             count += 1
             try:
-                shared = compile_launch(launch, config, target).metadata.shared
+                kernel, ptxas = compile_with_ptxas_report(launch, config, target)
+                shared = kernel.metadata.shared
             except Exception as err:  # noqa: BLE001 -- report every variant, then fail
                 failures += 1
                 first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -207,7 +229,7 @@ def check(arch: int = 90, settings=SETTINGS, shared_limit: int | None = None,
             ok = shared <= limit
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {name:18} {launch.label:12} {_flags(launch):28} "
-                  f"{_describe({**launch.kwargs, **config}):30}"
+                  f"{_describe({**launch.kwargs, **config}):30} {ptxas:22}"
                   f" shared {shared:>6} B{'' if ok else f' > {limit} B'}", file=out, flush=True)
     print(f"{count} variants compiled for sm_{arch} in {time.perf_counter() - start:.0f} s, "
           f"{failures} failed (shared-memory limit {limit} B per block)", file=out)

@@ -3,7 +3,8 @@ and fits its shared memory, checked on the CPU by Triton's NVIDIA backend and bu
 
 One run in the training setting (amp, audio and video) with a deliberately tiny shared-memory
 limit, so that the run shows both directions: variants over the limit are reported and fail the
-command, and the shared memory every variant reported fits the real sm_90 limit.
+command, and the shared memory every variant reported fits the real sm_90 limit. Every row also
+carries ptxas's registers and spills.
 """
 import os
 import re
@@ -41,7 +42,8 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
          "--shared-limit", str(TINY_LIMIT)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = run.stdout + run.stderr
-    rows = re.findall(r"^(ok  |FAIL) (\w+) +(amp \w+|any) .* shared +(\d+) B", out, re.M)
+    rows = re.findall(r"^(ok  |FAIL) (\w+) +(amp \w+|any) .* regs \d+ spills \d+/\d+ +"
+                      r"shared +(\d+) B", out, re.M)
     names = {name for _, name, _, _ in rows}
     assert names == {"_forward_kernel", "_fwd_kernel", "_mse_fwd_kernel", "_mse_bwd_kernel",
                      "_philox_kernel"}, out
