@@ -5,9 +5,11 @@ than the device has, otherwise shows up only on a GPU, and GPU time is short. Th
 the kernels' public functions (forward and backward) on small CPU tensors with every Triton
 launch intercepted, then compiles each intercepted launch for every autotune candidate the way
 Triton's JIT would on the target (same argument specialisation, constexprs and options; ptxas
-included) and compares its shared memory with the target's per-block limit. Each line also
-gives ptxas's registers per thread and spill bytes (stores/loads): a static hint of a
-candidate's cost, not a check (Triton's cache is bypassed so that ptxas runs for each).
+included) and compares its shared memory with the target's per-block limit. A candidate over
+the limit is dropped by the autotuner, so the check fails on a compile error or on a launch
+that no candidate fits. Each line also gives ptxas's registers per thread and spill bytes
+(stores/loads): a static hint of a candidate's cost (Triton's cache is bypassed so that ptxas
+runs for each).
 
     python -m kernels.compile_check                # sm_90 (H100/H200), every setting
     python -m kernels.compile_check --settings amp # the training setting only
@@ -16,10 +18,11 @@ candidate's cost, not a check (Triton's cache is bypassed so that ptxas runs for
 Settings: `fp32` (IEEE fp32 products, the CUDA parity tests), `bf16` (bf16 inputs, as
 bench.kernels) and `amp` (fp32 inputs under bf16 autocast, as training), each on audio and
 video patch geometry, with every flag (norm_pix, given or in-kernel noise, patches saved for
-backward or not) taking both values. Needs a Triton with the NVIDIA backend (its bundled ptxas), no GPU, and
-TRITON_INTERPRET unset (the interpreter replaces the JIT). Uses Triton's internal binder and
-argument packing (`create_function_from_signature`, `JITFunction._pack_args`), as in Triton
-3.6-3.9; another Triton may fail here without the kernels being at fault.
+backward or not) taking both values. Needs a Triton with the NVIDIA backend (its bundled
+ptxas), no GPU, and TRITON_INTERPRET unset (the interpreter replaces the JIT). Uses Triton's
+internal binder and argument packing (`create_function_from_signature`,
+`JITFunction._pack_args`), as in Triton 3.6-3.9; another Triton may fail here without the
+kernels being at fault.
 """
 from __future__ import annotations
 
@@ -198,42 +201,49 @@ def _describe(config: dict) -> str:
 
 def check(arch: int = 90, settings=SETTINGS, shared_limit: int | None = None,
           out=sys.stdout) -> int:
-    """Compile every recorded launch for sm_<arch>; print one line each; return the number of
-    failures (compile errors, or shared memory over the limit)."""
+    """Compile every recorded launch's candidates for sm_<arch> and print one line each: `ok`,
+    `over` (more shared memory than the limit: the autotuner drops it, as Triton raises
+    OutOfResources for it) or `FAIL` (a compile error); then a `FAIL` line for each launch that
+    no candidate fits. Returns the number of compile errors and launches without a fit."""
     from triton.backends.compiler import GPUTarget
 
     limit = shared_limit or SHARED_LIMIT.get(arch)
     if limit is None:
         raise ValueError(f"no shared-memory limit known for sm_{arch}; pass --shared-limit")
     target = GPUTarget("cuda", arch, 32)
-    launches = record_launches(settings)
-    seen, failures, count, start = set(), 0, 0, time.perf_counter()
-    for launch in launches:
+    seen, count, over, errors, unfit, start = set(), 0, 0, 0, 0, time.perf_counter()
+    for launch in record_launches(settings):
+        name, fits, tried = launch.fn.__name__, 0, 0
+        where = f"{name:18} {launch.label:12} {_flags(launch):28}"
         for config in launch.configs:
-            name = launch.fn.__name__
             key = (name, launch.label, _signature(launch), repr(sorted(config.items())))
             if key in seen:  # the same variant launched twice (e.g. by two calls)
                 continue
             seen.add(key)
             count += 1
+            describe = _describe({**launch.kwargs, **config})
             try:
                 kernel, ptxas = compile_with_ptxas_report(launch, config, target)
-                shared = kernel.metadata.shared
             except Exception as err:  # noqa: BLE001 -- report every variant, then fail
-                failures += 1
+                errors += 1
                 first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                print(f"FAIL {name:18} {launch.label:12} {_flags(launch):28} "
-                      f"{_describe({**launch.kwargs, **config})}: {type(err).__name__}: {first}",
-                      file=out, flush=True)
+                print(f"FAIL {where} {describe}: {type(err).__name__}: {first}", file=out,
+                      flush=True)
                 continue
-            ok = shared <= limit
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {name:18} {launch.label:12} {_flags(launch):28} "
-                  f"{_describe({**launch.kwargs, **config}):30} {ptxas:22}"
-                  f" shared {shared:>6} B{'' if ok else f' > {limit} B'}", file=out, flush=True)
-    print(f"{count} variants compiled for sm_{arch} in {time.perf_counter() - start:.0f} s, "
-          f"{failures} failed (shared-memory limit {limit} B per block)", file=out)
-    return failures
+            shared = kernel.metadata.shared
+            tried += 1
+            fits += shared <= limit
+            over += shared > limit
+            print(f"{'ok  ' if shared <= limit else 'over'} {where} {describe:30} {ptxas:22}"
+                  f" shared {shared:>6} B", file=out, flush=True)
+        if tried and not fits:
+            unfit += 1
+            print(f"FAIL {where} no candidate fits {limit} B of shared memory", file=out,
+                  flush=True)
+    print(f"{count} variants compiled for sm_{arch} in {time.perf_counter() - start:.0f} s: "
+          f"{over} over the shared-memory limit of {limit} B per block (the autotuner drops "
+          f"them), {unfit} launches that no candidate fits, {errors} compile errors", file=out)
+    return unfit + errors
 
 
 def main(argv: list[str] | None = None) -> int:
