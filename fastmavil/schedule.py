@@ -115,9 +115,8 @@ def learning_rate(cfg: Config, step: int, plans: list[EpochPlan]) -> float:
     gradient averages the same number of tokens); `linear` or `sqrt` scale lr by B_e / B0 or
     its square root.
     """
-    o = cfg.optim
+    o, plan = cfg.optim, epoch_at(step, plans)
     if o.lr_schedule == "epochs":  # the fractional epoch, as MAE's lr_sched
-        plan = epoch_at(step, plans)
         epoch = plan.epoch + min(1.0, (step - first_step(plan.epoch, plans)) / plan.steps)
         warm = epoch / o.warmup_epochs if epoch < o.warmup_epochs else None
         progress = (epoch - o.warmup_epochs) / max(1, len(plans) - o.warmup_epochs)
@@ -130,7 +129,7 @@ def learning_rate(cfg: Config, step: int, plans: list[EpochPlan]) -> float:
     else:
         lr = o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     if o.lr_batch_scaling != "none":
-        ratio = epoch_at(step, plans).batch_size / cfg.train.batch_size
+        ratio = plan.batch_size / cfg.train.batch_size
         lr *= ratio if o.lr_batch_scaling == "linear" else math.sqrt(ratio)
     return lr
 
