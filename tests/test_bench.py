@@ -2,6 +2,9 @@
 speed itself is only ever claimed from real benchmark runs, BENCHMARKS.md)."""
 import csv
 import json
+import os
+import pathlib
+import subprocess
 import types
 
 import pytest
@@ -9,6 +12,8 @@ import torch
 
 import bench.kernels
 import bench.throughput
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -136,3 +141,34 @@ def test_throughput_views_alone_timed_round_robin_and_saved_after_each_repeat(re
 def test_throughput_refuses_to_measure_nothing():
     with pytest.raises(SystemExit):
         bench.throughput.main(["--no-compare", "--no-curriculum"])
+
+
+def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
+    """bench/gpu_check.sh maps stage and group names to commands (run here with a stand-in
+    python that records its arguments) and rejects an unknown name before running anything."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls"
+    (fake / "python").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (fake / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+
+    def run(*names):
+        calls.write_text("")
+        done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *names], env=env,
+                              text=True, capture_output=True)
+        stages = [line for line in calls.read_text().splitlines() if line.startswith("-m ")]
+        return done, stages  # the other calls: version and xdist probes, the summary
+
+    done, stages = run("extra")
+    assert done.returncode == 0, done.stderr
+    assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
+    assert "--compile" in stages[2] and "configs/r4.toml" in stages[2]
+    done, stages = run()  # default: the issue's check
+    assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
+    assert "--compile" not in stages[2] and "--size base" in stages[2]
+    done, stages = run("views", "amp")
+    assert done.returncode == 0 and len(stages) == 2
+    assert "--batch-rule flops" in stages[0] and "--dtype amp" in stages[1]
+    done, modules = run("tests", "bogus")
+    assert done.returncode == 2 and "unknown stage 'bogus'" in done.stderr and modules == []
