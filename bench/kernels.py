@@ -2,16 +2,17 @@
 
     python -m bench.kernels                  # all kernels, audio and video, rho 0.8 and 0.9
 
-Shapes: audio B=32, (1, 1024, 128) fbank, 16x16 patches; video B=16, (3, 16, 224, 224),
-2x16x16 tubelets; encoder width 768, decoder width 512. Modes: forward, backward,
-forward+backward. Dtypes (--dtype): bf16 (inputs and parameters bf16, every parameter and the
-positions trained: the kernels' whole interface), fp32, or amp (as in training: fp32 inputs and
-parameters under bf16 autocast, fixed positions, a bf16 prediction into the loss). On CUDA,
+Shapes: audio B=32, (1, 1024, 128) fbank, 16x16 patches; video B=16, (3, 16, 224, 224), 2x16x16
+tubelets; encoder width 768, decoder width 512. Modes: forward, backward, forward+backward.
+Dtypes (--dtype): bf16 (inputs and parameters bf16, every parameter and the positions trained,
+given noise: the kernels' whole interface), fp32, or amp (as in training: fp32 inputs and
+parameters under bf16 autocast, fixed positions, a bf16 prediction into the loss, and diffusion
+noise drawn in the kernel from a seed against torch.randn before the plain path). On CUDA,
 triton.testing.do_bench gives p20/p50/p80 in ms, and the table shows achieved GB/s and TFLOP/s
 against the device's peak. On a CPU only the references run (Triton kernels need a GPU; the
-interpreter is for correctness, not speed), timed with perf_counter.
-On CUDA each row also has the kernels' device time per call from the profiler (launch overhead
-excluded: at these sizes do_bench's wall time is mostly the host's). Rows are appended to
+interpreter is for correctness, not speed), timed with perf_counter. On CUDA each row also has
+the kernels' device time per call from the profiler (launch overhead excluded: at these sizes
+do_bench's wall time is mostly the host's). Rows are appended to
 bench/results/kernels-<device>.csv (kernel, provider, mode, shape, p20/p50/p80, device,
 versions, commit, device_ms).
 """
@@ -75,16 +76,23 @@ def _cases(device: torch.device, setting: str, modality: str, ratio: float):
     noise = torch.randn(b, m, p_dim, device=device, dtype=dtype)
     pred = torch.randn(b, m, p_dim, device=device, dtype=torch.bfloat16 if amp else dtype,
                        requires_grad=True)  # under autocast the decoder's head gives bf16
+    diffusion = (x, ids.mask, t, sched.alpha_bar, *dec, patch, True)
+    if amp:  # as in training: the kernel draws eps in place, the plain path draws it first
+        seed = torch.randint(2**31 - 1, (1,), device=device)
+        fused_diffuse = run(diffuse_embed_masked, *diffusion, seed=seed)
+
+        def reference_diffuse():
+            eps = torch.randn(noise.shape, device=device, dtype=dtype)
+            return run(reference_diffuse_embed_masked, *diffusion, noise=eps)()
+    else:  # the kernel's interface, given noise
+        fused_diffuse = run(diffuse_embed_masked, *diffusion, noise=noise)
+        reference_diffuse = run(reference_diffuse_embed_masked, *diffusion, noise=noise)
     return [
         ("patch_embed_visible",
          run(patch_embed_visible, x, ids.keep, *enc, patch),
          run(reference_patch_embed_visible, x, ids.keep, *enc, patch),
          2 * b * n * p_dim * 768, size * (b * n * p_dim + 768 * p_dim + 2 * b * n * 768)),
-        ("diffuse_embed_masked",
-         run(diffuse_embed_masked, x, ids.mask, t, sched.alpha_bar, *dec, patch, True,
-             noise=noise),
-         run(reference_diffuse_embed_masked, x, ids.mask, t, sched.alpha_bar, *dec, patch,
-             True, noise=noise),
+        ("diffuse_embed_masked", fused_diffuse, reference_diffuse,
          2 * b * m * p_dim * 512, size * (2 * b * m * p_dim + 512 * p_dim + 2 * b * m * 512)),
         ("masked_patch_mse",
          run(masked_patch_mse, pred, x, ids.mask, patch, True),

@@ -47,6 +47,8 @@ def can_launch(name: str, *tensors: torch.Tensor) -> bool:
     elif all(t.is_cuda for t in tensors) or (interpreting() and not any(t.is_cuda
                                                                         for t in tensors)):
         return True
+    elif any(t.is_cuda for t in tensors):
+        reason = f"tensors are on different devices ({sorted({str(t.device) for t in tensors})})"
     else:
         reason = "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
     if name not in _warned:

@@ -42,6 +42,39 @@ def geometry(x5: torch.Tensor, patch3: tuple[int, int, int]) -> dict:
             "P": c * pd * ph * pw}
 
 
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensors(device: torch.device, *, floats: dict, ints: dict | None = None,
+                  no_grad: dict | None = None, fn: str = "") -> None:
+    """Argument checks the kernels share; errors name the argument. floats / ints: name ->
+    tensor that must be fp32/bf16/fp16 / an integer dtype, on `device` (x's); no_grad: tensors
+    that must not require grad, since `fn` gives them no gradient."""
+    ints, no_grad = ints or {}, no_grad or {}
+    for name, t in {**floats, **ints}.items():
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    for name, t in floats.items():
+        if t.dtype not in FLOATS:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected one of {FLOATS}")
+    for name, t in ints.items():
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected an integer dtype")
+    for name, t in no_grad.items():
+        if t is not None and t.requires_grad:  # rather than silently dropping it
+            raise ValueError(f"{name} requires grad, but {fn} gives it no gradient; detach it "
+                             f"or use reference_{fn}")
+
+
+def check_sample_span(x5: torch.Tensor) -> None:
+    """The kernels index within one sample in 32 bits (the batch term is 64-bit): the farthest
+    element of a sample must lie less than 2^31 elements from its first."""
+    span = sum((size - 1) * abs(stride) for size, stride in zip(x5.shape[1:], x5.stride()[1:]))
+    if span >= 2**31:
+        raise ValueError(f"one sample of the input spans {span} elements (shape "
+                         f"{tuple(x5.shape)}, strides {x5.stride()}); the kernels need < 2^31")
+
+
 def reference_gather(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
     """The patches of x at ids (B, n) -> (B, n, P), by patchify + gather (the plain path)."""
     from fastmavil.masking import gather_tokens

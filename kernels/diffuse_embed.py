@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import kernels
 from fastmavil.losses import normalize_patches
 
-from ._patches import (as_5d, compute_dtype, dot_constexprs, geometry, reference_gather, tl,
-                       triton)
+from ._patches import (as_5d, check_sample_span, check_tensors, compute_dtype, dot_constexprs,
+                       geometry, reference_gather, tl, triton)
 
 NAME = "diffuse_embed"
 
@@ -74,7 +74,8 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
     The projection multiplies in the dtype F.linear would (the autocast dtype under autocast,
     else x's; fp32 in IEEE unless torch allows TF32) with fp32 accumulation; the statistics and
     x_t are computed in fp32 and rounded once before the product, as the plain path rounds x_t.
-    ids_mask is not range-checked on the device. Gradients flow to weight, bias and pos only.
+    ids_mask and t are not range-checked (that would sync the device). Gradients flow to weight,
+    bias and pos only (x and noise must not require grad).
     Without a CUDA device or the Triton interpreter the reference runs; a seed then draws eps
     from torch.Generator(seed), a different stream of the same distribution.
     """
@@ -82,7 +83,7 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
         raise ValueError("diffuse_embed_masked: pass exactly one of noise (B, m, P) and seed")
     x5, patch3 = as_5d(x, tuple(patch_size))
     geo = geometry(x5, patch3)
-    _check_shapes(x, ids_mask, t, weight, bias, pos, noise, geo)
+    _check(x, ids_mask, t, alpha_bar, weight, bias, pos, noise, geo)
     seed_t = None if seed is None else _seed_tensor(seed, x.device)
     extra = (noise,) if seed_t is None else (seed_t,)
     if not kernels.can_launch(NAME, x, ids_mask, t, alpha_bar, weight, bias, pos, *extra):
@@ -124,13 +125,19 @@ def _seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
-def _check_shapes(x, ids, t, weight, bias, pos, noise, geo) -> None:
+def _check(x, ids, t, alpha_bar, weight, bias, pos, noise, geo) -> None:
     b, p, n = x.shape[0], geo["P"], geo["N"]
+    floats = dict(x=x, alpha_bar=alpha_bar, weight=weight, bias=bias, pos=pos)
+    check_tensors(x.device, floats={**floats, **({} if noise is None else {"noise": noise})},
+                  ints=dict(ids_mask=ids, t=t), no_grad=dict(x=x, noise=noise),
+                  fn="diffuse_embed_masked")
     if ids.dim() != 2 or ids.shape[0] != b or ids.dtype != torch.int64:
         raise ValueError(f"ids_mask must be (B={b}, m) int64, got {ids.dtype} "
                          f"{tuple(ids.shape)}")
     if t.shape != (b,):
         raise ValueError(f"t must be (B={b},), got {tuple(t.shape)}")
+    if alpha_bar.dim() != 1:
+        raise ValueError(f"alpha_bar must be 1-D (T + 1,), got {tuple(alpha_bar.shape)}")
     dd = weight.shape[0]
     if weight.numel() != dd * p or bias.shape != (dd,) or pos.shape != (n, dd):
         raise ValueError(f"expected weight (Dd, {p}) in any view, bias (Dd,) and pos ({n}, Dd); "
@@ -144,8 +151,9 @@ class _DiffuseEmbed(torch.autograd.Function):
     def forward(ctx, x, ids, t, alpha_bar, weight, bias, pos, patch, norm_pix, noise, seed_t,
                 compute, save):
         x5, patch3 = as_5d(x, patch)
+        check_sample_span(x5)
         geo = geometry(x5, patch3)
-        ids, t = ids.contiguous(), t.contiguous()
+        ids, t, alpha_bar = ids.contiguous(), t.contiguous(), alpha_bar.contiguous()
         noise = None if noise is None else noise.contiguous()
         w2 = weight.reshape(weight.shape[0], -1).contiguous()
         b, m = ids.shape
@@ -181,8 +189,8 @@ class _DiffuseEmbed(torch.autograd.Function):
             grad_b = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         if need_p:
             shape, dtype = ctx.pos_meta
-            grad_p = torch.zeros(shape, device=g2.device, dtype=dtype).index_add_(
-                0, ids.flatten(), g2.to(dtype))
+            grad_p = torch.zeros(shape, device=g2.device, dtype=torch.float32).index_add_(
+                0, ids.flatten(), g2.float()).to(dtype)  # summed in fp32, as patch_embed's
         return (None, None, None, None, grad_w, grad_b, grad_p) + (None,) * 6
 
 

@@ -26,7 +26,7 @@ import torch
 import kernels
 from fastmavil.losses import masked_mse, normalize_patches
 
-from ._patches import as_5d, geometry, reference_gather, triton
+from ._patches import as_5d, check_sample_span, geometry, reference_gather, triton
 
 EPS = 1e-6  # normalize_patches' default: keeps constant patches (variance 0) finite
 # The interpreter runs one fixed config (autotuning there is too slow); BLOCK_K = 1024 leaves a
@@ -171,6 +171,7 @@ def _launch(kernel, batch: int, m: int, *args, **constexprs) -> None:
 def _geometry_args(pred: torch.Tensor, x: torch.Tensor, patch: tuple[int, ...]) -> tuple:
     """(M, P, GH, GW, pred strides, x strides) and the patch constexprs, shared by both kernels."""
     x5, (pd, ph, pw) = as_5d(x, patch)
+    check_sample_span(x5)
     geo = geometry(x5, (pd, ph, pw))
     return ((pred.shape[1], geo["P"], geo["GH"], geo["GW"], *pred.stride(), *x5.stride()),
             {"PD": pd, "PH": ph, "PW": pw})

@@ -31,11 +31,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 import kernels
-from kernels._patches import (as_5d, compute_dtype, dot_constexprs, geometry, mma,
-                              patch_offsets, reference_gather)
-
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
+from kernels._patches import (as_5d, check_sample_span, check_tensors, compute_dtype,
+                              dot_constexprs, geometry, mma, patch_offsets, reference_gather)
 
 def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
                                   bias: torch.Tensor, pos: torch.Tensor,
@@ -103,6 +100,7 @@ _FWD_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}
 
 def _geometry_args(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...]) -> tuple:
     x5, patch3 = as_5d(x, patch)
+    check_sample_span(x5)
     g = geometry(x5, patch3)
     runtime = (g["GH"], g["GW"], *ids.stride(), *x5.stride())
     return x5, runtime, dict(zip(("PD", "PH", "PW"), patch3))
@@ -157,19 +155,11 @@ def _check(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch
     g = geometry(x5, patch3)
     b, c = x.shape[:2]
     d = weight.shape[0]
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("pos", pos)):
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected one of {_FLOATS}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[0] != b or ids.shape[1] < 1:
         raise ValueError(f"ids_keep must be int64 (B={b}, n>=1); got {ids.dtype} "
                          f"{tuple(ids.shape)}")
-    if ids.device != x.device:
-        raise ValueError(f"ids_keep is on {ids.device} but x is on {x.device}")
-    if x.requires_grad:  # rather than silently dropping it
-        raise ValueError("x requires grad, but patch_embed_visible gives no gradient for the "
-                         "input; detach it or use reference_patch_embed_visible")
+    check_tensors(x.device, floats=dict(x=x, weight=weight, bias=bias, pos=pos),
+                  ints=dict(ids_keep=ids), no_grad=dict(x=x), fn="patch_embed_visible")
     expected = {"weight": (d, c, *patch), "bias": (d,), "pos": (g["N"], d)}
     for name, t in (("weight", weight), ("bias", bias), ("pos", pos)):
         if tuple(t.shape) != expected[name]:

@@ -116,6 +116,57 @@ def test_every_output_element_is_written():
         torch.testing.assert_close(a, w, rtol=TOL, atol=TOL)
 
 
+@pytest.mark.skipif(CUDA, reason="sets the interpreter's fixed block config")
+@pytest.mark.parametrize("noise", [True, False], ids=["given-noise", "seed"])
+def test_ragged_patch_chunks(monkeypatch, noise):
+    """P = 30 in chunks of 16: a full chunk and then a ragged one, for the chunk-merged patch
+    statistics, the noise offsets and the stored x_t (the default interpreter chunk, 256,
+    divides the paper's P)."""
+    monkeypatch.setattr(de, "_INTERPRET_CONFIG", dict(BLOCK_M=8, BLOCK_N=32, BLOCK_K=16))
+    inputs = make_inputs(3, ((2, 12, 15), (3, 5)), 50, 0.8, [1, STEPS, 400])
+    b, m = inputs["ids_mask"].shape
+    kw = dict(noise=torch.randn(b, m, 30, device=DEVICE)) if noise else dict(seed=99)
+    assert_matches(inputs, **kw)
+
+
+def test_strided_inputs():
+    """x, ids, t, noise and alpha_bar as non-contiguous views of the same values."""
+    inputs = make_inputs(3, VIDEO, 64, 0.8, [3, STEPS, 1])
+    b, m = inputs["ids_mask"].shape
+    noise = torch.randn(b, m, inputs["weight"][0].numel(), device=DEVICE)
+    want, want_grads = run(reference_diffuse_embed_masked, inputs, noise=noise)
+    table = inputs["alpha_bar"]
+    strided = dict(inputs, x=inputs["x"].transpose(-1, -2).contiguous().transpose(-1, -2),
+                   ids_mask=torch.stack([inputs["ids_mask"]] * 2, -1)[..., 0],
+                   t=torch.stack([inputs["t"]] * 2, -1)[..., 1],
+                   alpha_bar=torch.stack([table, torch.zeros_like(table)], -1)[:, 0])
+    views = (strided["x"], strided["ids_mask"], strided["t"], strided["alpha_bar"])
+    assert not any(v.is_contiguous() for v in views)
+    got, got_grads = run(diffuse_embed_masked, strided, noise=noise.transpose(1, 2).contiguous()
+                         .transpose(1, 2))
+    for a, w in zip((got, *got_grads), (want, *want_grads)):
+        torch.testing.assert_close(a, w, rtol=TOL, atol=TOL)
+
+
+def test_bad_inputs_name_the_argument():
+    inputs = make_inputs(2, AUDIO, 64, 0.75, [1, 5])
+    b, m = inputs["ids_mask"].shape
+    noise = torch.randn(b, m, 256, device=DEVICE)
+    cases = [(dict(x=inputs["x"].double()), TypeError, "x has dtype torch.float64"),
+             (dict(t=inputs["t"].float()), TypeError, "t has dtype torch.float32"),
+             (dict(weight=inputs["weight"].detach().long()), TypeError, "weight has dtype"),
+             (dict(alpha_bar=inputs["alpha_bar"].view(1, -1)), ValueError, "alpha_bar must be"),
+             (dict(alpha_bar=inputs["alpha_bar"].to("meta")), ValueError,
+              "alpha_bar is on meta"),
+             (dict(x=inputs["x"].clone().requires_grad_()), ValueError,
+              "x requires grad, but diffuse_embed_masked gives it no gradient")]
+    for change, error, message in cases:
+        with pytest.raises(error, match=message):
+            diffuse_embed_masked(**{**inputs, **change}, noise=noise)
+    with pytest.raises(ValueError, match="noise requires grad"):
+        diffuse_embed_masked(**inputs, noise=noise.requires_grad_())
+
+
 @pytest.mark.parametrize("batch, geometry, dd", [(3, AUDIO, 64), (1, VIDEO, 192)])
 def test_seeded_kernel_matches_reference_with_its_philox_noise(batch, geometry, dd):
     inputs = make_inputs(batch, geometry, dd, 0.8, [STEPS, 1, 250][:batch])
@@ -211,7 +262,9 @@ def test_falls_back_to_reference_and_logs_once(monkeypatch, caplog):
         got = diffuse_embed_masked(**inputs, noise=noise)
         seeded = diffuse_embed_masked(**inputs, seed=3)
     assert torch.equal(got, reference_diffuse_embed_masked(**inputs, noise=noise))
-    assert torch.equal(seeded, diffuse_embed_masked(**inputs, seed=3))
+    generator = torch.Generator().manual_seed(3)  # the fallback's documented stream
+    eps = torch.randn(noise.shape, generator=generator)
+    assert torch.equal(seeded, reference_diffuse_embed_masked(**inputs, noise=eps))
     assert [r.getMessage() for r in caplog.records] == [
         "kernel diffuse_embed: tensors are on the CPU and TRITON_INTERPRET=1 is not set; "
         "using the PyTorch reference"]

@@ -17,7 +17,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 import kernels  # noqa: E402
-from conftest import fits_this_gpu  # noqa: E402
+from conftest import fits_this_gpu, nan_filled_empty  # noqa: E402
 from fastmavil.masking import random_masking  # noqa: E402
 from fastmavil.models.patch import patch_grid, patchify, unpatchify  # noqa: E402
 from kernels import masked_mse as mm  # noqa: E402
@@ -147,6 +147,33 @@ def test_visible_patches_do_not_matter(name):
 
 # Other blocks: several K chunks merged by Chan's formula (a partial last one for P = 30), one or
 # many token blocks per sample.
+def test_every_output_element_is_written(monkeypatch):
+    """The per-token partial sums, the saved (mean, rstd) and grad_pred come from torch.empty:
+    poisoned with NaN, any element a tile misses shows up (m = 15 in blocks of 4 tokens, P = 30
+    in chunks of 16; the reference runs unpoisoned)."""
+    if not CUDA:
+        monkeypatch.setattr(mm, "INTERPRET_CONFIG", {"BLOCK_M": 4, "BLOCK_K": 16})
+    pred, x, ids, patch = make_case("video-odd-patch")
+    want = loss_and_grad(mm.reference_masked_patch_mse, pred, x, ids, patch, True)
+    with nan_filled_empty():
+        got = loss_and_grad(mm.masked_patch_mse, pred, x, ids, patch, True)
+    for actual, expected in zip(got, want):
+        assert not actual.isnan().any()
+        torch.testing.assert_close(actual, expected, rtol=0,
+                                   atol=RTOL * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_strided_inputs(norm_pix):
+    """x, pred and ids as non-contiguous views (the kernels take their strides)."""
+    pred, x, ids, patch = make_case("video-B3-6x32x48")
+    x_view = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, W stride != 1
+    pred_view = pred.transpose(1, 2).contiguous().transpose(1, 2)
+    ids_view = torch.stack([ids, ids], dim=-1)[..., 0]
+    assert not (x_view.is_contiguous() or pred_view.is_contiguous() or ids_view.is_contiguous())
+    assert_parity(pred_view, x_view, ids_view, patch, norm_pix)
+
+
 CONFIGS = [{"BLOCK_M": 2, "BLOCK_K": 256}, {"BLOCK_M": 16, "BLOCK_K": 16}]
 
 
