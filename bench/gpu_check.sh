@@ -9,7 +9,7 @@
 #   tests       130  CUDA kernel (every autotune candidate, a whole model step) and attention
 #                    parity tests (95 s at e16cb77, before the candidate and model-step tests)
 #   kernels      90  bench.kernels, bf16, wall and device time (45 s before device time)
-#   throughput  255  bench.throughput --size base, r1-r4 and mavil with the curriculum views
+#   throughput  240  bench.throughput --size base, r1-r4 and mavil with the curriculum views
 #   compile     150  R4 with compiled blocks (--compile, no curriculum): the MFU target
 #   views       130  R1/R4/R3 curriculum views under the FLOPs batch rule: the +-5 % target
 #   amp          60  bench.kernels --dtype amp (training's setting)
@@ -70,7 +70,7 @@ for stage in "${stages[@]}"; do
     tests) run "kernel + attention tests (CUDA)" 130 python -m pytest -q -p no:cacheprovider \
              $workers tests/kernels tests/test_attention.py tests/data/test_fbank.py ;;
     kernels) run "bench.kernels" 90 python -m bench.kernels ;;
-    throughput) run "bench.throughput (base)" 255 python -m bench.throughput --size base \
+    throughput) run "bench.throughput (base)" 240 python -m bench.throughput --size base \
                   --steps 3 ;;
     compile) run "bench.throughput (base, compile)" 150 python -m bench.throughput --size base \
                --steps 3 --compile --no-curriculum configs/r4.toml ;;
@@ -85,9 +85,12 @@ for stage in "${stages[@]}"; do
 done
 echo "=== summary" | tee -a "$log"
 printf '%s\n' "${status[@]}" | tee -a "$log"
-python - "$out" <<'PY' 2>&1 | tee -a "$log"
+# this run's records only: bench/results also holds committed ones from other runs and devices
+mapfile -t records < <(find bench/results -maxdepth 1 -name 'throughput-*-base*.json' \
+  -newer "$started")
+python - "${records[@]}" <<'PY' 2>&1 | tee -a "$log"
 import json, pathlib, sys
-for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput-*-base*.json")):
+for path in sorted(map(pathlib.Path, sys.argv[1:])):
     record = json.loads(path.read_text())
     print(path.name)
     for r in record["configs"]:

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -90,6 +91,19 @@ class Trainer:
         return (time.perf_counter() - start) * 1e3 / steps
 
 
+def resident_bytes(trainer: Trainer, device: torch.device) -> int:
+    """Bytes a trainer keeps on a CUDA device between steps (parameters, buffers, optimiser
+    state; gradients are freed after each step), 0 on a CPU, whose peak is the process's."""
+    if device.type != "cuda":
+        return 0
+    tensors = [*trainer.model.parameters(), *trainer.model.buffers(),
+               *(t for state in trainer.optimizer.state.values() for t in state.values()
+                 if torch.is_tensor(t))]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if t.is_cuda}
+    return sum(storages.values())
+
+
 def batch_for(cfg: Config, batch: int, device: torch.device):
     m = cfg.model
     audio = torch.randn(batch, 1, m.audio_frames, m.mel_bins, device=device)
@@ -144,13 +158,18 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
     times = {"reference": [], "fast": []}
     utils = {"reference": [], "fast": []}
     memory = {}
-    for _ in range(args.repeats):
-        for name, trainer in (("reference", reference), ("fast", fast)):
+    paths = {"reference": reference, "fast": fast}
+    for repeat in range(args.repeats):
+        order = ("reference", "fast") if repeat % 2 == 0 else ("fast", "reference")  # no bias
+        for name in order:
             reset_peak_memory(device)
             with GpuUtilization(device) as util:
-                times[name].append(trainer.time(audio, video, ratio, args.steps))
+                times[name].append(paths[name].time(audio, video, ratio, args.steps))
             utils[name].append(util.mean())
-            memory[name] = max(memory.get(name, 0), peak_memory_bytes(device))
+            # The other path's model and optimiser state sit on the device meanwhile.
+            other = paths["fast" if name == "reference" else "reference"]
+            own = peak_memory_bytes(device) - resident_bytes(other, device)
+            memory[name] = max(memory.get(name, 0), own)
     for name in times:
         ms = statistics.median(times[name])
         seconds = ms / 1e3
@@ -200,14 +219,14 @@ def curriculum(configs: dict[str, Config], device: torch.device, args,
     for run in runs.values():
         for ratio, batch in run["keys"]:
             for _ in range(args.warmup):
-                run["trainer"].step(*run["batches"][ratio, batch], ratio)
+                run["trainer"].step(*run["batches"][batch], ratio)
     views = {}
     for _ in range(args.repeats):
         for run in runs.values():
             for ratio, batch in run["keys"]:
                 with GpuUtilization(device) as util:
                     run["times"][ratio, batch].append(
-                        run["trainer"].time(*run["batches"][ratio, batch], ratio, args.steps))
+                        run["trainer"].time(*run["batches"][batch], ratio, args.steps))
                 run["utils"][ratio, batch].append(util.mean())
         views = {stem: _view(run) for stem, run in runs.items()}
         _project(views)
@@ -217,7 +236,8 @@ def curriculum(configs: dict[str, Config], device: torch.device, args,
 
 def _schedule(path: str, cfg: Config, device: torch.device, args) -> dict:
     """One config's curriculum at B0 = args.batch: its epochs, distinct shapes, a batch for each
-    (held: ~5 GB of video per config at paper size on a GPU) and a fast-path trainer."""
+    (held, one per batch size: ~5 GB of video per size at paper size on a GPU) and a fast-path
+    trainer."""
     # A step here is one forward pass of B_e samples: one pass of a run whose micro-batch at B0
     # is args.batch (the trainer keeps the passes per step fixed and grows each pass with B_e).
     # The batch is rounded as finely, relative to B0, as the config rounds B_e without
@@ -232,7 +252,7 @@ def _schedule(path: str, cfg: Config, device: torch.device, args) -> dict:
     return {"path": path, "cfg": cfg, "plans": plans, "keys": keys,
             "flops": forward_flops_per_sample(cfg, {p.mask_ratio for p in plans}),
             "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None),
-            "batches": {key: batch_for(cfg, key[1], device) for key in keys},
+            "batches": {b: batch_for(cfg, b, device) for b in {b for _, b in keys}},
             "times": {key: [] for key in keys}, "utils": {key: [] for key in keys}}
 
 
@@ -257,8 +277,14 @@ def _view(run: dict) -> dict:
             "batch_rule": cfg.train.adaptive_batch_rule if cfg.train.adaptive_batch else "fixed",
             "repeats": len(next(iter(run["times"].values()))),
             "mean_epoch_s": statistics.mean(e["epoch_s"] for e in epochs),
-            "step_ms_spread": (max(step_ms) - min(step_ms)) / 2 / statistics.mean(step_ms),
-            "flops_spread": (max(work) - min(work)) / 2 / statistics.mean(work)}
+            "step_ms_spread": spread(step_ms), "flops_spread": spread(work)}
+
+
+def spread(values: list[float]) -> float:
+    """The largest distance of a value from the values' mean, relative to the mean: "within
+    +-x % of the mean" (half the range would understate an asymmetric spread)."""
+    mean = statistics.mean(values)
+    return max(abs(v - mean) for v in values) / mean
 
 
 def _triton_version() -> str | None:
@@ -287,7 +313,9 @@ def _plot(views: dict, out: Path) -> str:
     left.set_xlabel("epoch")
     left.set_ylabel("samples/s")
     right.set_ylabel("GPU utilisation %")
-    left.legend(loc="upper left")
+    handles, labels = (a + b for a, b in zip(left.get_legend_handles_labels(),
+                                              right.get_legend_handles_labels()))
+    left.legend(handles, labels, loc="upper left")
     fig.tight_layout()
     fig.savefig(out)
     return f"wrote {out}"
@@ -380,13 +408,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(records: list, views: dict) -> Path:
         out = RESULTS / f"throughput-{slug}-{args.size}{variant}.json"
-        out.write_text(json.dumps({
+        tmp = out.with_suffix(".tmp")  # then renamed: a kill mid-write leaves the last record
+        tmp.write_text(json.dumps({
             "bench": "throughput", "device": name, "peak": peak_source, "size": args.size,
             "batch": args.batch, "torch": torch.__version__, "triton": _triton_version(),
             "python": platform.python_version(), "commit": head,
             "kernels_env": kernels.kernels_enabled(True), "args": vars(args),
             "configs": records,
             "curriculum": views}, indent=2) + "\n")
+        os.replace(tmp, out)
         return out
 
     configs = {path: load_config(ROOT / path if not Path(path).exists() else path,

@@ -109,8 +109,8 @@ def test_throughput_views_alone_timed_round_robin_and_saved_after_each_repeat(re
     write_text = type(results).write_text
 
     def record_write(path, text, *a, **k):  # every record the run writes, in order
-        if path.suffix == ".json":
-            saved.append((path.name, json.loads(text)))
+        if path.suffix in (".json", ".tmp"):  # .tmp: written, then renamed to .json
+            saved.append((path.with_suffix(".json").name, json.loads(text)))
         return write_text(path, text, *a, **k)
 
     def time(trainer, audio, video, ratio, steps):
@@ -172,3 +172,22 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert "--batch-rule flops" in stages[0] and "--dtype amp" in stages[1]
     done, modules = run("tests", "bogus")
     assert done.returncode == 2 and "unknown stage 'bogus'" in done.stderr and modules == []
+
+
+def test_spread_is_the_largest_distance_from_the_mean():
+    assert bench.throughput.spread([1.0, 1.0, 1.0, 2.0]) == pytest.approx(0.75 / 1.25)
+    assert bench.throughput.spread([3.0, 3.0]) == 0.0
+
+
+def test_compare_alternates_which_path_is_timed_first(monkeypatch):
+    order = []
+
+    def time(trainer, audio, video, ratio, steps):
+        order.append("fast" if trainer.optimizer.defaults.get("fused") else "reference")
+        return 1.0
+    monkeypatch.setattr(bench.throughput.Trainer, "time", time)
+    cfg = bench.throughput.load_config(ROOT / "configs/r4.toml", {"model.size": "tiny"})
+    args = types.SimpleNamespace(batch=2, warmup=0, repeats=3, steps=1, compile=False)
+    record = bench.throughput.compare("r4", cfg, torch.device("cpu"), args, None)
+    assert order == ["reference", "fast", "fast", "reference", "reference", "fast"]
+    assert record["speedup"] == 1.0
