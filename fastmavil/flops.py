@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import Config, ConfigError, load_config
 from .models import build_model
 from .models.attention import set_attention_backend
-from .schedule import mask_ratio
+from .schedule import quantized_mask_ratio
 
 MODULES = ("audio_encoder", "audio_decoder", "video_encoder", "video_decoder", "fusion")
 COLUMNS = MODULES + ("total",)
@@ -65,14 +65,15 @@ def forward_flops_per_sample(cfg: Config, ratios) -> dict[float, float]:
 
 
 def schedule_flops(cfg: Config) -> dict[str, float]:
-    """Per-sample forward FLOPs by module, averaged over the masking ratio of every epoch."""
+    """Per-sample forward FLOPs by module, averaged over the masking ratio of every epoch as the
+    trainer runs it (snapped to `train.max_shapes` levels)."""
     model = _meta_model(cfg)
     epochs = cfg.train.epochs
     # FLOPs depend on the ratio only through the visible counts: count each distinct shape once.
     shapes = Counter()
     ratio_of_shape = {}
     for epoch in range(epochs):
-        ratio = mask_ratio(cfg.mask, epoch, epochs)
+        ratio = quantized_mask_ratio(cfg.mask, epoch, epochs, cfg.train.max_shapes)
         shape = cfg.model.visible_tokens(ratio)
         shapes[shape] += 1
         ratio_of_shape.setdefault(shape, ratio)

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 
 
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-patch normalisation of reconstruction targets (MAE's norm_pix_loss)."""
+    """Per-patch normalisation of reconstruction targets, as MAE's (and AudioMAE's) norm_pix_loss:
+    mean and unbiased variance (divided by P - 1) over each patch's P elements."""
     mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True, unbiased=False)
+    var = patches.var(dim=-1, keepdim=True, unbiased=True)
     return (patches - mean) / (var + eps).sqrt()
 
 

@@ -145,7 +145,7 @@ if triton is not None:
     def patch_stats(base, token, row_ok, P, GH, GW, PD: tl.constexpr, PH: tl.constexpr,
                     PW: tl.constexpr, stride_c, stride_d, stride_h, stride_w, eps,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Per-patch mean and 1 / sqrt(biased variance + eps), as losses.normalize_patches, over
+        """Per-patch mean and 1 / sqrt(unbiased variance + eps), as losses.normalize_patches, over
         BLOCK_K chunks merged with Chan et al.'s formula, which stays exact for near-constant
         patches where sum(x^2) - P mean^2 would cancel."""
         mean = tl.zeros((BLOCK_M,), tl.float32)
@@ -161,7 +161,7 @@ if triton is not None:
             delta = mean_c - mean
             mean += delta * (n_c / n)
             m2 += tl.sum(dev * dev, axis=1) + delta * delta * (k0 * n_c / n)
-        return mean, 1.0 / tl.sqrt_rn(m2 / P + eps)
+        return mean, 1.0 / tl.sqrt_rn(m2 / (P - 1) + eps)
 
     @triton.jit
     def mma(acc, a, b, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr):

@@ -64,7 +64,8 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
                fastmavil.diffusion.DiffusionSchedule.alpha_bar
     weight     (Dd, C, *patch_size) or (Dd, P), an nn.Linear(P, Dd) weight; bias (Dd,)
     pos        (N, Dd) positional embedding of every token; pos[ids_mask] is added
-    norm_pix   normalise each patch by its own mean and biased variance (+1e-6) first
+    norm_pix   normalise each patch by its own mean and unbiased variance (+1e-6) first, as
+               losses.normalize_patches
     noise      (B, m, P) eps, or
     seed       an int or a 1-element integer tensor on x's device: eps is drawn in the kernel
                from Philox, eps[b, j, k] = tl.randn(seed, (b * m + j) * P + k) (see

@@ -37,7 +37,7 @@ def test_info_nce_prefers_aligned_pairs():
 def test_normalize_patches():
     p = normalize_patches(torch.randn(2, 5, 48) * 3 + 1)
     torch.testing.assert_close(p.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
-    torch.testing.assert_close(p.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(p.var(-1, unbiased=True), torch.ones(2, 5), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["diffmavil", "mavil"])
