@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -238,15 +239,18 @@ def _schedule(path: str, cfg: Config, device: torch.device, args) -> dict:
     """One config's curriculum at B0 = args.batch: its epochs, distinct shapes, a batch for each
     (held, one per batch size: ~5 GB of video per size at paper size on a GPU) and a fast-path
     trainer."""
-    # A step here is one forward pass of B_e samples: one pass of a run whose micro-batch at B0
-    # is args.batch (the trainer keeps the passes per step fixed and grows each pass with B_e).
-    # The batch is rounded as finely, relative to B0, as the config rounds B_e without
-    # micro-batches (r4: to 8 of 2048): B0 = 32 rounded to multiples of 8 would move R4's FLOPs
-    # per step by up to +-9 % under the flops rule (+-1 % in multiples of 1), more than the
-    # +-5 % step-time target.
-    multiple = cfg.train.batch_multiple * args.batch / cfg.train.batch_size
-    cfg.train.batch_size, cfg.train.micro_batch_size = args.batch, 0
-    cfg.train.batch_multiple = max(1, round(multiple))
+    # A step here is one forward pass of B_e samples: one of the config's passes (the trainer
+    # keeps the passes per step fixed and grows each pass with B_e), scaled from the config's
+    # samples per pass at B0 to args.batch. Each pass is rounded as finely, relative to its size
+    # at B0, as the config rounds it: r4.toml runs 256 passes of 8 (the paper's 2048 on 256
+    # GPUs), each growing in whole samples, 1 in 8, hence multiples of 4 at args.batch = 32.
+    # That rounding alone moves R4's FLOPs per step by up to +-4.5 % under the flops rule at
+    # paper size (+-1.2 % with passes of 32 at B0, --train.micro_batch_size 32).
+    t = cfg.train
+    passes = t.batch_size // t.micro_batch_size if t.micro_batch_size else 1
+    per_pass = math.lcm(t.batch_multiple, passes) // passes  # samples a pass grows by
+    multiple = per_pass * args.batch / (t.batch_size // passes)
+    t.batch_size, t.micro_batch_size, t.batch_multiple = args.batch, 0, max(1, round(multiple))
     plans = plan_epochs(cfg, args.clips)
     keys = list(dict.fromkeys((p.mask_ratio, p.batch_size) for p in plans))
     return {"path": path, "cfg": cfg, "plans": plans, "keys": keys,

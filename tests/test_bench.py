@@ -37,8 +37,8 @@ def test_throughput_writes_comparison_curriculum_and_profile(results):
     assert view["batch_rule"] == "flops"
     # B0 = 8 on a CPU: the token rule would start at 16, the FLOPs rule below it
     assert 16 > view["epochs"][0]["batch"] > view["epochs"][-1]["batch"] == 8
-    # rounded as finely as r4.toml rounds its B0 (8 of 2048): to whole samples, so B * F(rho)
-    # is off the budget by at most half a sample in 8 (multiples of 2 gave +-9.6 %)
+    # rounded as r4.toml rounds each of its passes of 8: to whole samples, so B * F(rho) is off
+    # the budget by at most half a sample in 8 (multiples of 2 gave +-9.6 %)
     assert view["flops_spread"] <= 0.5 / 8
     assert all(e["tflop_per_step"] > 0 for e in view["epochs"])
     # R1, the projection's baseline, timed as R4 is: fast path alone at B0, one shape
@@ -191,3 +191,19 @@ def test_compare_alternates_which_path_is_timed_first(monkeypatch):
     record = bench.throughput.compare("r4", cfg, torch.device("cpu"), args, None)
     assert order == ["reference", "fast", "fast", "reference", "reference", "fast"]
     assert record["speedup"] == 1.0
+
+
+@pytest.mark.parametrize("micro, multiple", [(8, 4), (32, 1), (0, 1)])
+def test_curriculum_rounds_each_pass_as_the_config_does(monkeypatch, micro, multiple):
+    """At B0 = 32 the view's batch grows in the steps the config's passes grow in, scaled:
+    r4.toml's passes of 8 by whole samples (4 in 32), passes of 32 by 1, one pass of 2048 in
+    multiples of 8 (1 in 32 after scaling)."""
+    monkeypatch.setattr(bench.throughput, "Trainer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench.throughput, "batch_for", lambda *args: (None, None))
+    cfg = bench.throughput.load_config(ROOT / "configs/r4.toml", {
+        "model.size": "tiny", "train.micro_batch_size": micro})
+    args = types.SimpleNamespace(batch=32, clips=100_000, compile=False)
+    run = bench.throughput._schedule("r4", cfg, torch.device("cpu"), args)
+    batches = {b for _, b in run["keys"]}
+    assert min(batches) == 32 and all(b % multiple == 0 for b in batches)
+    assert any(b % (2 * multiple) for b in batches)  # not coarser than it must be
