@@ -336,6 +336,10 @@ class Config:
             sub = getattr(self, section.name)
             if hasattr(sub, "check"):
                 sub.check()
+        warmup, epochs = self.optim.warmup_epochs, self.train.epochs
+        if warmup and warmup >= epochs:
+            raise ConfigError(f"optim.warmup_epochs = {warmup} must be < train.epochs = {epochs} "
+                              "(or 0): the learning rate would never reach optim.lr and decay")
         if self.mask.schedule == "linear" and self.train.max_shapes < 2:
             raise ConfigError(f"train.max_shapes = {self.train.max_shapes} cannot follow "
                               "mask.schedule = 'linear' (it needs >= 2 ratios)")

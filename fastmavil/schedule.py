@@ -33,13 +33,9 @@ def mask_ratio(mask: MaskConfig, epoch: int, epochs: int) -> float:
     return mask.start + (mask.end - mask.start) * epoch / (epochs - 1)
 
 
-def adaptive_batch_size(mask: MaskConfig, epoch: int, epochs: int, base: int) -> float:
-    """B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0, unrounded."""
-    return _token_budget_batch(mask, mask_ratio(mask, epoch, epochs), base)
-
-
 def _token_budget_batch(mask: MaskConfig, ratio: float, base: int) -> float:
-    """The batch at `ratio` with as many visible tokens as B0 at the lowest ratio."""
+    """The paper's B_e = (1 - min(rho1, rho2)) / (1 - rho_e) * B0, unrounded: as many visible
+    tokens per step as B0 at the lowest ratio."""
     return (1.0 - min(mask.start, mask.end)) / (1.0 - ratio) * base
 
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmavil.config import SIZES, Config, ConfigError, config_changes, load_config, to_toml
+from fastmavil.config import (SIZES, Config, ConfigError, OptimConfig, TrainConfig, config_changes,
+                              load_config, to_toml)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -124,3 +125,9 @@ def test_config_changes_between_a_saved_config_and_the_current_one():
     steps = Config().check()
     steps.optim.lr_schedule = "steps"
     assert config_changes(older, steps) == {}
+
+
+def test_warmup_must_end_before_training_does():
+    with pytest.raises(ConfigError, match=r"optim.warmup_epochs = 8 must be < train.epochs = 5"):
+        Config(train=TrainConfig(epochs=5)).check()
+    Config(train=TrainConfig(epochs=5), optim=OptimConfig(warmup_epochs=0)).check()

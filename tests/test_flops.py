@@ -63,7 +63,7 @@ def test_r1_differs_from_mavil_only_by_patch_order_and_diffused_inputs(paper_rat
 def test_cli_table_and_config_errors(tmp_path, capsys):
     tiny = tmp_path / "tiny.toml"
     tiny.write_text("[model]\nsize = 'tiny'\n[mask]\nschedule = 'linear'\nstart = 0.9\nend = 0.8\n"
-                    "[train]\nepochs = 3\n")
+                    "[train]\nepochs = 3\n[optim]\nwarmup_epochs = 1\n")
     assert main([str(tiny)]) == 0
     printed = capsys.readouterr().out
     assert "GFLOPs" in printed and "tiny.toml" in printed and "(1.00)" in printed

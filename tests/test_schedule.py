@@ -2,7 +2,7 @@ import pytest
 
 from fastmavil.config import MaskConfig
 from fastmavil.masking import num_visible
-from fastmavil.schedule import adaptive_batch_size, mask_ratio
+from fastmavil.schedule import mask_ratio
 
 
 def test_linear_curriculum_endpoints_and_mean():
@@ -12,14 +12,4 @@ def test_linear_curriculum_endpoints_and_mean():
     assert all(a > b for a, b in zip(ratios, ratios[1:]))
     assert sum(ratios) / 60 == pytest.approx(0.85)
     assert mask_ratio(MaskConfig(), 30, 60) == 0.8
-
-
-def test_adaptive_batch_keeps_visible_tokens_per_step():
-    mask = MaskConfig(schedule="linear", start=0.9, end=0.8)
-    assert adaptive_batch_size(mask, 0, 60, 2048) == pytest.approx(4096)
-    assert adaptive_batch_size(mask, 59, 60, 2048) == pytest.approx(2048)
-    for epoch in range(60):
-        ratio = mask_ratio(mask, epoch, 60)
-        tokens = adaptive_batch_size(mask, epoch, 60, 2048) * (1 - ratio)
-        assert tokens == pytest.approx(2048 * 0.2)
     assert num_visible(512, mask_ratio(mask, 0, 60)) == 51

@@ -239,23 +239,24 @@ def train(cfg: Config, argv: list[str]) -> dict:
     updates = torch.zeros((), device=device)
     bad_run = torch.zeros((), device=device, dtype=torch.long)
     worst_run = bad_run.clone()
-    # since the last log line: metric sums, samples, and steps run (not those an epoch's data
-    # ran short of, which are skipped without an update)
-    sums, samples_since, ran, logged_at = {}, 0, 0, step
+    # since the last log line: metric sums, work done (samples, training FLOPs, visible tokens:
+    # summed per step, since an interval can span epochs of different shapes), and steps run
+    # (not those an epoch's data ran short of, which are skipped without an update)
+    sums, work, ran, logged_at = {}, dict.fromkeys(("samples", "flops", "tokens"), 0), 0, step
     summary = {"start_step": step, "samples": 0}
     tensorboard = None if cfg.run.tensorboard else False  # None: when installed
 
     def log_interval(plan: EpochPlan, lr: float) -> None:
         """The log line and metrics record of the steps since the last one (their applied
         updates), and a warning for any update skipped for a non-finite loss or gradient."""
-        nonlocal sums, samples_since, ran, logged_at, updates
+        nonlocal sums, work, ran, logged_at, updates
         applied = int(updates)
         if applied < ran:
             log.warning("steps %d-%d: %d non-finite loss or gradient, update skipped",
                         logged_at + 1, step, ran - applied)
         if applied:
-            record = _log_record(cfg, plan, step, lr, sums, applied, timer, device, flops, peak,
-                                 gpu_util, samples_since)
+            record = _log_record(cfg, plan, step, lr, sums, applied, timer, device, peak,
+                                 gpu_util, work)
             writer.write(record)
             summary["last"] = record
             progress.update(task, loss=f"{record['loss']:.4f}",
@@ -264,8 +265,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
         else:  # nothing applied: start the next interval's timing afresh
             timer.summary()
             gpu_util.reset()
-        summary["samples"] += samples_since
-        sums, samples_since, ran, logged_at = {}, 0, 0, step
+        summary["samples"] += work["samples"]
+        sums, work, ran, logged_at = {}, dict.fromkeys(work, 0), 0, step
         updates = torch.zeros((), device=device)
 
     with (StopFlag() as stop, MetricsWriter(run_dir, tensorboard, step) as writer,
@@ -338,7 +339,9 @@ def train(cfg: Config, argv: list[str]) -> dict:
                 bad_run = torch.where(finite, 0, bad_run + 1)
                 worst_run = torch.maximum(worst_run, bad_run)  # a streak can end between reads
                 updates = updates + finite
-                samples_since += plan.batch_size
+                work["samples"] += plan.batch_size
+                work["flops"] += 3.0 * flops[plan.mask_ratio] * plan.batch_size  # fwd + bwd
+                work["tokens"] += sum(cfg.model.visible_tokens(plan.mask_ratio)) * plan.batch_size
                 for k, v in {"loss": loss_sum, **terms_sum, "grad_norm": grad_norm}.items():
                     sums[k] = sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
                 due_log = step % t.log_every == 0 or step == total_steps
@@ -376,21 +379,21 @@ def _to_device(batch: dict, device: torch.device) -> tuple:
             None if video is None else video.to(device, non_blocking=True))
 
 
-def _log_record(cfg, plan: EpochPlan, step, lr, sums, updates, timer, device, flops, peak,
-                gpu_util, samples) -> dict:
-    """One metrics record over the steps since the last one (`updates` of them applied)."""
+def _log_record(cfg, plan: EpochPlan, step, lr, sums, updates, timer, device, peak, gpu_util,
+                work: dict) -> dict:
+    """One metrics record over the steps since the last one (`updates` of them applied, `work`
+    their samples, training FLOPs and visible tokens); ratio and batch are the latest step's."""
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     timing = timer.summary(sync)
     seconds = timing["step_ms"] * timing["steps"] / 1000.0
     visible = sum(cfg.model.visible_tokens(plan.mask_ratio))
-    train_flops = 3.0 * flops[plan.mask_ratio] * samples  # forward + backward (2x forward)
     record = {"step": step, "epoch": plan.epoch, "mask_ratio": plan.mask_ratio,
               "batch_size": plan.batch_size, "visible_tokens": visible * plan.batch_size,
               "lr": lr, **{k: float(v) / updates for k, v in sums.items()},
-              "step_ms": timing["step_ms"], "samples_per_s": samples / seconds,
-              "tokens_per_s": visible * samples / seconds,
-              "tflops": train_flops / seconds / 1e12,
-              "mfu": mfu(train_flops, seconds, peak),
+              "step_ms": timing["step_ms"], "samples_per_s": work["samples"] / seconds,
+              "tokens_per_s": work["tokens"] / seconds,
+              "tflops": work["flops"] / seconds / 1e12,
+              "mfu": mfu(work["flops"], seconds, peak),
               "data_wait": timing["data_wait_share"],
               "peak_memory_gb": peak_memory_bytes(device) / 2 ** 30,
               "gpu_util": gpu_util.mean()}

@@ -187,6 +187,24 @@ def test_the_steps_after_the_last_log_line_are_logged(shards, tmp_path, monkeypa
     assert summary["last"] == records[-1]
 
 
+def test_a_log_line_spanning_epochs_counts_each_steps_own_work(shards, tmp_path):
+    """One log line over the whole run (three epochs, three batch sizes and ratios): its
+    visible tokens per sample are the steps' own, weighted by their samples, not the last
+    epoch's."""
+    from fastmavil.schedule import plan_epochs
+    summary = run(shards, tmp_path, train__log_every=1000)
+    (record,) = [json.loads(line)
+                 for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    cfg = load_config(ROOT / "configs" / "demo.toml", overrides(shards, tmp_path))
+    plans = plan_epochs(cfg, 24)
+    assert summary["step"] == sum(p.steps for p in plans) and len({p.batch_size for p in plans}) > 1
+    samples = sum(p.steps * p.batch_size for p in plans)
+    tokens = sum(p.steps * p.batch_size * sum(cfg.model.visible_tokens(p.mask_ratio))
+                 for p in plans)
+    assert record["tokens_per_s"] / record["samples_per_s"] == pytest.approx(tokens / samples)
+    assert tokens / samples != pytest.approx(sum(cfg.model.visible_tokens(plans[-1].mask_ratio)))
+
+
 def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path):
     args = [sys.executable, "-m", "fastmavil.train.pretrain", str(ROOT / "configs" / "demo.toml")]
     for k, v in overrides(shards, tmp_path, train__epochs=30).items():
