@@ -34,6 +34,7 @@ import kernels
 from kernels._patches import (as_5d, check_sample_span, check_tensors, compute_dtype,
                               dot_constexprs, geometry, mma, patch_offsets, reference_gather)
 
+
 def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
                                   bias: torch.Tensor, pos: torch.Tensor,
                                   patch_size: tuple[int, ...]) -> torch.Tensor:
