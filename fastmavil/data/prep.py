@@ -60,6 +60,7 @@ import argparse
 import csv
 import functools
 import math
+import random
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -362,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"fastmavil-prep: error: {err}", file=sys.stderr)
         return 2
+    # Dealt to shards in a fixed random order: a folder sorted by class (or a CSV sorted by
+    # label) would give single-class shards, and the loader's shuffle buffer mixes only the few
+    # shards a worker is reading. Fixed, so that a rerun resumes the same shards.
+    random.Random(0).shuffle(items)
     options = PrepOptions(args.codec, args.short_side, args.fps, args.keyframe_interval)
     labels = sorted({label for item in items for label in item.labels})
     index = write_shards(args.out, items, functools.partial(make_clip, options), describe, labels,

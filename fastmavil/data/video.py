@@ -26,6 +26,13 @@ def sample_times(start: float, span: float, num_frames: int) -> np.ndarray:
     return start + (np.arange(num_frames) + 0.5) * span / num_frames
 
 
+def shown_until(frame_times: np.ndarray) -> float:
+    """When the last frame stops being shown: its start plus one frame period (the median gap;
+    1 s for a single frame), so that sampling over [0, shown_until) reaches the last frame."""
+    period = float(np.median(np.diff(frame_times))) if len(frame_times) > 1 else 1.0
+    return float(frame_times[-1]) + period
+
+
 def pick_frames(times: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
     """Index of the frame on screen at each time (the last one shown at or before it)."""
     return np.clip(np.searchsorted(frame_times, times, side="right") - 1, 0, len(frame_times) - 1)

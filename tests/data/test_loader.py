@@ -11,6 +11,7 @@ import torch
 from fastmavil.data.loader import LoaderSpec, ShardDataset, build_loader, loader_spec
 from fastmavil.data.media import encode_flac, encode_video
 from fastmavil.data.shards import ShardWriter, read_shard
+from fastmavil.data.video import pick_frames, sample_times, shown_until
 from fastmavil.data.synth import SynthSpec, make_clip
 
 SPEC = LoaderSpec(audio_frames=128, mel_bins=64, video_frames=4, video_size=32,
@@ -190,6 +191,44 @@ def test_random_roll_and_window_only_in_training(dataset_dir):
     clip = next(read_shard(dataset.shards[0]))
     rolled = [dataset.decode(clip, np.random.default_rng(s))["audio"] for s in range(2)]
     assert not torch.equal(rolled[0], rolled[1])
+
+
+def test_video_window_is_random_in_training_and_centred_in_evaluation(tmp_path):
+    """A 3 s clip with a 1 s window (square frames at the crop size: only the window moves)."""
+    key, members = make_clip(3, SynthSpec(seconds=3.0, size=48, fps=8.0), "train")
+    with ShardWriter(tmp_path / "shard-000000.tar") as writer:
+        writer.add(key, members)
+
+    def video(train, seed):
+        spec = LoaderSpec(**{**SPEC.__dict__, "video_size": 48, "video_frames": 8,
+                             "roll": False, "train": train})
+        dataset = ShardDataset(tmp_path, spec)
+        clip = next(read_shard(dataset.shards[0]))
+        return dataset.decode(clip, np.random.default_rng(seed))["video"]
+    assert all(torch.equal(video(False, 0), video(False, seed)) for seed in (1, 2))
+    trained = [video(True, seed) for seed in range(4)]
+    assert all(not torch.equal(trained[0], other) for other in trained[1:])
+
+
+def test_frames_are_sampled_until_the_last_one_stops_showing():
+    """Without a duration the sampled span ends a frame period after the last frame's start,
+    so the last frame gets its share of the samples (it got fewer than the others)."""
+    times = np.arange(4) / 4.0  # 4 frames at 4 fps
+    assert shown_until(times) == 1.0 and shown_until(np.array([2.0])) == 3.0
+    picked = pick_frames(sample_times(0.0, shown_until(times), 8), times)
+    assert picked.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_the_shuffle_buffer_holds_encoded_clips(dataset_dir, monkeypatch):
+    """A clip is decoded as it leaves the buffer: the first sample costs one decode, not a
+    buffer's worth (decoded clips are ~100x their encoded size)."""
+    dataset = ShardDataset(dataset_dir, LoaderSpec(**{**SPEC.__dict__, "shuffle_buffer": 6}))
+    decoded, real = [], dataset.decode
+    monkeypatch.setattr(dataset, "decode", lambda clip, rng: decoded.append(1) or real(clip, rng))
+    samples = iter(dataset)
+    next(samples)
+    assert len(decoded) == 1
+    assert len(list(samples)) == 11 and len(decoded) == 12
 
 
 def test_audio_only_mode_skips_video(dataset_dir, tmp_path):

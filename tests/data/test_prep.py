@@ -131,6 +131,20 @@ def test_folder(media, tmp_path, capsys):
     assert f"{out}: 6 clips in 1 shard(s), 2 failed" in capsys.readouterr().out
 
 
+def test_sorted_classes_are_dealt_across_shards(tmp_path):
+    """A folder sorted by class does not become single-class shards (the loader's buffer mixes
+    only the few shards a worker reads)."""
+    src = tmp_path / "src"
+    for label in ("a", "b"):
+        for i in range(4):
+            write_wav(src / label / f"{label}{i}.wav", 0.2)
+    out = tmp_path / "out"
+    assert main([str(src), "--out", str(out), "--workers", "1", "--clips-per-shard", "2"]) == 0
+    shards = [{json.loads(c.members["json"])["labels"][0] for c in read_shard(path)}
+              for path in sorted(out.glob("shard-*.tar"))]
+    assert len(shards) == 4 and any(len(classes) == 2 for classes in shards)
+
+
 def frame_numbers(data: bytes) -> list[int]:
     """The source frame number each frame shows: bit j is white in band j of BITS vertical bands,
     read at the band's centre, robust to resizing and lossy coding."""
