@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -41,7 +40,7 @@ from fastmavil.config import Config, load_config
 from fastmavil.flops import forward_flops_per_sample
 from fastmavil.models import build_model, compile_blocks
 from fastmavil.models.attention import set_attention_backend
-from fastmavil.schedule import plan_epochs
+from fastmavil.schedule import batch_rounding, plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
                                      reset_peak_memory)
 from fastmavil.train.pretrain import fast_path
@@ -247,9 +246,8 @@ def _schedule(path: str, cfg: Config, device: torch.device, args) -> dict:
     # That rounding alone moves R4's FLOPs per step by up to +-4.5 % under the flops rule at
     # paper size (+-1.2 % with passes of 32 at B0, --train.micro_batch_size 32).
     t = cfg.train
-    passes = t.batch_size // t.micro_batch_size if t.micro_batch_size else 1
-    per_pass = math.lcm(t.batch_multiple, passes) // passes  # samples a pass grows by
-    multiple = per_pass * args.batch / (t.batch_size // passes)
+    passes, unit = batch_rounding(t)
+    multiple = unit // passes * args.batch / (t.batch_size // passes)  # a pass's step, scaled
     t.batch_size, t.micro_batch_size, t.batch_multiple = args.batch, 0, max(1, round(multiple))
     plans = plan_epochs(cfg, args.clips)
     keys = list(dict.fromkeys((p.mask_ratio, p.batch_size) for p in plans))

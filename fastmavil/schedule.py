@@ -66,6 +66,14 @@ def _flops_budget_batches(cfg: Config, ratios: set[float]) -> dict[float, float]
     return {r: flops[lowest] / flops[r] * cfg.train.batch_size for r in ratios}
 
 
+def batch_rounding(train) -> tuple[int, int]:
+    """(passes per step, unit): the forward passes of every step, B0 / micro_batch_size (1
+    without micro-batches), and the multiple every epoch's batch rounds to, a multiple of
+    train.batch_multiple and of the passes (B0 is one of both: TrainConfig.check)."""
+    passes = train.batch_size // train.micro_batch_size if train.micro_batch_size else 1
+    return passes, math.lcm(train.batch_multiple, passes)
+
+
 def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
     """The (rho, B, steps) of every epoch for a dataset of `num_clips` clips."""
     t, mask = cfg.train, cfg.mask
@@ -75,8 +83,7 @@ def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
         exact = _flops_budget_batches(cfg, set(ratios))
     else:
         exact = {r: _token_budget_batch(mask, r, t.batch_size) for r in set(ratios)}
-    passes = t.batch_size // t.micro_batch_size if t.micro_batch_size else 1
-    unit = math.lcm(t.batch_multiple, passes)  # B0 is a multiple of both (TrainConfig.check)
+    passes, unit = batch_rounding(t)
     plans = []
     for epoch, ratio in enumerate(ratios):
         batch = t.batch_size

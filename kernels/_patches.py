@@ -49,8 +49,10 @@ def check_tensors(device: torch.device, *, floats: dict, ints: dict | None = Non
                   no_grad: dict | None = None, fn: str = "") -> None:
     """Argument checks the kernels share; errors name the argument. floats / ints: name ->
     tensor that must be fp32/bf16/fp16 / an integer dtype, on `device` (x's); no_grad: tensors
-    that must not require grad, since `fn` gives them no gradient."""
-    ints, no_grad = ints or {}, no_grad or {}
+    that must not require grad, since `fn` gives them no gradient. None (an optional argument
+    not given) passes."""
+    floats, ints, no_grad = ({k: t for k, t in d.items() if t is not None}
+                             for d in (floats, ints or {}, no_grad or {}))
     for name, t in {**floats, **ints}.items():
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but x is on {device}")
@@ -61,7 +63,7 @@ def check_tensors(device: torch.device, *, floats: dict, ints: dict | None = Non
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{name} has dtype {t.dtype}; expected an integer dtype")
     for name, t in no_grad.items():
-        if t is not None and t.requires_grad:  # rather than silently dropping it
+        if t.requires_grad:  # rather than silently dropping it
             raise ValueError(f"{name} requires grad, but {fn} gives it no gradient; detach it "
                              f"or use reference_{fn}")
 

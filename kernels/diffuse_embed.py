@@ -128,8 +128,8 @@ def _seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor
 
 def _check(x, ids, t, alpha_bar, weight, bias, pos, noise, geo) -> None:
     b, p, n = x.shape[0], geo["P"], geo["N"]
-    floats = dict(x=x, alpha_bar=alpha_bar, weight=weight, bias=bias, pos=pos)
-    check_tensors(x.device, floats={**floats, **({} if noise is None else {"noise": noise})},
+    check_tensors(x.device, floats=dict(x=x, alpha_bar=alpha_bar, weight=weight, bias=bias,
+                                        pos=pos, noise=noise),
                   ints=dict(ids_mask=ids, t=t), no_grad=dict(x=x, noise=noise),
                   fn="diffuse_embed_masked")
     if ids.dim() != 2 or ids.shape[0] != b or ids.dtype != torch.int64:

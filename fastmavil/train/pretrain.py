@@ -281,6 +281,9 @@ def train(cfg: Config, argv: list[str]) -> dict:
             skip = step - start  # steps of this epoch already done
             dataset.set_epoch(plan.epoch)
             accum = plan.batch_size // plan.micro_batch
+            step_work = {"samples": plan.batch_size,  # training FLOPs: forward + backward
+                         "flops": 3.0 * flops[plan.mask_ratio] * plan.batch_size,
+                         "tokens": sum(cfg.model.visible_tokens(plan.mask_ratio)) * plan.batch_size}
             batches = iter(build_loader(dataset, plan.micro_batch, cfg.data.num_workers))
             fetched = 0
             try:
@@ -339,9 +342,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
                 bad_run = torch.where(finite, 0, bad_run + 1)
                 worst_run = torch.maximum(worst_run, bad_run)  # a streak can end between reads
                 updates = updates + finite
-                work["samples"] += plan.batch_size
-                work["flops"] += 3.0 * flops[plan.mask_ratio] * plan.batch_size  # fwd + bwd
-                work["tokens"] += sum(cfg.model.visible_tokens(plan.mask_ratio)) * plan.batch_size
+                work = {k: v + step_work[k] for k, v in work.items()}
                 for k, v in {"loss": loss_sum, **terms_sum, "grad_norm": grad_norm}.items():
                     sums[k] = sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
                 due_log = step % t.log_every == 0 or step == total_steps
