@@ -2,6 +2,7 @@
 
     python -m bench.dataload                       # demo sizes, 1 and 2 workers
     python -m bench.dataload --size small --workers 1 2 --data DIR
+    python -m bench.dataload --resume              # + the first batch of a resumed epoch
 
 Generates a synthetic dataset (fastmavil-synth, cached under --data) unless it exists, then
 times full training passes (shuffle, random window and roll; worker start-up included, best of
@@ -20,6 +21,7 @@ import torch
 
 from fastmavil.config import Config, ModelConfig
 from fastmavil.data.loader import ShardDataset, build_loader, loader_spec
+from fastmavil.data.shards import count_clips
 from fastmavil.data.synth import SynthSpec, synthesize
 
 from ._report import RESULTS, commit, device_name
@@ -41,6 +43,26 @@ def time_pass(source: Path, size: str, workers: int, batch_size: int, repeats: i
             "seconds": round(seconds, 3), "clips_per_s": round(clips / seconds, 1)}
 
 
+def time_resume(source: Path, size: str, workers: int, batch_size: int) -> dict:
+    """Seconds to the first batch after resuming half-way through an epoch (the loader passes
+    over the batches before without decoding them), against reading up to that batch."""
+    cfg = Config(model=ModelConfig(size=size)).check()
+    cfg.data.shuffle_buffer = 32
+    dataset = ShardDataset(source, loader_spec(cfg, train=True))
+    half = count_clips(source) // batch_size // 2
+    seconds = {}
+    for mode in ("read up to it", "resumed"):
+        start = time.perf_counter()
+        drop, _ = dataset.set_epoch(0, half if mode == "resumed" else 0, batch_size, workers)
+        batches = iter(build_loader(dataset, batch_size, num_workers=workers))
+        for _ in range(drop if mode == "resumed" else half):
+            next(batches)
+        next(batches)
+        seconds[mode] = round(time.perf_counter() - start, 3)
+    return {"workers": workers, "batch_size": batch_size, "resume_batches": half,
+            "first_batch_s": seconds["resumed"], "read_up_to_s": seconds["read up to it"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dataload", description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("data/bench-synth"),
@@ -51,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="passes per row; the best counts")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/)")
+    parser.add_argument("--resume", action="store_true",
+                        help="also time the first batch after resuming half-way through an epoch")
     args = parser.parse_args(argv)
 
     source = args.data / "train"
@@ -67,10 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         table.add_row(str(row["workers"]), f"{row['clips_per_s']:.1f}", f"{row['seconds']:.2f}")
     Console().print(table)
+    resumes = [time_resume(source, args.size, w, args.batch_size) for w in args.workers
+               if args.resume]
+    for row in resumes:
+        print(f"{row['workers']} worker(s): first batch after resuming at batch "
+              f"{row['resume_batches']} in {row['first_batch_s']:.2f} s; reading up to it took "
+              f"{row['read_up_to_s']:.2f} s")
     import av
     record = {"bench": "dataload", "device": device_name(torch.device("cpu")),
               "cpus": os.cpu_count(), "torch": torch.__version__, "pyav": av.__version__,
-              "commit": commit(), "rows": rows}
+              "commit": commit(), "rows": rows, **({"resume": resumes} if resumes else {})}
     out = args.out or RESULTS / f"dataload-cpu-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -4,7 +4,11 @@ for audio, Kaldi fbank in torch.
 Shards are split across ranks and DataLoader workers (when there are fewer shards than
 consumers, every consumer reads every shard and keeps every n-th clip instead). Training
 shuffles the shard order per epoch and the clips through a shuffle buffer, starts the video
-window at random and rolls the waveform (Table 4 "R"); evaluation does none of these.
+window at random and rolls the waveform (Table 4 "R"); evaluation does none of these. The
+buffer's draws and each sample's augmentations come from separate streams (the latter keyed by
+the sample's place in its consumer's order), so a resumed epoch passes over the samples it had
+already trained on without decoding them and goes on with the same samples as an uninterrupted
+run.
 
 A clip that cannot be used is repaired (stereo -> mono, other rates -> 16 kHz, short audio
 zero-padded, short video frames repeated) or skipped with a warning that names the shard and
@@ -16,6 +20,7 @@ keys (list of B strings).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import tarfile
@@ -30,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .fbank import crop_or_pad, kaldi_fbank, normalize
 from .media import SAMPLE_RATE, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_video
-from .shards import Clip, read_index, read_shard, shard_paths
+from .shards import Clip, read_index, read_shard, shard_clips, shard_paths
 from .video import (normalize_video, pick_frames, resize_crop, sample_times, shown_until,
                     window_start)
 
@@ -75,28 +80,73 @@ class ShardDataset(IterableDataset):
     def __init__(self, source: str | Path, spec: LoaderSpec, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.shards = shard_paths(source)
-        source = Path(source)
+        self.source = source = Path(source)
         self.labels = read_index(source)["labels"] if (source / "index.json").exists() else []
         self.label_index = {name: i for i, name in enumerate(self.labels)}
         self.spec, self.rank, self.world_size = spec, rank, world_size
-        self.epoch = 0
+        self.epoch, self.passed_over = 0, [0]
         self.skipped = Counter()  # reason -> clips, for this process's passes
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reseeds the shard order, windows and rolls: call before each training epoch."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, resume_batches: int = 0, batch_size: int = 1,
+                  num_workers: int = 0) -> tuple[int, int]:
+        """Reseeds the shard order, windows and rolls: call before each training epoch.
 
-    def _consumer(self) -> tuple[int, int, np.random.Generator]:
+        resume_batches > 0 resumes the epoch mid-way, after that many batches of batch_size
+        from a training DataLoader with num_workers workers over this dataset. Such a
+        DataLoader takes one batch from each worker with data left in turn, starting every pass
+        at worker 0. The workers pass over their samples from the whole rounds before the resume
+        point without decoding them; the caller takes the returned number of batches (the rest
+        of the round it fell in, < num_workers) from its DataLoader and drops them. A clip
+        passed over counts as a sample even if it would have been skipped as unusable, so
+        after such clips the resumed order runs that many samples ahead of an uninterrupted
+        run's. Returns (the batches to drop, the batches the shards hold after the resume
+        point); (0, 0) without a resume."""
+        if resume_batches < 0 or batch_size < 1 or num_workers < 0:
+            raise ValueError(f"resume_batches = {resume_batches}, batch_size = {batch_size}, "
+                             f"num_workers = {num_workers}: expected >= 0, >= 1, >= 0")
+        self.epoch, workers = epoch, max(1, num_workers)
+        self.passed_over = [0] * workers  # samples per worker
+        if not resume_batches:
+            return 0, 0
+        taken, passed = [0] * workers, 0
+        batches = [clips // batch_size for clips in self._worker_clips(workers)]
+        for turn in round_robin(batches):  # training drops each worker's partial batch
+            if passed + len(turn) > resume_batches:
+                break
+            for w in turn:
+                taken[w] += 1
+            passed += len(turn)
+        self.passed_over = [n * batch_size for n in taken]
+        left = max(0, sum(batches) - resume_batches)
+        return (resume_batches - passed if left else 0), left
+
+    def _worker_clips(self, workers: int) -> list[int]:
+        """Clips per DataLoader worker of this rank in the current epoch, as _clips deals them."""
+        shards, counts = self._epoch_shards(), shard_clips(self.source)
+        consumers = self.world_size * workers
+        mine = range(self.rank * workers, (self.rank + 1) * workers)
+        if len(shards) >= consumers:
+            return [sum(counts[s] for s in shards[c::consumers]) for c in mine]
+        return [len(range(c, sum(counts[s] for s in shards), consumers)) for c in mine]
+
+    def _consumer(self) -> tuple[int, int, int]:
+        """(this consumer's index, the consumer count, the samples it passes over)."""
         worker = get_worker_info()
         wid, nworkers = (worker.id, worker.num_workers) if worker else (0, 1)
-        consumer = self.rank * nworkers + wid
-        rng = np.random.default_rng([self.spec.seed, self.epoch, consumer])
-        return consumer, self.world_size * nworkers, rng
+        passed_over = self.passed_over[wid] if len(self.passed_over) == nworkers else 0
+        if any(self.passed_over) and len(self.passed_over) != nworkers:
+            raise ValueError(f"set_epoch planned the resume for {len(self.passed_over)} "
+                             f"loader workers; the DataLoader has {nworkers}")
+        return self.rank * nworkers + wid, self.world_size * nworkers, passed_over
 
-    def _clips(self, consumer: int, consumers: int) -> Iterator[Clip]:
+    def _epoch_shards(self) -> list[Path]:
         shards = list(self.shards)
         if self.spec.train:
             np.random.default_rng([self.spec.seed, self.epoch]).shuffle(shards)  # same on all
+        return shards
+
+    def _clips(self, consumer: int, consumers: int) -> Iterator[Clip]:
+        shards = self._epoch_shards()
         split_shards = len(shards) >= consumers
         mine = shards[consumer::consumers] if split_shards else shards
         n = 0
@@ -110,20 +160,25 @@ class ShardDataset(IterableDataset):
                 self._skip(f"unreadable shard ({type(err).__name__})", shard.name, "*")
 
     def __iter__(self) -> Iterator[dict]:
-        consumer, consumers, rng = self._consumer()
+        consumer, consumers, passed_over = self._consumer()
+        seed = [self.spec.seed, self.epoch, consumer]
+        draws = np.random.default_rng(seed)  # the buffer's; a sample's own stream is below
         # The shuffle buffer holds encoded clips (~0.1 MB each, against ~10 MB decoded at paper
         # size: 512 decoded clips were 5 GB per worker); a clip is decoded as it leaves.
         buffer, size = [], self.spec.shuffle_buffer if self.spec.train else 1
         yielded, skipped_before = 0, sum(self.skipped.values())
         clips = iter(self._clips(consumer, consumers))
-        while True:
+        for popped in itertools.count():
             for clip in clips:
                 buffer.append(clip)
                 if len(buffer) >= size:
                     break
             if not buffer:
                 break
-            sample = self._decoded(buffer.pop(int(rng.integers(len(buffer)))), rng)
+            clip = buffer.pop(int(draws.integers(len(buffer))))
+            if popped < passed_over:  # trained on before the resume
+                continue
+            sample = self._decoded(clip, np.random.default_rng([*seed, popped]))
             if sample is not None:
                 yield sample
                 yielded += 1
@@ -215,6 +270,17 @@ class ShardDataset(IterableDataset):
                 log.warning("%s/%s: label %r is not in the dataset index", clip.shard,
                             clip.display_key, label)
         return target
+
+
+def round_robin(worker_batches: list[int]) -> Iterator[list[int]]:
+    """The turns in which a DataLoader delivers its workers' batches, given each worker's batch
+    count: one batch from each worker with data left, in worker order."""
+    left = list(worker_batches)
+    while any(left):
+        turn = [w for w, n in enumerate(left) if n]
+        for w in turn:
+            left[w] -= 1
+        yield turn
 
 
 def collate(samples: list[dict]) -> dict:

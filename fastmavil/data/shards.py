@@ -145,13 +145,23 @@ def shard_paths(source: str | Path) -> list[Path]:
     return paths
 
 
+def shard_clips(source: str | Path) -> dict[Path, int]:
+    """Clips per shard: from the dataset's index, else by scanning the shards' tar headers."""
+    source = Path(source)
+    if source.is_dir() and (source / INDEX).exists():
+        shards = read_index(source)["shards"]
+        if all("clips" in s for s in shards):
+            return {source / s["name"]: int(s["clips"]) for s in shards}
+    counts = {}
+    for path in shard_paths(source):
+        with tarfile.open(path, "r:", errors="surrogateescape") as tar:
+            counts[path] = len({split_key(info.name)[0] for info in tar if info.isfile()})
+    return counts
+
+
 def count_clips(source: str | Path) -> int:
     """Clips in a dataset: from its index, else by scanning the shards' tar headers."""
     source = Path(source)
     if source.is_dir() and (source / INDEX).exists():
         return int(read_index(source)["clips"])
-    keys = 0
-    for path in shard_paths(source):
-        with tarfile.open(path, "r:", errors="surrogateescape") as tar:
-            keys += len({split_key(info.name)[0] for info in tar if info.isfile()})
-    return keys
+    return sum(shard_clips(source).values())

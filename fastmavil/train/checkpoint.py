@@ -3,15 +3,23 @@
 A checkpoint is written to a temporary name, flushed to disk (fsync) and renamed into place, so a
 crash mid-write leaves the previous checkpoints untouched and at worst a `.tmp` file, which is
 ignored and cleaned up. Resuming takes the newest checkpoint that loads; a damaged one is
-reported and renamed `*.bad`, so it never takes a slot of the newest K again. When checkpoints
-exist but none loads, resuming stops with an error instead of starting again from step 0.
+reported and renamed `*.bad`, so it never takes a slot of the newest K again; one that the
+disk cannot read (I/O error, permissions) or that needs other code (a module it pickled is
+missing) stops the resume and stays in place. When checkpoints exist but none loads, resuming
+stops with an error instead of starting again from step 0. A run directory holds a lock while a
+trainer runs in it (run_lock).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +27,12 @@ import torch
 
 log = logging.getLogger("fastmavil.train")
 NAME = re.compile(r"^step-(\d{8})\.pt$")
+# What torch.load raises on a truncated or corrupted file (the zip reader: RuntimeError;
+# unpickling cut short: EOFError, ValueError, UnpicklingError).
+DAMAGED = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
+# OSErrors that say the file could not be read (disk, permissions, network filesystem), not
+# that it is damaged.
+UNREADABLE = {errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ESTALE, errno.ETIMEDOUT}
 
 
 class CheckpointError(RuntimeError):
@@ -65,15 +79,50 @@ def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a damaged file: set it aside, fall back to the one before
-            bad = path.with_name(path.name + ".bad")
-            path.rename(bad)
-            log.warning("checkpoint %s does not load (%s: %s); moved to %s, trying an older one",
-                        path, type(err).__name__, err, bad.name)
+        except OSError as err:
+            if err.errno in UNREADABLE:  # the disk, not the file: a good checkpoint stays
+                raise CheckpointError(f"{path} cannot be read ({err}); left as it is") from None
+            damage = err  # e.g. EINVAL: the zip reader seeks past a truncated file's end
+        except (ImportError, AttributeError) as err:  # written by other code, not damaged
+            raise CheckpointError(f"{path} does not load with this code ({type(err).__name__}: "
+                                  f"{err}); left as it is") from None
+        except DAMAGED as err:
+            damage = err
+        bad = path.with_name(path.name + ".bad")  # set aside, fall back to the one before
+        path.rename(bad)
+        log.warning("checkpoint %s does not load (%s: %s); moved to %s, trying an older one",
+                    path, type(damage).__name__, damage, bad.name)
     if any(checkpoint_dir(run_dir).glob("*.bad")):
         raise CheckpointError(f"{checkpoint_dir(run_dir)} holds checkpoints but none loads (see "
                               "the *.bad files); not restarting from step 0 over them")
     return None
+
+
+class RunLocked(RuntimeError):
+    """Another process trains in this run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Holds an exclusive lock on run_dir/.lock while a trainer runs there: a second trainer in
+    the same directory would delete the first one's checkpoint being written and rewrite its
+    metrics file. The OS releases the lock when the process dies, so a crash leaves none."""
+    path = Path(run_dir) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            raise RunLocked(f"{run_dir} is in use by another trainer (pid {owner}); wait for it "
+                            "or start a new run with --run.name") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def rng_state() -> dict:

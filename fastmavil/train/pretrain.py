@@ -32,7 +32,8 @@ from ..flops import forward_flops_per_sample
 from ..models import build_model, compile_blocks
 from ..schedule import EpochPlan, first_step, learning_rate, plan_epochs
 from . import resume
-from .checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, RunLocked, load_latest, rng_state, run_lock,
+                         save_checkpoint, set_rng_state)
 from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
                       peak_memory_bytes)
 
@@ -41,6 +42,10 @@ log = logging.getLogger("fastmavil.train")
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss stays non-finite); checkpoints are intact."""
+
+
+class DataError(TrainingError):
+    """An epoch's data gave no step: the steps trained so far are checkpointed first."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,9 +138,9 @@ def _epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
         split = (f", or data.num_workers = {workers} split the epoch into shares smaller than "
                  f"a micro-batch of {plan.micro_batch} (each worker drops its partial batch)"
                  if workers else "")
-        raise TrainingError(f"epoch {plan.epoch} gave not even one step's {plan.batch_size} "
-                            f"clips from {source}: its shards are unreadable (see any warnings "
-                            f"above){split}")
+        raise DataError(f"epoch {plan.epoch} gave not even one step's {plan.batch_size} "
+                        f"clips from {source}: its shards are unreadable (see any warnings "
+                        f"above){split}")
     if missing > max(1, workers) + 1:
         log.warning("epoch %d ended %d of its %d steps early: clips were skipped (see the "
                     "warnings above)", plan.epoch, missing, plan.steps)
@@ -162,14 +167,22 @@ def _open_dataset(cfg: Config, source: Path) -> tuple[ShardDataset, int]:
 
 def train(cfg: Config, argv: list[str]) -> dict:
     """Runs (or resumes) the configured pre-training; returns the final summary."""
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_lock(run_dir):
+            return _train(cfg, argv, run_dir)
+    except RunLocked as err:
+        raise TrainingError(str(err)) from None
+
+
+def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     torch.manual_seed(t.seed)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
-    run_dir = Path(cfg.run.dir) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
     resumed = load_latest(run_dir)
     if resumed:
         resume.check_config(resumed[0], resumed[1].get("config"), cfg)
@@ -278,22 +291,20 @@ def train(cfg: Config, argv: list[str]) -> dict:
             end = min(start + plan.steps, total_steps)
             if step >= end:
                 continue
-            skip = step - start  # steps of this epoch already done
-            dataset.set_epoch(plan.epoch)
             accum = plan.batch_size // plan.micro_batch
+            # Resumed mid-epoch: the loader passes over this epoch's steps already done without
+            # decoding them (an AudioSet-size epoch would take hours to decode), but for fewer
+            # batches than it has workers, fetched and dropped here, and goes on with the data
+            # of an uninterrupted run.
+            drop, left = dataset.set_epoch(plan.epoch, (step - start) * accum, plan.micro_batch,
+                                           cfg.data.num_workers)
+            epoch_began = step
             step_work = {"samples": plan.batch_size,  # training FLOPs: forward + backward
                          "flops": 3.0 * flops[plan.mask_ratio] * plan.batch_size,
                          "tokens": sum(cfg.model.visible_tokens(plan.mask_ratio)) * plan.batch_size}
             batches = iter(build_loader(dataset, plan.micro_batch, cfg.data.num_workers))
-            fetched = 0
-            try:
-                for fetched in range(skip * accum):  # resume mid-epoch: the same data, in order
-                    next(batches)
-            except StopIteration:  # the epoch's data ended already (a different loader setup)
-                if fetched == 0:  # or there is none
-                    _epoch_ended_early(plan, 0, end - step, source, cfg.data.num_workers)
-                step = end
-                continue
+            for _ in range(drop):  # if the data ends here, the step loop finds it has
+                next(batches, None)
             progress.update(task, epoch=plan.epoch)
             while step < end and stop.signal is None:
                 lr = learning_rate(cfg, step, plans)
@@ -317,8 +328,17 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     # hold a step or two fewer than the plan: move on to the next epoch. More
                     # missing means clips were skipped (unreadable shards or clips, warned of).
                     optimizer.zero_grad(set_to_none=True)
-                    _epoch_ended_early(plan, step - start, end - step, source,
-                                       cfg.data.num_workers)
+                    # A resumed epoch that gave nothing, though its shards hold more, is as bad
+                    # as a new one that gave nothing.
+                    done = 0 if step == epoch_began and left else step - start
+                    try:
+                        _epoch_ended_early(plan, done, end - step, source, cfg.data.num_workers)
+                    except DataError:  # keep the steps trained since the last checkpoint
+                        if step and (last_ckpt is None
+                                     or last_ckpt.name != f"step-{step:08d}.pt"):
+                            log.warning("checkpointing step %d before stopping: %s", step,
+                                        checkpoint(step))
+                        raise
                     step = end
                     progress.update(task, completed=step)
                     break
@@ -347,17 +367,18 @@ def train(cfg: Config, argv: list[str]) -> dict:
                     sums[k] = sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
                 due_log = step % t.log_every == 0 or step == total_steps
                 if due_log or step % t.ckpt_every == 0:
-                    _check_bad_steps(int(worst_run), step, t.max_bad_steps, run_dir)  # a sync
+                    _check_bad_steps(int(worst_run), step, t.max_bad_steps, last_ckpt)  # a sync
                     worst_run = bad_run.clone()
                 if due_log:
                     log_interval(plan, lr)
                 if step % t.ckpt_every == 0:
                     last_ckpt = checkpoint(step)
+                    timer.fetch_start()  # the checkpoint's time is no data wait
             if stop.signal is not None or step >= total_steps:
                 break
         if ran:  # steps run since the last log line: an epoch whose data ran short jumped to
             # the end, or a signal stopped the run between log lines
-            _check_bad_steps(int(worst_run), step, t.max_bad_steps, run_dir)
+            _check_bad_steps(int(worst_run), step, t.max_bad_steps, last_ckpt)
             log_interval(played, lr)
         if last_ckpt is None or last_ckpt.name != f"step-{step:08d}.pt":
             last_ckpt = checkpoint(step)
@@ -368,10 +389,11 @@ def train(cfg: Config, argv: list[str]) -> dict:
     return summary
 
 
-def _check_bad_steps(in_a_row: int, step: int, limit: int, run_dir: Path) -> None:
-    if in_a_row >= limit:
-        raise TrainingError(f"{in_a_row} non-finite steps in a row at step {step}; the last good "
-                            f"checkpoint is intact in {run_dir / 'checkpoints'}")
+def _check_bad_steps(in_a_row: int, step: int, limit: int, last_ckpt: Path | None) -> None:
+    if in_a_row >= limit:  # skipped updates left the model as it was: the checkpoint is good
+        where = (f"the newest checkpoint, {last_ckpt}, is intact" if last_ckpt else
+                 "no checkpoint was written yet")
+        raise TrainingError(f"{in_a_row} non-finite steps in a row at step {step}; {where}")
 
 
 def _to_device(batch: dict, device: torch.device) -> tuple:

@@ -8,7 +8,8 @@ import pytest
 import soundfile
 import torch
 
-from fastmavil.data.loader import LoaderSpec, ShardDataset, build_loader, loader_spec
+from fastmavil.data.loader import (LoaderSpec, ShardDataset, build_loader, loader_spec,
+                                   round_robin)
 from fastmavil.data.media import encode_flac, encode_video
 from fastmavil.data.shards import ShardWriter, read_shard
 from fastmavil.data.video import pick_frames, sample_times, shown_until
@@ -251,3 +252,41 @@ def test_loader_spec_follows_the_config():
 def test_missing_dataset_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards"):
         ShardDataset(tmp_path, SPEC)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+@pytest.mark.parametrize("workers, resume", [(0, 3), (2, 3), (3, 2), (3, 4)])
+def test_a_resumed_epoch_passes_over_its_batches_without_decoding_them(dataset_dir, workers,
+                                                                         resume, monkeypatch):
+    """Resumed after `resume` batches of 2, the loader (plus the batches set_epoch says to drop,
+    the rest of a round of workers) delivers what an uninterrupted epoch delivers from there
+    on: the same clips with the same rolls, windows and crops. 4 shards of 3 clips: 2 workers
+    get 3 batches each; 3 workers get 3, 1 and 1, so worker 0 delivers the last two alone."""
+    spec = LoaderSpec(**{**SPEC.__dict__, "shuffle_buffer": 5})
+
+    def batches(resume):
+        dataset = ShardDataset(dataset_dir, spec)
+        drop, left = dataset.set_epoch(1, resume, batch_size=2, num_workers=workers)
+        return list(build_loader(dataset, 2, num_workers=workers))[drop:], drop, left
+    (whole, _, _), (resumed, drop, left) = batches(0), batches(resume)
+    assert len(whole) == (5 if workers == 3 else 6) and len(resumed) == len(whole) - resume
+    assert left == len(resumed)
+    assert drop == {(0, 3): 0, (2, 3): 1, (3, 2): 2, (3, 4): 0}[workers, resume]
+    for a, b in zip(whole[resume:], resumed):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["video"], b["video"])
+    if workers == 0:  # in this process, where the decodes can be counted
+        dataset = ShardDataset(dataset_dir, spec)
+        decoded, real = [], dataset.decode
+        monkeypatch.setattr(dataset, "decode",
+                            lambda clip, rng: decoded.append(1) or real(clip, rng))
+        dataset.set_epoch(1, resume, batch_size=2)
+        assert len(list(dataset)) == len(decoded) == 12 - 2 * resume
+    with pytest.raises(ValueError, match="resume_batches = -1"):
+        ShardDataset(dataset_dir, spec).set_epoch(0, resume_batches=-1)
+
+
+def test_a_dataloader_takes_a_batch_from_each_worker_with_data_left_in_turn():
+    assert list(round_robin([3, 1, 2])) == [[0, 1, 2], [0, 2], [0]]
+    assert list(round_robin([0, 2])) == [[1], [1]]
+    assert list(round_robin([])) == []

@@ -43,6 +43,34 @@ def test_a_damaged_newest_checkpoint_falls_back_and_is_set_aside(tmp_path, caplo
     assert (tmp_path / "checkpoints" / "step-00000002.pt.bad").exists()
 
 
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.9, 0.999])
+def test_a_truncated_newest_checkpoint_is_set_aside(tmp_path, cut):
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=2)
+    ckpt.save_checkpoint(tmp_path, 2, {"step": 2, "w": torch.randn(64, 64)}, keep=2)
+    newest = tmp_path / "checkpoints" / "step-00000002.pt"
+    newest.write_bytes(newest.read_bytes()[:int(newest.stat().st_size * cut)])
+    assert ckpt.load_latest(tmp_path)[1]["step"] == 1
+    assert newest.with_name(newest.name + ".bad").exists()
+
+
+@pytest.mark.parametrize("error, message", [
+    (OSError(5, "Input/output error"), "cannot be read"),
+    (ModuleNotFoundError("No module named 'numpy._core'"), "does not load with this code")])
+def test_a_checkpoint_that_fails_for_other_reasons_stays_in_place(tmp_path, monkeypatch, error,
+                                                                   message):
+    """An I/O error or a missing module says nothing about the file: it must not be renamed
+    .bad and passed over for an older one."""
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=2)
+    ckpt.save_checkpoint(tmp_path, 2, {"step": 2}, keep=2)
+
+    def failing_load(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(ckpt.CheckpointError, match=f"step-00000002.pt {message}"):
+        ckpt.load_latest(tmp_path)
+    assert not list((tmp_path / "checkpoints").glob("*.bad"))
+
+
 def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=1)
     (tmp_path / "checkpoints" / "step-00000001.pt").write_bytes(b"garbage")

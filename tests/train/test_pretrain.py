@@ -80,6 +80,19 @@ def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path, caplog):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_resume_with_loader_workers_reproduces_an_uninterrupted_run(shards, tmp_path):
+    """3 loader workers, a shard each, 2 passes of 4 per step: resumed after step 1, the loader
+    passes over nothing (its first round holds 3 batches, the step took 2), and the trainer
+    drops the 2 batches it fetches again."""
+    loader = {"data__num_workers": 3, "train__micro_batch_size": 4, "train__ckpt_every": 1}
+    run(shards, tmp_path / "a", train__max_steps=3, **loader)
+    run(shards, tmp_path / "b", train__max_steps=1, **loader)
+    run(shards, tmp_path / "b", train__max_steps=3, **loader)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == [1, 2, 3] and [a[s] for s in (1, 2, 3)] == [b[s] for s in (1, 2, 3)]
+
+
 def test_resume_refuses_a_config_that_trains_something_else(shards, tmp_path, caplog):
     run(shards, tmp_path, train__max_steps=3)
     saved = (tmp_path / "t" / "config.toml").read_text()
@@ -187,6 +200,35 @@ def test_the_steps_after_the_last_log_line_are_logged(shards, tmp_path, monkeypa
     assert summary["last"] == records[-1]
 
 
+def test_data_that_fails_mid_run_keeps_the_steps_trained(shards, tmp_path, monkeypatch):
+    """Epoch 1's data gives nothing (the shards went away): the run stops with an error, but
+    first checkpoints the steps of epoch 0, which no periodic checkpoint covered."""
+    real_loader, calls = pretrain.build_loader, []
+
+    def loader(*args):
+        calls.append(args)
+        return real_loader(*args) if len(calls) == 1 else iter(())
+
+    monkeypatch.setattr(pretrain, "build_loader", loader)
+    with pytest.raises(pretrain.DataError, match="epoch 1 gave not even one step"):
+        run(shards, tmp_path, train__ckpt_every=100)
+    path, state = load_latest(tmp_path / "t")
+    assert state["step"] == 3 and path.name == "step-00000003.pt"  # epoch 0: 24 clips of 8
+
+
+def test_a_second_trainer_in_a_run_directory_is_refused(shards, tmp_path):
+    """While one trainer holds the run directory another would delete the checkpoint it is
+    writing and rewrite its metrics: it stops at once, naming the holder."""
+    from fastmavil.train.checkpoint import run_lock
+    (tmp_path / "t").mkdir()
+    with run_lock(tmp_path / "t"):
+        with pytest.raises(pretrain.TrainingError, match=rf"in use by another trainer "
+                                                         rf"\(pid {os.getpid()}\)"):
+            run(shards, tmp_path)
+    assert not (tmp_path / "t" / "checkpoints").exists()
+    assert run(shards, tmp_path, train__max_steps=1)["step"] == 1  # released
+
+
 def test_a_log_line_spanning_epochs_counts_each_steps_own_work(shards, tmp_path):
     """One log line over the whole run (three epochs, three batch sizes and ratios): its
     visible tokens per sample are the steps' own, weighted by their samples, not the last
@@ -243,8 +285,11 @@ def test_non_finite_loss_is_skipped_then_stops(shards, tmp_path, monkeypatch, ca
     run(shards, tmp_path, train__max_steps=3)
     before = load_latest(tmp_path / "t")[1]["model"]
     monkeypatch.setattr(pretrain, "build_model", nan_model)
-    with pytest.raises(pretrain.TrainingError, match="2 non-finite steps in a row at step 5"):
+    with pytest.raises(pretrain.TrainingError, match=r"2 non-finite steps in a row at step 5; "
+                                                     r"the newest checkpoint, .*step-00000003.pt"):
         run(shards, tmp_path, train__max_steps=10, train__max_bad_steps=2)
+    with pytest.raises(pretrain.TrainingError, match="at step 2; no checkpoint was written yet"):
+        run(shards, tmp_path / "new", train__max_steps=10, train__max_bad_steps=2)
     assert "non-finite loss or gradient, update skipped" in caplog.text
     path, state = load_latest(tmp_path / "t")
     assert state["step"] == 3 and all(torch.equal(before[k], state["model"][k]) for k in before)

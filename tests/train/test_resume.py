@@ -22,3 +22,11 @@ def test_another_micro_batch_is_refused_under_the_adaptive_batch(tmp_path):
     """The passes per step (B0 / micro) round every epoch's batch: another plan."""
     with pytest.raises(ConfigError, match=r"train.micro_batch_size: 8 -> 16"):
         check_config(tmp_path / "step.pt", to_toml(_config(True, 8)), _config(True, 16))
+
+
+def test_a_run_copied_under_another_name_resumes(tmp_path, caplog):
+    saved, now = _config(True, 8), _config(True, 8)
+    saved.run.name, now.run.name = "a", "b"
+    with caplog.at_level(logging.WARNING, logger="fastmavil.train"):
+        check_config(tmp_path / "step.pt", to_toml(saved), now)
+    assert "run.name" not in caplog.text
