@@ -75,6 +75,9 @@ class ModelConfig:
     audio_decoder_window: tuple[int, int] = (4, 4)
     audio_decoder_shift: tuple[int, int] = (2, 0)
     audio_decoder_rel_pos: bool = True
+    # `swin`: Swin (v1) pre-norm blocks; `swinv2cr`: AudioMAE's (timm Swin-V2-CR: post-norm,
+    # scaled cosine attention, MLP position bias). See fastmavil/models/swin.py.
+    audio_decoder_block: str = field(default="swin", metadata=_choices("swin", "swinv2cr"))
     # Fast path: Triton kernels where they exist (env FASTMAVIL_KERNELS wins, see kernels/).
     kernels: bool = True
 
@@ -113,6 +116,17 @@ class ModelConfig:
         return tuple(num_visible(math.prod(g), ratio) for g in grids)
 
     def check(self) -> None:
+        for key in ("encoder_dim", "encoder_depth", "encoder_heads", "decoder_dim",
+                    "decoder_depth", "decoder_heads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key} = {getattr(self, key)} must be >= 1")
+        if self.fusion_depth < 0:
+            raise ConfigError(f"model.fusion_depth = {self.fusion_depth} must be >= 0")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"model.mlp_ratio = {self.mlp_ratio} must be > 0")
+        for key in ("audio_patch", "video_patch"):
+            if min(getattr(self, key)) < 1:
+                raise ConfigError(f"model.{key} = {list(getattr(self, key))} must hold sizes >= 1")
         for dim, heads in (("encoder_dim", "encoder_heads"), ("decoder_dim", "decoder_heads")):
             d, h = getattr(self, dim), getattr(self, heads)
             if d % h or d % 4:
@@ -248,10 +262,16 @@ class OptimConfig:
     optimizer: str = field(default="adamw", metadata=_choices("adamw", "apex"))
 
     def check(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr = {self.lr} must be > 0")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr = {self.min_lr} must lie in [0, optim.lr = {self.lr}]")
         if self.warmup_epochs < 0:
             raise ConfigError(f"optim.warmup_epochs = {self.warmup_epochs} must be >= 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay = {self.weight_decay} must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas = {list(self.betas)} must each lie in [0, 1)")
 
 
 @dataclass
@@ -463,6 +483,8 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Co
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except OSError as err:  # a folder, no permission, ...
+        raise ConfigError(f"{path}: cannot read the config: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     try:

@@ -45,8 +45,8 @@ def reference_diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: t
     x0 = reference_gather(x, ids_mask, patch_size)
     if norm_pix:
         x0 = normalize_patches(x0)
-    a = alpha_bar[t].to(x0.dtype).view(-1, 1, 1)  # as DiffusionSchedule.q_sample
-    x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+    a = alpha_bar[t].float().view(-1, 1, 1)  # in fp32, as DiffusionSchedule.q_sample
+    x_t = (a.sqrt() * x0.float() + (1.0 - a).sqrt() * noise.float()).to(x0.dtype)
     return F.linear(x_t, weight.reshape(weight.shape[0], -1), bias) + pos[ids_mask]
 
 

@@ -5,7 +5,8 @@ from fastmavil.masking import random_masking
 from fastmavil.models.attention import CrossAttention, SelfAttention, attention, flash_attn_func
 from fastmavil.models.decoder import Decoder
 from fastmavil.models.pos_embed import sincos_grid
-from fastmavil.models.swin import WindowBlock, from_windows, shift_mask, to_windows
+from fastmavil.models.swin import (CosineWindowBlock, WindowBlock, from_windows,
+                                   relative_position_index, shift_mask, to_windows)
 
 
 def _grads(module, *inputs):
@@ -150,11 +151,12 @@ def _window_of(grid, window, shift):
     return {i: group for group in members.values() for i in group}
 
 
+@pytest.mark.parametrize("block_type", [WindowBlock, CosineWindowBlock])
 @pytest.mark.parametrize("shift", [(0, 0), (2, 0), (2, 1)])
-def test_window_block_sees_only_its_window(shift):
+def test_window_block_sees_only_its_window(shift, block_type):
     grid, window = (8, 4), (4, 2)
     torch.manual_seed(2)
-    block = WindowBlock(16, 2, grid, window, shift).eval()
+    block = block_type(16, 2, grid, window, shift).eval()
     x = torch.randn(1, 32, 16)
     out = block(x)
     window_of = _window_of(grid, window, shift)
@@ -169,6 +171,22 @@ def test_window_block_sees_only_its_window(shift):
         assert not torch.allclose(block(y)[0, token], out[0, token], atol=1e-4), token
 
 
+@pytest.mark.parametrize("window", [(4, 4), (4, 2), (3, 5)])
+def test_relative_position_index_is_one_entry_per_offset(window):
+    """Two query-key pairs share a bias-table entry exactly when their (row, col) offsets are
+    equal, and every one of the (2 wr - 1)(2 wc - 1) offsets has its own entry."""
+    index = relative_position_index(window)
+    cells = [divmod(i, window[1]) for i in range(window[0] * window[1])]
+    entry_of = {}
+    for i, (ri, ci) in enumerate(cells):
+        for j, (rj, cj) in enumerate(cells):
+            entry_of.setdefault((ri - rj, ci - cj), set()).add(int(index[i, j]))
+    assert all(len(entries) == 1 for entries in entry_of.values())
+    assert len({e for entries in entry_of.values() for e in entries}) == len(entry_of) \
+        == (2 * window[0] - 1) * (2 * window[1] - 1)
+    assert int(index.min()) == 0 and int(index.max()) == len(entry_of) - 1
+
+
 def test_shift_mask_blocks_wrapped_regions():
     mask = shift_mask((8, 4), (4, 4), (2, 0))
     assert mask.shape == (2, 16, 16)
@@ -176,13 +194,16 @@ def test_shift_mask_blocks_wrapped_regions():
     assert torch.isinf(mask[1]).any() and (mask[1].diagonal() == 0).all()
 
 
+@pytest.mark.parametrize("block_type", [WindowBlock, CosineWindowBlock])
 @pytest.mark.parametrize("backend, device, dtype, rtol, atol", CASES)
-def test_window_block_backends_agree(backend, device, dtype, rtol, atol):
+def test_window_block_backends_agree(backend, device, dtype, rtol, atol, block_type):
     """A shifted window block (-inf shift mask plus the learned relative-position bias): the
     path the Swin audio decoder trains through, on every backend present."""
     torch.manual_seed(3)
-    block = WindowBlock(16, 2, (8, 4), (4, 2), (2, 1)).to(device, dtype)
+    block = block_type(16, 2, (8, 4), (4, 2), (2, 1)).to(device, dtype).eval()
     x = torch.randn(2, 32, 16, device=device, dtype=dtype, requires_grad=True)
+    bias_params = ([block.rel_pos_table] if block_type is WindowBlock
+                   else [block.tau, block.meta_mlp[0].weight])
     outs = []
     for name in (backend, "math"):
         block.attn.backend = name
@@ -190,9 +211,42 @@ def test_window_block_backends_agree(backend, device, dtype, rtol, atol):
         x.grad = None
         out = block(x)
         out.float().square().sum().backward()
-        outs.append((out, x.grad.clone(), block.rel_pos_table.grad.clone()))
+        outs.append((out, x.grad.clone(), *(p.grad.clone() for p in bias_params)))
     (out, *grads), (want, *want_grads) = outs
     assert not out.isnan().any()
     torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b, rtol=10 * rtol, atol=10 * atol)
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (2, 1)])
+def test_cosine_window_block_equals_its_definition(shift):
+    """AudioMAE's block written out token by token over the whole grid: post-norm,
+    softmax(cos(q_i, k_j) / tau_h + MLP(log-spaced offset of i from j)_h) over i's window."""
+    grid, window, dim, heads = (8, 4), (4, 2), 16, 2
+    torch.manual_seed(5)
+    block = CosineWindowBlock(dim, heads, grid, window, shift).eval()
+    with torch.no_grad():
+        block.tau.copy_(torch.tensor([0.5, 2.0]))
+    x = torch.randn(1, 32, dim)
+    q, k, v = block.attn.qkv(x[0]).chunk(3, -1)                       # (32, dim) each
+    split = lambda t: t.view(32, heads, dim // heads)                   # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    window_of = _window_of(grid, window, shift)
+
+    def in_window(token):  # (row, col) inside its window of the grid rolled by -shift
+        r, c = divmod(token, grid[1])
+        return ((r - shift[0]) % grid[0] % window[0], (c - shift[1]) % grid[1] % window[1])
+    attended = torch.zeros(32, heads, dim // heads)
+    for i in range(32):
+        keys = sorted(window_of[i])
+        offsets = torch.tensor([[a - b for a, b in zip(in_window(i), in_window(j))]
+                                for j in keys], dtype=torch.float32)
+        bias = block.meta_mlp(offsets.sign() * torch.log1p(offsets.abs()))  # (keys, heads)
+        for h in range(heads):
+            cos = torch.nn.functional.cosine_similarity(q[i, h][None], k[keys, h], dim=-1)
+            weights = (cos / block.tau[h] + bias[:, h]).softmax(0)
+            attended[i, h] = weights @ v[keys, h]
+    y = x[0] + block.norm1(block.attn.proj(attended.flatten(1)))
+    expected = y + block.norm2(block.mlp(y))
+    torch.testing.assert_close(block(x)[0], expected, rtol=1e-5, atol=1e-5)

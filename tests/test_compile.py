@@ -7,7 +7,7 @@ from conftest import tiny_batch, tiny_config
 from fastmavil.models import build_model, compile_blocks
 from fastmavil.models.attention import Block, CrossBlock
 from fastmavil.models.compile import BLOCKS
-from fastmavil.models.swin import WindowBlock
+from fastmavil.models.swin import CosineWindowBlock, WindowBlock
 
 
 def test_every_transformer_block_is_compiled_and_nothing_else(monkeypatch):
@@ -26,13 +26,15 @@ def _block_and_inputs(kind: str, batch: int, tokens: int):
     if kind == "cross":
         return CrossBlock(32, 2, backend="sdpa"), (torch.randn(batch, tokens, 32),
                                                    torch.randn(batch, 5, 32))
-    block = WindowBlock(32, 2, grid=(tokens // 4, 4), window=(2, 2), shift=(1, 1),
-                        backend="sdpa")
-    return block, (torch.randn(batch, tokens, 32),)
+    block_type = {"swin": WindowBlock, "swinv2cr": CosineWindowBlock}[kind]
+    block = block_type(32, 2, grid=(tokens // 4, 4), window=(2, 2), shift=(1, 1),
+                       backend="sdpa")
+    # eval: the cosine block's position MLP has dropout, which two runs would draw differently
+    return block.eval() if kind == "swinv2cr" else block, (torch.randn(batch, tokens, 32),)
 
 
 @pytest.mark.parametrize("kind, lengths", [("vit", (7, 12)), ("cross", (7, 12)),
-                                           ("swin", (16, 16))])
+                                           ("swin", (16, 16)), ("swinv2cr", (16, 16))])
 def test_compiled_block_equals_eager_forward_and_backward(kind, lengths):
     """Compiled vs eager block, forward and parameter gradients; ViT and cross blocks at a
     second token count too (the masking ratio changes between epochs)."""

@@ -72,6 +72,13 @@ def test_bad_choice_lists_allowed_values(tmp_path):
     ("[diffusion]\nbeta_start = 0.5\nbeta_end = 0.1\n", "beta_start <= beta_end"),
     ("[loss]\ntemperature = 0\n", "loss.temperature = 0.0 must be > 0"),
     ("model = 3\n", "model must be a table"),
+    ("[model]\nencoder_heads = 0\n", "model.encoder_heads = 0 must be >= 1"),
+    ("[model]\naudio_patch = [0, 16]\n", "model.audio_patch = \\[0, 16\\] must hold sizes >= 1"),
+    ("[model]\nvideo_patch = [2, 0, 16]\n", "model.video_patch = .* must hold sizes >= 1"),
+    ("[model]\nmlp_ratio = 0\n", "model.mlp_ratio = 0.0 must be > 0"),
+    ("[model]\nfusion_depth = -1\n", "model.fusion_depth = -1 must be >= 0"),
+    ("[optim]\nbetas = [1.5, 0.95]\n", "optim.betas = \\[1.5, 0.95\\] must each lie in"),
+    ("[optim]\nweight_decay = -1\n", "optim.weight_decay = -1.0 must be >= 0"),
 ])
 def test_bad_values(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -83,6 +90,8 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[model\n"))
+    with pytest.raises(ConfigError, match="cannot read the config: Is a directory"):
+        load_config(tmp_path)
 
 
 def test_size_preset_and_explicit_keys(tmp_path):

@@ -46,3 +46,20 @@ def test_q_sample_uses_each_samples_own_timestep():
     xt = sched.q_sample(x0, torch.tensor([1, 1000]), noise)
     assert torch.allclose(xt[0], sched.alpha_bar[1].sqrt().expand(3))
     assert torch.allclose(xt[1], sched.alpha_bar[1000].sqrt().expand(3))
+
+
+def test_q_sample_in_bf16_scales_in_fp32_and_rounds_once():
+    """bf16 inputs: x_t is computed in fp32 and rounded once. Scaled in bf16, the noise scale
+    sqrt(1 - alpha_bar[t]) = 0.025 at t = 1 and 0.037 at t = 2 rounded to 0, and x0's scale
+    lost its last bits."""
+    sched = DiffusionSchedule()
+    t = torch.tensor([1, 2, 7, 500])
+    x0, noise = torch.randn(4, 33).bfloat16(), torch.randn(4, 33).bfloat16()
+    a = sched.alpha_bar[t].double()[:, None]
+    expected = (a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()).bfloat16()
+    out = sched.q_sample(x0, t, noise)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=8e-3, atol=1e-6)
+    only_noise = sched.q_sample(torch.zeros(2, 1).bfloat16(), t[:2], torch.ones(2, 1).bfloat16())
+    sigma = (1 - sched.alpha_bar[t[:2]]).sqrt()  # 0.0251, 0.0369
+    torch.testing.assert_close(only_noise.flatten().float(), sigma, rtol=8e-3, atol=0)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fastmavil.models import build_model
+from fastmavil.models.swin import CosineWindowBlock, WindowBlock
 
 from conftest import tiny_batch, tiny_config
 
@@ -9,9 +10,11 @@ VARIANTS = [("mavil", "self"), ("mavil", "cross"), ("diffmavil", "self"), ("diff
             ("audiomae", "self"), ("audiomae_diff", "self")]
 
 
-@pytest.mark.parametrize("variant, attention", VARIANTS)
+@pytest.mark.parametrize("variant, attention", VARIANTS + [("diffmavil", "swinv2cr")])
 def test_every_trainable_parameter_gets_a_gradient(variant, attention):
-    cfg = tiny_config(variant, attention)
+    """Every variant; the last case runs the audio decoder with AudioMAE's Swin-V2-CR blocks."""
+    block = {"audio_decoder_block": attention} if attention == "swinv2cr" else {}
+    cfg = tiny_config(variant, "cross" if block else attention, **block)
     model = build_model(cfg)
     audio, video = tiny_batch(cfg)
     out = model(audio, video)
@@ -35,6 +38,10 @@ def test_variants_wire_the_paper_components():
     assert model.video_decoder.attention == "cross" and model.audio_decoder.attention == "window"
     shifts = [b.shift for b in model.audio_decoder.blocks]
     assert shifts == [(0, 0), (2, 0)]  # Swin: plain, then shifted windows
+    assert all(type(b) is WindowBlock for b in model.audio_decoder.blocks)
+    audiomae_blocks = build_model(tiny_config("diffmavil", "cross",
+                                              audio_decoder_block="swinv2cr"))
+    assert all(isinstance(b, CosineWindowBlock) for b in audiomae_blocks.audio_decoder.blocks)
     mavil = build_model(tiny_config("mavil", "self"))
     assert not mavil.audio_encoder.patch_embed.mask_first and mavil.diffusion is None
     assert len(mavil.fusion.blocks) == 2

@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fps and --keyframe-interval must be > 0")
     if args.clips_per_shard < 1 or args.workers < 0:
         parser.error("--clips-per-shard must be >= 1 and --workers >= 0")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
     try:
         items = list_items(Path(args.src))
     except InputError as err:
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = f" (see {out / 'failures.csv'})" if index["failed"] else ""
     print(f"{out}: {index['clips']} clips in {len(index['shards'])} shard(s), "
           f"{index['failed']} failed{failed}")
-    return 0
+    return 0 if index["clips"] else 1  # every clip failed: nothing to train on
 
 
 if __name__ == "__main__":

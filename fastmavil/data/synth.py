@@ -223,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clips < 1 or args.size < 2 or args.size % 2 or args.seconds <= 0 or args.fps <= 0:
         parser.error("--clips >= 1, --size even and >= 2, --seconds and --fps > 0")
+    if args.classes < 1 or not 0 <= args.heldout < 1 or args.clips_per_shard < 1 \
+            or args.workers < 0:
+        parser.error("--classes >= 1, --heldout in [0, 1), --clips-per-shard >= 1, "
+                     "--workers >= 0")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
     spec = SynthSpec(args.seed, args.classes, args.seconds, args.size, args.fps, args.codec)
     try:
         class_names(args.classes)
@@ -233,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     for split, index in indices.items():
         print(f"{Path(args.out) / split}: {index['clips']} clips in {len(index['shards'])} "
               f"shard(s), {index['failed']} failed")
-    return 0
+    return 0 if sum(index["clips"] for index in indices.values()) else 1
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ from torch import nn
 
 from ..masking import Masking, gather_tokens
 from .attention import Block, CrossBlock, layer_norm
-from .swin import WindowBlock
+from .swin import CosineWindowBlock, WindowBlock
 
 
 class Decoder(nn.Module):
     def __init__(self, attention: str, encoder_dim: int, dim: int, depth: int, heads: int,
                  mlp_ratio: float, patch_dim: int, pos: torch.Tensor, diffusion: bool,
                  grid: tuple[int, ...] = (), window: tuple[int, int] = (4, 4),
-                 shift: tuple[int, int] = (0, 0), rel_pos: bool = True, backend: str = "auto"):
+                 shift: tuple[int, int] = (0, 0), rel_pos: bool = True, backend: str = "auto",
+                 window_block: str = "swin"):
         super().__init__()
         self.attention = attention
         self.embed = nn.Linear(encoder_dim, dim)
@@ -38,8 +39,9 @@ class Decoder(nn.Module):
             blocks = (CrossBlock(dim, heads, mlp_ratio, backend) for _ in range(depth))
         elif attention == "window":
             # Swin alternates plain and shifted windows.
-            blocks = (WindowBlock(dim, heads, grid, window, shift if i % 2 else (0, 0), mlp_ratio,
-                                  rel_pos, backend) for i in range(depth))
+            block = {"swin": WindowBlock, "swinv2cr": CosineWindowBlock}[window_block]
+            blocks = (block(dim, heads, grid, window, shift if i % 2 else (0, 0), mlp_ratio,
+                            rel_pos, backend) for i in range(depth))
         else:
             raise ValueError(f"unknown decoder attention {attention!r}")
         self.blocks = nn.ModuleList(blocks)

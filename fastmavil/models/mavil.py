@@ -47,7 +47,8 @@ class MAViL(nn.Module):
         self.audio_decoder = Decoder("window", patch_dim=self.audio_patch[0] * self.audio_patch[1],
                                      pos=sincos_grid(m.decoder_dim, m.audio_grid), grid=m.audio_grid,
                                      window=m.audio_decoder_window, shift=m.audio_decoder_shift,
-                                     rel_pos=m.audio_decoder_rel_pos, **dec)
+                                     rel_pos=m.audio_decoder_rel_pos,
+                                     window_block=m.audio_decoder_block, **dec)
         if m.has_video:
             self.video_encoder = Encoder(3, self.video_patch,
                                          sincos_grid(m.encoder_dim, m.video_grid), **enc)

@@ -12,9 +12,10 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
-    """(rows * cols, dim), row-major; the first half of dim encodes the row, the second the column."""
+    """(rows * cols, dim), row-major; the first half of dim encodes the column, the second the
+    row, as MAE's and AudioMAE's embeddings do (so theirs load unchanged)."""
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, r.flatten()), sincos_1d(dim // 2, c.flatten())], dim=1)
+    return torch.cat([sincos_1d(dim // 2, c.flatten()), sincos_1d(dim // 2, r.flatten())], dim=1)
 
 
 def sincos_video(dim: int, frames: int, rows: int, cols: int) -> torch.Tensor:

@@ -2,12 +2,15 @@
 
 Attention runs within non-overlapping windows; a shifted block first rolls the grid by -shift,
 so windows straddle the previous block's borders, and masks pairs that the roll brought
-together from opposite edges (Swin). As in Swin and AudioMAE, each window adds a learned
-relative-position bias (switchable).
+together from opposite edges (Swin). Two blocks (`model.audio_decoder_block`): `swin`, Swin (v1)
+blocks, pre-norm like the encoders', each window adding a learned relative-position bias table
+(the paper cites Swin); `swinv2cr`, the timm Swin-V2-CR blocks AudioMAE's code used (post-norm,
+scaled cosine attention, a position bias from an MLP over log-spaced offsets). README "Choices".
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import Mlp, SelfAttention, _merge_heads, _split_heads, attention, layer_norm
@@ -81,11 +84,15 @@ class WindowBlock(nn.Module):
         self.register_buffer("mask", mask if mask is None else mask[:, None], persistent=False)
         self._windows = windows
 
+    def position_bias(self) -> torch.Tensor | None:
+        """(1, heads, L, L) relative-position bias, or None."""
+        if self.rel_pos_table is None:
+            return None
+        return self.rel_pos_table[self.rel_pos_index].permute(2, 0, 1)[None]
+
     def attention_bias(self) -> torch.Tensor | None:
         """(windows * heads, L, L) or None: relative-position bias plus the shift mask."""
-        bias = None
-        if self.rel_pos_table is not None:
-            bias = self.rel_pos_table[self.rel_pos_index].permute(2, 0, 1)[None]  # (1, H, L, L)
+        bias = self.position_bias()
         if self.mask is not None:
             bias = self.mask if bias is None else bias + self.mask           # (windows, H|1, L, L)
         if bias is None:
@@ -99,6 +106,7 @@ class WindowBlock(nn.Module):
             grid = torch.roll(grid, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
         windows = to_windows(grid, self.window)                          # (B, W, L, D)
         q, k, v = (_split_heads(t, self.heads) for t in self.attn.qkv(windows).chunk(3, -1))
+        q, k = self.scale_qk(q, k)
         # fold windows into the head axis: one attention call over (B, W * H, L, d)
         out = attention(*(t.flatten(1, 2) for t in (q, k, v)), self.attention_bias(),
                         self.attn.backend)
@@ -108,6 +116,55 @@ class WindowBlock(nn.Module):
             grid = torch.roll(grid, shifts=self.shift, dims=(1, 2))
         return grid.reshape(b, -1, d)
 
+    def scale_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k) as attention() takes them: it scales q k^T by 1 / sqrt(d)."""
+        return q, k
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.window_attention(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+def log_spaced_offsets(window: tuple[int, int]) -> torch.Tensor:
+    """(L * L, 2) relative (row, col) offsets of every query-key pair in a window, mapped by
+    sign(x) log(1 + |x|) (Swin V2's log-spaced coordinates)."""
+    r, c = torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")
+    coords = torch.stack([r.flatten(), c.flatten()])                   # (2, L)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)   # (L, L, 2)
+    rel = rel.reshape(-1, 2).float()
+    return rel.sign() * torch.log1p(rel.abs())
+
+
+class CosineWindowBlock(WindowBlock):
+    """AudioMAE's audio decoder block (timm's Swin-V2-CR): post-norm (x + norm(attn(x)), then
+    x + norm(mlp(x))), scaled cosine attention cos(q, k) / tau with a learned temperature per
+    head (clamped at 0.01), and a position bias from a 2-layer MLP (hidden 384, ReLU, dropout
+    0.1) over log-spaced offsets instead of a table. Same windows, shifts and mask."""
+
+    def __init__(self, dim: int, heads: int, grid: tuple[int, int], window: tuple[int, int],
+                 shift: tuple[int, int] = (0, 0), mlp_ratio: float = 4.0, rel_pos: bool = True,
+                 backend: str = "auto", meta_hidden: int = 384):
+        super().__init__(dim, heads, grid, window, shift, mlp_ratio, False, backend)
+        self.tau = nn.Parameter(torch.ones(heads))
+        self.meta_mlp = None
+        if rel_pos:
+            self.meta_mlp = nn.Sequential(nn.Linear(2, meta_hidden), nn.ReLU(), nn.Dropout(0.1),
+                                          nn.Linear(meta_hidden, heads))
+            self.register_buffer("log_offsets", log_spaced_offsets(self.window),
+                                 persistent=False)
+
+    def position_bias(self) -> torch.Tensor | None:
+        if self.meta_mlp is None:
+            return None
+        length = self.window[0] * self.window[1]
+        return self.meta_mlp(self.log_offsets).t().reshape(1, self.heads, length, length)
+
+    def scale_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # cos(q, k) / tau, given to attention() as (unit q) * sqrt(d) / tau and unit k
+        scale = q.shape[-1] ** 0.5 / self.tau.clamp(min=0.01)
+        q = F.normalize(q, dim=-1, eps=1e-6) * scale[:, None, None].to(q.dtype)
+        return q, F.normalize(k, dim=-1, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.norm1(self.window_attention(x))
+        return x + self.norm2(self.mlp(x))

@@ -5,14 +5,13 @@ import json
 import os
 from pathlib import Path
 
+import av  # required dependencies: a broken install must fail here, not skip
 import numpy as np
 import pytest
+import soundfile as sf
 
-av = pytest.importorskip("av")
-sf = pytest.importorskip("soundfile")
-
-from fastmavil.data.prep import main, read_csv, unique_keys  # noqa: E402
-from fastmavil.data.shards import read_index, read_shard  # noqa: E402
+from fastmavil.data.prep import main, read_csv, unique_keys
+from fastmavil.data.shards import read_index, read_shard
 
 RATE = 44100
 BITS = 6  # of the frame number drawn into test videos
@@ -281,3 +280,14 @@ def test_bad_options(tmp_path, capsys, option):
         main([str(tmp_path), "--out", str(tmp_path / "out"), *option])
     assert exit_info.value.code == 2
     assert option[0] in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_file_and_a_run_where_every_clip_fails(tmp_path, capsys):
+    (tmp_path / "src" / "dog").mkdir(parents=True)
+    (tmp_path / "src" / "dog" / "a.wav").write_bytes(b"not audio")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "src"), "--out", str(tmp_path / "file")])
+    assert exit_info.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    assert main([str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 1
+    assert ": 0 clips in 1 shard(s), 1 failed" in capsys.readouterr().out

@@ -61,10 +61,18 @@ def test_cli_writes_train_and_heldout_and_resumes(tmp_path, capsys):
     assert (out / "train" / "shard-000001.tar").exists()
 
 
-def test_cli_rejects_bad_arguments(tmp_path, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--size", "33"], "--size even"), (["--heldout", "1.5"], "--heldout in [0, 1)"),
+    (["--clips-per-shard", "0"], "--clips-per-shard >= 1"), (["--classes", "0"], "--classes >= 1"),
+    (["--out-is-a-file"], "is a file, not a folder")])
+def test_cli_rejects_bad_arguments(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    if args == ["--out-is-a-file"]:
+        out.write_text("")
+        args = []
     with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(tmp_path), "--size", "33"])
-    assert exit_info.value.code == 2 and "--size even" in capsys.readouterr().err
+        main(["--out", str(out), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_rerun_with_other_clips_rewrites_the_shards_it_changes(tmp_path, capsys):

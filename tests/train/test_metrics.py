@@ -241,7 +241,8 @@ def test_metrics_writer_tensorboard_required_but_missing(tmp_path, no_tensorboar
         MetricsWriter(tmp_path, tensorboard=True)
 
 
-def test_metrics_writer_tensorboard_if_installed(tmp_path, caplog, no_tensorboard):
+def test_metrics_writer_without_tensorboard_writes_jsonl_and_says_so(tmp_path, caplog,
+                                                                     no_tensorboard):
     with caplog.at_level(logging.INFO, logger="fastmavil.train"):
         with MetricsWriter(tmp_path) as writer:
             writer.write({"step": 1, "loss": 1.0})

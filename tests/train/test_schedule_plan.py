@@ -110,6 +110,9 @@ def test_learning_rate_warmup_then_cosine():
     linear = load_config(CONFIGS / "r4.toml", {"optim.lr_batch_scaling": "linear",
                                                "optim.lr_schedule": "steps"})
     assert learning_rate(linear, 0, plans) == pytest.approx(2 * lrs[0])  # B = 2 B0 at rho 0.9
+    sqrt = load_config(CONFIGS / "r4.toml", {"optim.lr_batch_scaling": "sqrt",
+                                             "optim.lr_schedule": "steps"})
+    assert learning_rate(sqrt, 0, plans) == pytest.approx(math.sqrt(2) * lrs[0])
 
 
 def test_learning_rate_over_fractional_epochs_as_mae():
