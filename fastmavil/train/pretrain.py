@@ -306,23 +306,17 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             for _ in range(drop):  # if the data ends here, the step loop finds it has
                 next(batches, None)
             progress.update(task, epoch=plan.epoch)
+
+            def forward(batch, ratio=plan.mask_ratio):  # one pass of this epoch's shape
+                return model(*_to_device(batch, device), ratio, generator)
+
             while step < end and stop.signal is None:
                 lr = learning_rate(cfg, step, plans)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum, terms_sum = 0.0, {}
                 try:
-                    for micro_step in range(accum):
-                        if micro_step:
-                            timer.fetch_start()
-                        batch = next(batches)
-                        timer.data_ready()
-                        with autocast:
-                            out = model(*_to_device(batch, device), plan.mask_ratio, generator)
-                        (out.loss / accum).backward()
-                        loss_sum = loss_sum + out.loss.detach() / accum
-                        for k, v in out.terms.items():
-                            terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / accum
+                    loss_sum, terms_sum = accumulate_gradients(forward, batches, accum, autocast,
+                                                               timer)
                 except StopIteration:
                     # Each DataLoader worker drops its own last partial batch, so an epoch can
                     # hold a step or two fewer than the plan: move on to the next epoch. More
@@ -387,6 +381,26 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                    interrupted=stop.signal, peak_source=peak_source)
     _print_summary(console, summary, argv)
     return summary
+
+
+def accumulate_gradients(forward, batches, passes: int, autocast, timer: StepTimer):
+    """One step's gradients over `passes` batches from `batches`: each pass's loss is divided by
+    the passes before backward, so the gradient is the mean over the step's samples as in one
+    pass of them all (every pass holds as many). Returns the step's (loss, terms), detached;
+    StopIteration when the data ends mid-step."""
+    loss_sum, terms_sum = 0.0, {}
+    for micro_step in range(passes):
+        if micro_step:
+            timer.fetch_start()
+        batch = next(batches)
+        timer.data_ready()
+        with autocast:
+            out = forward(batch)
+        (out.loss / passes).backward()
+        loss_sum = loss_sum + out.loss.detach() / passes
+        for k, v in out.terms.items():
+            terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / passes
+    return loss_sum, terms_sum
 
 
 def _check_bad_steps(in_a_row: int, step: int, limit: int, last_ckpt: Path | None) -> None:
