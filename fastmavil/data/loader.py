@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import signal
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -294,6 +295,10 @@ def collate(samples: list[dict]) -> dict:
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers decode in parallel; one thread each avoids oversubscription
+    # Ctrl-C reaches the whole process group: the trainer stops after its step and shuts the
+    # workers down, so a worker ignores it (it inherited the trainer's handler, which logged
+    # the stop once per worker).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_loader(dataset: ShardDataset, batch_size: int, num_workers: int = 2,

@@ -1,6 +1,7 @@
 """The reference loader on generated shards, bad clips included."""
 import io
 import logging
+import signal
 import tarfile
 
 import numpy as np
@@ -290,3 +291,19 @@ def test_a_dataloader_takes_a_batch_from_each_worker_with_data_left_in_turn():
     assert list(round_robin([3, 1, 2])) == [[0, 1, 2], [0, 2], [0]]
     assert list(round_robin([0, 2])) == [[1], [1]]
     assert list(round_robin([])) == []
+
+
+def test_a_loader_worker_leaves_ctrl_c_to_the_trainer(dataset_dir):
+    """Ctrl-C reaches every process of the group; the trainer stops after its step and shuts
+    its workers down, so a worker ignores it (each used to log the trainer's stop message)."""
+    dataset = ShardDataset(dataset_dir, SPEC)
+
+    class Probe(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+    loader = build_loader(dataset, 1, num_workers=1)
+    probe = torch.utils.data.DataLoader(Probe(), num_workers=1,
+                                        worker_init_fn=loader.worker_init_fn)
+    seen = [bool(flag) for flag in probe]
+    assert seen == [True] and signal.getsignal(signal.SIGINT) != signal.SIG_IGN
