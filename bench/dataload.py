@@ -53,7 +53,7 @@ def time_resume(source: Path, size: str, workers: int, batch_size: int) -> dict:
     seconds = {}
     for mode in ("read up to it", "resumed"):
         start = time.perf_counter()
-        drop, _ = dataset.set_epoch(0, half if mode == "resumed" else 0, batch_size, workers)
+        drop = dataset.set_epoch(0, half if mode == "resumed" else 0, batch_size, workers)
         batches = iter(build_loader(dataset, batch_size, num_workers=workers))
         for _ in range(drop if mode == "resumed" else half):
             next(batches)

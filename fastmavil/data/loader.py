@@ -89,7 +89,7 @@ class ShardDataset(IterableDataset):
         self.skipped = Counter()  # reason -> clips, for this process's passes
 
     def set_epoch(self, epoch: int, resume_batches: int = 0, batch_size: int = 1,
-                  num_workers: int = 0) -> tuple[int, int]:
+                  num_workers: int = 0) -> int:
         """Reseeds the shard order, windows and rolls: call before each training epoch.
 
         resume_batches > 0 resumes the epoch mid-way, after that many batches of batch_size
@@ -97,18 +97,17 @@ class ShardDataset(IterableDataset):
         DataLoader takes one batch from each worker with data left in turn, starting every pass
         at worker 0. The workers pass over their samples from the whole rounds before the resume
         point without decoding them; the caller takes the returned number of batches (the rest
-        of the round it fell in, < num_workers) from its DataLoader and drops them. A clip
-        passed over counts as a sample even if it would have been skipped as unusable, so
-        after such clips the resumed order runs that many samples ahead of an uninterrupted
-        run's. Returns (the batches to drop, the batches the shards hold after the resume
-        point); (0, 0) without a resume."""
+        of the round it fell in, < num_workers) from its DataLoader and drops them. The plan
+        counts every clip the shards' index lists as a sample: with clips skipped as unusable,
+        or unreadable shards, before the resume point, the resumed epoch may repeat or leave
+        out that many samples per worker. Returns the batches to drop (0 without a resume)."""
         if resume_batches < 0 or batch_size < 1 or num_workers < 0:
             raise ValueError(f"resume_batches = {resume_batches}, batch_size = {batch_size}, "
                              f"num_workers = {num_workers}: expected >= 0, >= 1, >= 0")
         self.epoch, workers = epoch, max(1, num_workers)
         self.passed_over = [0] * workers  # samples per worker
         if not resume_batches:
-            return 0, 0
+            return 0
         taken, passed = [0] * workers, 0
         batches = [clips // batch_size for clips in self._worker_clips(workers)]
         for turn in round_robin(batches):  # training drops each worker's partial batch
@@ -118,8 +117,7 @@ class ShardDataset(IterableDataset):
                 taken[w] += 1
             passed += len(turn)
         self.passed_over = [n * batch_size for n in taken]
-        left = max(0, sum(batches) - resume_batches)
-        return (resume_batches - passed if left else 0), left
+        return resume_batches - passed if passed < sum(batches) else 0
 
     def _worker_clips(self, workers: int) -> list[int]:
         """Clips per DataLoader worker of this rank in the current epoch, as _clips deals them."""

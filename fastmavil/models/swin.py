@@ -139,7 +139,9 @@ class CosineWindowBlock(WindowBlock):
     """AudioMAE's audio decoder block (timm's Swin-V2-CR): post-norm (x + norm(attn(x)), then
     x + norm(mlp(x))), scaled cosine attention cos(q, k) / tau with a learned temperature per
     head (clamped at 0.01), and a position bias from a 2-layer MLP (hidden 384, ReLU, dropout
-    0.1) over log-spaced offsets instead of a table. Same windows, shifts and mask."""
+    0.1 after each layer, as timm's Mlp) over log-spaced offsets instead of a table. Same
+    windows and shifts; the shift mask is -inf where AudioMAE's is -100, which logits of up to
+    1 / 0.01 can overcome."""
 
     def __init__(self, dim: int, heads: int, grid: tuple[int, int], window: tuple[int, int],
                  shift: tuple[int, int] = (0, 0), mlp_ratio: float = 4.0, rel_pos: bool = True,
@@ -149,7 +151,7 @@ class CosineWindowBlock(WindowBlock):
         self.meta_mlp = None
         if rel_pos:
             self.meta_mlp = nn.Sequential(nn.Linear(2, meta_hidden), nn.ReLU(), nn.Dropout(0.1),
-                                          nn.Linear(meta_hidden, heads))
+                                          nn.Linear(meta_hidden, heads), nn.Dropout(0.1))
             self.register_buffer("log_offsets", log_spaced_offsets(self.window),
                                  persistent=False)
 

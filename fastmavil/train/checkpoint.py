@@ -16,10 +16,8 @@ import errno
 import fcntl
 import logging
 import os
-import pickle
 import random
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +25,6 @@ import torch
 
 log = logging.getLogger("fastmavil.train")
 NAME = re.compile(r"^step-(\d{8})\.pt$")
-# What torch.load raises on a truncated or corrupted file (the zip reader: RuntimeError;
-# unpickling cut short: EOFError, ValueError, UnpicklingError).
-DAMAGED = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
 # OSErrors that say the file could not be read (disk, permissions, network filesystem), not
 # that it is damaged.
 UNREADABLE = {errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ESTALE, errno.ETIMEDOUT}
@@ -83,10 +78,11 @@ def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
             if err.errno in UNREADABLE:  # the disk, not the file: a good checkpoint stays
                 raise CheckpointError(f"{path} cannot be read ({err}); left as it is") from None
             damage = err  # e.g. EINVAL: the zip reader seeks past a truncated file's end
-        except (ImportError, AttributeError) as err:  # written by other code, not damaged
+        except (ImportError, AttributeError) as err:  # written by other code, most likely
             raise CheckpointError(f"{path} does not load with this code ({type(err).__name__}: "
-                                  f"{err}); left as it is") from None
-        except DAMAGED as err:
+                                  f"{err}); left as it is (if it is damaged instead, move it "
+                                  "aside to resume from the one before)") from None
+        except Exception as err:  # damaged: truncated or corrupted (zip, pickle, tensor data)
             damage = err
         bad = path.with_name(path.name + ".bad")  # set aside, fall back to the one before
         path.rename(bad)

@@ -185,6 +185,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
         torch.use_deterministic_algorithms(True)
     resumed = load_latest(run_dir)
     if resumed:
+        resume.check_format(*resumed)
         resume.check_config(resumed[0], resumed[1].get("config"), cfg)
     source = prepare_data(cfg)
     dataset, clips = _open_dataset(cfg, source)
@@ -235,7 +236,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(), "rng": rng_state(), "step": at,
             "config": to_toml(cfg), "clips": clips, "plan": resume.plan_record(plans),
-            "precision": precision},
+            "precision": precision, "format": resume.FORMAT},
             t.keep_checkpoints)
 
     from rich.console import Console
@@ -257,6 +258,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     # (not those an epoch's data ran short of, which are skipped without an update)
     sums, work, ran, logged_at = {}, dict.fromkeys(("samples", "flops", "tokens"), 0), 0, step
     summary = {"start_step": step, "samples": 0}
+    trained = step  # the step count after the last step run
     tensorboard = None if cfg.run.tensorboard else False  # None: when installed
 
     def log_interval(plan: EpochPlan, lr: float) -> None:
@@ -296,9 +298,8 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             # decoding them (an AudioSet-size epoch would take hours to decode), but for fewer
             # batches than it has workers, fetched and dropped here, and goes on with the data
             # of an uninterrupted run.
-            drop, left = dataset.set_epoch(plan.epoch, (step - start) * accum, plan.micro_batch,
-                                           cfg.data.num_workers)
-            epoch_began = step
+            drop = dataset.set_epoch(plan.epoch, (step - start) * accum, plan.micro_batch,
+                                     cfg.data.num_workers)
             step_work = {"samples": plan.batch_size,  # training FLOPs: forward + backward
                          "flops": 3.0 * flops[plan.mask_ratio] * plan.batch_size,
                          "tokens": sum(cfg.model.visible_tokens(plan.mask_ratio)) * plan.batch_size}
@@ -322,16 +323,14 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                     # hold a step or two fewer than the plan: move on to the next epoch. More
                     # missing means clips were skipped (unreadable shards or clips, warned of).
                     optimizer.zero_grad(set_to_none=True)
-                    # A resumed epoch that gave nothing, though its shards hold more, is as bad
-                    # as a new one that gave nothing.
-                    done = 0 if step == epoch_began and left else step - start
                     try:
-                        _epoch_ended_early(plan, done, end - step, source, cfg.data.num_workers)
+                        _epoch_ended_early(plan, step - start, end - step, source,
+                                           cfg.data.num_workers)
                     except DataError:  # keep the steps trained since the last checkpoint
-                        if step and (last_ckpt is None
-                                     or last_ckpt.name != f"step-{step:08d}.pt"):
-                            log.warning("checkpointing step %d before stopping: %s", step,
-                                        checkpoint(step))
+                        if trained > summary["start_step"] and (
+                                last_ckpt is None or last_ckpt.name != f"step-{trained:08d}.pt"):
+                            log.warning("checkpointing step %d before stopping: %s", trained,
+                                        checkpoint(trained))
                         raise
                     step = end
                     progress.update(task, completed=step)
@@ -339,6 +338,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
                 step, ran = step + 1, ran + 1
+                trained = step  # not moved by epochs whose data ran short
                 played = plan  # the epoch of the latest step run, for a log line after the loop
                 timer.step_done()
                 progress.advance(task)

@@ -29,6 +29,23 @@ WARN = {"data.shards", "data.num_workers", "data.synth_clips", "train.micro_batc
         "model.kernels"}
 
 
+# What a checkpoint's numbers mean beyond its config, raised when code changes them for the same
+# config. 2 (2026-11-27): the 2-D sin-cos positions put the column first, as MAE's, and each
+# sample's augmentations have their own random stream (checkpoints before it hold no format).
+FORMAT = 2
+
+
+def check_format(path: Path, state: dict) -> None:
+    """Refuses a checkpoint whose model would resume under other fixed positions or data."""
+    found = state.get("format", 1)
+    if found != FORMAT:
+        raise ConfigError(f"{path} has checkpoint format {found}, this fastmavil writes "
+                          f"{FORMAT}: the fixed positional embeddings or the order of the data "
+                          "changed in between (fastmavil/train/resume.py, FORMAT), so resuming "
+                          "would go on under other positions; resume with the fastmavil "
+                          "that wrote it or start a new run with --run.name")
+
+
 def check_config(path: Path, saved: str | None, cfg: Config) -> None:
     """Before any work: refuses a config that trains something else than the checkpoint's."""
     if saved is None:

@@ -256,26 +256,18 @@ def test_missing_dataset_is_named(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
-@pytest.mark.parametrize("workers, resume", [(0, 3), (2, 3), (3, 2), (3, 4)])
+@pytest.mark.parametrize("workers, resume, drop", [(0, 3, 0), (2, 3, 1), (3, 2, 2), (3, 4, 0)])
 def test_a_resumed_epoch_passes_over_its_batches_without_decoding_them(dataset_dir, workers,
-                                                                         resume, monkeypatch):
+                                                                         resume, drop,
+                                                                         monkeypatch):
     """Resumed after `resume` batches of 2, the loader (plus the batches set_epoch says to drop,
     the rest of a round of workers) delivers what an uninterrupted epoch delivers from there
     on: the same clips with the same rolls, windows and crops. 4 shards of 3 clips: 2 workers
     get 3 batches each; 3 workers get 3, 1 and 1, so worker 0 delivers the last two alone."""
     spec = LoaderSpec(**{**SPEC.__dict__, "shuffle_buffer": 5})
-
-    def batches(resume):
-        dataset = ShardDataset(dataset_dir, spec)
-        drop, left = dataset.set_epoch(1, resume, batch_size=2, num_workers=workers)
-        return list(build_loader(dataset, 2, num_workers=workers))[drop:], drop, left
-    (whole, _, _), (resumed, drop, left) = batches(0), batches(resume)
-    assert len(whole) == (5 if workers == 3 else 6) and len(resumed) == len(whole) - resume
-    assert left == len(resumed)
-    assert drop == {(0, 3): 0, (2, 3): 1, (3, 2): 2, (3, 4): 0}[workers, resume]
-    for a, b in zip(whole[resume:], resumed):
-        assert a["keys"] == b["keys"]
-        assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["video"], b["video"])
+    whole, resumed, dropped = _resumed_batches(dataset_dir, spec, workers, resume)
+    assert len(whole) == (5 if workers == 3 else 6) and dropped == drop
+    _assert_same_batches(whole[resume:], resumed)
     if workers == 0:  # in this process, where the decodes can be counted
         dataset = ShardDataset(dataset_dir, spec)
         decoded, real = [], dataset.decode
@@ -285,6 +277,37 @@ def test_a_resumed_epoch_passes_over_its_batches_without_decoding_them(dataset_d
         assert len(list(dataset)) == len(decoded) == 12 - 2 * resume
     with pytest.raises(ValueError, match="resume_batches = -1"):
         ShardDataset(dataset_dir, spec).set_epoch(0, resume_batches=-1)
+
+
+@pytest.mark.parametrize("per_shard, rank, resume", [(6, 0, 4), (6, 1, 5), (22, 0, 5),
+                                                     (22, 1, 3)])
+def test_a_resumed_epoch_on_one_of_two_ranks(tmp_path, per_shard, rank, resume):
+    """Rank `rank` of 2, 2 workers each, 22 clips: in shards of 6, 6, 6, 4 each worker reads one
+    shard, so the ranks' workers hold unequal shares; in 1 shard every worker keeps every 4th
+    clip (6, 6, 5, 5). Either way the resumed epoch goes on as the uninterrupted one."""
+    write_dataset(tmp_path, 22, per_shard)
+    spec = LoaderSpec(**{**SPEC.__dict__, "shuffle_buffer": 2})
+    whole, resumed, _ = _resumed_batches(tmp_path, spec, 2, resume, rank=rank, world_size=2)
+    assert len(whole) >= resume + 1
+    _assert_same_batches(whole[resume:], resumed)
+
+
+def _resumed_batches(source, spec, workers, resume, **ranks):
+    """(an uninterrupted epoch's batches of 2, the resumed epoch's after its dropped ones, the
+    number dropped)."""
+    def batches(resume):
+        dataset = ShardDataset(source, spec, **ranks)
+        drop = dataset.set_epoch(1, resume, batch_size=2, num_workers=workers)
+        return list(build_loader(dataset, 2, num_workers=workers))[drop:], drop
+    (whole, _), (resumed, drop) = batches(0), batches(resume)
+    return whole, resumed, drop
+
+
+def _assert_same_batches(expected, got):
+    assert len(got) == len(expected)
+    for a, b in zip(expected, got):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["video"], b["video"])
 
 
 def test_a_dataloader_takes_a_batch_from_each_worker_with_data_left_in_turn():

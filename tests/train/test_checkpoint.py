@@ -53,6 +53,25 @@ def test_a_truncated_newest_checkpoint_is_set_aside(tmp_path, cut):
     assert newest.with_name(newest.name + ".bad").exists()
 
 
+@pytest.mark.parametrize("error", [TypeError("_rebuild_tensor_v3() missing 'dtype'"),
+                                   AssertionError("saved_id must be a tuple"), MemoryError(),
+                                   LookupError("unknown encoding: matin1")])
+def test_whatever_a_corrupted_file_raises_sets_it_aside(tmp_path, monkeypatch, error):
+    """Flipped bits in a checkpoint surface as many exception types; each is damage, not a
+    traceback: the file is set aside and the one before loads."""
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=2)
+    ckpt.save_checkpoint(tmp_path, 2, {"step": 2}, keep=2)
+    real_load = torch.load
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith("step-00000002.pt"):
+            raise error
+        return real_load(path, *args, **kwargs)
+    monkeypatch.setattr(torch, "load", load)
+    assert ckpt.load_latest(tmp_path)[1]["step"] == 1
+    assert (tmp_path / "checkpoints" / "step-00000002.pt.bad").exists()
+
+
 @pytest.mark.parametrize("error, message", [
     (OSError(5, "Input/output error"), "cannot be read"),
     (ModuleNotFoundError("No module named 'numpy._core'"), "does not load with this code")])

@@ -3,7 +3,7 @@ import logging
 import pytest
 
 from fastmavil.config import Config, ConfigError, to_toml
-from fastmavil.train.resume import check_config
+from fastmavil.train.resume import FORMAT, check_config, check_format
 
 
 def _config(adaptive: bool, micro: int) -> Config:
@@ -30,3 +30,12 @@ def test_a_run_copied_under_another_name_resumes(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fastmavil.train"):
         check_config(tmp_path / "step.pt", to_toml(saved), now)
     assert "run.name" not in caplog.text
+
+
+def test_a_checkpoint_of_another_format_is_refused(tmp_path):
+    """Code that changes what a checkpoint's numbers mean for the same config (the fixed 2-D
+    positions' order, the data order) raises FORMAT; an older checkpoint would go on silently
+    under other positions."""
+    check_format(tmp_path / "step.pt", {"format": FORMAT})
+    with pytest.raises(ConfigError, match=f"checkpoint format 1, this fastmavil writes {FORMAT}"):
+        check_format(tmp_path / "step.pt", {"step": 3})
