@@ -27,10 +27,14 @@ from fastmavil.data.synth import SynthSpec, synthesize
 from ._report import RESULTS, commit, device_name
 
 
-def time_pass(source: Path, size: str, workers: int, batch_size: int, repeats: int) -> dict:
+def _training_dataset(source: Path, size: str) -> ShardDataset:
     cfg = Config(model=ModelConfig(size=size)).check()
     cfg.data.shuffle_buffer = 32  # smaller than the dataset, so batches stream out
-    dataset = ShardDataset(source, loader_spec(cfg, train=True))
+    return ShardDataset(source, loader_spec(cfg, train=True))
+
+
+def time_pass(source: Path, size: str, workers: int, batch_size: int, repeats: int) -> dict:
+    dataset = _training_dataset(source, size)
     loader = build_loader(dataset, batch_size, num_workers=workers, drop_last=False)
     seconds = float("inf")
     for epoch in range(repeats):
@@ -46,9 +50,7 @@ def time_pass(source: Path, size: str, workers: int, batch_size: int, repeats: i
 def time_resume(source: Path, size: str, workers: int, batch_size: int) -> dict:
     """Seconds to the first batch after resuming half-way through an epoch (the loader passes
     over the batches before without decoding them), against reading up to that batch."""
-    cfg = Config(model=ModelConfig(size=size)).check()
-    cfg.data.shuffle_buffer = 32
-    dataset = ShardDataset(source, loader_spec(cfg, train=True))
+    dataset = _training_dataset(source, size)
     half = count_clips(source) // batch_size // 2
     seconds = {}
     for mode in ("read up to it", "resumed"):
@@ -91,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         table.add_row(str(row["workers"]), f"{row['clips_per_s']:.1f}", f"{row['seconds']:.2f}")
     Console().print(table)
-    resumes = [time_resume(source, args.size, w, args.batch_size) for w in args.workers
-               if args.resume]
+    resumes = ([time_resume(source, args.size, w, args.batch_size) for w in args.workers]
+               if args.resume else [])
     for row in resumes:
         print(f"{row['workers']} worker(s): first batch after resuming at batch "
               f"{row['resume_batches']} in {row['first_batch_s']:.2f} s; reading up to it took "

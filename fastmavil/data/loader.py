@@ -132,10 +132,10 @@ class ShardDataset(IterableDataset):
         """(this consumer's index, the consumer count, the samples it passes over)."""
         worker = get_worker_info()
         wid, nworkers = (worker.id, worker.num_workers) if worker else (0, 1)
-        passed_over = self.passed_over[wid] if len(self.passed_over) == nworkers else 0
-        if any(self.passed_over) and len(self.passed_over) != nworkers:
+        if len(self.passed_over) != nworkers and any(self.passed_over):
             raise ValueError(f"set_epoch planned the resume for {len(self.passed_over)} "
                              f"loader workers; the DataLoader has {nworkers}")
+        passed_over = self.passed_over[wid] if len(self.passed_over) == nworkers else 0
         return self.rank * nworkers + wid, self.world_size * nworkers, passed_over
 
     def _epoch_shards(self) -> list[Path]:

@@ -32,8 +32,8 @@ from ..flops import forward_flops_per_sample
 from ..models import build_model, compile_blocks
 from ..schedule import EpochPlan, first_step, learning_rate, plan_epochs
 from . import resume
-from .checkpoint import (CheckpointError, RunLocked, load_latest, rng_state, run_lock,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_latest, rng_state,
+                         run_lock, save_checkpoint, set_rng_state)
 from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
                       peak_memory_bytes)
 
@@ -239,6 +239,9 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             "precision": precision, "format": resume.FORMAT},
             t.keep_checkpoints)
 
+    def saved(at: int) -> bool:  # the newest checkpoint is step `at`'s
+        return last_ckpt is not None and last_ckpt.name == checkpoint_name(at)
+
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeRemainingColumn)
@@ -327,8 +330,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                         _epoch_ended_early(plan, step - start, end - step, source,
                                            cfg.data.num_workers)
                     except DataError:  # keep the steps trained since the last checkpoint
-                        if trained > summary["start_step"] and (
-                                last_ckpt is None or last_ckpt.name != f"step-{trained:08d}.pt"):
+                        if trained > summary["start_step"] and not saved(trained):
                             log.warning("checkpointing step %d before stopping: %s", trained,
                                         checkpoint(trained))
                         raise
@@ -374,7 +376,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             # the end, or a signal stopped the run between log lines
             _check_bad_steps(int(worst_run), step, t.max_bad_steps, last_ckpt)
             log_interval(played, lr)
-        if last_ckpt is None or last_ckpt.name != f"step-{step:08d}.pt":
+        if not saved(step):
             last_ckpt = checkpoint(step)
     summary.update(step=step, total_steps=total_steps, checkpoint=str(last_ckpt),
                    seconds=time.perf_counter() - started, run_dir=str(run_dir),
