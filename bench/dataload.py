@@ -3,6 +3,7 @@
     python -m bench.dataload                       # demo sizes, 1 and 2 workers
     python -m bench.dataload --size small --workers 1 2 --data DIR
     python -m bench.dataload --resume              # + the first batch of a resumed epoch
+    python -m bench.dataload --size base --prep-clips   # clips as fastmavil-prep writes them
 
 Generates a synthetic dataset (fastmavil-synth, cached under --data) unless it exists, then
 times full training passes (shuffle, random window and roll; worker start-up included, best of
@@ -65,11 +66,24 @@ def time_resume(source: Path, size: str, workers: int, batch_size: int) -> dict:
             "first_batch_s": seconds["resumed"], "read_up_to_s": seconds["read up to it"]}
 
 
+def _describe_clips(source: Path) -> str:
+    """What the dataset holds, from its index (a --data folder may hold other clips)."""
+    spec = json.loads((source / "index.json").read_text()).get("synth")
+    if not spec:
+        return f"clips of {source}"
+    return (f"synthetic {spec['seconds']:g} s clips ({spec['codec'].upper()} "
+            f"{spec['size']}x{spec['size']} {spec['fps']:g} fps + FLAC)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dataload", description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/bench-synth"),
-                        help="synthetic dataset folder (generated when missing)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="synthetic dataset folder (generated when missing; default "
+                             "data/bench-synth, or data/bench-synth-prep with --prep-clips)")
     parser.add_argument("--clips", type=int, default=200)
+    parser.add_argument("--prep-clips", action="store_true",
+                        help="10 s clips of H.264 256x256 at 16 fps, as fastmavil-prep writes "
+                             "(by default), instead of fastmavil-synth's 4 s VP9 96x96 at 8 fps")
     parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=8)
@@ -79,15 +93,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the first batch after resuming half-way through an epoch")
     args = parser.parse_args(argv)
 
-    source = args.data / "train"
+    synth = SynthSpec(seconds=10.0, size=256, fps=16.0, codec="h264") if args.prep_clips \
+        else SynthSpec()
+    data = args.data or Path("data/bench-synth" + ("-prep" if args.prep_clips else ""))
+    source = data / "train"
     if not (source / "index.json").exists():
-        synthesize(args.data, clips=args.clips, heldout=0.0, spec=SynthSpec())
+        synthesize(data, clips=args.clips, heldout=0.0, spec=synth)
+    clip_text = _describe_clips(source)
     rows = [time_pass(source, args.size, w, args.batch_size, args.repeats) for w in args.workers]
 
     from rich.console import Console
     from rich.table import Table
-    table = Table(title=f"Reference loader, {args.size} sizes, {rows[0]['clips']} synthetic 4 s "
-                        "clips (VP9 96x96 8 fps + FLAC)")
+    table = Table(title=f"Reference loader, {args.size} sizes, {rows[0]['clips']} {clip_text}")
     for column in ("workers", "clips/s", "seconds"):
         table.add_column(column, justify="right")
     for row in rows:
@@ -102,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     import av
     record = {"bench": "dataload", "device": device_name(torch.device("cpu")),
               "cpus": os.cpu_count(), "torch": torch.__version__, "pyav": av.__version__,
-              "commit": commit(), "rows": rows, **({"resume": resumes} if resumes else {})}
-    out = args.out or RESULTS / f"dataload-cpu-{args.size}.json"
+              "commit": commit(), "clips": clip_text, "rows": rows,
+              **({"resume": resumes} if resumes else {})}
+    name = f"dataload-cpu-{args.size}{'-prep' if args.prep_clips else ''}.json"
+    out = args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")

@@ -242,21 +242,22 @@ class ShardDataset(IterableDataset):
         data = clip.members[ext]
         duration = float(meta.get("duration") or 0.0)
         try:
+            frames = None
             if duration > 0:
                 start = window_start(duration, spec.video_seconds, spec.train, rng)
                 span = min(spec.video_seconds, duration)
-                try:
-                    frames, times = decode_video(data, start, start + span)
+                try:  # converts only the frames it keeps
+                    frames, _ = decode_video(data, start, start + span,
+                                             at=sample_times(start, span, spec.video_frames))
                 except MediaError:  # window past the real end (wrong duration): decode it all
-                    frames, times = decode_video(data)
-                    start, span = 0.0, shown_until(times)
-            else:
+                    pass
+            if frames is None:  # no or a wrong duration: sample over the whole clip
                 frames, times = decode_video(data)
-                start, span = 0.0, shown_until(times)
+                frames = frames[pick_frames(sample_times(0.0, shown_until(times),
+                                                         spec.video_frames), times)]
         except MediaError as err:
             raise SkipClip(f"corrupt video: {err}") from None
-        picked = pick_frames(sample_times(start, span, spec.video_frames), times)
-        x = resize_crop(torch.from_numpy(frames[picked]), spec.video_size, spec.train, rng)
+        x = resize_crop(torch.from_numpy(frames), spec.video_size, spec.train, rng)
         return normalize_video(x, spec.video_mean, spec.video_std)
 
     def _labels(self, meta: dict, clip: Clip) -> torch.Tensor:

@@ -5,6 +5,7 @@ import io
 
 from fastmavil.data.media import (MediaError, decode_audio, decode_video, encode_flac,
                                   encode_video, resample)
+from fastmavil.data.video import pick_frames, sample_times
 
 
 def moving_square(frames=24, size=64):
@@ -27,6 +28,36 @@ def test_video_round_trip_and_window(codec):
     np.testing.assert_allclose(wtimes, [1.0, 1.125, 1.25, 1.375, 1.5, 1.625, 1.75, 1.875])
     assert window.shape == (8, 32, 32, 3)
     assert encode_video(frames, 8.0, codec) == encode_video(frames, 8.0, codec)  # deterministic
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+@pytest.mark.parametrize("start, end", [(0.0, 3.0), (1.1, 2.0), (0.3, 2.9), (2.5, 5.0),
+                                        (1.0, 1.05)])
+def test_video_frames_at_times_are_those_pick_frames_picks(codec, start, end):
+    """decode_video(..., at=times) converts only the frames on screen at those times: the same
+    frames and times as picking them from the whole window (the window may pass the clip's end,
+    several times may share a frame, a window may hold a single frame)."""
+    data = encode_video(moving_square(), fps=8.0, codec=codec, keyframe_interval=4, crf=10)
+    window, times = decode_video(data, start, end)
+    # at a frame's own time it is that frame (not the one before)
+    for at in (*(sample_times(start, end - start, n) for n in (16, 3, 1)), times[times >= start]):
+        picked = pick_frames(at, times)
+        frames, frame_times = decode_video(data, start, end, at=at)
+        np.testing.assert_array_equal(frames, window[picked])
+        np.testing.assert_array_equal(frame_times, times[picked])
+
+
+def test_video_frames_at_times_of_a_truncated_clip():
+    """A clip cut short (WebM: MP4 keeps its index at the end) keeps what decoded, and later times show its last frame, as picking
+    from the truncated clip's frames does."""
+    data = encode_video(moving_square(), fps=8.0, codec="vp9", keyframe_interval=4, crf=10)
+    cut = data[:len(data) * 2 // 3]
+    window, times = decode_video(cut, 0.0, 3.0)
+    assert 0 < len(window) < 24
+    at = sample_times(0.0, 3.0, 16)
+    frames, frame_times = decode_video(cut, 0.0, 3.0, at=at)
+    np.testing.assert_array_equal(frames, window[pick_frames(at, times)])
+    assert frame_times[-1] == times[-1]
 
 
 def test_video_errors():

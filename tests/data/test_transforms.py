@@ -123,15 +123,17 @@ def test_evaluation_crop_is_the_centre_square(h, w, top, left):
 @pytest.mark.parametrize("h, w", [(96, 64), (64, 96)])
 def test_evaluation_crop_after_resize_is_the_centre_square(h, w):
     """With resizing (short side 64 -> 32, long side 96 -> 48), evaluation crops the centre of
-    the resized frames: offset 8 along the long side, 0 along the short one."""
+    the resized frames: offset 8 along the long side, 0 along the short one. The resize runs on
+    the uint8 frames; it stays within one level (1/255) of resizing in float."""
     frames = gradient_frames(2, h, w)
     out = resize_crop(torch.from_numpy(frames), 32, False, np.random.default_rng(0))
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
-    x = F.interpolate(x, size=(h // 2, w // 2), mode="bilinear", align_corners=False,
-                      antialias=True)
     top, left = (8, 0) if h > w else (0, 8)
-    expected = x[..., top:top + 32, left:left + 32].clamp(0, 1).permute(1, 0, 2, 3)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    for dtype, atol in ((torch.uint8, 1e-6), (torch.float32, 1 / 255 + 1e-6)):
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).to(dtype)
+        x = F.interpolate(x, size=(h // 2, w // 2), mode="bilinear", align_corners=False,
+                          antialias=True).float() / 255.0
+        expected = x[..., top:top + 32, left:left + 32].permute(1, 0, 2, 3)
+        torch.testing.assert_close(out, expected, rtol=0, atol=atol)
 
 
 def test_loader_evaluation_crops_the_centre_of_tall_frames(tmp_path):
