@@ -124,17 +124,22 @@ def _window(decoded, start: float, end: float | None, period: float):
     """(frame, time) of the frames shown in [start, end): the last one before start (on screen
     at start, or the clip's last frame if it ends before), then each one up to end."""
     before = None
-    for index, frame in enumerate(decoded):
-        t = frame.time if frame.time is not None else index * (period or 1.0)
-        if end is not None and t >= end:
-            break
-        if t < start:
-            before = (frame, t)
-            continue
+    try:
+        for index, frame in enumerate(decoded):
+            t = frame.time if frame.time is not None else index * (period or 1.0)
+            if end is not None and t >= end:
+                break
+            if t < start:
+                before = (frame, t)
+                continue
+            if before is not None:
+                yield before
+                before = None
+            yield frame, t
+    except Exception:  # damaged data: the frame on screen at start still counts, then raise
         if before is not None:
             yield before
-            before = None
-        yield frame, t
+        raise
     if before is not None:
         yield before
 

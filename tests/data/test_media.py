@@ -1,10 +1,13 @@
+import contextlib
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import soundfile
 import io
 
-from fastmavil.data.media import (MediaError, decode_audio, decode_video, encode_flac,
-                                  encode_video, resample)
+from fastmavil.data.media import (MediaError, _window, decode_audio, decode_video,
+                                  encode_flac, encode_video, resample)
 from fastmavil.data.video import pick_frames, sample_times
 
 
@@ -58,6 +61,26 @@ def test_video_frames_at_times_of_a_truncated_clip():
     frames, frame_times = decode_video(cut, 0.0, 3.0, at=at)
     np.testing.assert_array_equal(frames, window[pick_frames(at, times)])
     assert frame_times[-1] == times[-1]
+
+
+def decoded_frames(times, damaged):
+    """Stand-ins for PyAV's decoded frames at these times, then an error if damaged."""
+    yield from (SimpleNamespace(time=t) for t in times)
+    if damaged:
+        raise EOFError("damaged")
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_window_gives_the_frame_on_screen_at_start_if_none_follows(damaged):
+    """The clip ends (or its data breaks) after the last frame before the window: that frame,
+    on screen at start, is still given (then the error, so decode_video keeps what decoded
+    before the damage)."""
+    window = _window(decoded_frames((0.0, 0.5, 1.0), damaged), start=1.2, end=3.0, period=0.5)
+    seen = []
+    with pytest.raises(EOFError) if damaged else contextlib.nullcontext():
+        for _, t in window:
+            seen.append(t)
+    assert seen == [1.0]
 
 
 def test_video_errors():
