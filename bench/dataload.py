@@ -7,8 +7,9 @@
 
 Generates a synthetic dataset (fastmavil-synth, cached under --data) unless it exists, then
 times full training passes (shuffle, random window and roll; worker start-up included, best of
-`--repeats`), and writes a JSON record under bench/results/. Decoding dominates; model sizes only change the output
-resolution and the fbank length.
+`--repeats`) up to the model's input (the video normalised in this process, as a CPU trainer
+does; a GPU trainer normalises on the GPU), and writes a JSON record under bench/results/.
+Decoding dominates; model sizes only change the output resolution and the fbank length.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fastmavil.config import Config, ModelConfig
-from fastmavil.data.loader import ShardDataset, build_loader, loader_spec
+from fastmavil.data.loader import ShardDataset, build_loader, loader_spec, to_device
 from fastmavil.data.shards import count_clips
 from fastmavil.data.synth import SynthSpec, synthesize
 
@@ -41,7 +42,8 @@ def time_pass(source: Path, size: str, workers: int, batch_size: int, repeats: i
     for epoch in range(repeats):
         dataset.set_epoch(epoch)
         clips, start = 0, time.perf_counter()
-        for batch in loader:
+        for batch in loader:  # as the trainer's model gets them: video normalised here
+            to_device(batch, torch.device("cpu"), dataset.spec)
             clips += len(batch["keys"])
         seconds = min(seconds, time.perf_counter() - start)
     return {"size": size, "workers": workers, "batch_size": batch_size, "clips": clips,

@@ -40,12 +40,12 @@ def pick_frames(times: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
 
 def resize_crop(frames: torch.Tensor, size: int, train: bool,
                 rng: np.random.Generator) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, size, size) float in [0, 1]: the short side resized to
-    `size`, then a random (training) or centred (evaluation) square crop.
+    """(T, H, W, 3) uint8 -> (3, T, size, size) uint8: the short side resized to `size`, then a
+    random (training) or centred (evaluation) square crop.
 
     The resize (bilinear, antialiased) runs on the uint8 frames, as torchvision resizes uint8
-    images: within one level (1/255) of resizing in float, and on a CPU about 10x faster (0.2
-    instead of 2 ms for a 256x256 frame to 224x224)."""
+    images: within one level of resizing in float, and on a CPU about 10x faster (0.2 instead of
+    2 ms for a 256x256 frame to 224x224)."""
     x = frames.permute(0, 3, 1, 2)                              # (T, 3, H, W), channels last
     h, w = x.shape[-2:]
     scale = size / min(h, w)
@@ -55,12 +55,13 @@ def resize_crop(frames: torch.Tensor, size: int, train: bool,
                           antialias=True)
     top = int(rng.integers(new_h - size + 1)) if train else (new_h - size) // 2
     left = int(rng.integers(new_w - size + 1)) if train else (new_w - size) // 2
-    x = x[..., top:top + size, left:left + size]
-    return x.permute(1, 0, 2, 3).contiguous().float().div_(255.0)
+    return x[..., top:top + size, left:left + size].permute(1, 0, 2, 3).contiguous()
 
 
 def normalize_video(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """(3, T, H, W) in [0, 1] -> per-channel (x - mean) / std."""
-    mean = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1, 1)
-    std = torch.tensor(std, dtype=x.dtype).view(3, 1, 1, 1)
-    return (x - mean).div_(std)  # in place on the difference: one (3, T, H, W) buffer less
+    """(..., 3, T, H, W) uint8 -> float32 per-channel (x / 255 - mean) / std, on x's device (the
+    loader hands over uint8 video: a quarter of float32's bytes between processes and to the
+    GPU, where this runs)."""
+    mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1, 1)
+    return x.float().div_(255.0).sub_(mean).div_(std)

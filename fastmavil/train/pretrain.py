@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, load_config, to_toml
-from ..data.loader import ShardDataset, build_loader, loader_spec
+from ..data.loader import ShardDataset, build_loader, loader_spec, to_device
 from ..data.shards import count_clips
 from ..flops import forward_flops_per_sample
 from ..models import build_model, compile_blocks
@@ -312,7 +312,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             progress.update(task, epoch=plan.epoch)
 
             def forward(batch, ratio=plan.mask_ratio):  # one pass of this epoch's shape
-                return model(*_to_device(batch, device), ratio, generator)
+                return model(*to_device(batch, device, dataset.spec), ratio, generator)
 
             while step < end and stop.signal is None:
                 lr = learning_rate(cfg, step, plans)
@@ -410,12 +410,6 @@ def _check_bad_steps(in_a_row: int, step: int, limit: int, last_ckpt: Path | Non
         where = (f"the newest checkpoint, {last_ckpt}, is intact" if last_ckpt else
                  "no checkpoint was written yet")
         raise TrainingError(f"{in_a_row} non-finite steps in a row at step {step}; {where}")
-
-
-def _to_device(batch: dict, device: torch.device) -> tuple:
-    video = batch.get("video")
-    return (batch["audio"].to(device, non_blocking=True),
-            None if video is None else video.to(device, non_blocking=True))
 
 
 def _log_record(cfg, plan: EpochPlan, step, lr, sums, updates, timer, device, peak, gpu_util,

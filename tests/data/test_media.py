@@ -51,8 +51,8 @@ def test_video_frames_at_times_are_those_pick_frames_picks(codec, start, end):
 
 
 def test_video_frames_at_times_of_a_truncated_clip():
-    """A clip cut short (WebM: MP4 keeps its index at the end) keeps what decoded, and later times show its last frame, as picking
-    from the truncated clip's frames does."""
+    """A clip cut short (WebM: MP4 keeps its index at the end) keeps what decoded, and later
+    times show its last frame, as picking from the truncated clip's frames does."""
     data = encode_video(moving_square(), fps=8.0, codec="vp9", keyframe_interval=4, crf=10)
     cut = data[:len(data) * 2 // 3]
     window, times = decode_video(cut, 0.0, 3.0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmavil.data.fbank import kaldi_fbank, normalize
-from fastmavil.data.loader import LoaderSpec, ShardDataset
+from fastmavil.data.loader import LoaderSpec, ShardDataset, collate, to_device
 from fastmavil.data.media import decode_audio, decode_video, encode_video
 from fastmavil.data.shards import ShardWriter, read_shard
 from fastmavil.data.synth import SynthSpec, make_clip
@@ -35,32 +35,33 @@ def decoded(tmp_path, members, spec, key="clip", seed=0):
     return dataset.decode(clip, np.random.default_rng(seed))
 
 
-def unnormalised(video, mean=MEAN, std=STD):
-    """(3, T, H, W) normalised -> the same in 8-bit levels."""
-    m = torch.tensor(mean).view(3, 1, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1, 1)
-    return (video * s + m) * 255.0
-
-
 # ---------------------------------------------------------------- colour normalisation
 
-def test_normalize_video_subtracts_each_channels_mean_and_divides_by_its_std():
-    """normalize_video is (x - mean_c) / std_c per channel, with mean and std in that order."""
-    x = torch.rand(3, 2, 4, 5)
+@pytest.mark.parametrize("shape", [(3, 2, 4, 5), (2, 3, 2, 4, 5)])
+def test_normalize_video_subtracts_each_channels_mean_and_divides_by_its_std(shape):
+    """normalize_video is (x / 255 - mean_c) / std_c per channel, with mean and std in that
+    order, for a sample (3, T, H, W) and a batch (B, 3, T, H, W) of uint8 levels."""
+    x = torch.randint(0, 256, shape, dtype=torch.uint8)
     out = normalize_video(x, MEAN, STD)
+    assert out.dtype == torch.float32
     for c in range(3):
-        torch.testing.assert_close(out[c], (x[c] - MEAN[c]) / STD[c], rtol=0, atol=1e-6)
+        torch.testing.assert_close(out[..., c, :, :, :], (x[..., c, :, :, :] / 255.0 - MEAN[c])
+                                   / STD[c], rtol=0, atol=1e-6)
 
 
 def test_loader_video_is_normalised_with_its_mean_and_std_per_channel(tmp_path):
-    """Flat-colour frames come out of the loader as (v / 255 - mean_c) / std_c per channel
-    (guards the loader passing video_mean and video_std in the right order)."""
+    """Flat-colour frames come out of the loader as uint8 levels, and to_device turns them into
+    (v / 255 - mean_c) / std_c per channel (guards it passing video_mean and video_std in the
+    right order)."""
     colour = np.array([60, 130, 200], np.uint8)
     frames = np.broadcast_to(colour, (8, 32, 32, 3)).copy()
     members = {"webm": encode_video(frames, 8.0), "json": {"duration": 1.0},
                "flac": make_clip(0, SynthSpec(seconds=1.0, size=32), "train")[1]["flac"]}
-    video = decoded(tmp_path, members, spec())["video"]
-    assert video.shape == (3, 4, 32, 32)
+    sample = decoded(tmp_path, members, spec())
+    assert sample["video"].shape == (3, 4, 32, 32) and sample["video"].dtype == torch.uint8
+    audio, video = to_device(collate([sample]), torch.device("cpu"), spec())
+    assert torch.equal(audio[0], sample["audio"])
+    video = video[0]
     for c in range(3):
         expected = (colour[c] / 255.0 - MEAN[c]) / STD[c]
         # CODEC_LEVELS levels of codec error, in normalised units of this channel
@@ -90,7 +91,7 @@ def test_loader_evaluation_window_shows_the_middle_of_the_clip(tmp_path):
     members = {"webm": encode_video(frames, fps), "json": {"duration": 3.0},
                "flac": make_clip(0, SynthSpec(seconds=3.0, size=32), "train")[1]["flac"]}
     video = decoded(tmp_path, members, spec(video_frames=8))["video"]
-    brightness = unnormalised(video).mean(dim=(0, 2, 3))  # (T,) levels
+    brightness = video.float().mean(dim=(0, 2, 3))  # (T,) levels
     index = torch.round((brightness - 8) / 10).long()
     assert index.tolist() == list(range(8, 16)), brightness
     assert (brightness - torch.tensor(levels[8:16], dtype=torch.float32)).abs().max() \
@@ -117,23 +118,24 @@ def test_evaluation_crop_is_the_centre_square(h, w, top, left):
     for seed in range(2):
         out = resize_crop(torch.from_numpy(frames), 32, False, np.random.default_rng(seed))
         expected = torch.from_numpy(frames[:, top:top + 32, left:left + 32]).permute(3, 0, 1, 2)
-        torch.testing.assert_close(out, expected.float() / 255.0, rtol=0, atol=1e-7)
+        assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("h, w", [(96, 64), (64, 96)])
 def test_evaluation_crop_after_resize_is_the_centre_square(h, w):
     """With resizing (short side 64 -> 32, long side 96 -> 48), evaluation crops the centre of
     the resized frames: offset 8 along the long side, 0 along the short one. The resize runs on
-    the uint8 frames; it stays within one level (1/255) of resizing in float."""
+    the uint8 frames; it stays within one level of resizing in float."""
     frames = gradient_frames(2, h, w)
     out = resize_crop(torch.from_numpy(frames), 32, False, np.random.default_rng(0))
+    assert out.dtype == torch.uint8
     top, left = (8, 0) if h > w else (0, 8)
-    for dtype, atol in ((torch.uint8, 1e-6), (torch.float32, 1 / 255 + 1e-6)):
+    for dtype, atol in ((torch.uint8, 0), (torch.float32, 1 + 1e-4)):
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).to(dtype)
         x = F.interpolate(x, size=(h // 2, w // 2), mode="bilinear", align_corners=False,
-                          antialias=True).float() / 255.0
+                          antialias=True).float()
         expected = x[..., top:top + 32, left:left + 32].permute(1, 0, 2, 3)
-        torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+        torch.testing.assert_close(out.float(), expected, rtol=0, atol=atol)
 
 
 def test_loader_evaluation_crops_the_centre_of_tall_frames(tmp_path):
@@ -147,12 +149,11 @@ def test_loader_evaluation_crops_the_centre_of_tall_frames(tmp_path):
                "flac": make_clip(0, SynthSpec(seconds=1.0, size=32), "train")[1]["flac"]}
     video = decoded(tmp_path, members, spec())["video"]
     assert video.shape == (3, 4, 32, 32)
-    # against the decoder's own frames: exact up to float rounding
+    # against the decoder's own frames: exactly
     raw, _ = decode_video(data)
-    expected = torch.from_numpy(raw[[0, 2, 4, 6], 8:40]).permute(3, 0, 1, 2).float() / 255.0
-    torch.testing.assert_close(video, normalize_video(expected, MEAN, STD), rtol=0, atol=1e-5)
+    assert torch.equal(video, torch.from_numpy(raw[[0, 2, 4, 6], 8:40]).permute(3, 0, 1, 2))
     # against the encoded gradient: the crop's rows are the source's rows 8..39
-    rows = unnormalised(video).mean(dim=(0, 1, 3))  # (32,) levels per row
+    rows = video.float().mean(dim=(0, 1, 3))  # (32,) levels per row
     source = torch.tensor(40 + 4 * np.arange(8, 40), dtype=torch.float32)
     assert (rows - source).abs().max() < CODEC_LEVELS, rows
 
