@@ -61,7 +61,11 @@ def resize_crop(frames: torch.Tensor, size: int, train: bool,
 def normalize_video(x: torch.Tensor, mean, std) -> torch.Tensor:
     """(..., 3, T, H, W) uint8 -> float32 per-channel (x / 255 - mean) / std, on x's device (the
     loader hands over uint8 video: a quarter of float32's bytes between processes and to the
-    GPU, where this runs)."""
-    mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1, 1)
-    return x.float().div_(255.0).sub_(mean).div_(std)
+    GPU, where this runs). Channel by channel with Python numbers: a mean or std tensor made
+    from the host each step would be a copy that waits for the GPU."""
+    if x.dtype != torch.uint8:  # float input would be changed in place
+        raise TypeError(f"normalize_video takes uint8 video, got {x.dtype}")
+    x = x.float().div_(255.0)
+    for c, (m, s) in enumerate(zip(mean, std)):
+        x.select(-4, c).sub_(m).div_(s)
+    return x

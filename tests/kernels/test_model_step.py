@@ -80,19 +80,22 @@ def test_fast_step_equals_reference_step(variant, monkeypatch):
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
                     reason="needs a CUDA GPU and triton: host synchronisation is a CUDA matter")
 def test_fast_training_step_never_waits_for_the_device():
-    """The step the trainer runs (bf16 autocast, kernels, SDPA, gradient norm, fused AdamW with
-    an on-device skip) queues work without a host sync, so the host can run ahead of the GPU."""
+    """The step the trainer runs (a pinned batch moved and its uint8 video normalised on the
+    device, bf16 autocast, kernels, SDPA, gradient norm, fused AdamW with an on-device skip)
+    queues work without a host sync, so the host can run ahead of the GPU."""
+    from fastmavil.data.loader import LoaderSpec, to_device
     from fastmavil.models.attention import set_attention_backend
     torch.manual_seed(0)
     model = build_model(small_config("diffmavil")).cuda()
     model.use_kernels(True)
     set_attention_backend(model, "auto")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    audio = torch.randn(2, 1, 64, 64, device="cuda")
-    video = torch.randn(2, 3, 4, 32, 32, device="cuda")
+    batch = {"audio": torch.randn(2, 1, 64, 64).pin_memory(),  # as the loader's pinned batches
+             "video": torch.randint(0, 256, (2, 3, 4, 32, 32), dtype=torch.uint8).pin_memory()}
     generator = torch.Generator("cuda").manual_seed(0)
 
     def step():
+        audio, video = to_device(batch, torch.device("cuda"), LoaderSpec())
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(audio, video, 0.75, generator)
         out.loss.backward()
