@@ -7,6 +7,7 @@ Audio: 16 kHz mono FLAC through soundfile.
 from __future__ import annotations
 
 import io
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -72,8 +73,11 @@ def decode_video(data: bytes, start: float = 0.0, end: float | None = None,
     time, as video.pick_frames would pick them from all the window's frames (the first frame for
     a time before it): the conversion to RGB costs about as much as the decoding, and a training
     window of 4 s at 16 fps has 64 frames (plus those since the keyframe) of which 16 are kept.
-    Raises MediaError when nothing decodes.
+    A frame whose timestamp goes back (damaged data) is dropped, so the frames stay in time
+    order. Raises MediaError when nothing decodes or a frame does not convert.
     """
+    if at is not None and len(at) == 0:
+        raise ValueError("decode_video: `at` holds no time")
     av = _av()
     frames, times, period = [], [], 0.0
     last_time = None  # of the newest frame decoded
@@ -81,7 +85,10 @@ def decode_video(data: bytes, start: float = 0.0, end: float | None = None,
 
     def convert(frame) -> np.ndarray:
         width, height = size or (frame.width, frame.height)
-        return frame.to_ndarray(format="rgb24", width=width, height=height)
+        try:
+            return frame.to_ndarray(format="rgb24", width=width, height=height)
+        except Exception as err:  # a broken frame: the clip is unusable, not the run
+            raise MediaError(f"a frame does not convert to RGB: {err}") from err
 
     def pick(frame, shown_at: float, until: float) -> None:  # the times it is on screen for
         rgb = None
@@ -122,11 +129,18 @@ def decode_video(data: bytes, start: float = 0.0, end: float | None = None,
 
 def _window(decoded, start: float, end: float | None, period: float):
     """(frame, time) of the frames shown in [start, end): the last one before start (on screen
-    at start, or the clip's last frame if it ends before), then each one up to end."""
-    before = None
+    at start, or the clip's last frame if it ends before), then each one up to end, in time
+    order (a frame whose timestamp goes back is dropped)."""
+    before, latest = None, -math.inf
     try:
         for index, frame in enumerate(decoded):
-            t = frame.time if frame.time is not None else index * (period or 1.0)
+            if frame.time is not None:
+                t = frame.time
+            else:  # no timestamp: one period after the frame before, the first at 0
+                t = latest + (period or 1.0) if index else 0.0
+            if t < latest:
+                continue
+            latest = t
             if end is not None and t >= end:
                 break
             if t < start:

@@ -83,6 +83,35 @@ def test_window_gives_the_frame_on_screen_at_start_if_none_follows(damaged):
     assert seen == [1.0]
 
 
+def test_window_orders_frames_in_time():
+    """Frames without timestamps come one period apart from 0; a frame whose timestamp goes
+    back (damaged data) is dropped, so the window stays in the order pick_frames needs."""
+    untimed = _window(decoded_frames((None,) * 4, False), start=0.0, end=None, period=0.5)
+    assert [t for _, t in untimed] == [0.0, 0.5, 1.0, 1.5]
+    jumpy = _window(decoded_frames((0.0, 0.5, 1.0, 0.75, 1.5, 1.5), False), 0.6, None, 0.5)
+    assert [t for _, t in jumpy] == [0.5, 1.0, 1.5, 1.5]
+
+
+def test_video_frame_that_does_not_convert_is_a_media_error(monkeypatch):
+    """A frame the RGB conversion fails on makes the clip unusable (MediaError: the loader
+    skips it), with or without `at`; an empty `at` is a ValueError."""
+    import av
+    data = encode_video(moving_square(), fps=8.0, codec="vp9", keyframe_interval=4, crf=10)
+    with pytest.raises(ValueError, match="holds no time"):
+        decode_video(data, at=np.array([]))
+    convert = av.VideoFrame.to_ndarray
+
+    def broken_after_1s(frame, *args, **kwargs):
+        if frame.time >= 1.5:
+            raise ValueError("cannot convert")
+        return convert(frame, *args, **kwargs)
+
+    monkeypatch.setattr(av.VideoFrame, "to_ndarray", broken_after_1s)
+    for at in (None, sample_times(1.0, 1.0, 4)):
+        with pytest.raises(MediaError, match="does not convert"):
+            decode_video(data, 1.0, 2.0, at=at)
+
+
 def test_video_errors():
     with pytest.raises(ValueError, match="must be even"):
         encode_video(np.zeros((2, 31, 32, 3), np.uint8), 8.0)
