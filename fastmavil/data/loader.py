@@ -305,10 +305,11 @@ def to_device(batch: dict, device: torch.device, spec: LoaderSpec
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers decode in parallel; one thread each avoids oversubscription
-    # Ctrl-C reaches the whole process group: the trainer stops after its step and shuts the
-    # workers down, so a worker ignores it (it inherited the trainer's handler, which logged
-    # the stop once per worker).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, or a scheduler's SIGTERM to the job, reaches the whole process group: the trainer
+    # stops after its step and shuts the workers down, so a worker ignores both (it inherited
+    # the trainer's handler, which logged the stop once per worker and kept the worker going).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_loader(dataset: ShardDataset, batch_size: int, num_workers: int = 2,

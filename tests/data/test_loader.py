@@ -316,23 +316,28 @@ def test_a_dataloader_takes_a_batch_from_each_worker_with_data_left_in_turn():
     assert list(round_robin([])) == []
 
 
-def test_a_loader_worker_leaves_ctrl_c_to_the_trainer(dataset_dir):
-    """Ctrl-C reaches every process of the group; the trainer stops after its step and shuts
-    its workers down, so a worker ignores it (each used to log the trainer's stop message)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_loader_worker_leaves_ctrl_c_and_sigterm_to_the_trainer(dataset_dir, sig):
+    """Ctrl-C and a scheduler's SIGTERM reach every process of the group; the trainer stops
+    after its step and shuts its workers down, so a worker ignores them (each used to log the
+    trainer's stop message)."""
     dataset = ShardDataset(dataset_dir, SPEC)
 
     class Probe(torch.utils.data.IterableDataset):
         def __iter__(self):
-            yield signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            yield signal.getsignal(sig) == signal.SIG_IGN
 
     loader = build_loader(dataset, 1, num_workers=1)
     probe = torch.utils.data.DataLoader(Probe(), num_workers=1,
                                         worker_init_fn=loader.worker_init_fn)
-    # Python's own handler in this process, whatever the runner left (a shell's background job
-    # starts with SIGINT ignored): the workers inherit it and must ignore it all the same.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A handler of the trainer's kind in this process, whatever the runner left (a shell's
+    # background job starts with SIGINT ignored): the workers inherit it and must ignore it.
+    def handler(*_):
+        pass
+
+    previous = signal.signal(sig, handler)
     try:
         seen = [bool(flag) for flag in probe]
-        assert seen == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert seen == [True] and signal.getsignal(sig) is handler
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(sig, previous)
