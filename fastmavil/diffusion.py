@@ -28,7 +28,14 @@ class DiffusionSchedule(nn.Module):
         return torch.randint(1, self.steps + 1, (batch,), device=device, generator=generator)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x0, noise (B, ...), t (B,) -> x_t (B, ...) in x0's dtype, computed in fp32: in bf16
-        the noise scale sqrt(1 - alpha_bar[t]) rounds to 0 for t = 1, 2."""
-        a = self.alpha_bar[t].float().view(-1, *([1] * (x0.dim() - 1)))
-        return (a.sqrt() * x0.float() + (1.0 - a).sqrt() * noise.float()).to(x0.dtype)
+        """x0, noise (B, ...), t (B,) -> x_t (B, ...); see q_sample."""
+        return q_sample(self.alpha_bar, x0, t, noise)
+
+
+def q_sample(alpha_bar: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+             noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) noise, per sample of x0 and noise
+    (B, ...) with t (B,), in x0's dtype, computed in fp32: in bf16 the noise scale
+    sqrt(1 - alpha_bar[t]) rounds to 0 for t = 1, 2."""
+    a = alpha_bar[t].float().view(-1, *([1] * (x0.dim() - 1)))
+    return (a.sqrt() * x0.float() + (1.0 - a).sqrt() * noise.float()).to(x0.dtype)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from fastmavil.diffusion import q_sample
 from fastmavil.losses import normalize_patches
 
 from ._patches import (as_5d, check_sample_span, check_tensors, compute_dtype, dot_constexprs,
@@ -45,8 +46,7 @@ def reference_diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: t
     x0 = reference_gather(x, ids_mask, patch_size)
     if norm_pix:
         x0 = normalize_patches(x0)
-    a = alpha_bar[t].float().view(-1, 1, 1)  # in fp32, as DiffusionSchedule.q_sample
-    x_t = (a.sqrt() * x0.float() + (1.0 - a).sqrt() * noise.float()).to(x0.dtype)
+    x_t = q_sample(alpha_bar, x0, t, noise)
     return F.linear(x_t, weight.reshape(weight.shape[0], -1), bias) + pos[ids_mask]
 
 

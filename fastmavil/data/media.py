@@ -133,11 +133,11 @@ def _window(decoded, start: float, end: float | None, period: float):
     order (a frame whose timestamp goes back is dropped)."""
     before, latest = None, -math.inf
     try:
-        for index, frame in enumerate(decoded):
+        for frame in decoded:
             if frame.time is not None:
                 t = frame.time
             else:  # no timestamp: one period after the frame before, the first at 0
-                t = latest + (period or 1.0) if index else 0.0
+                t = 0.0 if latest == -math.inf else latest + (period or 1.0)
             if t < latest:
                 continue
             latest = t
