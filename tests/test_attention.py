@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -22,10 +24,27 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 # (backend, device, dtype, rtol, atol): every backend present against math on the same inputs
 CASES = [pytest.param("sdpa", "cpu", torch.float32, 1e-5, 1e-5, id="sdpa-cpu-fp32"),
          pytest.param("auto", "cpu", torch.float32, 1e-5, 1e-5, id="auto-cpu-fp32"),
-         pytest.param("sdpa", "cuda", torch.bfloat16, 2e-2, 2e-2, id="sdpa-cuda-bf16",
+         pytest.param("sdpa", "cpu", torch.bfloat16, 1e-2, 1e-2, id="sdpa-cpu-bf16"),
+         pytest.param("sdpa", "cuda", torch.bfloat16, 1e-2, 1e-2, id="sdpa-cuda-bf16",
                       marks=CUDA),
-         pytest.param("flash", "cuda", torch.bfloat16, 2e-2, 2e-2, id="flash-cuda-bf16",
+         pytest.param("flash", "cuda", torch.bfloat16, 1e-2, 1e-2, id="flash-cuda-bf16",
                       marks=FLASH)]
+
+
+def _assert_agree(got, want, exact, rtol, atol):
+    """A backend's tensors `got` against math's `want`, both in the case's dtype. In fp32 they
+    must be close. In bf16 two correct paths differ by their own rounding, which a post-norm
+    block amplifies past any fixed tolerance (sdpa and math 0.025 apart on an H200, where
+    rtol = atol = 0.02 allowed 0.022), so there the backend may be at most twice as far as
+    math from `exact`, math in fp32 on the same weights and inputs, plus atol: the criterion
+    of flash-attn's own tests."""
+    for g, w, e in zip(got, want, exact, strict=True):
+        if g.dtype == torch.float32:
+            torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+            continue
+        err, own = ((t.float() - e).abs().max().item() for t in (g, w))
+        assert err <= 2 * own + atol, \
+            f"backend off the fp32 result by {err:.3g}, bf16 math by {own:.3g}"
 
 
 @pytest.mark.parametrize("backend, device, dtype, rtol, atol", CASES)
@@ -39,14 +58,14 @@ def test_backends_match_math(backend, device, dtype, rtol, atol, lq, lk, with_bi
                for n in (lq, lk, lk))
     bias = torch.randn(3, lq, lk, device=device, requires_grad=True) if with_bias else None
     inputs = (q, k, v) + ((bias,) if with_bias else ())
-    outs = []
-    for name in (backend, "math"):
-        out = attention(q, k, v, bias, name)
-        grads = torch.autograd.grad(out.float().square().sum(), inputs)
-        outs.append((out, grads))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=rtol, atol=atol)
-    for a, b in zip(outs[0][1], outs[1][1]):
-        torch.testing.assert_close(a, b, rtol=10 * rtol, atol=10 * atol)
+
+    def run(name, inputs):
+        out = attention(*inputs[:3], inputs[3] if with_bias else None, name)
+        return out, *torch.autograd.grad(out.float().square().sum(), inputs)
+    exact = run("math", [t.detach().float().requires_grad_() for t in inputs])
+    (out, *grads), (want, *want_grads) = run(backend, inputs), run("math", inputs)
+    _assert_agree([out], [want], exact[:1], rtol, atol)
+    _assert_agree(grads, want_grads, exact[1:], 10 * rtol, 10 * atol)
 
 
 def test_flash_backend_explains_when_it_cannot_run():
@@ -88,17 +107,20 @@ def test_modules_agree_across_backends(cls, args, backend, device, dtype, rtol, 
     torch.manual_seed(1)
     module = cls(32, 4).to(device, dtype)
     inputs = [torch.randn(2, 9, 32, device=device, dtype=dtype, requires_grad=True),
-              torch.randn(2, 5, 32, device=device, dtype=dtype, requires_grad=True)]
-    results = []
-    for name in (backend, "math"):
+              torch.randn(2, 5, 32, device=device, dtype=dtype, requires_grad=True)][:args]
+
+    def run(module, name, inputs):
         module.backend = name
         module.zero_grad()
         for x in inputs:
             x.grad = None
-        results.append(_grads(module, *inputs[:args]))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=rtol, atol=atol)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=10 * rtol, atol=10 * atol)
+        out, grads = _grads(module, *inputs)
+        return out, *grads
+    exact = run(copy.deepcopy(module).float(), "math",
+                [x.detach().float().requires_grad_() for x in inputs])
+    (out, *grads), (want, *want_grads) = run(module, backend, inputs), run(module, "math", inputs)
+    _assert_agree([out], [want], exact[:1], rtol, atol)
+    _assert_agree(grads, want_grads, exact[1:], 10 * rtol, 10 * atol)
 
 
 def _cross_decoder():
@@ -202,21 +224,21 @@ def test_window_block_backends_agree(backend, device, dtype, rtol, atol, block_t
     torch.manual_seed(3)
     block = block_type(16, 2, (8, 4), (4, 2), (2, 1)).to(device, dtype).eval()
     x = torch.randn(2, 32, 16, device=device, dtype=dtype, requires_grad=True)
-    bias_params = ([block.rel_pos_table] if block_type is WindowBlock
-                   else [block.tau, block.meta_mlp[0].weight])
-    outs = []
-    for name in (backend, "math"):
+
+    def run(block, name, x):
+        bias_params = ([block.rel_pos_table] if block_type is WindowBlock
+                       else [block.tau, block.meta_mlp[0].weight])
         block.attn.backend = name
         block.zero_grad()
         x.grad = None
         out = block(x)
         out.float().square().sum().backward()
-        outs.append((out, x.grad.clone(), *(p.grad.clone() for p in bias_params)))
-    (out, *grads), (want, *want_grads) = outs
+        return out, x.grad.clone(), *(p.grad.clone() for p in bias_params)
+    exact = run(copy.deepcopy(block).float(), "math", x.detach().float().requires_grad_())
+    (out, *grads), (want, *want_grads) = run(block, backend, x), run(block, "math", x)
     assert not out.isnan().any()
-    torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
-    for a, b in zip(grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=10 * rtol, atol=10 * atol)
+    _assert_agree([out], [want], exact[:1], rtol, atol)
+    _assert_agree(grads, want_grads, exact[1:], 10 * rtol, 10 * atol)
 
 
 @pytest.mark.parametrize("shift", [(0, 0), (2, 1)])
