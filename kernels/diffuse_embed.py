@@ -10,8 +10,8 @@ flattened (B * m) batch):
   pass 1 over P (if norm_pix): per-token mean and M2, merged chunk by chunk (Chan et al.), which
          stays exact for near-constant patches where sum(x^2) - P mean^2 cancels;
   pass 2 over P: reload the chunk, x_t = sqrt(ab[t]) (x - mean) rstd + sqrt(1 - ab[t]) eps, with
-         eps loaded from `noise` or drawn from Philox (tl.randn(seed, row * P + k), row = b m + j),
-         and accumulate x_t @ W^T in fp32;
+         eps loaded from `noise` or drawn from Philox (`philox_normals`: four neighbouring
+         elements from one call), and accumulate x_t @ W^T in fp32;
   epilogue: + bias + pos[ids].
 
 Backward (weight, bias and pos only; the diffused patches are an input of the decoder, not a
@@ -68,9 +68,9 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
                losses.normalize_patches
     noise      (B, m, P) eps, or
     seed       an int or a 1-element integer tensor on x's device: eps is drawn in the kernel
-               from Philox, eps[b, j, k] = tl.randn(seed, (b * m + j) * P + k) (see
-               `philox_noise`); a device tensor is read by the kernel, so the training step never
-               syncs with the host. Exactly one of noise / seed must be given.
+               from Philox (`philox_normals` defines the stream, `philox_noise` returns it); a
+               device tensor is read by the kernel, so the training step never syncs with the
+               host. Exactly one of noise / seed must be given.
 
     The projection multiplies in the dtype F.linear would (the autocast dtype under autocast,
     else x's; fp32 in IEEE unless torch allows TF32) with fp32 accumulation; the statistics and
@@ -106,9 +106,10 @@ def philox_noise(seed: int | torch.Tensor, batch: int, m: int, patch_dim: int,
     (needs CUDA or the Triton interpreter)."""
     out = torch.empty(batch, m, patch_dim, device=device, dtype=torch.float32)
     seed_t = _seed_tensor(seed, out.device)
-    block = 4096  # large blocks: the interpreter pays per program
-    _philox_kernel[(triton.cdiv(out.numel(), block),)](seed_t, out, out.numel(), BLOCK=block,
-                                                       num_warps=8)
+    rows, block_m, block_k = batch * m, 16, 256  # large blocks: the interpreter pays per program
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(patch_dim, block_k))
+    _philox_kernel[grid](seed_t, out, rows, patch_dim, BLOCK_M=block_m, BLOCK_K=block_k,
+                         num_warps=8)
     return out
 
 
@@ -211,19 +212,40 @@ if triton is not None:
         return token, b, tl.sqrt_rn(ab), tl.sqrt_rn(1.0 - ab)
 
     @triton.jit
-    def _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k, mean, scale, sigma,
-                       P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
+    def philox_normals(seed, rows, k0, P, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """eps[rows, k0 : k0 + BLOCK_K] (fp32) of the (rows, P) noise for `seed` (64-bit): for
+        counter c = row * ceil(P / 4) + k // 4, element k is normal k % 4 of the four that one
+        Philox-4x32 call at (c's low word, c's high word, 0, 0) gives (two Box-Muller pairs).
+        k0 and BLOCK_K are multiples of 4. One call per four elements, 32-bit arithmetic: tl.randn
+        makes a call per element, and a 64-bit one for 64-bit offsets."""
+        counter = (rows.to(tl.int64)[:, None] * tl.cdiv(P, 4)
+                   + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :])
+        low = (counter & 0xFFFFFFFF).to(tl.uint32)
+        zero = tl.zeros_like(low)
+        i0, i1, i2, i3 = tl.philox(seed, low, (counter >> 32).to(tl.uint32), zero, zero)
+        n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i0),
+                                           tl.uint_to_uniform_float(i1))
+        n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i2),
+                                           tl.uint_to_uniform_float(i3))
+        eps = tl.join(tl.join(n0, n2), tl.join(n1, n3))  # [row, j, a, b] = n_(2a + b)
+        return tl.reshape(eps, (BLOCK_M, BLOCK_K))
+
+    @triton.jit
+    def _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k0, mean, scale,
+                       sigma, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
                        PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                       HAS_NOISE: tl.constexpr):
-        """x_t = scale (x - mean) + sigma eps for a (BLOCK_M, BLOCK_K) tile, 0 outside."""
+                       HAS_NOISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """x_t = scale (x - mean) + sigma eps for the (BLOCK_M, BLOCK_K) tile at column k0, 0
+        outside."""
+        k = k0 + tl.arange(0, BLOCK_K)
         x = load_patches(x_ptr + b.to(tl.int64)[:, None] * stride_b, token, row_mask, k, P, GH,
                          GW, PD, PH, PW, stride_c, stride_d, stride_h, stride_w)
-        flat = rows.to(tl.int64)[:, None] * P + k[None, :]  # = offset in (B, m, P)
         mask = row_mask[:, None] & (k < P)[None, :]
         if HAS_NOISE:
+            flat = rows.to(tl.int64)[:, None] * P + k[None, :]  # = offset in (B, m, P)
             eps = tl.load(noise_ptr + flat, mask=mask, other=0.0).to(tl.float32)
         else:
-            eps = tl.randn(tl.load(seed_ptr), flat)
+            eps = philox_normals(tl.load(seed_ptr), rows, k0, P, BLOCK_M, BLOCK_K)
         x_t = (x - mean[:, None]) * scale[:, None] + sigma[:, None] * eps
         return tl.where(mask, x_t, 0.0)
 
@@ -256,9 +278,9 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, P, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            x_t = _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k, mean,
+            x_t = _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k0, mean,
                                  scale, sigma, P, GH, GW, stride_b, stride_c, stride_d, stride_h,
-                                 stride_w, PD, PH, PW, HAS_NOISE)
+                                 stride_w, PD, PH, PW, HAS_NOISE, BLOCK_M, BLOCK_K)
             if SAVE_XT:
                 if pid_n == 0:
                     tl.store(xt_ptr + rows.to(tl.int64)[:, None] * P + k[None, :],
@@ -275,9 +297,13 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
-    def _philox_kernel(seed_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + offs, tl.randn(tl.load(seed_ptr), offs), mask=offs < numel)
+    def _philox_kernel(seed_ptr, out_ptr, R, P, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        k0 = tl.program_id(1) * BLOCK_K
+        k = k0 + tl.arange(0, BLOCK_K)
+        eps = philox_normals(tl.load(seed_ptr), rows, k0, P, BLOCK_M, BLOCK_K)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * P + k[None, :], eps,
+                 mask=(rows < R)[:, None] & (k < P)[None, :])
 
     def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list:
         return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w,

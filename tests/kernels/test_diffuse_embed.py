@@ -198,6 +198,48 @@ def test_philox_noise_statistics():
     assert not torch.equal(eps[:, :2], philox_noise(8, batch, 2, p, DEVICE).double().cpu())
 
 
+def _philox_reference(seed: int, rows: int, p: int) -> torch.Tensor:
+    """The kernel's noise as `philox_normals` documents it, written out in NumPy: counter
+    c = row * ceil(P / 4) + k // 4, Philox-4x32 (10 rounds, the key the 64-bit seed's words),
+    then Triton's uint-to-uniform and Box-Muller on outputs (0, 1) and (2, 3); element k is
+    normal k % 4."""
+    import numpy as np
+    mask32 = np.uint64(0xFFFFFFFF)
+    groups = -(-p // 4)
+    counter = (np.arange(rows, dtype=np.uint64)[:, None] * np.uint64(groups)
+               + np.arange(groups, dtype=np.uint64)[None, :])
+    c0, c1 = counter & mask32, counter >> np.uint64(32)
+    c2 = c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        prod_a, prod_b = round_a * c0, round_b * c2  # 32 x 32 bits: exact in 64
+        c0, c1, c2, c3 = ((prod_b >> np.uint64(32)) ^ c1 ^ k0, prod_b & mask32,
+                          (prod_a >> np.uint64(32)) ^ c3 ^ k1, prod_a & mask32)
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask32, (k1 + np.uint64(0xBB67AE85)) & mask32
+
+    def uniform(x):
+        x = x.astype(np.uint32).view(np.int32).astype(np.int64)
+        return np.where(x < 0, ~x, x).astype(np.float64) * 4.6566127342e-10
+
+    def normals(u1, u2):
+        radius = np.sqrt(-2.0 * np.log(np.maximum(1e-7, u1)))
+        return radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)
+
+    n0, n1 = normals(uniform(c0), uniform(c1))
+    n2, n3 = normals(uniform(c2), uniform(c3))
+    return torch.from_numpy(np.stack([n0, n1, n2, n3], axis=-1).reshape(rows, -1)[:, :p])
+
+
+@pytest.mark.parametrize("seed, batch, m, p", [(7, 2, 5, 256), (2 ** 40 + 3, 1, 3, 30)])
+def test_philox_noise_is_the_documented_stream(seed, batch, m, p):
+    """philox_noise (and so the kernel: test_seeded_kernel_matches_reference_with_its_philox_noise)
+    against an independent NumPy Philox, for a P not a multiple of 4 and a seed over 32 bits."""
+    eps = philox_noise(seed, batch, m, p, DEVICE).double().cpu()
+    want = _philox_reference(seed, batch * m, p).reshape(batch, m, p)
+    torch.testing.assert_close(eps, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("geometry", [AUDIO, VIDEO])
 def test_autocast_multiplies_in_bf16(geometry):
     """Under bf16 autocast with fp32 x the projection runs on bf16 operands (as F.linear would
