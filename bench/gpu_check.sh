@@ -6,25 +6,30 @@
 #   FASTMAVIL_COMMIT=<sha> bash bench/gpu_check.sh [STAGE|GROUP ...]   # from the repository
 #       root; results in bench/results/ (the sha: a copied tree's git metadata can be stale)
 # Stages (limits in seconds; measured on an H200 where a figure is given):
-#   tests       130  CUDA kernel (every autotune candidate, a whole model step) and attention
-#                    parity tests (95 s at e16cb77, before the candidate and model-step tests)
-#   kernels      90  bench.kernels, bf16, wall and device time (45 s before device time)
+#   tests       130  CUDA kernel (every autotune candidate, a whole model step, graphed steps)
+#                    and attention parity tests (70 s at f080127)
+#   kernels      90  bench.kernels, bf16, wall and device time (58 s at f080127)
 #   throughput  240  bench.throughput --size base, r1-r4 and mavil with the curriculum views
-#   compile     150  R4 with compiled blocks (--compile, no curriculum): the MFU target
-#   views       130  R1/R4/R3 curriculum views under the FLOPs batch rule: the +-5 % target
-#   amp          60  bench.kernels --dtype amp (training's setting)
+#   compile     150  R4 with compiled blocks (--compile, no curriculum; 103 s at f080127)
+#   views       130  R1/R4/R3 curriculum views under the FLOPs batch rule (127 s at f080127)
+#   amp          60  bench.kernels --dtype amp (training's setting; 40 s at f080127)
+#   graph       240  R4, R1, R3 with the step replayed as CUDA graphs (--cuda-graph), then their
+#                    curriculum views under the FLOPs batch rule: the +-5 % target once the host
+#                    no longer sets the pace
+#   graph-compile 150  R4 with compiled blocks and CUDA graphs: the MFU target
 # Groups: default = tests kernels throughput (the check, under 8 minutes);
-#   extra = tests kernels compile (under 6.2 minutes) and then, in a second call on the warm
-#   machine, views amp (under 3.2 minutes): a device session has 15 minutes in all, so each call
-#   leaves room for a rerun of the other.
+#   extra = tests graph graph-compile (under 9 minutes): the f080127 run found the step
+#   host-bound (bench/results/profile-NVIDIA_H200-r4-f080127-*.txt), which graphs address; then,
+#   if time is left, views amp in a second call on the warm machine.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
   case $arg in
     default) stages+=(tests kernels throughput) ;;
-    extra) stages+=(tests kernels compile) ;;
-    tests|kernels|throughput|compile|views|amp) stages+=("$arg") ;;
-    *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp;" \
+    extra) stages+=(tests graph graph-compile) ;;
+    tests|kernels|throughput|compile|views|amp|graph|graph-compile) stages+=("$arg") ;;
+    *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp graph" \
+            "graph-compile;" \
             "groups: default extra" >&2; exit 2 ;;
   esac
 done
@@ -59,7 +64,7 @@ keep() {  # the device tool returns what lands under $OUT (at most 8 files): thi
   [ "$out" = "bench/results" ] && return 0
   find bench/results -maxdepth 1 -type f -newer "$started" \
     \( -name 'kernels-*.csv' -o -name 'throughput-*-base*.json' -o -name 'throughput-*-base*.png' \
-    -o -name 'profile-*.txt' \) -exec cp {} "$out"/ \;
+    -o -name 'profile-*.txt' -o -name 'kernels-*-breakdown.txt' \) -exec cp {} "$out"/ \;
   return 0
 }
 # Triton compiles each kernel variant once per process: pytest-xdist (when present) spreads the
@@ -80,6 +85,11 @@ for stage in "${stages[@]}"; do
              --steps 3 --no-compare --batch-rule flops configs/r1.toml configs/r4.toml \
              configs/r3.toml ;;
     amp) run "bench.kernels (amp)" 60 python -m bench.kernels --dtype amp ;;
+    graph) run "bench.throughput (base, CUDA graphs)" 240 python -m bench.throughput \
+             --size base --steps 3 --cuda-graph --batch-rule flops configs/r4.toml \
+             configs/r1.toml configs/r3.toml ;;
+    graph-compile) run "bench.throughput (base, compile, graphs)" 150 python -m bench.throughput \
+                     --size base --steps 3 --compile --cuda-graph --no-curriculum configs/r4.toml ;;
   esac
   keep
 done

@@ -14,7 +14,8 @@ interpreter is for correctness, not speed), timed with perf_counter. On CUDA eac
 the kernels' device time per call from the profiler (launch overhead excluded: at these sizes
 do_bench's wall time is mostly the host's). Rows are appended to
 bench/results/kernels-<device>.csv (kernel, provider, mode, shape, p20/p50/p80, device,
-versions, commit, device_ms).
+versions, commit, device_ms), and each row's device time kernel by kernel to
+bench/results/kernels-<device>-<dtype>-breakdown.txt (this run's only).
 """
 from __future__ import annotations
 
@@ -118,11 +119,12 @@ def _time(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
     return q[1], statistics.median(times), q[7]
 
 
-def _device_ms(fn, reps: int = 20) -> float | None:
+def _device_ms(fn, reps: int = 20) -> tuple[float | None, list[tuple[str, float, float]]]:
     """Milliseconds of GPU kernels per call, from the profiler: the device time alone, without
     the host's launch overhead, which dominates do_bench at these sizes and which a training step
-    hides (its host runs ahead of the GPU). None, with a warning, when the profiler saw no
-    kernel (a CUDA-only trace can come back empty), rather than a time of zero."""
+    hides (its host runs ahead of the GPU); and the kernels it is made of (`breakdown`). None,
+    with a warning, when the profiler saw no kernel (a CUDA-only trace can come back empty),
+    rather than a time of zero."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -130,11 +132,19 @@ def _device_ms(fn, reps: int = 20) -> float | None:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    total = sum(e.self_device_time_total for e in kernel_rows(prof.key_averages()))
+    parts = breakdown(kernel_rows(prof.key_averages()), reps)
+    total = sum(us for _, us, _ in parts)
     if total <= 0:
         print("warning: the profiler recorded no GPU kernel; device time left empty")
-        return None
-    return total / 1e3 / reps
+        return None, parts
+    return total / 1e3, parts
+
+
+def breakdown(rows, reps: int) -> list[tuple[str, float, float]]:
+    """(kernel name, microseconds per call, launches per call) of the profiler's kernel rows,
+    longest first: which part of a backward holds the time."""
+    parts = [(e.key, e.self_device_time_total / reps, e.count / reps) for e in rows]
+    return sorted(parts, key=lambda part: -part[1])
 
 
 def _timed_fn(make, mode: str):
@@ -225,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"kernels-{name.replace(' ', '_')}.csv"
     written, table, target = 0, [], []  # target: forward+backward speedups, wall and device
+    # each row's device time kernel by kernel, this run's only (overwritten by the next)
+    parts_out = RESULTS / f"kernels-{name.replace(' ', '_')}-{setting}-breakdown.txt"
+    parts_text = [f"device ms per call and its kernels ({name}, torch {torch.__version__}, "
+                  f"triton {triton_version}, commit {head}, {setting})"]
     for modality in args.modalities:
         for ratio in args.ratios:
             for kernel, fused, reference, flops, nbytes in _cases(device, setting, modality,
@@ -235,13 +249,19 @@ def main(argv: list[str] | None = None) -> int:
                     for provider in providers:
                         fn = _timed_fn(fused if provider == "triton" else reference, mode)
                         timings[provider] = _time(fn, device, args.reps)
-                        device_ms[provider] = _device_ms(fn) if cuda else None
+                        device_ms[provider], parts = _device_ms(fn) if cuda else (None, [])
+                        parts_text += [f"{kernel} {shape} {mode} {provider}: "
+                                       f"{device_ms[provider] or 0:.4f} ms"] + [
+                            f"  {us:9.2f} us  {count:5.1f}x  {kernel_name[:110]}"
+                            for kernel_name, us, count in parts]
                         measured.append([kernel, provider, mode, shape, *timings[provider], name,
                                          torch.__version__, triton_version, head,
                                          "" if device_ms[provider] is None
                                          else f"{device_ms[provider]:.4f}"])
                     # Kept as measured: a run cut short (a time limit) loses no finished row.
                     _append_rows(out, measured)
+                    if cuda:
+                        parts_out.write_text("\n".join(parts_text) + "\n")
                     written += len(measured)
                     print(f"{kernel} {shape} {mode}: " + ", ".join(
                         f"{p} {timings[p][1]:.3f} ms" for p in providers), flush=True)

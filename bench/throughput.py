@@ -5,7 +5,8 @@
 
 reference path: kernels off, math attention, eager, AdamW (for-each)
 fast path:      kernels on (where they run), auto attention, fused AdamW (as the trainer),
-                compiled transformer blocks with --compile (models/compile.py)
+                compiled transformer blocks with --compile (models/compile.py), the whole step
+                replayed as a CUDA graph per shape with --cuda-graph (fastmavil/cuda_graph.py)
 Both train the same model (same weights) on the same synthetic batch already on the device, so
 this measures the model, not the loader (bench.dataload does that). Steps alternate between
 the paths after a warm-up; medians over --repeats. bf16 autocast on CUDA, fp32 on a CPU.
@@ -16,9 +17,9 @@ tokens and model FLOPs per step and GPU utilisation, and the projected epoch tim
 relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's batches by
 FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py);
 --no-compare runs the views alone.
-Writes bench/results/throughput-<device>-<size>[-compile][-flops][-views].json (each config's
-record carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is
-installed.
+Writes bench/results/throughput-<device>-<size>[-compile][-graph][-flops][-views].json (each
+config's record carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib
+is installed.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import torch
 
 import kernels
 from fastmavil.config import Config, load_config
+from fastmavil.cuda_graph import GraphedStep
 from fastmavil.flops import forward_flops_per_sample
 from fastmavil.models import build_model, compile_blocks
 from fastmavil.models.attention import set_attention_backend
@@ -56,7 +58,7 @@ class Trainer:
     """One path (reference or fast) of one config: model, optimiser, a step on a fixed batch."""
 
     def __init__(self, cfg: Config, device: torch.device, fast: bool, compile_model: bool,
-                 state: dict | None):
+                 state: dict | None, cuda_graph: bool = False):
         with device:  # initialised on the device: seconds less per paper-size model
             self.model = build_model(cfg)
         self.model.to(device)  # buffers made from CPU arrays
@@ -67,13 +69,21 @@ class Trainer:
         if fast and compile_model:
             compile_blocks(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4,
-                                           fused=fast or None, foreach=None if fast else True)
+                                           fused=fast or None, foreach=None if fast else True,
+                                           capturable=cuda_graph)
         self.device = device
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
         self.generator = torch.Generator(device).manual_seed(0)
+        # one eager step per shape before its capture: the bench's own warm-up (>= 2 steps with
+        # --cuda-graph) then captures, so that timed steps are replays
+        self.graphed = (GraphedStep(self.model, self.optimizer, self.generator, warmup=1)
+                        if fast and cuda_graph else None)
 
     def step(self, audio, video, ratio: float) -> None:
+        if self.graphed is not None:
+            self.graphed.step(audio, video, ratio)
+            return
         with self.autocast:
             out = self.model(audio, video, ratio, self.generator)
         out.loss.backward()
@@ -148,7 +158,7 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
     audio, video = batch_for(cfg, batch, device)
     reference = Trainer(cfg, device, fast=False, compile_model=False, state=None)
     fast = Trainer(cfg, device, fast=True, compile_model=args.compile,
-                   state=reference.model.state_dict())
+                   state=reference.model.state_dict(), cuda_graph=args.cuda_graph)
     flops = 3 * forward_flops_per_sample(cfg, {ratio})[ratio] * batch
     record = {"config": path, "mask_ratio": ratio, "batch": batch, "flops_per_step": flops}
     warmup_s = {}  # wall time of the warm-up steps, which compile (--compile) and autotune
@@ -188,7 +198,8 @@ def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
     time the device was busy (a CPU-bound step shows a low share)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-    trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None)
+    trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
+                      cuda_graph=args.cuda_graph)
     audio, video = batch_for(cfg, batch, device)
     ratio = cfg.mask.end
     for _ in range(args.warmup):
@@ -253,7 +264,8 @@ def _schedule(path: str, cfg: Config, device: torch.device, args) -> dict:
     keys = list(dict.fromkeys((p.mask_ratio, p.batch_size) for p in plans))
     return {"path": path, "cfg": cfg, "plans": plans, "keys": keys,
             "flops": forward_flops_per_sample(cfg, {p.mask_ratio for p in plans}),
-            "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None),
+            "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
+                               cuda_graph=args.cuda_graph),
             "batches": {b: batch_for(cfg, b, device) for b in {b for _, b in keys}},
             "times": {key: [] for key in keys}, "utils": {key: [] for key in keys}}
 
@@ -382,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="dataset size for the projected epoch times (AS-2M)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the fast path's transformer blocks (regional torch.compile)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay the fast path's whole step as a CUDA graph per shape (CUDA)")
     parser.add_argument("--no-curriculum", action="store_true")
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the reference-vs-fast comparison: curriculum views only")
@@ -394,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_compare and args.no_curriculum and not args.profile:
         parser.error("--no-compare with --no-curriculum leaves nothing to measure")
     cuda = torch.cuda.is_available()
+    if args.cuda_graph and not cuda:
+        parser.error("--cuda-graph needs a CUDA GPU")
+    if args.cuda_graph and args.warmup < 2:
+        parser.error("--cuda-graph needs --warmup >= 2 (an eager step per shape, then capture)")
     device = torch.device("cuda" if cuda else "cpu")
     args.size = args.size or ("base" if cuda else "small")
     args.batch = args.batch or (32 if cuda else 8)
@@ -403,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     slug = name.replace(" ", "_").replace("/", "_")
     # variants get their own record, so a run of one never overwrites the default's
     variant = "".join(suffix for suffix, on in (("-compile", args.compile),
+                                                ("-graph", args.cuda_graph),
                                                 (f"-{args.batch_rule}", args.batch_rule),
                                                 ("-views", args.no_compare)) if on)
     head = commit()  # once: the records written below must not make the tree look modified

@@ -68,6 +68,13 @@ def test_kernels_appends_rows_with_their_commit(results, monkeypatch):
     assert {r[3] for r in rows} == {"audio B=32 rho=0.9 fp32", "audio B=32 rho=0.9 amp"}
 
 
+def test_kernel_breakdown_is_per_call_and_longest_first():
+    rows = [types.SimpleNamespace(key="index_add", self_device_time_total=300.0, count=20),
+            types.SimpleNamespace(key="gemm", self_device_time_total=500.0, count=40)]
+    assert bench.kernels.breakdown(rows, reps=20) == [("gemm", 25.0, 2.0),
+                                                      ("index_add", 15.0, 1.0)]
+
+
 def test_kernels_keeps_the_rows_of_a_run_cut_short(results, monkeypatch):
     """gpu_check.sh runs bench.kernels under a time limit: what was measured before the kill
     is in the CSV already."""
@@ -143,6 +150,14 @@ def test_throughput_refuses_to_measure_nothing():
         bench.throughput.main(["--no-compare", "--no-curriculum"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the refusal on a machine without CUDA")
+def test_throughput_cuda_graph_needs_cuda(capsys):
+    with pytest.raises(SystemExit):
+        bench.throughput.main(["--cuda-graph", "--size", "tiny"])
+    assert "--cuda-graph needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     """bench/gpu_check.sh maps stage and group names to commands (run here with a stand-in
     python that records its arguments) and rejects an unknown name before running anything."""
@@ -162,8 +177,9 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
 
     done, stages = run("extra")
     assert done.returncode == 0, done.stderr
-    assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
-    assert "--compile" in stages[2] and "configs/r4.toml" in stages[2]
+    assert [s.split()[1] for s in stages] == ["pytest", "bench.throughput", "bench.throughput"]
+    assert "--cuda-graph" in stages[1] and "--compile" not in stages[1]
+    assert "--cuda-graph" in stages[2] and "--compile" in stages[2] and "r4.toml" in stages[2]
     done, stages = run()  # default: the issue's check
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]
@@ -187,7 +203,8 @@ def test_compare_alternates_which_path_is_timed_first(monkeypatch):
         return 1.0
     monkeypatch.setattr(bench.throughput.Trainer, "time", time)
     cfg = bench.throughput.load_config(ROOT / "configs/r4.toml", {"model.size": "tiny"})
-    args = types.SimpleNamespace(batch=2, warmup=0, repeats=3, steps=1, compile=False)
+    args = types.SimpleNamespace(batch=2, warmup=0, repeats=3, steps=1, compile=False,
+                                 cuda_graph=False)
     record = bench.throughput.compare("r4", cfg, torch.device("cpu"), args, None)
     assert order == ["reference", "fast", "fast", "reference", "reference", "fast"]
     assert record["speedup"] == 1.0
@@ -202,7 +219,7 @@ def test_curriculum_rounds_each_pass_as_the_config_does(monkeypatch, micro, mult
     monkeypatch.setattr(bench.throughput, "batch_for", lambda *args: (None, None))
     cfg = bench.throughput.load_config(ROOT / "configs/r4.toml", {
         "model.size": "tiny", "train.micro_batch_size": micro})
-    args = types.SimpleNamespace(batch=32, clips=100_000, compile=False)
+    args = types.SimpleNamespace(batch=32, clips=100_000, compile=False, cuda_graph=False)
     run = bench.throughput._schedule("r4", cfg, torch.device("cpu"), args)
     batches = {b for _, b in run["keys"]}
     assert min(batches) == 32 and all(b % multiple == 0 for b in batches)

@@ -112,3 +112,59 @@ def test_fast_training_step_never_waits_for_the_device():
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_graphed_step_refuses_what_it_cannot_capture():
+    from fastmavil.cuda_graph import GraphedStep
+    model = build_model(small_config("diffmavil"))
+    generator = torch.Generator().manual_seed(0)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with pytest.raises(ValueError, match="capturable=True"):
+        GraphedStep(model, plain, generator)
+    capturable = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model; this one is on cpu"):
+        GraphedStep(model, capturable, generator)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
+                    reason="needs a CUDA GPU and triton: CUDA graphs are a CUDA matter")
+@pytest.mark.usefixtures("true_fp32")
+def test_graphed_steps_equal_eager_steps():
+    """Steps replayed from CUDA graphs (two shapes sharing one memory pool, an eager warm-up
+    step after the first capture) train exactly as eager steps do: same losses, same weights.
+    Same randomness too: masking, timesteps and the kernels' noise seed come from the
+    generator registered with each graph, dropout from the default one."""
+    from fastmavil.cuda_graph import GraphedStep
+    from fastmavil.models.attention import set_attention_backend
+    torch.manual_seed(0)
+    cfg = small_config("diffmavil")
+    models = [build_model(cfg).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        model.use_kernels(True)
+        set_attention_backend(model, "sdpa")
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True, capturable=True)
+                  for m in models]
+    audio = torch.randn(2, 1, 64, 64, device="cuda")
+    video = torch.randn(2, 3, 4, 32, 32, device="cuda")
+    ratios = [0.75, 0.75, 0.75, 0.5, 0.5, 0.75, 0.5]
+
+    torch.cuda.manual_seed(1)
+    generator = torch.Generator("cuda").manual_seed(0)
+    eager = []
+    for ratio in ratios:
+        loss = models[0](audio, video, ratio, generator).loss
+        loss.backward()
+        optimizers[0].step()
+        optimizers[0].zero_grad(set_to_none=True)
+        eager.append(loss.item())
+
+    torch.cuda.manual_seed(1)
+    graphed = GraphedStep(models[1], optimizers[1], torch.Generator("cuda").manual_seed(0),
+                          autocast_dtype=None, warmup=1)
+    replayed = [graphed.step(audio, video, ratio).item() for ratio in ratios]
+    assert len(graphed.graphs) == 2 and graphed.eager_steps == {
+        key: 1 for key in graphed.graphs}
+    torch.testing.assert_close(torch.tensor(replayed), torch.tensor(eager), **TOL)
+    for (name, a), b in zip(models[1].named_parameters(), models[0].parameters()):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
