@@ -58,7 +58,7 @@ class Trainer:
     """One path (reference or fast) of one config: model, optimiser, a step on a fixed batch."""
 
     def __init__(self, cfg: Config, device: torch.device, fast: bool, compile_model: bool,
-                 state: dict | None, cuda_graph: bool = False):
+                 state: dict | None, cuda_graph: bool = False, pool: tuple | None = None):
         with device:  # initialised on the device: seconds less per paper-size model
             self.model = build_model(cfg)
         self.model.to(device)  # buffers made from CPU arrays
@@ -77,8 +77,8 @@ class Trainer:
         self.generator = torch.Generator(device).manual_seed(0)
         # one eager step per shape before its capture: the bench's own warm-up (>= 2 steps with
         # --cuda-graph) then captures, so that timed steps are replays
-        self.graphed = (GraphedStep(self.model, self.optimizer, self.generator, warmup=1)
-                        if fast and cuda_graph else None)
+        self.graphed = (GraphedStep(self.model, self.optimizer, self.generator, warmup=1,
+                                    pool=pool) if fast and cuda_graph else None)
 
     def step(self, audio, video, ratio: float) -> None:
         if self.graphed is not None:
@@ -103,15 +103,36 @@ class Trainer:
 
 def resident_bytes(trainer: Trainer, device: torch.device) -> int:
     """Bytes a trainer keeps on a CUDA device between steps (parameters, buffers, optimiser
-    state; gradients are freed after each step), 0 on a CPU, whose peak is the process's."""
+    state, gradients where kept: an eager step frees them, a graphed one keeps its own, and a
+    graphed trainer's input buffers), 0 on a CPU, whose peak is the process's."""
     if device.type != "cuda":
         return 0
-    tensors = [*trainer.model.parameters(), *trainer.model.buffers(),
+    params = list(trainer.model.parameters())
+    tensors = [*params, *trainer.model.buffers(),
+               *(p.grad for p in params if p.grad is not None),
                *(t for state in trainer.optimizer.state.values() for t in state.values()
                  if torch.is_tensor(t))]
+    if trainer.graphed is not None:
+        tensors += [t for inputs in trainer.graphed.inputs.values() for t in inputs
+                    if t is not None]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in tensors if t.is_cuda}
     return sum(storages.values())
+
+
+def graph_pool_idle_bytes(trainer: Trainer) -> int | None:
+    """Bytes a graphed trainer's memory pool holds beyond its live tensors: the activations its
+    graphs write on each replay, which the allocator's peak misses (a replay allocates
+    nothing). 0 for an eager trainer; None, with a warning, where this torch cannot say."""
+    if trainer.graphed is None:
+        return 0
+    try:
+        segments = torch.cuda.memory_snapshot(mempool_id=trainer.graphed.pool,
+                                              include_traces=False)
+        return sum(s["total_size"] - s["allocated_size"] for s in segments)
+    except (TypeError, KeyError, RuntimeError) as err:
+        print(f"warning: no memory snapshot of the CUDA graph pool ({err}); peak GB left empty")
+        return None
 
 
 def batch_for(cfg: Config, batch: int, device: torch.device):
@@ -178,15 +199,17 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
             utils[name].append(util.mean())
             # The other path's model and optimiser state sit on the device meanwhile.
             other = paths["fast" if name == "reference" else "reference"]
-            own = peak_memory_bytes(device) - resident_bytes(other, device)
-            memory[name] = max(memory.get(name, 0), own)
+            idle = graph_pool_idle_bytes(paths[name])
+            own = (None if idle is None or memory.get(name, 0) is None else
+                   peak_memory_bytes(device) - resident_bytes(other, device) + idle)
+            memory[name] = None if own is None else max(memory.get(name, 0), own)
     for name in times:
         ms = statistics.median(times[name])
         seconds = ms / 1e3
         record[name] = {"step_ms": ms, "samples_per_s": batch / seconds,
                         "tokens_per_s": sum(cfg.model.visible_tokens(ratio)) * batch / seconds,
                         "tflops": flops / seconds / 1e12, "mfu": mfu(flops, seconds, peak),
-                        "peak_memory_gb": memory[name] / 2 ** 30,
+                        "peak_memory_gb": None if memory[name] is None else memory[name] / 2 ** 30,
                         "gpu_util": _mean(utils[name]), "warmup_s": warmup_s[name]}
     record["speedup"] = record["fast"]["samples_per_s"] / record["reference"]["samples_per_s"]
     return record
@@ -226,7 +249,11 @@ def curriculum(configs: dict[str, Config], device: torch.device, args,
     during the run (clocks, other load) spreads over all of them instead of biasing the ones
     timed last, and R4's projected epoch time against R1 and R3 compares steps timed side by
     side. The views so far are saved after each repeat."""
-    runs = {Path(path).stem: _schedule(path, cfg, device, args) for path, cfg in configs.items()}
+    # with --cuda-graph, every config's graphs in one memory pool: they never run at once, and
+    # separate pools would each keep their own activations
+    pool = torch.cuda.graph_pool_handle() if args.cuda_graph else None
+    runs = {Path(path).stem: _schedule(path, cfg, device, args, pool)
+            for path, cfg in configs.items()}
     for run in runs.values():
         for ratio, batch in run["keys"]:
             for _ in range(args.warmup):
@@ -245,7 +272,8 @@ def curriculum(configs: dict[str, Config], device: torch.device, args,
     return views
 
 
-def _schedule(path: str, cfg: Config, device: torch.device, args) -> dict:
+def _schedule(path: str, cfg: Config, device: torch.device, args,
+              pool: tuple | None = None) -> dict:
     """One config's curriculum at B0 = args.batch: its epochs, distinct shapes, a batch for each
     (held, one per batch size: ~5 GB of video per size at paper size on a GPU) and a fast-path
     trainer."""
@@ -265,7 +293,7 @@ def _schedule(path: str, cfg: Config, device: torch.device, args) -> dict:
     return {"path": path, "cfg": cfg, "plans": plans, "keys": keys,
             "flops": forward_flops_per_sample(cfg, {p.mask_ratio for p in plans}),
             "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
-                               cuda_graph=args.cuda_graph),
+                               cuda_graph=args.cuda_graph, pool=pool),
             "batches": {b: batch_for(cfg, b, device) for b in {b for _, b in keys}},
             "times": {key: [] for key in keys}, "utils": {key: [] for key in keys}}
 
@@ -344,7 +372,7 @@ def _print_comparison(records: list, title: str) -> None:
                          f"{p['samples_per_s']:.1f}", f"{p['tokens_per_s']:.0f}",
                          f"{r['flops_per_step'] / 1e12:.3f}", f"{p['tflops']:.2f}",
                          "-" if p["mfu"] is None else f"{p['mfu']:.1%}",
-                         f"{p['peak_memory_gb']:.2f}",
+                         "-" if p["peak_memory_gb"] is None else f"{p['peak_memory_gb']:.2f}",
                          "-" if p["gpu_util"] is None else f"{p['gpu_util']:.0f}%",
                          "-" if p["warmup_s"] is None else f"{p['warmup_s']:.1f}",
                          f"{r['speedup']:.2f}x" if path_name == "fast" else ""])

@@ -218,6 +218,7 @@ if triton is not None:
         Philox-4x32 call at (c's low word, c's high word, 0, 0) gives (two Box-Muller pairs).
         k0 and BLOCK_K are multiples of 4. One call per four elements, 32-bit arithmetic: tl.randn
         makes a call per element, and a 64-bit one for 64-bit offsets."""
+        tl.static_assert(BLOCK_K % 4 == 0, "philox_normals: BLOCK_K must be a multiple of 4")
         counter = (rows.to(tl.int64)[:, None] * tl.cdiv(P, 4)
                    + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :])
         low = (counter & 0xFFFFFFFF).to(tl.uint32)

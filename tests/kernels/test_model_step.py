@@ -168,3 +168,6 @@ def test_graphed_steps_equal_eager_steps():
     torch.testing.assert_close(torch.tensor(replayed), torch.tensor(eager), **TOL)
     for (name, a), b in zip(models[1].named_parameters(), models[0].parameters()):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    optimizers[1].param_groups[0]["lr"] = 1e-4  # a schedule's change the graphs cannot see
+    with pytest.raises(ValueError, match="hyperparameters changed since the step was captured"):
+        graphed.step(audio, video, 0.75)
