@@ -1,5 +1,6 @@
-"""Output helpers shared by the benchmarks: a table (rich when installed, plain text otherwise,
-since the GPU image may lack rich), the commit, and the device name."""
+"""Helpers shared by the benchmarks: a table (rich when installed, plain text otherwise, since
+the GPU image may lack rich), the commit, the device name, and a call's GPU time from the
+profiler."""
 from __future__ import annotations
 
 import os
@@ -59,3 +60,31 @@ def device_name(device: torch.device) -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "cpu"
+
+
+def gpu_time_ms(fn, reps: int = 20) -> tuple[float | None, list[tuple[str, float, float]]]:
+    """Milliseconds of GPU kernels per call, from the profiler: the device time alone, without
+    the host's launch overhead, which dominates do_bench at these sizes and which a training step
+    hides (its host runs ahead of the GPU); and the kernels it is made of (`breakdown`). None,
+    with a warning, when the profiler saw no kernel (a CUDA-only trace can come back empty),
+    rather than a time of zero."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    parts = breakdown(kernel_rows(prof.key_averages()), reps)
+    total = sum(us for _, us, _ in parts)
+    if total <= 0:
+        print("warning: the profiler recorded no GPU kernel; device time left empty")
+        return None, parts
+    return total / 1e3, parts
+
+
+def breakdown(rows, reps: int) -> list[tuple[str, float, float]]:
+    """(kernel name, microseconds per call, launches per call) of the profiler's kernel rows,
+    longest first: which part of a backward holds the time."""
+    parts = [(e.key, e.self_device_time_total / reps, e.count / reps) for e in rows]
+    return sorted(parts, key=lambda part: -part[1])

@@ -17,19 +17,22 @@
 #                    curriculum views under the FLOPs batch rule: the +-5 % target once the host
 #                    no longer sets the pace
 #   graph-compile 150  R4 with compiled blocks and CUDA graphs: the MFU target
+#   attention    60  bench.attention: SDPA against math at each attention call of R4 (the Swin
+#                    decoder's 16-key windows took 5 ms per step in SDPA at f080127)
 # Groups: default = tests kernels throughput (the issue's check, under 8 minutes);
-#   extra = tests graph graph-compile (under 9 minutes): the f080127 run found the step
-#   host-bound (bench/results/profile-NVIDIA_H200-r4-f080127-*.txt), which graphs address; then,
-#   if time is left, views amp in a second call on the warm machine.
+#   extra = tests attention graph graph-compile (under 10 minutes): the f080127 run found the
+#   step host-bound (bench/results/profile-NVIDIA_H200-r4-f080127-*.txt), which graphs address;
+#   then, if time is left, kernels amp in a second call on the warm machine (the kernels'
+#   breakdown files, and the Philox noise change, are new since f080127).
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
   case $arg in
     default) stages+=(tests kernels throughput) ;;
-    extra) stages+=(tests graph graph-compile) ;;
-    tests|kernels|throughput|compile|views|amp|graph|graph-compile) stages+=("$arg") ;;
+    extra) stages+=(tests attention graph graph-compile) ;;
+    tests|kernels|throughput|compile|views|amp|graph|graph-compile|attention) stages+=("$arg") ;;
     *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp graph" \
-            "graph-compile;" \
+            "graph-compile attention;" \
             "groups: default extra" >&2; exit 2 ;;
   esac
 done
@@ -64,7 +67,8 @@ keep() {  # the device tool returns what lands under $OUT (at most 8 files): thi
   [ "$out" = "bench/results" ] && return 0
   find bench/results -maxdepth 1 -type f -newer "$started" \
     \( -name 'kernels-*.csv' -o -name 'throughput-*-base*.json' -o -name 'throughput-*-base*.png' \
-    -o -name 'profile-*.txt' -o -name 'kernels-*-breakdown.txt' \) -exec cp {} "$out"/ \;
+    -o -name 'profile-*.txt' -o -name 'kernels-*-breakdown.txt' -o -name 'attention-*.json' \) \
+    -exec cp {} "$out"/ \;
   return 0
 }
 # Triton compiles each kernel variant once per process: pytest-xdist (when present) spreads the
@@ -90,6 +94,7 @@ for stage in "${stages[@]}"; do
              configs/r1.toml configs/r3.toml ;;
     graph-compile) run "bench.throughput (base, compile, graphs)" 150 python -m bench.throughput \
                      --size base --steps 3 --compile --cuda-graph --no-curriculum configs/r4.toml ;;
+    attention) run "bench.attention (R4, base)" 60 python -m bench.attention configs/r4.toml ;;
   esac
   keep
 done

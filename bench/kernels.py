@@ -31,7 +31,7 @@ import torch
 from fastmavil.diffusion import DiffusionSchedule
 from fastmavil.masking import random_masking
 
-from ._report import RESULTS, commit, kernel_rows, print_table
+from ._report import RESULTS, commit, gpu_time_ms, print_table
 
 # Dense datasheet HBM bandwidth, GB/s, by device-name fragment (most specific first).
 PEAK_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0))
@@ -117,34 +117,6 @@ def _time(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
         return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")
     return q[1], statistics.median(times), q[7]
-
-
-def _device_ms(fn, reps: int = 20) -> tuple[float | None, list[tuple[str, float, float]]]:
-    """Milliseconds of GPU kernels per call, from the profiler: the device time alone, without
-    the host's launch overhead, which dominates do_bench at these sizes and which a training step
-    hides (its host runs ahead of the GPU); and the kernels it is made of (`breakdown`). None,
-    with a warning, when the profiler saw no kernel (a CUDA-only trace can come back empty),
-    rather than a time of zero."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    parts = breakdown(kernel_rows(prof.key_averages()), reps)
-    total = sum(us for _, us, _ in parts)
-    if total <= 0:
-        print("warning: the profiler recorded no GPU kernel; device time left empty")
-        return None, parts
-    return total / 1e3, parts
-
-
-def breakdown(rows, reps: int) -> list[tuple[str, float, float]]:
-    """(kernel name, microseconds per call, launches per call) of the profiler's kernel rows,
-    longest first: which part of a backward holds the time."""
-    parts = [(e.key, e.self_device_time_total / reps, e.count / reps) for e in rows]
-    return sorted(parts, key=lambda part: -part[1])
 
 
 def _timed_fn(make, mode: str):
@@ -249,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     for provider in providers:
                         fn = _timed_fn(fused if provider == "triton" else reference, mode)
                         timings[provider] = _time(fn, device, args.reps)
-                        device_ms[provider], parts = _device_ms(fn) if cuda else (None, [])
+                        device_ms[provider], parts = gpu_time_ms(fn) if cuda else (None, [])
                         parts_text += [f"{kernel} {shape} {mode} {provider}: "
                                        f"{device_ms[provider] or 0:.4f} ms"] + [
                             f"  {us:9.2f} us  {count:5.1f}x  {kernel_name[:110]}"

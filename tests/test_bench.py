@@ -10,6 +10,8 @@ import types
 import pytest
 import torch
 
+import bench._report
+import bench.attention
 import bench.kernels
 import bench.throughput
 
@@ -18,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def results(tmp_path, monkeypatch):
-    for module in (bench.kernels, bench.throughput):
+    for module in (bench.attention, bench.kernels, bench.throughput):
         monkeypatch.setattr(module, "RESULTS", tmp_path)
     return tmp_path
 
@@ -68,10 +70,24 @@ def test_kernels_appends_rows_with_their_commit(results, monkeypatch):
     assert {r[3] for r in rows} == {"audio B=32 rho=0.9 fp32", "audio B=32 rho=0.9 amp"}
 
 
+def test_attention_times_each_call_site_of_the_model_with_both_backends(results):
+    assert bench.attention.main(["configs/r4.toml", "--size", "tiny", "--reps", "1"]) == 0
+    (path,) = results.glob("attention-*-tiny.json")
+    record = json.loads(path.read_text())
+    sites = {s["site"]: s for s in record["sites"]}
+    # the encoders' self-attention, the cross-attention video decoder, the Swin audio decoder's
+    # windows (4 x 4 in the tiny config too) with their learned position bias
+    assert any(site.endswith("x16x16 learned") for site in sites), sites
+    assert any(s.split(" k ")[0].split("x")[2] != s.split(" k ")[1].split("x")[0]
+               for s in sites), sites  # queries and keys of different lengths
+    assert all(s["calls"] >= 1 and s["sdpa_ms"] > 0 and s["math_ms"] > 0 for s in sites.values())
+    assert record["total_ms"]["sdpa"] > 0 and record["total_ms"]["math"] > 0
+
+
 def test_kernel_breakdown_is_per_call_and_longest_first():
     rows = [types.SimpleNamespace(key="index_add", self_device_time_total=300.0, count=20),
             types.SimpleNamespace(key="gemm", self_device_time_total=500.0, count=40)]
-    assert bench.kernels.breakdown(rows, reps=20) == [("gemm", 25.0, 2.0),
+    assert bench._report.breakdown(rows, reps=20) == [("gemm", 25.0, 2.0),
                                                       ("index_add", 15.0, 1.0)]
 
 
@@ -177,9 +193,10 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
 
     done, stages = run("extra")
     assert done.returncode == 0, done.stderr
-    assert [s.split()[1] for s in stages] == ["pytest", "bench.throughput", "bench.throughput"]
-    assert "--cuda-graph" in stages[1] and "--compile" not in stages[1]
-    assert "--cuda-graph" in stages[2] and "--compile" in stages[2] and "r4.toml" in stages[2]
+    assert [s.split()[1] for s in stages] == ["pytest", "bench.attention", "bench.throughput",
+                                              "bench.throughput"]
+    assert "--cuda-graph" in stages[2] and "--compile" not in stages[2]
+    assert "--cuda-graph" in stages[3] and "--compile" in stages[3] and "r4.toml" in stages[3]
     done, stages = run()  # default: the issue's check
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]
