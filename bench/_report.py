@@ -1,10 +1,11 @@
 """Helpers shared by the benchmarks: a table (rich when installed, plain text otherwise, since
-the GPU image may lack rich), the commit, the device name, and a call's GPU time from the
-profiler."""
+the GPU image may lack rich), the commit, the device name, and a call's time: on the GPU from
+the profiler, on a CPU by the clock."""
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -88,3 +89,15 @@ def breakdown(rows, reps: int) -> list[tuple[str, float, float]]:
     longest first: which part of a backward holds the time."""
     parts = [(e.key, e.self_device_time_total / reps, e.count / reps) for e in rows]
     return sorted(parts, key=lambda part: -part[1])
+
+
+def wall_times_ms(fn, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` calls after one warm-up call (a CPU's timing: on a GPU the
+    host's clock sees launches, not the work)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times

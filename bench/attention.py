@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import fastmavil.models.swin as swin_module
 from fastmavil.config import load_config
 from fastmavil.models import build_model
 
-from ._report import RESULTS, commit, device_name, gpu_time_ms, print_table
+from ._report import RESULTS, commit, device_name, gpu_time_ms, print_table, wall_times_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("sdpa", "math")
@@ -87,13 +86,7 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
         torch.autograd.grad(out, inputs, torch.ones_like(out))
     if device.type == "cuda":
         return gpu_time_ms(step, reps)[0]
-    step()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(wall_times_ms(step, reps))
 
 
 def describe(site) -> str:

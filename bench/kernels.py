@@ -24,14 +24,13 @@ import csv
 import math
 import os
 import statistics
-import time
 
 import torch
 
 from fastmavil.diffusion import DiffusionSchedule
 from fastmavil.masking import random_masking
 
-from ._report import RESULTS, commit, gpu_time_ms, print_table
+from ._report import RESULTS, commit, gpu_time_ms, print_table, wall_times_ms
 
 # Dense datasheet HBM bandwidth, GB/s, by device-name fragment (most specific first).
 PEAK_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0))
@@ -107,12 +106,7 @@ def _time(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
     if device.type == "cuda":
         from triton.testing import do_bench
         return tuple(do_bench(fn, quantiles=[0.2, 0.5, 0.8]))
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = wall_times_ms(fn, reps)
     if len(times) < 2:
         return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")
