@@ -62,7 +62,9 @@ def call_sites(cfg, device: torch.device, batch: int) -> dict:
     audio = torch.randn(batch, 1, m.audio_frames, m.mel_bins, device=device)
     video = (torch.randn(batch, 3, m.video_frames, m.video_size, m.video_size, device=device)
              if m.has_video else None)
-    with recorded_calls() as calls:  # with autograd on: a learned bias records as learned
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())  # as training runs it (and half the memory)
+    with recorded_calls() as calls, autocast:  # autograd on: a learned bias records as learned
         model(audio, video, cfg.mask.end, torch.Generator(device).manual_seed(0))
     return calls
 
