@@ -302,6 +302,9 @@ class TrainConfig:
     max_steps: int = 0          # stop after this many optimizer steps (0: run every epoch)
     grad_clip: float = 0.0      # max gradient norm (0: off; MAE and AudioMAE do not clip)
     compile: bool = False       # torch.compile each transformer block (models/compile.py)
+    # replay each forward + backward pass as a CUDA graph, one per (rho, B) (CUDA only;
+    # fastmavil/cuda_graph.py): the host no longer sets the step's pace
+    cuda_graphs: bool = False
     deterministic: bool = False  # deterministic algorithms (bitwise resume on a CPU)
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda | cuda:N

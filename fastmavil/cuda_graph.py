@@ -1,30 +1,30 @@
-"""A whole training step (forward, backward, optimiser) replayed as one CUDA graph per shape.
+"""Training work replayed as CUDA graphs, one per shape: the whole step (GraphedStep, for
+bench.throughput) or each forward + backward pass (GraphedPasses, for the trainer).
 
 Why: at base size on an H200 the step is bound by the host, not the GPU. The eager fast path
 launches ~3,700 kernels per R4 step and its device time is 107 ms; with compiled blocks the
 device needs only 84 ms, but the step still took 143 ms, and across R3's curriculum the step
 time stayed at 123-142 ms while its FLOPs grew by half (bench/results, f080127). A replayed
-graph launches the step at once, so the step's time follows the GPU's work.
+graph launches its work at once, so the step's time follows the GPU's work.
 
-What capture needs, and the step here meets: no host syncs inside the step (the model's step is
-sync-free: tests/kernels/test_model_step.py), random numbers from generators registered with the
-graph (masking, timesteps and the kernels' noise seed come from the step's generator; dropout
-from the default one, which is registered by itself), an optimiser with `capturable=True`, Triton
-autotuning done before capture (the warm-up steps), and autocast without its weight-cast cache.
+What capture needs, and the model's step meets: no host syncs (the step is sync-free:
+tests/kernels/test_model_step.py), random numbers from generators registered with the graph
+(masking, timesteps and the kernels' noise seed come from the step's generator; dropout from
+the default one, which is registered by itself), Triton autotuning done before capture (the
+eager warm-up calls, on a side stream as PyTorch's whole-network recipe does), and autocast
+without its weight-cast cache.
 
-A step's shape is its batch shapes and masking ratio, so a curriculum captures one graph per
-distinct (rho, B): R4 has 11. Graphs of the same batch shape read the same input buffers, into
-which each step's batch is copied. The graphs share one memory pool (and may share it with
-other GraphedSteps that never run at the same time): nothing a replay leaves behind is read by
-another graph (each writes its gradients before its optimiser step reads them), and the loss
-is read before the next replay. The optimiser's hyperparameters are baked into the captured
-step: a step refuses to replay once they have changed (a schedule needs them as tensors,
-which the trainer does not use yet).
+A shape is the batch's layout and the masking ratio, so a curriculum captures one graph per
+distinct (rho, B): R4 has 11. Graphs of one layout read the same input buffers, into which each
+call's batch is copied. The graphs share one memory pool (and may share it with other
+replayers that never run at the same time): nothing a replay leaves behind is read by another
+graph, and the outputs are read before the next replay, which may overwrite them.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,22 +33,77 @@ from torch import nn
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, torch.Tensor | None]  # the buffers it reads the batch from
-    loss: torch.Tensor
+    inputs: tuple  # the buffers it reads the batch from
+    outputs: object
 
 
-class GraphedStep:
+class _Replayer:
+    """fn(*tensors) run eagerly `warmup` times per shape, then captured and replayed."""
+
+    def __init__(self, model: nn.Module, generator: torch.Generator, warmup: int,
+                 pool: tuple | None):
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model; this one is on {device}")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (autotuning and lazy state before capture); "
+                             f"got {warmup}")
+        self.generator, self.warmup = generator, warmup
+        self.pool = torch.cuda.graph_pool_handle() if pool is None else pool
+        self.graphs: dict[tuple, _Captured] = {}
+        self.eager_calls: dict[tuple, int] = {}
+        self.inputs: dict[tuple, tuple] = {}  # by layout
+
+    def run(self, fn: Callable, tensors: tuple, key: tuple, before: Callable = lambda: None):
+        """fn(*tensors) for this shape (`key` adds what else selects a graph); `before` runs
+        ahead of every eager call and capture."""
+        layout = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors)
+        key = (*layout, *key)
+        captured = self.graphs.get(key)
+        if captured is None:
+            done = self.eager_calls.get(key, 0)
+            if done < self.warmup:
+                self.eager_calls[key] = done + 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    before()
+                    outputs = fn(*tensors)
+                torch.cuda.current_stream().wait_stream(side)
+                return outputs
+            if layout not in self.inputs:
+                self.inputs[layout] = tuple(None if t is None else t.clone() for t in tensors)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.generator)
+            before()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = fn(*self.inputs[layout])
+            captured = self.graphs[key] = _Captured(graph, self.inputs[layout], outputs)
+        for buffer, batch in zip(captured.inputs, tensors):
+            if buffer is not None and buffer.data_ptr() != batch.data_ptr():
+                buffer.copy_(batch, non_blocking=True)
+        captured.graph.replay()
+        return captured.outputs
+
+
+def _autocast(dtype: torch.dtype | None):
+    return (torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None
+            else contextlib.nullcontext())
+
+
+class GraphedStep(_Replayer):
     """step(audio, video, ratio) -> loss: one optimiser step, as the eager
 
         with autocast: loss = model(audio, video, ratio, generator).loss
         loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
-    but replayed from a CUDA graph once a shape has run `warmup` eager steps (on a side stream,
-    as PyTorch's whole-network capture recipe does). Each call is exactly one step. The returned
-    loss lives in the shared pool: the next replay of any graph may overwrite it, so read it
-    (or clone it) before the next step. The parameters' .grad after a step are not that step's
-    gradients (a graph keeps its own). `pool` (torch.cuda.graph_pool_handle()) lets
-    GraphedSteps that never run concurrently share their memory; by default each has its own.
+    but replayed from a CUDA graph once a shape has run `warmup` eager steps. Each call is
+    exactly one step. The returned loss lives in the pool: read it (or clone it) before the
+    next step. The parameters' .grad after a step are not that step's gradients (a graph keeps
+    its own, allocated in the capture). The optimiser needs `capturable=True`, and its
+    hyperparameters are baked into the captured step: a step refuses to replay once they have
+    changed (a schedule would need them as tensors). `pool` (torch.cuda.graph_pool_handle())
+    lets replayers that never run concurrently share their memory; by default each has its own.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -57,42 +112,24 @@ class GraphedStep:
         if not all(group.get("capturable") for group in optimizer.param_groups):
             raise ValueError("a captured optimiser step needs the optimiser built with "
                              "capturable=True (e.g. AdamW(..., fused=True, capturable=True))")
-        device = next(model.parameters()).device
-        if device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA model; this one is on {device}")
-        if warmup < 1:
-            raise ValueError(f"warmup must be >= 1 (autotuning and lazy state before capture); "
-                             f"got {warmup}")
-        self.model, self.optimizer, self.generator = model, optimizer, generator
-        self.autocast_dtype, self.warmup = autocast_dtype, warmup
-        self.pool = torch.cuda.graph_pool_handle() if pool is None else pool
-        self.graphs: dict[tuple, _Captured] = {}
-        self.eager_steps: dict[tuple, int] = {}
-        self.inputs: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}  # by layout
+        super().__init__(model, generator, warmup, pool)
+        self.model, self.optimizer, self.autocast_dtype = model, optimizer, autocast_dtype
         self.hyperparameters = None  # the optimiser's, as the first capture baked them in
 
     def step(self, audio: torch.Tensor, video: torch.Tensor | None, ratio: float) -> torch.Tensor:
-        shapes = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (audio, video))
-        key = (*shapes, float(ratio))
-        captured = self.graphs.get(key)
         if self.graphs and self._hyperparameters() != self.hyperparameters:
             raise ValueError("the optimiser's hyperparameters changed since the step was "
                              f"captured ({self.hyperparameters} -> {self._hyperparameters()}); "
                              "a captured step would go on using the old ones")
-        if captured is None:
-            done = self.eager_steps.get(key, 0)
-            if done < self.warmup:
-                self.eager_steps[key] = done + 1
-                return self._warmup_step(audio, video, ratio)
-            if shapes not in self.inputs:
-                self.inputs[shapes] = (audio.clone(), None if video is None else video.clone())
-            captured = self.graphs[key] = self._capture(self.inputs[shapes], ratio)
+        # set_to_none before each eager step and capture: after a capture the gradients are
+        # that graph's tensors, which an eager backward would accumulate into; in a capture they
+        # are allocated afresh, written by backward and read by the captured optimiser step at
+        # the same addresses on every replay
+        loss = self.run(lambda a, v: self._step(a, v, ratio), (audio, video), (float(ratio),),
+                        before=lambda: self.optimizer.zero_grad(set_to_none=True))
+        if self.hyperparameters is None and self.graphs:
             self.hyperparameters = self._hyperparameters()
-        for buffer, batch in zip(captured.inputs, (audio, video)):
-            if buffer is not None and buffer.data_ptr() != batch.data_ptr():
-                buffer.copy_(batch, non_blocking=True)
-        captured.graph.replay()
-        return captured.loss
+        return loss
 
     def _hyperparameters(self) -> list[dict]:
         """The values a capture bakes in: a tensor (lr as a tensor, say) is read on replay."""
@@ -102,33 +139,61 @@ class GraphedStep:
         return [{k: v for k, v in group.items() if k != "params" and baked(v)}
                 for group in self.optimizer.param_groups]
 
-    def _forward_backward(self, audio, video, ratio) -> torch.Tensor:
-        autocast = (torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
-                    if self.autocast_dtype is not None else contextlib.nullcontext())
-        with autocast:
+    def _step(self, audio, video, ratio) -> torch.Tensor:
+        with _autocast(self.autocast_dtype):
             loss = self.model(audio, video, ratio, self.generator).loss
         loss.backward()
         self.optimizer.step()
         return loss.detach()
 
-    def _warmup_step(self, audio, video, ratio) -> torch.Tensor:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            # set_to_none first: after a capture the gradients are that graph's tensors, which
-            # an eager backward would accumulate into
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self._forward_backward(audio, video, ratio)
-            self.optimizer.zero_grad(set_to_none=True)
-        torch.cuda.current_stream().wait_stream(side)
-        return loss
 
-    def _capture(self, inputs, ratio) -> _Captured:
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)
-        # gradients allocated inside the capture: backward writes them and the captured
-        # optimiser step reads them at the same addresses on every replay
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph, pool=self.pool):
-            loss = self._forward_backward(*inputs, ratio)
-        return _Captured(graph, inputs, loss)
+class GraphedPasses(_Replayer):
+    """The trainer's forward + backward passes replayed as CUDA graphs; clipping, the optimiser
+    step and the lr schedule stay eager (they launch little and change per step).
+
+    passes(audio, video, ratio, passes) -> (loss, terms): adds d (loss / passes) / d parameter
+    to each trainable parameter's .grad, which holds fixed buffers from here on (zero them with
+    `zero_grads`, never set them to None: the graphs add into these addresses), and returns the
+    pass's loss and loss terms, detached, which the next replay may overwrite. The same pass
+    runs eagerly for the first `warmup` calls of each shape (`accumulate`, the trainer's
+    reference for the captured one).
+    """
+
+    def __init__(self, model: nn.Module, generator: torch.Generator,
+                 autocast_dtype: torch.dtype | None = torch.bfloat16, warmup: int = 1,
+                 pool: tuple | None = None):
+        super().__init__(model, generator, warmup, pool)
+        self.model, self.autocast_dtype = model, autocast_dtype
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params]
+
+    def __call__(self, audio: torch.Tensor, video: torch.Tensor | None, ratio: float,
+                 passes: int) -> tuple[torch.Tensor, dict]:
+        if any(p.grad is not g for p, g in zip(self.params, self.grads)):
+            raise RuntimeError("a parameter's .grad was replaced (zero_grad(set_to_none=True)?):"
+                               " the captured passes add into the original buffers; use "
+                               "GraphedPasses.zero_grads()")
+        return self.run(lambda a, v: accumulate_pass(self.model, self.params, a, v, ratio,
+                                                     self.generator, passes,
+                                                     _autocast(self.autocast_dtype)),
+                        (audio, video), (float(ratio), int(passes)))
+
+    def zero_grads(self) -> None:
+        torch._foreach_zero_(self.grads)
+
+
+def accumulate_pass(model: nn.Module, params: list[torch.Tensor], audio, video, ratio: float,
+                    generator: torch.Generator | None, passes: int,
+                    autocast=contextlib.nullcontext()) -> tuple[torch.Tensor, dict]:
+    """One forward + backward pass that adds d (loss / passes) / d p into each p.grad (which
+    must exist): `(loss / passes).backward()`'s accumulation written out, so that a capture adds
+    into fixed buffers. Returns the detached loss and terms."""
+    with autocast:
+        out = model(audio, video, ratio, generator)
+    grads = torch.autograd.grad(out.loss / passes, params, allow_unused=True)
+    used = [(p.grad, g) for p, g in zip(params, grads) if g is not None]
+    torch._foreach_add_([acc for acc, _ in used], [g.to(acc.dtype) for acc, g in used])
+    return out.loss.detach(), {k: v.detach() for k, v in out.terms.items()}

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, load_config, to_toml
+from ..cuda_graph import GraphedPasses
 from ..data.loader import ShardDataset, build_loader, loader_spec, to_device
 from ..data.shards import count_clips
 from ..flops import forward_flops_per_sample
@@ -179,6 +180,12 @@ def train(cfg: Config, argv: list[str]) -> dict:
 def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
+    if t.cuda_graphs and cfg.optim.optimizer != "adamw":
+        raise ConfigError("train.cuda_graphs = true needs optim.optimizer = 'adamw': the fused "
+                          "AdamW skips a non-finite step on the device, without clearing the "
+                          "gradients the graphs add into")
+    if t.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"train.cuda_graphs = true needs a CUDA device; this run is on {device}")
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     torch.manual_seed(t.seed)
     if t.deterministic:
@@ -225,6 +232,13 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
         log.info("resumed from %s (step %d)", path, step)
     if t.compile:
         log.info("compiled %d transformer blocks", compile_blocks(model))
+    graphed = None
+    if t.cuda_graphs:
+        graphed = GraphedPasses(model, generator, torch.bfloat16 if bf16 else None)
+        log.info("forward + backward passes replayed as CUDA graphs, one per shape")
+    # the graphed passes add into fixed gradient buffers: those are zeroed, never dropped
+    clear_grads = (graphed.zero_grads if graphed else
+                   lambda: optimizer.zero_grad(set_to_none=True))
 
     flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in plans})
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
@@ -311,21 +325,26 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                 next(batches, None)
             progress.update(task, epoch=plan.epoch)
 
-            def forward(batch, ratio=plan.mask_ratio):  # one pass of this epoch's shape
-                return model(*to_device(batch, device, dataset.spec), ratio, generator)
+            def run_pass(batch, ratio=plan.mask_ratio, passes=accum):  # this epoch's shape
+                audio, video = to_device(batch, device, dataset.spec)
+                if graphed:
+                    return graphed(audio, video, ratio, passes)
+                with autocast:
+                    out = model(audio, video, ratio, generator)
+                (out.loss / passes).backward()
+                return out.loss.detach(), {k: v.detach() for k, v in out.terms.items()}
 
             while step < end and stop.signal is None:
                 lr = learning_rate(cfg, step, plans)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 try:
-                    loss_sum, terms_sum = accumulate_gradients(forward, batches, accum, autocast,
-                                                               timer)
+                    loss_sum, terms_sum = accumulate_gradients(run_pass, batches, accum, timer)
                 except StopIteration:
                     # Each DataLoader worker drops its own last partial batch, so an epoch can
                     # hold a step or two fewer than the plan: move on to the next epoch. More
                     # missing means clips were skipped (unreadable shards or clips, warned of).
-                    optimizer.zero_grad(set_to_none=True)
+                    clear_grads()
                     try:
                         _epoch_ended_early(plan, step - start, end - step, source,
                                            cfg.data.num_workers)
@@ -354,7 +373,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                 elif not bool(finite):
                     optimizer.zero_grad(set_to_none=True)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                clear_grads()
                 bad_run = torch.where(finite, 0, bad_run + 1)
                 worst_run = torch.maximum(worst_run, bad_run)  # a streak can end between reads
                 updates = updates + finite
@@ -385,23 +404,23 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     return summary
 
 
-def accumulate_gradients(forward, batches, passes: int, autocast, timer: StepTimer):
-    """One step's gradients over `passes` batches from `batches`: each pass's loss is divided by
-    the passes before backward, so the gradient is the mean over the step's samples as in one
-    pass of them all (every pass holds as many). Returns the step's (loss, terms), detached;
-    StopIteration when the data ends mid-step."""
+def accumulate_gradients(run_pass, batches, passes: int, timer: StepTimer):
+    """One step's gradients over `passes` batches from `batches`: run_pass(batch) runs a
+    forward and adds the gradient of its loss / passes to the parameters' .grad (eagerly, or
+    replayed: fastmavil.cuda_graph.GraphedPasses), so the gradient is the mean over the step's
+    samples as in one pass of them all (every pass holds as many), and returns the pass's
+    (loss, terms), detached. Returns the step's (loss, terms); StopIteration when the data ends
+    mid-step."""
     loss_sum, terms_sum = 0.0, {}
     for micro_step in range(passes):
         if micro_step:
             timer.fetch_start()
         batch = next(batches)
         timer.data_ready()
-        with autocast:
-            out = forward(batch)
-        (out.loss / passes).backward()
-        loss_sum = loss_sum + out.loss.detach() / passes
-        for k, v in out.terms.items():
-            terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / passes
+        loss, terms = run_pass(batch)  # read before the next pass: a replay overwrites them
+        loss_sum = loss_sum + loss / passes
+        for k, v in terms.items():
+            terms_sum[k] = terms_sum.get(k, 0.0) + v / passes
     return loss_sum, terms_sum
 
 

@@ -114,16 +114,16 @@ def test_fast_training_step_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_graphed_step_refuses_what_it_cannot_capture():
-    from fastmavil.cuda_graph import GraphedStep
-    model = build_model(small_config("diffmavil"))
-    generator = torch.Generator().manual_seed(0)
-    plain = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    with pytest.raises(ValueError, match="capturable=True"):
-        GraphedStep(model, plain, generator)
-    capturable = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True)
-    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model; this one is on cpu"):
-        GraphedStep(model, capturable, generator)
+def twin_cuda_models():
+    """Two small DiffMAViLs on CUDA with the same weights, kernels on, SDPA attention."""
+    from fastmavil.models.attention import set_attention_backend
+    torch.manual_seed(0)
+    models = [build_model(small_config("diffmavil")).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        model.use_kernels(True)
+        set_attention_backend(model, "sdpa")
+    return models
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
@@ -135,14 +135,7 @@ def test_graphed_steps_equal_eager_steps():
     Same randomness too: masking, timesteps and the kernels' noise seed come from the
     generator registered with each graph, dropout from the default one."""
     from fastmavil.cuda_graph import GraphedStep
-    from fastmavil.models.attention import set_attention_backend
-    torch.manual_seed(0)
-    cfg = small_config("diffmavil")
-    models = [build_model(cfg).cuda() for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    for model in models:
-        model.use_kernels(True)
-        set_attention_backend(model, "sdpa")
+    models = twin_cuda_models()
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True, capturable=True)
                   for m in models]
     audio = torch.randn(2, 1, 64, 64, device="cuda")
@@ -163,7 +156,7 @@ def test_graphed_steps_equal_eager_steps():
     graphed = GraphedStep(models[1], optimizers[1], torch.Generator("cuda").manual_seed(0),
                           autocast_dtype=None, warmup=1)
     replayed = [graphed.step(audio, video, ratio).item() for ratio in ratios]
-    assert len(graphed.graphs) == 2 and graphed.eager_steps == {
+    assert len(graphed.graphs) == 2 and graphed.eager_calls == {
         key: 1 for key in graphed.graphs}
     torch.testing.assert_close(torch.tensor(replayed), torch.tensor(eager), **TOL)
     for (name, a), b in zip(models[1].named_parameters(), models[0].parameters()):
@@ -171,3 +164,50 @@ def test_graphed_steps_equal_eager_steps():
     optimizers[1].param_groups[0]["lr"] = 1e-4  # a schedule's change the graphs cannot see
     with pytest.raises(ValueError, match="hyperparameters changed since the step was captured"):
         graphed.step(audio, video, 0.75)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
+                    reason="needs a CUDA GPU and triton: CUDA graphs are a CUDA matter")
+@pytest.mark.usefixtures("true_fp32")
+def test_graphed_passes_train_as_the_eager_trainer_does():
+    """The trainer's passes replayed from CUDA graphs (fastmavil.cuda_graph.GraphedPasses): two
+    passes a step accumulated into fixed gradient buffers, clipping and the fused AdamW step
+    eager between them, the lr changed every step; the same losses and weights as eager
+    passes with loss.backward()."""
+    from fastmavil.cuda_graph import GraphedPasses
+    models = twin_cuda_models()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in models]
+    batches = [(torch.randn(2, 1, 64, 64, device="cuda"),
+                torch.randn(2, 3, 4, 32, 32, device="cuda")) for _ in range(2)]
+    ratios = [0.75, 0.75, 0.75, 0.5, 0.5, 0.75]  # per step; 2 passes each
+    passes = GraphedPasses(models[1], torch.Generator("cuda").manual_seed(0),
+                           autocast_dtype=None, warmup=1)
+    generator = torch.Generator("cuda").manual_seed(0)
+    losses = {"eager": [], "graphed": []}
+    for path, model, optimizer in (("eager", models[0], optimizers[0]),
+                                   ("graphed", models[1], optimizers[1])):
+        torch.cuda.manual_seed(1)
+        for step, ratio in enumerate(ratios):
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3 / (step + 1)
+            for audio, video in batches:
+                if path == "eager":
+                    out = model(audio, video, ratio, generator)
+                    (out.loss / 2).backward()
+                    losses[path].append(out.loss.item())
+                else:
+                    losses[path].append(passes(audio, video, ratio, 2)[0].item())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if path == "eager":
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                passes.zero_grads()
+    assert len(passes.graphs) == 2
+    torch.testing.assert_close(torch.tensor(losses["graphed"]), torch.tensor(losses["eager"]),
+                               **TOL)
+    for (name, a), b in zip(models[1].named_parameters(), models[0].parameters()):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    models[1].zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="use GraphedPasses.zero_grads"):
+        passes(*batches[0], 0.75, 2)

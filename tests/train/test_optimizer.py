@@ -1,6 +1,4 @@
 """The optimizer's parameter groups and gradient accumulation."""
-import contextlib
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,19 +40,46 @@ def test_passes_of_a_step_average_to_one_pass_of_all_its_samples():
     model = nn.Linear(5, 1)
     samples = torch.randn(8, 5)
 
-    def forward(batch):
+    def run_pass(batch, passes):  # as the trainer's eager pass
         loss = model(batch).square().mean()
-        return SimpleNamespace(loss=loss, terms={"mse": loss * 2})
+        (loss / passes).backward()
+        return loss.detach(), {"mse": loss.detach() * 2}
 
     grads = []
     for passes in (1, 2):
         model.zero_grad()
         batches = iter(samples.chunk(passes))
-        loss, terms = accumulate_gradients(forward, batches, passes, contextlib.nullcontext(),
+        loss, terms = accumulate_gradients(lambda b: run_pass(b, passes), batches, passes,
                                            StepTimer())
         grads.append((loss, terms["mse"], model.weight.grad.clone(), model.bias.grad.clone()))
     for one, two in zip(*grads):
         torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-7)
     with pytest.raises(StopIteration):  # the data ends mid-step
-        accumulate_gradients(forward, iter(samples.chunk(2)), 3, contextlib.nullcontext(),
-                             StepTimer())
+        accumulate_gradients(lambda b: run_pass(b, 3), iter(samples.chunk(2)), 3, StepTimer())
+
+
+def test_graphed_passes_accumulate_as_backward_does():
+    """fastmavil.cuda_graph.accumulate_pass, the pass GraphedPasses captures (here run eagerly,
+    on the CPU), adds exactly what loss.backward() accumulates into .grad, over passes."""
+    from fastmavil.cuda_graph import accumulate_pass
+    cfg = tiny_config("diffmavil")
+    torch.manual_seed(0)
+    models = [build_model(cfg) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    audio = torch.randn(2, 1, cfg.model.audio_frames, cfg.model.mel_bins)
+    video = torch.randn(2, 3, cfg.model.video_frames, cfg.model.video_size,
+                        cfg.model.video_size)
+    params = [p for p in models[1].parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for ratio in (0.75, 0.5):  # two passes of a step, each loss / 2
+        generator = torch.Generator().manual_seed(int(ratio * 100))
+        out = models[0](audio, video, ratio, generator)
+        (out.loss / 2).backward()
+        generator = torch.Generator().manual_seed(int(ratio * 100))
+        loss, terms = accumulate_pass(models[1], params, audio, video, ratio, generator, 2)
+        torch.testing.assert_close(loss, out.loss.detach(), rtol=0, atol=0)
+        assert terms.keys() == out.terms.keys()
+    for (name, a), b in zip(models[1].named_parameters(), models[0].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -306,6 +306,11 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
     assert "mask.start = 1.5 must lie in (0, 1)" in capsys.readouterr().err
     assert pretrain.main([str(ROOT / "configs" / "demo.toml"), "--trian.epochs=3"]) == 2
     assert "unknown key trian" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="train.cuda_graphs = true needs optim.optimizer"):
+        run(shards, tmp_path, train__cuda_graphs="true", optim__optimizer="apex")
+    with pytest.raises(ConfigError, match="train.cuda_graphs = true needs a CUDA device; "
+                                          "this run is on cpu"):
+        run(shards, tmp_path, train__cuda_graphs="true", train__device="cpu")
 
 
 def test_bad_shards_are_errors_not_an_empty_run(shards, tmp_path):

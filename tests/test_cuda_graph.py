@@ -1,0 +1,121 @@
+"""The replayers' bookkeeping (fastmavil/cuda_graph.py) on the CPU, with stand-ins for the CUDA
+graph API: which calls run eagerly, which capture, which replay, the input buffers, and the
+refusals. Capture and replay themselves, and their equality with eager training, are tested on
+CUDA (tests/kernels/test_model_step.py)."""
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+
+import fastmavil.cuda_graph as cuda_graph
+from fastmavil.models import build_model
+
+from conftest import tiny_config
+
+
+class StandInGraph:
+    """A capture runs its body once, as the stand-in's `graph` context does; replays count."""
+
+    def __init__(self):
+        self.replays, self.generators = 0, []
+
+    def register_generator_state(self, generator):
+        self.generators.append(generator)
+
+    def replay(self):
+        self.replays += 1
+
+
+class StandInStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    for name, value in {"CUDAGraph": StandInGraph, "graph_pool_handle": lambda: (1, 2),
+                        "graph": lambda graph, pool=None: contextlib.nullcontext(),
+                        "Stream": StandInStream, "stream": lambda s: contextlib.nullcontext(),
+                        "current_stream": StandInStream}.items():
+        monkeypatch.setattr(torch.cuda, name, value, raising=False)
+
+
+class OnCuda:
+    type = "cuda"
+
+
+def on_cuda():
+    """Lets a replayer be built from a CPU model (its one device check)."""
+    return mock.patch.object(torch.Tensor, "device", new_callable=mock.PropertyMock,
+                             return_value=OnCuda())
+
+
+@pytest.fixture
+def batch():
+    cfg = tiny_config("diffmavil")
+    m = cfg.model
+    torch.manual_seed(0)
+    return (build_model(cfg), torch.randn(2, 1, m.audio_frames, m.mel_bins),
+            torch.randn(2, 3, m.video_frames, m.video_size, m.video_size))
+
+
+RATIOS = [0.75, 0.75, 0.75, 0.5, 0.5, 0.75]  # warm-up 1: eager, capture, replay ...
+
+
+def replays(replayer) -> dict:
+    return {key[2]: captured.graph.replays for key, captured in replayer.graphs.items()}
+
+
+@pytest.mark.usefixtures("stand_ins")
+def test_graphed_step_warms_up_captures_and_replays_each_shape(batch):
+    model, audio, video = batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer.param_groups[0]["capturable"] = True  # checked when built (CPU steps can't be)
+    with on_cuda():
+        step = cuda_graph.GraphedStep(model, optimizer, torch.Generator(), autocast_dtype=None,
+                                      warmup=1)
+    optimizer.param_groups[0]["capturable"] = False
+    for ratio in RATIOS:
+        assert torch.isfinite(step.step(audio, video, ratio))
+    assert list(step.eager_calls.values()) == [1, 1] and replays(step) == {0.75: 3, 0.5: 1}
+    assert len(step.inputs) == 1  # both ratios read one pair of input buffers
+    assert all(c.graph.generators == [step.generator] for c in step.graphs.values())
+    other = video + 1  # a new batch of the same layout is copied into the buffers
+    step.step(audio, other, 0.75)
+    assert torch.equal(step.inputs[next(iter(step.inputs))][1], other)
+    optimizer.param_groups[0]["lr"] = 1e-4
+    with pytest.raises(ValueError, match="hyperparameters changed since the step was captured"):
+        step.step(audio, video, 0.75)
+
+
+@pytest.mark.usefixtures("stand_ins")
+def test_graphed_passes_keep_their_gradient_buffers(batch):
+    model, audio, video = batch
+    with on_cuda():
+        passes = cuda_graph.GraphedPasses(model, torch.Generator(), autocast_dtype=None)
+    buffers = [p.grad for p in model.parameters()]
+    for ratio in RATIOS:
+        loss, terms = passes(audio, video, ratio, 2)
+        assert torch.isfinite(loss) and "mse_audio" in terms
+    assert replays(passes) == {0.75: 3, 0.5: 1}
+    assert all(p.grad is g for p, g in zip(model.parameters(), buffers))
+    assert any(g.abs().sum() > 0 for g in buffers)
+    passes.zero_grads()
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), buffers))
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="use GraphedPasses.zero_grads"):
+        passes(audio, video, 0.75, 2)
+
+
+def test_replayers_refuse_a_cpu_model_and_a_plain_optimiser(batch):
+    model = batch[0]
+    with pytest.raises(ValueError, match="capturable=True"):
+        cuda_graph.GraphedStep(model, torch.optim.AdamW(model.parameters()), torch.Generator())
+    capturable = torch.optim.AdamW(model.parameters(), capturable=True)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model; this one is on cpu"):
+        cuda_graph.GraphedStep(model, capturable, torch.Generator())
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model; this one is on cpu"):
+        cuda_graph.GraphedPasses(model, torch.Generator())
+    with on_cuda(), pytest.raises(ValueError, match="warmup must be >= 1"):
+        cuda_graph.GraphedPasses(model, torch.Generator(), warmup=0)
