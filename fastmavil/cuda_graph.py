@@ -76,7 +76,9 @@ class _Replayer:
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.generator)
             before()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: the loader's pin-memory thread keeps making CUDA calls, which the
+            # default ("global") mode would count as breaking the capture
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 outputs = fn(*self.inputs[layout])
             captured = self.graphs[key] = _Captured(graph, self.inputs[layout], outputs)
         for buffer, batch in zip(captured.inputs, tensors):
@@ -155,8 +157,11 @@ class GraphedPasses(_Replayer):
     to each trainable parameter's .grad, which holds fixed buffers from here on (zero them with
     `zero_grads`, never set them to None: the graphs add into these addresses), and returns the
     pass's loss and loss terms, detached, which the next replay may overwrite. The same pass
-    runs eagerly for the first `warmup` calls of each shape (`accumulate`, the trainer's
-    reference for the captured one).
+    (`accumulate_pass`) runs eagerly for the first `warmup` calls of each shape. Unlike eager
+    passes, a parameter that gets no gradient still holds a (zero) buffer, so AdamW decays it
+    where an eager step would skip it; every parameter of the shipped configs gets a gradient in
+    every pass. The gradients of a pass take one more copy of the parameters' size in the pool
+    (torch.autograd.grad's result, added into the buffers), which `backward()` would not.
     """
 
     def __init__(self, model: nn.Module, generator: torch.Generator,

@@ -35,7 +35,7 @@ class StandInStream:
 @pytest.fixture
 def stand_ins(monkeypatch):
     for name, value in {"CUDAGraph": StandInGraph, "graph_pool_handle": lambda: (1, 2),
-                        "graph": lambda graph, pool=None: contextlib.nullcontext(),
+                        "graph": lambda graph, **options: contextlib.nullcontext(),
                         "Stream": StandInStream, "stream": lambda s: contextlib.nullcontext(),
                         "current_stream": StandInStream}.items():
         monkeypatch.setattr(torch.cuda, name, value, raising=False)
@@ -90,15 +90,27 @@ def test_graphed_step_warms_up_captures_and_replays_each_shape(batch):
 
 
 @pytest.mark.usefixtures("stand_ins")
-def test_graphed_passes_keep_their_gradient_buffers(batch):
+def test_graphed_passes_keep_their_gradient_buffers(batch, monkeypatch):
     model, audio, video = batch
     with on_cuda():
         passes = cuda_graph.GraphedPasses(model, torch.Generator(), autocast_dtype=None)
     buffers = [p.grad for p in model.parameters()]
+    seen, real = [], cuda_graph.accumulate_pass
+    monkeypatch.setattr(cuda_graph, "accumulate_pass",
+                        lambda model, params, a, v, *rest: seen.append((a, v)) or
+                        real(model, params, a, v, *rest))
     for ratio in RATIOS:
         loss, terms = passes(audio, video, ratio, 2)
         assert torch.isfinite(loss) and "mse_audio" in terms
     assert replays(passes) == {0.75: 3, 0.5: 1}
+    # eager calls take the batch; a capture, the persistent buffers the replays read
+    ((layout, buffers_in),) = passes.inputs.items()
+    assert [a is audio for a, _ in seen] == [True, False, True, False]
+    assert all(a is buffers_in[0] and v is buffers_in[1] for a, v in seen[1::2])
+    passes(audio[:1], video[:1], 0.75, 2)  # another batch size: its own shape
+    assert len(passes.inputs) == 1 and len(passes.eager_calls) == 3
+    passes(audio[:1], video[:1], 0.75, 2)
+    assert len(passes.inputs) == 2 and len(passes.graphs) == 3
     assert all(p.grad is g for p, g in zip(model.parameters(), buffers))
     assert any(g.abs().sum() > 0 for g in buffers)
     passes.zero_grads()
