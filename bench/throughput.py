@@ -200,9 +200,11 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
             # The other path's model and optimiser state sit on the device meanwhile.
             other = paths["fast" if name == "reference" else "reference"]
             idle = graph_pool_idle_bytes(paths[name])
-            own = (None if idle is None or memory.get(name, 0) is None else
-                   peak_memory_bytes(device) - resident_bytes(other, device) + idle)
-            memory[name] = None if own is None else max(memory.get(name, 0), own)
+            if idle is None or memory.get(name, 0) is None:  # once unknown, unknown
+                memory[name] = None
+            else:
+                own = peak_memory_bytes(device) - resident_bytes(other, device) + idle
+                memory[name] = max(memory.get(name, 0), own)
     for name in times:
         ms = statistics.median(times[name])
         seconds = ms / 1e3

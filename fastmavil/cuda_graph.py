@@ -200,5 +200,5 @@ def accumulate_pass(model: nn.Module, params: list[torch.Tensor], audio, video, 
         out = model(audio, video, ratio, generator)
     grads = torch.autograd.grad(out.loss / passes, params, allow_unused=True)
     used = [(p.grad, g) for p, g in zip(params, grads) if g is not None]
-    torch._foreach_add_([acc for acc, _ in used], [g.to(acc.dtype) for acc, g in used])
+    torch._foreach_add_([acc for acc, _ in used], [g for _, g in used])
     return out.loss.detach(), {k: v.detach() for k, v in out.terms.items()}
