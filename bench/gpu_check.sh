@@ -19,21 +19,26 @@
 #   graph-compile 150  R4 with compiled blocks and CUDA graphs: the MFU target
 #   attention    60  bench.attention: SDPA against math at each attention call of R4 (the Swin
 #                    decoder's 16-key windows took 5 ms per step in SDPA at f080127)
+#   train       180  bench.train: fastmavil-train itself on random clips, R4 at paper size,
+#                    eager and with its passes replayed as CUDA graphs, in 1 pass of 32 and in
+#                    4 passes of 8 per step (the trainer's own step time, MFU and memory)
 # Groups: default = tests kernels throughput (the issue's check, under 8 minutes);
-#   extra = tests attention graph graph-compile (under 10 minutes): the f080127 run found the
+#   extra = tests graph graph-compile attention (under 10 minutes): the f080127 run found the
 #   step host-bound (bench/results/profile-NVIDIA_H200-r4-f080127-*.txt), which graphs address;
-#   then, if time is left, kernels amp in a second call on the warm machine (the kernels'
-#   breakdown files, and the Philox noise change, are new since f080127).
+#   then extra2 = train amp in a second call on the warm machine (the trainer's graphed passes,
+#   the kernels' breakdown files and the Philox noise change are new since f080127).
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
   case $arg in
     default) stages+=(tests kernels throughput) ;;
-    extra) stages+=(tests attention graph graph-compile) ;;
-    tests|kernels|throughput|compile|views|amp|graph|graph-compile|attention) stages+=("$arg") ;;
+    extra) stages+=(tests graph graph-compile attention) ;;
+    extra2) stages+=(train amp) ;;
+    tests|kernels|throughput|compile|views|amp|graph|graph-compile|attention|train)
+      stages+=("$arg") ;;
     *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp graph" \
-            "graph-compile attention;" \
-            "groups: default extra" >&2; exit 2 ;;
+            "graph-compile attention train;" \
+            "groups: default extra extra2" >&2; exit 2 ;;
   esac
 done
 cd "$(dirname "$0")/.."
@@ -67,7 +72,8 @@ keep() {  # the device tool returns what lands under $OUT (at most 8 files): thi
   [ "$out" = "bench/results" ] && return 0
   find bench/results -maxdepth 1 -type f -newer "$started" \
     \( -name 'kernels-*.csv' -o -name 'throughput-*-base*.json' -o -name 'throughput-*-base*.png' \
-    -o -name 'profile-*.txt' -o -name 'kernels-*-breakdown.txt' -o -name 'attention-*.json' \) \
+    -o -name 'profile-*.txt' -o -name 'kernels-*-breakdown.txt' -o -name 'attention-*.json' \
+    -o -name 'train-*.json' \) \
     -exec cp {} "$out"/ \;
   return 0
 }
@@ -95,6 +101,7 @@ for stage in "${stages[@]}"; do
     graph-compile) run "bench.throughput (base, compile, graphs)" 150 python -m bench.throughput \
                      --size base --steps 3 --compile --cuda-graph --no-curriculum configs/r4.toml ;;
     attention) run "bench.attention (R4, base)" 60 python -m bench.attention configs/r4.toml ;;
+    train) run "bench.train (R4, base, random clips)" 180 python -m bench.train --steps 30 ;;
   esac
   keep
 done

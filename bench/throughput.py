@@ -121,18 +121,15 @@ def resident_bytes(trainer: Trainer, device: torch.device) -> int:
 
 
 def graph_pool_idle_bytes(trainer: Trainer) -> int | None:
-    """Bytes a graphed trainer's memory pool holds beyond its live tensors: the activations its
-    graphs write on each replay, which the allocator's peak misses (a replay allocates
-    nothing). 0 for an eager trainer; None, with a warning, where this torch cannot say."""
+    """What a graphed trainer's memory pool holds beyond its live tensors (the activations its
+    graphs write on each replay); 0 for an eager trainer; None, with a warning, where this
+    torch cannot say."""
     if trainer.graphed is None:
         return 0
-    try:
-        segments = torch.cuda.memory_snapshot(mempool_id=trainer.graphed.pool,
-                                              include_traces=False)
-        return sum(s["total_size"] - s["allocated_size"] for s in segments)
-    except (TypeError, KeyError, RuntimeError) as err:
-        print(f"warning: no memory snapshot of the CUDA graph pool ({err}); peak GB left empty")
-        return None
+    idle = trainer.graphed.pool_idle_bytes()
+    if idle is None:
+        print("warning: no memory snapshot of the CUDA graph pool; peak GB left empty")
+    return idle
 
 
 def batch_for(cfg: Config, batch: int, device: torch.device):

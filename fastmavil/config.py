@@ -171,8 +171,14 @@ class DataConfig:
     # When > 0 and `shards` (a folder named `train`) holds no dataset yet, fastmavil-train
     # first generates this many synthetic clips there (fastmavil-synth), for demos.
     synth_clips: int = 0
+    # When > 0, train on this many random clips per epoch held in memory instead of `shards`
+    # (fastmavil.data.random_clips): the trainer's speed without a dataset or a decoder.
+    random_clips: int = 0
 
     def check(self) -> None:
+        if self.random_clips < 0:
+            raise ConfigError(f"data.random_clips = {self.random_clips} must be >= 0 (0: train "
+                              "on data.shards)")
         if self.synth_clips and Path(self.shards).name != "train":
             raise ConfigError(f"data.shards = {self.shards!r} must end in a folder named 'train' "
                               "when data.synth_clips > 0 (fastmavil-synth writes train/ and "

@@ -87,6 +87,16 @@ class _Replayer:
         captured.graph.replay()
         return captured.outputs
 
+    def pool_idle_bytes(self) -> int | None:
+        """Bytes the graphs' memory pool holds beyond its live tensors: the activations each
+        replay writes there, which the allocator's peak misses once captured (a replay
+        allocates nothing). None where this torch cannot say."""
+        try:
+            segments = torch.cuda.memory_snapshot(mempool_id=self.pool, include_traces=False)
+            return sum(s["total_size"] - s["allocated_size"] for s in segments)
+        except (TypeError, KeyError, RuntimeError):
+            return None
+
 
 def _autocast(dtype: torch.dtype | None):
     return (torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None

@@ -14,13 +14,14 @@ import bench._report
 import bench.attention
 import bench.kernels
 import bench.throughput
+import bench.train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def results(tmp_path, monkeypatch):
-    for module in (bench.attention, bench.kernels, bench.throughput):
+    for module in (bench.attention, bench.kernels, bench.throughput, bench.train):
         monkeypatch.setattr(module, "RESULTS", tmp_path)
     return tmp_path
 
@@ -174,6 +175,23 @@ def test_throughput_cuda_graph_needs_cuda(capsys):
     assert "--cuda-graph needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_train_runs_the_trainer_per_variant_and_records_its_metrics(results):
+    """On a CPU: eager only (the trainer refuses CUDA graphs there), in 1 pass of 4 and in 2
+    passes of 2, each run in its own process on random clips."""
+    assert bench.train.main(["--size", "tiny", "--batch", "4", "--micro", "2",
+                             "--steps", "4"]) == 0
+    (path,) = results.glob("train-*-tiny.json")
+    record = json.loads(path.read_text())
+    assert set(record["variants"]) == {"eager, 1 pass of 4", "eager, 2 passes of 2"}
+    for r in record["variants"].values():
+        assert r["intervals"] == 3 and r["step_ms"] > 0 and r["samples_per_s"] > 0
+        assert r["mfu"] > 0 and r["peak_memory_gb"] > 0
+    assert bench.train.variants(32, 8, cuda=True, compile_blocks=True).keys() == {
+        "eager, 1 pass of 32", "CUDA graphs, 1 pass of 32", "compiled + CUDA graphs, 1 pass of 32",
+        "eager, 4 passes of 8", "CUDA graphs, 4 passes of 8",
+        "compiled + CUDA graphs, 4 passes of 8"}
+
+
 def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     """bench/gpu_check.sh maps stage and group names to commands (run here with a stand-in
     python that records its arguments) and rejects an unknown name before running anything."""
@@ -193,10 +211,13 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
 
     done, stages = run("extra")
     assert done.returncode == 0, done.stderr
-    assert [s.split()[1] for s in stages] == ["pytest", "bench.attention", "bench.throughput",
-                                              "bench.throughput"]
-    assert "--cuda-graph" in stages[2] and "--compile" not in stages[2]
-    assert "--cuda-graph" in stages[3] and "--compile" in stages[3] and "r4.toml" in stages[3]
+    assert [s.split()[1] for s in stages] == ["pytest", "bench.throughput", "bench.throughput",
+                                              "bench.attention"]
+    assert "--cuda-graph" in stages[1] and "--compile" not in stages[1]
+    assert "--cuda-graph" in stages[2] and "--compile" in stages[2] and "r4.toml" in stages[2]
+    done, stages = run("extra2")
+    assert [s.split()[1] for s in stages] == ["bench.train", "bench.kernels"]
+    assert "--dtype amp" in stages[1]
     done, stages = run()  # default: the issue's check
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]

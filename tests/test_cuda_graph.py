@@ -120,6 +120,29 @@ def test_graphed_passes_keep_their_gradient_buffers(batch, monkeypatch):
         passes(audio, video, 0.75, 2)
 
 
+@pytest.mark.usefixtures("stand_ins")
+def test_memory_counts_the_activations_held_in_the_graph_pool(batch, monkeypatch):
+    """The pool's free bytes (what replays write) come from its snapshot; the trainer logs the
+    larger of the allocator's peak and what is held now, those bytes included."""
+    from fastmavil.train import pretrain
+    segments = [{"total_size": 100, "allocated_size": 30}, {"total_size": 50, "allocated_size": 0}]
+    asked = []
+    monkeypatch.setattr(torch.cuda, "memory_snapshot",
+                        lambda mempool_id, include_traces: asked.append(mempool_id) or segments)
+    with on_cuda():
+        passes = cuda_graph.GraphedPasses(batch[0], torch.Generator(), autocast_dtype=None)
+    assert passes.pool_idle_bytes() == 120 and asked == [(1, 2)]  # the stand-in pool handle
+    monkeypatch.setattr(pretrain, "peak_memory_bytes", lambda device: 400)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 300)
+    cuda = torch.device("cuda")
+    assert pretrain._memory_held(cuda, passes) == 420
+    assert pretrain._memory_held(cuda, None) == 400  # eager: the allocator's peak
+    segments[0]["allocated_size"] = 100
+    assert pretrain._memory_held(cuda, passes) == 400  # the peak is larger
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda **kw: {}["segments"])
+    assert passes.pool_idle_bytes() is None and pretrain._memory_held(cuda, passes) == 400
+
+
 def test_replayers_refuse_a_cpu_model_and_a_plain_optimiser(batch):
     model = batch[0]
     with pytest.raises(ValueError, match="capturable=True"):

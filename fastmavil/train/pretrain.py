@@ -28,6 +28,7 @@ import torch
 from ..config import Config, ConfigError, load_config, to_toml
 from ..cuda_graph import GraphedPasses
 from ..data.loader import ShardDataset, build_loader, loader_spec, to_device
+from ..data.random_clips import RandomClips
 from ..data.shards import count_clips
 from ..flops import forward_flops_per_sample
 from ..models import build_model, compile_blocks
@@ -194,10 +195,18 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     if resumed:
         resume.check_format(*resumed)
         resume.check_config(resumed[0], resumed[1].get("config"), cfg)
-    source = prepare_data(cfg)
-    dataset, clips = _open_dataset(cfg, source)
+    if cfg.data.random_clips:
+        source, clips = None, cfg.data.random_clips
+    else:
+        source = prepare_data(cfg)
+        dataset, clips = _open_dataset(cfg, source)
     precision = "bf16" if bf16 else "fp32"
     plans = plan_epochs(cfg, clips)
+    if cfg.data.random_clips:  # drawn once, sized for the largest pass of the plan
+        dataset = RandomClips(clips, loader_spec(cfg, train=True),
+                              max(p.micro_batch for p in plans), cfg.data.seed)
+        log.info("data: %d random clips per epoch held in memory (data.random_clips; "
+                 "data.shards unused): the losses measure nothing", clips)
     if resumed:
         resume.check_run(resumed[0], resumed[1], clips, precision, plans)
     total_steps = sum(p.steps for p in plans)
@@ -288,7 +297,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                         logged_at + 1, step, ran - applied)
         if applied:
             record = _log_record(cfg, plan, step, lr, sums, applied, timer, device, peak,
-                                 gpu_util, work)
+                                 gpu_util, work, _memory_held(device, graphed))
             writer.write(record)
             summary["last"] = record
             progress.update(task, loss=f"{record['loss']:.4f}",
@@ -320,7 +329,8 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             step_work = {"samples": plan.batch_size,  # training FLOPs: forward + backward
                          "flops": 3.0 * flops[plan.mask_ratio] * plan.batch_size,
                          "tokens": sum(cfg.model.visible_tokens(plan.mask_ratio)) * plan.batch_size}
-            batches = iter(build_loader(dataset, plan.micro_batch, cfg.data.num_workers))
+            batches = (dataset.batches(plan.micro_batch) if isinstance(dataset, RandomClips)
+                       else iter(build_loader(dataset, plan.micro_batch, cfg.data.num_workers)))
             for _ in range(drop):  # if the data ends here, the step loop finds it has
                 next(batches, None)
             progress.update(task, epoch=plan.epoch)
@@ -431,8 +441,17 @@ def _check_bad_steps(in_a_row: int, step: int, limit: int, last_ckpt: Path | Non
         raise TrainingError(f"{in_a_row} non-finite steps in a row at step {step}; {where}")
 
 
+def _memory_held(device: torch.device, graphed: GraphedPasses | None) -> int:
+    """Peak bytes on the device: the allocator's peak, and with CUDA graphs at least what is
+    held now, the activations in the graphs' pool included (a replay allocates nothing, and
+    each capture's peak counted its own shape's activations alone)."""
+    peak = peak_memory_bytes(device)
+    idle = graphed.pool_idle_bytes() if graphed is not None else None
+    return peak if idle is None else max(peak, torch.cuda.memory_allocated(device) + idle)
+
+
 def _log_record(cfg, plan: EpochPlan, step, lr, sums, updates, timer, device, peak, gpu_util,
-                work: dict) -> dict:
+                work: dict, memory: int) -> dict:
     """One metrics record over the steps since the last one (`updates` of them applied, `work`
     their samples, training FLOPs and visible tokens); ratio and batch are the latest step's."""
     sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -447,7 +466,7 @@ def _log_record(cfg, plan: EpochPlan, step, lr, sums, updates, timer, device, pe
               "tflops": work["flops"] / seconds / 1e12,
               "mfu": mfu(work["flops"], seconds, peak),
               "data_wait": timing["data_wait_share"],
-              "peak_memory_gb": peak_memory_bytes(device) / 2 ** 30,
+              "peak_memory_gb": memory / 2 ** 30,
               "gpu_util": gpu_util.mean()}
     gpu_util.reset()
     return record

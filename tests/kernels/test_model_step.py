@@ -211,6 +211,7 @@ def test_graphed_passes_train_as_the_eager_trainer_does(autocast):
             else:
                 passes.zero_grads()
     assert len(passes.graphs) == 2
+    assert passes.pool_idle_bytes() > 0  # the activations the replays write
     # bf16: the same kernels on both paths, so tight on the weights too (six AdamW steps move
     # a weight by at most ~2.5e-3, which a loose atol would hide)
     tol = TOL if autocast is None else dict(rtol=1e-2, atol=1e-2)

@@ -311,6 +311,25 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
     with pytest.raises(ConfigError, match="train.cuda_graphs = true needs a CUDA device; "
                                           "this run is on cpu"):
         run(shards, tmp_path, train__cuda_graphs="true", train__device="cpu")
+    with pytest.raises(ConfigError, match=r"data.random_clips = -1 must be >= 0"):
+        run(shards, tmp_path, data__random_clips=-1)
+
+
+def test_random_clips_train_without_data_and_resume_exactly(tmp_path, caplog):
+    """data.random_clips: no shards at all (data.shards names nothing), every planned step
+    runs, and a run resumed mid-epoch gives the uninterrupted run's losses bit for bit."""
+    nowhere, clips = tmp_path / "no-data", {"data__random_clips": 12}
+    with caplog.at_level("INFO", logger="fastmavil.train"):
+        summary = run(nowhere, tmp_path / "a", train__max_steps=6, **clips)
+    assert "12 random clips per epoch held in memory" in caplog.text
+    assert summary["step"] == 6 and not nowhere.exists()
+    # the plan: 1 step of 8 (epoch 0), 2 of 6, 3 of 4 (epoch 2), one pass each
+    run(nowhere, tmp_path / "b", train__max_steps=1, **clips)  # at an epoch's end
+    run(nowhere, tmp_path / "b", train__max_steps=4, **clips)  # after epoch 2's first step
+    run(nowhere, tmp_path / "b", train__max_steps=6, **clips)  # resumed mid-epoch
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 7)) and [a[s] for s in a] == [b[s] for s in a]
+    assert len(set(a.values())) == 6
 
 
 def test_bad_shards_are_errors_not_an_empty_run(shards, tmp_path):

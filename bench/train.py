@@ -1,0 +1,134 @@
+"""The trainer's own speed, as `fastmavil-train` runs it, on random clips (no data, no decoder).
+
+    python -m bench.train                   # R4 at paper size on CUDA (small on a CPU)
+    python -m bench.train --compile         # and with compiled blocks + CUDA graphs
+
+bench.throughput times the model's step; this runs the whole trainer (its loop, the copy of
+each batch to the device, gradient accumulation, clipping, the AdamW step, logging) with
+`--data.random_clips`, once per variant in its own process: eager, and with the passes replayed
+as CUDA graphs (`train.cuda_graphs`, CUDA only), each in one pass of B0 samples per step and
+in passes of `--micro` samples (r4.toml's 8, the paper's per-GPU share). The masking ratio is
+fixed at 0.8 (R4's curriculum ends there) and the batch at B0, so every step has one shape. Step time, samples/s, MFU and GPU
+utilisation are the trainer's own log records (metrics.jsonl) after the first, which holds the
+warm-up (Triton autotuning, graph capture, compilation); peak memory is the trainer's too.
+Writes bench/results/train-<device>-<size>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ._report import RESULTS, commit, device_name, print_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def variants(b0: int, micro: int, cuda: bool, compile_blocks: bool) -> dict[str, dict]:
+    """{name: overrides}; the graphed ones on CUDA only (the trainer refuses them elsewhere)."""
+    passes = {f"1 pass of {b0}": {"train.micro_batch_size": str(b0)}}
+    if micro < b0:
+        passes[f"{b0 // micro} passes of {micro}"] = {"train.micro_batch_size": str(micro)}
+    out = {}
+    for shape, over in passes.items():
+        out[f"eager, {shape}"] = over
+        if cuda:
+            out[f"CUDA graphs, {shape}"] = {**over, "train.cuda_graphs": "true"}
+            if compile_blocks:
+                out[f"compiled + CUDA graphs, {shape}"] = {**over, "train.cuda_graphs": "true",
+                                                           "train.compile": "true"}
+    return out
+
+
+def run_trainer(config: str, overrides: dict, run_dir: Path, timeout: float) -> list[dict]:
+    """One trainer run in its own process; its metrics records (raises with its output's tail
+    when it fails)."""
+    argv = [sys.executable, "-m", "fastmavil.train.pretrain", config,
+            *(x for k, v in overrides.items() for x in (f"--{k}", v))]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv[2:])} exited {done.returncode}:\n"
+                           + (done.stdout + done.stderr)[-3000:])
+    metrics = run_dir / overrides["run.name"] / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def summarise(records: list[dict]) -> dict:
+    """Medians over the log intervals after the first (the warm-up's)."""
+    timed = records[1:] or records
+    def median(key):
+        values = [r[key] for r in timed if r.get(key) is not None]
+        return statistics.median(values) if values else None
+    return {"intervals": len(timed), "step_ms": median("step_ms"),
+            "samples_per_s": median("samples_per_s"), "tflops": median("tflops"),
+            "mfu": median("mfu"), "gpu_util": median("gpu_util"),
+            "data_wait": median("data_wait"),
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in records),
+            "warmup_step_ms": records[0]["step_ms"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__)
+    parser.add_argument("config", nargs="?", default="configs/r4.toml")
+    parser.add_argument("--size", choices=["tiny", "small", "base"], default=None,
+                        help="model size (default: base on CUDA, small on a CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="B0 (default 32 CUDA, 8 CPU)")
+    parser.add_argument("--micro", type=int, default=8, help="samples per pass of the "
+                        "accumulating variants (r4.toml's 8)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 40 "
+                        "CUDA, 6 CPU), logged every steps / 4")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compiled blocks with CUDA graphs (minutes of compilation)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    size = args.size or ("base" if cuda else "small")
+    b0 = args.batch or (32 if cuda else 8)
+    steps = args.steps or (40 if cuda else 6)
+    every = max(1, steps // 4)
+    if not 1 <= args.micro <= b0 or b0 % args.micro:
+        parser.error(f"--micro {args.micro} must divide B0 = {b0}")
+    name = device_name(torch.device("cuda" if cuda else "cpu"))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"train-{name.replace(' ', '_').replace('/', '_')}-{size}.json"
+    results, rows = {}, []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        for label, over in variants(b0, args.micro, cuda, args.compile).items():
+            overrides = {"model.size": size, "data.random_clips": str(b0 * steps),
+                         "mask.schedule": "fixed", "mask.start": "0.8", "mask.end": "0.8",
+                         "train.adaptive_batch": "false", "train.batch_size": str(b0),
+                         "train.max_steps": str(steps), "train.log_every": str(every),
+                         "train.ckpt_every": str(10 * steps), "train.keep_checkpoints": "1",
+                         "run.dir": tmp, "run.name": f"run{len(results)}", **over}
+            try:
+                r = results[label] = summarise(run_trainer(args.config, overrides, Path(tmp),
+                                                           args.timeout))
+                rows.append([label, f"{r['step_ms']:.1f}", f"{r['samples_per_s']:.1f}",
+                             "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
+                             "-" if r["gpu_util"] is None else f"{r['gpu_util']:.0%}",
+                             f"{r['peak_memory_gb']:.1f}"])
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                print(f"{label}: failed: {err}")
+                results[label] = {"error": str(err)[-3000:]}
+                rows.append([label, "failed", "-", "-", "-", "-"])
+            # after each run: a stage cut short keeps what it measured
+            out.write_text(json.dumps({
+                "bench": "train", "config": args.config, "size": size, "batch": b0,
+                "mask_ratio": 0.8, "steps": steps, "log_every": every, "device": name,
+                "torch": torch.__version__, "commit": commit(), "variants": results},
+                indent=2) + "\n")
+    print_table(f"fastmavil-train {Path(args.config).stem}, {size}, B0 = {b0}, rho 0.8, "
+                f"random clips, {name}: medians of the log intervals after the first",
+                ["variant", "step ms", "samples/s", "MFU", "GPU util", "peak GB"], rows)
+    print(f"wrote {out}")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
