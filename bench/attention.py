@@ -5,8 +5,10 @@
 
 One training forward of the config's model records every attention() call (query and key
 shapes, the bias and whether it is learned); each distinct call is then timed forward +
-backward (gradients of q, k, v and a learned bias) with both backends: on CUDA the kernels' GPU
-time from the profiler, in bf16 (the autocast dtype), on a CPU wall time in fp32. Why: the Swin
+backward (gradients of q, k, v and a learned bias) with SDPA and with math: on CUDA the kernels'
+GPU time from the profiler, in bf16 (the autocast dtype), and SDPA once more with each of its
+CUDA kernels forced (cuDNN, flash, memory-efficient; "-" where that kernel does not take the
+call), which says whether SDPA's own choice is the fastest; on a CPU wall time in fp32. Why: the Swin
 audio decoder's 4x4 windows attend over 16 keys with a learned bias, which sends SDPA to its
 memory-efficient kernel (the one with a bias gradient); on an H200 that took 0.64 ms per call,
 5 ms of a 107 ms R4 step, for about 13 GFLOP (bench/results/profile-NVIDIA_H200-r4-f080127-
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +35,8 @@ from ._report import RESULTS, commit, device_name, gpu_time_ms, print_table, wal
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("sdpa", "math")
+# SDPA restricted to one of its kernels (CUDA): "sdpa:<name>" runs under sdpa_kernel(<kernel>)
+SDPA_KERNELS = ("cudnn", "flash", "efficient")
 
 
 @contextlib.contextmanager
@@ -83,12 +88,35 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
         b = torch.randn(bias[0], device=device, generator=gen, requires_grad=bias[1])
         inputs += [b] if bias[1] else []
 
+    backend, _, kernel = backend.partition(":")
+    def forced():  # a fresh context per call: sdpa_kernel's can be entered once
+        if not kernel:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(warnings.catch_warnings())  # why each kernel declines: said below
+        warnings.simplefilter("ignore", UserWarning)
+        stack.enter_context(sdpa_kernel(kernel))
+        return stack
+
     def step():
-        out = attention_module.attention(q, k, v, b, backend)
+        with forced():
+            out = attention_module.attention(q, k, v, b, backend)
         torch.autograd.grad(out, inputs, torch.ones_like(out))
-    if device.type == "cuda":
-        return gpu_time_ms(step, reps)[0]
-    return statistics.median(wall_times_ms(step, reps))
+    try:
+        if device.type == "cuda":
+            return gpu_time_ms(step, reps)[0]
+        return statistics.median(wall_times_ms(step, reps))
+    except RuntimeError as err:  # a forced kernel that does not take these inputs
+        if not kernel:
+            raise
+        print(f"sdpa:{kernel} at {describe(site)}: {str(err).strip().splitlines()[0]}")
+        return None
+
+
+def sdpa_kernel(name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel as restrict
+    return restrict([{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]])
 
 
 def describe(site) -> str:
@@ -105,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="model size (default: base on CUDA, small on a CPU)")
     parser.add_argument("--batch", type=int, default=None, help="default 32 CUDA, 8 CPU")
     parser.add_argument("--reps", type=int, default=None, help="default 20 CUDA, 3 CPU")
+    parser.add_argument("--sdpa-kernels", nargs="*", choices=SDPA_KERNELS, default=None,
+                        help="SDPA kernels to time on their own besides SDPA's choice "
+                        "(default: all three on CUDA, none on a CPU)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -112,28 +143,32 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (32 if cuda else 8)
     reps = args.reps or (20 if cuda else 3)
     dtype = torch.bfloat16 if cuda else torch.float32
+    forced = SDPA_KERNELS if args.sdpa_kernels is None and cuda else args.sdpa_kernels or ()
+    backends = (*BACKENDS, *(f"sdpa:{k}" for k in forced))
     path = Path(args.config)
     cfg = load_config(path if path.exists() else ROOT / path, {"model.size": size})
     sites = call_sites(cfg, device, batch)
-    rows, records, totals = [], [], dict.fromkeys(BACKENDS, 0.0)
+    rows, records, totals = [], [], dict.fromkeys(backends, 0.0)
     for site, calls in sites.items():
-        ms = {backend: time_site(site, backend, device, dtype, reps) for backend in BACKENDS}
-        for backend in BACKENDS:
-            totals[backend] += (ms[backend] or 0.0) * calls
+        ms = {backend: time_site(site, backend, device, dtype, reps) for backend in backends}
+        for backend in backends:  # a backend that cannot take every call has no total
+            totals[backend] = (None if ms[backend] is None or totals[backend] is None
+                               else totals[backend] + ms[backend] * calls)
         ratio = ms["sdpa"] / ms["math"] if ms["sdpa"] and ms["math"] else None
-        records.append({"site": describe(site), "calls": calls, **{f"{b}_ms": ms[b]
-                                                                   for b in BACKENDS},
-                        "sdpa_over_math": ratio})
+        fastest = min((b for b in backends if ms[b] is not None), key=ms.get)
+        records.append({"site": describe(site), "calls": calls,
+                        **{f"{b}_ms": ms[b] for b in backends}, "sdpa_over_math": ratio,
+                        "fastest": fastest})
         rows.append([describe(site), str(calls),
-                     *("-" if ms[b] is None else f"{ms[b]:.3f}" for b in BACKENDS),
-                     "-" if ratio is None else f"{ratio:.2f}"])
+                     *("-" if ms[b] is None else f"{ms[b]:.3f}" for b in backends),
+                     "-" if ratio is None else f"{ratio:.2f}", fastest])
     what = "GPU ms (profiler)" if cuda else "wall ms"
     name = device_name(device)
     print_table(f"{path.stem} attention calls per forward, {size}, B={batch}, {name}: "
-                f"forward + backward {what} per call", ["call site", "calls", "sdpa", "math",
-                                                        "sdpa / math"], rows)
-    print("per forward + backward, all calls: " + ", ".join(f"{b} {totals[b]:.2f} ms"
-                                                            for b in BACKENDS))
+                f"forward + backward {what} per call",
+                ["call site", "calls", *backends, "sdpa / math", "fastest"], rows)
+    print("per forward + backward, all calls: " + ", ".join(
+        f"{b} {'-' if totals[b] is None else f'{totals[b]:.2f}'} ms" for b in backends))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"attention-{name.replace(' ', '_').replace('/', '_')}-{size}.json"
     out.write_text(json.dumps({

@@ -72,7 +72,9 @@ def test_kernels_appends_rows_with_their_commit(results, monkeypatch):
 
 
 def test_attention_times_each_call_site_of_the_model_with_both_backends(results):
-    assert bench.attention.main(["configs/r4.toml", "--size", "tiny", "--reps", "1"]) == 0
+    # SDPA's CPU flash kernel takes the calls without a bias; the memory-efficient one none
+    assert bench.attention.main(["configs/r4.toml", "--size", "tiny", "--reps", "1",
+                                 "--sdpa-kernels", "flash", "efficient"]) == 0
     (path,) = results.glob("attention-*-tiny.json")
     record = json.loads(path.read_text())
     sites = {s["site"]: s for s in record["sites"]}
@@ -83,6 +85,11 @@ def test_attention_times_each_call_site_of_the_model_with_both_backends(results)
                for s in sites), sites  # queries and keys of different lengths
     assert all(s["calls"] >= 1 and s["sdpa_ms"] > 0 and s["math_ms"] > 0 for s in sites.values())
     assert record["total_ms"]["sdpa"] > 0 and record["total_ms"]["math"] > 0
+    assert all(s["sdpa:efficient_ms"] is None for s in sites.values())
+    assert {s["sdpa:flash_ms"] is None for s in sites.values()} == {True, False}
+    assert record["total_ms"]["sdpa:flash"] is None  # it cannot take every call
+    assert all(s[f"{s['fastest']}_ms"] == min(v for k, v in s.items() if k.endswith("_ms")
+                                              and v is not None) for s in sites.values())
 
 
 def test_kernel_breakdown_is_per_call_and_longest_first():
