@@ -292,10 +292,30 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-def to_device(batch: dict, device: torch.device, spec: LoaderSpec
+def to_device(batch: dict, device: torch.device, spec: LoaderSpec,
+              stream: torch.cuda.Stream | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A batch's (audio, video) on `device`, the video normalised there: it travels as uint8,
-    a quarter of float32's bytes through pinned memory and to the GPU."""
+    a quarter of float32's bytes through pinned memory and to the GPU.
+
+    With a CUDA `stream` (the trainer's copy stream), the copies and the normalisation run on
+    it, and the current stream waits for them: on the GPU they overlap the kernels of the
+    pass before, which a copy on the current stream would queue behind."""
+    if stream is None:
+        return _moved(batch, device, spec)
+    # No wait for the current stream first: the source is host memory, and the copy stream's
+    # allocations reuse only blocks whose uses on other streams are recorded and done.
+    current = torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        moved = _moved(batch, device, spec)
+    current.wait_stream(stream)
+    for tensor in moved:
+        if tensor is not None:  # made on the copy stream, used and freed on the current one
+            tensor.record_stream(current)
+    return moved
+
+
+def _moved(batch: dict, device: torch.device, spec: LoaderSpec):
     video = batch.get("video")
     if video is not None:
         video = normalize_video(video.to(device, non_blocking=True), spec.video_mean,

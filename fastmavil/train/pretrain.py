@@ -241,6 +241,8 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
         log.info("resumed from %s (step %d)", path, step)
     if t.compile:
         log.info("compiled %d transformer blocks", compile_blocks(model))
+    # the batches' copies to the GPU overlap the previous pass (fastmavil.data.loader.to_device)
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     graphed = None
     if t.cuda_graphs:
         graphed = GraphedPasses(model, generator, torch.bfloat16 if bf16 else None)
@@ -336,7 +338,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             progress.update(task, epoch=plan.epoch)
 
             def run_pass(batch, ratio=plan.mask_ratio, passes=accum):  # this epoch's shape
-                audio, video = to_device(batch, device, dataset.spec)
+                audio, video = to_device(batch, device, dataset.spec, copy_stream)
                 if graphed:
                     return graphed(audio, video, ratio, passes)
                 with autocast:

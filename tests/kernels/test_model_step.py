@@ -78,12 +78,32 @@ def test_fast_step_equals_reference_step(variant, monkeypatch):
                                    atol=10 * TOL["atol"] * scale, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: copy streams are a CUDA "
+                    "matter (on a CPU to_device takes no stream)")
+def test_to_device_on_a_copy_stream_gives_the_batch_the_current_stream_then_reads():
+    """The trainer copies each batch on a side stream: the current stream waits for it, so
+    work queued right after reads the whole batch, equal to a copy on the current stream, even
+    while that stream is busy with earlier work."""
+    from fastmavil.data.loader import LoaderSpec, to_device
+    cuda = torch.device("cuda")
+    batch = {"audio": torch.randn(4, 1, 128, 64).pin_memory(),
+             "video": torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8).pin_memory()}
+    expected = to_device(batch, cuda, LoaderSpec())
+    busy = torch.randn(4096, 4096, device=cuda)
+    for _ in range(20):  # keeps the current stream busy while the copy stream works
+        busy = busy @ busy / 64
+    audio, video = to_device(batch, cuda, LoaderSpec(), torch.cuda.Stream(cuda))
+    sums = audio.sum(), video.sum()  # queued on the current stream
+    assert torch.equal(audio, expected[0]) and torch.equal(video, expected[1])
+    assert torch.equal(sums[0], expected[0].sum()) and torch.equal(sums[1], expected[1].sum())
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
                     reason="needs a CUDA GPU and triton: host synchronisation is a CUDA matter")
 def test_fast_training_step_never_waits_for_the_device():
-    """The step the trainer runs (a pinned batch moved and its uint8 video normalised on the
-    device, bf16 autocast, kernels, SDPA, gradient norm, fused AdamW with an on-device skip)
-    queues work without a host sync, so the host can run ahead of the GPU."""
+    """The step the trainer runs (a pinned batch moved on a copy stream and its uint8 video
+    normalised on the device, bf16 autocast, kernels, SDPA, gradient norm, fused AdamW with an
+    on-device skip) queues work without a host sync, so the host can run ahead of the GPU."""
     from fastmavil.data.loader import LoaderSpec, to_device
     from fastmavil.models.attention import set_attention_backend
     torch.manual_seed(0)
@@ -94,9 +114,10 @@ def test_fast_training_step_never_waits_for_the_device():
     batch = {"audio": torch.randn(2, 1, 64, 64).pin_memory(),  # as the loader's pinned batches
              "video": torch.randint(0, 256, (2, 3, 4, 32, 32), dtype=torch.uint8).pin_memory()}
     generator = torch.Generator("cuda").manual_seed(0)
+    copy_stream = torch.cuda.Stream()
 
     def step():
-        audio, video = to_device(batch, torch.device("cuda"), LoaderSpec())
+        audio, video = to_device(batch, torch.device("cuda"), LoaderSpec(), copy_stream)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(audio, video, 0.75, generator)
         out.loss.backward()
