@@ -5,15 +5,16 @@
 
 One training forward of the config's model records every attention() call (query and key
 shapes, the bias and whether it is learned); each distinct call is then timed forward +
-backward (gradients of q, k, v and a learned bias) with SDPA and with math: on CUDA the kernels'
-GPU time from the profiler, in bf16 (the autocast dtype), and SDPA once more with each of its
-CUDA kernels forced (cuDNN, flash, memory-efficient; "-" where that kernel does not take the
-call), which says whether SDPA's own choice is the fastest; on a CPU wall time in fp32. Why: the Swin
-audio decoder's 4x4 windows attend over 16 keys with a learned bias, which sends SDPA to its
-memory-efficient kernel (the one with a bias gradient); on an H200 that took 0.64 ms per call,
-5 ms of a 107 ms R4 step, for about 13 GFLOP (bench/results/profile-NVIDIA_H200-r4-f080127-
-eager.txt). Whether the math path does better there decides `model.attention = auto`'s choice
-for short windows. Writes bench/results/attention-<device>-<size>.json.
+backward (gradients of q, k, v and a learned bias): on CUDA the kernels' GPU time from the
+profiler, in bf16 (the autocast dtype), with SDPA, with math, with SDPA restricted to each of
+its CUDA kernels (cuDNN, flash, memory-efficient; "-" where that kernel does not take the call:
+is SDPA's own pick the fastest?) and with the Triton window kernels where the bias is shared by
+the batch (kernels.window_attention, which `auto` runs in the Swin decoder with the kernels
+on); on a CPU wall time in fp32, SDPA and math. Why: the Swin audio decoder's 4x4 windows
+attend over 16 keys with a learned bias, which sends SDPA to its memory-efficient kernel (the
+one with a bias gradient); on an H200 that took 0.64 ms per call, 5 ms of a 107 ms R4 step,
+for about 13 GFLOP (bench/results/profile-NVIDIA_H200-r4-f080127-eager.txt).
+Writes bench/results/attention-<device>-<size>.json.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 
 import fastmavil.models.attention as attention_module
 import fastmavil.models.swin as swin_module
+import kernels
 from fastmavil.config import load_config
 from fastmavil.models import build_model
 
@@ -88,7 +90,19 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
         b = torch.randn(bias[0], device=device, generator=gen, requires_grad=bias[1])
         inputs += [b] if bias[1] else []
 
+    if backend == "window":  # the Swin windows' Triton kernels (kernels.window_attention)
+        from kernels.window_attention import window_attention
+        if (b is None or b.dim() != 3 or q_shape != k_shape
+                or not kernels.can_launch("window_attention", q, k, v, b)):
+            return None
+        attend = window_attention
+    else:
+        def attend(q, k, v, b):
+            with forced():
+                return attention_module.attention(q, k, v, b, backend)
+
     backend, _, kernel = backend.partition(":")
+
     def forced():  # a fresh context per call: sdpa_kernel's can be entered once
         if not kernel:
             return contextlib.nullcontext()
@@ -99,8 +113,7 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
         return stack
 
     def step():
-        with forced():
-            out = attention_module.attention(q, k, v, b, backend)
+        out = attend(q, k, v, b)
         torch.autograd.grad(out, inputs, torch.ones_like(out))
     try:
         if device.type == "cuda":
@@ -144,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (20 if cuda else 3)
     dtype = torch.bfloat16 if cuda else torch.float32
     forced = SDPA_KERNELS if args.sdpa_kernels is None and cuda else args.sdpa_kernels or ()
-    backends = (*BACKENDS, *(f"sdpa:{k}" for k in forced))
+    # the Triton window kernels where they apply: a bias shared by the batch (Swin windows)
+    backends = (*BACKENDS, *(f"sdpa:{k}" for k in forced), *(("window",) if cuda else ()))
     path = Path(args.config)
     cfg = load_config(path if path.exists() else ROOT / path, {"model.size": size})
     sites = call_sites(cfg, device, batch)

@@ -18,7 +18,8 @@ runs for each).
 Settings: `fp32` (IEEE fp32 products, the CUDA parity tests), `bf16` (bf16 inputs, as
 bench.kernels) and `amp` (fp32 inputs under bf16 autocast, as training), each on audio and
 video patch geometry, with every flag (norm_pix, given or in-kernel noise, patches saved for
-backward or not) taking both values. Needs a Triton with the NVIDIA backend (its bundled
+backward or not) taking both values; the window attention's in each setting, with a learned,
+a fixed and no bias. Needs a Triton with the NVIDIA backend (its bundled
 ptxas), no GPU, and TRITON_INTERPRET unset (the interpreter replaces the JIT). Uses Triton's
 internal binder and argument packing (`create_function_from_signature`,
 `JITFunction._pack_args`), as in Triton 3.6-3.9; another Triton may fail here without the
@@ -131,8 +132,25 @@ def _run_kernels(setting: str, shape: tuple[int, ...], patch: tuple[int, ...],
         diffused(False, seed=7) + embedded_and_loss(False)
 
 
+def _run_window_attention(setting: str, gen: torch.Generator) -> None:
+    """The window attention kernels as the Swin decoder calls them (4 x 4 windows, 32-wide
+    heads; bf16 q, k, v under autocast, an fp32 learned bias), with a bias that needs no
+    gradient (a shift mask alone) and with none, at a batch of several chunks of samples and
+    at one of a single sample."""
+    from kernels.window_attention import window_attention
+
+    dtype = torch.float32 if setting == "fp32" else torch.bfloat16
+    for batch, bias_kind in ((32, "learned"), (1, "fixed"), (3, None)):
+        q, k, v = (torch.randn(batch, 6, 16, 32, generator=gen, dtype=dtype).requires_grad_()
+                   for _ in range(3))
+        bias = (None if bias_kind is None else
+                torch.randn(6, 16, 16, generator=gen).requires_grad_(bias_kind == "learned"))
+        window_attention(q, k, v, bias).float().sum().backward()
+
+
 def record_launches(settings=SETTINGS) -> list[Launch]:
-    """The launches of `_run_kernels` per setting and geometry, and of the Philox noise."""
+    """The launches of `_run_kernels` per setting and geometry, of the window attention per
+    setting, and of the Philox noise."""
     from kernels.diffuse_embed import philox_noise
 
     gen = torch.Generator().manual_seed(0)
@@ -144,6 +162,10 @@ def record_launches(settings=SETTINGS) -> list[Launch]:
                 _run_kernels(setting, shape, patch, gen)
                 for launch in launches[start:]:
                     launch.label = f"{setting} {geo}"
+            start = len(launches)
+            _run_window_attention(setting, gen)
+            for launch in launches[start:]:
+                launch.label = f"{setting} window"
         philox_noise(7, 2, 3, 5, "cpu")
         launches[-1].label = "any"
     return launches

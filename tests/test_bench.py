@@ -92,6 +92,24 @@ def test_attention_times_each_call_site_of_the_model_with_both_backends(results)
                                               and v is not None) for s in sites.values())
 
 
+def test_attention_times_the_window_kernels_where_the_bias_is_shared(monkeypatch):
+    """The "window" backend times kernels.window_attention at a Swin site (a (G, L, L) bias)
+    and gives no time where it does not apply (no bias; or where it cannot launch)."""
+    import kernels
+    import kernels.window_attention as wa
+    calls = []
+    monkeypatch.setattr(wa, "window_attention",
+                        lambda *a: calls.append(a) or wa.reference_window_attention(*a))
+    cpu = torch.device("cpu")
+    swin = ((2, 6, 16, 8), (2, 6, 16, 8), ((6, 16, 16), True))
+    monkeypatch.setattr(kernels, "can_launch", lambda name, *tensors: True)
+    assert bench.attention.time_site(swin, "window", cpu, torch.float32, 1) > 0 and calls
+    assert bench.attention.time_site((swin[0], swin[1], None), "window", cpu, torch.float32,
+                                     1) is None
+    monkeypatch.setattr(kernels, "can_launch", lambda name, *tensors: False)
+    assert bench.attention.time_site(swin, "window", cpu, torch.float32, 1) is None
+
+
 def test_kernel_breakdown_is_per_call_and_longest_first():
     rows = [types.SimpleNamespace(key="index_add", self_device_time_total=300.0, count=20),
             types.SimpleNamespace(key="gemm", self_device_time_total=500.0, count=40)]

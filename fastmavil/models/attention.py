@@ -9,7 +9,8 @@ Backends:
          formula for some fused CPU kernels);
   auto   flash where it applies (importable, CUDA, fp16/bf16, no bias), otherwise sdpa.
 Windowed attention with a shift mask or relative-position bias carries a bias, so `flash` and
-`auto` run it through sdpa.
+`auto` run it through sdpa; the Swin blocks (swin.py) run their windows through the Triton
+kernels of kernels.window_attention instead under `auto` when the model's kernels are on.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from .decoder import Decoder
 from .encoder import Encoder, FusionEncoder
 from .patch import patch_grid, patchify
 from .pos_embed import sincos_grid
+from .swin import WindowBlock
 
 
 @dataclass
@@ -123,6 +124,9 @@ class MAViL(nn.Module):
         for encoder in (self.audio_encoder, getattr(self, "video_encoder", None)):
             if encoder is not None:
                 encoder.patch_embed.fused = enabled
+        for block in self.modules():  # the Swin audio decoder's windows
+            if isinstance(block, WindowBlock):
+                block.fused = enabled
 
     def _reconstruct(self, decoder: Decoder, x: torch.Tensor, patch: tuple[int, ...],
                      latents: torch.Tensor, ids: Masking,

@@ -83,6 +83,8 @@ class WindowBlock(nn.Module):
         mask = shift_mask(self.grid, self.window, self.shift) if any(self.shift) else None
         self.register_buffer("mask", mask if mask is None else mask[:, None], persistent=False)
         self._windows = windows
+        # kernels.window_attention under the `auto` backend (set by the model's use_kernels)
+        self.fused = False
 
     def position_bias(self) -> torch.Tensor | None:
         """(1, heads, L, L) relative-position bias, or None."""
@@ -108,8 +110,12 @@ class WindowBlock(nn.Module):
         q, k, v = (_split_heads(t, self.heads) for t in self.attn.qkv(windows).chunk(3, -1))
         q, k = self.scale_qk(q, k)
         # fold windows into the head axis: one attention call over (B, W * H, L, d)
-        out = attention(*(t.flatten(1, 2) for t in (q, k, v)), self.attention_bias(),
-                        self.attn.backend)
+        q, k, v = (t.flatten(1, 2) for t in (q, k, v))
+        if self.fused and self.attn.backend == "auto":
+            from kernels.window_attention import window_attention
+            out = window_attention(q, k, v, self.attention_bias())
+        else:
+            out = attention(q, k, v, self.attention_bias(), self.attn.backend)
         out = self.attn.proj(_merge_heads(out.unflatten(1, (self._windows, self.heads))))
         grid = from_windows(out, self.grid, self.window)
         if any(self.shift):

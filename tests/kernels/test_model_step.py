@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 import kernels.diffuse_embed as diffuse_embed  # noqa: E402
+import kernels.window_attention as window_attention  # noqa: E402
 from fastmavil.config import Config, ModelConfig  # noqa: E402
 from fastmavil.diffusion import DiffusionSchedule  # noqa: E402
 from fastmavil.models import MAViL, build_model  # noqa: E402
@@ -60,6 +61,9 @@ def test_fast_step_equals_reference_step(variant, monkeypatch):
                     noise=noise_for((ids.shape[0], ids.shape[1], weight[0].numel())))
     monkeypatch.setattr(diffuse_embed, "diffuse_embed_masked", with_noise)
     monkeypatch.setattr(MAViL, "_noise", staticmethod(lambda like, g: noise_for(like.shape)))
+    real_windows, windowed = window_attention.window_attention, []
+    monkeypatch.setattr(window_attention, "window_attention",
+                        lambda *a: windowed.append(a) or real_windows(*a))
 
     outs = []
     for model in (reference, fast):
@@ -68,6 +72,7 @@ def test_fast_step_equals_reference_step(variant, monkeypatch):
         outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (ref_out, ref_grads), (fast_out, fast_grads) = outs
     assert len(calls) == (2 if variant == "diffmavil" else 0)  # the fused path was taken
+    assert len(windowed) == cfg.model.decoder_depth  # the Swin decoder's windows, in Triton
     assert not kernels._warned  # and its kernels launched: none fell back to its reference
     for key in ref_out.terms:
         torch.testing.assert_close(fast_out.terms[key], ref_out.terms[key], **TOL)

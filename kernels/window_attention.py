@@ -1,0 +1,228 @@
+"""Attention within small windows (the Swin audio decoder's), a whole window in registers.
+
+    out[b, g] = softmax(q[b, g] k[b, g]^T / sqrt(d) + bias[g]) v[b, g]     q, k, v (B, G, L, d)
+
+equals fastmavil.models.attention.attention(q, k, v, bias, "math") for a bias (G, L, L) shared
+by the batch (-inf allowed: Swin's shift mask) or none; G folds windows and heads. Why: the
+decoder's 4x4 windows (L = 16) with a learned bias send SDPA to its memory-efficient kernel,
+which took 0.64 ms per call on an H200 (5 ms of an R4 step, bench/results/profile-NVIDIA_H200-
+r4-f080127-eager.txt) for about 13 GFLOP; the call's tensors are ~17 MB each in bf16, so its
+memory traffic is tens of microseconds.
+
+A window is small (L <= 64), so one program holds all L x L scores: an exact softmax, no online
+rescaling. Each program takes one window-head g for B_PER samples: the bias is read once and its
+gradient, a sum over the batch, stays in registers and is written as one partial sum per chunk
+of samples (summed by torch: deterministic, no atomics). Backward recomputes the probabilities
+from q, k and the bias, and takes the softmax gradient's row term from the output
+(FlashAttention's D = rowsum(dO * O)).
+
+Dtypes: q, k, v share one of fp32, bf16, fp16; scores, softmax and every sum in fp32; P and dS
+are rounded to that dtype for their matmuls (as flash kernels do); fp32 matmuls are IEEE unless
+torch allows TF32. The bias (any float dtype) is added in fp32 and its gradient returned in its
+own dtype. Through torch.library custom ops, so compiled blocks call the kernels without a
+graph break.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+import kernels
+from kernels._patches import check_tensors, dot_constexprs, mma
+
+MAX_WINDOW = 64   # tokens per window: one program holds L x L fp32 scores
+MAX_HEAD_DIM = 128
+
+
+def reference_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain PyTorch computation: explicit softmax (the model's math backend)."""
+    from fastmavil.models.attention import attention
+    return attention(q, k, v, bias, "math")
+
+
+@triton.jit
+def _probabilities(q, k, bias, key_ok, scale, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                   ROUND_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr):
+    """softmax(q k^T * scale + bias) over the real keys -> (BLOCK_L, BLOCK_L) fp32."""
+    s = mma(tl.zeros((BLOCK_L, BLOCK_L), tl.float32), q, tl.trans(k), COMPUTE, PRECISION,
+            ROUND_ONLY) * scale
+    if HAS_BIAS:
+        s += bias
+    s = tl.where(key_ok[None, :], s, float("-inf"))  # the block's padding keys
+    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+    return p / tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, B, L, D, scale,
+                    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, B_PER: tl.constexpr, BLOCK_L: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Window-head g of samples [chunk * B_PER, (chunk + 1) * B_PER); tensors contiguous."""
+    g, chunk, windows = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
+    row_ok = rows < L
+    tile = rows[:, None] * D + dims[None, :]
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * L * L + rows[:, None] * L + rows[None, :],
+                       mask=row_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+    for i in range(B_PER):
+        b = chunk * B_PER + i
+        rows_b = tl.where(b < B, L, 0)  # no rows past the last sample
+        ok = (rows < rows_b)[:, None] & (dims < D)[None, :]
+        base = (b.to(tl.int64) * windows + g) * L * D
+        q = tl.load(q_ptr + base + tile, mask=ok, other=0.0)
+        k = tl.load(k_ptr + base + tile, mask=ok, other=0.0)
+        v = tl.load(v_ptr + base + tile, mask=ok, other=0.0)
+        p = _probabilities(q, k, bias, row_ok, scale, COMPUTE, PRECISION, ROUND_ONLY, HAS_BIAS,
+                           BLOCK_L)
+        out = mma(tl.zeros((BLOCK_L, BLOCK_D), tl.float32), p, v, COMPUTE, PRECISION, ROUND_ONLY)
+        tl.store(out_ptr + base + tile, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_ptr, dq_ptr, dk_ptr, dv_ptr,
+                     dbias_ptr, B, L, D, scale, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                     ROUND_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                     B_PER: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq, dk, dv of the same samples; with BIAS_GRAD the chunk's sum of dS into
+    dbias_ptr[chunk, g] (fp32)."""
+    g, chunk, windows = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
+    row_ok = rows < L
+    pair_ok = row_ok[:, None] & row_ok[None, :]
+    tile = rows[:, None] * D + dims[None, :]
+    pairs = rows[:, None] * L + rows[None, :]
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * L * L + pairs, mask=pair_ok, other=0.0).to(tl.float32)
+    dbias = tl.zeros((BLOCK_L, BLOCK_L), tl.float32)
+    for i in range(B_PER):
+        b = chunk * B_PER + i
+        rows_b = tl.where(b < B, L, 0)  # no rows past the last sample
+        ok = (rows < rows_b)[:, None] & (dims < D)[None, :]
+        base = (b.to(tl.int64) * windows + g) * L * D
+        q = tl.load(q_ptr + base + tile, mask=ok, other=0.0)
+        k = tl.load(k_ptr + base + tile, mask=ok, other=0.0)
+        v = tl.load(v_ptr + base + tile, mask=ok, other=0.0)
+        out = tl.load(out_ptr + base + tile, mask=ok, other=0.0).to(tl.float32)
+        grad = tl.load(grad_ptr + base + tile, mask=ok, other=0.0)
+        p = _probabilities(q, k, bias, row_ok, scale, COMPUTE, PRECISION, ROUND_ONLY, HAS_BIAS,
+                           BLOCK_L)
+        zeros = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
+        dv = mma(zeros, tl.trans(p), grad, COMPUTE, PRECISION, ROUND_ONLY)
+        dp = mma(tl.zeros((BLOCK_L, BLOCK_L), tl.float32), grad, tl.trans(v), COMPUTE, PRECISION,
+                 ROUND_ONLY)
+        # rows with no gradient (padding, samples past B) have dS = 0: they add nothing below
+        ds = p * (dp - tl.sum(grad.to(tl.float32) * out, axis=1)[:, None])
+        if BIAS_GRAD:
+            dbias += ds
+        dq = mma(zeros, ds, k, COMPUTE, PRECISION, ROUND_ONLY) * scale
+        dk = mma(zeros, tl.trans(ds), q, COMPUTE, PRECISION, ROUND_ONLY) * scale
+        tl.store(dq_ptr + base + tile, dq.to(dq_ptr.dtype.element_ty), mask=ok)
+        tl.store(dk_ptr + base + tile, dk.to(dk_ptr.dtype.element_ty), mask=ok)
+        tl.store(dv_ptr + base + tile, dv.to(dv_ptr.dtype.element_ty), mask=ok)
+    if BIAS_GRAD:
+        tl.store(dbias_ptr + (chunk * windows + g) * L * L + pairs, dbias, mask=pair_ok)
+
+
+def _launch_constants(q: torch.Tensor, bias: torch.Tensor | None) -> tuple[tuple, dict]:
+    """(grid, constexprs) shared by both kernels."""
+    batch, windows, length, dim = q.shape
+    # a few samples per program: the bias read once and its gradient summed in registers, and
+    # still B * G / B_PER programs (2048 for R4's decoder at B = 32) to fill the GPU
+    b_per = min(8, triton.next_power_of_2(batch))
+    block_l = max(16, triton.next_power_of_2(length))  # tl.dot's smallest tile side is 16
+    block_d = max(16, triton.next_power_of_2(dim))
+    grid = (windows, triton.cdiv(batch, b_per))
+    return grid, dict(**dot_constexprs(q.dtype), HAS_BIAS=bias is not None, B_PER=b_per,
+                      BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+
+
+@torch.library.custom_op("fastmavil::window_attention", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    grid, const = _launch_constants(q, bias)
+    _forward_kernel[grid](q, k, v, q if bias is None else bias, out, q.shape[0], q.shape[2],
+                          q.shape[3], q.shape[3] ** -0.5, **const)
+    return out
+
+
+@_forward.register_fake
+def _(q, k, v, bias):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastmavil::window_attention_backward", mutates_args=())
+def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              bias: torch.Tensor | None, out: torch.Tensor, bias_grad: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias); dbias is empty unless bias_grad."""
+    grad, q, k, v, out = (t.contiguous() for t in (grad, q, k, v, out))
+    bias = None if bias is None else bias.contiguous()
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    grid, const = _launch_constants(q, bias)
+    windows, length = q.shape[1], q.shape[2]
+    partial = torch.empty((grid[1], windows, length, length) if bias_grad else (0,),
+                          device=q.device, dtype=torch.float32)
+    _backward_kernel[grid](q, k, v, q if bias is None else bias, out, grad, dq, dk, dv, partial,
+                           q.shape[0], length, q.shape[3], q.shape[3] ** -0.5,
+                           BIAS_GRAD=bias_grad, **const)
+    dbias = partial.sum(0).to(bias.dtype) if bias_grad else partial
+    return dq, dk, dv, dbias
+
+
+@_backward.register_fake
+def _(grad, q, k, v, bias, out, bias_grad):
+    dbias = (torch.empty(bias.shape, device=q.device, dtype=bias.dtype) if bias_grad
+             else q.new_empty((0,), dtype=torch.float32))
+    return (*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)),
+            dbias)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias = inputs
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(q, k, v, bias, output)
+
+
+def _backward_autograd(ctx, grad):
+    q, k, v, bias, out = ctx.saved_tensors
+    dq, dk, dv, dbias = _backward(grad, q, k, v, bias, out, ctx.bias_grad)
+    return dq, dk, dv, dbias if ctx.bias_grad else None
+
+
+_forward.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one (B, G, L, d) shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    _, windows, length, dim = q.shape
+    if bias is not None and tuple(bias.shape) != (windows, length, length):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected (G, L, L) = "
+                         f"{(windows, length, length)}, shared by the batch")
+    check_tensors(q.device, floats=dict(q=q, k=k, v=v, bias=bias))
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v for q, k, v (B, G, L, d) and bias (G, L, L) or None.
+
+    The Triton kernels where kernels.can_launch allows and the window fits (L <= 64,
+    d <= 128), else the math reference."""
+    _check(q, k, v, bias)
+    fits = q.shape[2] <= MAX_WINDOW and q.shape[3] <= MAX_HEAD_DIM
+    tensors = (q, k, v) if bias is None else (q, k, v, bias)
+    if fits and kernels.can_launch("window_attention", *tensors):
+        return _forward(q, k, v, bias)
+    return reference_window_attention(q, k, v, bias)
