@@ -314,6 +314,9 @@ if triton is not None:
     # 64x128x32 fits 99 KB of shared memory (L40S, RTX 4090, A10) with given fp32 noise, where
     # the other two do not; it replaced 128x128x64 (8 warps), which bench.kernels never picked
     # on an H200 and which needs up to 224 KB (`python -m kernels.compile_check --arch 89`).
+    # 32x512x32 covers the decoder's whole width (512) in one program, so each row tile's
+    # normalisation and noise are computed once rather than once per feature block.
     _fwd_tuned = triton.autotune(
-        _configs([(64, 128, 64, 4, 3), (64, 128, 32, 4, 3), (64, 256, 32, 8, 3)]),
+        _configs([(64, 128, 64, 4, 3), (64, 128, 32, 4, 3), (64, 256, 32, 8, 3),
+                  (32, 512, 32, 8, 3)]),
         key=["m", "Dd", "P", "COMPUTE", "PRECISION", "SAVE_XT"])(_fwd_kernel)
