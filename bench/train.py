@@ -73,6 +73,10 @@ def summarise(records: list[dict]) -> dict:
             "warmup_step_ms": records[0]["step_ms"]}
 
 
+def _cell(value, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__)
     parser.add_argument("config", nargs="?", default="configs/r4.toml")
@@ -109,10 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r = results[label] = summarise(run_trainer(args.config, overrides, Path(tmp),
                                                            args.timeout))
-                rows.append([label, f"{r['step_ms']:.1f}", f"{r['samples_per_s']:.1f}",
-                             "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
-                             "-" if r["gpu_util"] is None else f"{r['gpu_util']:.0%}",
-                             f"{r['peak_memory_gb']:.1f}"])
+                rows.append([label, *(_cell(r[key], form) for key, form in (
+                    ("step_ms", ".1f"), ("samples_per_s", ".1f"), ("mfu", ".1%"),
+                    ("gpu_util", ".0%"), ("peak_memory_gb", ".1f")))])
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 print(f"{label}: failed: {err}")
                 results[label] = {"error": str(err)[-3000:]}

@@ -16,11 +16,11 @@ of samples (summed by torch: deterministic, no atomics). Backward recomputes the
 from q, k and the bias, and takes the softmax gradient's row term from the output
 (FlashAttention's D = rowsum(dO * O)).
 
-Dtypes: q, k, v share one of fp32, bf16, fp16; scores, softmax and every sum in fp32; P and dS
-are rounded to that dtype for their matmuls (as flash kernels do); fp32 matmuls are IEEE unless
-torch allows TF32. The bias (any float dtype) is added in fp32 and its gradient returned in its
-own dtype. Through torch.library custom ops, so compiled blocks call the kernels without a
-graph break.
+Dtypes: q, k, v share one of fp32, bf16, fp16 (under autocast, its dtype); scores, softmax and
+every sum in fp32; P and dS are rounded to that dtype for their matmuls (as flash kernels do);
+fp32 matmuls are IEEE unless torch allows TF32. The bias (any float dtype) is added in fp32 and
+its gradient returned in its own dtype. Through torch.library custom ops, so compiled blocks
+call the kernels without a graph break. The warps per program are autotuned on the GPU.
 """
 from __future__ import annotations
 
@@ -129,6 +129,22 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_ptr, dq_ptr, d
         tl.store(dbias_ptr + (chunk * windows + g) * L * L + pairs, dbias, mask=pair_ok)
 
 
+# A window's tiles are small (16 x 32 at R4's decoder): fewer warps per program may let more
+# programs share an SM. Autotuned on the GPU (the grid is the same for each, and both kernels
+# only store, so timing runs can repeat); the interpreter runs 4 warps.
+_WARPS = [triton.Config({}, num_warps=w) for w in (1, 2, 4)]
+_TUNE_KEY = ["L", "D", "HAS_BIAS", "B_PER"]
+_forward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY)(_forward_kernel)
+_backward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY + ["BIAS_GRAD"])(_backward_kernel)
+
+
+def _launch(kernel, tuned, grid, *args, **const):
+    if kernels.interpreting():  # autotuning would time every candidate
+        kernel[grid](*args, **const, num_warps=4)
+    else:
+        tuned[grid](*args, **const)
+
+
 def _launch_constants(q: torch.Tensor, bias: torch.Tensor | None) -> tuple[tuple, dict]:
     """(grid, constexprs) shared by both kernels."""
     batch, windows, length, dim = q.shape
@@ -139,7 +155,7 @@ def _launch_constants(q: torch.Tensor, bias: torch.Tensor | None) -> tuple[tuple
     block_d = max(16, triton.next_power_of_2(dim))
     grid = (windows, triton.cdiv(batch, b_per))
     return grid, dict(**dot_constexprs(q.dtype), HAS_BIAS=bias is not None, B_PER=b_per,
-                      BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+                      BLOCK_L=block_l, BLOCK_D=block_d)
 
 
 @torch.library.custom_op("fastmavil::window_attention", mutates_args=())
@@ -149,8 +165,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias = None if bias is None else bias.contiguous()
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     grid, const = _launch_constants(q, bias)
-    _forward_kernel[grid](q, k, v, q if bias is None else bias, out, q.shape[0], q.shape[2],
-                          q.shape[3], q.shape[3] ** -0.5, **const)
+    _launch(_forward_kernel, _forward_tuned, grid, q, k, v, q if bias is None else bias, out,
+            q.shape[0], q.shape[2], q.shape[3], q.shape[3] ** -0.5, **const)
     return out
 
 
@@ -171,9 +187,9 @@ def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     windows, length = q.shape[1], q.shape[2]
     partial = torch.empty((grid[1], windows, length, length) if bias_grad else (0,),
                           device=q.device, dtype=torch.float32)
-    _backward_kernel[grid](q, k, v, q if bias is None else bias, out, grad, dq, dk, dv, partial,
-                           q.shape[0], length, q.shape[3], q.shape[3] ** -0.5,
-                           BIAS_GRAD=bias_grad, **const)
+    _launch(_backward_kernel, _backward_tuned, grid, q, k, v, q if bias is None else bias, out,
+            grad, dq, dk, dv, partial, q.shape[0], length, q.shape[3], q.shape[3] ** -0.5,
+            BIAS_GRAD=bias_grad, **const)
     dbias = partial.sum(0).to(bias.dtype) if bias_grad else partial
     return dq, dk, dv, dbias
 
@@ -218,11 +234,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v for q, k, v (B, G, L, d) and bias (G, L, L) or None.
 
+    Under autocast q, k, v are first cast to the autocast dtype, as torch casts SDPA's inputs
+    (the cosine Swin block's normalised q and k come out of autocast in fp32, its v in bf16).
     The Triton kernels where kernels.can_launch allows and the window fits (L <= 64,
     d <= 128), else the math reference."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
     _check(q, k, v, bias)
     fits = q.shape[2] <= MAX_WINDOW and q.shape[3] <= MAX_HEAD_DIM
     tensors = (q, k, v) if bias is None else (q, k, v, bias)
     if fits and kernels.can_launch("window_attention", *tensors):
-        return _forward(q, k, v, bias)
+        # contiguous here, so that what backward keeps is what the kernels read (no copy there)
+        return _forward(q.contiguous(), k.contiguous(), v.contiguous(),
+                        None if bias is None else bias.contiguous())
     return reference_window_attention(q, k, v, bias)

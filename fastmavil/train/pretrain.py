@@ -446,7 +446,8 @@ def _check_bad_steps(in_a_row: int, step: int, limit: int, last_ckpt: Path | Non
 def _memory_held(device: torch.device, graphed: GraphedPasses | None) -> int:
     """Peak bytes on the device: the allocator's peak, and with CUDA graphs at least what is
     held now, the activations in the graphs' pool included (a replay allocates nothing, and
-    each capture's peak counted its own shape's activations alone)."""
+    each capture's peak counted its own shape's activations alone). With graphs it is an upper
+    bound: the pool's free bytes include its fragmentation."""
     peak = peak_memory_bytes(device)
     idle = graphed.pool_idle_bytes() if graphed is not None else None
     return peak if idle is None else max(peak, torch.cuda.memory_allocated(device) + idle)

@@ -85,22 +85,25 @@ def test_fast_step_equals_reference_step(variant, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: copy streams are a CUDA "
                     "matter (on a CPU to_device takes no stream)")
-def test_to_device_on_a_copy_stream_gives_the_batch_the_current_stream_then_reads():
-    """The trainer copies each batch on a side stream: the current stream waits for it, so
-    work queued right after reads the whole batch, equal to a copy on the current stream, even
-    while that stream is busy with earlier work."""
+def test_to_device_on_a_copy_stream_makes_the_current_stream_wait_for_it():
+    """The trainer copies each batch on a side stream: work queued on the current stream right
+    after reads the whole batch, even while the copy stream is still busy with earlier work
+    (without the wait, the sums below would read the batch before the copy wrote it)."""
     from fastmavil.data.loader import LoaderSpec, to_device
     cuda = torch.device("cuda")
     batch = {"audio": torch.randn(4, 1, 128, 64).pin_memory(),
              "video": torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8).pin_memory()}
     expected = to_device(batch, cuda, LoaderSpec())
-    busy = torch.randn(4096, 4096, device=cuda)
-    for _ in range(20):  # keeps the current stream busy while the copy stream works
-        busy = busy @ busy / 64
-    audio, video = to_device(batch, cuda, LoaderSpec(), torch.cuda.Stream(cuda))
+    torch.cuda.synchronize()
+    copy_stream = torch.cuda.Stream(cuda)
+    with torch.cuda.stream(copy_stream):  # keeps the copy stream busy before the batch's copy
+        busy = torch.randn(4096, 4096, device=cuda)
+        for _ in range(20):
+            busy = busy @ busy / 64
+    audio, video = to_device(batch, cuda, LoaderSpec(), copy_stream)
     sums = audio.sum(), video.sum()  # queued on the current stream
-    assert torch.equal(audio, expected[0]) and torch.equal(video, expected[1])
     assert torch.equal(sums[0], expected[0].sum()) and torch.equal(sums[1], expected[1].sum())
+    assert torch.equal(audio, expected[0]) and torch.equal(video, expected[1])
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),

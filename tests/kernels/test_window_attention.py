@@ -138,6 +138,22 @@ def test_half_inputs(dtype):
                                                                                  math_error)
 
 
+def test_autocast_runs_mixed_inputs_in_its_dtype():
+    """Under autocast, fp32 q and k with a bf16 v (the cosine Swin block's, on CUDA, where
+    autocast keeps the norm of F.normalize in fp32) run in bf16, as SDPA's inputs would."""
+    q, k, v, bias = make_inputs(*CASES["swin-4x4-B3"])
+    v16 = v.detach().bfloat16().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, grad, grads = run(wa.window_attention, q, k, v16, bias)
+    assert out.dtype == torch.bfloat16
+    assert [g.dtype for g in grads] == [torch.float32] * 2 + [torch.bfloat16, torch.float32]
+    with pytest.raises(TypeError, match="q, k, v must share a dtype"):  # outside autocast
+        wa.window_attention(q, k, v16, bias)
+    rounded = [t.detach().bfloat16() for t in (q, k)] + [v16.detach()]
+    expected = wa.reference_window_attention(*rounded, bias.detach())
+    assert_close(out.float(), expected.float(), 3e-2)
+
+
 def test_window_block_uses_the_kernel_under_auto_and_trains_as_the_math_path(monkeypatch):
     """A shifted Swin block with the kernels on (`fused`, set by the model's use_kernels) and
     the `auto` backend calls the kernel once per forward, and gives the math backend's output
@@ -213,3 +229,39 @@ def test_matches_reference_cuda_bf16(case):
                                 grad.float())
     for actual, truth in zip((out, *grads), (exact, *exact_grads)):
         assert_close(actual.float(), truth, 2e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("index", range(len(wa._WARPS)))
+def test_every_autotune_candidate_matches_cuda_fp32(index, monkeypatch):
+    """Each warp count the autotuner may pick, forward and backward, in fp32 (TF32 off)."""
+    import triton
+    one = triton.autotune([wa._WARPS[index]], key=[])  # one config: no tuning
+    monkeypatch.setattr(wa, "_forward_tuned", one(wa._forward_kernel))
+    monkeypatch.setattr(wa, "_backward_tuned", one(wa._backward_kernel))
+    for case in ("swin-4x4-B3", "L4-B9"):
+        check_against_reference(make_inputs(*CASES[case]))
+
+
+@needs_cuda
+def test_cosine_window_block_runs_the_kernel_under_cuda_autocast():
+    """The swinv2cr block under bf16 autocast on CUDA (its q and k in fp32 there): the kernel
+    path trains as the SDPA path."""
+    from fastmavil.models.swin import CosineWindowBlock
+    torch.manual_seed(0)
+    blocks = [CosineWindowBlock(64, 2, grid=(8, 4), window=(4, 4), shift=(2, 0)).cuda().eval()
+              for _ in range(2)]
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    blocks[0].fused = True
+    x = torch.randn(3, 32, 64, device="cuda")
+    results = []
+    for block in blocks:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = block(x)
+        results.append((out.float(), torch.autograd.grad(out.float().sum(),
+                                                         list(block.parameters()))))
+    (out, grads), (ref, ref_grads) = results
+    assert_close(out, ref, 3e-2)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g.float(), r.float(), 5e-2)
+
