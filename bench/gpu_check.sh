@@ -109,13 +109,25 @@ done
 echo "=== summary" | tee -a "$log"
 printf '%s\n' "${status[@]}" | tee -a "$log"
 # this run's records only: bench/results also holds committed ones from other runs and devices
-mapfile -t records < <(find bench/results -maxdepth 1 -name 'throughput-*-base*.json' \
-  -newer "$started")
+mapfile -t records < <(find bench/results -maxdepth 1 \( -name 'throughput-*-base*.json' \
+  -o -name 'train-*-base.json' -o -name 'attention-*-base.json' \) -newer "$started")
 python - "${records[@]}" <<'PY' 2>&1 | tee -a "$log"
 import json, pathlib, sys
 for path in sorted(map(pathlib.Path, sys.argv[1:])):
     record = json.loads(path.read_text())
     print(path.name)
+    if record.get("bench") == "train":
+        for label, r in record["variants"].items():
+            figures = ("failed" if "error" in r else f"{r['step_ms']:.1f} ms/step  "
+                       f"{r['samples_per_s']:.1f} samples/s  MFU {r['mfu'] or 0:.1%}")
+            print(f"  {label:38s} {figures}")
+        continue
+    if record.get("bench") == "attention":
+        for site in record["sites"]:
+            times = {k[:-3]: v for k, v in site.items() if k.endswith("_ms") and v}
+            print(f"  {site['site']:45s} x{site['calls']}  fastest {site['fastest']}: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
+        continue
     for r in record["configs"]:
         f = r["fast"]
         mfu = "-" if f["mfu"] is None else f"{f['mfu']:.1%}"
