@@ -56,31 +56,47 @@ def _probabilities(q, k, bias, key_ok, scale, COMPUTE: tl.constexpr, PRECISION: 
 
 
 @triton.jit
+def _window(q_ptr, k_ptr, v_ptr, bias, b, B, g, L, D, scale, COMPUTE: tl.constexpr,
+            PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr,
+            BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sample b's window-head g (tensors contiguous): its element offsets, their mask (nothing
+    past the last sample), q, k, v and the probabilities P."""
+    rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
+    ok = (rows < tl.where(b < B, L, 0))[:, None] & (dims < D)[None, :]
+    offs = (b.to(tl.int64) * tl.num_programs(0) + g) * L * D + rows[:, None] * D + dims[None, :]
+    q = tl.load(q_ptr + offs, mask=ok, other=0.0)
+    k = tl.load(k_ptr + offs, mask=ok, other=0.0)
+    v = tl.load(v_ptr + offs, mask=ok, other=0.0)
+    p = _probabilities(q, k, bias, rows < L, scale, COMPUTE, PRECISION, ROUND_ONLY, HAS_BIAS,
+                       BLOCK_L)
+    return offs, ok, q, k, v, p
+
+
+@triton.jit
+def _pairs(g, L, BLOCK_L: tl.constexpr):
+    """Offsets and mask of window-head g's (L, L) query-key pairs."""
+    rows = tl.arange(0, BLOCK_L)
+    return g * L * L + rows[:, None] * L + rows[None, :], (rows < L)[:, None] & (rows < L)[None, :]
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, B, L, D, scale,
                     COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
                     HAS_BIAS: tl.constexpr, B_PER: tl.constexpr, BLOCK_L: tl.constexpr,
                     BLOCK_D: tl.constexpr):
-    """Window-head g of samples [chunk * B_PER, (chunk + 1) * B_PER); tensors contiguous."""
-    g, chunk, windows = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
-    rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
-    row_ok = rows < L
-    tile = rows[:, None] * D + dims[None, :]
+    """Window-head g (one per program along axis 0) of samples [chunk * B_PER, (chunk + 1) *
+    B_PER)."""
+    g, chunk = tl.program_id(0), tl.program_id(1)
     bias = 0.0
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * L * L + rows[:, None] * L + rows[None, :],
-                       mask=row_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+        pairs, pair_ok = _pairs(g, L, BLOCK_L)
+        bias = tl.load(bias_ptr + pairs, mask=pair_ok, other=0.0).to(tl.float32)
     for i in range(B_PER):
-        b = chunk * B_PER + i
-        rows_b = tl.where(b < B, L, 0)  # no rows past the last sample
-        ok = (rows < rows_b)[:, None] & (dims < D)[None, :]
-        base = (b.to(tl.int64) * windows + g) * L * D
-        q = tl.load(q_ptr + base + tile, mask=ok, other=0.0)
-        k = tl.load(k_ptr + base + tile, mask=ok, other=0.0)
-        v = tl.load(v_ptr + base + tile, mask=ok, other=0.0)
-        p = _probabilities(q, k, bias, row_ok, scale, COMPUTE, PRECISION, ROUND_ONLY, HAS_BIAS,
-                           BLOCK_L)
+        offs, ok, q, k, v, p = _window(q_ptr, k_ptr, v_ptr, bias, chunk * B_PER + i, B, g, L, D,
+                                       scale, COMPUTE, PRECISION, ROUND_ONLY, HAS_BIAS, BLOCK_L,
+                                       BLOCK_D)
         out = mma(tl.zeros((BLOCK_L, BLOCK_D), tl.float32), p, v, COMPUTE, PRECISION, ROUND_ONLY)
-        tl.store(out_ptr + base + tile, out.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -90,28 +106,18 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_ptr, dq_ptr, d
                      B_PER: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq, dk, dv of the same samples; with BIAS_GRAD the chunk's sum of dS into
     dbias_ptr[chunk, g] (fp32)."""
-    g, chunk, windows = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
-    rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
-    row_ok = rows < L
-    pair_ok = row_ok[:, None] & row_ok[None, :]
-    tile = rows[:, None] * D + dims[None, :]
-    pairs = rows[:, None] * L + rows[None, :]
+    g, chunk = tl.program_id(0), tl.program_id(1)
+    pairs, pair_ok = _pairs(g, L, BLOCK_L)
     bias = 0.0
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * L * L + pairs, mask=pair_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + pairs, mask=pair_ok, other=0.0).to(tl.float32)
     dbias = tl.zeros((BLOCK_L, BLOCK_L), tl.float32)
     for i in range(B_PER):
-        b = chunk * B_PER + i
-        rows_b = tl.where(b < B, L, 0)  # no rows past the last sample
-        ok = (rows < rows_b)[:, None] & (dims < D)[None, :]
-        base = (b.to(tl.int64) * windows + g) * L * D
-        q = tl.load(q_ptr + base + tile, mask=ok, other=0.0)
-        k = tl.load(k_ptr + base + tile, mask=ok, other=0.0)
-        v = tl.load(v_ptr + base + tile, mask=ok, other=0.0)
-        out = tl.load(out_ptr + base + tile, mask=ok, other=0.0).to(tl.float32)
-        grad = tl.load(grad_ptr + base + tile, mask=ok, other=0.0)
-        p = _probabilities(q, k, bias, row_ok, scale, COMPUTE, PRECISION, ROUND_ONLY, HAS_BIAS,
-                           BLOCK_L)
+        offs, ok, q, k, v, p = _window(q_ptr, k_ptr, v_ptr, bias, chunk * B_PER + i, B, g, L, D,
+                                       scale, COMPUTE, PRECISION, ROUND_ONLY, HAS_BIAS, BLOCK_L,
+                                       BLOCK_D)
+        out = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        grad = tl.load(grad_ptr + offs, mask=ok, other=0.0)
         zeros = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
         dv = mma(zeros, tl.trans(p), grad, COMPUTE, PRECISION, ROUND_ONLY)
         dp = mma(tl.zeros((BLOCK_L, BLOCK_L), tl.float32), grad, tl.trans(v), COMPUTE, PRECISION,
@@ -122,11 +128,11 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_ptr, dq_ptr, d
             dbias += ds
         dq = mma(zeros, ds, k, COMPUTE, PRECISION, ROUND_ONLY) * scale
         dk = mma(zeros, tl.trans(ds), q, COMPUTE, PRECISION, ROUND_ONLY) * scale
-        tl.store(dq_ptr + base + tile, dq.to(dq_ptr.dtype.element_ty), mask=ok)
-        tl.store(dk_ptr + base + tile, dk.to(dk_ptr.dtype.element_ty), mask=ok)
-        tl.store(dv_ptr + base + tile, dv.to(dv_ptr.dtype.element_ty), mask=ok)
-    if BIAS_GRAD:
-        tl.store(dbias_ptr + (chunk * windows + g) * L * L + pairs, dbias, mask=pair_ok)
+        tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=ok)
+        tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=ok)
+        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=ok)
+    if BIAS_GRAD:  # the partial sums of chunk c start at c * G * L * L
+        tl.store(dbias_ptr + chunk * tl.num_programs(0) * L * L + pairs, dbias, mask=pair_ok)
 
 
 # A window's tiles are small (16 x 32 at R4's decoder): fewer warps per program may let more
