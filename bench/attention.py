@@ -90,6 +90,7 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
         b = torch.randn(bias[0], device=device, generator=gen, requires_grad=bias[1])
         inputs += [b] if bias[1] else []
 
+    backend, _, kernel = backend.partition(":")
     if backend == "window":  # the Swin windows' Triton kernels (kernels.window_attention)
         from kernels.window_attention import window_attention
         if (b is None or b.dim() != 3 or q_shape != k_shape
@@ -98,19 +99,8 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
         attend = window_attention
     else:
         def attend(q, k, v, b):
-            with forced():
+            with sdpa_kernel(kernel) if kernel else contextlib.nullcontext():
                 return attention_module.attention(q, k, v, b, backend)
-
-    backend, _, kernel = backend.partition(":")
-
-    def forced():  # a fresh context per call: sdpa_kernel's can be entered once
-        if not kernel:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(warnings.catch_warnings())  # why each kernel declines: said below
-        warnings.simplefilter("ignore", UserWarning)
-        stack.enter_context(sdpa_kernel(kernel))
-        return stack
 
     def step():
         out = attend(q, k, v, b)
@@ -126,10 +116,17 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
         return None
 
 
-def sdpa_kernel(name: str):
+def sdpa_kernel(name: str) -> contextlib.ExitStack:
+    """A fresh context (sdpa_kernel's can be entered once) restricting SDPA to one of its CUDA
+    kernels, its warnings silenced: why a kernel declines is printed by time_site."""
     from torch.nn.attention import SDPBackend, sdpa_kernel as restrict
-    return restrict([{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                      "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]])
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore", UserWarning)
+    stack.enter_context(restrict([{"cudnn": SDPBackend.CUDNN_ATTENTION,
+                                   "flash": SDPBackend.FLASH_ATTENTION,
+                                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]]))
+    return stack
 
 
 def describe(site) -> str:

@@ -27,7 +27,7 @@ class RandomClips:
         if clips < 1 or max_batch < 1:
             raise ValueError(f"clips = {clips} and max_batch = {max_batch} must be >= 1")
         self.clips, self.spec, self.max_batch = clips, spec, max_batch
-        self.epoch, self.start = 0, 0
+        self.start = 0  # the first batch of the epoch (> 0 when resumed mid-epoch)
         gen = torch.Generator().manual_seed(seed)
         pool = 2 * max_batch
         # Normalised fbank values are about N(0, 0.5) (mean removed, divided by 2 std).
@@ -47,7 +47,7 @@ class RandomClips:
         if resume_batches < 0 or batch_size < 1:
             raise ValueError(f"resume_batches = {resume_batches}, batch_size = {batch_size}: "
                              "expected >= 0, >= 1")
-        self.epoch, self.start = epoch, resume_batches
+        self.start = resume_batches
         return 0
 
     def batches(self, batch_size: int) -> Iterator[dict]:
