@@ -24,17 +24,18 @@
 #                    eager and with its passes replayed as CUDA graphs, in 1 pass of 32 and in
 #                    4 passes of 8 per step (the trainer's own step time, MFU and memory)
 # Groups: default = tests kernels throughput (the issue's check, under 8 minutes);
-#   extra = tests graph graph-compile attention (under 10 minutes): the f080127 run found the
-#   step host-bound (bench/results/profile-NVIDIA_H200-r4-f080127-*.txt), which graphs address;
-#   then extra2 = train amp in a second call on the warm machine (the trainer's graphed passes,
-#   the kernels' breakdown files and the Philox noise change are new since f080127).
+#   extra = tests kernels amp graph attention (under 10 minutes): the kernels in both settings
+#   (their backward and the patch embedding's tiling changed since f080127, and the per-kernel
+#   breakdown files are new), then the step replayed as CUDA graphs (the f080127 run found it
+#   host-bound: bench/results/profile-NVIDIA_H200-r4-f080127-*.txt) and the window attention;
+#   then extra2 = graph-compile train in a second call on the warm machine.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
   case $arg in
     default) stages+=(tests kernels throughput) ;;
-    extra) stages+=(tests graph graph-compile attention) ;;
-    extra2) stages+=(train amp) ;;
+    extra) stages+=(tests kernels amp graph attention) ;;
+    extra2) stages+=(graph-compile train) ;;
     tests|kernels|throughput|compile|views|amp|graph|graph-compile|attention|train)
       stages+=("$arg") ;;
     *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp graph" \

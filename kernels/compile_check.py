@@ -93,8 +93,9 @@ def _run_kernels(setting: str, shape: tuple[int, ...], patch: tuple[int, ...],
                  gen: torch.Generator) -> None:
     """The kernels' calls in three cases, so that each flag takes both values: as training makes
     them (forward and backward, parameters with gradients, fixed positions, seeded noise,
-    norm_pix), the diffusion input with given noise as the tests call it, and all three without
-    norm_pix under no_grad (nothing saved for backward)."""
+    norm_pix), both embeddings with trained positions and the diffusion input with given noise
+    as the tests call them, and all three without norm_pix under no_grad (nothing saved for
+    backward)."""
     from kernels.diffuse_embed import diffuse_embed_masked
     from kernels.masked_mse import masked_patch_mse
     from kernels.patch_embed import patch_embed_visible
@@ -112,22 +113,25 @@ def _run_kernels(setting: str, shape: tuple[int, ...], patch: tuple[int, ...],
     def param(*size):
         return torch.randn(*size, generator=gen, dtype=pdtype).requires_grad_()
 
-    def diffused(norm_pix, **noise):
-        return diffuse_embed_masked(x, mask, t, alpha_bar, param(512, p_dim), param(512),
-                                    torch.randn(n_tokens, 512, dtype=pdtype), patch, norm_pix,
-                                    **noise).float().sum()
+    def pos(dim, trained):
+        return param(n_tokens, dim) if trained else torch.randn(n_tokens, dim, dtype=pdtype)
 
-    def embedded_and_loss(norm_pix):
+    def diffused(norm_pix, trained_pos=False, **noise):
+        return diffuse_embed_masked(x, mask, t, alpha_bar, param(512, p_dim), param(512),
+                                    pos(512, trained_pos), patch, norm_pix, **noise).float().sum()
+
+    def embedded_and_loss(norm_pix, trained_pos=False):
         embedded = patch_embed_visible(x, keep, param(768, shape[1], *patch), param(768),
-                                       torch.randn(n_tokens, 768, dtype=pdtype), patch)
+                                       pos(768, trained_pos), patch)
         pred = param(*mask.shape, p_dim)  # the decoder's prediction: bf16 under autocast
         pred = pred.to(torch.bfloat16) if setting == "amp" else pred
         return embedded.float().sum() + masked_patch_mse(pred, x, mask, patch, norm_pix)
 
     with autocast:
         training = diffused(True, seed=7) + embedded_and_loss(True)
-        given_noise = diffused(True, noise=torch.randn(*mask.shape, p_dim, dtype=dtype))
-    (training + given_noise).backward()
+        given_noise = diffused(True, True, noise=torch.randn(*mask.shape, p_dim, dtype=dtype))
+        trained_pos = embedded_and_loss(True, trained_pos=True)
+    (training + given_noise + trained_pos).backward()
     with autocast, torch.no_grad():
         diffused(False, seed=7) + embedded_and_loss(False)
 

@@ -19,8 +19,8 @@ function of a parameter): when weight needs a gradient, the programs of the firs
 store the x_t tiles they multiplied, (B * m, P) in the compute dtype (the tensor the plain path
 saves for F.linear's backward), and grad_weight = grad_out^T x_t is one cuBLAS matmul. (A
 Triton kernel that recomputed x_t in backward instead, Philox noise included, ran at 0.37-1.1x
-the speed of the reference's backward on an H200; BENCHMARKS.md.) grad_bias and grad_pos are
-cheap reductions in torch.
+the speed of the reference's backward on an H200; BENCHMARKS.md.) grad_bias and grad_pos come
+from one deterministic pass over grad_out (kernels._token_grads), as in kernels.patch_embed.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from fastmavil.losses import normalize_patches
 
 from ._patches import (as_5d, check_sample_span, check_tensors, compute_dtype, dot_constexprs,
                        geometry, reference_gather, tl, triton)
+from ._token_grads import embedding_grads, new_links, weight_grad
 
 NAME = "diffuse_embed"
 
@@ -94,10 +95,12 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
                                 device=x.device, dtype=x.dtype)
         return reference_diffuse_embed_masked(x, ids_mask, t, alpha_bar, weight, bias, pos,
                                               patch_size, norm_pix, noise=noise)
-    # Store x_t only for a weight gradient (needs_input_grad ignores no_grad).
-    save = weight.requires_grad and torch.is_grad_enabled()
+    # Store x_t only for a weight gradient, link rows to tokens only for grad_pos
+    # (needs_input_grad ignores no_grad).
+    grad = torch.is_grad_enabled()
     return _DiffuseEmbed.apply(x, ids_mask, t, alpha_bar, weight, bias, pos, tuple(patch_size),
-                               norm_pix, noise, seed_t, compute_dtype(x), save)
+                               norm_pix, noise, seed_t, compute_dtype(x),
+                               weight.requires_grad and grad, pos.requires_grad and grad)
 
 
 def philox_noise(seed: int | torch.Tensor, batch: int, m: int, patch_dim: int,
@@ -151,7 +154,7 @@ def _check(x, ids, t, alpha_bar, weight, bias, pos, noise, geo) -> None:
 class _DiffuseEmbed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids, t, alpha_bar, weight, bias, pos, patch, norm_pix, noise, seed_t,
-                compute, save):
+                compute, save, link):
         x5, patch3 = as_5d(x, patch)
         check_sample_span(x5)
         geo = geometry(x5, patch3)
@@ -163,16 +166,18 @@ class _DiffuseEmbed(torch.autograd.Function):
         out = torch.empty(b, m, dd, device=x.device, dtype=x.dtype)
         # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
         x_t = torch.empty(rows, p, device=x.device, dtype=compute) if save else out
+        links = new_links(b, m, geo["N"], x.device) if link else (ids, ids)  # or unused
         grid = lambda meta: (triton.cdiv(dd, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]))
         fwd = _fwd_kernel if kernels.interpreting() else _fwd_tuned
-        fwd[grid](w2, bias.contiguous(), pos.contiguous(), out, x_t, dd,
+        fwd[grid](w2, bias.contiguous(), pos.contiguous(), out, x_t, *links, dd,
                   x5, ids, t, alpha_bar, x5 if noise is None else noise,
                   ids if seed_t is None else seed_t,  # unused pointers: typed, never read
-                  rows, m, p, geo["GH"], geo["GW"], *x5.stride(),
+                  rows, m, p, geo["N"], geo["GH"], geo["GW"], *x5.stride(),
                   PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix,
-                  HAS_NOISE=noise is not None, SAVE_XT=save, **dot_constexprs(compute),
+                  HAS_NOISE=noise is not None, SAVE_XT=save, LINK=link,
+                  **dot_constexprs(compute),
                   **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
-        ctx.save_for_backward(ids, x_t if save else None)
+        ctx.save_for_backward(x_t if save else None, *(links if link else (None, None)))
         ctx.weight_meta = (weight.shape, weight.dtype)
         ctx.pos_meta = (pos.shape, pos.dtype)
         ctx.bias_dtype = bias.dtype
@@ -180,20 +185,14 @@ class _DiffuseEmbed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        ids, x_t = ctx.saved_tensors
+        x_t, *links = ctx.saved_tensors
         need_w, need_b, need_p = ctx.needs_input_grad[4:7]
-        g2 = grad_out.flatten(0, 1)  # (B * m, Dd)
-        grad_w = grad_b = grad_p = None
-        if need_w:  # in the compute dtype, as F.linear's backward under autocast
-            shape, dtype = ctx.weight_meta
-            grad_w = torch.mm(g2.to(x_t.dtype).t(), x_t).to(dtype).reshape(shape)
-        if need_b:
-            grad_b = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        if need_p:
-            shape, dtype = ctx.pos_meta
-            grad_p = torch.zeros(shape, device=g2.device, dtype=torch.float32).index_add_(
-                0, ids.flatten(), g2.float()).to(dtype)  # summed in fp32, as patch_embed's
-        return (None, None, None, None, grad_w, grad_b, grad_p) + (None,) * 6
+        # The weight gradient multiplies in the compute dtype, as F.linear's under autocast.
+        g, grad_b, grad_p = embedding_grads(
+            grad_out, links, need_b, ctx.bias_dtype, ctx.pos_meta if need_p else None,
+            x_t.dtype if need_w else None, kernels.interpreting())
+        grad_w = weight_grad(g, x_t, *ctx.weight_meta) if need_w else None
+        return (None, None, None, None, grad_w, grad_b, grad_p) + (None,) * 7
 
 
 # Interpreter: one small fixed config (autotuning there is too slow); ragged edges still occur.
@@ -201,6 +200,7 @@ _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256)
 
 if triton is not None:
     from ._patches import load_patches, mma, patch_stats
+    from ._token_grads import link_rows
 
     @triton.jit
     def _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m):
@@ -251,15 +251,16 @@ if triton is not None:
         return tl.where(mask, x_t, 0.0)
 
     @triton.jit
-    def _fwd_kernel(w_ptr, bias_ptr, pos_ptr, out_ptr, xt_ptr, Dd,
+    def _fwd_kernel(w_ptr, bias_ptr, pos_ptr, out_ptr, xt_ptr, head_ptr, next_ptr, Dd,
                     x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr,
-                    R, m, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
+                    R, m, P, N, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
                     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
-                    HAS_NOISE: tl.constexpr, SAVE_XT: tl.constexpr, COMPUTE: tl.constexpr,
-                    PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    HAS_NOISE: tl.constexpr, SAVE_XT: tl.constexpr, LINK: tl.constexpr,
+                    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One (BLOCK_M rows, BLOCK_N features) tile: x_t @ W^T + bias + pos; with SAVE_XT the
-        first feature block also stores x_t (R, P) for backward."""
+        first feature block also stores x_t (R, P) for backward, with LINK it links rows to
+        tokens for grad_pos (kernels._token_grads)."""
         # N blocks vary fastest: the programs sharing a row tile run together, so its gathered
         # patches are re-read from L2; W (at most a few MB) stays there anyway.
         pid_n = tl.program_id(0)
@@ -268,6 +269,9 @@ if triton is not None:
         n_mask = n < Dd
         row_mask = rows < R
         token, b, sqrt_ab, sigma = _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m)
+        if LINK:
+            if pid_n == 0:
+                link_rows(head_ptr, next_ptr, b, rows - b * m, token, row_mask, m, N)
         if NORM:
             mean, rstd = patch_stats(x_ptr + b.to(tl.int64)[:, None] * stride_b, token, row_mask,
                                      P, GH, GW, PD, PH, PW, stride_c, stride_d, stride_h,
@@ -319,4 +323,4 @@ if triton is not None:
     _fwd_tuned = triton.autotune(
         _configs([(64, 128, 64, 4, 3), (64, 128, 32, 4, 3), (64, 256, 32, 8, 3),
                   (32, 512, 32, 8, 3)]),
-        key=["m", "Dd", "P", "COMPUTE", "PRECISION", "SAVE_XT"])(_fwd_kernel)
+        key=["m", "Dd", "P", "COMPUTE", "PRECISION", "SAVE_XT", "LINK"])(_fwd_kernel)

@@ -11,9 +11,10 @@ When weight needs a gradient, the programs of the first feature block also write
 they loaded, i.e. the visible patches (B*n, P) in the compute dtype (the tensor the plain path
 saves for F.linear's backward), and backward computes grad_weight = grad_out^T @ patches with
 one cuBLAS matmul. (A Triton weight-grad kernel that re-gathered the patches from x ran at
-0.45-0.74x the speed of the reference's backward on an H200; BENCHMARKS.md.) grad_bias (a sum)
-and grad_pos (an index_add) touch the (B*n, D) gradient once: plain torch. x and the integer ids
-get no gradient.
+0.45-0.74x the speed of the reference's backward on an H200; BENCHMARKS.md.) grad_bias and
+grad_pos come from one deterministic pass over grad_out (kernels._token_grads), for which the same
+programs link each row to its token when pos needs a gradient; under autocast that pass also
+casts grad_out for the matmul. x and the integer ids get no gradient.
 
 Dtypes: the matmul runs in x's dtype, or in the autocast dtype when autocast is on for x's
 device (as F.linear would), with tiles cast inside the kernel (no copy of x or weight) and fp32
@@ -33,6 +34,7 @@ from torch.autograd.function import once_differentiable
 import kernels
 from kernels._patches import (as_5d, check_sample_span, check_tensors, compute_dtype,
                               dot_constexprs, geometry, mma, patch_offsets, reference_gather)
+from kernels._token_grads import embedding_grads, link_rows, new_links, weight_grad
 
 
 def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
@@ -45,21 +47,30 @@ def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weigh
 
 
 @triton.jit
-def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_ptr, n, D, P,
-                    GH, GW, stride_ib, stride_in, stride_xb, stride_xc, stride_xd, stride_xh,
-                    stride_xw, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
-                    SAVE_PATCHES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """One (BLOCK_M tokens, BLOCK_N features) tile of sample b: gathered patches @ W^T; with
-    SAVE_PATCHES the first feature block also stores the patches (B*n, P) for backward."""
-    b = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, col_ok = rows < n, cols < D
+def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_ptr, head_ptr,
+                    next_ptr, R, n, D, P, N, GH, GW, stride_ib, stride_in, stride_xb, stride_xc,
+                    stride_xd, stride_xh, stride_xw, PD: tl.constexpr, PH: tl.constexpr,
+                    PW: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                    ROUND_ONLY: tl.constexpr, SAVE_PATCHES: tl.constexpr, LINK: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_M rows of the (B*n) tokens, BLOCK_N features) tile: gathered patches @ W^T;
+    with SAVE_PATCHES the first feature block also stores the patches (B*n, P) for backward,
+    with LINK it links rows to tokens for grad_pos (kernels._token_grads)."""
+    # Feature blocks vary fastest: the programs sharing a row tile run together, so its gathered
+    # patches are re-read from L2. Row tiles span samples, so a small n (51 audio tokens at
+    # rho = 0.9) does not leave most of each tile empty.
+    pid_n = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < R, cols < D
+    b = rows // n
+    i = rows - b * n
+    tok = tl.load(ids_ptr + b * stride_ib + i * stride_in, mask=row_ok, other=0).to(tl.int32)
+    if LINK:
+        if pid_n == 0:
+            link_rows(head_ptr, next_ptr, b, i, tok, row_ok, n, N)
     # Offsets within one sample fit int32; the batch term may not, hence int64.
-    tok = tl.load(ids_ptr + b * stride_ib + rows * stride_in, mask=row_ok, other=0).to(tl.int32)
-    x_b = x_ptr + b.to(tl.int64) * stride_xb
+    x_b = x_ptr + b.to(tl.int64)[:, None] * stride_xb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, P, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -68,8 +79,8 @@ def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_p
                              stride_xc, stride_xd, stride_xh, stride_xw)
         a = tl.load(x_b + offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if SAVE_PATCHES:
-            if tl.program_id(1) == 0:
-                tl.store(patches_ptr + (b.to(tl.int64) * n + rows[:, None]) * P + ks[None, :],
+            if pid_n == 0:
+                tl.store(patches_ptr + rows.to(tl.int64)[:, None] * P + ks[None, :],
                          a.to(patches_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & k_ok[None, :])
         w = tl.load(w_ptr + cols[None, :] * P + ks[:, None],
@@ -79,7 +90,7 @@ def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_p
     acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc += tl.load(pos_ptr + tok[:, None] * D + cols[None, :], mask=tile_ok,
                    other=0.0).to(tl.float32)
-    out = out_ptr + (b.to(tl.int64) * n + rows[:, None]) * D + cols[None, :]
+    out = out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -87,15 +98,17 @@ def _config(m: int, n: int, k: int, warps: int, stages: int, names: str) -> trit
     return triton.Config(dict(zip(names.split(), (m, n, k))), num_warps=warps, num_stages=stages)
 
 
-# H100 candidates (n ~ 50-400 tokens per sample, D 384-1024, P 256 or 1536), three each: every
-# candidate is one more compile (seconds) per dtype and patch geometry. The interpreter
-# runs one fixed config instead (autotuning would time every candidate), with wide tiles since
-# its cost is per operation rather than per element.
+# H100 candidates (B*n ~ 800-13000 rows, D 384-1024, P 256 or 1536): every candidate is one
+# more compile (seconds) per dtype and patch geometry. 64x128x32 needs about half the shared
+# memory of the others with fp32 x and weight (amp, sm_90: 57 KB against 106-147 KB, and 212
+# registers without spills where the 4-warp K=64 tiles spill), so several programs fit an SM. The interpreter runs one fixed config
+# instead (autotuning would time every candidate), with wide tiles since its cost is per
+# operation rather than per element.
 _FWD = "BLOCK_M BLOCK_N BLOCK_K"
 _forward_tuned = triton.autotune(
     [_config(128, 128, 64, 8, 3, _FWD), _config(64, 128, 64, 4, 3, _FWD),
-     _config(128, 64, 64, 4, 3, _FWD)],
-    key=["n", "D", "P", "COMPUTE", "PRECISION", "SAVE_PATCHES"])(_forward_kernel)
+     _config(128, 64, 64, 4, 3, _FWD), _config(64, 128, 32, 4, 3, _FWD)],
+    key=["R", "D", "P", "COMPUTE", "PRECISION", "SAVE_PATCHES", "LINK"])(_forward_kernel)
 _FWD_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}
 
 
@@ -110,8 +123,8 @@ def _geometry_args(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...]) -
 class _PatchEmbedVisible(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                pos: torch.Tensor, patch: tuple[int, ...], compute: torch.dtype,
-                save: bool) -> torch.Tensor:
+                pos: torch.Tensor, patch: tuple[int, ...], compute: torch.dtype, save: bool,
+                link: bool) -> torch.Tensor:
         b, n = ids.shape
         d, p = weight.shape[0], weight.shape[1:].numel()
         # Copies only if not contiguous already (parameters and buffers are): D*P + D + N*D.
@@ -120,34 +133,31 @@ class _PatchEmbedVisible(torch.autograd.Function):
         out = torch.empty(b, n, d, device=x.device, dtype=x.dtype)
         # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
         patches = torch.empty(b * n, p, device=x.device, dtype=compute) if save else out
-        const = dict(**dot_constexprs(compute), **patch3, SAVE_PATCHES=save)
-        args = (x5, ids, w, bias.contiguous(), pos.contiguous(), out, patches, n, d, p, *runtime)
+        links = new_links(b, n, pos.shape[0], x.device) if link else (ids, ids)  # or unused
+        const = dict(**dot_constexprs(compute), **patch3, SAVE_PATCHES=save, LINK=link)
+        args = (x5, ids, w, bias.contiguous(), pos.contiguous(), out, patches, *links, b * n, n,
+                d, p, pos.shape[0], *runtime)
+        grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), triton.cdiv(b * n, meta["BLOCK_M"]))
         if kernels.interpreting():  # one fixed config: autotuning would time every candidate
-            cfg = _FWD_INTERPRET
-            _forward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]), b)](
-                *args, **const, **cfg)
+            _forward_kernel[grid(_FWD_INTERPRET)](*args, **const, **_FWD_INTERPRET)
         else:
-            _forward_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),
-                                         triton.cdiv(d, meta["BLOCK_N"]), b)](*args, **const)
-        ctx.save_for_backward(ids, patches if save else None)
+            _forward_tuned[grid](*args, **const)
+        ctx.save_for_backward(patches if save else None, *(links if link else (None, None)))
         ctx.meta = (weight.shape, weight.dtype, bias.dtype, pos.shape, pos.dtype)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        ids, patches = ctx.saved_tensors
+        patches, *links = ctx.saved_tensors
         w_shape, w_dtype, bias_dtype, pos_shape, pos_dtype = ctx.meta
-        go = grad_out.flatten(0, 1)  # (B*n, D)
-        grad_w = grad_b = grad_pos = None
-        if ctx.needs_input_grad[2]:  # in the compute dtype, as F.linear's backward under autocast
-            grad_w = torch.mm(go.to(patches.dtype).t(), patches).view(w_shape).to(w_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_b = go.sum(0, dtype=torch.float32).to(bias_dtype)
-        if ctx.needs_input_grad[4]:
-            grad_pos = torch.zeros(pos_shape, device=go.device, dtype=torch.float32)
-            grad_pos = grad_pos.index_add_(0, ids.flatten(), go.float()).to(pos_dtype)
-        return None, None, grad_w, grad_b, grad_pos, None, None, None
+        need_w, need_b, need_pos = ctx.needs_input_grad[2:5]
+        # The weight gradient multiplies in the compute dtype, as F.linear's under autocast.
+        g, grad_b, grad_pos = embedding_grads(
+            grad_out, links, need_b, bias_dtype, (pos_shape, pos_dtype) if need_pos else None,
+            patches.dtype if need_w else None, kernels.interpreting())
+        grad_w = weight_grad(g, patches, w_shape, w_dtype) if need_w else None
+        return None, None, grad_w, grad_b, grad_pos, None, None, None, None
 
 
 def _check(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -181,8 +191,9 @@ def patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.T
     patch = tuple(int(s) for s in patch_size)
     _check(x, ids_keep, weight, bias, pos, patch)
     if kernels.can_launch("patch_embed_visible", x, weight):
-        # Store the patches only for a weight gradient (needs_input_grad ignores no_grad).
-        save = weight.requires_grad and torch.is_grad_enabled()
+        # Store the patches only for a weight gradient, link rows to tokens only for grad_pos
+        # (needs_input_grad ignores no_grad).
+        grad = torch.is_grad_enabled()
         return _PatchEmbedVisible.apply(x, ids_keep, weight, bias, pos, patch, compute_dtype(x),
-                                        save)
+                                        weight.requires_grad and grad, pos.requires_grad and grad)
     return reference_patch_embed_visible(x, ids_keep, weight, bias, pos, patch)

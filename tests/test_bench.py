@@ -236,13 +236,13 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
 
     done, stages = run("extra")
     assert done.returncode == 0, done.stderr
-    assert [s.split()[1] for s in stages] == ["pytest", "bench.throughput", "bench.throughput",
-                                              "bench.attention"]
-    assert "--cuda-graph" in stages[1] and "--compile" not in stages[1]
-    assert "--cuda-graph" in stages[2] and "--compile" in stages[2] and "r4.toml" in stages[2]
+    assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.kernels",
+                                              "bench.throughput", "bench.attention"]
+    assert "--dtype" not in stages[1] and "--dtype amp" in stages[2]
+    assert "--cuda-graph" in stages[3] and "--compile" not in stages[3]
     done, stages = run("extra2")
-    assert [s.split()[1] for s in stages] == ["bench.train", "bench.kernels"]
-    assert "--dtype amp" in stages[1]
+    assert [s.split()[1] for s in stages] == ["bench.throughput", "bench.train"]
+    assert "--cuda-graph" in stages[0] and "--compile" in stages[0] and "r4.toml" in stages[0]
     done, stages = run()  # default: the check
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]

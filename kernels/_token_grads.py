@@ -1,0 +1,164 @@
+"""The bias and position gradients of a token embedding, in one pass over its output gradient.
+
+    out[b, i] = W a[b, i] + bias + pos[ids[b, i]]   (B, n, D)  =>
+    grad_bias = sum_{b, i} g[b, i]        grad_pos[t] = sum_{b, i : ids[b, i] = t} g[b, i]
+
+and, in the same pass, g in the dtype of the weight-gradient matmul (grad_W = g^T a) when it
+differs (fp32 g under bf16 autocast). The plain way reads g once per product (a cast, a sum, a
+float copy for index_add_) and scatters with float atomics, whose order, and so whose rounding,
+changes from run to run; for the diffusion input every position row receives ~0.8 B of them.
+
+Here each program owns a tile of tokens x features and gathers: for each sample, the row i whose
+ids[b, i] is each of its tokens, summed in a fixed order in fp32 and written once in pos's dtype.
+No atomics on floats: the result is deterministic when a sample's ids are distinct (a mask's
+always are). The forward kernel links the rows as it reads ids (`link_rows`):
+
+    head[b, t] = 1 + the row i last linked with ids[b, i] = t, 0 if none   (B, N) int32
+    next[b, i] = 1 + the row linked before i with the same token, 0 if none (B, n) int32
+
+so repeated ids in a sample are summed too (a chain per token, walked only where one exists; the
+atomic exchange decides their order). grad_bias comes from the same tiles: per-tile column sums,
+added up by torch. Without a position gradient a row-tiled pass sums the bias and casts g.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._patches import tl, triton
+
+# Token tiles of 16: partial bias sums have one row per tile, so every config shares it. The
+# interpreter runs one config with wide feature blocks (it pays per operation, not per element).
+BLOCK_T = 16
+_INTERPRET = dict(BLOCK_B=4, BLOCK_D=64)
+_ROWS = dict(BLOCK_R=64, BLOCK_D=64)
+
+
+def new_links(batch: int, rows: int, num_tokens: int, device: torch.device) -> tuple:
+    """(head (B, N), next (B, n)) int32 for `link_rows`: head zeroed, next written by the links."""
+    return (torch.zeros(batch, num_tokens, dtype=torch.int32, device=device),
+            torch.empty(batch, rows, dtype=torch.int32, device=device))
+
+
+def embedding_grads(grad_out: torch.Tensor, links: tuple | None, need_bias: bool,
+                    bias_dtype: torch.dtype, pos_meta: tuple | None,
+                    matmul_dtype: torch.dtype | None, interpreting: bool) -> tuple:
+    """(g for the weight gradient (B*n, D) or None, grad_bias or None, grad_pos or None).
+
+    grad_out (B, n, D); links: `new_links` as the forward filled them (needed for grad_pos);
+    pos_meta: (pos shape (N, D), pos dtype) when pos needs a gradient; matmul_dtype: the dtype
+    the weight-gradient matmul wants g in, None when no weight gradient is needed.
+    """
+    batch, n, dim = grad_out.shape
+    g = grad_out.contiguous()
+    cast = matmul_dtype is not None and matmul_dtype != g.dtype
+    g_mm = torch.empty(batch * n, dim, device=g.device, dtype=matmul_dtype) if cast else None
+    grad_pos = None
+    if pos_meta is not None:
+        (num_tokens, _), pos_dtype = pos_meta
+        head, nxt = links
+        grad_pos = torch.empty(num_tokens, dim, device=g.device, dtype=pos_dtype)
+        tiles = triton.cdiv(num_tokens, BLOCK_T)
+        partial = torch.empty(tiles, dim, device=g.device, dtype=torch.float32)
+        args = (g, head, nxt, grad_pos, partial, g if g_mm is None else g_mm, batch, n,
+                num_tokens, dim)
+        if interpreting:
+            _gather_kernel[(tiles, triton.cdiv(dim, _INTERPRET["BLOCK_D"]))](
+                *args, CAST=cast, BLOCK_T=BLOCK_T, **_INTERPRET)
+        else:
+            _gather_tuned[lambda meta: (tiles, triton.cdiv(dim, meta["BLOCK_D"]))](
+                *args, CAST=cast, BLOCK_T=BLOCK_T)
+    elif cast:
+        tiles = triton.cdiv(batch * n, _ROWS["BLOCK_R"])
+        partial = torch.empty(tiles, dim, device=g.device, dtype=torch.float32)
+        _rows_kernel[(tiles, triton.cdiv(dim, _ROWS["BLOCK_D"]))](
+            g, partial, g_mm, batch * n, dim, **_ROWS, num_warps=4)
+    else:  # nothing to fuse: one reduction
+        partial = None
+    grad_bias = None
+    if need_bias:
+        total = (partial if partial is not None else g.flatten(0, 1)).sum(0, dtype=torch.float32)
+        grad_bias = total.to(bias_dtype)
+    if matmul_dtype is not None and g_mm is None:
+        g_mm = g.flatten(0, 1)
+    return g_mm, grad_bias, grad_pos
+
+
+def weight_grad(g: torch.Tensor, a: torch.Tensor, shape: torch.Size,
+                dtype: torch.dtype) -> torch.Tensor:
+    """grad_W = g^T a (D, P) in `dtype`, reshaped to the weight's shape; a half-precision product
+    is written in fp32 straight from its fp32 accumulator on CUDA (no rounding to the half dtype
+    and no cast kernel), as torch.mm's out_dtype allows."""
+    if g.is_cuda and dtype == torch.float32 and g.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(g.t(), a, out_dtype=torch.float32).view(shape)
+    return torch.mm(g.t(), a).to(dtype).view(shape)
+
+
+if triton is not None:
+    @triton.jit
+    def link_rows(head_ptr, next_ptr, b, i, token, ok, n, N):
+        """Link rows i (BLOCK,) of samples b (BLOCK,) to their tokens: see the module docstring.
+        Called once per row by the forward kernels, before any backward reads the links."""
+        prev = tl.atomic_xchg(head_ptr + b * N + token, i + 1, mask=ok)
+        tl.store(next_ptr + b * n + i, prev, mask=ok)
+
+    @triton.jit
+    def _gather_kernel(g_ptr, head_ptr, next_ptr, gpos_ptr, partial_ptr, gmm_ptr, B, n, N, D,
+                       CAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        """grad_pos for BLOCK_T tokens x BLOCK_D features, summing BLOCK_B samples at a time
+        (independent loads in flight); the tile's column sums go to partial[tile]."""
+        toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        tok_ok, col_ok = toks < N, cols < D
+        acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+        chained = tl.zeros((BLOCK_T,), tl.int32)  # > 0: a row here has an earlier same-token row
+        for b0 in range(0, B, BLOCK_B):
+            bs = b0 + tl.arange(0, BLOCK_B)
+            pair_ok = (bs < B)[:, None] & tok_ok[None, :]  # (BLOCK_B, BLOCK_T)
+            h = tl.load(head_ptr + bs[:, None] * N + toks[None, :], mask=pair_ok, other=0)
+            row = bs[:, None].to(tl.int64) * n + h - 1
+            acc += _add_rows(g_ptr, gmm_ptr, row, h > 0, cols, col_ok, D, CAST)
+            chained = tl.maximum(chained, tl.max(tl.load(next_ptr + row, mask=h > 0, other=0), 0))
+        if tl.max(chained, axis=0) > 0:  # repeated ids: walk the rest of each chain
+            for b in range(0, B):
+                h = tl.load(head_ptr + b * N + toks, mask=tok_ok, other=0)
+                r = tl.load(next_ptr + b * n + h - 1, mask=h > 0, other=0)
+                while tl.max(r, axis=0) > 0:
+                    row = (b * n + r - 1).to(tl.int64)
+                    acc += _add_rows(g_ptr, gmm_ptr, row[None, :], (r > 0)[None, :], cols,
+                                     col_ok, D, CAST)
+                    r = tl.load(next_ptr + row, mask=r > 0, other=0)
+        tl.store(gpos_ptr + toks[:, None] * D + cols[None, :],
+                 acc.to(gpos_ptr.dtype.element_ty), mask=tok_ok[:, None] & col_ok[None, :])
+        tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+    @triton.jit
+    def _add_rows(g_ptr, gmm_ptr, row, live, cols, col_ok, D, CAST: tl.constexpr):
+        """sum over axis 0 of the rows g[row] (S, T) at cols -> (T, BLOCK_D) fp32, 0 where not
+        live; with CAST also copies them to gmm in its dtype."""
+        offs = row[:, :, None] * D + cols[None, None, :]
+        mask = live[:, :, None] & col_ok[None, None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        if CAST:
+            tl.store(gmm_ptr + offs, g.to(gmm_ptr.dtype.element_ty), mask=mask)
+        return tl.sum(g.to(tl.float32), axis=0)
+
+    @triton.jit
+    def _rows_kernel(g_ptr, partial_ptr, gmm_ptr, R, D, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+        """Column sums of BLOCK_R rows of g to partial[tile], and those rows cast to gmm."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = (rows < R)[:, None] & (cols < D)[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        tl.store(gmm_ptr + offs, g.to(gmm_ptr.dtype.element_ty), mask=mask)
+        tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(g.to(tl.float32), axis=0),
+                 mask=cols < D)
+
+    # H100 candidates: samples gathered per step x feature block. Each gathered row segment is
+    # BLOCK_D elements; BLOCK_B independent gathers are in flight per step.
+    _gather_tuned = triton.autotune(
+        [triton.Config(dict(BLOCK_B=bb, BLOCK_D=bd), num_warps=w, num_stages=s)
+         for bb, bd, w, s in ((8, 32, 4, 2), (4, 64, 4, 2), (8, 64, 8, 2))],
+        key=["B", "n", "N", "D", "CAST"])(_gather_kernel)

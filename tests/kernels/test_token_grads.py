@@ -1,0 +1,170 @@
+"""kernels._token_grads: the bias / position gradients and the cast of grad_out that both
+embedding kernels' backwards share, against plain sums; through the kernels with repeated ids.
+
+Without CUDA the kernels run through Triton's interpreter (set before kernels.* is imported).
+Sums are compared with float64 references at 1e-5 relative to the largest value (fp32 sums of
+up to a few hundred terms); casts to bf16 within one bf16 step, 2^-7 relative (the interpreter
+truncates where CUDA rounds).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels  # noqa: E402
+from conftest import nan_filled_empty  # noqa: E402
+from kernels import diffuse_embed as de  # noqa: E402
+from kernels import patch_embed as pe  # noqa: E402
+from kernels._token_grads import embedding_grads  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-5
+BF16_STEP = 2.0 ** -7
+
+pytestmark = pytest.mark.usefixtures("true_fp32")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= tol * scale, f"max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+def python_links(ids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The links as documented, built row by row in order (the kernels' order may differ)."""
+    head = torch.zeros(ids.shape[0], num_tokens, dtype=torch.int32)
+    nxt = torch.zeros(ids.shape, dtype=torch.int32)
+    for b, row in enumerate(ids.tolist()):
+        for i, token in enumerate(row):
+            nxt[b, i], head[b, token] = head[b, token], i + 1
+    return head.to(DEVICE), nxt.to(DEVICE)
+
+
+def sums(grad: torch.Tensor, ids: torch.Tensor, num_tokens: int) -> tuple:
+    """float64 grad_bias and grad_pos, by index_add."""
+    g = grad.double().flatten(0, 1)
+    pos = torch.zeros(num_tokens, grad.shape[-1], dtype=torch.float64, device=grad.device)
+    return g.sum(0), pos.index_add_(0, ids.flatten(), g)
+
+
+def repeated_ids(batch: int, n: int, num_tokens: int) -> torch.Tensor:
+    """Random ids with repeats in every sample: one token three times, and tokens that no
+    sample uses (the first five)."""
+    ids = torch.randint(5, num_tokens, (batch, n))
+    ids[:, 1] = ids[:, 4] = ids[:, n - 1] = ids[:, 0]
+    return ids.to(DEVICE)
+
+
+# (B, n, N, D): B not a multiple of the 4 samples gathered per step, N not of the 16-token tile,
+# D not of the 64-feature block; n > N has every token repeated.
+SHAPES = [(5, 7, 37, 100), (3, 40, 21, 64), (1, 9, 9, 33)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-n{}-N{}-D{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gather_pass_matches_sums(shape, dtype):
+    """grad_pos (every row written, unused tokens 0) and grad_bias equal the float64 sums, in
+    pos's and bias's dtypes, with repeated ids in every sample."""
+    batch, n, num_tokens, dim = shape
+    ids = repeated_ids(batch, n, num_tokens) if n < num_tokens else torch.randint(
+        num_tokens, (batch, n), device=DEVICE)
+    grad = torch.randn(batch, n, dim, device=DEVICE).to(dtype)
+    with nan_filled_empty():
+        g_mm, grad_b, grad_pos = embedding_grads(
+            grad, python_links(ids.cpu(), num_tokens), True, torch.float32,
+            ((num_tokens, dim), dtype), None, kernels.interpreting())
+    ref_b, ref_pos = sums(grad, ids, num_tokens)
+    assert g_mm is None and grad_pos.dtype == dtype and grad_b.dtype == torch.float32
+    assert not grad_pos.isnan().any()
+    assert_close(grad_b, ref_b, TOL)
+    assert_close(grad_pos, ref_pos, TOL if dtype == torch.float32 else BF16_STEP)
+    if n < num_tokens:
+        assert (grad_pos[:5] == 0).all()
+
+
+@pytest.mark.parametrize("with_pos", [True, False], ids=["gather", "rows"])
+def test_casts_grad_out_for_the_matmul(with_pos):
+    """Under autocast grad_out is fp32 and the weight gradient multiplies in bf16: both passes
+    write the bf16 copy of every row (NaN-poisoned before)."""
+    batch, n, num_tokens, dim = 3, 11, 30, 70
+    ids = torch.stack([torch.randperm(num_tokens)[:n] for _ in range(batch)]).to(DEVICE)
+    grad = torch.randn(batch, n, dim, device=DEVICE)
+    pos_meta = ((num_tokens, dim), torch.float32) if with_pos else None
+    with nan_filled_empty():
+        g_mm, grad_b, grad_pos = embedding_grads(
+            grad, python_links(ids.cpu(), num_tokens), True, torch.bfloat16, pos_meta,
+            torch.bfloat16, kernels.interpreting())
+    assert g_mm.shape == (batch * n, dim) and g_mm.dtype == torch.bfloat16
+    assert not g_mm.isnan().any()
+    assert_close(g_mm, grad.flatten(0, 1), BF16_STEP)
+    ref_b, ref_pos = sums(grad, ids, num_tokens)
+    assert grad_b.dtype == torch.bfloat16
+    assert_close(grad_b, ref_b, BF16_STEP)
+    assert (grad_pos is None) != with_pos
+    if with_pos:
+        assert_close(grad_pos, ref_pos, TOL)
+
+
+def test_without_a_cast_or_pos_grad_g_is_grad_out():
+    grad = torch.randn(2, 5, 8, device=DEVICE)
+    g_mm, grad_b, grad_pos = embedding_grads(grad, None, True, torch.float32, None,
+                                             torch.float32, kernels.interpreting())
+    assert torch.equal(g_mm, grad.flatten(0, 1)) and grad_pos is None
+    assert_close(grad_b, grad.double().sum((0, 1)), TOL)
+
+
+def test_grad_pos_is_deterministic():
+    """Distinct ids (a mask's): the same gradients bit for bit on every run (index_add_'s float
+    atomics on CUDA give no such promise)."""
+    batch, n, num_tokens, dim = 9, 13, 40, 96
+    ids = torch.stack([torch.randperm(num_tokens)[:n] for _ in range(batch)]).to(DEVICE)
+    grad = torch.randn(batch, n, dim, device=DEVICE)
+    links = python_links(ids.cpu(), num_tokens)
+    runs = [embedding_grads(grad, links, True, torch.float32, ((num_tokens, dim), torch.float32),
+                            None, kernels.interpreting())[1:] for _ in range(3)]
+    for later in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], later))
+
+
+def test_patch_embed_sums_repeated_ids():
+    """Through the forward kernel's links: a gather with repeated ids (not a mask, but a valid
+    call) gets the reference's bias and position gradients."""
+    batch, patch, dim = 3, (16, 16), 48
+    x = torch.randn(batch, 1, 64, 80, device=DEVICE)
+    num_tokens = 4 * 5
+    ids = repeated_ids(batch, 9, num_tokens)
+    params = [torch.randn(dim, 1, *patch, device=DEVICE) / 16, torch.randn(dim, device=DEVICE),
+              torch.randn(num_tokens, dim, device=DEVICE)]
+    params = [p.requires_grad_() for p in params]
+    grad = torch.randn(batch, 9, dim, device=DEVICE)
+    got = torch.autograd.grad(pe.patch_embed_visible(x, ids, *params, patch), params, grad)
+    ref = torch.autograd.grad(pe.reference_patch_embed_visible(x, ids, *params, patch), params,
+                              grad)
+    for actual, expected in zip(got, ref):
+        assert_close(actual, expected, TOL)
+
+
+def test_diffuse_embed_sums_repeated_ids():
+    batch, patch, dim = 2, (2, 16, 16), 40
+    x = torch.randn(batch, 3, 4, 32, 48, device=DEVICE)
+    num_tokens, p = 2 * 2 * 3, 3 * math.prod(patch)
+    ids = repeated_ids(batch, 6, num_tokens)
+    t = torch.tensor([3, 7], device=DEVICE)
+    alpha_bar = torch.linspace(1.0, 0.05, 11, device=DEVICE)
+    noise = torch.randn(batch, 6, p, device=DEVICE)
+    params = [torch.randn(dim, p, device=DEVICE) / p ** 0.5, torch.randn(dim, device=DEVICE),
+              torch.randn(num_tokens, dim, device=DEVICE)]
+    params = [q.requires_grad_() for q in params]
+    grad = torch.randn(batch, 6, dim, device=DEVICE)
+    args = (x, ids, t, alpha_bar, *params, patch)
+    got = torch.autograd.grad(de.diffuse_embed_masked(*args, noise=noise), params, grad)
+    ref = torch.autograd.grad(de.reference_diffuse_embed_masked(*args, noise=noise), params,
+                              grad)
+    for actual, expected in zip(got, ref):
+        assert_close(actual, expected, TOL)
