@@ -83,12 +83,17 @@ def embedding_grads(grad_out: torch.Tensor, links: tuple | None, need_bias: bool
     return g_mm, grad_bias, grad_pos
 
 
+# torch.mm(..., out_dtype=) (CUDA, torch >= 2.8): half inputs, an fp32 result.
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
 def weight_grad(g: torch.Tensor, a: torch.Tensor, shape: torch.Size,
                 dtype: torch.dtype) -> torch.Tensor:
     """grad_W = g^T a (D, P) in `dtype`, reshaped to the weight's shape; a half-precision product
     is written in fp32 straight from its fp32 accumulator on CUDA (no rounding to the half dtype
-    and no cast kernel), as torch.mm's out_dtype allows."""
-    if g.is_cuda and dtype == torch.float32 and g.dtype in (torch.bfloat16, torch.float16):
+    and no cast kernel) where torch.mm has out_dtype."""
+    if (_MM_OUT_DTYPE and g.is_cuda and dtype == torch.float32
+            and g.dtype in (torch.bfloat16, torch.float16)):
         return torch.mm(g.t(), a, out_dtype=torch.float32).view(shape)
     return torch.mm(g.t(), a).to(dtype).view(shape)
 

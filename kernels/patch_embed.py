@@ -101,9 +101,9 @@ def _config(m: int, n: int, k: int, warps: int, stages: int, names: str) -> trit
 # H100 candidates (B*n ~ 800-13000 rows, D 384-1024, P 256 or 1536): every candidate is one
 # more compile (seconds) per dtype and patch geometry. 64x128x32 needs about half the shared
 # memory of the others with fp32 x and weight (amp, sm_90: 57 KB against 106-147 KB, and 212
-# registers without spills where the 4-warp K=64 tiles spill), so several programs fit an SM. The interpreter runs one fixed config
-# instead (autotuning would time every candidate), with wide tiles since its cost is per
-# operation rather than per element.
+# registers without spills where the 4-warp K=64 tiles spill), so several programs fit an SM.
+# The interpreter runs one fixed config instead (autotuning would time every candidate), with
+# wide tiles since its cost is per operation rather than per element.
 _FWD = "BLOCK_M BLOCK_N BLOCK_K"
 _forward_tuned = triton.autotune(
     [_config(128, 128, 64, 8, 3, _FWD), _config(64, 128, 64, 4, 3, _FWD),
