@@ -117,10 +117,13 @@ if triton is not None:
         tok_ok, col_ok = toks < N, cols < D
         acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
         chained = tl.zeros((BLOCK_T,), tl.int32)  # > 0: a row here has an earlier same-token row
+        h_next = _heads(head_ptr, 0, B, N, toks, tok_ok, BLOCK_B)
         for b0 in range(0, B, BLOCK_B):
+            # The next samples' heads load while this step's rows do: one memory latency per
+            # step rather than two in a row.
+            h = h_next
+            h_next = _heads(head_ptr, b0 + BLOCK_B, B, N, toks, tok_ok, BLOCK_B)
             bs = b0 + tl.arange(0, BLOCK_B)
-            pair_ok = (bs < B)[:, None] & tok_ok[None, :]  # (BLOCK_B, BLOCK_T)
-            h = tl.load(head_ptr + bs[:, None] * N + toks[None, :], mask=pair_ok, other=0)
             row = bs[:, None].to(tl.int64) * n + h - 1
             acc += _add_rows(g_ptr, gmm_ptr, row, h > 0, cols, col_ok, D, CAST)
             chained = tl.maximum(chained, tl.max(tl.load(next_ptr + row, mask=h > 0, other=0), 0))
@@ -136,6 +139,13 @@ if triton is not None:
         tl.store(gpos_ptr + toks[:, None] * D + cols[None, :],
                  acc.to(gpos_ptr.dtype.element_ty), mask=tok_ok[:, None] & col_ok[None, :])
         tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+    @triton.jit
+    def _heads(head_ptr, b0, B, N, toks, tok_ok, BLOCK_B: tl.constexpr):
+        """head[b0 : b0 + BLOCK_B, toks] (BLOCK_B, BLOCK_T), 0 past the last sample."""
+        bs = b0 + tl.arange(0, BLOCK_B)
+        return tl.load(head_ptr + bs[:, None] * N + toks[None, :],
+                       mask=(bs < B)[:, None] & tok_ok[None, :], other=0)
 
     @triton.jit
     def _add_rows(g_ptr, gmm_ptr, row, live, cols, col_ok, D, CAST: tl.constexpr):

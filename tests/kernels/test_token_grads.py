@@ -130,6 +130,8 @@ def test_grad_pos_is_deterministic():
                             None, kernels.interpreting())[1:] for _ in range(3)]
     for later in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], later))
+    for actual, expected in zip(runs[0], sums(grad, ids, num_tokens)):
+        assert_close(actual, expected, TOL)
 
 
 def test_patch_embed_sums_repeated_ids():
