@@ -11,14 +11,17 @@ changes from run to run; for the diffusion input every position row receives ~0.
 Here each program owns a tile of tokens x features and gathers: for each sample, the row i whose
 ids[b, i] is each of its tokens, summed in a fixed order in fp32 and written once in pos's dtype.
 No atomics on floats: the result is deterministic when a sample's ids are distinct (a mask's
-always are). The forward kernel links the rows as it reads ids (`link_rows`):
+always are). In forward, when pos needs a gradient, `link_tokens` links the rows to their tokens:
 
     head[b, t] = 1 + the row i last linked with ids[b, i] = t, 0 if none   (B, N) int32
     next[b, i] = 1 + the row linked before i with the same token, 0 if none (B, n) int32
 
 so repeated ids in a sample are summed too (a chain per token, walked only where one exists; the
-atomic exchange decides their order). grad_bias comes from the same tiles: per-tile column sums,
-added up by torch. Without a position gradient a row-tiled pass sums the bias and casts g.
+atomic exchange decides their order). Linking is its own small kernel, not a step of the
+autotuned forward kernels: the autotuner launches a kernel many times on the same arguments, and
+a second link of a row would link it to itself. grad_bias comes from the same tiles: per-tile
+column sums, added up by torch. Without a position gradient a row-tiled pass sums the bias and
+casts g.
 """
 from __future__ import annotations
 
@@ -33,29 +36,35 @@ _INTERPRET = dict(BLOCK_B=4, BLOCK_D=64)
 _ROWS = dict(BLOCK_R=64, BLOCK_D=64)
 
 
-def new_links(batch: int, rows: int, num_tokens: int, device: torch.device) -> tuple:
-    """(head (B, N), next (B, n)) int32 for `link_rows`: head zeroed, next written by the links."""
-    return (torch.zeros(batch, num_tokens, dtype=torch.int32, device=device),
-            torch.empty(batch, rows, dtype=torch.int32, device=device))
+def link_tokens(ids: torch.Tensor, num_tokens: int, interpreting: bool) -> tuple:
+    """(head (B, N), next (B, n)) int32 of ids (B, n) (any strides): see the module docstring.
+    Ids outside [0, N) are left unlinked rather than written out of bounds."""
+    batch, n = ids.shape
+    head = torch.zeros(batch, num_tokens, dtype=torch.int32, device=ids.device)
+    nxt = torch.empty(batch, n, dtype=torch.int32, device=ids.device)
+    block = 1024 if interpreting else 256
+    _link_kernel[(triton.cdiv(batch * n, block),)](ids, head, nxt, batch * n, n, num_tokens,
+                                                   *ids.stride(), BLOCK=block)
+    return head, nxt
 
 
-def embedding_grads(grad_out: torch.Tensor, links: tuple | None, need_bias: bool,
-                    bias_dtype: torch.dtype, pos_meta: tuple | None,
+def embedding_grads(grad_out: torch.Tensor, *, links: tuple | None,
+                    bias_dtype: torch.dtype | None, pos_dtype: torch.dtype | None,
                     matmul_dtype: torch.dtype | None, interpreting: bool) -> tuple:
     """(g for the weight gradient (B*n, D) or None, grad_bias or None, grad_pos or None).
 
-    grad_out (B, n, D); links: `new_links` as the forward filled them (needed for grad_pos);
-    pos_meta: (pos shape (N, D), pos dtype) when pos needs a gradient; matmul_dtype: the dtype
-    the weight-gradient matmul wants g in, None when no weight gradient is needed.
+    grad_out (B, n, D). Each gradient is computed when its dtype is given: bias_dtype and
+    pos_dtype are the parameters'; matmul_dtype is the dtype the weight-gradient matmul takes g
+    in. grad_pos needs the forward's `link_tokens(ids, N)` as links.
     """
     batch, n, dim = grad_out.shape
     g = grad_out.contiguous()
     cast = matmul_dtype is not None and matmul_dtype != g.dtype
     g_mm = torch.empty(batch * n, dim, device=g.device, dtype=matmul_dtype) if cast else None
     grad_pos = None
-    if pos_meta is not None:
-        (num_tokens, _), pos_dtype = pos_meta
+    if pos_dtype is not None:
         head, nxt = links
+        num_tokens = head.shape[1]
         grad_pos = torch.empty(num_tokens, dim, device=g.device, dtype=pos_dtype)
         tiles = triton.cdiv(num_tokens, BLOCK_T)
         partial = torch.empty(tiles, dim, device=g.device, dtype=torch.float32)
@@ -75,7 +84,7 @@ def embedding_grads(grad_out: torch.Tensor, links: tuple | None, need_bias: bool
     else:  # nothing to fuse: one reduction
         partial = None
     grad_bias = None
-    if need_bias:
+    if bias_dtype is not None:
         total = (partial if partial is not None else g.flatten(0, 1)).sum(0, dtype=torch.float32)
         grad_bias = total.to(bias_dtype)
     if matmul_dtype is not None and g_mm is None:
@@ -100,11 +109,17 @@ def weight_grad(g: torch.Tensor, a: torch.Tensor, shape: torch.Size,
 
 if triton is not None:
     @triton.jit
-    def link_rows(head_ptr, next_ptr, b, i, token, ok, n, N):
-        """Link rows i (BLOCK,) of samples b (BLOCK,) to their tokens: see the module docstring.
-        Called once per row by the forward kernels, before any backward reads the links."""
+    def _link_kernel(ids_ptr, head_ptr, next_ptr, R, n, N, stride_b, stride_i,
+                     BLOCK: tl.constexpr):
+        """Links BLOCK of the B*n rows: head[b, t] takes the row, next[b, i] the one before."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        b = rows // n
+        i = rows - b * n
+        ok = rows < R
+        token = tl.load(ids_ptr + b * stride_b + i * stride_i, mask=ok, other=0).to(tl.int32)
+        ok &= (token >= 0) & (token < N)
         prev = tl.atomic_xchg(head_ptr + b * N + token, i + 1, mask=ok)
-        tl.store(next_ptr + b * n + i, prev, mask=ok)
+        tl.store(next_ptr + rows, tl.where(ok, prev, 0), mask=rows < R)
 
     @triton.jit
     def _gather_kernel(g_ptr, head_ptr, next_ptr, gpos_ptr, partial_ptr, gmm_ptr, B, n, N, D,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 import kernels
 from fastmavil.diffusion import q_sample
@@ -33,7 +34,7 @@ from fastmavil.losses import normalize_patches
 
 from ._patches import (as_5d, check_sample_span, check_tensors, compute_dtype, dot_constexprs,
                        geometry, reference_gather, tl, triton)
-from ._token_grads import embedding_grads, new_links, weight_grad
+from ._token_grads import embedding_grads, link_tokens, weight_grad
 
 NAME = "diffuse_embed"
 
@@ -166,31 +167,32 @@ class _DiffuseEmbed(torch.autograd.Function):
         out = torch.empty(b, m, dd, device=x.device, dtype=x.dtype)
         # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
         x_t = torch.empty(rows, p, device=x.device, dtype=compute) if save else out
-        links = new_links(b, m, geo["N"], x.device) if link else (ids, ids)  # or unused
         grid = lambda meta: (triton.cdiv(dd, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]))
         fwd = _fwd_kernel if kernels.interpreting() else _fwd_tuned
-        fwd[grid](w2, bias.contiguous(), pos.contiguous(), out, x_t, *links, dd,
+        fwd[grid](w2, bias.contiguous(), pos.contiguous(), out, x_t, dd,
                   x5, ids, t, alpha_bar, x5 if noise is None else noise,
                   ids if seed_t is None else seed_t,  # unused pointers: typed, never read
-                  rows, m, p, geo["N"], geo["GH"], geo["GW"], *x5.stride(),
+                  rows, m, p, geo["GH"], geo["GW"], *x5.stride(),
                   PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix,
-                  HAS_NOISE=noise is not None, SAVE_XT=save, LINK=link,
-                  **dot_constexprs(compute),
+                  HAS_NOISE=noise is not None, SAVE_XT=save, **dot_constexprs(compute),
                   **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
-        ctx.save_for_backward(x_t if save else None, *(links if link else (None, None)))
+        links = link_tokens(ids, geo["N"], kernels.interpreting()) if link else (None, None)
+        ctx.save_for_backward(x_t if save else None, *links)
         ctx.weight_meta = (weight.shape, weight.dtype)
-        ctx.pos_meta = (pos.shape, pos.dtype)
-        ctx.bias_dtype = bias.dtype
+        ctx.dtypes = (bias.dtype, pos.dtype)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x_t, *links = ctx.saved_tensors
         need_w, need_b, need_p = ctx.needs_input_grad[4:7]
+        bias_dtype, pos_dtype = ctx.dtypes
         # The weight gradient multiplies in the compute dtype, as F.linear's under autocast.
         g, grad_b, grad_p = embedding_grads(
-            grad_out, links, need_b, ctx.bias_dtype, ctx.pos_meta if need_p else None,
-            x_t.dtype if need_w else None, kernels.interpreting())
+            grad_out, links=links, bias_dtype=bias_dtype if need_b else None,
+            pos_dtype=pos_dtype if need_p else None, matmul_dtype=x_t.dtype if need_w else None,
+            interpreting=kernels.interpreting())
         grad_w = weight_grad(g, x_t, *ctx.weight_meta) if need_w else None
         return (None, None, None, None, grad_w, grad_b, grad_p) + (None,) * 7
 
@@ -200,7 +202,6 @@ _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256)
 
 if triton is not None:
     from ._patches import load_patches, mma, patch_stats
-    from ._token_grads import link_rows
 
     @triton.jit
     def _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m):
@@ -251,16 +252,15 @@ if triton is not None:
         return tl.where(mask, x_t, 0.0)
 
     @triton.jit
-    def _fwd_kernel(w_ptr, bias_ptr, pos_ptr, out_ptr, xt_ptr, head_ptr, next_ptr, Dd,
+    def _fwd_kernel(w_ptr, bias_ptr, pos_ptr, out_ptr, xt_ptr, Dd,
                     x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr,
-                    R, m, P, N, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
+                    R, m, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
                     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
-                    HAS_NOISE: tl.constexpr, SAVE_XT: tl.constexpr, LINK: tl.constexpr,
-                    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    HAS_NOISE: tl.constexpr, SAVE_XT: tl.constexpr, COMPUTE: tl.constexpr,
+                    PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One (BLOCK_M rows, BLOCK_N features) tile: x_t @ W^T + bias + pos; with SAVE_XT the
-        first feature block also stores x_t (R, P) for backward, with LINK it links rows to
-        tokens for grad_pos (kernels._token_grads)."""
+        first feature block also stores x_t (R, P) for backward."""
         # N blocks vary fastest: the programs sharing a row tile run together, so its gathered
         # patches are re-read from L2; W (at most a few MB) stays there anyway.
         pid_n = tl.program_id(0)
@@ -269,9 +269,6 @@ if triton is not None:
         n_mask = n < Dd
         row_mask = rows < R
         token, b, sqrt_ab, sigma = _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m)
-        if LINK:
-            if pid_n == 0:
-                link_rows(head_ptr, next_ptr, b, rows - b * m, token, row_mask, m, N)
         if NORM:
             mean, rstd = patch_stats(x_ptr + b.to(tl.int64)[:, None] * stride_b, token, row_mask,
                                      P, GH, GW, PD, PH, PW, stride_c, stride_d, stride_h,
@@ -323,4 +320,4 @@ if triton is not None:
     _fwd_tuned = triton.autotune(
         _configs([(64, 128, 64, 4, 3), (64, 128, 32, 4, 3), (64, 256, 32, 8, 3),
                   (32, 512, 32, 8, 3)]),
-        key=["m", "Dd", "P", "COMPUTE", "PRECISION", "SAVE_XT", "LINK"])(_fwd_kernel)
+        key=["m", "Dd", "P", "COMPUTE", "PRECISION", "SAVE_XT"])(_fwd_kernel)

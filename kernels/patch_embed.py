@@ -12,9 +12,9 @@ they loaded, i.e. the visible patches (B*n, P) in the compute dtype (the tensor 
 saves for F.linear's backward), and backward computes grad_weight = grad_out^T @ patches with
 one cuBLAS matmul. (A Triton weight-grad kernel that re-gathered the patches from x ran at
 0.45-0.74x the speed of the reference's backward on an H200; BENCHMARKS.md.) grad_bias and
-grad_pos come from one deterministic pass over grad_out (kernels._token_grads), for which the same
-programs link each row to its token when pos needs a gradient; under autocast that pass also
-casts grad_out for the matmul. x and the integer ids get no gradient.
+grad_pos come from one deterministic pass over grad_out (kernels._token_grads; for grad_pos the
+forward also links each row to its token); under autocast that pass also casts grad_out for the
+matmul. x and the integer ids get no gradient.
 
 Dtypes: the matmul runs in x's dtype, or in the autocast dtype when autocast is on for x's
 device (as F.linear would), with tiles cast inside the kernel (no copy of x or weight) and fp32
@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 import kernels
 from kernels._patches import (as_5d, check_sample_span, check_tensors, compute_dtype,
                               dot_constexprs, geometry, mma, patch_offsets, reference_gather)
-from kernels._token_grads import embedding_grads, link_rows, new_links, weight_grad
+from kernels._token_grads import embedding_grads, link_tokens, weight_grad
 
 
 def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
@@ -47,15 +47,14 @@ def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weigh
 
 
 @triton.jit
-def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_ptr, head_ptr,
-                    next_ptr, R, n, D, P, N, GH, GW, stride_ib, stride_in, stride_xb, stride_xc,
-                    stride_xd, stride_xh, stride_xw, PD: tl.constexpr, PH: tl.constexpr,
-                    PW: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-                    ROUND_ONLY: tl.constexpr, SAVE_PATCHES: tl.constexpr, LINK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_ptr, R, n, D,
+                    P, GH, GW, stride_ib, stride_in, stride_xb, stride_xc, stride_xd, stride_xh,
+                    stride_xw, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
+                    SAVE_PATCHES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     """One (BLOCK_M rows of the (B*n) tokens, BLOCK_N features) tile: gathered patches @ W^T;
-    with SAVE_PATCHES the first feature block also stores the patches (B*n, P) for backward,
-    with LINK it links rows to tokens for grad_pos (kernels._token_grads)."""
+    with SAVE_PATCHES the first feature block also stores the patches (B*n, P) for backward."""
     # Feature blocks vary fastest: the programs sharing a row tile run together, so its gathered
     # patches are re-read from L2. Row tiles span samples, so a small n (51 audio tokens at
     # rho = 0.9) does not leave most of each tile empty.
@@ -66,9 +65,6 @@ def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_p
     b = rows // n
     i = rows - b * n
     tok = tl.load(ids_ptr + b * stride_ib + i * stride_in, mask=row_ok, other=0).to(tl.int32)
-    if LINK:
-        if pid_n == 0:
-            link_rows(head_ptr, next_ptr, b, i, tok, row_ok, n, N)
     # Offsets within one sample fit int32; the batch term may not, hence int64.
     x_b = x_ptr + b.to(tl.int64)[:, None] * stride_xb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -108,7 +104,7 @@ _FWD = "BLOCK_M BLOCK_N BLOCK_K"
 _forward_tuned = triton.autotune(
     [_config(128, 128, 64, 8, 3, _FWD), _config(64, 128, 64, 4, 3, _FWD),
      _config(128, 64, 64, 4, 3, _FWD), _config(64, 128, 32, 4, 3, _FWD)],
-    key=["R", "D", "P", "COMPUTE", "PRECISION", "SAVE_PATCHES", "LINK"])(_forward_kernel)
+    key=["R", "D", "P", "COMPUTE", "PRECISION", "SAVE_PATCHES"])(_forward_kernel)
 _FWD_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}
 
 
@@ -133,16 +129,16 @@ class _PatchEmbedVisible(torch.autograd.Function):
         out = torch.empty(b, n, d, device=x.device, dtype=x.dtype)
         # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
         patches = torch.empty(b * n, p, device=x.device, dtype=compute) if save else out
-        links = new_links(b, n, pos.shape[0], x.device) if link else (ids, ids)  # or unused
-        const = dict(**dot_constexprs(compute), **patch3, SAVE_PATCHES=save, LINK=link)
-        args = (x5, ids, w, bias.contiguous(), pos.contiguous(), out, patches, *links, b * n, n,
-                d, p, pos.shape[0], *runtime)
+        const = dict(**dot_constexprs(compute), **patch3, SAVE_PATCHES=save)
+        args = (x5, ids, w, bias.contiguous(), pos.contiguous(), out, patches, b * n, n, d, p,
+                *runtime)
         grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), triton.cdiv(b * n, meta["BLOCK_M"]))
         if kernels.interpreting():  # one fixed config: autotuning would time every candidate
             _forward_kernel[grid(_FWD_INTERPRET)](*args, **const, **_FWD_INTERPRET)
         else:
             _forward_tuned[grid](*args, **const)
-        ctx.save_for_backward(patches if save else None, *(links if link else (None, None)))
+        links = link_tokens(ids, pos.shape[0], kernels.interpreting()) if link else (None, None)
+        ctx.save_for_backward(patches if save else None, *links)
         ctx.meta = (weight.shape, weight.dtype, bias.dtype, pos.shape, pos.dtype)
         return out
 
@@ -154,8 +150,9 @@ class _PatchEmbedVisible(torch.autograd.Function):
         need_w, need_b, need_pos = ctx.needs_input_grad[2:5]
         # The weight gradient multiplies in the compute dtype, as F.linear's under autocast.
         g, grad_b, grad_pos = embedding_grads(
-            grad_out, links, need_b, bias_dtype, (pos_shape, pos_dtype) if need_pos else None,
-            patches.dtype if need_w else None, kernels.interpreting())
+            grad_out, links=links, bias_dtype=bias_dtype if need_b else None,
+            pos_dtype=pos_dtype if need_pos else None,
+            matmul_dtype=patches.dtype if need_w else None, interpreting=kernels.interpreting())
         grad_w = weight_grad(g, patches, w_shape, w_dtype) if need_w else None
         return None, None, grad_w, grad_b, grad_pos, None, None, None, None
 

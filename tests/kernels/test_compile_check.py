@@ -46,8 +46,9 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
                       r"shared +(\d+) B$", out, re.M)
     assert {name for _, name, _, _ in rows} == {"_forward_kernel", "_fwd_kernel", "_mse_fwd_kernel",
                                                 "_mse_bwd_kernel", "_philox_kernel",
-                                                "_gather_kernel", "_rows_kernel",
-                                                "_backward_kernel"}, out  # the last: windows
+                                                "_link_kernel", "_gather_kernel",
+                                                "_rows_kernel", "_backward_kernel"},  out
+    # (the last: the window attention's)
     assert {label for _, _, label, _ in rows} == {"amp audio", "amp video", "amp window",
                                                   "any"}, out
     assert all((status == "over") == (int(shared) > TINY_LIMIT)
@@ -57,14 +58,14 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
                         r"compile errors$", out, re.M)
     assert summary and int(summary[1]) == len(rows) and int(summary[4]) == 0, out
     assert int(summary[2]) == sum(status == "over" for status, *_ in rows), out
-    # the two matmul kernels, the window attention's, the position-gradient gather (its sums
-    # over samples and tokens) and the noise kernel (its four-way interleave of Philox outputs
-    # goes through shared memory) fit no candidate into 1 KB; the loss kernels and the bias
-    # pass do
+    # the two matmul kernels, the window attention's, the position-gradient linking and gather
+    # and the noise kernel (its four-way interleave of Philox outputs goes through shared
+    # memory) fit no candidate into 1 KB; the loss kernels and the bias pass do
     unfit = re.findall(r"^FAIL (\w+) +(amp \w+|any) .* no candidate fits 1024 B", out, re.M)
     assert set(unfit) == {("_forward_kernel", "amp audio"), ("_forward_kernel", "amp video"),
                           ("_fwd_kernel", "amp audio"), ("_fwd_kernel", "amp video"),
                           ("_gather_kernel", "amp audio"), ("_gather_kernel", "amp video"),
+                          ("_link_kernel", "amp audio"), ("_link_kernel", "amp video"),
                           ("_forward_kernel", "amp window"), ("_backward_kernel", "amp window"),
                           ("_philox_kernel", "any")}, out
     assert int(summary[3]) == len(unfit) and run.returncode == 1, out

@@ -21,7 +21,7 @@ import kernels  # noqa: E402
 from conftest import nan_filled_empty  # noqa: E402
 from kernels import diffuse_embed as de  # noqa: E402
 from kernels import patch_embed as pe  # noqa: E402
-from kernels._token_grads import embedding_grads  # noqa: E402
+from kernels._token_grads import embedding_grads, link_tokens  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5
@@ -77,8 +77,8 @@ def test_gather_pass_matches_sums(shape, dtype):
     grad = torch.randn(batch, n, dim, device=DEVICE).to(dtype)
     with nan_filled_empty():
         g_mm, grad_b, grad_pos = embedding_grads(
-            grad, python_links(ids.cpu(), num_tokens), True, torch.float32,
-            ((num_tokens, dim), dtype), None, kernels.interpreting())
+            grad, links=python_links(ids.cpu(), num_tokens), bias_dtype=torch.float32,
+            pos_dtype=dtype, matmul_dtype=None, interpreting=kernels.interpreting())
     ref_b, ref_pos = sums(grad, ids, num_tokens)
     assert g_mm is None and grad_pos.dtype == dtype and grad_b.dtype == torch.float32
     assert not grad_pos.isnan().any()
@@ -95,11 +95,11 @@ def test_casts_grad_out_for_the_matmul(with_pos):
     batch, n, num_tokens, dim = 3, 11, 30, 70
     ids = torch.stack([torch.randperm(num_tokens)[:n] for _ in range(batch)]).to(DEVICE)
     grad = torch.randn(batch, n, dim, device=DEVICE)
-    pos_meta = ((num_tokens, dim), torch.float32) if with_pos else None
     with nan_filled_empty():
         g_mm, grad_b, grad_pos = embedding_grads(
-            grad, python_links(ids.cpu(), num_tokens), True, torch.bfloat16, pos_meta,
-            torch.bfloat16, kernels.interpreting())
+            grad, links=python_links(ids.cpu(), num_tokens), bias_dtype=torch.bfloat16,
+            pos_dtype=torch.float32 if with_pos else None, matmul_dtype=torch.bfloat16,
+            interpreting=kernels.interpreting())
     assert g_mm.shape == (batch * n, dim) and g_mm.dtype == torch.bfloat16
     assert not g_mm.isnan().any()
     assert_close(g_mm, grad.flatten(0, 1), BF16_STEP)
@@ -113,8 +113,9 @@ def test_casts_grad_out_for_the_matmul(with_pos):
 
 def test_without_a_cast_or_pos_grad_g_is_grad_out():
     grad = torch.randn(2, 5, 8, device=DEVICE)
-    g_mm, grad_b, grad_pos = embedding_grads(grad, None, True, torch.float32, None,
-                                             torch.float32, kernels.interpreting())
+    g_mm, grad_b, grad_pos = embedding_grads(grad, links=None, bias_dtype=torch.float32,
+                                             pos_dtype=None, matmul_dtype=torch.float32,
+                                             interpreting=kernels.interpreting())
     assert torch.equal(g_mm, grad.flatten(0, 1)) and grad_pos is None
     assert_close(grad_b, grad.double().sum((0, 1)), TOL)
 
@@ -126,12 +127,46 @@ def test_grad_pos_is_deterministic():
     ids = torch.stack([torch.randperm(num_tokens)[:n] for _ in range(batch)]).to(DEVICE)
     grad = torch.randn(batch, n, dim, device=DEVICE)
     links = python_links(ids.cpu(), num_tokens)
-    runs = [embedding_grads(grad, links, True, torch.float32, ((num_tokens, dim), torch.float32),
-                            None, kernels.interpreting())[1:] for _ in range(3)]
+    runs = [embedding_grads(grad, links=links, bias_dtype=torch.float32,
+                            pos_dtype=torch.float32, matmul_dtype=None,
+                            interpreting=kernels.interpreting())[1:] for _ in range(3)]
     for later in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], later))
     for actual, expected in zip(runs[0], sums(grad, ids, num_tokens)):
         assert_close(actual, expected, TOL)
+
+
+def chains(head: torch.Tensor, nxt: torch.Tensor) -> list[dict[int, list[int]]]:
+    """Per sample, token -> its rows, by walking the links."""
+    out = []
+    for h_row, n_row in zip(head.tolist(), nxt.tolist()):
+        sample = {}
+        for token, r in enumerate(h_row):
+            while r:
+                sample.setdefault(token, []).append(r - 1)
+                r = n_row[r - 1]
+        out.append(sample)
+    return out
+
+
+def test_link_tokens_links_every_row_once():
+    """Every row sits in its token's chain, exactly once, with repeated ids, from a strided
+    (sliced) ids tensor; ids outside [0, N) stay unlinked (no write out of bounds)."""
+    batch, n, num_tokens = 3, 50, 20
+    full = torch.randint(0, num_tokens, (batch, n + 7), device=DEVICE)
+    ids = full[:, 3:3 + n]
+    assert not ids.is_contiguous()
+    ids[0, 5], ids[1, 0], ids[2, n - 1] = -1, num_tokens, num_tokens + 1000
+    head, nxt = link_tokens(ids, num_tokens, kernels.interpreting())
+    assert head.shape == (batch, num_tokens) and nxt.shape == (batch, n)
+    expected = [{} for _ in range(batch)]
+    for b, row in enumerate(ids.tolist()):
+        for i, token in enumerate(row):
+            if 0 <= token < num_tokens:
+                expected[b].setdefault(token, []).append(i)
+    assert [{t: sorted(r) for t, r in s.items()} for s in chains(head.cpu(), nxt.cpu())] == expected
+    for b, i in ((0, 5), (1, 0), (2, n - 1)):
+        assert nxt[b, i] == 0 and (head[b] != i + 1).all()
 
 
 def test_patch_embed_sums_repeated_ids():
@@ -170,3 +205,22 @@ def test_diffuse_embed_sums_repeated_ids():
                               grad)
     for actual, expected in zip(got, ref):
         assert_close(actual, expected, TOL)
+
+
+def test_double_backward_raises():
+    """The gradients come from kernels without a graph of their own: differentiating them again
+    must fail loudly (once_differentiable), not return a second derivative that misses them."""
+    x = torch.randn(2, 1, 32, 32, device=DEVICE)
+    ids = torch.tensor([[0, 3], [2, 1]], device=DEVICE)
+    params = [torch.randn(8, 1, 16, 16, device=DEVICE).requires_grad_(),
+              torch.randn(8, device=DEVICE).requires_grad_(),
+              torch.randn(4, 8, device=DEVICE).requires_grad_()]
+    noise = torch.randn(2, 2, 256, device=DEVICE)
+    t, alpha_bar = torch.tensor([1, 2], device=DEVICE), torch.linspace(1.0, 0.5, 3, device=DEVICE)
+    outputs = (pe.patch_embed_visible(x, ids, *params, (16, 16)),
+               de.diffuse_embed_masked(x, ids, t, alpha_bar, params[0].flatten(1), *params[1:],
+                                       (16, 16), noise=noise))
+    for out in outputs:
+        grads = torch.autograd.grad(out.square().sum(), params, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            sum(g.square().sum() for g in grads).backward()
