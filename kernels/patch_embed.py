@@ -139,14 +139,14 @@ class _PatchEmbedVisible(torch.autograd.Function):
             _forward_tuned[grid](*args, **const)
         links = link_tokens(ids, pos.shape[0], kernels.interpreting()) if link else (None, None)
         ctx.save_for_backward(patches if save else None, *links)
-        ctx.meta = (weight.shape, weight.dtype, bias.dtype, pos.shape, pos.dtype)
+        ctx.meta = (weight.shape, weight.dtype, bias.dtype, pos.dtype)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         patches, *links = ctx.saved_tensors
-        w_shape, w_dtype, bias_dtype, pos_shape, pos_dtype = ctx.meta
+        w_shape, w_dtype, bias_dtype, pos_dtype = ctx.meta
         need_w, need_b, need_pos = ctx.needs_input_grad[2:5]
         # The weight gradient multiplies in the compute dtype, as F.linear's under autocast.
         g, grad_b, grad_pos = embedding_grads(
