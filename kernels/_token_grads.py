@@ -11,7 +11,10 @@ changes from run to run; for the diffusion input every position row receives ~0.
 Here each program owns a tile of tokens x features and gathers: for each sample, the row i whose
 ids[b, i] is each of its tokens, summed in a fixed order in fp32 and written once in pos's dtype.
 No atomics on floats: the result is deterministic when a sample's ids are distinct (a mask's
-always are). In forward, when pos needs a gradient, `link_tokens` links the rows to their tokens:
+always are) for a given config; all candidates sum 8 samples per step, but their warps and
+feature blocks differ, so the autotuner's pick may change the last bit between processes, as
+cuBLAS's choice of algorithm does. (Training never takes this path: its positions are fixed.)
+In forward, when pos needs a gradient, `link_tokens` links the rows to their tokens:
 
     head[b, t] = 1 + the row i last linked with ids[b, i] = t, 0 if none   (B, N) int32
     next[b, i] = 1 + the row linked before i with the same token, 0 if none (B, n) int32
@@ -29,10 +32,11 @@ import torch
 
 from ._patches import tl, triton
 
-# Token tiles of 16: partial bias sums have one row per tile, so every config shares it. The
-# interpreter runs one config with wide feature blocks (it pays per operation, not per element).
-BLOCK_T = 16
-_INTERPRET = dict(BLOCK_B=4, BLOCK_D=64)
+# Token tiles of 16: partial bias sums have one row per tile, so every config shares it; so do
+# the 8 samples summed per step (the order of the sums). The interpreter runs one config with a
+# wide feature block (it pays per operation, not per element).
+BLOCK_T, BLOCK_B = 16, 8
+_INTERPRET = dict(BLOCK_D=64)
 _ROWS = dict(BLOCK_R=64, BLOCK_D=64)
 
 
@@ -60,7 +64,10 @@ def embedding_grads(grad_out: torch.Tensor, *, links: tuple | None,
     batch, n, dim = grad_out.shape
     g = grad_out.contiguous()
     cast = matmul_dtype is not None and matmul_dtype != g.dtype
-    g_mm = torch.empty(batch * n, dim, device=g.device, dtype=matmul_dtype) if cast else None
+    # The gather writes the rows it reaches; a row whose id is outside [0, N) (invalid input,
+    # unchecked) has no token and would keep uninitialised memory: zeros, on that path only.
+    new = torch.zeros if pos_dtype is not None else torch.empty
+    g_mm = new(batch * n, dim, device=g.device, dtype=matmul_dtype) if cast else None
     grad_pos = None
     if pos_dtype is not None:
         head, nxt = links
@@ -70,12 +77,12 @@ def embedding_grads(grad_out: torch.Tensor, *, links: tuple | None,
         partial = torch.empty(tiles, dim, device=g.device, dtype=torch.float32)
         args = (g, head, nxt, grad_pos, partial, g if g_mm is None else g_mm, batch, n,
                 num_tokens, dim)
+        blocks = dict(CAST=cast, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T)
         if interpreting:
             _gather_kernel[(tiles, triton.cdiv(dim, _INTERPRET["BLOCK_D"]))](
-                *args, CAST=cast, BLOCK_T=BLOCK_T, **_INTERPRET)
+                *args, **blocks, **_INTERPRET)
         else:
-            _gather_tuned[lambda meta: (tiles, triton.cdiv(dim, meta["BLOCK_D"]))](
-                *args, CAST=cast, BLOCK_T=BLOCK_T)
+            _gather_tuned[lambda meta: (tiles, triton.cdiv(dim, meta["BLOCK_D"]))](*args, **blocks)
     elif cast:
         tiles = triton.cdiv(batch * n, _ROWS["BLOCK_R"])
         partial = torch.empty(tiles, dim, device=g.device, dtype=torch.float32)
@@ -186,9 +193,9 @@ if triton is not None:
         tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(g.to(tl.float32), axis=0),
                  mask=cols < D)
 
-    # H100 candidates: samples gathered per step x feature block. Each gathered row segment is
-    # BLOCK_D elements; BLOCK_B independent gathers are in flight per step.
+    # H100 candidates: feature block x warps. Each gathered row segment is BLOCK_D elements, and
+    # BLOCK_B x BLOCK_T independent gathers are in flight per step. (Triton pipelines no loop
+    # without a dot unless told to: the prefetch of the next heads is written out instead.)
     _gather_tuned = triton.autotune(
-        [triton.Config(dict(BLOCK_B=bb, BLOCK_D=bd), num_warps=w, num_stages=s)
-         for bb, bd, w, s in ((8, 32, 4, 2), (4, 64, 4, 2), (8, 64, 8, 2))],
+        [triton.Config(dict(BLOCK_D=bd), num_warps=w) for bd, w in ((32, 4), (64, 4), (64, 8))],
         key=["B", "n", "N", "D", "CAST"])(_gather_kernel)

@@ -61,9 +61,9 @@ def repeated_ids(batch: int, n: int, num_tokens: int) -> torch.Tensor:
     return ids.to(DEVICE)
 
 
-# (B, n, N, D): B not a multiple of the 4 samples gathered per step, N not of the 16-token tile,
-# D not of the 64-feature block; n > N has every token repeated.
-SHAPES = [(5, 7, 37, 100), (3, 40, 21, 64), (1, 9, 9, 33)]
+# (B, n, N, D): B under and over (not a multiple of) the 8 samples gathered per step, N not a
+# multiple of the 16-token tile, D not of the 64-feature block; n > N has every token repeated.
+SHAPES = [(5, 7, 37, 100), (19, 9, 23, 72), (3, 40, 21, 64), (1, 9, 9, 33)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-n{}-N{}-D{}".format(*s))
@@ -224,3 +224,31 @@ def test_double_backward_raises():
         grads = torch.autograd.grad(out.square().sum(), params, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable"):
             sum(g.square().sum() for g in grads).backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: the autotuner's candidates run natively only")
+@pytest.mark.parametrize("cast", [False, True], ids=["bf16", "amp-cast"])
+def test_cuda_every_gather_config(monkeypatch, cast):
+    """Each candidate the autotuner may pick (the other tests check only its pick), with repeated
+    ids so the chain walk runs, B over two steps of samples, ragged N and D."""
+    import triton
+
+    from kernels import _token_grads as tg
+    batch, n, num_tokens, dim = 19, 60, 37, 200
+    ids = repeated_ids(batch, n, num_tokens)
+    grad = torch.randn(batch, n, dim, device=DEVICE)
+    grad = grad if cast else grad.bfloat16()
+    ref_b, ref_pos = sums(grad, ids, num_tokens)
+    for config in tg._gather_tuned.configs:
+        monkeypatch.setattr(tg, "_gather_tuned", triton.autotune([config], key=[])(
+            tg._gather_kernel))
+        with nan_filled_empty():
+            g_mm, grad_b, grad_pos = embedding_grads(
+                grad, links=link_tokens(ids, num_tokens, False), bias_dtype=torch.float32,
+                pos_dtype=torch.float32, matmul_dtype=torch.bfloat16 if cast else None,
+                interpreting=False)
+        assert_close(grad_pos, ref_pos, TOL)
+        assert_close(grad_b, ref_b, TOL)
+        if cast:
+            assert_close(g_mm, grad.flatten(0, 1), BF16_STEP)
