@@ -109,6 +109,10 @@ for stage in "${stages[@]}"; do
 done
 echo "=== summary" | tee -a "$log"
 printf '%s\n' "${status[@]}" | tee -a "$log"
+# bench.kernels' lines against the 2x target (wall and device time), from both settings; read
+# before anything is appended to the log they come from
+speedups=$(grep "^forward+backward speedup" "$log" | sed 's/^forward+backward speedup, //')
+[ -n "$speedups" ] && printf '%s\n' "$speedups" | tee -a "$log"
 # this run's records only: bench/results also holds committed ones from other runs and devices
 mapfile -t records < <(find bench/results -maxdepth 1 \( -name 'throughput-*-base*.json' \
   -o -name 'train-*-base.json' -o -name 'attention-*-base.json' \) -newer "$started")
