@@ -24,17 +24,18 @@
 #                    eager and with its passes replayed as CUDA graphs, in 1 pass of 32 and in
 #                    4 passes of 8 per step (the trainer's own step time, MFU and memory)
 # Groups: default = tests kernels throughput (the check, under 8 minutes);
-#   extra = tests kernels amp graph attention (under 10 minutes): the kernels in both settings
-#   (their backward and the patch embedding's tiling changed since f080127, and the per-kernel
-#   breakdown files are new), then the step replayed as CUDA graphs (the f080127 run found it
-#   host-bound: bench/results/profile-NVIDIA_H200-r4-f080127-*.txt) and the window attention;
-#   then extra2 = graph-compile train in a second call on the warm machine.
+#   extra = kernels amp tests graph attention (under 10 minutes): the kernels in both settings
+#   first (their backward and the patch embedding's tiling changed since f080127, and the
+#   per-kernel breakdown files are new), then the tests with the seconds those left, then the
+#   step replayed as CUDA graphs (the f080127 run found it host-bound:
+#   bench/results/profile-NVIDIA_H200-r4-f080127-*.txt) and the window attention; then
+#   extra2 = graph-compile train in a second call on the warm machine.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
   case $arg in
     default) stages+=(tests kernels throughput) ;;
-    extra) stages+=(tests kernels amp graph attention) ;;
+    extra) stages+=(kernels amp tests graph attention) ;;
     extra2) stages+=(graph-compile train) ;;
     tests|kernels|throughput|compile|views|amp|graph|graph-compile|attention|train)
       stages+=("$arg") ;;
