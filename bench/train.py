@@ -8,9 +8,10 @@ each batch to the device, gradient accumulation, clipping, the AdamW step, loggi
 `--data.random_clips`, once per variant in its own process: eager, and with the passes replayed
 as CUDA graphs (`train.cuda_graphs`, CUDA only), each in one pass of B0 samples per step and
 in passes of `--micro` samples (r4.toml's 8, the paper's per-GPU share). The masking ratio is
-fixed at 0.8 (R4's curriculum ends there) and the batch at B0, so every step has one shape. Step time, samples/s, MFU and GPU
-utilisation are the trainer's own log records (metrics.jsonl) after the first, which holds the
-warm-up (Triton autotuning, graph capture, compilation); peak memory is the trainer's too.
+fixed at 0.8 (R4's curriculum ends there) and the batch at B0, so every step has one shape.
+Step time, samples/s, MFU and GPU utilisation are the trainer's own log records (metrics.jsonl)
+after the first, which holds the warm-up (Triton autotuning, graph capture, compilation); peak
+memory is the trainer's too.
 Writes bench/results/train-<device>-<size>.json.
 """
 from __future__ import annotations

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+import kernels
+
 from ._patches import tl, triton
 
 # Token tiles of 16: partial bias sums have one row per tile, so every config shares it; so do
@@ -40,13 +42,13 @@ _INTERPRET = dict(BLOCK_D=64)
 _ROWS = dict(BLOCK_R=64, BLOCK_D=64)
 
 
-def link_tokens(ids: torch.Tensor, num_tokens: int, interpreting: bool) -> tuple:
+def link_tokens(ids: torch.Tensor, num_tokens: int) -> tuple:
     """(head (B, N), next (B, n)) int32 of ids (B, n) (any strides): see the module docstring.
     Ids outside [0, N) are left unlinked rather than written out of bounds."""
     batch, n = ids.shape
     head = torch.zeros(batch, num_tokens, dtype=torch.int32, device=ids.device)
     nxt = torch.empty(batch, n, dtype=torch.int32, device=ids.device)
-    block = 1024 if interpreting else 256
+    block = 1024 if kernels.interpreting() else 256
     _link_kernel[(triton.cdiv(batch * n, block),)](ids, head, nxt, batch * n, n, num_tokens,
                                                    *ids.stride(), BLOCK=block)
     return head, nxt
@@ -54,7 +56,7 @@ def link_tokens(ids: torch.Tensor, num_tokens: int, interpreting: bool) -> tuple
 
 def embedding_grads(grad_out: torch.Tensor, *, links: tuple | None,
                     bias_dtype: torch.dtype | None, pos_dtype: torch.dtype | None,
-                    matmul_dtype: torch.dtype | None, interpreting: bool) -> tuple:
+                    matmul_dtype: torch.dtype | None) -> tuple:
     """(g for the weight gradient (B*n, D) or None, grad_bias or None, grad_pos or None).
 
     grad_out (B, n, D). Each gradient is computed when its dtype is given: bias_dtype and
@@ -78,7 +80,7 @@ def embedding_grads(grad_out: torch.Tensor, *, links: tuple | None,
         args = (g, head, nxt, grad_pos, partial, g if g_mm is None else g_mm, batch, n,
                 num_tokens, dim)
         blocks = dict(CAST=cast, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T)
-        if interpreting:
+        if kernels.interpreting():
             _gather_kernel[(tiles, triton.cdiv(dim, _INTERPRET["BLOCK_D"]))](
                 *args, **blocks, **_INTERPRET)
         else:

@@ -176,7 +176,7 @@ class _DiffuseEmbed(torch.autograd.Function):
                   PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix,
                   HAS_NOISE=noise is not None, SAVE_XT=save, **dot_constexprs(compute),
                   **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
-        links = link_tokens(ids, geo["N"], kernels.interpreting()) if link else (None, None)
+        links = link_tokens(ids, geo["N"]) if link else (None, None)
         ctx.save_for_backward(x_t if save else None, *links)
         ctx.weight_meta = (weight.shape, weight.dtype)
         ctx.dtypes = (bias.dtype, pos.dtype)
@@ -191,8 +191,7 @@ class _DiffuseEmbed(torch.autograd.Function):
         # The weight gradient multiplies in the compute dtype, as F.linear's under autocast.
         g, grad_b, grad_p = embedding_grads(
             grad_out, links=links, bias_dtype=bias_dtype if need_b else None,
-            pos_dtype=pos_dtype if need_p else None, matmul_dtype=x_t.dtype if need_w else None,
-            interpreting=kernels.interpreting())
+            pos_dtype=pos_dtype if need_p else None, matmul_dtype=x_t.dtype if need_w else None)
         grad_w = weight_grad(g, x_t, *ctx.weight_meta) if need_w else None
         return (None, None, None, None, grad_w, grad_b, grad_p) + (None,) * 7
 

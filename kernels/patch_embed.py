@@ -137,7 +137,7 @@ class _PatchEmbedVisible(torch.autograd.Function):
             _forward_kernel[grid(_FWD_INTERPRET)](*args, **const, **_FWD_INTERPRET)
         else:
             _forward_tuned[grid](*args, **const)
-        links = link_tokens(ids, pos.shape[0], kernels.interpreting()) if link else (None, None)
+        links = link_tokens(ids, pos.shape[0]) if link else (None, None)
         ctx.save_for_backward(patches if save else None, *links)
         ctx.meta = (weight.shape, weight.dtype, bias.dtype, pos.dtype)
         return out
@@ -152,7 +152,7 @@ class _PatchEmbedVisible(torch.autograd.Function):
         g, grad_b, grad_pos = embedding_grads(
             grad_out, links=links, bias_dtype=bias_dtype if need_b else None,
             pos_dtype=pos_dtype if need_pos else None,
-            matmul_dtype=patches.dtype if need_w else None, interpreting=kernels.interpreting())
+            matmul_dtype=patches.dtype if need_w else None)
         grad_w = weight_grad(g, patches, w_shape, w_dtype) if need_w else None
         return None, None, grad_w, grad_b, grad_pos, None, None, None, None
 

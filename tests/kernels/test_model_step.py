@@ -83,8 +83,8 @@ def test_fast_step_equals_reference_step(variant, monkeypatch):
                                    atol=10 * TOL["atol"] * scale, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: copy streams are a CUDA "
-                    "matter (on a CPU to_device takes no stream)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: copy streams are a "
+                    "CUDA matter (on a CPU to_device takes no stream)")
 def test_to_device_on_a_copy_stream_makes_the_current_stream_wait_for_it():
     """The trainer copies each batch on a side stream: work queued on the current stream right
     after reads the whole batch, even while the copy stream is still busy with earlier work

@@ -17,7 +17,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels  # noqa: E402
 from conftest import nan_filled_empty  # noqa: E402
 from kernels import diffuse_embed as de  # noqa: E402
 from kernels import patch_embed as pe  # noqa: E402
@@ -78,7 +77,7 @@ def test_gather_pass_matches_sums(shape, dtype):
     with nan_filled_empty():
         g_mm, grad_b, grad_pos = embedding_grads(
             grad, links=python_links(ids.cpu(), num_tokens), bias_dtype=torch.float32,
-            pos_dtype=dtype, matmul_dtype=None, interpreting=kernels.interpreting())
+            pos_dtype=dtype, matmul_dtype=None)
     ref_b, ref_pos = sums(grad, ids, num_tokens)
     assert g_mm is None and grad_pos.dtype == dtype and grad_b.dtype == torch.float32
     assert not grad_pos.isnan().any()
@@ -98,8 +97,7 @@ def test_casts_grad_out_for_the_matmul(with_pos):
     with nan_filled_empty():
         g_mm, grad_b, grad_pos = embedding_grads(
             grad, links=python_links(ids.cpu(), num_tokens), bias_dtype=torch.bfloat16,
-            pos_dtype=torch.float32 if with_pos else None, matmul_dtype=torch.bfloat16,
-            interpreting=kernels.interpreting())
+            pos_dtype=torch.float32 if with_pos else None, matmul_dtype=torch.bfloat16)
     assert g_mm.shape == (batch * n, dim) and g_mm.dtype == torch.bfloat16
     assert not g_mm.isnan().any()
     assert_close(g_mm, grad.flatten(0, 1), BF16_STEP)
@@ -114,8 +112,7 @@ def test_casts_grad_out_for_the_matmul(with_pos):
 def test_without_a_cast_or_pos_grad_g_is_grad_out():
     grad = torch.randn(2, 5, 8, device=DEVICE)
     g_mm, grad_b, grad_pos = embedding_grads(grad, links=None, bias_dtype=torch.float32,
-                                             pos_dtype=None, matmul_dtype=torch.float32,
-                                             interpreting=kernels.interpreting())
+                                             pos_dtype=None, matmul_dtype=torch.float32)
     assert torch.equal(g_mm, grad.flatten(0, 1)) and grad_pos is None
     assert_close(grad_b, grad.double().sum((0, 1)), TOL)
 
@@ -128,8 +125,8 @@ def test_grad_pos_is_deterministic():
     grad = torch.randn(batch, n, dim, device=DEVICE)
     links = python_links(ids.cpu(), num_tokens)
     runs = [embedding_grads(grad, links=links, bias_dtype=torch.float32,
-                            pos_dtype=torch.float32, matmul_dtype=None,
-                            interpreting=kernels.interpreting())[1:] for _ in range(3)]
+                            pos_dtype=torch.float32, matmul_dtype=None)[1:]
+            for _ in range(3)]
     for later in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], later))
     for actual, expected in zip(runs[0], sums(grad, ids, num_tokens)):
@@ -157,7 +154,7 @@ def test_link_tokens_links_every_row_once():
     ids = full[:, 3:3 + n]
     assert not ids.is_contiguous()
     ids[0, 5], ids[1, 0], ids[2, n - 1] = -1, num_tokens, num_tokens + 1000
-    head, nxt = link_tokens(ids, num_tokens, kernels.interpreting())
+    head, nxt = link_tokens(ids, num_tokens)
     assert head.shape == (batch, num_tokens) and nxt.shape == (batch, n)
     expected = [{} for _ in range(batch)]
     for b, row in enumerate(ids.tolist()):
@@ -245,9 +242,8 @@ def test_cuda_every_gather_config(monkeypatch, cast):
             tg._gather_kernel))
         with nan_filled_empty():
             g_mm, grad_b, grad_pos = embedding_grads(
-                grad, links=link_tokens(ids, num_tokens, False), bias_dtype=torch.float32,
-                pos_dtype=torch.float32, matmul_dtype=torch.bfloat16 if cast else None,
-                interpreting=False)
+                grad, links=link_tokens(ids, num_tokens), bias_dtype=torch.float32,
+                pos_dtype=torch.float32, matmul_dtype=torch.bfloat16 if cast else None)
         assert_close(grad_pos, ref_pos, TOL)
         assert_close(grad_b, ref_b, TOL)
         if cast:
