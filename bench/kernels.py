@@ -137,7 +137,7 @@ def _autotuned() -> list[str]:
     compile time."""
     from kernels import diffuse_embed, masked_mse, patch_embed
     tuners = {"patch_embed forward": patch_embed._forward_tuned,
-              "diffuse_embed forward": diffuse_embed._fwd_tuned,
+              "diffuse_embed x_t": diffuse_embed._diffuse_tuned,
               **{f"masked_mse {getattr(k, '__name__', k)}": t
                  for k, t in masked_mse._tuned.items()}}
     return [f"{name} {key}: {config}" for name, tuner in tuners.items()

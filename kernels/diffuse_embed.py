@@ -1,26 +1,32 @@
-"""Fused DiffMAViL masked-token input: gather -> norm_pix -> diffuse -> project -> + pos.
+"""DiffMAViL masked-token input: gather -> norm_pix -> diffuse -> project -> + pos.
 
 The plain path (fastmavil.models.mavil `_reconstruct` + the decoder's `noisy_embed`) patchifies
 the whole input, gathers the m masked patches, normalises them, diffuses them with noise of the
-same size and projects them: four (B, m, P) tensors in HBM. Here one kernel reads the masked
-patches straight from x (kernels._patches.patch_offsets), keeps them in registers and writes only
-the (B, m, Dd) embedding (and, for backward, x_t). Per tile of BLOCK_M tokens (rows of the
-flattened (B * m) batch):
+same size and projects them: four (B, m, P) tensors in HBM, and more casts under autocast. Here
+the work takes three launches:
 
-  pass 1 over P (if norm_pix): per-token mean and M2, merged chunk by chunk (Chan et al.), which
-         stays exact for near-constant patches where sum(x^2) - P mean^2 cancels;
-  pass 2 over P: reload the chunk, x_t = sqrt(ab[t]) (x - mean) rstd + sqrt(1 - ab[t]) eps, with
-         eps loaded from `noise` or drawn from Philox (`philox_normals`: four neighbouring
-         elements from one call), and accumulate x_t @ W^T in fp32;
-  epilogue: + bias + pos[ids].
+  1. `_diffuse_kernel`: per tile of BLOCK_M rows of the flattened (B * m) batch, reads the
+     masked patches straight from x (kernels._patches.patch_offsets) and writes only
+     x_t = sqrt(ab[t]) (x - mean) rstd + sqrt(1 - ab[t]) eps, (B * m, P) in the compute dtype:
+     pass 1 over P (if norm_pix): per-token mean and M2, merged chunk by chunk (Chan et al.),
+     exact for near-constant patches where sum(x^2) - P mean^2 cancels; pass 2 over P: reload
+     the chunk and diffuse it, with eps loaded from `noise` or drawn from Philox
+     (`philox_normals`: four neighbouring elements from one call);
+  2. F.linear(x_t, W, bias) in the compute dtype: one cuBLAS matmul, as the plain path's;
+  3. `_add_pos_kernel`: + pos[ids] in fp32, written in x's dtype.
+
+Why not one kernel with the matmul fused (as kernels.patch_embed is): a program of such a kernel
+covers a block of the decoder's features, so x_t was diffused again in each of the 2-4 programs
+sharing a row tile, Philox noise included, and that noise, not memory, set its speed (on an H200
+at f080127 the fused forward took 0.91-1.08 ms on video in training's setting against 0.33-0.35
+ms with given noise; BENCHMARKS.md). Backward keeps x_t anyway, for the weight gradient, so
+the fused kernel wrote it too: fusion saved only the matmul's read of x_t, and the split pays
+that read to draw each element's noise once and let cuBLAS do the projection.
 
 Backward (weight, bias and pos only; the diffused patches are an input of the decoder, not a
-function of a parameter): when weight needs a gradient, the programs of the first feature block
-store the x_t tiles they multiplied, (B * m, P) in the compute dtype (the tensor the plain path
-saves for F.linear's backward), and grad_weight = grad_out^T x_t is one cuBLAS matmul. (A
-Triton kernel that recomputed x_t in backward instead, Philox noise included, ran at 0.37-1.1x
-the speed of the reference's backward on an H200; BENCHMARKS.md.) grad_bias and grad_pos come
-from one deterministic pass over grad_out (kernels._token_grads), as in kernels.patch_embed.
+function of a parameter): grad_weight = grad_out^T x_t is one cuBLAS matmul on the saved x_t;
+grad_bias and grad_pos come from one deterministic pass over grad_out (kernels._token_grads),
+as in kernels.patch_embed.
 """
 from __future__ import annotations
 
@@ -32,8 +38,8 @@ import kernels
 from fastmavil.diffusion import q_sample
 from fastmavil.losses import normalize_patches
 
-from ._patches import (as_5d, check_sample_span, check_tensors, compute_dtype, dot_constexprs,
-                       geometry, reference_gather, tl, triton)
+from ._patches import (as_5d, check_sample_span, check_tensors, compute_dtype, geometry,
+                       reference_gather, tl, triton)
 from ._token_grads import embedding_grads, link_tokens, weight_grad
 
 NAME = "diffuse_embed"
@@ -74,11 +80,13 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
                device tensor is read by the kernel, so the training step never syncs with the
                host. Exactly one of noise / seed must be given.
 
-    The projection multiplies in the dtype F.linear would (the autocast dtype under autocast,
-    else x's; fp32 in IEEE unless torch allows TF32) with fp32 accumulation; the statistics and
-    x_t are computed in fp32 and rounded once before the product, as the plain path rounds x_t.
-    ids_mask and t are not range-checked (that would sync the device). Gradients flow to weight,
-    bias and pos only (x and noise must not require grad).
+    The projection is F.linear in the dtype it would use in the plain path (the autocast dtype
+    under autocast, else x's; fp32 with TF32 exactly when torch allows it), its output rounded
+    to that dtype; the statistics and x_t are computed in fp32 and rounded once before the
+    product, as the plain path rounds x_t; pos is added in fp32.
+    x_t (B * m, P) in the compute dtype is written for the projection even when nothing trains
+    (then freed on return). ids_mask and t are not range-checked (that would sync the device).
+    Gradients flow to weight, bias and pos only (x and noise must not require grad).
     Without a CUDA device or the Triton interpreter the reference runs; a seed then draws eps
     from torch.Generator(seed), a different stream of the same distribution.
     """
@@ -96,7 +104,7 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
                                 device=x.device, dtype=x.dtype)
         return reference_diffuse_embed_masked(x, ids_mask, t, alpha_bar, weight, bias, pos,
                                               patch_size, norm_pix, noise=noise)
-    # Store x_t only for a weight gradient, link rows to tokens only for grad_pos
+    # Keep x_t only for a weight gradient, link rows to tokens only for grad_pos
     # (needs_input_grad ignores no_grad).
     grad = torch.is_grad_enabled()
     return _DiffuseEmbed.apply(x, ids_mask, t, alpha_bar, weight, bias, pos, tuple(patch_size),
@@ -161,21 +169,26 @@ class _DiffuseEmbed(torch.autograd.Function):
         geo = geometry(x5, patch3)
         ids, t, alpha_bar = ids.contiguous(), t.contiguous(), alpha_bar.contiguous()
         noise = None if noise is None else noise.contiguous()
-        w2 = weight.reshape(weight.shape[0], -1).contiguous()
+        w2 = weight.reshape(weight.shape[0], -1)
         b, m = ids.shape
         dd, rows, p = w2.shape[0], b * m, geo["P"]
-        out = torch.empty(b, m, dd, device=x.device, dtype=x.dtype)
-        # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
-        x_t = torch.empty(rows, p, device=x.device, dtype=compute) if save else out
-        grid = lambda meta: (triton.cdiv(dd, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]))
-        fwd = _fwd_kernel if kernels.interpreting() else _fwd_tuned
-        fwd[grid](w2, bias.contiguous(), pos.contiguous(), out, x_t, dd,
-                  x5, ids, t, alpha_bar, x5 if noise is None else noise,
-                  ids if seed_t is None else seed_t,  # unused pointers: typed, never read
-                  rows, m, p, geo["GH"], geo["GW"], *x5.stride(),
-                  PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix,
-                  HAS_NOISE=noise is not None, SAVE_XT=save, **dot_constexprs(compute),
-                  **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
+        x_t = torch.empty(rows, p, device=x.device, dtype=compute)
+        diffuse = _diffuse_kernel if kernels.interpreting() else _diffuse_tuned
+        diffuse[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)](
+            x5, ids, t, alpha_bar, x5 if noise is None else noise,
+            ids if seed_t is None else seed_t,  # unused pointers: typed, never read
+            x_t, rows, m, p, geo["GH"], geo["GW"], *x5.stride(),
+            PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix, HAS_NOISE=noise is not None,
+            **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
+        # The projection as the plain path's F.linear under autocast: operands in the compute
+        # dtype, its output rounded to it; bias and W cast here (x may be bf16 with fp32 weights).
+        projected = F.linear(x_t, w2.to(compute), bias.to(compute))
+        # In place where the dtypes agree (each element is read, then written, by one program).
+        out = projected if compute == x.dtype else torch.empty_like(projected, dtype=x.dtype)
+        grid = (triton.cdiv(rows, _ADD_BLOCK_M), triton.cdiv(dd, _ADD_BLOCK_N))
+        _add_pos_kernel[grid](projected, pos.contiguous(), ids, out, rows, dd,
+                              BLOCK_M=_ADD_BLOCK_M, BLOCK_N=_ADD_BLOCK_N, num_warps=4)
+        out = out.view(b, m, dd)
         links = link_tokens(ids, geo["N"]) if link else (None, None)
         ctx.save_for_backward(x_t if save else None, *links)
         ctx.weight_meta = (weight.shape, weight.dtype)
@@ -197,10 +210,11 @@ class _DiffuseEmbed(torch.autograd.Function):
 
 
 # Interpreter: one small fixed config (autotuning there is too slow); ragged edges still occur.
-_INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256)
+_INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_K=256)
+_ADD_BLOCK_M, _ADD_BLOCK_N = 32, 128  # + pos: a copy-like pass, 32 rows x 128 features a program
 
 if triton is not None:
-    from ._patches import load_patches, mma, patch_stats
+    from ._patches import load_patches, patch_stats
 
     @triton.jit
     def _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m):
@@ -232,70 +246,52 @@ if triton is not None:
         return tl.reshape(eps, (BLOCK_M, BLOCK_K))
 
     @triton.jit
-    def _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k0, mean, scale,
-                       sigma, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
-                       PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                       HAS_NOISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        """x_t = scale (x - mean) + sigma eps for the (BLOCK_M, BLOCK_K) tile at column k0, 0
-        outside."""
-        k = k0 + tl.arange(0, BLOCK_K)
-        x = load_patches(x_ptr + b.to(tl.int64)[:, None] * stride_b, token, row_mask, k, P, GH,
-                         GW, PD, PH, PW, stride_c, stride_d, stride_h, stride_w)
-        mask = row_mask[:, None] & (k < P)[None, :]
-        if HAS_NOISE:
-            flat = rows.to(tl.int64)[:, None] * P + k[None, :]  # = offset in (B, m, P)
-            eps = tl.load(noise_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-        else:
-            eps = philox_normals(tl.load(seed_ptr), rows, k0, P, BLOCK_M, BLOCK_K)
-        x_t = (x - mean[:, None]) * scale[:, None] + sigma[:, None] * eps
-        return tl.where(mask, x_t, 0.0)
-
-    @triton.jit
-    def _fwd_kernel(w_ptr, bias_ptr, pos_ptr, out_ptr, xt_ptr, Dd,
-                    x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr,
-                    R, m, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
-                    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NORM: tl.constexpr,
-                    HAS_NOISE: tl.constexpr, SAVE_XT: tl.constexpr, COMPUTE: tl.constexpr,
-                    PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One (BLOCK_M rows, BLOCK_N features) tile: x_t @ W^T + bias + pos; with SAVE_XT the
-        first feature block also stores x_t (R, P) for backward."""
-        # N blocks vary fastest: the programs sharing a row tile run together, so its gathered
-        # patches are re-read from L2; W (at most a few MB) stays there anyway.
-        pid_n = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = n < Dd
+    def _diffuse_kernel(x_ptr, ids_ptr, t_ptr, ab_ptr, noise_ptr, seed_ptr, xt_ptr,
+                        R, m, P, GH, GW, stride_b, stride_c, stride_d, stride_h, stride_w,
+                        PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                        NORM: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+        """x_t (R, P) of BLOCK_M rows: (x - mean) sqrt(ab[t]) rstd + sqrt(1 - ab[t]) eps."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < R
         token, b, sqrt_ab, sigma = _row_coefs(rows, row_mask, ids_ptr, t_ptr, ab_ptr, m)
+        base = x_ptr + b.to(tl.int64)[:, None] * stride_b
         if NORM:
-            mean, rstd = patch_stats(x_ptr + b.to(tl.int64)[:, None] * stride_b, token, row_mask,
-                                     P, GH, GW, PD, PH, PW, stride_c, stride_d, stride_h,
-                                     stride_w, 1e-6, BLOCK_M, BLOCK_K)  # normalize_patches' eps
+            mean, rstd = patch_stats(base, token, row_mask, P, GH, GW, PD, PH, PW, stride_c,
+                                     stride_d, stride_h, stride_w, 1e-6,  # normalize_patches'
+                                     BLOCK_M, BLOCK_K)
         else:
             mean = tl.zeros((BLOCK_M,), tl.float32)
             rstd = tl.full((BLOCK_M,), 1.0, tl.float32)
         scale = sqrt_ab * rstd
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, P, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            x_t = _diffused_tile(x_ptr, noise_ptr, seed_ptr, rows, token, b, row_mask, k0, mean,
-                                 scale, sigma, P, GH, GW, stride_b, stride_c, stride_d, stride_h,
-                                 stride_w, PD, PH, PW, HAS_NOISE, BLOCK_M, BLOCK_K)
-            if SAVE_XT:
-                if pid_n == 0:
-                    tl.store(xt_ptr + rows.to(tl.int64)[:, None] * P + k[None, :],
-                             x_t.to(xt_ptr.dtype.element_ty),
-                             mask=row_mask[:, None] & (k < P)[None, :])
-            w = tl.load(w_ptr + n[None, :] * P + k[:, None],
-                        mask=n_mask[None, :] & (k < P)[:, None], other=0.0)  # W^T chunk
-            acc = mma(acc, x_t, w, COMPUTE, PRECISION, ROUND_ONLY)
-        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out_mask = row_mask[:, None] & n_mask[None, :]
-        acc += tl.load(pos_ptr + token[:, None] * Dd + n[None, :], mask=out_mask,
-                       other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * Dd + n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            mask = row_mask[:, None] & (k < P)[None, :]
+            x = load_patches(base, token, row_mask, k, P, GH, GW, PD, PH, PW, stride_c,
+                             stride_d, stride_h, stride_w)
+            if HAS_NOISE:
+                flat = rows.to(tl.int64)[:, None] * P + k[None, :]  # = offset in (B, m, P)
+                eps = tl.load(noise_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+            else:
+                eps = philox_normals(tl.load(seed_ptr), rows, k0, P, BLOCK_M, BLOCK_K)
+            x_t = (x - mean[:, None]) * scale[:, None] + sigma[:, None] * eps
+            tl.store(xt_ptr + rows.to(tl.int64)[:, None] * P + k[None, :],
+                     x_t.to(xt_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_pos_kernel(in_ptr, pos_ptr, ids_ptr, out_ptr, R, Dd, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+        """out[r] = in[r] + pos[ids[r]] over a (BLOCK_M rows, BLOCK_N features) tile, in fp32."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < R
+        mask = row_mask[:, None] & (n < Dd)[None, :]
+        token = tl.load(ids_ptr + rows, mask=row_mask, other=0)
+        offs = rows.to(tl.int64)[:, None] * Dd + n[None, :]
+        value = (tl.load(in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                 + tl.load(pos_ptr + token[:, None] * Dd + n[None, :], mask=mask,
+                           other=0.0).to(tl.float32))
+        tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _philox_kernel(seed_ptr, out_ptr, R, P, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -306,17 +302,13 @@ if triton is not None:
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * P + k[None, :], eps,
                  mask=(rows < R)[:, None] & (k < P)[None, :])
 
-    def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list:
-        return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w,
-                              num_stages=s) for bm, bn, bk, w, s in shapes]
-
-    # H100: few configs, keyed on the shapes that change between call sites (audio / video).
-    # 64x128x32 fits 99 KB of shared memory (L40S, RTX 4090, A10) with given fp32 noise, where
-    # the other two do not; it replaced 128x128x64 (8 warps), which bench.kernels never picked
-    # on an H200 and which needs up to 224 KB (`python -m kernels.compile_check --arch 89`).
-    # 32x512x32 covers the decoder's whole width (512) in one program, so each row tile's
-    # normalisation and noise are computed once rather than once per feature block.
-    _fwd_tuned = triton.autotune(
-        _configs([(64, 128, 64, 4, 3), (64, 128, 32, 4, 3), (64, 256, 32, 8, 3),
-                  (32, 512, 32, 8, 3)]),
-        key=["m", "Dd", "P", "COMPUTE", "PRECISION", "SAVE_XT"])(_fwd_kernel)
+    # An elementwise pass (two reads of x with norm_pix, one write of x_t) with Philox's
+    # arithmetic, whose registers grow with the elements a thread holds: 8 or 16 here (ptxas,
+    # sm_90, the seeded amp variants: 48-100 registers with Triton 3.6, 61-112 with 3.9, where
+    # 32x64 at 8 warps spills 4/4 bytes; 32 elements took 158-180, a third of the warps per SM).
+    # No dot product: every candidate fits any GPU's shared memory. Keyed on what differs
+    # between call sites.
+    _diffuse_tuned = triton.autotune(
+        [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w)
+         for bm, bk, w in [(16, 64, 4), (32, 64, 8), (16, 128, 4), (32, 128, 8)]],
+        key=["P", "NORM", "HAS_NOISE"])(_diffuse_kernel)

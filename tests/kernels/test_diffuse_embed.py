@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 import kernels.diffuse_embed as de  # noqa: E402
-from conftest import allocations, fits_this_gpu, nan_filled_empty, saved_floats  # noqa: E402
+from conftest import fits_this_gpu, nan_filled_empty, saved_floats  # noqa: E402
 from fastmavil.diffusion import DiffusionSchedule  # noqa: E402
 from fastmavil.masking import random_masking  # noqa: E402
 from kernels.diffuse_embed import (diffuse_embed_masked, philox_noise,  # noqa: E402
@@ -122,7 +122,7 @@ def test_ragged_patch_chunks(monkeypatch, noise):
     """P = 30 in chunks of 16: a full chunk and then a ragged one, for the chunk-merged patch
     statistics, the noise offsets and the stored x_t (the default interpreter chunk, 256,
     divides the paper's P)."""
-    monkeypatch.setattr(de, "_INTERPRET_CONFIG", dict(BLOCK_M=8, BLOCK_N=32, BLOCK_K=16))
+    monkeypatch.setattr(de, "_INTERPRET_CONFIG", dict(BLOCK_M=8, BLOCK_K=16))
     inputs = make_inputs(3, ((2, 12, 15), (3, 5)), 50, 0.8, [1, STEPS, 400])
     b, m = inputs["ids_mask"].shape
     kw = dict(noise=torch.randn(b, m, 30, device=DEVICE)) if noise else dict(seed=99)
@@ -245,7 +245,8 @@ def test_autocast_multiplies_in_bf16(geometry):
     """Under bf16 autocast with fp32 x the projection runs on bf16 operands (as F.linear would
     in the plain path) and the output stays fp32. Both paths round x_t and W to bf16 (CUDA to
     nearest, the interpreter toward zero), so they agree to bf16 accuracy and both differ from
-    the fp32 result."""
+    the fp32 result; the projection's output is rounded to bf16 and pos added in fp32, as the
+    plain path does, so out - pos[ids] lies on the bf16 grid (to fp32 rounding)."""
     inputs = make_inputs(3, geometry, 192, 0.8, [1, STEPS, 40])
     b, m = inputs["ids_mask"].shape
     noise = torch.randn(b, m, inputs["weight"][0].numel(), device=DEVICE)
@@ -259,25 +260,28 @@ def test_autocast_multiplies_in_bf16(geometry):
         error = (a.float() - w.float()).abs().max() / w.float().abs().max()
         assert error <= 1e-2, f"{name}: {error:.2e}"
     assert (got - fp32).abs().max() / fp32.abs().max() > 1e-4  # rounded: not an fp32 product
+    projected = got - inputs["pos"].detach()[inputs["ids_mask"]]
+    off_grid = (projected - projected.bfloat16().float()).abs().max() / got.abs().max()
+    assert off_grid <= 1e-6, f"projection not rounded to bf16 before + pos: {off_grid:.1e}"
+    if CUDA:  # both round to nearest and multiply with cuBLAS: closer than bf16 accuracy
+        assert (got - want).abs().max() / want.abs().max() <= 2e-3
 
 
 def test_keeps_x_t_only_for_a_weight_gradient():
     """Backward keeps x_t in the compute dtype (bf16 under autocast, as the plain path's
-    F.linear input) when weight trains; nothing of that size with a frozen weight or without
-    grad mode, and bias / pos gradients still match the reference."""
+    F.linear input) when weight trains; nothing with a frozen weight (x_t is then only the
+    projection's input, freed on return), and bias / pos gradients still match the
+    reference."""
     inputs = make_inputs(2, VIDEO, 64, 0.8, [3, STEPS])
     (b, m), p = inputs["ids_mask"].shape, inputs["weight"][0].numel()
     noise = torch.randn(b, m, p, device=DEVICE)
     with torch.autocast(DEVICE, dtype=torch.bfloat16), saved_floats() as saved:
         diffuse_embed_masked(**inputs, noise=noise)
     assert saved == [((b * m, p), torch.bfloat16)]
-    with torch.no_grad(), allocations() as shapes:
-        diffuse_embed_masked(**inputs, noise=noise)
-    assert (b * m, p) not in shapes
     inputs["weight"].requires_grad_(False)
-    with saved_floats() as saved, allocations() as shapes:
+    with saved_floats() as saved:
         out = diffuse_embed_masked(**inputs, noise=noise)
-    assert saved == [] and (b * m, p) not in shapes
+    assert saved == []
     params = (inputs["bias"], inputs["pos"])
     grad = torch.randn_like(out)
     ref = reference_diffuse_embed_masked(**inputs, noise=noise)
@@ -356,16 +360,19 @@ def test_cuda_bf16_close_to_fp32_reference(geometry, batch):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("index", range(len(de._fwd_tuned.configs)))
-def test_cuda_every_autotune_config(monkeypatch, index, dtype):
-    """Each candidate the autotuner may pick, with its warps and stages, on the video geometry
-    (P = 1536: the most shared memory): the other tests check only the one it picked."""
+@pytest.mark.parametrize("seeded", [False, True], ids=["given-noise", "seed"])
+@pytest.mark.parametrize("index", range(len(de._diffuse_tuned.configs)))
+def test_cuda_every_autotune_config(monkeypatch, index, seeded, dtype):
+    """Each candidate the autotuner may pick, with its warps, on the video geometry (P = 1536)
+    with given and in-kernel noise: the other tests check only the one it picked."""
     import triton
-    one = triton.autotune([de._fwd_tuned.configs[index]], key=[])  # one config: no tuning
-    monkeypatch.setattr(de, "_fwd_tuned", one(de._fwd_kernel))
-    half = make_inputs(2, ((3, 16, 64, 96), (2, 16, 16)), 192, 0.8,
-                       torch.randint(1, STEPS + 1, (2,)), dtype=dtype)
-    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    one = triton.autotune([de._diffuse_tuned.configs[index]], key=[])  # one config: no tuning
+    monkeypatch.setattr(de, "_diffuse_tuned", one(de._diffuse_kernel))
+    inputs = make_inputs(2, ((3, 16, 64, 96), (2, 16, 16)), 192, 0.8,
+                         torch.randint(1, STEPS + 1, (2,)), dtype=dtype)
+    if seeded:
+        assert_matches(inputs, tol=1e-4 if dtype == torch.float32 else 2e-2, seed=11)
+        return
     with fits_this_gpu():
-        for _, error in relative_errors_against_fp32(half, 192):
-            assert error <= tol
+        for _, error in relative_errors_against_fp32(inputs, 192):
+            assert error <= (1e-4 if dtype == torch.float32 else 1e-2)
