@@ -17,7 +17,8 @@ forward also links each row to its token); under autocast that pass also casts g
 matmul. x and the integer ids get no gradient.
 
 Dtypes: the matmul runs in x's dtype, or in the autocast dtype when autocast is on for x's
-device (as F.linear would), with tiles cast inside the kernel (no copy of x or weight) and fp32
+device (as F.linear would), with x's tiles cast inside the kernel (no copy of x), the weight
+cast once per call as F.linear's autocast does (D*P elements, where its dtype differs), and fp32
 accumulation; bias and pos are added in fp32; the output has x's dtype (so under autocast with
 fp32 x it is fp32, like the plain path's bf16 linear + fp32 pos). weight, bias and pos may be
 fp32, bf16 or fp16, each independently; their gradients come back in their own dtypes. fp32
@@ -96,8 +97,9 @@ def _config(m: int, n: int, k: int, warps: int, stages: int, names: str) -> trit
 
 # H100 candidates (B*n ~ 800-13000 rows, D 384-1024, P 256 or 1536): every candidate is one
 # more compile (seconds) per dtype and patch geometry. 64x128x32 needs about half the shared
-# memory of the others with fp32 x and weight (amp, sm_90: 57 KB against 106-147 KB, and 212
-# registers without spills where the 4-warp K=64 tiles spill), so several programs fit an SM.
+# memory of the others with fp32 x (amp, sm_90: 41 KB against 82-115 KB, and 198-212 registers
+# without spills where 128x64x64 spills 56/88 bytes storing the patches), so several programs
+# fit an SM.
 # The interpreter runs one fixed config instead (autotuning would time every candidate), with
 # wide tiles since its cost is per operation rather than per element.
 _FWD = "BLOCK_M BLOCK_N BLOCK_K"
@@ -123,8 +125,10 @@ class _PatchEmbedVisible(torch.autograd.Function):
                 link: bool) -> torch.Tensor:
         b, n = ids.shape
         d, p = weight.shape[0], weight.shape[1:].numel()
-        # Copies only if not contiguous already (parameters and buffers are): D*P + D + N*D.
-        w = weight.reshape(d, p).contiguous()
+        # W in the compute dtype, as F.linear's autocast cast (a copy of D*P only under autocast
+        # or mixed dtypes): every program loads its W tiles, so fp32 tiles would double their
+        # L2 traffic and shared memory.
+        w = weight.reshape(d, p).to(compute).contiguous()
         x5, runtime, patch3 = _geometry_args(x, ids, patch)
         out = torch.empty(b, n, d, device=x.device, dtype=x.dtype)
         # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
