@@ -97,7 +97,7 @@ def _config(m: int, n: int, k: int, warps: int, stages: int, names: str) -> trit
 
 # H100 candidates (B*n ~ 800-13000 rows, D 384-1024, P 256 or 1536): every candidate is one
 # more compile (seconds) per dtype and patch geometry. 64x128x32 needs about half the shared
-# memory of the others with fp32 x (amp, sm_90: 41 KB against 82-115 KB, and 198-212 registers
+# memory of the others with fp32 x (amp, sm_90: 41 KB against 82-115 KB, and 198-222 registers
 # without spills where 128x64x64 spills 56/88 bytes storing the patches), so several programs
 # fit an SM.
 # The interpreter runs one fixed config instead (autotuning would time every candidate), with
