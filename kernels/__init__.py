@@ -7,6 +7,7 @@ for tests); anywhere else it falls back to its reference and says so once.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -55,3 +56,9 @@ def can_launch(name: str, *tensors: torch.Tensor) -> bool:
         _warned.add(name)
         log.warning("kernel %s: %s; using the PyTorch reference", name, reason)
     return False
+
+
+def on_device(tensor: torch.Tensor):
+    """Context for a launch on `tensor`'s device: Triton launches on the current CUDA device,
+    whatever device the tensors are on (a no-op for CPU tensors under the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -107,9 +107,10 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
     # Keep x_t only for a weight gradient, link rows to tokens only for grad_pos
     # (needs_input_grad ignores no_grad).
     grad = torch.is_grad_enabled()
-    return _DiffuseEmbed.apply(x, ids_mask, t, alpha_bar, weight, bias, pos, tuple(patch_size),
-                               norm_pix, noise, seed_t, compute_dtype(x),
-                               weight.requires_grad and grad, pos.requires_grad and grad)
+    with kernels.on_device(x):  # backward runs on autograd's thread for x's device
+        return _DiffuseEmbed.apply(x, ids_mask, t, alpha_bar, weight, bias, pos,
+                                   tuple(patch_size), norm_pix, noise, seed_t, compute_dtype(x),
+                                   weight.requires_grad and grad, pos.requires_grad and grad)
 
 
 def philox_noise(seed: int | torch.Tensor, batch: int, m: int, patch_dim: int,
@@ -120,8 +121,9 @@ def philox_noise(seed: int | torch.Tensor, batch: int, m: int, patch_dim: int,
     seed_t = _seed_tensor(seed, out.device)
     rows, block_m, block_k = batch * m, 16, 256  # large blocks: the interpreter pays per program
     grid = (triton.cdiv(rows, block_m), triton.cdiv(patch_dim, block_k))
-    _philox_kernel[grid](seed_t, out, rows, patch_dim, BLOCK_M=block_m, BLOCK_K=block_k,
-                         num_warps=8)
+    with kernels.on_device(out):
+        _philox_kernel[grid](seed_t, out, rows, patch_dim, BLOCK_M=block_m, BLOCK_K=block_k,
+                             num_warps=8)
     return out
 
 

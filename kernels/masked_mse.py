@@ -55,7 +55,8 @@ def masked_patch_mse(pred: torch.Tensor, x: torch.Tensor, ids_mask: torch.Tensor
     patch_size = tuple(patch_size)
     _check(pred, x, ids_mask, patch_size)
     if kernels.can_launch("masked_patch_mse", pred, x):
-        return _MaskedPatchMSE.apply(pred, x, ids_mask, patch_size, norm_pix)
+        with kernels.on_device(x):  # backward runs on autograd's thread for x's device
+            return _MaskedPatchMSE.apply(pred, x, ids_mask, patch_size, norm_pix)
     return reference_masked_patch_mse(pred, x, ids_mask, patch_size, norm_pix)
 
 

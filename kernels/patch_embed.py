@@ -195,6 +195,8 @@ def patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.T
         # Store the patches only for a weight gradient, link rows to tokens only for grad_pos
         # (needs_input_grad ignores no_grad).
         grad = torch.is_grad_enabled()
-        return _PatchEmbedVisible.apply(x, ids_keep, weight, bias, pos, patch, compute_dtype(x),
-                                        weight.requires_grad and grad, pos.requires_grad and grad)
+        with kernels.on_device(x):  # backward runs on autograd's thread for x's device
+            return _PatchEmbedVisible.apply(x, ids_keep, weight, bias, pos, patch,
+                                            compute_dtype(x), weight.requires_grad and grad,
+                                            pos.requires_grad and grad)
     return reference_patch_embed_visible(x, ids_keep, weight, bias, pos, patch)

@@ -147,8 +147,9 @@ _backward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY + ["BIAS_GRAD"])(_backwa
 def _launch(kernel, tuned, grid, *args, **const):
     if kernels.interpreting():  # autotuning would time every candidate
         kernel[grid](*args, **const, num_warps=4)
-    else:
-        tuned[grid](*args, **const)
+    else:  # the ops run under torch.compile too, with whatever device is current
+        with kernels.on_device(args[0]):
+            tuned[grid](*args, **const)
 
 
 def _launch_constants(q: torch.Tensor, bias: torch.Tensor | None) -> tuple[tuple, dict]:

@@ -55,7 +55,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r} but CUDA is not available; use cpu or auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device = {name!r} but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def prepare_data(cfg: Config) -> Path:
@@ -181,6 +185,8 @@ def train(cfg: Config, argv: list[str]) -> dict:
 def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
+    if device.index is not None:  # Triton kernels and CUDA graphs use the current device
+        torch.cuda.set_device(device)
     if t.cuda_graphs and cfg.optim.optimizer != "adamw":
         raise ConfigError("train.cuda_graphs = true needs optim.optimizer = 'adamw': the fused "
                           "AdamW skips a non-finite step on the device, without clearing the "
