@@ -17,9 +17,9 @@ tokens and model FLOPs per step and GPU utilisation, and the projected epoch tim
 relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's batches by
 FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py);
 --no-compare runs the views alone.
-Writes bench/results/throughput-<device>-<size>[-compile][-graph][-flops][-views].json (each
-config's record carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib
-is installed.
+Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-graph][-flops][-views].json
+(-b<B0> where --batch is not the default; each config's record carries `speedup`, fast over
+reference samples/s) and a PNG plot when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -441,13 +441,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cuda-graph needs --warmup >= 2 (an eager step per shape, then capture)")
     device = torch.device("cuda" if cuda else "cpu")
     args.size = args.size or ("base" if cuda else "small")
-    args.batch = args.batch or (32 if cuda else 8)
+    default_batch = 32 if cuda else 8
+    args.batch = args.batch or default_batch
     args.steps = args.steps or (5 if cuda else 2)
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if cuda else torch.float32)
     name = device_name(device)
     slug = name.replace(" ", "_").replace("/", "_")
     # variants get their own record, so a run of one never overwrites the default's
-    variant = "".join(suffix for suffix, on in (("-compile", args.compile),
+    variant = "".join(suffix for suffix, on in ((f"-b{args.batch}", args.batch != default_batch),
+                                                ("-compile", args.compile),
                                                 ("-graph", args.cuda_graph),
                                                 (f"-{args.batch_rule}", args.batch_rule),
                                                 ("-views", args.no_compare)) if on)

@@ -185,6 +185,12 @@ def test_throughput_views_alone_timed_round_robin_and_saved_after_each_repeat(re
     first, second = timed[:shapes], timed[shapes:]
     assert len(timed) == 2 * shapes and [t[1:] for t in first] == [t[1:] for t in second]
     assert len({t[0] for t in first}) == 2
+    # a B0 other than the default names its own record
+    saved.clear()
+    assert bench.throughput.main(["configs/r4.toml", "--size", "tiny", "--steps", "1",
+                                  "--repeats", "1", "--warmup", "0", "--no-compare",
+                                  "--batch", "4"]) == 0
+    assert {name for name, _ in saved} == {name.replace("-tiny-", "-tiny-b4-")}
 
 
 def test_throughput_refuses_to_measure_nothing():
@@ -237,12 +243,13 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     done, stages = run("extra")
     assert done.returncode == 0, done.stderr
     assert [s.split()[1] for s in stages] == ["bench.kernels", "bench.kernels", "pytest",
-                                              "bench.throughput", "bench.attention"]
+                                              "bench.throughput", "bench.throughput",
+                                              "bench.attention"]
     assert "--dtype" not in stages[0] and "--dtype amp" in stages[1]
     assert "--cuda-graph" in stages[3] and "--compile" not in stages[3]
+    assert "--cuda-graph" in stages[4] and "--compile" in stages[4] and "r4.toml" in stages[4]
     done, stages = run("extra2")
-    assert [s.split()[1] for s in stages] == ["bench.throughput", "bench.train"]
-    assert "--cuda-graph" in stages[0] and "--compile" in stages[0] and "r4.toml" in stages[0]
+    assert [s.split()[1] for s in stages] == ["bench.attention", "bench.train"]
     done, stages = run()  # default: the check
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]
