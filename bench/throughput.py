@@ -17,14 +17,16 @@ tokens and model FLOPs per step and GPU utilisation, and the projected epoch tim
 relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's batches by
 FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py);
 --no-compare runs the views alone.
-Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-graph][-flops][-views].json
-(-b<B0> where --batch is not the default; each config's record carries `speedup`, fast over
-reference samples/s) and a PNG plot when matplotlib is installed.
+Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-graph][-<rule>][-views].json
+(-b<B0> where --batch is not the default, -<rule> where --batch-rule is given; each config's
+record carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is
+installed.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -44,7 +46,7 @@ from fastmavil.models import build_model, compile_blocks
 from fastmavil.models.attention import set_attention_backend
 from fastmavil.schedule import batch_rounding, plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
-                                     reset_peak_memory)
+                                     reset_peak_memory, tflops)
 from fastmavil.train.pretrain import fast_path
 
 from ._report import RESULTS, commit, device_name, kernel_rows, print_table
@@ -207,7 +209,7 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
         seconds = ms / 1e3
         record[name] = {"step_ms": ms, "samples_per_s": batch / seconds,
                         "tokens_per_s": sum(cfg.model.visible_tokens(ratio)) * batch / seconds,
-                        "tflops": flops / seconds / 1e12, "mfu": mfu(flops, seconds, peak),
+                        "tflops": tflops(flops, seconds), "mfu": mfu(flops, seconds, peak),
                         "peak_memory_gb": None if memory[name] is None else memory[name] / 2 ** 30,
                         "gpu_util": _mean(utils[name]), "warmup_s": warmup_s[name]}
     record["speedup"] = record["fast"]["samples_per_s"] / record["reference"]["samples_per_s"]
@@ -283,6 +285,7 @@ def _schedule(path: str, cfg: Config, device: torch.device, args,
     # GPUs), each growing in whole samples, 1 in 8, hence multiples of 4 at args.batch = 32.
     # That rounding alone moves R4's FLOPs per step by up to +-4.5 % under the flops rule at
     # paper size (+-1.2 % with passes of 32 at B0, --train.micro_batch_size 32).
+    cfg = copy.deepcopy(cfg)  # B0 and its rounding change below; the comparison keeps cfg's
     t = cfg.train
     passes, unit = batch_rounding(t)
     multiple = unit // passes * args.batch / (t.batch_size // passes)  # a pass's step, scaled

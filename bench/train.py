@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            args.timeout))
                 rows.append([label, *(_cell(r[key], form) for key, form in (
                     ("step_ms", ".1f"), ("samples_per_s", ".1f"), ("mfu", ".1%"),
-                    ("gpu_util", ".0%"), ("peak_memory_gb", ".1f")))])
+                    ("gpu_util", ".0f"), ("peak_memory_gb", ".1f")))])
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 print(f"{label}: failed: {err}")
                 results[label] = {"error": str(err)[-3000:]}
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 indent=2) + "\n")
     print_table(f"fastmavil-train {Path(args.config).stem}, {size}, B0 = {b0}, rho 0.8, "
                 f"random clips, {name}: medians of the log intervals after the first",
-                ["variant", "step ms", "samples/s", "MFU", "GPU util", "peak GB"], rows)
+                ["variant", "step ms", "samples/s", "MFU", "GPU util %", "peak GB"], rows)
     print(f"wrote {out}")
     return 1 if any("error" in r for r in results.values()) else 0
 

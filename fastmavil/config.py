@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import re
 import tomllib
 import types
 import typing
@@ -186,8 +187,10 @@ class DataConfig:
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ConfigError(f"data.num_workers = {self.num_workers} must be >= 0 and "
                               f"data.shuffle_buffer = {self.shuffle_buffer} >= 1")
-        if self.audio_std <= 0 or min(self.video_std) <= 0 or self.video_seconds <= 0:
-            raise ConfigError("data.audio_std, data.video_std and data.video_seconds must be > 0")
+        for key in ("audio_std", "video_std", "video_seconds"):
+            value = getattr(self, key)
+            if min(value if isinstance(value, (list, tuple)) else [value]) <= 0:
+                raise ConfigError(f"data.{key} = {value} must be > 0")
 
 
 @dataclass
@@ -264,7 +267,7 @@ class OptimConfig:
     lr_schedule: str = field(default="epochs", metadata=_choices("epochs", "steps"))
     # How lr follows the adaptive batch B_e (see fastmavil.schedule.learning_rate).
     lr_batch_scaling: str = field(default="none", metadata=_choices("none", "linear", "sqrt"))
-    # `adamw`: torch.optim.AdamW (fused on CUDA); `apex`: apex's FusedAdam, only if importable.
+    # `adamw`: torch.optim.AdamW (fused, on CUDA and CPU); `apex`: apex's FusedAdam, only if importable.
     optimizer: str = field(default="adamw", metadata=_choices("adamw", "apex"))
 
     def check(self) -> None:
@@ -311,7 +314,8 @@ class TrainConfig:
     # replay each forward + backward pass as a CUDA graph, one per (rho, B) (CUDA only;
     # fastmavil/cuda_graph.py): the host no longer sets the step's pace
     cuda_graphs: bool = False
-    deterministic: bool = False  # deterministic algorithms (bitwise resume on a CPU)
+    deterministic: bool = False  # deterministic algorithms (bitwise resume on a CPU; on CUDA
+                                 # it sets CUBLAS_WORKSPACE_CONFIG unless already set)
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda | cuda:N
     # auto: bf16 autocast on CUDA, fp32 on a CPU
@@ -337,7 +341,7 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size = {self.batch_size} must be a multiple of "
                               f"train.batch_multiple = {self.batch_multiple} with the adaptive "
                               "batch (it is the batch at the lowest mask ratio)")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device = {self.device!r} is not one of: auto, cpu, cuda, "
                               "cuda:N")
 

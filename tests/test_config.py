@@ -79,6 +79,10 @@ def test_bad_choice_lists_allowed_values(tmp_path):
     ("[model]\nfusion_depth = -1\n", "model.fusion_depth = -1 must be >= 0"),
     ("[optim]\nbetas = [1.5, 0.95]\n", "optim.betas = \\[1.5, 0.95\\] must each lie in"),
     ("[optim]\nweight_decay = -1\n", "optim.weight_decay = -1.0 must be >= 0"),
+    ("[train]\ndevice = 'cudaa'\n", "train.device = 'cudaa' is not one of"),
+    ("[train]\ndevice = 'cuda:x'\n", "train.device = 'cuda:x' is not one of"),
+    ("[data]\nvideo_std = [0.2, 0.0, 0.2]\n", "data.video_std = \\(0.2, 0.0, 0.2\\) must be > 0"),
+    ("[data]\naudio_std = 0\n", "data.audio_std = 0.0 must be > 0"),
 ])
 def test_bad_values(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("auto", "flash", "sdpa", "math")
+from ..config import ATTENTION_BACKENDS as BACKENDS
+
 # Whether flash-attn is installed, found without importing it: a constant that torch.compile'd
 # blocks read instead of tracing the lazy import below on every call where it is absent.
 FLASH_INSTALLED = importlib.util.find_spec("flash_attn") is not None

@@ -167,7 +167,8 @@ def nvml_index(torch_index: int, visible: str | None = None) -> int:
 
 class GpuUtilization:
     """Mean GPU utilisation (NVML's percent of time a kernel was running) sampled by a daemon
-    thread every `interval` seconds between `start()` and `stop()`.
+    thread every `interval` seconds between `start()` and `stop()`; `close()`, or the end of
+    a `with` block, also releases NVML.
 
     Inert, with `mean()` None, when pynvml (package nvidia-ml-py) is missing, the device is not
     CUDA or NVML fails; the reason is logged once and nothing raises, so a run never stops for
@@ -243,12 +244,23 @@ class GpuUtilization:
         with self._lock:
             self._total, self._count = 0.0, 0
 
+    def close(self) -> None:
+        """Stop sampling and release NVML (whose init is reference-counted); `mean()` keeps the
+        samples taken."""
+        self.stop()
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception as error:  # nothing to keep a run from finishing for
+                log.info("NVML shutdown failed: %s", error)
+            self._nvml = None
+
     def __enter__(self) -> GpuUtilization:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.close()
 
 
 def _json_value(value):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import tarfile
@@ -37,7 +38,7 @@ from . import resume
 from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_latest, rng_state,
                          run_lock, save_checkpoint, set_rng_state)
 from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
-                      peak_memory_bytes)
+                      peak_memory_bytes, tflops)
 
 log = logging.getLogger("fastmavil.train")
 
@@ -90,12 +91,13 @@ def fast_path(cfg: Config, device: torch.device) -> bool:
     return True
 
 
-def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
+def make_optimizer(cfg: Config, model: torch.nn.Module):
     o = cfg.optim
     # No weight decay on biases, norms, the mask token and the relative-position tables (MAE).
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "mask_token" not in n
-             and "rel_pos" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        decays = p.ndim >= 2 and "mask_token" not in name and "rel_pos" not in name
+        (decay if decays else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if o.optimizer == "apex":
@@ -196,6 +198,8 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     torch.manual_seed(t.seed)
     if t.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, set before its first matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     resumed = load_latest(run_dir)
     if resumed:
@@ -228,23 +232,12 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     (run_dir / "config.toml").write_text(to_toml(cfg))
     model = build_model(cfg).to(device)
     model.use_kernels(fast_path(cfg, device))
-    optimizer = make_optimizer(cfg, model, device)
+    optimizer = make_optimizer(cfg, model)
     generator = torch.Generator(device=device).manual_seed(t.seed)
     step, last_ckpt = 0, None
     if resumed:
-        path, state = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, last_ckpt = state["step"], path
-        try:
-            generator.set_state(state["generator"])
-        except RuntimeError:  # saved on another device type: CPU and CUDA states differ
-            generator.manual_seed(t.seed + step)
-            log.warning("%s was written on another device type: its masking RNG state does not "
-                        "load here, so it is reseeded from train.seed and the step (the masks "
-                        "from here on differ from an uninterrupted run's)", path)
-        set_rng_state(state["rng"])
-        log.info("resumed from %s (step %d)", path, step)
+        last_ckpt, state = resumed
+        step = _restore(state, last_ckpt, model, optimizer, generator, t.seed)
     if t.compile:
         log.info("compiled %d transformer blocks", compile_blocks(model))
     # the batches' copies to the GPU overlap the previous pass (fastmavil.data.loader.to_device)
@@ -379,7 +372,6 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                 step, ran = step + 1, ran + 1
                 trained = step  # not moved by epochs whose data ran short
                 played = plan  # the epoch of the latest step run, for a log line after the loop
-                timer.step_done()
                 progress.advance(task)
                 # A non-finite loss or gradient skips the update. The step and its data still
                 # count, so the schedule and a resume stay aligned. With torch's fused AdamW
@@ -398,6 +390,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                 work = {k: v + step_work[k] for k, v in work.items()}
                 for k, v in {"loss": loss_sum, **terms_sum, "grad_norm": grad_norm}.items():
                     sums[k] = sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
+                timer.step_done()  # the optimizer step's time is compute, not data wait
                 due_log = step % t.log_every == 0 or step == total_steps
                 if due_log or step % t.ckpt_every == 0:
                     _check_bad_steps(int(worst_run), step, t.max_bad_steps, last_ckpt)  # a sync
@@ -420,6 +413,24 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                    interrupted=stop.signal, peak_source=peak_source)
     _print_summary(console, summary, argv)
     return summary
+
+
+def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generator,
+             seed: int) -> int:
+    """Loads checkpoint `state` (read from `path`) into the run; returns its step."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    step = state["step"]
+    try:
+        generator.set_state(state["generator"])
+    except RuntimeError:  # saved on another device type: CPU and CUDA states differ
+        generator.manual_seed(seed + step)
+        log.warning("%s was written on another device type: its masking RNG state does not "
+                    "load here, so it is reseeded from train.seed and the step (the masks "
+                    "from here on differ from an uninterrupted run's)", path)
+    set_rng_state(state["rng"])
+    log.info("resumed from %s (step %d)", path, step)
+    return step
 
 
 def accumulate_gradients(run_pass, batches, passes: int, timer: StepTimer):
@@ -472,7 +483,7 @@ def _log_record(cfg, plan: EpochPlan, step, lr, sums, updates, timer, device, pe
               "lr": lr, **{k: float(v) / updates for k, v in sums.items()},
               "step_ms": timing["step_ms"], "samples_per_s": work["samples"] / seconds,
               "tokens_per_s": work["tokens"] / seconds,
-              "tflops": work["flops"] / seconds / 1e12,
+              "tflops": tflops(work["flops"], seconds),
               "mfu": mfu(work["flops"], seconds, peak),
               "data_wait": timing["data_wait_share"],
               "peak_memory_gb": memory / 2 ** 30,

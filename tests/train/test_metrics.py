@@ -142,6 +142,7 @@ def _fake_pynvml(percent: int, opened: list, fail_init: bool = False) -> types.M
         return f"handle-{index}"
 
     fake.nvmlInit = nvml_init
+    fake.nvmlShutdown = lambda: opened.append("shutdown")
     fake.nvmlDeviceGetHandleByIndex = handle_by_index
     fake.nvmlDeviceGetUtilizationRates = lambda handle: types.SimpleNamespace(gpu=percent,
                                                                                memory=0)
@@ -155,7 +156,7 @@ def test_gpu_utilization_samples_fake_nvml(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     with GpuUtilization(torch.device("cuda", 1), interval=0.01) as util:
         time.sleep(0.05)
-    assert opened == [5]
+    assert opened == [5, "shutdown"]
     assert util.mean() == pytest.approx(73.0)
     util.reset()
     assert util.mean() is None

@@ -22,7 +22,7 @@ def test_weight_decay_skips_biases_norms_tokens_and_position_tables(variant, blo
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             decays.add(f"{name}.weight")
-    decay, no_decay = make_optimizer(cfg, model, torch.device("cpu")).param_groups
+    decay, no_decay = make_optimizer(cfg, model).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in decay["params"]} == decays
     assert decay["weight_decay"] == cfg.optim.weight_decay and no_decay["weight_decay"] == 0.0
