@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import difflib
 import math
 import re
 import tomllib
@@ -183,7 +184,8 @@ class DataConfig:
         if self.synth_clips and Path(self.shards).name != "train":
             raise ConfigError(f"data.shards = {self.shards!r} must end in a folder named 'train' "
                               "when data.synth_clips > 0 (fastmavil-synth writes train/ and "
-                              "heldout/)")
+                              "heldout/); to train on an existing dataset, also pass "
+                              "--data.synth_clips 0")
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ConfigError(f"data.num_workers = {self.num_workers} must be >= 0 and "
                               f"data.shuffle_buffer = {self.shuffle_buffer} >= 1")
@@ -398,8 +400,15 @@ def _coerce(value, hint, key: str):
     else:
         ok = isinstance(value, hint)
     if not ok:
-        raise ConfigError(f"{key} = {value!r} must be of type {hint.__name__}")
+        expected = "true or false" if hint is bool else f"of type {hint.__name__}"
+        raise ConfigError(f"{key} = {value!r} must be {expected}")
     return value
+
+
+def _unknown_key(prefix: str, key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    suggestion = f"did you mean {prefix}{close[0]}? " if close else ""
+    return ConfigError(f"unknown key {prefix}{key}; {suggestion}allowed: {', '.join(known)}")
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):
@@ -411,7 +420,7 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         name = prefix + key
         if key not in known:
-            raise ConfigError(f"unknown key {name}; allowed: {', '.join(known)}")
+            raise _unknown_key(prefix, key, known)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _from_dict(hint, value, name + ".")
@@ -500,9 +509,33 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Co
         raise ConfigError(f"{path}: cannot read the config: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    try:
-        for key, text in (overrides or {}).items():
+    overrides = overrides or {}
+    for key, text in overrides.items():  # each override's key and type, named as given
+        try:
+            _coerce(_parse_value(text), _field_hint(key), key)
             apply_override(data, key, text)
+        except ConfigError as err:
+            raise ConfigError(f"command line --{key} {text}: {err}") from None
+    try:
         return config_from_dict(data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    except ConfigError as err:  # errors start with the key they are about
+        source = next((f"command line --{key}" for key in overrides
+                       if str(err).startswith(f"{key} ")), str(path))
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _field_hint(dotted_key: str):
+    """The type of config key `section.key`; unknown keys raise, with the nearest known one."""
+    cls, prefix = Config, ""
+    *sections, leaf = dotted_key.split(".")
+    for part in [*sections, leaf]:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            if not hints:
+                raise ConfigError(f"{prefix.rstrip('.')} is not a section")
+            raise _unknown_key(prefix, part, hints)
+        cls, prefix = hints[part], f"{prefix}{part}."
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{dotted_key} is a section; override its keys, e.g. "
+                          f"--{dotted_key}.{dataclasses.fields(cls)[0].name}")
+    return cls

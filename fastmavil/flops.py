@@ -101,11 +101,17 @@ def _print_table(results: dict[str, dict[str, float]], baseline_name: str) -> No
         table.add_column(name.replace("_", " "), justify="right")
     for name, flops in results.items():
         r = ratios(flops, base)
-        table.add_row(name, *(f"{flops[k] / 1e9:.1f} ({r[k]:.2f})" if r[k] is not None
-                              else f"{flops[k] / 1e9:.1f}" for k in COLUMNS))
+        table.add_row(name, *(f"{_gflops(flops[k])} ({r[k]:.2f})" if r[k] is not None
+                              else _gflops(flops[k]) for k in COLUMNS))
     # wide enough that config paths and cells never wrap, even when piped
-    width = max(len(name) for name in results) + 15 * len(COLUMNS) + 10
+    width = max(len(name) for name in results) + 17 * len(COLUMNS) + 10
     Console(width=max(Console().width, width)).print(table)
+
+
+def _gflops(flops: float) -> str:
+    """GFLOPs with one decimal, or three significant digits below 10 (tiny models)."""
+    g = flops / 1e9
+    return f"{g:.1f}" if g >= 10 else f"{g:.3g}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,8 @@ def test_paper_rows():
 
 def test_unknown_key_names_file_and_key(tmp_path):
     path = write(tmp_path, "[model]\nvarient = 'mavil'\n")
-    with pytest.raises(ConfigError, match=r"c\.toml: unknown key model\.varient; allowed: variant"):
+    with pytest.raises(ConfigError, match=r"c\.toml: unknown key model\.varient; did you mean "
+                                          r"model\.variant\? allowed: variant"):
         load_config(path)
     with pytest.raises(ConfigError, match="unknown key modle"):
         load_config(write(tmp_path, "[modle]\nsize = 'tiny'\n"))
@@ -114,8 +115,26 @@ def test_dotted_overrides(tmp_path):
     assert cfg.model.size == "tiny" and cfg.model.encoder_dim == 64
     assert (cfg.mask.schedule, cfg.mask.start, cfg.mask.end) == ("linear", 0.9, 0.8)
     assert cfg.model.audio_decoder_window == (2, 2) and cfg.loss.norm_pix is False
-    with pytest.raises(ConfigError, match="train.epochs = 'x' must be of type int"):
+    with pytest.raises(ConfigError, match="^command line --train.epochs x: train.epochs = 'x' "
+                                          "must be of type int"):
         load_config(path, {"train.epochs": "x"})
+    # an override's error names the command line, not the file, and the nearest key
+    with pytest.raises(ConfigError, match=r"^command line --train.epohcs 3: unknown key "
+                                          r"train.epohcs; did you mean train.epochs\?"):
+        load_config(path, {"train.epohcs": "3"})
+    with pytest.raises(ConfigError, match="^command line --train.deterministic yes: "
+                                          "train.deterministic = 'yes' must be true or false"):
+        load_config(path, {"train.deterministic": "yes"})
+    with pytest.raises(ConfigError, match="^command line --mask.start: mask.start = 1.2 must lie"):
+        load_config(path, {"mask.start": "1.2"})
+    with pytest.raises(ConfigError, match="^command line --model 3: model is a section"):
+        load_config(path, {"model": "3"})
+    # a check of two keys is named after its first, here the file's
+    with pytest.raises(ConfigError, match="c.toml: optim.warmup_epochs = 8 must be < "
+                                          "train.epochs = 2"):
+        other = tmp_path / "other"
+        other.mkdir()
+        load_config(write(other, "[optim]\nwarmup_epochs = 8\n"), {"train.epochs": "2"})
     # text TOML would read as a date stays text
     assert load_config(path, {"run.name": "2024-01-15"}).run.name == "2024-01-15"
 

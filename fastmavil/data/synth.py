@@ -211,22 +211,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastmavil-synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (train/ and heldout/ inside)")
     parser.add_argument("--clips", type=int, default=300, help="clips in all (default 300)")
-    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=10, help="sound-visual classes (default 10)")
     parser.add_argument("--heldout", type=float, default=0.2, help="held-out share (default 0.2)")
     parser.add_argument("--seconds", type=float, default=4.0, help="clip length (default 4)")
-    parser.add_argument("--size", type=int, default=96, help="frame size in pixels, even")
-    parser.add_argument("--fps", type=float, default=8.0)
-    parser.add_argument("--codec", choices=list(VIDEO_CODECS), default="vp9")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clips-per-shard", type=int, default=100)
+    parser.add_argument("--size", type=int, default=96,
+                        help="frame size in pixels, even (default 96)")
+    parser.add_argument("--fps", type=float, default=8.0, help="video frame rate (default 8)")
+    parser.add_argument("--codec", choices=list(VIDEO_CODECS), default="vp9",
+                        help="video codec (default vp9, which DALI decodes on a CPU)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the dataset is a function of the seed (default 0)")
+    parser.add_argument("--clips-per-shard", type=int, default=100,
+                        help="clips per tar shard (default 100)")
     parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     args = parser.parse_args(argv)
-    if args.clips < 1 or args.size < 2 or args.size % 2 or args.seconds <= 0 or args.fps <= 0:
-        parser.error("--clips >= 1, --size even and >= 2, --seconds and --fps > 0")
-    if args.classes < 1 or not 0 <= args.heldout < 1 or args.clips_per_shard < 1 \
-            or args.workers < 0:
-        parser.error("--classes >= 1, --heldout in [0, 1), --clips-per-shard >= 1, "
-                     "--workers >= 0")
+    for flag, value, ok, rule in (
+            ("--clips", args.clips, args.clips >= 1, ">= 1"),
+            ("--size", args.size, args.size >= 2 and args.size % 2 == 0, "even and >= 2"),
+            ("--seconds", args.seconds, args.seconds > 0, "> 0"),
+            ("--fps", args.fps, args.fps > 0, "> 0"),
+            ("--classes", args.classes, args.classes >= 1, ">= 1"),
+            ("--heldout", args.heldout, 0 <= args.heldout < 1, "in [0, 1)"),
+            ("--clips-per-shard", args.clips_per_shard, args.clips_per_shard >= 1, ">= 1"),
+            ("--workers", args.workers, args.workers >= 0, ">= 0")):
+        if not ok:
+            parser.error(f"{flag} {value} must be {rule}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file, not a folder")
     spec = SynthSpec(args.seed, args.classes, args.seconds, args.size, args.fps, args.codec)

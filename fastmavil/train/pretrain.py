@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
+import shlex
+import shutil
 import signal
 import sys
 import tarfile
@@ -68,7 +71,8 @@ def prepare_data(cfg: Config) -> Path:
     d = cfg.data
     if not d.shards:
         raise ConfigError("data.shards is empty: pass --data.shards DIR (a dataset from "
-                          "fastmavil-prep or fastmavil-synth)")
+                          "fastmavil-prep or fastmavil-synth), or --data.random_clips N to "
+                          "time the model on random clips")
     source = Path(d.shards)
     if d.synth_clips and not (source / "index.json").exists():
         from ..data.synth import SynthSpec, synthesize
@@ -176,12 +180,18 @@ def _open_dataset(cfg: Config, source: Path) -> tuple[ShardDataset, int]:
 def train(cfg: Config, argv: list[str]) -> dict:
     """Runs (or resumes) the configured pre-training; returns the final summary."""
     run_dir = Path(cfg.run.dir) / cfg.run.name
+    new_dir = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with run_lock(run_dir):
             return _train(cfg, argv, run_dir)
     except RunLocked as err:
         raise TrainingError(str(err)) from None
+    except BaseException:
+        # a run that failed before writing anything (a bad device, missing data) leaves no folder
+        if new_dir and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
@@ -238,6 +248,10 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     if resumed:
         last_ckpt, state = resumed
         step = _restore(state, last_ckpt, model, optimizer, generator, t.seed)
+        if step >= total_steps:
+            log.info("%s has trained all %d steps: nothing to do (raise train.epochs or "
+                     "train.max_steps to go on, or start a new run with --run.name)", run_dir,
+                     total_steps)
     if t.compile:
         log.info("compiled %d transformer blocks", compile_blocks(model))
     # the batches' copies to the GPU overlap the previous pass (fastmavil.data.loader.to_device)
@@ -519,17 +533,25 @@ def _print_summary(console, s: dict, argv: list[str]) -> None:
     table.add_row("MFU peak", s["peak_source"])
     console.print(table)
     if s["interrupted"]:
+        # unwrapped and shell-quoted, so that it pastes as one command
         console.print(f"stopped by {s['interrupted']} at step {s['step']}; resume with: "
-                      f"fastmavil-train {' '.join(argv)}")
+                      f"fastmavil-train {shlex.join(argv)}", soft_wrap=True)
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
     """CONFIG then `--section.key VALUE` or `--section.key=VALUE` overrides."""
+    sections = ", ".join(f.name for f in dataclasses.fields(Config))
     parser = argparse.ArgumentParser(
         prog="fastmavil-train", description="Pre-train MAViL / DiffMAViL / AudioMAE.",
-        epilog="Override any config key: --train.max_steps 100 --data.shards DIR")
+        epilog=f"Override any config key after CONFIG: --train.max_steps 100 --data.shards DIR "
+               f"(sections: {sections}; keys and defaults: fastmavil/config.py). A run lives in "
+               "<run.dir>/<run.name>/ (default runs/<config name>/); the same command resumes "
+               "it from its newest checkpoint.")
     parser.add_argument("config", help="TOML config, e.g. configs/r4.toml")
     args, rest = parser.parse_known_args(argv)
+    if not args.config.endswith(".toml") and any(a.endswith(".toml") for a in rest):
+        parser.error(f"{args.config!r} is not a config: put CONFIG first, then the overrides "
+                     "(fastmavil-train configs/r4.toml --section.key VALUE ...)")
     overrides, i = {}, 0
     while i < len(rest):
         arg = rest[i]

@@ -62,8 +62,10 @@ def test_cli_writes_train_and_heldout_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--size", "33"], "--size even"), (["--heldout", "1.5"], "--heldout in [0, 1)"),
-    (["--clips-per-shard", "0"], "--clips-per-shard >= 1"), (["--classes", "0"], "--classes >= 1"),
+    (["--size", "33"], "--size 33 must be even"),
+    (["--heldout", "1.5"], "--heldout 1.5 must be in [0, 1)"),
+    (["--clips-per-shard", "0"], "--clips-per-shard 0 must be >= 1"),
+    (["--classes", "0"], "--classes 0 must be >= 1"), (["--clips", "0"], "--clips 0 must be >= 1"),
     (["--out-is-a-file"], "is a file, not a folder")])
 def test_cli_rejects_bad_arguments(tmp_path, capsys, args, message):
     out = tmp_path / "out"

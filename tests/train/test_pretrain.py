@@ -3,6 +3,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
-def test_run_logs_falls_and_checkpoints(shards, tmp_path):
+def test_run_logs_falls_and_checkpoints(shards, tmp_path, caplog):
     summary = run(shards, tmp_path)
     plan_steps = summary["total_steps"]
     assert summary["step"] == plan_steps > 10
@@ -61,6 +62,10 @@ def test_run_logs_falls_and_checkpoints(shards, tmp_path):
     assert (tmp_path / "t" / "config.toml").read_text().startswith("[model]")
     ckpts = list_checkpoints(tmp_path / "t")
     assert len(ckpts) <= 3 and ckpts[-1].name == f"step-{plan_steps:08d}.pt"
+    # the same command again: nothing left to train, and it says so
+    with caplog.at_level("INFO", logger="fastmavil.train"):
+        assert run(shards, tmp_path)["samples"] == 0
+    assert f"has trained all {plan_steps} steps: nothing to do" in caplog.text
 
 
 def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path, caplog):
@@ -261,7 +266,9 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    assert "SIGTERM received" in out and "resume with: fastmavil-train" in out
+    assert "SIGTERM received" in out
+    # on one line, shell-quoted: pasted, it is the same command
+    assert f"resume with: fastmavil-train {shlex.join(args[3:])}\n" in out
     step = load_latest(tmp_path / "t")[1]["step"]
     assert step >= 2
     summary = run(shards, tmp_path, train__epochs=30, train__max_steps=step + 2)
@@ -313,6 +320,10 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
         run(shards, tmp_path, train__cuda_graphs="true", train__device="cpu")
     with pytest.raises(ConfigError, match=r"data.random_clips = -1 must be >= 0"):
         run(shards, tmp_path, data__random_clips=-1)
+    assert not (tmp_path / "t").exists()  # runs that never started leave no folder behind
+    with pytest.raises(SystemExit):  # overrides before the config
+        pretrain.main(["--train.epochs", "3", str(ROOT / "configs" / "demo.toml")])
+    assert "'3' is not a config: put CONFIG first" in capsys.readouterr().err
 
 
 def test_random_clips_train_without_data_and_resume_exactly(tmp_path, caplog):
