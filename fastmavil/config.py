@@ -269,7 +269,8 @@ class OptimConfig:
     lr_schedule: str = field(default="epochs", metadata=_choices("epochs", "steps"))
     # How lr follows the adaptive batch B_e (see fastmavil.schedule.learning_rate).
     lr_batch_scaling: str = field(default="none", metadata=_choices("none", "linear", "sqrt"))
-    # `adamw`: torch.optim.AdamW (fused, on CUDA and CPU); `apex`: apex's FusedAdam, only if importable.
+    # `adamw`: torch.optim.AdamW, fused (on CUDA and CPU); `apex`: apex's FusedAdam, only if
+    # importable.
     optimizer: str = field(default="adamw", metadata=_choices("adamw", "apex"))
 
     def check(self) -> None:

@@ -3,8 +3,8 @@
 The blocks hold the step's memory-bound work (LayerNorms, GELU, residual adds, dtype casts
 around the matmuls), which the compiler fuses; blocks of one kind and width share a compiled
 graph (a whole-model compile at paper size did not finish within 55 s on an H200; this one
-warmed up in 77 s there, BENCHMARKS.md), and the masking, the Triton kernels and the losses stay eager (nothing
-to trace through).
+warmed up in 77 s there, BENCHMARKS.md), and the masking, the Triton kernels and the losses
+stay eager (nothing to trace through).
 """
 from __future__ import annotations
 
