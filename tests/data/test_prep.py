@@ -230,13 +230,14 @@ def test_keys_unique_and_dot_free():
 
 
 def test_resume_and_workers(media, tmp_path):
-    args = ["--clips-per-shard", "2", "--short-side", "32", "--fps", "8"]
+    # vp9: its bytes are a function of the frames; x264's are not always (fastmavil.data.media)
+    args = ["--clips-per-shard", "2", "--short-side", "32", "--fps", "8", "--codec", "vp9"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([str(media), "--out", str(one), "--workers", "1", *args]) == 0
     assert main([str(media), "--out", str(two), "--workers", "2", *args]) == 0
     shards = sorted(one.glob("shard-*.tar"))
     assert [s.name for s in shards] == [f"shard-00000{i}.tar" for i in range(4)]
-    # same bytes from 1 or 2 workers: encoding is deterministic
+    # same bytes from 1 or 2 workers: clips, order and shards do not depend on the workers
     assert [s.read_bytes() for s in shards] == [(two / s.name).read_bytes() for s in shards]
     stamps = [s.stat().st_mtime_ns for s in shards]
     expected = read_index(one)
