@@ -168,7 +168,9 @@ def _open_dataset(cfg: Config, source: Path) -> tuple[ShardDataset, int]:
     except tarfile.TarError as err:
         raise ConfigError(f"data.shards = '{source}': not a readable tar file ({err})") from None
     except (OSError, ValueError) as err:
-        raise ConfigError(f"data.shards = '{source}': {err}") from None
+        inside = [d.name for d in sorted(source.glob("*/")) if (d / "index.json").is_file()]
+        hint = f"; datasets inside it: {', '.join(inside)}" if inside else ""
+        raise ConfigError(f"data.shards = '{source}': {err}{hint}") from None
     missing = [path.name for path in dataset.shards if not path.is_file()]
     if missing:
         raise ConfigError(f"data.shards = '{source}': {len(missing)} of the "

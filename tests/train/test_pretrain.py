@@ -307,6 +307,8 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
         run("", tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         run(tmp_path / "nowhere", tmp_path)
+    with pytest.raises(ConfigError, match="no shards .*; datasets inside it: train"):
+        run(shards.parent, tmp_path)  # the folder above the dataset
     with pytest.raises(ConfigError, match="fewer than one batch"):
         run(shards, tmp_path, train__batch_size=64)
     assert pretrain.main([str(ROOT / "configs" / "demo.toml"), "--mask.start", "1.5"]) == 2
