@@ -196,23 +196,40 @@ def train(cfg: Config, argv: list[str]) -> dict:
         raise
 
 
-def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
-    t = cfg.train
+def _runtime(t) -> tuple[torch.device, bool]:
+    """(device, bf16) for train config `t`, with the process set up for them: the current CUDA
+    device, the seed and deterministic algorithms."""
     device = resolve_device(t.device)
     if device.index is not None:  # Triton kernels and CUDA graphs use the current device
         torch.cuda.set_device(device)
-    if t.cuda_graphs and cfg.optim.optimizer != "adamw":
-        raise ConfigError("train.cuda_graphs = true needs optim.optimizer = 'adamw': the fused "
-                          "AdamW skips a non-finite step on the device, without clearing the "
-                          "gradients the graphs add into")
     if t.cuda_graphs and device.type != "cuda":
         raise ConfigError(f"train.cuda_graphs = true needs a CUDA device; this run is on {device}")
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     torch.manual_seed(t.seed)
     if t.deterministic:
         # cuBLAS is deterministic only with a fixed workspace, set before its first matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    return device, t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+
+
+def _log_plan(plans: list[EpochPlan], t) -> None:
+    passes = plans[0].batch_size // plans[0].micro_batch  # the same in every epoch
+    log.info("plan: %d epochs, %d steps; mask ratio %.2f -> %.2f; batch %d -> %d (%s)%s",
+             len(plans), sum(p.steps for p in plans), plans[0].mask_ratio,
+             plans[-1].mask_ratio, plans[0].batch_size, plans[-1].batch_size,
+             f"adaptive, {t.adaptive_batch_rule} rule" if t.adaptive_batch else "fixed",
+             f" in {passes} passes of {plans[0].micro_batch} -> {plans[-1].micro_batch}"
+             if passes > 1 else "")
+
+
+def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
+    t = cfg.train
+    if t.cuda_graphs and cfg.optim.optimizer != "adamw":
+        raise ConfigError("train.cuda_graphs = true needs optim.optimizer = 'adamw': the fused "
+                          "AdamW skips a non-finite step on the device, without clearing the "
+                          "gradients the graphs add into")
+    device, bf16 = _runtime(t)
+    precision = "bf16" if bf16 else "fp32"
     resumed = load_latest(run_dir)
     if resumed:
         resume.check_format(*resumed)
@@ -222,7 +239,6 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     else:
         source = prepare_data(cfg)
         dataset, clips = _open_dataset(cfg, source)
-    precision = "bf16" if bf16 else "fp32"
     plans = plan_epochs(cfg, clips)
     if cfg.data.random_clips:  # drawn once, sized for the largest pass of the plan
         dataset = RandomClips(clips, loader_spec(cfg, train=True),
@@ -231,14 +247,8 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                  "data.shards unused): the losses measure nothing", clips)
     if resumed:
         resume.check_run(resumed[0], resumed[1], clips, precision, plans)
+    _log_plan(plans, t)
     total_steps = sum(p.steps for p in plans)
-    passes = plans[0].batch_size // plans[0].micro_batch  # the same in every epoch
-    log.info("plan: %d epochs, %d steps; mask ratio %.2f -> %.2f; batch %d -> %d (%s)%s",
-             len(plans), total_steps, plans[0].mask_ratio, plans[-1].mask_ratio,
-             plans[0].batch_size, plans[-1].batch_size,
-             f"adaptive, {t.adaptive_batch_rule} rule" if t.adaptive_batch else "fixed",
-             f" in {passes} passes of {plans[0].micro_batch} -> {plans[-1].micro_batch}"
-             if passes > 1 else "")
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
     (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -282,14 +292,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     def saved(at: int) -> bool:  # the newest checkpoint is step `at`'s
         return last_ckpt is not None and last_ckpt.name == checkpoint_name(at)
 
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
-    console = Console(stderr=True)
-    progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
-                        MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                        TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(),
-                        console=console)
+    progress = _progress_bar()
     timer, started = StepTimer(), time.perf_counter()
     device_skip = isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
     # device-side counters, read at log intervals: updates applied, non-finite steps in a row
@@ -427,8 +430,19 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     summary.update(step=step, total_steps=total_steps, checkpoint=str(last_ckpt),
                    seconds=time.perf_counter() - started, run_dir=str(run_dir),
                    interrupted=stop.signal, peak_source=peak_source)
-    _print_summary(console, summary, argv)
+    _print_summary(progress.console, summary, argv)
     return summary
+
+
+def _progress_bar():
+    """The run's progress display (on stderr): epoch, steps, loss, samples/s, time left."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+    return Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
+                    MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                    TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(),
+                    console=Console(stderr=True))
 
 
 def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generator,
