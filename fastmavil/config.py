@@ -443,6 +443,26 @@ def _parse_value(text: str):
     return text if isinstance(value, (datetime.date, datetime.time)) else value
 
 
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`--section.key VALUE` or `--section.key=VALUE` arguments -> {"section.key": "VALUE"}."""
+    overrides, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like "
+                              "--section.key VALUE")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"{arg} needs a value")
+        overrides[key] = value
+    return overrides
+
+
 def apply_override(data: dict, dotted_key: str, text: str) -> None:
     """Sets `section.key` (e.g. `model.size`, `small`) in a raw config dict."""
     *path, leaf = dotted_key.split(".")

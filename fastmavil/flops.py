@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, parse_overrides
 from .models import build_model
 from .models.attention import set_attention_backend
 from .schedule import quantized_mask_ratio
@@ -120,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", help="config the ratios are relative to (default: the first)")
     parser.add_argument("--json", action="store_true",
                         help="print {config: {module: ratio to baseline}} as JSON")
-    args = parser.parse_args(argv)
+    parser.epilog = "Config keys can be overridden for every config: --model.size small"
+    args, rest = parser.parse_known_args(argv)
     names = list(dict.fromkeys(([args.baseline] if args.baseline else []) + args.configs))
     try:
-        results = {name: schedule_flops(load_config(name)) for name in names}
+        overrides = parse_overrides(rest)
+        results = {name: schedule_flops(load_config(name, overrides)) for name in names}
     except ConfigError as err:
         print(f"fastmavil-flops: {err}", file=sys.stderr)
         return 2

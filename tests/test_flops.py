@@ -71,3 +71,9 @@ def test_cli_table_and_config_errors(tmp_path, capsys):
     bad.write_text("[model]\nsise = 'tiny'\n")
     assert main([str(bad)]) == 2
     assert "bad.toml: unknown key model.sise" in capsys.readouterr().err
+    # overrides apply to every config; a tiny model's cells show its small counts
+    assert main([str(CONFIGS / "r4.toml"), "--model.size", "tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[str(CONFIGS / "r4.toml")]["total"] == 1.0
+    assert main([str(tiny)]) == 0 and " 0.0 " not in capsys.readouterr().out
+    assert main([str(tiny), "--model.sise", "tiny"]) == 2
+    assert "command line --model.sise tiny: unknown key" in capsys.readouterr().err

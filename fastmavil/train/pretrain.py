@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, load_config, to_toml
+from ..config import Config, ConfigError, load_config, parse_overrides, to_toml
 from ..cuda_graph import GraphedPasses
 from ..data.loader import ShardDataset, build_loader, loader_spec, to_device
 from ..data.random_clips import RandomClips
@@ -568,21 +568,10 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
     if not args.config.endswith(".toml") and any(a.endswith(".toml") for a in rest):
         parser.error(f"{args.config!r} is not a config: put CONFIG first, then the overrides "
                      "(fastmavil-train configs/r4.toml --section.key VALUE ...)")
-    overrides, i = {}, 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith("--") or "." not in arg:
-            parser.error(f"unexpected argument {arg!r}; overrides look like --section.key VALUE")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        elif i + 1 < len(rest):
-            key, value = arg[2:], rest[i + 1]
-            i += 2
-        else:
-            parser.error(f"{arg} needs a value")
-        overrides[key] = value
-    return args.config, overrides
+    try:
+        return args.config, parse_overrides(rest)
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 def main(argv: list[str] | None = None) -> int:
