@@ -317,8 +317,8 @@ class TrainConfig:
     # replay each forward + backward pass as a CUDA graph, one per (rho, B) (CUDA only;
     # fastmavil/cuda_graph.py): the host no longer sets the step's pace
     cuda_graphs: bool = False
-    deterministic: bool = False  # deterministic algorithms (bitwise resume on a CPU; on CUDA
-                                 # it sets CUBLAS_WORKSPACE_CONFIG unless already set)
+    deterministic: bool = False  # deterministic algorithms (bitwise resume on a CPU); sets
+                                 # CUBLAS_WORKSPACE_CONFIG (cuBLAS's) unless already set
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda | cuda:N
     # auto: bf16 autocast on CUDA, fp32 on a CPU
@@ -443,35 +443,36 @@ def _parse_value(text: str):
     return text if isinstance(value, (datetime.date, datetime.time)) else value
 
 
-def parse_overrides(args: list[str]) -> dict[str, str]:
-    """`--section.key VALUE` or `--section.key=VALUE` arguments -> {"section.key": "VALUE"}."""
-    overrides, i = {}, 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg:
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like "
-                              "--section.key VALUE")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(the other arguments, {"section.key": "VALUE"}) from a command line holding
+    `--section.key VALUE` or `--section.key=VALUE` overrides anywhere among its arguments."""
+    rest, overrides, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not (arg.startswith("--") and "." in arg.split("=", 1)[0]):
+            rest.append(arg)
             i += 1
-        elif i + 1 < len(args):
-            key, value = arg[2:], args[i + 1]
+        elif "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            overrides[key] = value
+            i += 1
+        elif i + 1 < len(argv):
+            overrides[arg[2:]] = argv[i + 1]
             i += 2
         else:
             raise ConfigError(f"{arg} needs a value")
-        overrides[key] = value
-    return overrides
+    return rest, overrides
 
 
-def apply_override(data: dict, dotted_key: str, text: str) -> None:
-    """Sets `section.key` (e.g. `model.size`, `small`) in a raw config dict."""
+def _set(data: dict, dotted_key: str, value) -> None:
+    """Sets `section.key` in a raw config dict."""
     *path, leaf = dotted_key.split(".")
     node = data
     for part in path:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted_key}: {part} is not a section")
-    node[leaf] = _parse_value(text)
+            raise ConfigError(f"{part} is not a section")
+    node[leaf] = value
 
 
 def config_from_dict(data: dict) -> Config:
@@ -533,15 +534,19 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Co
     overrides = overrides or {}
     for key, text in overrides.items():  # each override's key and type, named as given
         try:
-            _coerce(_parse_value(text), _field_hint(key), key)
-            apply_override(data, key, text)
+            hint = _field_hint(key)
+            value = _parse_value(text)
+            if hint is str and not isinstance(value, str):  # a name that looks like a number
+                value = text
+            _set(data, key, _coerce(value, hint, key))
         except ConfigError as err:
             raise ConfigError(f"command line --{key} {text}: {err}") from None
     try:
         return config_from_dict(data)
-    except ConfigError as err:  # errors start with the key they are about
-        source = next((f"command line --{key}" for key in overrides
-                       if str(err).startswith(f"{key} ")), str(path))
+    except ConfigError as err:  # blamed on the overrides the message names, else on the file
+        named = [f"--{key} {text}" for key, text in overrides.items()
+                 if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", str(err))]
+        source = f"command line {', '.join(named)}" if named else str(path)
         raise ConfigError(f"{source}: {err}") from None
 
 

@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import Config, ConfigError, load_config, parse_overrides
+from .config import Config, ConfigError, load_config, split_overrides
 from .models import build_model
 from .models.attention import set_attention_backend
 from .schedule import quantized_mask_ratio
@@ -121,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true",
                         help="print {config: {module: ratio to baseline}} as JSON")
     parser.epilog = "Config keys can be overridden for every config: --model.size small"
-    args, rest = parser.parse_known_args(argv)
+    try:
+        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        parser.error(str(err))
+    args = parser.parse_args(rest)
     names = list(dict.fromkeys(([args.baseline] if args.baseline else []) + args.configs))
     try:
-        overrides = parse_overrides(rest)
         results = {name: schedule_flops(load_config(name, overrides)) for name in names}
     except ConfigError as err:
         print(f"fastmavil-flops: {err}", file=sys.stderr)

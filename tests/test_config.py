@@ -52,6 +52,10 @@ def test_unknown_key_names_file_and_key(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.toml: unknown key model\.varient; did you mean "
                                           r"model\.variant\? allowed: variant"):
         load_config(path)
+    with pytest.raises(ConfigError, match="c.toml: optim.warmup_epochs = 8 must be < "
+                                          "train.epochs = 2"):  # the file's keys alone
+        load_config(write(tmp_path, "[optim]\nwarmup_epochs = 8\n[train]\nepochs = 2\n"),
+                    {"run.name": "x"})
     with pytest.raises(ConfigError, match="unknown key modle"):
         load_config(write(tmp_path, "[modle]\nsize = 'tiny'\n"))
 
@@ -125,13 +129,21 @@ def test_dotted_overrides(tmp_path):
     with pytest.raises(ConfigError, match="^command line --train.deterministic yes: "
                                           "train.deterministic = 'yes' must be true or false"):
         load_config(path, {"train.deterministic": "yes"})
-    with pytest.raises(ConfigError, match="^command line --mask.start: mask.start = 1.2 must lie"):
+    with pytest.raises(ConfigError, match="^command line --mask.start 1.2: mask.start = 1.2 must "
+                                          "lie"):
         load_config(path, {"mask.start": "1.2"})
+    # a check of two keys names the override among them, even when it is the second
+    with pytest.raises(ConfigError, match="^command line --model.encoder_heads 5: "
+                                          "model.encoder_dim = 768 must be divisible"):
+        load_config(path, {"model.encoder_heads": "5"})
+    # a name that TOML reads as a number stays a name
+    assert load_config(path, {"run.name": "123", "data.shards": '"d"'}).run.name == "123"
+    assert load_config(path, {"data.shards": '"d"'}).data.shards == "d"
     with pytest.raises(ConfigError, match="^command line --model 3: model is a section"):
         load_config(path, {"model": "3"})
-    # a check of two keys is named after its first, here the file's
-    with pytest.raises(ConfigError, match="c.toml: optim.warmup_epochs = 8 must be < "
-                                          "train.epochs = 2"):
+    # a check of a file's key against an override's names the override
+    with pytest.raises(ConfigError, match="^command line --train.epochs 2: "
+                                          "optim.warmup_epochs = 8 must be < train.epochs = 2"):
         other = tmp_path / "other"
         other.mkdir()
         load_config(write(other, "[optim]\nwarmup_epochs = 8\n"), {"train.epochs": "2"})

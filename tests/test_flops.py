@@ -72,7 +72,7 @@ def test_cli_table_and_config_errors(tmp_path, capsys):
     assert main([str(bad)]) == 2
     assert "bad.toml: unknown key model.sise" in capsys.readouterr().err
     # overrides apply to every config; a tiny model's cells show its small counts
-    assert main([str(CONFIGS / "r4.toml"), "--model.size", "tiny", "--json"]) == 0
+    assert main(["--model.size", "tiny", str(CONFIGS / "r4.toml"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[str(CONFIGS / "r4.toml")]["total"] == 1.0
     assert main([str(tiny)]) == 0 and " 0.0 " not in capsys.readouterr().out
     assert main([str(tiny), "--model.sise", "tiny"]) == 2

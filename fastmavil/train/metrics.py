@@ -7,6 +7,7 @@ can call these helpers on every step.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -168,7 +169,7 @@ def nvml_index(torch_index: int, visible: str | None = None) -> int:
 class GpuUtilization:
     """Mean GPU utilisation (NVML's percent of time a kernel was running) sampled by a daemon
     thread every `interval` seconds between `start()` and `stop()`; `close()`, or the end of
-    a `with` block, also releases NVML.
+    a `with` block, also releases NVML, after which it is inert (`mean()` keeps its samples).
 
     Inert, with `mean()` None, when pynvml (package nvidia-ml-py) is missing, the device is not
     CUDA or NVML fails; the reason is logged once and nothing raises, so a run never stops for
@@ -198,8 +199,13 @@ class GpuUtilization:
         try:
             index = device.index if device.index is not None else torch.cuda.current_device()
             pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(index))
         except Exception as error:  # pynvml.NVMLError and driver mismatches alike
+            return f"NVML failed: {error}"
+        try:
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(index))
+        except Exception as error:
+            with contextlib.suppress(Exception):
+                pynvml.nvmlShutdown()
             return f"NVML failed: {error}"
         self._nvml = pynvml
         return None

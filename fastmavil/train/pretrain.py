@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, load_config, parse_overrides, to_toml
+from ..config import Config, ConfigError, load_config, split_overrides, to_toml
 from ..cuda_graph import GraphedPasses
 from ..data.loader import ShardDataset, build_loader, loader_spec, to_device
 from ..data.random_clips import RandomClips
@@ -186,14 +186,17 @@ def train(cfg: Config, argv: list[str]) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with run_lock(run_dir):
-            return _train(cfg, argv, run_dir)
+            try:
+                return _train(cfg, argv, run_dir)
+            except BaseException:
+                # a run that failed before writing anything (a bad device, missing data) leaves
+                # no folder; removed while locked, so no other trainer has started in it
+                with contextlib.suppress(OSError):
+                    if new_dir and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+                        shutil.rmtree(run_dir)
+                raise
     except RunLocked as err:
         raise TrainingError(str(err)) from None
-    except BaseException:
-        # a run that failed before writing anything (a bad device, missing data) leaves no folder
-        if new_dir and {p.name for p in run_dir.iterdir()} <= {".lock"}:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
 
 
 def _runtime(t) -> tuple[torch.device, bool]:
@@ -261,9 +264,9 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
         last_ckpt, state = resumed
         step = _restore(state, last_ckpt, model, optimizer, generator, t.seed)
         if step >= total_steps:
-            log.info("%s has trained all %d steps: nothing to do (raise train.epochs or "
-                     "train.max_steps to go on, or start a new run with --run.name)", run_dir,
-                     total_steps)
+            log.info("%s has trained %d steps, of %d to train: nothing to do (raise "
+                     "train.epochs or train.max_steps to go on, or start a new run with "
+                     "--run.name)", run_dir, step, total_steps)
     if t.compile:
         log.info("compiled %d transformer blocks", compile_blocks(model))
     # the batches' copies to the GPU overlap the previous pass (fastmavil.data.loader.to_device)
@@ -551,27 +554,25 @@ def _print_summary(console, s: dict, argv: list[str]) -> None:
     if s["interrupted"]:
         # unwrapped and shell-quoted, so that it pastes as one command
         console.print(f"stopped by {s['interrupted']} at step {s['step']}; resume with: "
-                      f"fastmavil-train {shlex.join(argv)}", soft_wrap=True)
+                      f"fastmavil-train {shlex.join(argv)}", soft_wrap=True, markup=False,
+                      emoji=False, highlight=False)
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
-    """CONFIG then `--section.key VALUE` or `--section.key=VALUE` overrides."""
+    """CONFIG and `--section.key VALUE` or `--section.key=VALUE` overrides, in any order."""
     sections = ", ".join(f.name for f in dataclasses.fields(Config))
     parser = argparse.ArgumentParser(
         prog="fastmavil-train", description="Pre-train MAViL / DiffMAViL / AudioMAE.",
-        epilog=f"Override any config key after CONFIG: --train.max_steps 100 --data.shards DIR "
-               f"(sections: {sections}; keys and defaults: fastmavil/config.py). A run lives in "
+        epilog=f"Override any config key: --train.max_steps 100 --data.shards DIR (sections: "
+               f"{sections}; keys and defaults: fastmavil/config.py). A run lives in "
                "<run.dir>/<run.name>/ (default runs/<config name>/); the same command resumes "
                "it from its newest checkpoint.")
     parser.add_argument("config", help="TOML config, e.g. configs/r4.toml")
-    args, rest = parser.parse_known_args(argv)
-    if not args.config.endswith(".toml") and any(a.endswith(".toml") for a in rest):
-        parser.error(f"{args.config!r} is not a config: put CONFIG first, then the overrides "
-                     "(fastmavil-train configs/r4.toml --section.key VALUE ...)")
     try:
-        return args.config, parse_overrides(rest)
+        rest, overrides = split_overrides(argv)
     except ConfigError as err:
         parser.error(str(err))
+    return parser.parse_args(rest).config, overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,8 @@ def _run(fn, inputs, grads_of):
     return [out.detach()] + [t.grad for t in grads_of]
 
 
-def test_kernels_run_on_their_tensors_device_not_the_current_one():
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_kernels_run_on_their_tensors_device_not_the_current_one(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     dev = torch.device("cuda:1")
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(2, 3, 4, 64, 64, device=dev, generator=g)  # 2 x 4 x 4 = 32 tokens

@@ -162,6 +162,23 @@ def test_gpu_utilization_samples_fake_nvml(monkeypatch):
     assert util.mean() is None
 
 
+def test_gpu_utilization_releases_nvml_when_the_device_is_missing(monkeypatch, caplog):
+    opened = []
+    fake = _fake_pynvml(73, opened)
+
+    def no_handle(index):
+        raise RuntimeError("invalid argument")
+    fake.nvmlDeviceGetHandleByIndex = no_handle
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level(logging.INFO, logger="fastmavil.train"):
+        util = GpuUtilization(torch.device("cuda", 0), interval=0.01)
+    assert "invalid argument" in caplog.text and opened == ["shutdown"]
+    with util:
+        pass
+    assert util.mean() is None and opened == ["shutdown"]
+
+
 def test_gpu_utilization_nvml_init_fails(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(73, [], fail_init=True))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -65,7 +65,7 @@ def test_run_logs_falls_and_checkpoints(shards, tmp_path, caplog):
     # the same command again: nothing left to train, and it says so
     with caplog.at_level("INFO", logger="fastmavil.train"):
         assert run(shards, tmp_path)["samples"] == 0
-    assert f"has trained all {plan_steps} steps: nothing to do" in caplog.text
+    assert f"has trained {plan_steps} steps, of {plan_steps} to train: nothing to do" in caplog.text
 
 
 def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path, caplog):
@@ -323,9 +323,12 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
     with pytest.raises(ConfigError, match=r"data.random_clips = -1 must be >= 0"):
         run(shards, tmp_path, data__random_clips=-1)
     assert not (tmp_path / "t").exists()  # runs that never started leave no folder behind
-    with pytest.raises(SystemExit):  # overrides before the config
-        pretrain.main(["--train.epochs", "3", str(ROOT / "configs" / "demo.toml")])
-    assert "'3' is not a config: put CONFIG first" in capsys.readouterr().err
+    # overrides on either side of the config; one config only
+    assert pretrain.parse_args(["--train.epochs", "3", "c.toml", "--run.name=2024"]) == (
+        "c.toml", {"train.epochs": "3", "run.name": "2024"})
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["c.toml", "d.toml"])
+    assert "unrecognized arguments: d.toml" in capsys.readouterr().err
 
 
 def test_random_clips_train_without_data_and_resume_exactly(tmp_path, caplog):
