@@ -298,29 +298,24 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     progress = _progress_bar()
     timer, started = StepTimer(), time.perf_counter()
     device_skip = isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
-    # device-side counters, read at log intervals: updates applied, non-finite steps in a row
-    updates = torch.zeros((), device=device)
+    # device-side counter of non-finite steps in a row (and the longest), read at log intervals
     bad_run = torch.zeros((), device=device, dtype=torch.long)
     worst_run = bad_run.clone()
-    # since the last log line: metric sums, work done (samples, training FLOPs, visible tokens:
-    # summed per step, since an interval can span epochs of different shapes), and steps run
-    # (not those an epoch's data ran short of, which are skipped without an update)
-    sums, work, ran, logged_at = {}, dict.fromkeys(("samples", "flops", "tokens"), 0), 0, step
+    interval = _Interval(step, device)  # the steps since the last log line
     summary = {"start_step": step, "samples": 0}
     trained = step  # the step count after the last step run
     tensorboard = None if cfg.run.tensorboard else False  # None: when installed
 
-    def log_interval(plan: EpochPlan, lr: float) -> None:
-        """The log line and metrics record of the steps since the last one (their applied
-        updates), and a warning for any update skipped for a non-finite loss or gradient."""
-        nonlocal sums, work, ran, logged_at, updates
-        applied = int(updates)
-        if applied < ran:
+    def log_interval(plan: EpochPlan, lr: float) -> _Interval:
+        """The log line and metrics record of the interval's steps (their applied updates), a
+        warning for any update skipped for a non-finite loss or gradient; the next interval."""
+        applied = int(interval.updates)  # a sync, once per interval
+        if applied < interval.ran:
             log.warning("steps %d-%d: %d non-finite loss or gradient, update skipped",
-                        logged_at + 1, step, ran - applied)
+                        interval.start + 1, step, interval.ran - applied)
         if applied:
-            record = _log_record(cfg, plan, step, lr, sums, applied, timer, device, peak,
-                                 gpu_util, work, _memory_held(device, graphed))
+            record = _log_record(cfg, plan, step, lr, interval.sums, applied, timer, device,
+                                 peak, gpu_util, interval.work, _memory_held(device, graphed))
             writer.write(record)
             summary["last"] = record
             progress.update(task, loss=f"{record['loss']:.4f}",
@@ -329,9 +324,8 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
         else:  # nothing applied: start the next interval's timing afresh
             timer.summary()
             gpu_util.reset()
-        summary["samples"] += work["samples"]
-        sums, work, ran, logged_at = {}, dict.fromkeys(work, 0), 0, step
-        updates = torch.zeros((), device=device)
+        summary["samples"] += interval.work["samples"]
+        return _Interval(step, device)
 
     with (StopFlag() as stop, MetricsWriter(run_dir, tensorboard, step) as writer,
           GpuUtilization(device) as gpu_util, progress):
@@ -391,7 +385,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                     break
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-                step, ran = step + 1, ran + 1
+                step += 1
                 trained = step  # not moved by epochs whose data ran short
                 played = plan  # the epoch of the latest step run, for a log line after the loop
                 progress.advance(task)
@@ -408,24 +402,22 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                 clear_grads()
                 bad_run = torch.where(finite, 0, bad_run + 1)
                 worst_run = torch.maximum(worst_run, bad_run)  # a streak can end between reads
-                updates = updates + finite
-                work = {k: v + step_work[k] for k, v in work.items()}
-                for k, v in {"loss": loss_sum, **terms_sum, "grad_norm": grad_norm}.items():
-                    sums[k] = sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
+                interval.add(finite, step_work,
+                             {"loss": loss_sum, **terms_sum, "grad_norm": grad_norm})
                 timer.step_done()  # the optimizer step's time is compute, not data wait
                 due_log = step % t.log_every == 0 or step == total_steps
                 if due_log or step % t.ckpt_every == 0:
                     _check_bad_steps(int(worst_run), step, t.max_bad_steps, last_ckpt)  # a sync
                     worst_run = bad_run.clone()
                 if due_log:
-                    log_interval(plan, lr)
+                    interval = log_interval(plan, lr)
                 if step % t.ckpt_every == 0:
                     last_ckpt = checkpoint(step)
                     timer.fetch_start()  # the checkpoint's time is no data wait
             if stop.signal is not None or step >= total_steps:
                 break
-        if ran:  # steps run since the last log line: an epoch whose data ran short jumped to
-            # the end, or a signal stopped the run between log lines
+        if interval.ran:  # steps since the last log line: an epoch whose data ran short
+            # jumped to the end, or a signal stopped the run between log lines
             _check_bad_steps(int(worst_run), step, t.max_bad_steps, last_ckpt)
             log_interval(played, lr)
         if not saved(step):
@@ -446,6 +438,32 @@ def _progress_bar():
                     MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                     TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(),
                     console=Console(stderr=True))
+
+
+@dataclasses.dataclass
+class _Interval:
+    """What the steps since the last log line did. The metric sums and the count of applied
+    updates stay on the device (read once per interval); `work` (samples, training FLOPs,
+    visible tokens) is summed per step, as an interval can span epochs of different shapes;
+    `ran` counts the steps run, not those an epoch's data ran short of."""
+    start: int  # the step the interval follows
+    device: torch.device
+    ran: int = 0
+    sums: dict = dataclasses.field(default_factory=dict)
+    work: dict = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(("samples", "flops", "tokens"), 0))
+    updates: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.updates = torch.zeros((), device=self.device)
+
+    def add(self, finite: torch.Tensor, work: dict, metrics: dict) -> None:
+        """One step run: its work, and its metrics where its update was applied (finite)."""
+        self.ran += 1
+        self.updates = self.updates + finite
+        self.work = {k: v + work[k] for k, v in self.work.items()}
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
 
 
 def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generator,
