@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastmavil-synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (train/ and heldout/ inside)")
     parser.add_argument("--clips", type=int, default=300, help="clips in all (default 300)")
-    parser.add_argument("--classes", type=int, default=10, help="sound-visual classes (default 10)")
+    parser.add_argument("--classes", type=int, default=10,
+                        help="sound-visual classes (default 10)")
     parser.add_argument("--heldout", type=float, default=0.2, help="held-out share (default 0.2)")
     parser.add_argument("--seconds", type=float, default=4.0, help="clip length (default 4)")
     parser.add_argument("--size", type=int, default=96,
