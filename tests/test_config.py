@@ -142,10 +142,10 @@ def test_dotted_overrides(tmp_path):
     with pytest.raises(ConfigError, match="^command line --model 3: model is a section"):
         load_config(path, {"model": "3"})
     # a check of a file's key against an override's names the override
+    other = tmp_path / "other"
+    other.mkdir()
     with pytest.raises(ConfigError, match="^command line --train.epochs 2: "
                                           "optim.warmup_epochs = 8 must be < train.epochs = 2"):
-        other = tmp_path / "other"
-        other.mkdir()
         load_config(write(other, "[optim]\nwarmup_epochs = 8\n"), {"train.epochs": "2"})
     # text TOML would read as a date stays text
     assert load_config(path, {"run.name": "2024-01-15"}).run.name == "2024-01-15"
