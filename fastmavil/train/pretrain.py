@@ -422,7 +422,8 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             log_interval(played, lr)
         if not saved(step):
             last_ckpt = checkpoint(step)
-    summary.update(step=step, total_steps=total_steps, checkpoint=str(last_ckpt),
+    summary.update(step=step, total_steps=total_steps, planned_steps=sum(p.steps for p in plans),
+                   checkpoint=str(last_ckpt),
                    seconds=time.perf_counter() - started, run_dir=str(run_dir),
                    interrupted=stop.signal, peak_source=peak_source)
     _print_summary(progress.console, summary, argv)
@@ -557,6 +558,8 @@ def _print_summary(console, s: dict, argv: list[str]) -> None:
     from rich.table import Table
     table = Table(title="fastmavil-train summary", show_header=False)
     table.add_row("steps", f"{s['step']} / {s['total_steps']} (this run from {s['start_step']})")
+    if s["planned_steps"] != s["total_steps"]:
+        table.add_row("planned steps", f"{s['planned_steps']} (stopped by train.max_steps)")
     table.add_row("samples this run", str(s["samples"]))
     table.add_row("time", f"{s['seconds']:.1f} s")
     last = s.get("last")

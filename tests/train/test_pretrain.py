@@ -252,7 +252,7 @@ def test_a_log_line_spanning_epochs_counts_each_steps_own_work(shards, tmp_path)
     assert tokens / samples != pytest.approx(sum(cfg.model.visible_tokens(plans[-1].mask_ratio)))
 
 
-def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path):
+def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path, capsys):
     args = [sys.executable, "-m", "fastmavil.train.pretrain", str(ROOT / "configs" / "demo.toml")]
     for k, v in overrides(shards, tmp_path, train__epochs=30).items():
         args += [f"--{k}", v]
@@ -273,6 +273,9 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path):
     assert step >= 2
     summary = run(shards, tmp_path, train__epochs=30, train__max_steps=step + 2)
     assert summary["start_step"] == step and summary["step"] == step + 2
+    # the summary says the plan is longer than this run's cap
+    assert (f"planned steps    │ {summary['planned_steps']} (stopped by train.max_steps)"
+            in capsys.readouterr().err)
 
 
 def test_non_finite_loss_is_skipped_then_stops(shards, tmp_path, monkeypatch, caplog):
