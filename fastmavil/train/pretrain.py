@@ -215,10 +215,10 @@ def _runtime(t) -> tuple[torch.device, bool]:
     return device, t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
 
 
-def _log_plan(plans: list[EpochPlan], t) -> None:
+def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
     passes = plans[0].batch_size // plans[0].micro_batch  # the same in every epoch
     log.info("plan: %d epochs, %d steps; mask ratio %.2f -> %.2f; batch %d -> %d (%s)%s",
-             len(plans), sum(p.steps for p in plans), plans[0].mask_ratio,
+             len(plans), steps, plans[0].mask_ratio,
              plans[-1].mask_ratio, plans[0].batch_size, plans[-1].batch_size,
              f"adaptive, {t.adaptive_batch_rule} rule" if t.adaptive_batch else "fixed",
              f" in {passes} passes of {plans[0].micro_batch} -> {plans[-1].micro_batch}"
@@ -250,10 +250,9 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                  "data.shards unused): the losses measure nothing", clips)
     if resumed:
         resume.check_run(resumed[0], resumed[1], clips, precision, plans)
-    _log_plan(plans, t)
-    total_steps = sum(p.steps for p in plans)
-    if t.max_steps:
-        total_steps = min(total_steps, t.max_steps)
+    planned_steps = sum(p.steps for p in plans)
+    _log_plan(plans, planned_steps, t)
+    total_steps = min(planned_steps, t.max_steps) if t.max_steps else planned_steps
     (run_dir / "config.toml").write_text(to_toml(cfg))
     model = build_model(cfg).to(device)
     model.use_kernels(fast_path(cfg, device))
@@ -422,7 +421,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             log_interval(played, lr)
         if not saved(step):
             last_ckpt = checkpoint(step)
-    summary.update(step=step, total_steps=total_steps, planned_steps=sum(p.steps for p in plans),
+    summary.update(step=step, total_steps=total_steps, planned_steps=planned_steps,
                    checkpoint=str(last_ckpt),
                    seconds=time.perf_counter() - started, run_dir=str(run_dir),
                    interrupted=stop.signal, peak_source=peak_source)
