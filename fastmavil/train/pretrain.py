@@ -218,8 +218,8 @@ def _runtime(t) -> tuple[torch.device, bool]:
 def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
     passes = plans[0].batch_size // plans[0].micro_batch  # the same in every epoch
     log.info("plan: %d epochs, %d steps; mask ratio %.2f -> %.2f; batch %d -> %d (%s)%s",
-             len(plans), steps, plans[0].mask_ratio,
-             plans[-1].mask_ratio, plans[0].batch_size, plans[-1].batch_size,
+             len(plans), steps, plans[0].mask_ratio, plans[-1].mask_ratio,
+             plans[0].batch_size, plans[-1].batch_size,
              f"adaptive, {t.adaptive_batch_rule} rule" if t.adaptive_batch else "fixed",
              f" in {passes} passes of {plans[0].micro_batch} -> {plans[-1].micro_batch}"
              if passes > 1 else "")
