@@ -256,7 +256,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    # Table 4, pre-training column.
+    # Table 4, pre-training column. `lr` is the rate itself at the effective batch (2048 in
+    # the paper configs), not MAE's base rate scaled by batch / 256.
     lr: float = 4e-4
     min_lr: float = 1e-6
     weight_decay: float = 1e-5

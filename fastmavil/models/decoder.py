@@ -55,7 +55,7 @@ class Decoder(nn.Module):
         (B, m, dim) already projected with positions (kernels.diffuse_embed_masked); or neither,
         for [MASK] tokens -> predicted masked patches (B, m, patch_dim)."""
         visible = self.embed(latents) + self.pos[ids.keep]
-        if noisy is not None:
+        if noisy is not None:  # x_t alone: no embedding of t (App. B.2 gives the decoder none)
             masked = self.noisy_embed(noisy) + self.pos[ids.mask]
         elif masked is None:
             masked = self.mask_token + self.pos[ids.mask]

@@ -10,7 +10,7 @@ from .patch import PatchEmbed
 
 class Encoder(nn.Module):
     """Patch embedding + fixed positions + pre-norm ViT blocks + final norm (no [CLS] token:
-    the contrastive terms and fine-tuning mean-pool the tokens)."""
+    the contrastive terms mean-pool the tokens, as a fine-tuning head would)."""
 
     def __init__(self, channels: int, patch: tuple[int, ...], pos: torch.Tensor, dim: int,
                  depth: int, heads: int, mlp_ratio: float, mask_first: bool,
@@ -42,6 +42,7 @@ class FusionEncoder(nn.Module):
         self.norm = layer_norm(dim)
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the tokens as the encoders left them: no modality-type embedding (the paper names none)
         x = torch.cat([audio, video], dim=1)
         for block in self.blocks:
             x = block(x)
