@@ -91,6 +91,59 @@ def breakdown(rows, reps: int) -> list[tuple[str, float, float]]:
     return sorted(parts, key=lambda part: -part[1])
 
 
+# What a training step's device time is spent on, by kernel name (lower case), the first
+# match deciding: the MFU question is how much goes to matmuls and attention, and how much to
+# everything around them. Attention comes first (its kernels' names also say flash, cutlass or
+# wgmma); torch.compile's kernels are named triton_*.
+KERNEL_CATEGORIES = (
+    ("attention", ("fmha", "flash", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "cublas", "splitk")),
+    ("Triton (torch.compile)", ("triton_",)),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("LayerNorm", ("layer_norm", "layernorm", "gammabeta")),
+    ("reduction", ("reduce_kernel",)),
+    ("copy, cast, fill", ("copy", "memcpy", "memset", "fill")),
+    ("other elementwise", ("elementwise",)),
+)
+
+
+def project_kernels() -> dict[str, str]:
+    """fastmavil's own Triton functions (kernels, and the helpers they inline), by the name a
+    profiler shows, each with the module that defines it."""
+    import importlib
+    import pkgutil
+
+    import kernels
+    found = {}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"kernels.{info.name}")
+        for value in vars(module).values():
+            if (type(value).__name__ in ("JITFunction", "InterpretedFunction")
+                    and value.fn.__module__ == module.__name__):
+                found[value.__name__] = info.name
+    return found
+
+
+def kernel_category(name: str, project: dict[str, str]) -> str:
+    if name in project:
+        return "attention" if project[name] == "window_attention" else "Triton (fastmavil)"
+    lower = name.lower()
+    return next((category for category, parts in KERNEL_CATEGORIES
+                 if any(part in lower for part in parts)), "other")
+
+
+def time_by_category(rows, steps: int) -> list[tuple[str, float, float]]:
+    """(category, device ms per step, launches per step) of a profile's kernel rows, longest
+    first."""
+    project = project_kernels()
+    sums: dict[str, list[float]] = {}
+    for e in rows:
+        total = sums.setdefault(kernel_category(e.key, project), [0.0, 0.0])
+        total[0] += e.self_device_time_total / 1e3 / steps
+        total[1] += e.count / steps
+    return sorted(((c, ms, n) for c, (ms, n) in sums.items()), key=lambda row: -row[1])
+
+
 def wall_times_ms(fn, reps: int) -> list[float]:
     """Milliseconds of each of `reps` calls after one warm-up call (a CPU's timing: on a GPU the
     host's clock sees launches, not the work)."""

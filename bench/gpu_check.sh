@@ -23,24 +23,26 @@
 #   train       180  bench.train: fastmavil-train itself on random clips, R4 at paper size,
 #                    eager and with its passes replayed as CUDA graphs, in 1 pass of 32 and in
 #                    4 passes of 8 per step (the trainer's own step time, MFU and memory)
+#   profile     150  a profile of R4's step with compiled blocks and CUDA graphs: its device
+#                    time by kind of kernel (matmul, attention, ...) and by operator
 # Groups: default = tests kernels throughput (the issue's check, under 8 minutes);
 #   extra = kernels amp tests graph graph-compile attention (10 minutes; the last stage is cut
 #   first): the kernels in both settings first (issue 5's target), then the tests with the
 #   seconds those left, then the step replayed as CUDA graphs (the f080127 run found it
 #   host-bound: bench/results/profile-NVIDIA_H200-r4-f080127-*.txt), eager (the +-5 % target)
 #   and with compiled blocks (the MFU target), then the window attention;
-#   extra2 = attention train in a second call on the warm machine.
+#   extra2 = attention train profile in a second call on the warm machine.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
   case $arg in
     default) stages+=(tests kernels throughput) ;;
     extra) stages+=(kernels amp tests graph graph-compile attention) ;;
-    extra2) stages+=(attention train) ;;
-    tests|kernels|throughput|compile|views|amp|graph|graph-compile|attention|train)
+    extra2) stages+=(attention train profile) ;;
+    tests|kernels|throughput|compile|views|amp|graph|graph-compile|attention|train|profile)
       stages+=("$arg") ;;
     *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp graph" \
-            "graph-compile attention train;" \
+            "graph-compile attention train profile;" \
             "groups: default extra extra2" >&2; exit 2 ;;
   esac
 done
@@ -105,6 +107,9 @@ for stage in "${stages[@]}"; do
                      --size base --steps 3 --compile --cuda-graph --no-curriculum configs/r4.toml ;;
     attention) run "bench.attention (R4, base)" 75 python -m bench.attention configs/r4.toml ;;
     train) run "bench.train (R4, base, random clips)" 180 python -m bench.train --steps 30 ;;
+    profile) run "bench.throughput (base, profile)" 150 python -m bench.throughput --size base \
+               --steps 3 --compile --cuda-graph --no-compare --no-curriculum --profile \
+               configs/r4.toml ;;
   esac
   keep
 done

@@ -49,7 +49,8 @@ from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, pea
                                      reset_peak_memory, tflops)
 from fastmavil.train.pretrain import fast_path
 
-from ._report import RESULTS, commit, device_name, kernel_rows, print_table
+from ._report import (RESULTS, commit, device_name, kernel_rows, print_table,
+                      time_by_category)
 
 CONFIGS = ["configs/r1.toml", "configs/r2.toml", "configs/r3.toml", "configs/r4.toml",
            "configs/mavil.toml"]
@@ -240,7 +241,10 @@ def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
     head = (f"{label} fast path, B={batch}, rho={ratio}: {wall_ms:.1f} ms per step while "
             f"profiled, {'device kernels' if cuda else 'CPU operators'} {busy_ms:.1f} ms per step"
             + (f" in {sum(e.count for e in rows) / steps:.0f} launches" if cuda else ""))
-    return head + "\n" + events.table(sort_by=key, row_limit=30, max_name_column_width=70)
+    if cuda:  # what the kernels' time goes to: matmuls and attention against the rest
+        head += "".join(f"\n  {category:26s} {ms:8.2f} ms {ms / busy_ms:6.1%} {n:6.0f} launches"
+                        for category, ms, n in time_by_category(rows, steps))
+    return head + "\n" + events.table(sort_by=key, row_limit=40, max_name_column_width=70)
 
 
 def curriculum(configs: dict[str, Config], device: torch.device, args,

@@ -240,7 +240,7 @@ def check(arch: int = 90, settings=SETTINGS, shared_limit: int | None = None,
     seen, count, over, errors, unfit, start = set(), 0, 0, 0, 0, time.perf_counter()
     for launch in record_launches(settings):
         name, fits, tried = launch.fn.__name__, 0, 0
-        where = f"{name:18} {launch.label:12} {_flags(launch):28}"
+        where = f"{name:24} {launch.label:12} {_flags(launch):28}"
         for config in launch.configs:
             key = (name, launch.label, _signature(launch), repr(sorted(config.items())))
             if key in seen:  # the same variant launched twice (e.g. by two calls)

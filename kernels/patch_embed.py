@@ -48,12 +48,12 @@ def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weigh
 
 
 @triton.jit
-def _forward_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_ptr, R, n, D,
-                    P, GH, GW, stride_ib, stride_in, stride_xb, stride_xc, stride_xd, stride_xh,
-                    stride_xw, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
-                    SAVE_PATCHES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _patch_embed_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_ptr, R, n,
+                        D, P, GH, GW, stride_ib, stride_in, stride_xb, stride_xc, stride_xd,
+                        stride_xh, stride_xw, PD: tl.constexpr, PH: tl.constexpr,
+                        PW: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                        ROUND_ONLY: tl.constexpr, SAVE_PATCHES: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (BLOCK_M rows of the (B*n) tokens, BLOCK_N features) tile: gathered patches @ W^T;
     with SAVE_PATCHES the first feature block also stores the patches (B*n, P) for backward."""
     # Feature blocks vary fastest: the programs sharing a row tile run together, so its gathered
@@ -106,7 +106,7 @@ _FWD = "BLOCK_M BLOCK_N BLOCK_K"
 _forward_tuned = triton.autotune(
     [_config(128, 128, 64, 8, 3, _FWD), _config(64, 128, 64, 4, 3, _FWD),
      _config(128, 64, 64, 4, 3, _FWD), _config(64, 128, 32, 4, 3, _FWD)],
-    key=["R", "D", "P", "COMPUTE", "PRECISION", "SAVE_PATCHES"])(_forward_kernel)
+    key=["R", "D", "P", "COMPUTE", "PRECISION", "SAVE_PATCHES"])(_patch_embed_kernel)
 _FWD_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}
 
 
@@ -138,7 +138,7 @@ class _PatchEmbedVisible(torch.autograd.Function):
                 *runtime)
         grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), triton.cdiv(b * n, meta["BLOCK_M"]))
         if kernels.interpreting():  # one fixed config: autotuning would time every candidate
-            _forward_kernel[grid(_FWD_INTERPRET)](*args, **const, **_FWD_INTERPRET)
+            _patch_embed_kernel[grid(_FWD_INTERPRET)](*args, **const, **_FWD_INTERPRET)
         else:
             _forward_tuned[grid](*args, **const)
         links = link_tokens(ids, pos.shape[0]) if link else (None, None)

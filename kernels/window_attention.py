@@ -80,10 +80,10 @@ def _pairs(g, L, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, B, L, D, scale,
-                    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, B_PER: tl.constexpr, BLOCK_L: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+def _window_forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, B, L, D, scale,
+                           COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                           ROUND_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr, B_PER: tl.constexpr,
+                           BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Window-head g (one per program along axis 0) of samples [chunk * B_PER, (chunk + 1) *
     B_PER)."""
     g, chunk = tl.program_id(0), tl.program_id(1)
@@ -100,10 +100,11 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, B, L, D, scale,
 
 
 @triton.jit
-def _backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_ptr, dq_ptr, dk_ptr, dv_ptr,
-                     dbias_ptr, B, L, D, scale, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-                     ROUND_ONLY: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                     B_PER: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def _window_backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_ptr, dq_ptr, dk_ptr,
+                            dv_ptr, dbias_ptr, B, L, D, scale, COMPUTE: tl.constexpr,
+                            PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, B_PER: tl.constexpr,
+                            BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq, dk, dv of the same samples; with BIAS_GRAD the chunk's sum of dS into
     dbias_ptr[chunk, g] (fp32)."""
     g, chunk = tl.program_id(0), tl.program_id(1)
@@ -140,8 +141,8 @@ def _backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_ptr, dq_ptr, d
 # only store, so timing runs can repeat); the interpreter runs 4 warps.
 _WARPS = [triton.Config({}, num_warps=w) for w in (1, 2, 4)]
 _TUNE_KEY = ["L", "D", "HAS_BIAS", "B_PER"]
-_forward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY)(_forward_kernel)
-_backward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY + ["BIAS_GRAD"])(_backward_kernel)
+_forward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY)(_window_forward_kernel)
+_backward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY + ["BIAS_GRAD"])(_window_backward_kernel)
 
 
 def _launch(kernel, tuned, grid, *args, **const):
@@ -172,8 +173,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias = None if bias is None else bias.contiguous()
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     grid, const = _launch_constants(q, bias)
-    _launch(_forward_kernel, _forward_tuned, grid, q, k, v, q if bias is None else bias, out,
-            q.shape[0], q.shape[2], q.shape[3], q.shape[3] ** -0.5, **const)
+    _launch(_window_forward_kernel, _forward_tuned, grid, q, k, v, q if bias is None else bias,
+            out, q.shape[0], q.shape[2], q.shape[3], q.shape[3] ** -0.5, **const)
     return out
 
 
@@ -194,8 +195,8 @@ def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     windows, length = q.shape[1], q.shape[2]
     partial = torch.empty((grid[1], windows, length, length) if bias_grad else (0,),
                           device=q.device, dtype=torch.float32)
-    _launch(_backward_kernel, _backward_tuned, grid, q, k, v, q if bias is None else bias, out,
-            grad, dq, dk, dv, partial, q.shape[0], length, q.shape[3], q.shape[3] ** -0.5,
+    _launch(_window_backward_kernel, _backward_tuned, grid, q, k, v, q if bias is None else bias,
+            out, grad, dq, dk, dv, partial, q.shape[0], length, q.shape[3], q.shape[3] ** -0.5,
             BIAS_GRAD=bias_grad, **const)
     dbias = partial.sum(0).to(bias.dtype) if bias_grad else partial
     return dq, dk, dv, dbias

@@ -117,6 +117,40 @@ def test_kernel_breakdown_is_per_call_and_longest_first():
                                                       ("index_add", 15.0, 1.0)]
 
 
+def test_profile_sums_device_time_by_kind_of_kernel():
+    """Kernel names as an H200 profile of the R4 step showed them (f080127), and fastmavil's
+    own Triton kernels by name, each sorted into one category."""
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k32_sm80(PyTorchMemEffAttention)": "attention",
+        "_window_backward_kernel": "attention",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "triton_poi_fused_gelu_gelu_backward_view_4": "Triton (torch.compile)",
+        "_diffuse_kernel": "Triton (fastmavil)", "_gather_kernel": "Triton (fastmavil)",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel": "LayerNorm",
+        "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16>>": "reduction",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>":
+            "copy, cast, fill",
+        "Memcpy DtoD (Device -> Device)": "copy, cast, fill",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::GeluBackward>":
+            "other elementwise",
+        "ncclDevKernel_AllReduce": "other",
+    }
+    project = bench._report.project_kernels()
+    assert {"_patch_embed_kernel", "_window_forward_kernel", "_mse_fwd_kernel"} <= set(project)
+    for name, category in names.items():
+        assert bench._report.kernel_category(name, project) == category, name
+    rows = [types.SimpleNamespace(key=name, self_device_time_total=1000.0 * (i + 1), count=2)
+            for i, name in enumerate(names)]
+    summary = bench._report.time_by_category(rows, steps=2)  # row i: i ms over 2 steps
+    assert summary[0] == ("copy, cast, fill", 12.5, 2.0)  # longest first
+    by_category = {c: (ms, n) for c, ms, n in summary}
+    assert by_category["attention"] == (3.0, 3.0) and by_category["matmul"] == (4.5, 2.0)
+    assert len(summary) == len(set(names.values()))
+
+
 def test_kernels_keeps_the_rows_of_a_run_cut_short(results, monkeypatch):
     """gpu_check.sh runs bench.kernels under a time limit: what was measured before the kill
     is in the CSV already."""
@@ -249,7 +283,9 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert "--cuda-graph" in stages[3] and "--compile" not in stages[3]
     assert "--cuda-graph" in stages[4] and "--compile" in stages[4] and "r4.toml" in stages[4]
     done, stages = run("extra2")
-    assert [s.split()[1] for s in stages] == ["bench.attention", "bench.train"]
+    assert [s.split()[1] for s in stages] == ["bench.attention", "bench.train",
+                                              "bench.throughput"]
+    assert "--profile" in stages[2] and "--cuda-graph" in stages[2] and "--compile" in stages[2]
     done, stages = run()  # default: the issue's check
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]

@@ -44,12 +44,12 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
     out = run.stdout + run.stderr
     rows = re.findall(r"^(ok  |over) (\w+) +(amp \w+|any) .* regs \d+ spills \d+/\d+ +"
                       r"shared +(\d+) B$", out, re.M)
-    assert {name for _, name, _, _ in rows} == {"_forward_kernel", "_diffuse_kernel",
+    assert {name for _, name, _, _ in rows} == {"_patch_embed_kernel", "_diffuse_kernel",
                                                 "_add_pos_kernel", "_mse_fwd_kernel",
                                                 "_mse_bwd_kernel", "_philox_kernel",
                                                 "_link_kernel", "_gather_kernel",
-                                                "_rows_kernel", "_backward_kernel"},  out
-    # (the last: the window attention's)
+                                                "_rows_kernel", "_window_forward_kernel",
+                                                "_window_backward_kernel"},  out
     assert {label for _, _, label, _ in rows} == {"amp audio", "amp video", "amp window",
                                                   "any"}, out
     assert all((status == "over") == (int(shared) > TINY_LIMIT)
@@ -64,12 +64,14 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
     # four-way interleave of Philox outputs goes through shared memory) fit no candidate into
     # 1 KB; the loss kernels, the bias pass and the diffusion with given noise do
     unfit = re.findall(r"^FAIL (\w+) +(amp \w+|any) .* no candidate fits 1024 B", out, re.M)
-    assert set(unfit) == {("_forward_kernel", "amp audio"), ("_forward_kernel", "amp video"),
+    assert set(unfit) == {("_patch_embed_kernel", "amp audio"),
+                          ("_patch_embed_kernel", "amp video"),
                           ("_diffuse_kernel", "amp audio"), ("_diffuse_kernel", "amp video"),
                           ("_add_pos_kernel", "amp audio"), ("_add_pos_kernel", "amp video"),
                           ("_gather_kernel", "amp audio"), ("_gather_kernel", "amp video"),
                           ("_link_kernel", "amp audio"), ("_link_kernel", "amp video"),
-                          ("_forward_kernel", "amp window"), ("_backward_kernel", "amp window"),
+                          ("_window_forward_kernel", "amp window"),
+                          ("_window_backward_kernel", "amp window"),
                           ("_philox_kernel", "any")}, out
     assert int(summary[3]) == len(unfit) and run.returncode == 1, out
     assert max(int(shared) for *_, shared in rows) <= SHARED_LIMIT[90], out

@@ -101,7 +101,7 @@ def test_interpreter_runs_on_cpu(monkeypatch):
     x, ids, weight, bias, pos = make_inputs((1, 1, 64, 32), (16, 16), 64, 0.75)
     assert kernels.interpreting() and kernels.can_launch("patch_embed_visible", x, weight)
     # Decorated under the interpreter, i.e. TRITON_INTERPRET was set before the import.
-    assert type(pe._forward_kernel).__name__ == "InterpretedFunction"
+    assert type(pe._patch_embed_kernel).__name__ == "InterpretedFunction"
 
     def no_reference(*args):
         raise AssertionError("the reference ran instead of the kernel")
@@ -305,7 +305,7 @@ def test_cuda_every_autotune_config(monkeypatch, index, dtype, tol):
     (P = 1536: the most shared memory): the other tests check only the one it picked."""
     import triton
     one = triton.autotune([pe._forward_tuned.configs[index]], key=[])  # one config: no tuning
-    monkeypatch.setattr(pe, "_forward_tuned", one(pe._forward_kernel))
+    monkeypatch.setattr(pe, "_forward_tuned", one(pe._patch_embed_kernel))
     x, ids, *params = make_inputs((2, 3, 16, 64, 96), (2, 16, 16), 192, 0.8, dtype)
     weight, bias, pos = (p.detach().to(dtype).float().requires_grad_() for p in params)
     with fits_this_gpu():

@@ -80,7 +80,7 @@ def test_interpreter_runs_on_cpu(monkeypatch):
         pytest.skip("CUDA present: kernels run natively")
     inputs = make_inputs(*CASES["swin-4x4-B3"])
     assert kernels.interpreting() and kernels.can_launch("window_attention", *inputs)
-    assert type(wa._forward_kernel).__name__ == "InterpretedFunction"
+    assert type(wa._window_forward_kernel).__name__ == "InterpretedFunction"
 
     def no_reference(*args):
         raise AssertionError("the reference ran instead of the kernel")
@@ -237,8 +237,8 @@ def test_every_autotune_candidate_matches_cuda_fp32(index, monkeypatch):
     """Each warp count the autotuner may pick, forward and backward, in fp32 (TF32 off)."""
     import triton
     one = triton.autotune([wa._WARPS[index]], key=[])  # one config: no tuning
-    monkeypatch.setattr(wa, "_forward_tuned", one(wa._forward_kernel))
-    monkeypatch.setattr(wa, "_backward_tuned", one(wa._backward_kernel))
+    monkeypatch.setattr(wa, "_forward_tuned", one(wa._window_forward_kernel))
+    monkeypatch.setattr(wa, "_backward_tuned", one(wa._window_backward_kernel))
     for case in ("swin-4x4-B3", "L4-B9"):
         check_against_reference(make_inputs(*CASES[case]))
 
