@@ -135,9 +135,10 @@ def _against_target(speedup: float | None) -> str:
 def _autotuned() -> list[str]:
     """The config each autotuned kernel chose, per tuning key: which candidates earn their
     compile time."""
-    from kernels import diffuse_embed, masked_mse, patch_embed
+    from kernels import _token_grads, diffuse_embed, masked_mse, patch_embed
     tuners = {"patch_embed forward": patch_embed._forward_tuned,
               "diffuse_embed x_t": diffuse_embed._diffuse_tuned,
+              "embedding grad_pos gather": _token_grads._gather_tuned,
               **{f"masked_mse {getattr(k, '__name__', k)}": t
                  for k, t in masked_mse._tuned.items()}}
     return [f"{name} {key}: {config}" for name, tuner in tuners.items()
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{kernel} {shape} {mode}: " + ", ".join(
                         f"{p} {timings[p][1]:.3f} ms" for p in providers), flush=True)
                     for provider, (p20, p50, p80) in timings.items():
-                        # backward computes weight (not input) gradients: one more matmul
+                        # backward does about the forward's work: the embeddings' weight
+                        # gradient (no input gradient), one matmul; the loss, one pass
                         work = {"forward": 1, "backward": 1, "forward+backward": 2}[mode]
                         gbps = nbytes * work / p50 / 1e6
                         tf = flops * work / p50 / 1e9

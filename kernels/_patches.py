@@ -9,8 +9,6 @@ tensor is never materialised.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 import kernels
@@ -82,10 +80,6 @@ def reference_gather(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...])
     from fastmavil.masking import gather_tokens
     from fastmavil.models.patch import patchify
     return gather_tokens(patchify(x, tuple(patch)), ids)
-
-
-def patch_dim(channels: int, patch: tuple[int, ...]) -> int:
-    return channels * math.prod(patch)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

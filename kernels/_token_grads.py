@@ -101,6 +101,24 @@ def embedding_grads(grad_out: torch.Tensor, *, links: tuple | None,
     return g_mm, grad_bias, grad_pos
 
 
+def embedding_backward(grad_out: torch.Tensor, rows: torch.Tensor | None, links: list,
+                       meta: tuple, needs: tuple[bool, bool, bool]) -> tuple:
+    """(grad_weight, grad_bias, grad_pos), each None where not needed, of an embedding
+    out = rows W^T + bias + pos[ids] (kernels.patch_embed, kernels.diffuse_embed).
+
+    rows (B*n, P): what the forward multiplied, saved in the compute dtype (None when W needs no
+    gradient); the weight gradient multiplies in that dtype, as F.linear's under autocast.
+    links: the forward's link_tokens (for grad_pos). meta: (weight shape, weight dtype, bias
+    dtype, pos dtype). needs: ctx.needs_input_grad of (weight, bias, pos)."""
+    w_shape, w_dtype, bias_dtype, pos_dtype = meta
+    need_w, need_b, need_pos = needs
+    g, grad_b, grad_pos = embedding_grads(
+        grad_out, links=links, bias_dtype=bias_dtype if need_b else None,
+        pos_dtype=pos_dtype if need_pos else None, matmul_dtype=rows.dtype if need_w else None)
+    grad_w = weight_grad(g, rows, w_shape, w_dtype) if need_w else None
+    return grad_w, grad_b, grad_pos
+
+
 # torch.mm(..., out_dtype=) (CUDA, torch >= 2.8): half inputs, an fp32 result.
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 

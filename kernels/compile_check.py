@@ -140,15 +140,17 @@ def _run_window_attention(setting: str, gen: torch.Generator) -> None:
     """The window attention kernels as the Swin decoder calls them (4 x 4 windows, 32-wide
     heads; bf16 q, k, v under autocast, an fp32 learned bias), with a bias that needs no
     gradient (a shift mask alone) and with none, at a batch of several chunks of samples and
-    at one of a single sample."""
-    from kernels.window_attention import window_attention
+    at one of a single sample; and at the largest window and head the kernels accept."""
+    from kernels.window_attention import MAX_HEAD_DIM, MAX_WINDOW, window_attention
 
     dtype = torch.float32 if setting == "fp32" else torch.bfloat16
-    for batch, bias_kind in ((32, "learned"), (1, "fixed"), (3, None)):
-        q, k, v = (torch.randn(batch, 6, 16, 32, generator=gen, dtype=dtype).requires_grad_()
-                   for _ in range(3))
-        bias = (None if bias_kind is None else
-                torch.randn(6, 16, 16, generator=gen).requires_grad_(bias_kind == "learned"))
+    for batch, bias_kind, length, dim in ((32, "learned", 16, 32), (1, "fixed", 16, 32),
+                                          (3, None, 16, 32),
+                                          (2, "learned", MAX_WINDOW, MAX_HEAD_DIM)):
+        q, k, v = (torch.randn(batch, 6, length, dim, generator=gen,
+                               dtype=dtype).requires_grad_() for _ in range(3))
+        bias = (None if bias_kind is None else torch.randn(6, length, length, generator=gen)
+                .requires_grad_(bias_kind == "learned"))
         window_attention(q, k, v, bias).float().sum().backward()
 
 

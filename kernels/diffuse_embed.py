@@ -3,7 +3,8 @@
 The plain path (fastmavil.models.mavil `_reconstruct` + the decoder's `noisy_embed`) patchifies
 the whole input, gathers the m masked patches, normalises them, diffuses them with noise of the
 same size and projects them: four (B, m, P) tensors in HBM, and more casts under autocast. Here
-the work takes three launches:
+the work takes three main launches (besides filling an int seed on the device and, when pos
+trains, linking rows to tokens):
 
   1. `_diffuse_kernel`: per tile of BLOCK_M rows of the flattened (B * m) batch, reads the
      masked patches straight from x (kernels._patches.patch_offsets) and writes only
@@ -40,7 +41,7 @@ from fastmavil.losses import normalize_patches
 
 from ._patches import (as_5d, check_sample_span, check_tensors, compute_dtype, geometry,
                        reference_gather, tl, triton)
-from ._token_grads import embedding_grads, link_tokens, weight_grad
+from ._token_grads import embedding_backward, link_tokens
 
 NAME = "diffuse_embed"
 
@@ -50,12 +51,16 @@ def reference_diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: t
                                    bias: torch.Tensor, pos: torch.Tensor,
                                    patch_size: tuple[int, ...], norm_pix: bool = True, *,
                                    noise: torch.Tensor) -> torch.Tensor:
-    """The plain PyTorch path the kernel must equal; noise (B, m, P) is required."""
+    """The plain PyTorch path the kernel must equal; noise (B, m, P) is required. The
+    projection runs in x_t's dtype (x's) or autocast's, pos is added in fp32, the output has
+    x's dtype (bf16 x with fp32 weights, outside autocast, as the kernel accepts them)."""
     x0 = reference_gather(x, ids_mask, patch_size)
     if norm_pix:
         x0 = normalize_patches(x0)
     x_t = q_sample(alpha_bar, x0, t, noise)
-    return F.linear(x_t, weight.reshape(weight.shape[0], -1), bias) + pos[ids_mask]
+    w2 = weight.reshape(weight.shape[0], -1)
+    projected = F.linear(x_t, w2.to(x_t.dtype), bias.to(x_t.dtype))
+    return (projected + pos[ids_mask]).to(x.dtype)
 
 
 def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tensor,
@@ -86,7 +91,8 @@ def diffuse_embed_masked(x: torch.Tensor, ids_mask: torch.Tensor, t: torch.Tenso
     product, as the plain path rounds x_t; pos is added in fp32.
     x_t (B * m, P) in the compute dtype is written for the projection even when nothing trains
     (then freed on return). ids_mask and t are not range-checked (that would sync the device).
-    Gradients flow to weight, bias and pos only (x and noise must not require grad).
+    Gradients flow to weight, bias and pos only (x, noise and alpha_bar must not require
+    grad).
     Without a CUDA device or the Triton interpreter the reference runs; a seed then draws eps
     from torch.Generator(seed), a different stream of the same distribution.
     """
@@ -145,7 +151,8 @@ def _check(x, ids, t, alpha_bar, weight, bias, pos, noise, geo) -> None:
     b, p, n = x.shape[0], geo["P"], geo["N"]
     check_tensors(x.device, floats=dict(x=x, alpha_bar=alpha_bar, weight=weight, bias=bias,
                                         pos=pos, noise=noise),
-                  ints=dict(ids_mask=ids, t=t), no_grad=dict(x=x, noise=noise),
+                  ints=dict(ids_mask=ids, t=t),
+                  no_grad=dict(x=x, noise=noise, alpha_bar=alpha_bar),
                   fn="diffuse_embed_masked")
     if ids.dim() != 2 or ids.shape[0] != b or ids.dtype != torch.int64:
         raise ValueError(f"ids_mask must be (B={b}, m) int64, got {ids.dtype} "
@@ -193,22 +200,15 @@ class _DiffuseEmbed(torch.autograd.Function):
         out = out.view(b, m, dd)
         links = link_tokens(ids, geo["N"]) if link else (None, None)
         ctx.save_for_backward(x_t if save else None, *links)
-        ctx.weight_meta = (weight.shape, weight.dtype)
-        ctx.dtypes = (bias.dtype, pos.dtype)
+        ctx.meta = (weight.shape, weight.dtype, bias.dtype, pos.dtype)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x_t, *links = ctx.saved_tensors
-        need_w, need_b, need_p = ctx.needs_input_grad[4:7]
-        bias_dtype, pos_dtype = ctx.dtypes
-        # The weight gradient multiplies in the compute dtype, as F.linear's under autocast.
-        g, grad_b, grad_p = embedding_grads(
-            grad_out, links=links, bias_dtype=bias_dtype if need_b else None,
-            pos_dtype=pos_dtype if need_p else None, matmul_dtype=x_t.dtype if need_w else None)
-        grad_w = weight_grad(g, x_t, *ctx.weight_meta) if need_w else None
-        return (None, None, None, None, grad_w, grad_b, grad_p) + (None,) * 7
+        grads = embedding_backward(grad_out, x_t, links, ctx.meta, ctx.needs_input_grad[4:7])
+        return (None, None, None, None, *grads) + (None,) * 7
 
 
 # Interpreter: one small fixed config (autotuning there is too slow); ragged edges still occur.
@@ -309,7 +309,8 @@ if triton is not None:
     # sm_90, the seeded amp variants: 48-100 registers with Triton 3.6, 61-112 with 3.9, where
     # 32x64 at 8 warps spills 4/4 bytes; 32 elements took 158-180, a third of the warps per SM).
     # No dot product: every candidate fits any GPU's shared memory. Keyed on what differs
-    # between call sites.
+    # between call sites, not on the row count B * m, which changes with the batch and ratio of
+    # every curriculum shape: one tuning per call site (the work per row is the same).
     _diffuse_tuned = triton.autotune(
         [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w)
          for bm, bk, w in [(16, 64, 4), (32, 64, 8), (16, 128, 4), (32, 128, 8)]],

@@ -22,6 +22,7 @@ grad_pred = 2 * (pred - target) * grad_out / (B * m * P) in pred's dtype.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 import kernels
 from fastmavil.losses import masked_mse, normalize_patches
@@ -156,8 +157,10 @@ if triton is not None:
                                       PD, PH, PW, BLOCK_K)
             tl.store(g_base + k[None, :], (diff * coef).to(grad_ptr.dtype.element_ty), mask=mask)
 
-    _tuned = {k: triton.autotune(CUDA_CONFIGS, key=["M", "P"])(k)
-              for k in (_mse_fwd_kernel, _mse_bwd_kernel)}
+    # keyed on what changes the work: the forward's second pass over P with norm_pix
+    _tuned = {_mse_fwd_kernel: triton.autotune(CUDA_CONFIGS, key=["M", "P", "NORM_PIX"])(
+                  _mse_fwd_kernel),
+              _mse_bwd_kernel: triton.autotune(CUDA_CONFIGS, key=["M", "P"])(_mse_bwd_kernel)}
 
 
 def _launch(kernel, batch: int, m: int, *args, **constexprs) -> None:
@@ -193,6 +196,7 @@ class _MaskedPatchMSE(torch.autograd.Function):
         return partials.sum() / (batch * m * p)
 
     @staticmethod
+    @once_differentiable  # the kernel's gradient has no graph to differentiate again
     def backward(ctx, grad_out: torch.Tensor):
         pred, x, ids, stats = ctx.saved_tensors
         batch, m, p = pred.shape

@@ -10,8 +10,8 @@ straight from x by index arithmetic (kernels._patches.patch_offsets), so the pat
 When weight needs a gradient, the programs of the first feature block also write the A tiles
 they loaded, i.e. the visible patches (B*n, P) in the compute dtype (the tensor the plain path
 saves for F.linear's backward), and backward computes grad_weight = grad_out^T @ patches with
-one cuBLAS matmul. (A Triton weight-grad kernel that re-gathered the patches from x ran at
-0.45-0.74x the speed of the reference's backward on an H200; BENCHMARKS.md.) grad_bias and
+one cuBLAS matmul. (A Triton weight-grad kernel that re-gathered the patches from x was slower
+than the reference's backward on an H200 in seven of eight cases; BENCHMARKS.md.) grad_bias and
 grad_pos come from one deterministic pass over grad_out (kernels._token_grads; for grad_pos the
 forward also links each row to its token); under autocast that pass also casts grad_out for the
 matmul. x and the integer ids get no gradient.
@@ -19,8 +19,10 @@ matmul. x and the integer ids get no gradient.
 Dtypes: the matmul runs in x's dtype, or in the autocast dtype when autocast is on for x's
 device (as F.linear would), with x's tiles cast inside the kernel (no copy of x), the weight
 cast once per call as F.linear's autocast does (D*P elements, where its dtype differs), and fp32
-accumulation; bias and pos are added in fp32; the output has x's dtype (so under autocast with
-fp32 x it is fp32, like the plain path's bf16 linear + fp32 pos). weight, bias and pos may be
+accumulation; bias and pos are added to the fp32 accumulator, which is rounded once, to x's
+dtype (so under autocast with fp32 x the output is fp32, as the plain path's bf16 linear + fp32
+pos, but a little more precise: the plain path rounds x W^T + bias to bf16 before adding pos,
+and kernels.diffuse_embed, whose projection is a cuBLAS call, does too). weight, bias and pos may be
 fp32, bf16 or fp16, each independently; their gradients come back in their own dtypes. fp32
 matmuls use TF32 exactly when torch's own fp32 matmuls may (fp32_precision / allow_tf32).
 """
@@ -35,7 +37,7 @@ from torch.autograd.function import once_differentiable
 import kernels
 from kernels._patches import (as_5d, check_sample_span, check_tensors, compute_dtype,
                               dot_constexprs, geometry, mma, patch_offsets, reference_gather)
-from kernels._token_grads import embedding_grads, link_tokens, weight_grad
+from kernels._token_grads import embedding_backward, link_tokens
 
 
 def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
@@ -91,8 +93,9 @@ def _patch_embed_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patch
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def _config(m: int, n: int, k: int, warps: int, stages: int, names: str) -> triton.Config:
-    return triton.Config(dict(zip(names.split(), (m, n, k))), num_warps=warps, num_stages=stages)
+def _config(m: int, n: int, k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=warps,
+                         num_stages=stages)
 
 
 # H100 candidates (B*n ~ 800-13000 rows, D 384-1024, P 256 or 1536): every candidate is one
@@ -102,10 +105,9 @@ def _config(m: int, n: int, k: int, warps: int, stages: int, names: str) -> trit
 # fit an SM.
 # The interpreter runs one fixed config instead (autotuning would time every candidate), with
 # wide tiles since its cost is per operation rather than per element.
-_FWD = "BLOCK_M BLOCK_N BLOCK_K"
 _forward_tuned = triton.autotune(
-    [_config(128, 128, 64, 8, 3, _FWD), _config(64, 128, 64, 4, 3, _FWD),
-     _config(128, 64, 64, 4, 3, _FWD), _config(64, 128, 32, 4, 3, _FWD)],
+    [_config(128, 128, 64, 8, 3), _config(64, 128, 64, 4, 3), _config(128, 64, 64, 4, 3),
+     _config(64, 128, 32, 4, 3)],
     key=["R", "D", "P", "COMPUTE", "PRECISION", "SAVE_PATCHES"])(_patch_embed_kernel)
 _FWD_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}
 
@@ -150,15 +152,8 @@ class _PatchEmbedVisible(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         patches, *links = ctx.saved_tensors
-        w_shape, w_dtype, bias_dtype, pos_dtype = ctx.meta
-        need_w, need_b, need_pos = ctx.needs_input_grad[2:5]
-        # The weight gradient multiplies in the compute dtype, as F.linear's under autocast.
-        g, grad_b, grad_pos = embedding_grads(
-            grad_out, links=links, bias_dtype=bias_dtype if need_b else None,
-            pos_dtype=pos_dtype if need_pos else None,
-            matmul_dtype=patches.dtype if need_w else None)
-        grad_w = weight_grad(g, patches, w_shape, w_dtype) if need_w else None
-        return None, None, grad_w, grad_b, grad_pos, None, None, None, None
+        grads = embedding_backward(grad_out, patches, links, ctx.meta, ctx.needs_input_grad[2:5])
+        return None, None, *grads, None, None, None, None
 
 
 def _check(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -9,11 +9,11 @@ which took 0.64 ms per call on an H200 (5 ms of an R4 step, bench/results/profil
 r4-f080127-eager.txt) for about 13 GFLOP; the call's tensors are ~17 MB each in bf16, so its
 memory traffic is tens of microseconds.
 
-A window is small (L <= 64), so one program holds all L x L scores: an exact softmax, no online
-rescaling. Each program takes one window-head g for B_PER samples: the bias is read once and its
-gradient, a sum over the batch, stays in registers and is written as one partial sum per chunk
-of samples (summed by torch: deterministic, no atomics). Backward recomputes the probabilities
-from q, k and the bias, and takes the softmax gradient's row term from the output
+A window is small (L <= MAX_WINDOW = 16), so one program holds all L x L scores: an exact softmax,
+no online rescaling. Each program takes one window-head g for B_PER samples: the bias is read once
+and its gradient, a sum over the batch, stays in registers and is written as one partial sum per
+chunk of samples (summed by torch: deterministic, no atomics). Backward recomputes the
+probabilities from q, k and the bias, and takes the softmax gradient's row term from the output
 (FlashAttention's D = rowsum(dO * O)).
 
 Dtypes: q, k, v share one of fp32, bf16, fp16 (under autocast, its dtype); scores, softmax and
@@ -31,8 +31,11 @@ import triton.language as tl
 import kernels
 from kernels._patches import check_tensors, dot_constexprs, mma
 
-MAX_WINDOW = 64   # tokens per window: one program holds L x L fp32 scores
-MAX_HEAD_DIM = 128
+# The largest window the kernels take (one program holds L x L fp32 scores): the Swin decoder's
+# 4 x 4 windows with heads up to 64 wide, the sizes kernels.compile_check compiles (larger ones
+# need more shared memory than some GPUs have); beyond them the reference runs.
+MAX_WINDOW = 16
+MAX_HEAD_DIM = 64
 
 
 def reference_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -140,7 +143,7 @@ def _window_backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_ptr, dq
 # programs share an SM. Autotuned on the GPU (the grid is the same for each, and both kernels
 # only store, so timing runs can repeat); the interpreter runs 4 warps.
 _WARPS = [triton.Config({}, num_warps=w) for w in (1, 2, 4)]
-_TUNE_KEY = ["L", "D", "HAS_BIAS", "B_PER"]
+_TUNE_KEY = ["L", "D", "HAS_BIAS", "B_PER", "PRECISION"]
 _forward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY)(_window_forward_kernel)
 _backward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY + ["BIAS_GRAD"])(_window_backward_kernel)
 
@@ -244,8 +247,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Under autocast q, k, v are first cast to the autocast dtype, as torch casts SDPA's inputs
     (the cosine Swin block's normalised q and k come out of autocast in fp32, its v in bf16).
-    The Triton kernels where kernels.can_launch allows and the window fits (L <= 64,
-    d <= 128), else the math reference."""
+    The Triton kernels where kernels.can_launch allows and the window fits (L <= MAX_WINDOW,
+    d <= MAX_HEAD_DIM), else the math reference."""
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) for t in (q, k, v))

@@ -102,18 +102,19 @@ def saved_floats():
 
 @contextlib.contextmanager
 def _empty_then(after):
-    """Inside the block torch.empty returns after(tensor)."""
-    empty = torch.empty
+    """Inside the block torch.empty and torch.empty_like return after(tensor)."""
+    empty, empty_like = torch.empty, torch.empty_like
     torch.empty = lambda *args, **kwargs: after(empty(*args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: after(empty_like(*args, **kwargs))
     try:
         yield
     finally:
-        torch.empty = empty
+        torch.empty, torch.empty_like = empty, empty_like
 
 
 @contextlib.contextmanager
 def allocations():
-    """Collects the shapes torch.empty is asked for inside the block."""
+    """Collects the shapes torch.empty and torch.empty_like are asked for inside the block."""
     shapes = []
     with _empty_then(lambda t: shapes.append(tuple(t.shape)) or t):
         yield shapes
@@ -121,8 +122,8 @@ def allocations():
 
 @contextlib.contextmanager
 def nan_filled_empty():
-    """Inside the block torch.empty fills floating tensors with NaN, so an element that a kernel
-    should write but misses shows up in its output."""
+    """Inside the block torch.empty and torch.empty_like fill floating tensors with NaN, so an
+    element that a kernel should write but misses shows up in its output."""
     with _empty_then(lambda t: t.fill_(float("nan")) if t.is_floating_point() else t):
         yield
 

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 
 from conftest import nan_filled_empty  # noqa: E402
 from kernels import diffuse_embed as de  # noqa: E402
+from kernels import masked_mse as mm  # noqa: E402
 from kernels import patch_embed as pe  # noqa: E402
 from kernels._token_grads import embedding_grads, link_tokens  # noqa: E402
 
@@ -221,6 +222,11 @@ def test_double_backward_raises():
         grads = torch.autograd.grad(out.square().sum(), params, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable"):
             sum(g.square().sum() for g in grads).backward()
+    pred = torch.randn(2, 2, 256, device=DEVICE, requires_grad=True)  # and the loss's
+    (grad,) = torch.autograd.grad(mm.masked_patch_mse(pred, x, ids, (16, 16)).square(), pred,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.square().sum().backward()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
