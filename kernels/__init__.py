@@ -62,3 +62,13 @@ def on_device(tensor: torch.Tensor):
     """Context for a launch on `tensor`'s device: Triton launches on the current CUDA device,
     whatever device the tensors are on (a no-op for CPU tensors under the interpreter)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def launch(tuned, grid, fixed: dict, *args, **constexprs) -> None:
+    """Launches the autotuned kernel `tuned` (triton.autotune's wrapper) over `grid`, a tuple or
+    a function of the chosen config. Under the interpreter its kernel runs with the one `fixed`
+    config instead: autotuning there would time every candidate, at seconds each."""
+    if interpreting():
+        tuned.fn[grid(fixed) if callable(grid) else grid](*args, **constexprs, **fixed)
+    else:
+        tuned[grid](*args, **constexprs)

@@ -66,6 +66,14 @@ def check_tensors(device: torch.device, *, floats: dict, ints: dict | None = Non
                              f"or use reference_{fn}")
 
 
+def check_ids(ids: torch.Tensor, batch: int, name: str) -> None:
+    """Token ids: (B, n >= 1) int64 with B = x's batch (their range is not checked: that would
+    synchronise the GPU)."""
+    if ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] < 1:
+        raise ValueError(f"{name} must be (B={batch}, n >= 1) int64, B being x's batch; got "
+                         f"{ids.dtype} {tuple(ids.shape)}")
+
+
 def check_sample_span(x5: torch.Tensor) -> None:
     """The kernels index within one sample in 32 bits (the batch term is 64-bit): the farthest
     element of a sample must lie less than 2^31 elements from its first."""

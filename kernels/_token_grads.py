@@ -80,11 +80,8 @@ def embedding_grads(grad_out: torch.Tensor, *, links: tuple | None,
         args = (g, head, nxt, grad_pos, partial, g if g_mm is None else g_mm, batch, n,
                 num_tokens, dim)
         blocks = dict(CAST=cast, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T)
-        if kernels.interpreting():
-            _gather_kernel[(tiles, triton.cdiv(dim, _INTERPRET["BLOCK_D"]))](
-                *args, **blocks, **_INTERPRET)
-        else:
-            _gather_tuned[lambda meta: (tiles, triton.cdiv(dim, meta["BLOCK_D"]))](*args, **blocks)
+        kernels.launch(_gather_tuned, lambda meta: (tiles, triton.cdiv(dim, meta["BLOCK_D"])),
+                       _INTERPRET, *args, **blocks)
     elif cast:
         tiles = triton.cdiv(batch * n, _ROWS["BLOCK_R"])
         partial = torch.empty(tiles, dim, device=g.device, dtype=torch.float32)

@@ -39,8 +39,8 @@ import kernels
 from fastmavil.diffusion import q_sample
 from fastmavil.losses import normalize_patches
 
-from ._patches import (as_5d, check_sample_span, check_tensors, compute_dtype, geometry,
-                       reference_gather, tl, triton)
+from ._patches import (as_5d, check_ids, check_sample_span, check_tensors, compute_dtype,
+                       geometry, reference_gather, tl, triton)
 from ._token_grads import embedding_backward, link_tokens
 
 NAME = "diffuse_embed"
@@ -154,9 +154,7 @@ def _check(x, ids, t, alpha_bar, weight, bias, pos, noise, geo) -> None:
                   ints=dict(ids_mask=ids, t=t),
                   no_grad=dict(x=x, noise=noise, alpha_bar=alpha_bar),
                   fn="diffuse_embed_masked")
-    if ids.dim() != 2 or ids.shape[0] != b or ids.dtype != torch.int64:
-        raise ValueError(f"ids_mask must be (B={b}, m) int64, got {ids.dtype} "
-                         f"{tuple(ids.shape)}")
+    check_ids(ids, b, "ids_mask")
     if t.shape != (b,):
         raise ValueError(f"t must be (B={b},), got {tuple(t.shape)}")
     if alpha_bar.dim() != 1:
@@ -182,13 +180,12 @@ class _DiffuseEmbed(torch.autograd.Function):
         b, m = ids.shape
         dd, rows, p = w2.shape[0], b * m, geo["P"]
         x_t = torch.empty(rows, p, device=x.device, dtype=compute)
-        diffuse = _diffuse_kernel if kernels.interpreting() else _diffuse_tuned
-        diffuse[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)](
+        kernels.launch(
+            _diffuse_tuned, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),), _INTERPRET_CONFIG,
             x5, ids, t, alpha_bar, x5 if noise is None else noise,
             ids if seed_t is None else seed_t,  # unused pointers: typed, never read
             x_t, rows, m, p, geo["GH"], geo["GW"], *x5.stride(),
-            PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix, HAS_NOISE=noise is not None,
-            **(_INTERPRET_CONFIG if kernels.interpreting() else {}))
+            PD=patch3[0], PH=patch3[1], PW=patch3[2], NORM=norm_pix, HAS_NOISE=noise is not None)
         # The projection as the plain path's F.linear under autocast: operands in the compute
         # dtype, its output rounded to it; bias and W cast here (x may be bf16 with fp32 weights).
         projected = F.linear(x_t, w2.to(compute), bias.to(compute))

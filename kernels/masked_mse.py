@@ -27,7 +27,8 @@ from torch.autograd.function import once_differentiable
 import kernels
 from fastmavil.losses import masked_mse, normalize_patches
 
-from ._patches import as_5d, check_sample_span, geometry, reference_gather, triton
+from ._patches import (as_5d, check_ids, check_sample_span, check_tensors, geometry,
+                       reference_gather, triton)
 
 EPS = 1e-6  # normalize_patches' default: keeps constant patches (variance 0) finite
 # The interpreter runs one fixed config (autotuning there is too slow); BLOCK_K = 1024 leaves a
@@ -64,19 +65,13 @@ def masked_patch_mse(pred: torch.Tensor, x: torch.Tensor, ids_mask: torch.Tensor
 def _check(pred: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
            patch: tuple[int, ...]) -> None:
     geo = geometry(*as_5d(x, patch))
-    if ids.dim() != 2 or ids.dtype != torch.int64 or ids.shape[0] != x.shape[0]:
-        raise ValueError(f"ids_mask must be (B, m) int64 with B = {x.shape[0]} (x's batch); "
-                         f"got {tuple(ids.shape)} {ids.dtype}")
+    check_ids(ids, x.shape[0], "ids_mask")
+    check_tensors(x.device, floats=dict(pred=pred, x=x), ints=dict(ids_mask=ids))
     expected = (x.shape[0], ids.shape[1], geo["P"])
     if tuple(pred.shape) != expected:
         raise ValueError(f"pred has shape {tuple(pred.shape)}; expected (B, m, P) = {expected} "
                          f"from x {tuple(x.shape)}, patch {patch} and ids_mask "
                          f"{tuple(ids.shape)}")
-    if not (pred.is_floating_point() and x.is_floating_point()):
-        raise ValueError(f"pred and x must be floating point; got {pred.dtype}, {x.dtype}")
-    if not pred.device == x.device == ids.device:
-        raise ValueError(f"pred, x and ids_mask must share a device; got {pred.device}, "
-                         f"{x.device}, {ids.device}")
 
 
 if triton is not None:
@@ -164,12 +159,9 @@ if triton is not None:
 
 
 def _launch(kernel, batch: int, m: int, *args, **constexprs) -> None:
-    """Grid (token blocks, B): the fixed config under the interpreter, else autotuned."""
-    if kernels.interpreting():
-        grid = (triton.cdiv(m, INTERPRET_CONFIG["BLOCK_M"]), batch)
-        kernel[grid](*args, **constexprs, **INTERPRET_CONFIG)
-    else:
-        _tuned[kernel][lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), batch)](*args, **constexprs)
+    """Grid (token blocks, B)."""
+    kernels.launch(_tuned[kernel], lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), batch),
+                   INTERPRET_CONFIG, *args, **constexprs)
 
 
 def _geometry_args(pred: torch.Tensor, x: torch.Tensor, patch: tuple[int, ...]) -> tuple:

@@ -35,7 +35,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 import kernels
-from kernels._patches import (as_5d, check_sample_span, check_tensors, compute_dtype,
+from kernels._patches import (as_5d, check_ids, check_sample_span, check_tensors, compute_dtype,
                               dot_constexprs, geometry, mma, patch_offsets, reference_gather)
 from kernels._token_grads import embedding_backward, link_tokens
 
@@ -139,10 +139,7 @@ class _PatchEmbedVisible(torch.autograd.Function):
         args = (x5, ids, w, bias.contiguous(), pos.contiguous(), out, patches, b * n, n, d, p,
                 *runtime)
         grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), triton.cdiv(b * n, meta["BLOCK_M"]))
-        if kernels.interpreting():  # one fixed config: autotuning would time every candidate
-            _patch_embed_kernel[grid(_FWD_INTERPRET)](*args, **const, **_FWD_INTERPRET)
-        else:
-            _forward_tuned[grid](*args, **const)
+        kernels.launch(_forward_tuned, grid, _FWD_INTERPRET, *args, **const)
         links = link_tokens(ids, pos.shape[0]) if link else (None, None)
         ctx.save_for_backward(patches if save else None, *links)
         ctx.meta = (weight.shape, weight.dtype, bias.dtype, pos.dtype)
@@ -162,9 +159,7 @@ def _check(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch
     g = geometry(x5, patch3)
     b, c = x.shape[:2]
     d = weight.shape[0]
-    if ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[0] != b or ids.shape[1] < 1:
-        raise ValueError(f"ids_keep must be int64 (B={b}, n>=1); got {ids.dtype} "
-                         f"{tuple(ids.shape)}")
+    check_ids(ids, b, "ids_keep")
     check_tensors(x.device, floats=dict(x=x, weight=weight, bias=bias, pos=pos),
                   ints=dict(ids_keep=ids), no_grad=dict(x=x), fn="patch_embed_visible")
     expected = {"weight": (d, c, *patch), "bias": (d,), "pos": (g["N"], d)}

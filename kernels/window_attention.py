@@ -148,12 +148,10 @@ _forward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY)(_window_forward_kernel)
 _backward_tuned = triton.autotune(_WARPS, key=_TUNE_KEY + ["BIAS_GRAD"])(_window_backward_kernel)
 
 
-def _launch(kernel, tuned, grid, *args, **const):
-    if kernels.interpreting():  # autotuning would time every candidate
-        kernel[grid](*args, **const, num_warps=4)
-    else:  # the ops run under torch.compile too, with whatever device is current
-        with kernels.on_device(args[0]):
-            tuned[grid](*args, **const)
+def _launch(tuned, grid, *args, **const):
+    # the ops run under torch.compile too, with whatever device is current
+    with kernels.on_device(args[0]):
+        kernels.launch(tuned, grid, {"num_warps": 4}, *args, **const)
 
 
 def _launch_constants(q: torch.Tensor, bias: torch.Tensor | None) -> tuple[tuple, dict]:
@@ -176,8 +174,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias = None if bias is None else bias.contiguous()
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     grid, const = _launch_constants(q, bias)
-    _launch(_window_forward_kernel, _forward_tuned, grid, q, k, v, q if bias is None else bias,
-            out, q.shape[0], q.shape[2], q.shape[3], q.shape[3] ** -0.5, **const)
+    _launch(_forward_tuned, grid, q, k, v, q if bias is None else bias, out, q.shape[0],
+            q.shape[2], q.shape[3], q.shape[3] ** -0.5, **const)
     return out
 
 
@@ -198,9 +196,9 @@ def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     windows, length = q.shape[1], q.shape[2]
     partial = torch.empty((grid[1], windows, length, length) if bias_grad else (0,),
                           device=q.device, dtype=torch.float32)
-    _launch(_window_backward_kernel, _backward_tuned, grid, q, k, v, q if bias is None else bias,
-            out, grad, dq, dk, dv, partial, q.shape[0], length, q.shape[3], q.shape[3] ** -0.5,
-            BIAS_GRAD=bias_grad, **const)
+    _launch(_backward_tuned, grid, q, k, v, q if bias is None else bias, out, grad, dq, dk, dv,
+            partial, q.shape[0], length, q.shape[3], q.shape[3] ** -0.5, BIAS_GRAD=bias_grad,
+            **const)
     dbias = partial.sum(0).to(bias.dtype) if bias_grad else partial
     return dq, dk, dv, dbias
 

@@ -204,10 +204,14 @@ def test_shape_errors():
         mm.masked_patch_mse(pred[..., :255], x, ids, patch)
     with pytest.raises(ValueError, match=r"expected \(B, m, P\) = \(3, 10, 256\)"):
         mm.masked_patch_mse(pred, x, ids[:, :10], patch)
-    with pytest.raises(ValueError, match=r"ids_mask must be \(B, m\) int64 with B = 3"):
+    with pytest.raises(ValueError, match=r"ids_mask must be \(B=3, n >= 1\) int64"):
         mm.masked_patch_mse(pred, x, ids[:2], patch)
     with pytest.raises(ValueError, match="int64"):
         mm.masked_patch_mse(pred, x, ids.int(), patch)
+    with pytest.raises(TypeError, match="pred has dtype torch.float64"):
+        mm.masked_patch_mse(pred.double(), x, ids, patch)
+    with pytest.raises(ValueError, match="ids_mask is on meta but x is on cpu"):
+        mm.masked_patch_mse(pred, x, ids.to("meta"), patch)
     with pytest.raises(ValueError, match="not divisible by patch"):
         mm.masked_patch_mse(pred, x[..., :40], ids, patch)
     with pytest.raises(ValueError, match="does not fit patch"):
