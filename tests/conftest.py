@@ -49,10 +49,13 @@ def _interpreter_defect() -> str | None:
 
 def pytest_collection_modifyitems(config, items):
     """Skip the kernel tests that run the interpreter, with the reason, where it is broken
-    (test_compile_check compiles for CUDA instead)."""
+    (test_compile_check compiles for CUDA instead); with FASTMAVIL_REQUIRE_INTERPRETER=1 (CI,
+    which must run them) stop instead."""
     interpreted = [item for item in items if KERNEL_TESTS in item.path.parents
                    and item.path.name != "test_compile_check.py"]
     reason = _interpreter_defect() if interpreted else None
+    if reason and os.environ.get("FASTMAVIL_REQUIRE_INTERPRETER") == "1":
+        raise pytest.UsageError(f"FASTMAVIL_REQUIRE_INTERPRETER=1: {reason}")
     for item in interpreted if reason else ():
         item.add_marker(pytest.mark.skip(reason=reason))
 

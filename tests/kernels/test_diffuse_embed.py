@@ -1,23 +1,17 @@
 """kernels.diffuse_embed against its PyTorch reference: forward, grads of weight / bias / pos,
 in-kernel Philox noise, fallback. Without CUDA the kernels run in Triton's interpreter."""
-import os
+import logging
+import math
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-import logging  # noqa: E402
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-
-import kernels  # noqa: E402
-import kernels.diffuse_embed as de  # noqa: E402
-from conftest import fits_this_gpu, nan_filled_empty, saved_floats  # noqa: E402
-from fastmavil.diffusion import DiffusionSchedule  # noqa: E402
-from fastmavil.masking import random_masking  # noqa: E402
-from kernels.diffuse_embed import (diffuse_embed_masked, philox_noise,  # noqa: E402
+import kernels
+import kernels.diffuse_embed as de
+from conftest import fits_this_gpu, nan_filled_empty, saved_floats
+from fastmavil.diffusion import DiffusionSchedule
+from fastmavil.masking import random_masking
+from kernels.diffuse_embed import (diffuse_embed_masked, philox_noise,
                                    reference_diffuse_embed_masked)
 
 CUDA = torch.cuda.is_available()

@@ -3,25 +3,19 @@
 Without CUDA the kernels run on the CPU through Triton's interpreter; with CUDA they run natively
 on the GPU (and the interpreter-only checks are skipped).
 """
-import os
+import logging
+import math
 
+import pytest
 import torch
 
+import kernels
+from conftest import fits_this_gpu, nan_filled_empty
+from fastmavil.masking import random_masking
+from fastmavil.models.patch import patch_grid, patchify, unpatchify
+from kernels import masked_mse as mm
+
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
-
-import logging  # noqa: E402
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-
-import kernels  # noqa: E402
-from conftest import fits_this_gpu, nan_filled_empty  # noqa: E402
-from fastmavil.masking import random_masking  # noqa: E402
-from fastmavil.models.patch import patch_grid, patchify, unpatchify  # noqa: E402
-from kernels import masked_mse as mm  # noqa: E402
-
 DEVICE = "cuda" if CUDA else "cpu"
 # Error = max |actual - expected| / max |expected| (rtol 0, atol = RTOL * max |expected|): the
 # interpreter computes in fp32 like the reference, a GPU reduces in another order.

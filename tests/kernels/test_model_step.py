@@ -1,20 +1,15 @@
 """A whole training step of a small DiffMAViL with the kernels on equals the reference step."""
 import contextlib
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-import pytest  # noqa: E402
-
-import kernels  # noqa: E402
-import kernels.diffuse_embed as diffuse_embed  # noqa: E402
-import kernels.window_attention as window_attention  # noqa: E402
-from fastmavil.config import Config, ModelConfig  # noqa: E402
-from fastmavil.diffusion import DiffusionSchedule  # noqa: E402
-from fastmavil.models import MAViL, build_model  # noqa: E402
+import kernels
+import kernels.diffuse_embed as diffuse_embed
+import kernels.window_attention as window_attention
+from fastmavil.config import Config, ModelConfig
+from fastmavil.diffusion import DiffusionSchedule
+from fastmavil.models import MAViL, build_model
 
 
 def small_config(variant):

@@ -1,29 +1,26 @@
 """kernels.patch_embed: forward and the weight/bias/pos gradients against the PyTorch reference.
 
 Without CUDA the kernels run on the CPU through Triton's interpreter. Triton reads
-TRITON_INTERPRET when a @triton.jit function is decorated, so it is set before kernels.* is
-imported (test_interpreter_runs_on_cpu fails if that came too late). Tolerances, relative to
+TRITON_INTERPRET when a @triton.jit function is decorated, so tests/conftest.py sets it before
+any test module imports kernels.* (test_interpreter_runs_on_cpu fails if that came too late).
+Tolerances, relative to
 the largest reference value: interpreter fp32 1e-5; CUDA fp32 1e-4 (TF32 off); bf16 1e-2.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import kernels  # noqa: E402
-from fastmavil.masking import random_masking  # noqa: E402
-from fastmavil.models.patch import PatchEmbed, patch_grid  # noqa: E402
-from conftest import (allocations, fits_this_gpu, nan_filled_empty, saved_floats,  # noqa: E402
+import kernels
+from fastmavil.masking import random_masking
+from fastmavil.models.patch import PatchEmbed, patch_grid
+from conftest import (allocations, fits_this_gpu, nan_filled_empty, saved_floats,
                       torch_flag)
-from kernels import patch_embed as pe  # noqa: E402
-from kernels._patches import dot_constexprs  # noqa: E402
+from kernels import patch_embed as pe
+from kernels._patches import dot_constexprs
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

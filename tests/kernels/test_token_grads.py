@@ -1,7 +1,7 @@
 """kernels._token_grads: the bias / position gradients and the cast of grad_out that both
 embedding kernels' backwards share, against plain sums; through the kernels with repeated ids.
 
-Without CUDA the kernels run through Triton's interpreter (set before kernels.* is imported).
+Without CUDA the kernels run through Triton's interpreter (tests/conftest.py sets it up).
 Sums are compared with float64 references at 1e-5 relative to the largest value (fp32 sums of
 up to a few hundred terms); casts to bf16 within one bf16 step, 2^-7 relative (the interpreter
 truncates where CUDA rounds).
@@ -9,19 +9,15 @@ truncates where CUDA rounds).
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from conftest import nan_filled_empty  # noqa: E402
-from kernels import diffuse_embed as de  # noqa: E402
-from kernels import masked_mse as mm  # noqa: E402
-from kernels import patch_embed as pe  # noqa: E402
-from kernels._token_grads import embedding_grads, link_tokens  # noqa: E402
+from conftest import nan_filled_empty
+from kernels import diffuse_embed as de
+from kernels import masked_mse as mm
+from kernels import patch_embed as pe
+from kernels._token_grads import embedding_grads, link_tokens
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5

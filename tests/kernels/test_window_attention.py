@@ -1,25 +1,20 @@
 """kernels.window_attention: forward and the q, k, v and bias gradients against the math path.
 
-Without CUDA the kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET is set
-before kernels.* is imported, as in test_patch_embed.py). Tolerances, relative to the largest
+Without CUDA the kernels run on the CPU through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET before kernels.* is imported). Tolerances, relative to the largest
 reference value: interpreter fp32 1e-5; CUDA fp32 1e-4 (TF32 off). Half precision: at most
 twice the error of the math path in that dtype, both against math in fp32, plus atol
 (FlashAttention's criterion, as tests/test_attention.py).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import kernels  # noqa: E402
-from conftest import allocations, nan_filled_empty  # noqa: E402
-from fastmavil.models.swin import WindowBlock, shift_mask  # noqa: E402
-from kernels import window_attention as wa  # noqa: E402
+import kernels
+from conftest import allocations, nan_filled_empty
+from fastmavil.models.swin import WindowBlock, shift_mask
+from kernels import window_attention as wa
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
