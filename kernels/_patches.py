@@ -130,8 +130,7 @@ if triton is not None:
         kd = (k // (PW * PH)) % PD
         c = k // (PW * PH * PD)
         # A token's corner plus an element's place in its patch, (BLOCK_M,) + (BLOCK_K,) terms:
-        # one add per element, fewer live registers (sm_90, Triton 3.6, the amp variants:
-        # spills 620 -> 240 bytes, the loss kernels 56 -> 48 registers).
+        # one add per element and fewer live registers (ptxas's counts: BENCHMARKS.md).
         corner = gd * PD * stride_d + gh * PH * stride_h + gw * PW * stride_w
         within = c * stride_c + kd * stride_d + kh * stride_h + kw * stride_w
         return corner[:, None] + within[None, :]

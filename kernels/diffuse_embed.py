@@ -302,9 +302,8 @@ if triton is not None:
                  mask=(rows < R)[:, None] & (k < P)[None, :])
 
     # An elementwise pass (two reads of x with norm_pix, one write of x_t) with Philox's
-    # arithmetic, whose registers grow with the elements a thread holds: 8 or 16 here (ptxas,
-    # sm_90, the seeded amp variants: 48-100 registers with Triton 3.6, 61-112 with 3.9, where
-    # 32x64 at 8 warps spills 4/4 bytes; 32 elements took 158-180, a third of the warps per SM).
+    # arithmetic, whose registers grow with the elements a thread holds: 8 or 16 here (32 took
+    # about 160-180 registers, a third of the warps per SM; ptxas's counts: BENCHMARKS.md).
     # No dot product: every candidate fits any GPU's shared memory. Keyed on what differs
     # between call sites, not on the row count B * m, which changes with the batch and ratio of
     # every curriculum shape: one tuning per call site (the work per row is the same).

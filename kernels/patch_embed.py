@@ -100,9 +100,8 @@ def _config(m: int, n: int, k: int, warps: int, stages: int) -> triton.Config:
 
 # H100 candidates (B*n ~ 800-13000 rows, D 384-1024, P 256 or 1536): every candidate is one
 # more compile (seconds) per dtype and patch geometry. 64x128x32 needs about half the shared
-# memory of the others with fp32 x (amp, sm_90: 41 KB against 82-115 KB, and 198-222 registers
-# without spills where 128x64x64 spills 56/88 bytes storing the patches), so several programs
-# fit an SM.
+# memory of the others with fp32 x, and no spills, so several programs fit an SM (ptxas's
+# counts per candidate: BENCHMARKS.md, `python -m kernels.compile_check`).
 # The interpreter runs one fixed config instead (autotuning would time every candidate), with
 # wide tiles since its cost is per operation rather than per element.
 _forward_tuned = triton.autotune(
