@@ -20,7 +20,8 @@ setup(
         # NVIDIA DALI: GPU (and CPU, for VP9 + FLAC) decoding; wheels exist for Linux x86_64 only
         'nvidia-dali-cuda120; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
-    extras_require={"dev": ["pytest>=7", "kaldi-native-fbank"]},
+    # dev: the tests (kaldi-native-fbank checks the fbank; tensorboard, the metrics writer's events)
+    extras_require={"dev": ["pytest>=7", "kaldi-native-fbank", "tensorboard"]},
     entry_points={"console_scripts": [
         "fastmavil-train=fastmavil.train.pretrain:main",
         "fastmavil-flops=fastmavil.flops:main",
