@@ -1,37 +1,41 @@
 #!/usr/bin/env bash
 # The checks for a machine with a GPU, installing nothing (the lent image has torch and triton
 # but no DALI, flash-attn or PyAV), as named stages run in the order given, then a summary.
-# Each stage has a time limit and may also use the seconds the earlier ones left unused; results
-# are copied to $OUT after each stage, so a run cut short keeps what it measured.
+# Each stage has a time limit and may also use the seconds the earlier ones left unused; the
+# whole run stops at GPU_CHECK_BUDGET seconds (default 560: the device tool kills a command at
+# 600 s, and this script must end first so that it can save its records and print the summary).
+# A stage that would get under 20 s is skipped. After each stage this run's records are packed
+# into $OUT/results.tar (the tool returns at most 8 files), beside $OUT/gpu_check.log; unpack
+# it into bench/results/ (`tar -xf results.tar -C bench/results`).
 #   FASTMAVIL_COMMIT=<sha> bash bench/gpu_check.sh [STAGE|GROUP ...]   # from the repository
 #       root; results in bench/results/ (the sha: a copied tree's git metadata can be stale)
 # Stages (limits in seconds; measured on an H200 where a figure is given):
-#   tests       120  CUDA kernel (every autotune candidate, a whole model step, graphed steps)
+#   tests       150  CUDA kernel (every autotune candidate, a whole model step, graphed steps)
 #                    and attention parity tests (70 s at f080127)
 #   kernels      90  bench.kernels, bf16, wall and device time (58 s at f080127)
 #   throughput  240  bench.throughput --size base, r1-r4 and mavil with the curriculum views
 #   compile     150  R4 with compiled blocks (--compile, no curriculum; 103 s at f080127)
 #   views       130  R1/R4/R3 curriculum views under the FLOPs batch rule (127 s at f080127)
 #   amp          60  bench.kernels --dtype amp (training's setting; 40 s at f080127)
-#   graph       230  R4, R1, R3 with the step replayed as CUDA graphs (--cuda-graph), then their
-#                    curriculum views under the FLOPs batch rule: the +-5 % target once the host
-#                    no longer sets the pace
+#   graph       230  R4 with the step replayed as CUDA graphs (--cuda-graph) against the
+#                    reference, then the R4, R1 and R3 curriculum views under the FLOPs batch
+#                    rule, graphed: the +-5 % target once the host no longer sets the pace
 #   graph-compile 150  R4 with compiled blocks and CUDA graphs: the MFU target
 #   attention    75  bench.attention: SDPA (its own choice, and each of its CUDA kernels forced)
 #                    against math at each attention call of R4 (the Swin decoder's 16-key
 #                    windows took 5 ms per step in SDPA at f080127)
 #   train       180  bench.train: fastmavil-train itself on random clips, R4 at paper size,
-#                    eager and with its passes replayed as CUDA graphs, in 1 pass of 32 and in
-#                    4 passes of 8 per step (the trainer's own step time, MFU and memory)
+#                    with its passes replayed as CUDA graphs, then eager, in 4 passes of 8 and
+#                    in 1 pass of 32 per step (the trainer's own step time, MFU and memory)
 #   profile     150  a profile of R4's step with compiled blocks and CUDA graphs: its device
 #                    time by kind of kernel (matmul, attention, ...) and by operator
 # Groups: default = tests kernels throughput (the issue's check, under 8 minutes);
-#   extra = kernels amp tests graph graph-compile attention (10 minutes; the last stage is cut
-#   first): the kernels in both settings first (issue 5's target), then the tests with the
+#   extra = kernels amp tests graph graph-compile attention (725 s of limits in the 560 s budget:
+#   the last stages are cut first): the kernels in both settings first (issue 5's target), then the tests with the
 #   seconds those left, then the step replayed as CUDA graphs (the f080127 run found it
 #   host-bound: bench/results/profile-NVIDIA_H200-r4-f080127-*.txt), eager (the +-5 % target)
 #   and with compiled blocks (the MFU target), then the window attention;
-#   extra2 = attention train profile in a second call on the warm machine.
+#   extra2 = attention train profile, in a second call if the loan has time left.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
@@ -51,15 +55,22 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 out=${OUT:-bench/results}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 log="$out/gpu_check.log"
 : > "$log"
 status=()
 slack=0  # seconds the stages so far left unused (or overran): the next stage gets (or pays) them
+deadline=$((SECONDS + ${GPU_CHECK_BUDGET:-560}))
 
-run() {  # name, timeout seconds (plus the slack, at least 1), command...
-  local name=$1 limit=$(($2 + slack))
+run() {  # name, timeout seconds (plus the slack, within the deadline), command...
+  local name=$1 limit=$(($2 + slack)) left=$((deadline - SECONDS))
   shift 2
-  limit=$((limit < 1 ? 1 : limit))
+  limit=$((limit > left ? left : limit))
+  if ((limit < 20)); then
+    echo "=== $name: skipped, ${left}s left of the run's budget" | tee -a "$log"
+    status+=("$(printf '%-34s skipped (budget)' "$name")")
+    return
+  fi
   local start=$SECONDS
   echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
   timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"  # KILL 10 s after a TERM left unheeded
@@ -73,13 +84,13 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
   | tee -a "$log"
 started=$(mktemp)  # records written after this are this run's
 trap 'rm -f "$started"' EXIT
-keep() {  # the device tool returns what lands under $OUT (at most 8 files): this run's records
-  [ "$out" = "bench/results" ] && return 0
-  find bench/results -maxdepth 1 -type f -newer "$started" \
+keep() {  # the device tool returns at most 8 files from $OUT: this run's records, as one tar
+  [ "$out" = "$PWD/bench/results" ] && return 0
+  (cd bench/results && find . -maxdepth 1 -type f -newer "$started" \
     \( -name 'kernels-*.csv' -o -name 'throughput-*-base*.json' -o -name 'throughput-*-base*.png' \
     -o -name 'profile-*.txt' -o -name 'kernels-*-breakdown.txt' -o -name 'attention-*.json' \
-    -o -name 'train-*.json' \) \
-    -exec cp {} "$out"/ \;
+    -o -name 'train-*.json' \) -print0 | tar --null -cf "$out/results.tar.tmp" -T - \
+    && mv "$out/results.tar.tmp" "$out/results.tar")
   return 0
 }
 # Triton compiles each kernel variant once per process: pytest-xdist (when present) spreads the
@@ -87,7 +98,7 @@ keep() {  # the device tool returns what lands under $OUT (at most 8 files): thi
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 12")
 for stage in "${stages[@]}"; do
   case $stage in
-    tests) run "kernel + attention tests (CUDA)" 120 python -m pytest -q -p no:cacheprovider \
+    tests) run "kernel + attention tests (CUDA)" 150 python -m pytest -q -p no:cacheprovider \
              $workers tests/kernels tests/test_attention.py tests/data/test_fbank.py ;;
     kernels) run "bench.kernels" 90 python -m bench.kernels ;;
     throughput) run "bench.throughput (base)" 240 python -m bench.throughput --size base \
@@ -101,8 +112,8 @@ for stage in "${stages[@]}"; do
              configs/r3.toml ;;
     amp) run "bench.kernels (amp)" 60 python -m bench.kernels --dtype amp ;;
     graph) run "bench.throughput (base, CUDA graphs)" 230 python -m bench.throughput \
-             --size base --steps 3 --cuda-graph --batch-rule flops configs/r4.toml \
-             configs/r1.toml configs/r3.toml ;;
+             --size base --steps 3 --cuda-graph --batch-rule flops --compare-first \
+             configs/r4.toml configs/r1.toml configs/r3.toml ;;
     graph-compile) run "bench.throughput (base, compile, graphs)" 150 python -m bench.throughput \
                      --size base --steps 3 --compile --cuda-graph --no-curriculum configs/r4.toml ;;
     attention) run "bench.attention (R4, base)" 75 python -m bench.attention configs/r4.toml ;;

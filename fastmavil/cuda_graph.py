@@ -70,6 +70,10 @@ class _Replayer:
                     before()
                     outputs = fn(*tensors)
                 torch.cuda.current_stream().wait_stream(side)
+                # made on the side stream, read on this one: their memory must not be reused
+                # for the side stream's (a pooled stream's) later work before this one is done
+                for t in _tensors(outputs):
+                    t.record_stream(torch.cuda.current_stream())
                 return outputs
             if layout not in self.inputs:
                 self.inputs[layout] = tuple(None if t is None else t.clone() for t in tensors)
@@ -96,6 +100,14 @@ class _Replayer:
             return sum(s["total_size"] - s["allocated_size"] for s in segments)
         except (TypeError, KeyError, RuntimeError):
             return None
+
+
+def _tensors(outputs) -> list[torch.Tensor]:
+    """The tensors of a step's or pass's outputs: a tensor, or (loss, {name: tensor})."""
+    if torch.is_tensor(outputs):
+        return [outputs]
+    return [t for item in outputs
+            for t in (item.values() if isinstance(item, dict) else [item]) if torch.is_tensor(t)]
 
 
 def _autocast(dtype: torch.dtype | None):

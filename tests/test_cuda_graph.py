@@ -34,11 +34,16 @@ class StandInStream:
 
 @pytest.fixture
 def stand_ins(monkeypatch):
+    """The CUDA graph and stream calls the replayers make; returns the tensors whose use on the
+    current stream was recorded (record_stream)."""
     for name, value in {"CUDAGraph": StandInGraph, "graph_pool_handle": lambda: (1, 2),
                         "graph": lambda graph, **options: contextlib.nullcontext(),
                         "Stream": StandInStream, "stream": lambda s: contextlib.nullcontext(),
                         "current_stream": StandInStream}.items():
         monkeypatch.setattr(torch.cuda, name, value, raising=False)
+    recorded = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: recorded.append(t))
+    return recorded
 
 
 class OnCuda:
@@ -67,8 +72,7 @@ def replays(replayer) -> dict:
     return {key[2]: captured.graph.replays for key, captured in replayer.graphs.items()}
 
 
-@pytest.mark.usefixtures("stand_ins")
-def test_graphed_step_warms_up_captures_and_replays_each_shape(batch):
+def test_graphed_step_warms_up_captures_and_replays_each_shape(batch, stand_ins):
     model, audio, video = batch
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     optimizer.param_groups[0]["capturable"] = True  # checked when built (CPU steps can't be)
@@ -76,9 +80,11 @@ def test_graphed_step_warms_up_captures_and_replays_each_shape(batch):
         step = cuda_graph.GraphedStep(model, optimizer, torch.Generator(), autocast_dtype=None,
                                       warmup=1)
     optimizer.param_groups[0]["capturable"] = False
-    for ratio in RATIOS:
-        assert torch.isfinite(step.step(audio, video, ratio))
+    losses = [step.step(audio, video, ratio) for ratio in RATIOS]
+    assert all(torch.isfinite(loss) for loss in losses)
     assert list(step.eager_calls.values()) == [1, 1] and replays(step) == {0.75: 3, 0.5: 1}
+    # the eager warm-ups' losses, made on a side stream, are recorded for the current one
+    assert [id(t) for t in stand_ins] == [id(losses[0]), id(losses[3])]
     assert len(step.inputs) == 1  # both ratios read one pair of input buffers
     assert all(c.graph.generators == [step.generator] for c in step.graphs.values())
     other = video + 1  # a new batch of the same layout is copied into the buffers
