@@ -55,6 +55,15 @@ def test_throughput_writes_comparison_curriculum_and_profile(results):
     assert "r4 fast path" in profile.read_text()
 
 
+def test_throughput_compares_the_first_config_alone(results):
+    assert bench.throughput.main(["configs/r4.toml", "configs/r1.toml", "--size", "tiny",
+                                  "--steps", "1", "--repeats", "1", "--warmup", "1",
+                                  "--compare-first", "--no-curriculum"]) == 0
+    (record_path,) = results.glob("throughput-*-tiny.json")
+    assert [r["config"] for r in json.loads(record_path.read_text())["configs"]] == [
+        "configs/r4.toml"]
+
+
 def test_kernels_appends_rows_with_their_commit(results, monkeypatch):
     monkeypatch.setenv("FASTMAVIL_COMMIT", "abc1234")
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -283,6 +292,7 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
                                               "bench.attention"]
     assert "--dtype" not in stages[0] and "--dtype amp" in stages[1]
     assert "--cuda-graph" in stages[3] and "--compile" not in stages[3]
+    assert "--compare-first" in stages[3] and stages[3].index("r4.toml") < stages[3].index("r1")
     assert "--cuda-graph" in stages[4] and "--compile" in stages[4] and "r4.toml" in stages[4]
     done, stages = run("extra2")
     assert [s.split()[1] for s in stages] == ["bench.attention", "bench.train",
