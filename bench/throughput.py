@@ -16,11 +16,11 @@ at every distinct (rho, B) shape of the schedule, with per-epoch step time, samp
 tokens and model FLOPs per step and GPU utilisation, and the projected epoch time of R4
 relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's batches by
 FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py);
---no-compare runs the views alone.
-Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-graph][-<rule>][-views].json
-(-b<B0> where --batch is not the default, -<rule> where --batch-rule is given; each config's
-record carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is
-installed.
+--no-compare runs the views alone, --compare-first compares the first config alone.
+Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-graph][-<rule>][-first]
+[-views].json (-b<B0> where --batch is not the default, -<rule> where --batch-rule is given,
+-views where the views run alone; each config's record carries `speedup`, fast over reference
+samples/s) and a PNG plot when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -465,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 ("-compile", args.compile),
                                                 ("-graph", args.cuda_graph),
                                                 (f"-{args.batch_rule}", args.batch_rule),
-                                                ("-views", args.no_compare)) if on)
+                                                ("-first", args.compare_first),
+                                                ("-views", args.no_compare
+                                                 and not args.no_curriculum)) if on)
     head = commit()  # once: the records written below must not make the tree look modified
     RESULTS.mkdir(exist_ok=True)
 

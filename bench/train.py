@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,13 @@ def summarise(records: list[dict]) -> dict:
             "warmup_step_ms": records[0]["step_ms"]}
 
 
+def _run_space() -> str | None:
+    """Where the runs write: in memory (/dev/shm) when it can hold a run's final checkpoint
+    (2.9 GB at base size, written and fsynced per variant), else the default temporary folder."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and shutil.disk_usage(shm).free > 8e9 else None
+
+
 def _cell(value, form: str) -> str:
     return "-" if value is None else format(value, form)
 
@@ -107,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"train-{name.replace(' ', '_').replace('/', '_')}-{size}.json"
     results, rows = {}, []
-    # runs (and their final checkpoint, 2.9 GB at base size) in memory where there is a tmpfs
-    shm = Path("/dev/shm")
-    with tempfile.TemporaryDirectory(prefix="bench-train-",
-                                     dir=shm if shm.is_dir() else None) as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-train-", dir=_run_space()) as tmp:
         for label, over in variants(b0, args.micro, cuda, args.compile).items():
             overrides = {"model.size": size, "data.random_clips": str(b0 * steps),
                          "mask.schedule": "fixed", "mask.start": "0.8", "mask.end": "0.8",
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label}: failed: {err}")
                 results[label] = {"error": str(err)[-3000:]}
                 rows.append([label, "failed", "-", "-", "-", "-"])
+            shutil.rmtree(Path(tmp) / overrides["run.name"], ignore_errors=True)  # its checkpoint
             # after each run: a stage cut short keeps what it measured
             out.write_text(json.dumps({
                 "bench": "train", "config": args.config, "size": size, "batch": b0,

@@ -51,8 +51,9 @@ def masked_patch_mse(pred: torch.Tensor, x: torch.Tensor, ids_mask: torch.Tensor
 
     pred (B, m, P) in the order of ids_mask (B, m) int64; target = the patches of x at ids_mask,
     normalised per patch when norm_pix. Audio x (B, 1, T, F) with a 2-D patch, video
-    (B, C, Fr, H, W) with a 3-D one. Gradient flows to pred only: x is data. ids must lie in
-    [0, N) (not checked: that would synchronise the GPU).
+    (B, C, Fr, H, W) with a 3-D one; pred and x fp32, bf16 or fp16, on one device (checked on
+    the reference path too). Gradient flows to pred only: x is data. ids must lie in [0, N) (not
+    checked: that would synchronise the GPU).
     """
     patch_size = tuple(patch_size)
     _check(pred, x, ids_mask, patch_size)

@@ -239,6 +239,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     check_tensors(q.device, floats=dict(q=q, k=k, v=v, bias=bias))
 
 
+def fits(q: torch.Tensor) -> bool:
+    """Whether windows of q (B, G, L, d) are within the kernels' sizes."""
+    return q.shape[2] <= MAX_WINDOW and q.shape[3] <= MAX_HEAD_DIM
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v for q, k, v (B, G, L, d) and bias (G, L, L) or None.
@@ -251,9 +256,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) for t in (q, k, v))
     _check(q, k, v, bias)
-    fits = q.shape[2] <= MAX_WINDOW and q.shape[3] <= MAX_HEAD_DIM
     tensors = (q, k, v) if bias is None else (q, k, v, bias)
-    if fits and kernels.can_launch("window_attention", *tensors):
+    if fits(q) and kernels.can_launch("window_attention", *tensors):
         # contiguous here, so that what backward keeps is what the kernels read (no copy there)
         return _forward(q.contiguous(), k.contiguous(), v.contiguous(),
                         None if bias is None else bias.contiguous())

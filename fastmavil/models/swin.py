@@ -111,10 +111,12 @@ class WindowBlock(nn.Module):
         q, k = self.scale_qk(q, k)
         # fold windows into the head axis: one attention call over (B, W * H, L, d)
         q, k, v = (t.flatten(1, 2) for t in (q, k, v))
+        out = None
         if self.fused and self.attn.backend == "auto":
-            from kernels.window_attention import window_attention
-            out = window_attention(q, k, v, self.attention_bias())
-        else:
+            from kernels import window_attention as kernel  # triton only where fused
+            if kernel.fits(q):  # larger windows take SDPA under `auto`, as without kernels
+                out = kernel.window_attention(q, k, v, self.attention_bias())
+        if out is None:
             out = attention(q, k, v, self.attention_bias(), self.attn.backend)
         out = self.attn.proj(_merge_heads(out.unflatten(1, (self._windows, self.heads))))
         grid = from_windows(out, self.grid, self.window)

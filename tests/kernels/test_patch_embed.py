@@ -3,8 +3,8 @@
 Without CUDA the kernels run on the CPU through Triton's interpreter. Triton reads
 TRITON_INTERPRET when a @triton.jit function is decorated, so tests/conftest.py sets it before
 any test module imports kernels.* (test_interpreter_runs_on_cpu fails if that came too late).
-Tolerances, relative to
-the largest reference value: interpreter fp32 1e-5; CUDA fp32 1e-4 (TF32 off); bf16 1e-2.
+Tolerances, relative to the largest reference value: interpreter fp32 1e-5; CUDA fp32 1e-4 (TF32
+off); bf16 1e-2.
 """
 from __future__ import annotations
 

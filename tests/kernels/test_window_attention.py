@@ -30,6 +30,7 @@ CASES = {
     "L9-d24-B1": (1, 3, 9, 24, "learned"),
     "no-bias-B2": (2, 3, 16, 16, None),
     "L4-B9": (9, 2, 4, 16, "learned"),
+    "largest-B2": (2, 2, wa.MAX_WINDOW, wa.MAX_HEAD_DIM, "learned"),  # the kernels' limits
 }
 
 
@@ -173,6 +174,18 @@ def test_window_block_uses_the_kernel_under_auto_and_trains_as_the_math_path(mon
         assert_close(g, r, FP32_TOL)
 
 
+def test_window_block_takes_sdpa_for_windows_larger_than_the_kernels(monkeypatch):
+    """Windows past the kernels' sizes (here 8 x 4 = 32 tokens) go to the `auto` backend's
+    attention (SDPA), not to the kernel's math fallback."""
+    block = WindowBlock(64, 2, grid=(8, 4), window=(8, 4), backend="auto").to(DEVICE)
+    block.fused = True
+    calls = []
+    monkeypatch.setattr(wa, "window_attention", lambda *a: calls.append(a))
+    monkeypatch.setattr(wa, "reference_window_attention", lambda *a: calls.append(a))
+    out = block(torch.randn(2, 32, 64, device=DEVICE))
+    assert out.shape == (2, 32, 64) and not calls
+
+
 def test_the_model_switches_its_window_blocks_with_its_kernels():
     from conftest import tiny_config
     from fastmavil.models import build_model
@@ -206,8 +219,9 @@ def test_bad_inputs_are_named():
         wa.window_attention(q, k.double(), v, bias)
 
 
-def test_windows_too_large_for_one_program_use_the_reference(monkeypatch):
-    monkeypatch.setattr(wa, "MAX_WINDOW", 8)
+@pytest.mark.parametrize("limit, value", [("MAX_WINDOW", 8), ("MAX_HEAD_DIM", 16)])
+def test_windows_too_large_for_one_program_use_the_reference(monkeypatch, limit, value):
+    monkeypatch.setattr(wa, limit, value)
     ran = []
     monkeypatch.setattr(wa, "_forward", lambda *a: ran.append(a))
     check_against_reference(make_inputs(*CASES["L9-d24-B1"]))
