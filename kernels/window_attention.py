@@ -33,7 +33,8 @@ from kernels._patches import check_tensors, dot_constexprs, mma
 
 # The largest window the kernels take (one program holds L x L fp32 scores): the Swin decoder's
 # 4 x 4 windows with heads up to 64 wide, the sizes kernels.compile_check compiles (larger ones
-# need more shared memory than some GPUs have); beyond them the reference runs.
+# need more shared memory than some GPUs have); beyond them window_attention runs the reference
+# (and the Swin block, SDPA).
 MAX_WINDOW = 16
 MAX_HEAD_DIM = 64
 
