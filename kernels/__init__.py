@@ -4,6 +4,17 @@ One switch chooses the fast path or the plain PyTorch references: the model conf
 `model.kernels`, overridden by the environment variable FASTMAVIL_KERNELS=0|1. A kernel runs
 natively on CUDA tensors, or on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1,
 for tests); anywhere else it falls back to its reference and says so once.
+
+The rules every kernel here keeps (README "Adding a kernel" lists where a new one goes):
+- deterministic: no float atomics; a sum across programs is written as partial sums that torch
+  adds, laid out the same whatever the autotuner picks;
+- an autotuned kernel only stores (never accumulates into its output), since the autotuner runs
+  each candidate on the real arguments; launch it through `launch`, which runs one fixed config
+  under the interpreter;
+- launched through `can_launch` (else the reference) and `on_device` (Triton launches on the
+  current device);
+- module-level numbers a kernel reads are `tl.constexpr(...)`: the interpreter accepts plain
+  globals, the compiler does not, so run `python -m kernels.compile_check` after a change.
 """
 from __future__ import annotations
 

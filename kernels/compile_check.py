@@ -211,10 +211,15 @@ def compile_with_ptxas_report(launch: Launch, config: dict, target) -> tuple[obj
 
 
 def _signature(launch: Launch) -> str:
-    """What selects a compiled variant: argument dtypes (or types) and the call's constexprs."""
-    args = [str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__
-            for a in launch.args]
-    return repr((args, sorted(launch.kwargs.items())))
+    """What selects a compiled variant: argument dtypes, integers as Triton specialises them
+    (equal to 1, divisible by 16, other), and the call's constexprs."""
+    def spec(a) -> str:
+        if isinstance(a, torch.Tensor):
+            return str(a.dtype)
+        if isinstance(a, int) and not isinstance(a, bool):
+            return "int=1" if a == 1 else "int%16" if a % 16 == 0 else "int"
+        return type(a).__name__
+    return repr(([spec(a) for a in launch.args], sorted(launch.kwargs.items())))
 
 
 def _flags(launch: Launch) -> str:
@@ -254,8 +259,10 @@ def check(arch: int = 90, settings=SETTINGS, shared_limit: int | None = None,
                 kernel, ptxas = compile_with_ptxas_report(launch, config, target)
             except Exception as err:  # noqa: BLE001 -- report every variant, then fail
                 errors += 1
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                print(f"FAIL {where} {describe}: {type(err).__name__}: {first}", file=out,
+                # Triton's CompilationError opens with the place and ends with the cause
+                lines = [line for line in str(err).strip().splitlines() if line.strip()]
+                text = " ... ".join(dict.fromkeys((lines[0], lines[-1]))) if lines else ""
+                print(f"FAIL {where} {describe}: {type(err).__name__}: {text}", file=out,
                       flush=True)
                 continue
             shared = kernel.metadata.shared

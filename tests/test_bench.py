@@ -76,7 +76,9 @@ def test_kernels_appends_rows_with_their_commit(results, monkeypatch):
     header, old, *rows = list(csv.reader(path.open()))
     assert header == bench.kernels.HEADER and old == ["old"] * len(legacy) + [""]
     providers = {"torch", "triton"} if torch.cuda.is_available() else {"torch"}  # CPU: refs only
-    assert len(rows) == 2 * 3 * 3 * len(providers)  # two runs x three kernels x three modes
+    kernels = {r[0] for r in rows}
+    assert kernels == {"patch_embed_visible", "diffuse_embed_masked", "masked_patch_mse"}
+    assert len(rows) == 2 * len(kernels) * 3 * len(providers)  # two runs x kernels x 3 modes
     assert {r[1] for r in rows} == providers and {r[10] for r in rows} == {"abc1234"}
     assert {r[3] for r in rows} == {"audio B=32 rho=0.9 fp32", "audio B=32 rho=0.9 amp"}
 
