@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.adaptive_batch_rule = args.batch_rule or cfg.train.adaptive_batch_rule
     records = []  # saved after each config and view: a run cut short keeps what it measured
     compared = ({} if args.no_compare else
-                dict([next(iter(configs.items()))]) if args.compare_first else configs)
+                dict(list(configs.items())[:1]) if args.compare_first else configs)
     for path, cfg in compared.items():
         records.append(compare(path, cfg, device, args, peak))
         save(records, {})
