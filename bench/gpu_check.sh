@@ -15,11 +15,13 @@
 #   kernels      90  bench.kernels, bf16, wall and device time (58 s at f080127)
 #   throughput  240  bench.throughput --size base, r1-r4 and mavil with the curriculum views
 #   compile     150  R4 with compiled blocks (--compile, no curriculum; 103 s at f080127)
-#   views       130  R1/R4/R3 curriculum views under the FLOPs batch rule (127 s at f080127)
+#   views       130  R1/R4/R3 curriculum views under the FLOPs batch rule, each step's passes
+#                    fitted to its budget (--passes fit; 127 s at f080127, without it)
 #   amp          60  bench.kernels --dtype amp (training's setting; 40 s at f080127)
 #   graph       230  R4 with the step replayed as CUDA graphs (--cuda-graph) against the
 #                    reference, then the R4, R1 and R3 curriculum views under the FLOPs batch
-#                    rule, graphed: the +-5 % target once the host no longer sets the pace
+#                    rule with fitted passes, graphed: the +-5 % target once the host no
+#                    longer sets the pace and the FLOPs per step hold within +-1.2 %
 #   graph-compile 150  R4 with compiled blocks and CUDA graphs: the MFU target
 #   attention    75  bench.attention: SDPA (its own choice, and each of its CUDA kernels forced)
 #                    against math at each attention call of R4 (the Swin decoder's 16-key
@@ -110,11 +112,11 @@ for stage in "${stages[@]}"; do
     # curriculum views only (the batch rule leaves the comparison unchanged): R1's single shape,
     # the projection's baseline, then R4 and R3; each view is saved as soon as it is measured
     views) run "bench.throughput (base, flops rule)" 130 python -m bench.throughput --size base \
-             --steps 3 --no-compare --batch-rule flops configs/r1.toml configs/r4.toml \
-             configs/r3.toml ;;
+             --steps 3 --no-compare --batch-rule flops --passes fit configs/r1.toml \
+             configs/r4.toml configs/r3.toml ;;
     amp) run "bench.kernels (amp)" 60 python -m bench.kernels --dtype amp ;;
     graph) run "bench.throughput (base, CUDA graphs)" 230 python -m bench.throughput \
-             --size base --steps 3 --cuda-graph --batch-rule flops --compare-first \
+             --size base --steps 3 --cuda-graph --batch-rule flops --passes fit --compare-first \
              configs/r4.toml configs/r1.toml configs/r3.toml ;;
     graph-compile) run "bench.throughput (base, compile, graphs)" 150 python -m bench.throughput \
                      --size base --steps 3 --compile --cuda-graph --no-curriculum configs/r4.toml ;;

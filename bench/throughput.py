@@ -15,12 +15,13 @@ Curriculum view (R3 and R4, and R1's single shape as the baseline): the fast pat
 at every distinct (rho, B) shape of the schedule, with per-epoch step time, samples/s, visible
 tokens and model FLOPs per step and GPU utilisation, and the projected epoch time of R4
 relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's batches by
-FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py);
---no-compare runs the views alone, --compare-first compares the first config alone.
-Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-graph][-<rule>][-first]
-[-views].json (-b<B0> where --batch is not the default, -<rule> where --batch-rule is given,
--views where the views run alone; each config's record carries `speedup`, fast over reference
-samples/s) and a PNG plot when matplotlib is installed.
+FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py), and
+--passes fit fits each step's passes to its budget (train.passes_per_step); --no-compare runs
+the views alone, --compare-first compares the first config alone.
+Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-graph][-<rule>][-fit]
+[-first][-views].json (-b<B0> where --batch is not the default, -<rule> where --batch-rule is
+given, -fit with --passes fit, -views where the views run alone; each config's record carries
+`speedup`, fast over reference samples/s) and a PNG plot when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -283,27 +284,34 @@ def curriculum(configs: dict[str, Config], device: torch.device, args,
 def _schedule(path: str, cfg: Config, device: torch.device, args,
               pool: tuple | None = None) -> dict:
     """One config's curriculum at B0 = args.batch: its epochs, distinct shapes, a batch for each
-    (held, one per batch size: ~5 GB of video per size at paper size on a GPU) and a fast-path
-    trainer."""
+    (slices of one batch of the largest size: 9.6 MB of video per sample at paper size) and a
+    fast-path trainer."""
     # A step here is one forward pass of B_e samples: one of the config's passes (the trainer
-    # keeps the passes per step fixed and grows each pass with B_e), scaled from the config's
-    # samples per pass at B0 to args.batch. Each pass is rounded as finely, relative to its size
-    # at B0, as the config rounds it: r4.toml runs 256 passes of 8 (the paper's 2048 on 256
-    # GPUs), each growing in whole samples, 1 in 8, hence multiples of 4 at args.batch = 32.
-    # That rounding alone moves R4's FLOPs per step by up to +-4.5 % under the flops rule at
-    # paper size (+-1.2 % with passes of 32 at B0, --train.micro_batch_size 32).
+    # grows each pass with B_e), scaled from the config's samples per pass at B0 to args.batch.
+    # Each pass is rounded as finely, relative to its size at B0, as the config rounds it:
+    # r4.toml runs 256 passes of 8 (the paper's 2048 on 256 GPUs), each growing in whole
+    # samples, 1 in 8, hence multiples of 4 at args.batch = 32. That rounding alone moves R4's
+    # FLOPs per step by up to +-4.5 % under the flops rule at paper size (+-1.2 % with passes of
+    # 32 at B0, --train.micro_batch_size 32). Under train.passes_per_step = "fit" the config's
+    # steps are within half a pass of B_e (+-0.2 % for r4.toml), so the pass here is B_e scaled
+    # to args.batch in whole samples (+-1.2 % at args.batch = 32).
     cfg = copy.deepcopy(cfg)  # B0 and its rounding change below; the comparison keeps cfg's
     t = cfg.train
     passes, unit = batch_rounding(t)
-    multiple = unit // passes * args.batch / (t.batch_size // passes)  # a pass's step, scaled
+    if t.adaptive_batch and passes > 1 and t.passes_per_step == "fit":
+        multiple = 1.0
+    else:  # a pass's step, scaled
+        multiple = unit // passes * args.batch / (t.batch_size // passes)
     t.batch_size, t.micro_batch_size, t.batch_multiple = args.batch, 0, max(1, round(multiple))
     plans = plan_epochs(cfg, args.clips)
     keys = list(dict.fromkeys((p.mask_ratio, p.batch_size) for p in plans))
+    largest = batch_for(cfg, max(b for _, b in keys), device)
     return {"path": path, "cfg": cfg, "plans": plans, "keys": keys,
             "flops": forward_flops_per_sample(cfg, {p.mask_ratio for p in plans}),
             "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
                                cuda_graph=args.cuda_graph, pool=pool),
-            "batches": {b: batch_for(cfg, b, device) for b in {b for _, b in keys}},
+            "batches": {b: tuple(x if x is None else x[:b] for x in largest)
+                        for b in {b for _, b in keys}},
             "times": {key: [] for key in keys}, "utils": {key: [] for key in keys}}
 
 
@@ -326,6 +334,7 @@ def _view(run: dict) -> dict:
     work = [e["tflop_per_step"] for e in epochs]
     return {"config": run["path"], "shapes": len(shapes), "epochs": epochs,
             "batch_rule": cfg.train.adaptive_batch_rule if cfg.train.adaptive_batch else "fixed",
+            "passes_per_step": cfg.train.passes_per_step,
             "repeats": len(next(iter(run["times"].values()))),
             "mean_epoch_s": statistics.mean(e["epoch_s"] for e in epochs),
             "step_ms_spread": spread(step_ms), "flops_spread": spread(work)}
@@ -398,7 +407,8 @@ def _print_view(stem: str, view: dict) -> None:
             runs[-1].append(e)
         else:
             runs.append([e])
-    print_table(f"Curriculum view {stem} (batch: {view['batch_rule']}): {view['shapes']} "
+    rule = view["batch_rule"] + (", passes fit" if view.get("passes_per_step") == "fit" else "")
+    print_table(f"Curriculum view {stem} (batch: {rule}): {view['shapes']} "
                 f"shapes, per-epoch step time within ±{view['step_ms_spread']:.1%} of its mean, "
                 f"FLOPs per step within ±{view['flops_spread']:.1%}",
                 ["epochs", "rho", "B", "step ms", "samples/s", "tokens/step", "TFLOP/step",
@@ -442,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-rule", choices=["tokens", "flops"], default=None,
                         help="train.adaptive_batch_rule for configs with the adaptive batch "
                              "(default: each config's own; the paper's is tokens)")
+    parser.add_argument("--passes", choices=["fixed", "fit"], default=None,
+                        help="train.passes_per_step for configs with the adaptive batch and "
+                             "micro-batches (default: each config's own, fixed)")
     parser.add_argument("--profile", action="store_true",
                         help="profile the fast path of the first config: where a step's time goes")
     args = parser.parse_args(argv)
@@ -465,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 ("-compile", args.compile),
                                                 ("-graph", args.cuda_graph),
                                                 (f"-{args.batch_rule}", args.batch_rule),
+                                                ("-fit", args.passes == "fit"),
                                                 ("-first", args.compare_first),
                                                 ("-views", args.no_compare
                                                  and not args.no_curriculum)) if on)
@@ -488,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                                  {"model.size": args.size}) for path in args.configs}
     for cfg in configs.values():
         cfg.train.adaptive_batch_rule = args.batch_rule or cfg.train.adaptive_batch_rule
+        cfg.train.passes_per_step = args.passes or cfg.train.passes_per_step
     records = []  # saved after each config and view: a run cut short keeps what it measured
     compared = ({} if args.no_compare else
                 dict(list(configs.items())[:1]) if args.compare_first else configs)

@@ -300,15 +300,24 @@ class TrainConfig:
     #           token rule misses because the decoders' work follows the masked tokens
     adaptive_batch: bool = False
     adaptive_batch_rule: str = field(default="tokens", metadata=_choices("tokens", "flops"))
-    # Shapes: B_e rounds to a multiple of batch_multiple (and of the passes per step, below);
-    # rho_e takes at most max_shapes values.
+    # Shapes: B_e rounds to a multiple of batch_multiple (and of the passes per step, below;
+    # with passes_per_step = "fit", to whole passes instead); rho_e takes at most max_shapes
+    # values.
     batch_multiple: int = 8
     max_shapes: int = 11
     # Samples per forward pass at B0 (0: the whole batch). A step accumulates gradients over
-    # batch_size / micro_batch_size passes, the same number in every epoch: with the adaptive
-    # batch each pass takes micro_batch_size * B_e / B0 samples, so a pass does as much work at
-    # every ratio (the paper: 2048 over 256 GPUs, 8 per GPU at rho = 0.8, 16 at 0.9).
+    # batch_size / micro_batch_size passes at B0; with the adaptive batch each pass takes
+    # micro_batch_size * B_e / B0 samples, so a pass does as much work at every ratio (the
+    # paper: 2048 over 256 GPUs, 8 per GPU at rho = 0.8, 16 at 0.9).
     micro_batch_size: int = 0
+    # Passes per step under the adaptive batch with micro-batches:
+    #   fixed  batch_size / micro_batch_size in every epoch (the paper's 256 GPUs), so B_e rounds
+    #          to a multiple of them: r4.toml's steps then miss their budget by up to 5 %
+    #   fit    each pass takes micro_batch_size * B_e / B0 samples to the nearest whole sample,
+    #          and the step as many passes as bring it nearest B_e, missing by at most half a
+    #          pass (r4.toml under the FLOPs rule: 243 to 265 passes of 8 to 12 samples, every
+    #          step within 0.2 % of its budget)
+    passes_per_step: str = field(default="fixed", metadata=_choices("fixed", "fit"))
     # Memory limit: the most samples one forward pass may take (0: no limit); checked against
     # the whole schedule before training starts.
     max_batch_size: int = 0

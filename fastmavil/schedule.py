@@ -8,15 +8,20 @@ tokens, so at rho = 0.9 a token-budget step does ~1.4x the FLOPs of one at 0.8. 
 scales B0 by the model's forward FLOPs per sample instead, F(min rho) / F(rho_e).
 An epoch is a pass over the dataset, so larger batches mean fewer steps, and each forward pass
 carries the same work at every ratio, so the device stays as busy at rho = 0.9 as at 0.8: the
-wall-clock saving. With gradient accumulation (`train.micro_batch_size`) the number of passes per
-step is therefore fixed, B0 / micro_batch_size, and each pass takes B_e / passes samples (the
-paper: 2048 over 256 GPUs, 8 per GPU at rho = 0.8 and 16 at 0.9); a fixed micro-batch would
-only cut optimizer steps, running as many small passes as the fixed batch does.
+wall-clock saving. With gradient accumulation (`train.micro_batch_size`) each pass therefore
+grows with B_e (the paper: 2048 over 256 GPUs, 8 per GPU at rho = 0.8 and 16 at 0.9); a fixed
+micro-batch would only cut optimizer steps, running as many small passes as the fixed batch does.
+`train.passes_per_step = "fixed"` keeps B0 / micro_batch_size passes in every epoch, as the
+paper's GPUs, so B_e rounds to a multiple of them (256 in r4.toml: a step of 2816 samples where
+the token rule asks for 2731); `"fit"` rounds each pass to the nearest sample and takes as many
+passes as come nearest B_e (243 to 269 of them in r4.toml), so a step misses its budget by at
+most half a pass.
 
 Compiled graphs and autotuned kernels specialise on shapes, so the ratio is quantised to at most
 `train.max_shapes` levels between rho1 and rho2 and the batch rounded to a multiple of
-`train.batch_multiple` and of the passes per step: a run sees at most `max_shapes` distinct
-(rho, B) shapes. Everything is a function of the epoch alone, so every rank derives the same plan.
+`train.batch_multiple` (or to whole passes, above): a run sees at most `max_shapes` distinct
+(rho, samples per pass) shapes. Everything is a function of the epoch alone, so every rank
+derives the same plan.
 """
 from __future__ import annotations
 
@@ -53,9 +58,13 @@ class EpochPlan:
     epoch: int
     mask_ratio: float
     batch_size: int   # samples per optimizer step (the effective batch)
-    micro_batch: int  # samples per forward pass; batch_size / micro_batch passes per step,
-                      # the same number in every epoch
+    micro_batch: int  # samples per forward pass
     steps: int        # optimizer steps: full batches only
+
+    @property
+    def passes(self) -> int:
+        """Forward passes per optimizer step, each of micro_batch samples."""
+        return self.batch_size // self.micro_batch
 
 
 def _flops_budget_batches(cfg: Config, ratios: set[float]) -> dict[float, float]:
@@ -67,11 +76,19 @@ def _flops_budget_batches(cfg: Config, ratios: set[float]) -> dict[float, float]
 
 
 def batch_rounding(train) -> tuple[int, int]:
-    """(passes per step, unit): the forward passes of every step, B0 / micro_batch_size (1
-    without micro-batches), and the multiple every epoch's batch rounds to, a multiple of
-    train.batch_multiple and of the passes (B0 is one of both: TrainConfig.check)."""
+    """(passes per step at B0, unit): B0 / micro_batch_size (1 without micro-batches), and
+    the multiple every epoch's batch rounds to with that many passes in every epoch, a multiple
+    of train.batch_multiple and of the passes (B0 is one of both: TrainConfig.check)."""
     passes = train.batch_size // train.micro_batch_size if train.micro_batch_size else 1
     return passes, math.lcm(train.batch_multiple, passes)
+
+
+def fit_passes(exact: float, passes: int) -> tuple[int, int]:
+    """(samples per pass, passes) for a step of `exact` samples that had `passes` passes at B0:
+    each pass the nearest whole sample to exact / passes, and as many passes as bring the step
+    nearest `exact`, so it misses by at most half a pass."""
+    size = max(1, round(exact / passes))
+    return size, max(1, round(exact / size))
 
 
 def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
@@ -86,10 +103,13 @@ def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
     passes, unit = batch_rounding(t)
     plans = []
     for epoch, ratio in enumerate(ratios):
-        batch = t.batch_size
-        if t.adaptive_batch:
+        batch, micro = t.batch_size, t.batch_size // passes
+        if t.adaptive_batch and passes > 1 and t.passes_per_step == "fit":
+            micro, fitted = fit_passes(exact[ratio], passes)
+            batch = micro * fitted
+        elif t.adaptive_batch:
             batch = max(unit, unit * round(exact[ratio] / unit))
-        micro = batch // passes
+            micro = batch // passes
         if t.max_batch_size and micro > t.max_batch_size:
             raise ConfigError(f"epoch {epoch} runs {micro} samples per forward pass (mask ratio "
                               f"{ratio:.3f}) but train.max_batch_size = {t.max_batch_size}; "

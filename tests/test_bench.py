@@ -58,8 +58,8 @@ def test_throughput_writes_comparison_curriculum_and_profile(results):
 def test_throughput_compares_the_first_config_alone(results):
     assert bench.throughput.main(["configs/r4.toml", "configs/r1.toml", "--size", "tiny",
                                   "--steps", "1", "--repeats", "1", "--warmup", "1",
-                                  "--compare-first", "--no-curriculum"]) == 0
-    (record_path,) = results.glob("throughput-*-tiny-first.json")
+                                  "--compare-first", "--no-curriculum", "--passes", "fit"]) == 0
+    (record_path,) = results.glob("throughput-*-tiny-fit-first.json")
     assert [r["config"] for r in json.loads(record_path.read_text())["configs"]] == [
         "configs/r4.toml"]
 
@@ -295,6 +295,7 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert "--dtype" not in stages[0] and "--dtype amp" in stages[1]
     assert "--cuda-graph" in stages[3] and "--compile" not in stages[3]
     assert "--compare-first" in stages[3] and stages[3].index("r4.toml") < stages[3].index("r1")
+    assert "--batch-rule flops --passes fit" in stages[3]
     assert "--cuda-graph" in stages[4] and "--compile" in stages[4] and "r4.toml" in stages[4]
     done, stages = run("extra2")
     assert [s.split()[1] for s in stages] == ["bench.attention", "bench.train",
@@ -305,7 +306,7 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert "--compile" not in stages[2] and "--size base" in stages[2]
     done, stages = run("views", "amp")
     assert done.returncode == 0 and len(stages) == 2
-    assert "--batch-rule flops" in stages[0] and "--dtype amp" in stages[1]
+    assert "--batch-rule flops --passes fit" in stages[0] and "--dtype amp" in stages[1]
     done, modules = run("tests", "bogus")
     assert done.returncode == 2 and "unknown stage 'bogus'" in done.stderr and modules == []
 
@@ -362,17 +363,21 @@ def test_compare_alternates_which_path_is_timed_first(monkeypatch):
     assert record["speedup"] == 1.0
 
 
-@pytest.mark.parametrize("micro, multiple", [(8, 4), (32, 1), (0, 1)])
-def test_curriculum_rounds_each_pass_as_the_config_does(monkeypatch, micro, multiple):
+@pytest.mark.parametrize("micro, passes, multiple",
+                         [(8, "fixed", 4), (32, "fixed", 1), (0, "fixed", 1), (8, "fit", 1)])
+def test_curriculum_rounds_each_pass_as_the_config_does(monkeypatch, micro, passes, multiple):
     """At B0 = 32 the view's batch grows in the steps the config's passes grow in, scaled:
     r4.toml's passes of 8 by whole samples (4 in 32), passes of 32 by 1, one pass of 2048 in
-    multiples of 8 (1 in 32 after scaling)."""
+    multiples of 8 (1 in 32 after scaling); with its passes fitted to B_e, by 1. Each shape's
+    batch is a slice of one batch of the largest."""
     monkeypatch.setattr(bench.throughput, "Trainer", lambda *args, **kwargs: None)
-    monkeypatch.setattr(bench.throughput, "batch_for", lambda *args: (None, None))
+    monkeypatch.setattr(bench.throughput, "batch_for",
+                        lambda cfg, batch, device: (torch.arange(batch), None))
     cfg = bench.throughput.load_config(ROOT / "configs/r4.toml", {
-        "model.size": "tiny", "train.micro_batch_size": micro})
+        "model.size": "tiny", "train.micro_batch_size": micro, "train.passes_per_step": passes})
     args = types.SimpleNamespace(batch=32, clips=100_000, compile=False, cuda_graph=False)
     run = bench.throughput._schedule("r4", cfg, torch.device("cpu"), args)
     batches = {b for _, b in run["keys"]}
     assert min(batches) == 32 and all(b % multiple == 0 for b in batches)
     assert any(b % (2 * multiple) for b in batches)  # not coarser than it must be
+    assert all(run["batches"][b][0].equal(torch.arange(b)) for b in batches)

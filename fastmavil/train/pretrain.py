@@ -216,13 +216,15 @@ def _runtime(t) -> tuple[torch.device, bool]:
 
 
 def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
-    passes = plans[0].batch_size // plans[0].micro_batch  # the same in every epoch
+    first, last = plans[0], plans[-1]
+    fewest, most = min(p.passes for p in plans), max(p.passes for p in plans)
+    passes = f"{fewest}" if fewest == most else f"{fewest} to {most}"
     log.info("plan: %d epochs, %d steps; mask ratio %.2f -> %.2f; batch %d -> %d (%s)%s",
-             len(plans), steps, plans[0].mask_ratio, plans[-1].mask_ratio,
-             plans[0].batch_size, plans[-1].batch_size,
+             len(plans), steps, first.mask_ratio, last.mask_ratio,
+             first.batch_size, last.batch_size,
              f"adaptive, {t.adaptive_batch_rule} rule" if t.adaptive_batch else "fixed",
-             f" in {passes} passes of {plans[0].micro_batch} -> {plans[-1].micro_batch}"
-             if passes > 1 else "")
+             f" in {passes} passes of {first.micro_batch} -> {last.micro_batch}"
+             if most > 1 else "")
 
 
 def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
@@ -335,7 +337,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             end = min(start + plan.steps, total_steps)
             if step >= end:
                 continue
-            accum = plan.batch_size // plan.micro_batch
+            accum = plan.passes
             # Resumed mid-epoch: the loader passes over this epoch's steps already done without
             # decoding them (an AudioSet-size epoch would take hours to decode), but for fewer
             # batches than it has workers, fetched and dropped here, and goes on with the data

@@ -68,15 +68,27 @@ def test_run_logs_falls_and_checkpoints(shards, tmp_path, caplog):
     assert f"has trained {plan_steps} steps, of {plan_steps} to train: nothing to do" in caplog.text
 
 
-def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path, caplog):
-    micro = {"train__micro_batch_size": 2}  # two forward passes per step, accumulated
+@pytest.mark.parametrize("micro, stop, plan, batches", [
+    # two forward passes per step, accumulated, each growing with B_e
+    ({"train__micro_batch_size": 2}, 5, "batch 8 -> 4 (adaptive, tokens rule) in 2 passes of "
+                                        "4 -> 2", [8, 6, 4]),
+    # passes fitted to B_e = 12, 8, 6 (6 passes of 2, 8 of 1, 6 of 1; 2, 3 and 4 steps):
+    # stopped mid-epoch 1, whose steps take 8 passes where B0 takes 6
+    ({"train__micro_batch_size": 1, "train__batch_size": 6, "train__passes_per_step": "fit"},
+     4, "batch 12 -> 6 (adaptive, tokens rule) in 6 to 8 passes of 2 -> 1", [12, 8, 6]),
+], ids=["fixed-passes", "fitted-passes"])
+def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path, caplog, micro, stop, plan,
+                                                batches):
     with caplog.at_level("INFO", logger="fastmavil.train"):
         run(shards, tmp_path / "a", train__max_steps=8, **micro)
-    assert "batch 8 -> 4 (adaptive, tokens rule) in 2 passes of 4 -> 2" in caplog.text
-    run(shards, tmp_path / "b", train__max_steps=5, **micro)  # stops mid-epoch, checkpoint at 5
-    assert load_latest(tmp_path / "b" / "t")[1]["step"] == 5
+    assert plan in caplog.text
+    records = (tmp_path / "a" / "t" / "metrics.jsonl").read_text().splitlines()
+    assert sorted({(r["epoch"], r["batch_size"]) for r in map(json.loads, records)}) == \
+        list(enumerate(batches))
+    run(shards, tmp_path / "b", train__max_steps=stop, **micro)  # stops mid-epoch
+    assert load_latest(tmp_path / "b" / "t")[1]["step"] == stop
     summary = run(shards, tmp_path / "b", train__max_steps=8, **micro)
-    assert summary["start_step"] == 5
+    assert summary["start_step"] == stop
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == list(range(1, 9))
     assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]  # bitwise on a CPU

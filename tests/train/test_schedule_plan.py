@@ -176,3 +176,39 @@ def test_flops_rule_keeps_the_model_flops_per_step():
 def test_unknown_batch_rule_is_refused():
     with pytest.raises(ConfigError, match="adaptive_batch_rule"):
         load_config(CONFIGS / "r4.toml", {"train.adaptive_batch_rule": "memory"})
+
+
+@pytest.mark.parametrize("rule", ["tokens", "flops"])
+def test_fitted_passes_keep_every_step_at_its_budget(rule):
+    """train.passes_per_step = "fit": each pass is micro_batch_size * B_e / B0 to the nearest
+    sample, and the step takes as many passes as come nearest B_e, so it misses B_e by at most
+    half a pass (r4.toml: 0.2 % under the FLOPs rule), where 256 passes in every epoch round
+    B_e to multiples of 256 (up to 5 % off)."""
+    from fastmavil.schedule import _flops_budget_batches, _token_budget_batch
+    overrides = {"model.size": "tiny", "train.adaptive_batch_rule": rule}
+    cfg = load_config(CONFIGS / "r4.toml", {**overrides, "train.passes_per_step": "fit"})
+    plans = plan_epochs(cfg, 1_900_000)
+    ratios = {p.mask_ratio for p in plans}
+    exact = (_flops_budget_batches(cfg, ratios) if rule == "flops" else
+             {r: _token_budget_batch(cfg.mask, r, 2048) for r in ratios})
+    assert {(p.passes, p.micro_batch) for p in plans if p.mask_ratio == 0.8} == {(256, 8)}
+    assert len({p.passes for p in plans}) > 2  # the pass count follows the budget
+    assert len({(p.mask_ratio, p.micro_batch) for p in plans}) <= cfg.train.max_shapes
+    for p in plans:
+        assert p.batch_size == p.passes * p.micro_batch and p.steps == 1_900_000 // p.batch_size
+        assert abs(p.micro_batch - exact[p.mask_ratio] / 256) <= 0.5, p
+        assert abs(p.batch_size - exact[p.mask_ratio]) <= p.micro_batch / 2, p
+    fixed = plan_epochs(load_config(CONFIGS / "r4.toml", overrides), 1_900_000)
+    miss = [max(abs(p.batch_size / exact[p.mask_ratio] - 1) for p in plan)
+            for plan in (plans, fixed)]
+    assert miss[0] < 0.005 and miss[1] > 0.04, miss
+
+
+def test_fitted_passes_need_micro_batches():
+    """Without micro-batches a step is one pass: "fit" plans as "fixed" does."""
+    plans = [plan_epochs(load_config(CONFIGS / "r4.toml", {"train.micro_batch_size": "0",
+                                                           "train.passes_per_step": passes}),
+                         1_900_000) for passes in ("fixed", "fit")]
+    assert plans[0] == plans[1]
+    with pytest.raises(ConfigError, match="train.passes_per_step = 'some'"):
+        load_config(CONFIGS / "r4.toml", {"train.passes_per_step": "some"})
