@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import os
@@ -45,7 +44,7 @@ from fastmavil.cuda_graph import GraphedStep
 from fastmavil.flops import forward_flops_per_sample
 from fastmavil.models import build_model, compile_blocks
 from fastmavil.models.attention import set_attention_backend
-from fastmavil.schedule import batch_rounding, plan_epochs
+from fastmavil.schedule import plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
                                      reset_peak_memory, tflops)
 from fastmavil.train.pretrain import fast_path
@@ -286,28 +285,26 @@ def _schedule(path: str, cfg: Config, device: torch.device, args,
     """One config's curriculum at B0 = args.batch: its epochs, distinct shapes, a batch for each
     (slices of one batch of the largest size: 9.6 MB of video per sample at paper size) and a
     fast-path trainer."""
-    # A step here is one forward pass of B_e samples: one of the config's passes (the trainer
-    # grows each pass with B_e), scaled from the config's samples per pass at B0 to args.batch.
-    # Each pass is rounded as finely, relative to its size at B0, as the config rounds it:
-    # r4.toml runs 256 passes of 8 (the paper's 2048 on 256 GPUs), each growing in whole
-    # samples, 1 in 8, hence multiples of 4 at args.batch = 32. That rounding alone moves R4's
-    # FLOPs per step by up to +-4.5 % under the flops rule at paper size (+-1.2 % with passes of
-    # 32 at B0, --train.micro_batch_size 32). Under train.passes_per_step = "fit" the config's
-    # steps are within half a pass of B_e (+-0.2 % for r4.toml), so the pass here is B_e scaled
-    # to args.batch in whole samples (+-1.2 % at args.batch = 32).
-    cfg = copy.deepcopy(cfg)  # B0 and its rounding change below; the comparison keeps cfg's
+    # The config's own plan, scaled to args.batch: each epoch's forward pass is timed at
+    # args.batch / (samples per pass at B0) of its size, to the nearest sample, and its step
+    # is that pass times the epoch's passes per step over B0's. r4.toml runs passes of 8 at
+    # B0 = 2048 (the paper's 2048 on 256 GPUs), each growing in whole samples, so they are
+    # timed as passes of 32, 36, 40, ... at args.batch = 32; in 256 passes per step that
+    # rounding alone moves its FLOPs per step by up to +-4.5 % under the flops rule at paper
+    # size, and train.passes_per_step = "fit" (243 to 265 passes) by +-0.19 %. Without
+    # micro-batches the one pass of B_e is timed at args.batch / B0 of it.
     t = cfg.train
-    passes, unit = batch_rounding(t)
-    if t.adaptive_batch and passes > 1 and t.passes_per_step == "fit":
-        multiple = 1.0
-    else:  # a pass's step, scaled
-        multiple = unit // passes * args.batch / (t.batch_size // passes)
-    t.batch_size, t.micro_batch_size, t.batch_multiple = args.batch, 0, max(1, round(multiple))
-    plans = plan_epochs(cfg, args.clips)
-    keys = list(dict.fromkeys((p.mask_ratio, p.batch_size) for p in plans))
+    per_pass = t.micro_batch_size or t.batch_size  # at B0
+    scale, base_passes = args.batch / per_pass, t.batch_size // per_pass
+    epochs = [{"epoch": p.epoch, "mask_ratio": p.mask_ratio,
+               "batch": max(1, round(p.micro_batch * scale)), "passes": p.passes / base_passes}
+              for p in plan_epochs(cfg, args.clips)]
+    keys = list(dict.fromkeys((e["mask_ratio"], e["batch"]) for e in epochs))
     largest = batch_for(cfg, max(b for _, b in keys), device)
-    return {"path": path, "cfg": cfg, "plans": plans, "keys": keys,
-            "flops": forward_flops_per_sample(cfg, {p.mask_ratio for p in plans}),
+    fitted = (t.passes_per_step == "fit" and t.adaptive_batch and base_passes > 1)
+    return {"path": path, "cfg": cfg, "epochs": epochs, "keys": keys, "clips": args.clips,
+            "passes_per_step": "fit" if fitted else "fixed",
+            "flops": forward_flops_per_sample(cfg, {e["mask_ratio"] for e in epochs}),
             "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
                                cuda_graph=args.cuda_graph, pool=pool),
             "batches": {b: tuple(x if x is None else x[:b] for x in largest)
@@ -317,24 +314,26 @@ def _schedule(path: str, cfg: Config, device: torch.device, args,
 
 def _view(run: dict) -> dict:
     """Per-epoch step time, throughput, work and utilisation of one config's curriculum, from
-    the medians of its shapes' timings so far."""
+    the medians of its shapes' timings so far. A step is `passes` (relative to B0's count)
+    passes of `batch` samples; an epoch covers the dataset (--clips) in whole steps."""
     cfg, flops = run["cfg"], run["flops"]
     shapes = {key: {"step_ms": statistics.median(run["times"][key]),
                     "gpu_util": _mean(run["utils"][key])} for key in run["keys"]}
     epochs = []
-    for p in run["plans"]:
-        shape, b = shapes[p.mask_ratio, p.batch_size], p.batch_size
-        ms = shape["step_ms"]
-        epochs.append({"epoch": p.epoch, "mask_ratio": p.mask_ratio, "batch": b, "steps": p.steps,
-                       "step_ms": ms, "samples_per_s": b / ms * 1e3,
-                       "tokens_per_step": sum(cfg.model.visible_tokens(p.mask_ratio)) * b,
-                       "tflop_per_step": 3 * flops[p.mask_ratio] * b / 1e12,
-                       "gpu_util": shape["gpu_util"], "epoch_s": p.steps * ms / 1e3})
+    for e in run["epochs"]:
+        shape = shapes[e["mask_ratio"], e["batch"]]
+        samples, ms = e["batch"] * e["passes"], shape["step_ms"] * e["passes"]
+        steps = int(run["clips"] // samples)
+        epochs.append({**e, "steps": steps, "step_ms": ms, "samples_per_s": samples / ms * 1e3,
+                       "tokens_per_step": sum(cfg.model.visible_tokens(e["mask_ratio"]))
+                       * samples,
+                       "tflop_per_step": 3 * flops[e["mask_ratio"]] * samples / 1e12,
+                       "gpu_util": shape["gpu_util"], "epoch_s": steps * ms / 1e3})
     step_ms = [e["step_ms"] for e in epochs]
     work = [e["tflop_per_step"] for e in epochs]
     return {"config": run["path"], "shapes": len(shapes), "epochs": epochs,
             "batch_rule": cfg.train.adaptive_batch_rule if cfg.train.adaptive_batch else "fixed",
-            "passes_per_step": cfg.train.passes_per_step,
+            "passes_per_step": run["passes_per_step"],
             "repeats": len(next(iter(run["times"].values()))),
             "mean_epoch_s": statistics.mean(e["epoch_s"] for e in epochs),
             "step_ms_spread": spread(step_ms), "flops_spread": spread(work)}
@@ -402,20 +401,21 @@ def _print_comparison(records: list, title: str) -> None:
 def _print_view(stem: str, view: dict) -> None:
     runs = []  # consecutive epochs at one shape share a row
     for e in view["epochs"]:
-        if runs and (runs[-1][0]["mask_ratio"], runs[-1][0]["batch"]) == (e["mask_ratio"],
-                                                                           e["batch"]):
+        if runs and runs[-1][0]["mask_ratio"] == e["mask_ratio"]:
             runs[-1].append(e)
         else:
             runs.append([e])
-    rule = view["batch_rule"] + (", passes fit" if view.get("passes_per_step") == "fit" else "")
+    fit = view.get("passes_per_step") == "fit"
+    rule = view["batch_rule"] + (", passes fit" if fit else "")
     print_table(f"Curriculum view {stem} (batch: {rule}): {view['shapes']} "
                 f"shapes, per-epoch step time within ±{view['step_ms_spread']:.1%} of its mean, "
                 f"FLOPs per step within ±{view['flops_spread']:.1%}",
-                ["epochs", "rho", "B", "step ms", "samples/s", "tokens/step", "TFLOP/step",
-                 "GPU util", "epoch s"],
+                ["epochs", "rho", "B x passes / B0's" if fit else "B", "step ms", "samples/s",
+                 "tokens/step", "TFLOP/step", "GPU util", "epoch s"],
                 [[f"{r[0]['epoch']}-{r[-1]['epoch']}", f"{r[0]['mask_ratio']:.2f}",
-                  str(r[0]["batch"]), f"{r[0]['step_ms']:.1f}", f"{r[0]['samples_per_s']:.1f}",
-                  str(r[0]["tokens_per_step"]), f"{r[0]['tflop_per_step']:.3f}",
+                  f"{r[0]['batch']} x {r[0]['passes']:.3f}" if fit else str(r[0]["batch"]),
+                  f"{r[0]['step_ms']:.1f}", f"{r[0]['samples_per_s']:.1f}",
+                  f"{r[0]['tokens_per_step']:.0f}", f"{r[0]['tflop_per_step']:.3f}",
                   "-" if r[0]["gpu_util"] is None else f"{r[0]['gpu_util']:.0f}%",
                   f"{r[0]['epoch_s']:.0f}"] for r in runs])
 

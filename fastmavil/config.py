@@ -312,7 +312,7 @@ class TrainConfig:
     micro_batch_size: int = 0
     # Passes per step under the adaptive batch with micro-batches:
     #   fixed  batch_size / micro_batch_size in every epoch (the paper's 256 GPUs), so B_e rounds
-    #          to a multiple of them: r4.toml's steps then miss their budget by up to 5 %
+    #          to a multiple of them: r4.toml's steps then miss their budget by up to 5.1 %
     #   fit    each pass takes micro_batch_size * B_e / B0 samples to the nearest whole sample,
     #          and the step as many passes as bring it nearest B_e, missing by at most half a
     #          pass (r4.toml under the FLOPs rule: 243 to 265 passes of 8 to 12 samples, every
@@ -324,8 +324,8 @@ class TrainConfig:
     max_steps: int = 0          # stop after this many optimizer steps (0: run every epoch)
     grad_clip: float = 0.0      # max gradient norm (0: off; MAE and AudioMAE do not clip)
     compile: bool = False       # torch.compile each transformer block (models/compile.py)
-    # replay each forward + backward pass as a CUDA graph, one per (rho, B) (CUDA only;
-    # fastmavil/cuda_graph.py): the host no longer sets the step's pace
+    # replay each forward + backward pass as a CUDA graph, one per (rho, samples per pass) (CUDA
+    # only; fastmavil/cuda_graph.py): the host no longer sets the step's pace
     cuda_graphs: bool = False
     deterministic: bool = False  # deterministic algorithms (bitwise resume on a CPU); sets
                                  # CUBLAS_WORKSPACE_CONFIG (cuBLAS's) unless already set

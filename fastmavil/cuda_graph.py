@@ -14,11 +14,12 @@ the default one, which is registered by itself), Triton autotuning done before c
 eager warm-up calls, on a side stream as PyTorch's whole-network recipe does), and autocast
 without its weight-cast cache.
 
-A shape is the batch's layout and the masking ratio, so a curriculum captures one graph per
-distinct (rho, B): R4 has 11. Graphs of one layout read the same input buffers, into which each
-call's batch is copied. The graphs share one memory pool (and may share it with other
-replayers that never run at the same time): nothing a replay leaves behind is read by another
-graph, and the outputs are read before the next replay, which may overwrite them.
+A shape is the batch's layout, the masking ratio and the passes per step (the loss's scale), so a
+curriculum captures one graph per distinct (rho, samples per pass): R4 has 11. Graphs of one layout
+read the same input buffers, into which each call's batch is copied. The graphs share one memory
+pool (and may share it with other replayers that never run at the same time): nothing a replay
+leaves behind is read by another graph, and the outputs are read before the next replay, which may
+overwrite them.
 """
 from __future__ import annotations
 

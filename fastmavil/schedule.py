@@ -12,10 +12,10 @@ wall-clock saving. With gradient accumulation (`train.micro_batch_size`) each pa
 grows with B_e (the paper: 2048 over 256 GPUs, 8 per GPU at rho = 0.8 and 16 at 0.9); a fixed
 micro-batch would only cut optimizer steps, running as many small passes as the fixed batch does.
 `train.passes_per_step = "fixed"` keeps B0 / micro_batch_size passes in every epoch, as the
-paper's GPUs, so B_e rounds to a multiple of them (256 in r4.toml: a step of 2816 samples where
-the token rule asks for 2731); `"fit"` rounds each pass to the nearest sample and takes as many
-passes as come nearest B_e (243 to 269 of them in r4.toml), so a step misses its budget by at
-most half a pass.
+paper's GPUs, so B_e rounds to a multiple of them (256 in r4.toml: a step of 2304 samples at
+rho = 0.82 where the FLOPs rule asks for 2191); `"fit"` rounds each pass to the nearest sample
+and takes as many passes as come nearest B_e (243 to 269 of them in r4.toml under either rule),
+so a step misses its budget by at most half a pass.
 
 Compiled graphs and autotuned kernels specialise on shapes, so the ratio is quantised to at most
 `train.max_shapes` levels between rho1 and rho2 and the batch rounded to a multiple of

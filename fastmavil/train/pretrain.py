@@ -225,6 +225,12 @@ def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
              f"adaptive, {t.adaptive_batch_rule} rule" if t.adaptive_batch else "fixed",
              f" in {passes} passes of {first.micro_batch} -> {last.micro_batch}"
              if most > 1 else "")
+    one_pass = not t.micro_batch_size or t.micro_batch_size == t.batch_size
+    if t.passes_per_step == "fit" and (one_pass or not t.adaptive_batch):
+        log.warning("train.passes_per_step = 'fit' changes nothing in this run: it fits the "
+                    "passes of the adaptive batch's steps, and this run has %s",
+                    "one pass per step (train.micro_batch_size)" if one_pass
+                    else "a fixed batch (train.adaptive_batch = false)")
 
 
 def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:

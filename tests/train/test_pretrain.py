@@ -68,20 +68,24 @@ def test_run_logs_falls_and_checkpoints(shards, tmp_path, caplog):
     assert f"has trained {plan_steps} steps, of {plan_steps} to train: nothing to do" in caplog.text
 
 
-@pytest.mark.parametrize("micro, stop, plan, batches", [
+@pytest.mark.parametrize("micro, stop, plan, batches, passes", [
     # two forward passes per step, accumulated, each growing with B_e
     ({"train__micro_batch_size": 2}, 5, "batch 8 -> 4 (adaptive, tokens rule) in 2 passes of "
-                                        "4 -> 2", [8, 6, 4]),
+                                        "4 -> 2", [8, 6, 4], [2] * 8),
     # passes fitted to B_e = 12, 8, 6 (6 passes of 2, 8 of 1, 6 of 1; 2, 3 and 4 steps):
     # stopped mid-epoch 1, whose steps take 8 passes where B0 takes 6
     ({"train__micro_batch_size": 1, "train__batch_size": 6, "train__passes_per_step": "fit"},
-     4, "batch 12 -> 6 (adaptive, tokens rule) in 6 to 8 passes of 2 -> 1", [12, 8, 6]),
+     4, "batch 12 -> 6 (adaptive, tokens rule) in 6 to 8 passes of 2 -> 1", [12, 8, 6],
+     [6, 6, 8, 8, 8, 6, 6, 6]),
 ], ids=["fixed-passes", "fitted-passes"])
-def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path, caplog, micro, stop, plan,
-                                                batches):
+def test_resume_reproduces_an_uninterrupted_run(shards, tmp_path, caplog, monkeypatch, micro,
+                                                stop, plan, batches, passes):
+    ran, accumulate = [], pretrain.accumulate_gradients  # the passes each step accumulated
+    monkeypatch.setattr(pretrain, "accumulate_gradients",
+                        lambda *args: ran.append(args[2]) or accumulate(*args))
     with caplog.at_level("INFO", logger="fastmavil.train"):
         run(shards, tmp_path / "a", train__max_steps=8, **micro)
-    assert plan in caplog.text
+    assert plan in caplog.text and ran == passes
     records = (tmp_path / "a" / "t" / "metrics.jsonl").read_text().splitlines()
     assert sorted({(r["epoch"], r["batch_size"]) for r in map(json.loads, records)}) == \
         list(enumerate(batches))
@@ -108,6 +112,13 @@ def test_resume_with_loader_workers_reproduces_an_uninterrupted_run(shards, tmp_
     run(shards, tmp_path / "b", train__max_steps=3, **loader)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == [1, 2, 3] and [a[s] for s in (1, 2, 3)] == [b[s] for s in (1, 2, 3)]
+
+
+def test_fitted_passes_without_micro_batches_say_they_change_nothing(shards, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="fastmavil.train"):
+        run(shards, tmp_path, train__max_steps=1, train__passes_per_step="fit")
+    assert ("train.passes_per_step = 'fit' changes nothing in this run: it fits the passes of "
+            "the adaptive batch's steps, and this run has one pass per step") in caplog.text
 
 
 def test_resume_refuses_a_config_that_trains_something_else(shards, tmp_path, caplog):
