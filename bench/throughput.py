@@ -47,6 +47,7 @@ from fastmavil.models.attention import set_attention_backend
 from fastmavil.schedule import plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
                                      reset_peak_memory, tflops)
+from fastmavil.train.plan_report import spread
 from fastmavil.train.pretrain import fast_path
 
 from ._report import (RESULTS, commit, device_name, kernel_rows, print_table,
@@ -337,13 +338,6 @@ def _view(run: dict) -> dict:
             "repeats": len(next(iter(run["times"].values()))),
             "mean_epoch_s": statistics.mean(e["epoch_s"] for e in epochs),
             "step_ms_spread": spread(step_ms), "flops_spread": spread(work)}
-
-
-def spread(values: list[float]) -> float:
-    """The largest distance of a value from the values' mean, relative to the mean: "within
-    +-x % of the mean" (half the range would understate an asymmetric spread)."""
-    mean = statistics.mean(values)
-    return max(abs(v - mean) for v in values) / mean
 
 
 def _triton_version() -> str | None:

@@ -42,6 +42,7 @@ from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_lates
                          run_lock, save_checkpoint, set_rng_state)
 from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
                       peak_memory_bytes, tflops)
+from .plan_report import print_plan
 
 log = logging.getLogger("fastmavil.train")
 
@@ -586,8 +587,9 @@ def _print_summary(console, s: dict, argv: list[str]) -> None:
                       emoji=False, highlight=False)
 
 
-def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
-    """CONFIG and `--section.key VALUE` or `--section.key=VALUE` overrides, in any order."""
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+    """(config and --plan, overrides): CONFIG and `--section.key VALUE` or `--section.key=VALUE`
+    overrides, in any order."""
     sections = ", ".join(f.name for f in dataclasses.fields(Config))
     parser = argparse.ArgumentParser(
         prog="fastmavil-train", description="Pre-train MAViL / DiffMAViL / AudioMAE.",
@@ -596,21 +598,42 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
                "<run.dir>/<run.name>/ (default runs/<config name>/); the same command resumes "
                "it from its newest checkpoint.")
     parser.add_argument("config", help="TOML config, e.g. configs/r4.toml")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the run's schedule (per epoch: mask ratio, batch, passes, "
+                             "steps, visible tokens and FLOPs per step) and exit; plans for "
+                             "data.shards' clips or --data.random_clips N")
     try:
         rest, overrides = split_overrides(argv)
     except ConfigError as err:
         parser.error(str(err))
-    return parser.parse_args(rest).config, overrides
+    return parser.parse_args(rest), overrides
+
+
+def _planned_clips(cfg: Config) -> int:
+    """--plan's clip count: data.random_clips, else the shards' (never generating the demo's)."""
+    shards = cfg.data.shards
+    if cfg.data.random_clips:
+        return cfg.data.random_clips
+    if not shards or not Path(shards).exists():
+        where = ("is empty" if not shards else
+                 "does not exist (a demo config generates it on its first run)")
+        raise ConfigError(f"data.shards = {shards!r} {where}: --plan counts its clips, or plans "
+                          "for --data.random_clips N (AudioSet-2M: 1900000)")
+    return _open_dataset(cfg, Path(shards))[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path, overrides = parse_args(argv)
+    args, overrides = parse_args(argv)
     try:
-        cfg = load_config(path, overrides)
+        cfg = load_config(args.config, overrides)
+        if args.plan:
+            clips = _planned_clips(cfg)
+            print_plan(cfg, plan_epochs(cfg, clips), clips)
+            return 0
         if not cfg.run.name:
-            cfg.run.name = Path(path).stem
+            cfg.run.name = Path(args.config).stem
         train(cfg, argv)
     except ConfigError as err:
         print(f"fastmavil-train: {err}", file=sys.stderr)

@@ -350,11 +350,45 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
         run(shards, tmp_path, data__random_clips=-1)
     assert not (tmp_path / "t").exists()  # runs that never started leave no folder behind
     # overrides on either side of the config; one config only
-    assert pretrain.parse_args(["--train.epochs", "3", "c.toml", "--run.name=2024"]) == (
-        "c.toml", {"train.epochs": "3", "run.name": "2024"})
+    args, overrides = pretrain.parse_args(["--train.epochs", "3", "c.toml", "--run.name=2024"])
+    assert (args.config, args.plan, overrides) == (
+        "c.toml", False, {"train.epochs": "3", "run.name": "2024"})
     with pytest.raises(SystemExit):
         pretrain.parse_args(["c.toml", "d.toml"])
     assert "unrecognized arguments: d.toml" in capsys.readouterr().err
+
+
+def test_plan_prints_the_schedule_without_training(shards, tmp_path, capsys):
+    """--plan: the schedule, per step its FLOPs and visible tokens and their spread over the
+    epochs, for data.shards' clips or --data.random_clips N; nothing trains, no run folder."""
+    from fastmavil.schedule import plan_epochs
+    from fastmavil.train.plan_report import plan_summary
+    args = ["--plan", "--data.random_clips", "1900000", "--model.size", "tiny",
+            "--train.adaptive_batch_rule", "flops", "--train.passes_per_step", "fit",
+            "--run.dir", str(tmp_path)]
+    assert pretrain.main([str(ROOT / "configs" / "r4.toml"), *args]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    cfg = load_config(ROOT / "configs" / "r4.toml",
+                      {key[2:]: value for key, value in zip(args[1::2], args[2::2])})
+    summary = plan_summary(cfg, plan_epochs(cfg, 1_900_000))
+    assert summary["tflop_spread"] < 0.005 < summary["token_spread"]
+    assert (f"training FLOPs within ±{summary['tflop_spread']:.2%} of their mean, visible tokens "
+            f"within ±{summary['token_spread']:.2%}") in out
+    assert f"60 epochs of 1900000 clips, {summary['steps']} steps" in out
+    first = summary["rows"][0]["plan"]
+    assert f"{first.passes} x {first.micro_batch}" in out and "256 x 8" in out  # rho 0.9, 0.8
+    assert not any(tmp_path.iterdir())
+    # the clips of data.shards, counted, not decoded
+    demo = [str(ROOT / "configs" / "demo.toml"), "--plan", "--run.dir", str(tmp_path)]
+    assert pretrain.main([*demo, "--data.shards", str(shards)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "12 epochs of 24 clips" in out and "TFLOP in all" in out
+    assert pretrain.main([*demo, "--data.shards", str(tmp_path / "nowhere" / "train")]) == 2
+    assert "does not exist (a demo config generates it on its first run)" in \
+        capsys.readouterr().err
+    assert pretrain.main([*demo, "--data.shards", "", "--data.synth_clips", "0"]) == 2
+    assert "data.shards = '' is empty: --plan counts its clips" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_random_clips_train_without_data_and_resume_exactly(tmp_path, caplog):
