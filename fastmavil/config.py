@@ -380,6 +380,13 @@ class Config:
     def check(self) -> "Config":
         for section in dataclasses.fields(self):
             sub = getattr(self, section.name)
+            for f in dataclasses.fields(sub):  # what every section's own checks assume
+                value, key = getattr(sub, f.name), f"{section.name}.{f.name}"
+                numbers = value if isinstance(value, (list, tuple)) else [value]
+                if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                    raise ConfigError(f"{key} = {value} must hold finite numbers only")
+                if f.name == "seed" and not 0 <= value < 2 ** 63:
+                    raise ConfigError(f"{key} = {value} must lie in [0, 2**63)")
             if hasattr(sub, "check"):
                 sub.check()
         warmup, epochs = self.optim.warmup_epochs, self.train.epochs

@@ -88,6 +88,14 @@ def test_bad_choice_lists_allowed_values(tmp_path):
     ("[train]\ndevice = 'cuda:x'\n", "train.device = 'cuda:x' is not one of"),
     ("[data]\nvideo_std = [0.2, 0.0, 0.2]\n", "data.video_std = \\(0.2, 0.0, 0.2\\) must be > 0"),
     ("[data]\naudio_std = 0\n", "data.audio_std = 0.0 must be > 0"),
+    # passed the checks before, failed or misbehaved later: seeds out of NumPy's or torch's
+    # range, and non-finite numbers (lr = inf ran until max_bad_steps; grad_clip = nan clipped
+    # nothing)
+    ("[data]\nseed = -1\n", "data.seed = -1 must lie in \\[0, 2\\*\\*63\\)"),
+    ("[train]\nseed = 9223372036854775808\n", "train.seed = 9223372036854775808 must lie in"),
+    ("[optim]\nlr = inf\n", "optim.lr = inf must hold finite numbers only"),
+    ("[train]\ngrad_clip = nan\n", "train.grad_clip = nan must hold finite numbers only"),
+    ("[data]\nvideo_mean = [0.4, nan, 0.4]\n", "data.video_mean = .* must hold finite numbers"),
 ])
 def test_bad_values(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .fbank import crop_or_pad, kaldi_fbank, normalize
 from .media import SAMPLE_RATE, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_video
-from .shards import Clip, read_index, read_shard, shard_clips, shard_paths
+from .shards import INDEX, Clip, read_index, read_shard, shard_clips, shard_paths
 from .video import (normalize_video, pick_frames, resize_crop, sample_times, shown_until,
                     window_start)
 
@@ -149,15 +149,27 @@ class ShardDataset(IterableDataset):
         shards = self._epoch_shards()
         split_shards = len(shards) >= consumers
         mine = shards[consumer::consumers] if split_shards else shards
+        # the index's counts: a damaged tar can end early without an error (a scan of the tar
+        # headers, without an index, would end early with it)
+        expected = shard_clips(self.source) if (self.source / INDEX).is_file() else {}
         n = 0
         for shard in mine:
+            start, error = n, None
             try:
                 for clip in read_shard(shard):
                     n += 1
                     if split_shards or (n - 1) % consumers == consumer:
                         yield clip
             except (tarfile.TarError, OSError, EOFError) as err:
-                self._skip(f"unreadable shard ({type(err).__name__})", shard.name, "*")
+                error = err
+            total = expected.get(shard)
+            missing = None if total is None else max(0, total - (n - start))
+            if (error or missing) and (split_shards or consumer == 0):  # said once
+                kind = f"unreadable shard ({type(error).__name__})" if error else "damaged shard"
+                lost = "its clips after the damage" if total is None else \
+                    f"{missing} of its {total} clips"
+                self._skip(f"{kind}: {lost} not read", shard.name, "*",
+                           clips=1 if missing is None else missing)
 
     def __iter__(self) -> Iterator[dict]:
         consumer, consumers, passed_over = self._consumer()
@@ -198,8 +210,8 @@ class ShardDataset(IterableDataset):
                        clip.display_key)
         return None
 
-    def _skip(self, reason: str, shard: str, key: str) -> None:
-        self.skipped[reason.split(":")[0]] += 1
+    def _skip(self, reason: str, shard: str, key: str, clips: int = 1) -> None:
+        self.skipped[reason.split(":")[0]] += clips
         log.warning("skipping %s/%s: %s", shard, key, reason)
 
     def decode(self, clip: Clip, rng: np.random.Generator) -> dict:
@@ -221,21 +233,30 @@ class ShardDataset(IterableDataset):
             raise SkipClip(f"audio too short: {len(wave)} samples, fbank needs {MIN_SAMPLES}")
         for repair in repairs:
             log.info("%s/%s: %s", clip.shard, clip.display_key, repair)
-        sample = {"audio": self._audio(wave, rng), "labels": self._labels(meta, clip),
-                  "key": clip.display_key}
-        if not spec.audio_only:
-            sample["video"] = self._video(clip, meta, rng)
+        sample = {"labels": self._labels(meta, clip), "key": clip.display_key}
+        if spec.audio_only or len(wave) <= audio_samples(spec.audio_frames):
+            sample["audio"] = self._audio(wave, rng)  # the whole clip is heard
+            if not spec.audio_only:
+                sample["video"], _ = self._video(clip, meta, rng)
+        else:  # longer than the audio window: the video window first, the audio around it
+            sample["video"], window = self._video(clip, meta, rng)
+            sample["audio"] = self._audio(wave, rng, window)
         return sample
 
-    def _audio(self, wave: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    def _audio(self, wave: np.ndarray, rng: np.random.Generator,
+               video_window: tuple[float, float] | None = None) -> torch.Tensor:
         spec = self.spec
+        wave = wave[audio_segment(len(wave), spec.audio_frames, video_window, spec.train, rng)]
         if spec.train and spec.roll:
             wave = np.roll(wave, int(rng.integers(len(wave))))
         fbank = kaldi_fbank(torch.from_numpy(wave), SAMPLE_RATE, spec.mel_bins)
         fbank = crop_or_pad(fbank, spec.audio_frames)
         return normalize(fbank, spec.audio_mean, spec.audio_std)[None]  # (1, T, F)
 
-    def _video(self, clip: Clip, meta: dict, rng: np.random.Generator) -> torch.Tensor:
+    def _video(self, clip: Clip, meta: dict,
+               rng: np.random.Generator) -> tuple[torch.Tensor, tuple[float, float] | None]:
+        """The clip's frames and the window they were sampled in (start, span in seconds; None
+        where the clip's duration was not known and the frames span the whole clip)."""
         spec = self.spec
         ext = next((e for e in VIDEO_EXTENSIONS if e in clip.members), None)
         if ext is None:
@@ -243,13 +264,14 @@ class ShardDataset(IterableDataset):
         data = clip.members[ext]
         duration = float(meta.get("duration") or 0.0)
         try:
-            frames = None
+            frames, window = None, None
             if duration > 0:
                 start = window_start(duration, spec.video_seconds, spec.train, rng)
                 span = min(spec.video_seconds, duration)
                 try:  # converts only the frames it keeps
                     frames, _ = decode_video(data, start, start + span,
                                              at=sample_times(start, span, spec.video_frames))
+                    window = (start, span)
                 except MediaError:  # window past the real end (wrong duration): decode it all
                     pass
             if frames is None:  # no or a wrong duration: sample over the whole clip
@@ -258,7 +280,7 @@ class ShardDataset(IterableDataset):
                                                          spec.video_frames), times)]
         except MediaError as err:
             raise SkipClip(f"corrupt video: {err}") from None
-        return resize_crop(torch.from_numpy(frames), spec.video_size, spec.train, rng)
+        return resize_crop(torch.from_numpy(frames), spec.video_size, spec.train, rng), window
 
     def _labels(self, meta: dict, clip: Clip) -> torch.Tensor:
         target = torch.zeros(len(self.labels))
@@ -270,6 +292,31 @@ class ShardDataset(IterableDataset):
                 log.warning("%s/%s: label %r is not in the dataset index", clip.shard,
                             clip.display_key, label)
         return target
+
+
+def audio_samples(frames: int) -> int:
+    """The waveform samples fbank turns into `frames` frames (25 ms windows every 10 ms at
+    16 kHz): 164,080, 10.255 s, for AudioMAE's 1024."""
+    return (frames - 1) * SAMPLE_RATE // 100 + SAMPLE_RATE * 25 // 1000
+
+
+def audio_segment(samples: int, frames: int, video_window: tuple[float, float] | None,
+                  train: bool, rng: np.random.Generator) -> slice:
+    """The part of a waveform of `samples` samples that the fbank of `frames` frames is taken
+    from: all of it when it is no longer (AudioSet's 10 s clips); else a segment that long
+    which holds the video window (start, span in seconds), or lies inside it when the window is
+    longer, so audio and video show the same moment; random in training, centred otherwise.
+    Cropping first also keeps the fbank of a long recording from running over all of it."""
+    need = audio_samples(frames)
+    if samples <= need:
+        return slice(None)
+    lo, hi = 0, samples - need
+    if video_window is not None:
+        start, span = (round(t * SAMPLE_RATE) for t in video_window)
+        ends = sorted((start, start + span - need))  # segment start = window start or end
+        lo, hi = (min(max(bound, 0), samples - need) for bound in ends)
+    first = int(rng.integers(lo, hi + 1)) if train else (lo + hi) // 2
+    return slice(first, first + need)
 
 
 def round_robin(worker_batches: list[int]) -> Iterator[list[int]]:

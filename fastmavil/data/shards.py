@@ -87,11 +87,15 @@ class Clip:
 def read_shard(path: str | Path) -> Iterator[Clip]:
     """Yields the clips of a shard in order; members of one key must be consecutive.
 
-    A truncated shard yields the clips before the damage, then raises tarfile.ReadError.
+    A damaged member header is passed over to the next header that reads (ignore_zeros: without
+    it tarfile takes a bad header for the archive's end, silently dropping the rest). A shard
+    truncated mid-member yields the clips before the damage, then raises tarfile.ReadError; one
+    truncated in a header ends early without an error, which only a count against the index
+    shows (ShardDataset does that).
     """
     path = Path(path)
     clip = None
-    with tarfile.open(path, "r:", errors="surrogateescape") as tar:
+    with tarfile.open(path, "r:", errors="surrogateescape", ignore_zeros=True) as tar:
         for info in tar:
             if not info.isfile():
                 continue

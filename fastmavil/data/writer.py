@@ -7,7 +7,8 @@ clip members; the main process writes them in order. A shard is finished when it
 (clip count, bytes, failures, and a fingerprint of its items and the writing options);
 finished shards are not redone, unless their fingerprint shows that the rerun would put other
 items or options there (another clip count, split, source or spec). Items that fail are
-recorded (source, reason) and reported in `failures.csv` instead of ending the run.
+recorded (source, reason) and reported in `failures.csv` instead of ending the run; so is an
+item whose worker process dies (the OOM killer, a crash in a codec), after one retry alone.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import hashlib
 import json
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .shards import ShardWriter, shard_name, write_index
 
@@ -48,6 +51,52 @@ def _run_one(args):
         return None, None, f"{type(err).__name__}: {err}"
 
 
+class _Workers:
+    """_run_one over jobs in worker processes, results in order. multiprocessing.Pool waits
+    forever for the result of a worker that died; here the jobs that may have been running in
+    it are each retried alone in a fresh process, and the one that kills that too fails with the
+    reason, while the run goes on in a fresh pool."""
+
+    def __init__(self, count: int):
+        self.count, self.pool = count, None
+
+    def _start(self, count: int) -> ProcessPoolExecutor:
+        # spawn: workers start clean (no inherited threads from torch or PyAV in the parent)
+        return ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+
+    def map(self, jobs: list) -> Iterator[tuple]:
+        if self.count <= 1:
+            yield from map(_run_one, jobs)
+            return
+        self.pool = self.pool or self._start(self.count)
+        futures, i = [self.pool.submit(_run_one, job) for job in jobs], 0
+        while i < len(jobs):
+            try:
+                yield futures[i].result()
+                i += 1
+                continue
+            except BrokenProcessPool:
+                pass
+            self.close()
+            yield self._alone(jobs[i])
+            i += 1
+            self.pool = self._start(self.count)
+            futures[i:] = [self.pool.submit(_run_one, job) for job in jobs[i:]]
+
+    def _alone(self, job) -> tuple:
+        with self._start(1) as pool:
+            try:
+                return pool.submit(_run_one, job).result()
+            except BrokenProcessPool:
+                return None, None, ("its worker process died (killed by the OS, out of memory, "
+                                    "or a crash in a decoder)")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
 def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe: Callable,
                  labels: list[str], clips_per_shard: int, workers: int = 0,
                  title: str = "writing shards", **index_extra) -> dict:
@@ -64,9 +113,7 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
     if clips_per_shard < 1:
         raise ValueError(f"clips_per_shard = {clips_per_shard} must be >= 1")
     groups = [items[i:i + clips_per_shard] for i in range(0, len(items), clips_per_shard)]
-    workers = workers or os.cpu_count() or 1
-    # spawn: workers start clean (no inherited threads from torch or PyAV in the parent)
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    pool = _Workers(workers or os.cpu_count() or 1)
     shards = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -87,7 +134,7 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
                                            "rewriting it")
                     path.unlink()  # gone first: a crash mid-rewrite leaves it unfinished
                 jobs = [(make_clip, item) for item in group]
-                results = pool.imap(_run_one, jobs) if pool else map(_run_one, jobs)
+                results = pool.map(jobs)
                 failures = []
                 with ShardWriter(path) as writer:
                     for item, (key, members, error) in zip(group, results):
@@ -104,8 +151,7 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
                 _meta_path(path).write_text(json.dumps(meta))
                 shards.append(meta)
     finally:
-        if pool:
-            pool.terminate()
+        pool.close()
     failures = [f for s in shards for f in s["failures"]]
     with open(out / "failures.csv", "w", newline="", encoding="utf-8",
               errors="backslashreplace") as f:

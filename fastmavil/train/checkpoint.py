@@ -2,12 +2,13 @@
 
 A checkpoint is written to a temporary name, flushed to disk (fsync) and renamed into place, so a
 crash mid-write leaves the previous checkpoints untouched and at worst a `.tmp` file, which is
-ignored and cleaned up. Resuming takes the newest checkpoint that loads; a damaged one is
-reported and renamed `*.bad`, so it never takes a slot of the newest K again; one that the
-disk cannot read (I/O error, permissions) or that needs other code (a module it pickled is
-missing) stops the resume and stays in place. When checkpoints exist but none loads, resuming
-stops with an error instead of starting again from step 0. A run directory holds a lock while a
-trainer runs in it (run_lock).
+ignored and cleaned up (a failed write, e.g. a full disk, removes it at once and raises
+CheckpointError). Resuming takes the newest checkpoint that loads; a damaged one is reported and
+renamed `*.bad`, so it never takes a slot of the newest K again; one that the disk cannot read (I/O
+error, permissions), that needs other code (a module it pickled is missing) or that does not fit in
+the memory free now stops the resume and stays in place. When checkpoints exist but none loads,
+resuming stops with an error instead of starting again from step 0. A run directory holds a lock
+while a trainer runs in it (run_lock).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ NAME = re.compile(r"^step-(\d{8})\.pt$")
 # OSErrors that say the file could not be read (disk, permissions, network filesystem), not
 # that it is damaged.
 UNREADABLE = {errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ESTALE, errno.ETIMEDOUT}
+_REFUSED = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
 
 
 class CheckpointError(RuntimeError):
@@ -48,10 +50,17 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / checkpoint_name(step)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as err:  # a full disk, or a stop mid-write: no partial file is left
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):  # torch's zip writer raises RuntimeError
+            raise CheckpointError(f"{path} could not be written ({type(err).__name__}: {err}); "
+                                  "the checkpoints before it are intact") from None
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
     try:
@@ -87,6 +96,9 @@ def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
                                   f"{err}); left as it is (if it is damaged instead, move it "
                                   "aside to resume from the one before)") from None
         except Exception as err:  # damaged: truncated or corrupted (zip, pickle, tensor data)
+            if _out_of_memory(err, path):  # this process, not the file: it stays
+                raise CheckpointError(f"{path} does not fit in memory now ({err}); left as it "
+                                      "is: resume where more memory is free") from None
             damage = err
         bad = path.with_name(path.name + ".bad")  # set aside, fall back to the one before
         path.rename(bad)
@@ -96,6 +108,16 @@ def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
         raise CheckpointError(f"{checkpoint_dir(run_dir)} holds checkpoints but none loads (see "
                               "the *.bad files); not restarting from step 0 over them")
     return None
+
+
+def _out_of_memory(err: Exception, path: Path) -> bool:
+    """Whether loading `path` failed for want of host memory rather than because it is damaged:
+    the CPU allocator refused a request no larger than the file, whose tensors it holds
+    uncompressed. A damaged file can ask for any size, and a bare MemoryError (a corrupted
+    length in the pickle) counts as damage."""
+    found = _REFUSED.search(str(err))
+    return (isinstance(err, RuntimeError) and found is not None
+            and int(found.group(1)) <= path.stat().st_size)
 
 
 class RunLocked(RuntimeError):
@@ -125,18 +147,24 @@ def run_lock(run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def rng_state() -> dict:
-    """Every RNG a step draws from: Python, NumPy, torch CPU and CUDA."""
+def rng_state(device: torch.device) -> dict:
+    """Every RNG a step draws from: Python, NumPy, torch CPU and, training on CUDA, the
+    training device's default generator (dropout draws from it). Only that device's: a run
+    may resume with another number of GPUs visible."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # written before 2026-11-27: every visible device's
+        index = device.index or 0
+        cuda = cuda[index] if device.type == "cuda" and index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)

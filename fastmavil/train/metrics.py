@@ -383,6 +383,11 @@ class StepTimer:
         step), so the compute before it does not count as data wait."""
         self._last_step = time.perf_counter()
 
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` out of the interval's wall time: a checkpoint's save, which is
+        neither a step's compute nor its data wait."""
+        self._interval_start += seconds
+
     def data_ready(self) -> None:
         self._wait += time.perf_counter() - self._last_step
 

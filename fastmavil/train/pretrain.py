@@ -272,9 +272,11 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
         last_ckpt, state = resumed
         step = _restore(state, last_ckpt, model, optimizer, generator, t.seed)
         if step >= total_steps:
-            log.info("%s has trained %d steps, of %d to train: nothing to do (raise "
-                     "train.epochs or train.max_steps to go on, or start a new run with "
-                     "--run.name)", run_dir, step, total_steps)
+            more = (f"raise train.max_steps, up to the plan's {planned_steps}, to go on; "
+                    if step < planned_steps else "")
+            log.info("%s has trained %d steps, of %d to train: nothing to do (%sstart a new "
+                     "run with --run.name to train another schedule: train.epochs cannot "
+                     "change on a resume)", run_dir, step, total_steps, more)
     if t.compile:
         log.info("compiled %d transformer blocks", compile_blocks(model))
     # the batches' copies to the GPU overlap the previous pass (fastmavil.data.loader.to_device)
@@ -295,7 +297,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     def checkpoint(at: int) -> Path:
         return save_checkpoint(run_dir, at, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(), "rng": rng_state(), "step": at,
+            "generator": generator.get_state(), "rng": rng_state(device), "step": at,
             "config": to_toml(cfg), "clips": clips, "plan": resume.plan_record(plans),
             "precision": precision, "format": resume.FORMAT},
             t.keep_checkpoints)
@@ -404,9 +406,9 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                 finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
                 if device_skip:
                     optimizer.found_inf = (~finite).float()
-                elif not bool(finite):
-                    optimizer.zero_grad(set_to_none=True)
-                optimizer.step()
+                    optimizer.step()
+                elif bool(finite):  # not stepped at all: apex counts a step without gradients
+                    optimizer.step()
                 clear_grads()
                 bad_run = torch.where(finite, 0, bad_run + 1)
                 worst_run = torch.maximum(worst_run, bad_run)  # a streak can end between reads
@@ -420,8 +422,12 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                 if due_log:
                     interval = log_interval(plan, lr)
                 if step % t.ckpt_every == 0:
+                    if device.type == "cuda":  # the steps queued before it are compute
+                        torch.cuda.synchronize(device)
+                    saving = time.perf_counter()
                     last_ckpt = checkpoint(step)
-                    timer.fetch_start()  # the checkpoint's time is no data wait
+                    timer.exclude(time.perf_counter() - saving)  # neither compute nor data wait
+                    timer.fetch_start()
             if stop.signal is not None or step >= total_steps:
                 break
         if interval.ran:  # steps since the last log line: an epoch whose data ran short
@@ -488,7 +494,7 @@ def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generat
         log.warning("%s was written on another device type: its masking RNG state does not "
                     "load here, so it is reseeded from train.seed and the step (the masks "
                     "from here on differ from an uninterrupted run's)", path)
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], generator.device)  # the training device
     log.info("resumed from %s (step %d)", path, step)
     return step
 

@@ -120,6 +120,78 @@ def test_truncated_shard_yields_the_clips_before_the_damage(tmp_path, caplog):
     assert sum(dataset.skipped.values()) >= 1
 
 
+@pytest.mark.parametrize("damage", ["header", "cut in a header"])
+def test_a_damaged_tar_header_loses_no_silent_clips(tmp_path, caplog, damage):
+    """tarfile takes a bad member header, or a file cut inside one, for the archive's end and
+    raises nothing: the rest of the shard would vanish unwarned. A bad header is passed over
+    (only its clip is lost); a cut is counted against the index and warned of."""
+    write_dataset(tmp_path, 6, 6)
+    path = tmp_path / "shard-000000.tar"
+    with tarfile.open(path) as tar:
+        header = [m.offset for m in tar.getmembers() if m.name.startswith("synth000002")][0]
+    data = bytearray(path.read_bytes())
+    if damage == "header":
+        data[header + 148] ^= 0xFF  # the header's checksum field
+    else:
+        data = data[:header + 100]
+    path.write_bytes(bytes(data))
+    dataset = ShardDataset(tmp_path, LoaderSpec(**{**SPEC.__dict__, "train": False}))
+    keys = [s["key"] for s in dataset]
+    if damage == "header":  # one member of clip 2 lost: it is skipped, every other clip read
+        assert keys == [f"synth00000{i}" for i in (0, 1, 3, 4, 5)]
+        assert sum(dataset.skipped.values()) == 1
+    else:
+        assert keys == ["synth000000", "synth000001"]
+        assert dict(dataset.skipped) == {"damaged shard": 4}
+        assert "skipping shard-000000.tar/*: damaged shard: 4 of its 6 clips not read" in \
+            caplog.text
+
+
+def test_audio_segment_holds_the_video_window():
+    """A waveform longer than the fbank's 1024 frames (10.255 s) is cut to a segment that long
+    holding the video window (or inside it, if longer): random in training, centred otherwise,
+    inside the waveform."""
+    from fastmavil.data.loader import audio_samples, audio_segment
+    need, rate = audio_samples(1024), 16000
+    assert need == 164_080 and audio_samples(128) == 20_720
+    rng = np.random.default_rng(0)
+    assert audio_segment(need, 1024, (2.0, 4.0), True, rng) == slice(None)  # AudioSet's 10 s
+    samples = 30 * rate
+    for train in (True, False):
+        for _ in range(50 if train else 1):
+            cut = audio_segment(samples, 1024, (13.0, 4.0), train, rng)
+            assert cut.stop - cut.start == need and 0 <= cut.start <= samples - need
+            assert cut.start <= 13 * rate and cut.stop >= 17 * rate
+    centred = audio_segment(samples, 1024, (13.0, 4.0), False, rng)
+    assert centred.start == (17 * rate - need + 13 * rate) // 2
+    # a window past the waveform's end (a wrong duration): the segment stays inside
+    assert audio_segment(samples, 1024, (40.0, 4.0), False, rng).stop == samples
+    # a video window longer than the audio's: inside it (the demo: 1.3 s of audio, 4 s clips)
+    for train in (True, False):
+        for _ in range(50 if train else 1):
+            inside = audio_segment(samples, 128, (10.0, 4.0), train, rng)
+            assert 10 * rate <= inside.start and inside.stop <= 14 * rate
+    assert inside.start == 10 * rate + (4 * rate - audio_samples(128)) // 2  # centred
+    # audio alone: anywhere in training, the middle otherwise
+    assert audio_segment(samples, 1024, None, False, rng).start == (samples - need) // 2
+
+
+def test_a_long_clips_audio_and_video_show_the_same_moment(tmp_path):
+    """30 s clip, sound only from 12 s to 18 s; the 1 s video window, centred in evaluation, is
+    14.5-15.5 s, so the audio heard must be the loud part (the first 1.3 s, as before, is
+    silent)."""
+    rate, seconds = 16000, 30
+    t = np.arange(seconds * rate) / rate
+    wave = np.where((t >= 12) & (t < 18), 0.3 * np.sin(2 * np.pi * 440 * t), 0.0)
+    video = encode_video(np.full((seconds * 2, 32, 32, 3), 90, np.uint8), 2.0)
+    raw_tar(tmp_path / "shard-000000.tar", [("long.webm", video), ("long.flac", encode_flac(wave)),
+                                            ("long.json", b'{"duration": 30.0}')])
+    (sample,) = ShardDataset(tmp_path, LoaderSpec(**{**SPEC.__dict__, "train": False}))
+    assert sample["audio"].shape == (1, 128, 64) and sample["video"].shape == (3, 4, 32, 32)
+    # silence sits at the log floor, (log(eps) - mean) / (2 std) = -1.27 after normalising
+    assert float(sample["audio"].amax(-1).min()) > 0.0  # the tone in every frame
+
+
 def write_dataset(folder, clips, per_shard):
     from fastmavil.data.shards import shard_name, write_index
     from fastmavil.data.synth import class_names

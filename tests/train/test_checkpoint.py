@@ -24,12 +24,31 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
         f.write(b"partial bytes")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointError, match=r"step-00000002.pt could not be written "
+                       r"\(OSError: disk full\); the checkpoints before it are intact"):
         ckpt.save_checkpoint(tmp_path, 2, {"step": 2}, keep=3)
+    # the partial file is gone at once: it would hold the disk space the next save needs
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     monkeypatch.undo()
     path, state = ckpt.load_latest(tmp_path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
-    assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # cleaned up on the next look
+
+
+def test_a_checkpoint_too_large_for_memory_now_is_left_in_place(tmp_path, monkeypatch):
+    """The allocator refusing a request the file's size can hold says nothing about the file:
+    it is neither set aside as damaged nor skipped for an older one."""
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=2)
+    ckpt.save_checkpoint(tmp_path, 2, {"step": 2}, keep=2)
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 64 bytes. Error code 12")
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(ckpt.CheckpointError, match="step-00000002.pt does not fit in memory "
+                                                   "now .*; left as it is"):
+        ckpt.load_latest(tmp_path)
+    monkeypatch.undo()
+    assert ckpt.load_latest(tmp_path)[1]["step"] == 2
 
 
 def test_a_damaged_newest_checkpoint_falls_back_and_is_set_aside(tmp_path, caplog):
@@ -55,7 +74,9 @@ def test_a_truncated_newest_checkpoint_is_set_aside(tmp_path, cut):
 
 @pytest.mark.parametrize("error", [TypeError("_rebuild_tensor_v3() missing 'dtype'"),
                                    AssertionError("saved_id must be a tuple"), MemoryError(),
-                                   LookupError("unknown encoding: matin1")])
+                                   LookupError("unknown encoding: matin1"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you "
+                                                "tried to allocate 72057594037927936 bytes.")])
 def test_whatever_a_corrupted_file_raises_sets_it_aside(tmp_path, monkeypatch, error):
     """Flipped bits in a checkpoint surface as many exception types; each is damage, not a
     traceback: the file is set aside and the one before loads."""
@@ -98,7 +119,24 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
 
 
 def test_rng_state_round_trip():
-    state = ckpt.rng_state()
+    state = ckpt.rng_state(torch.device("cpu"))
+    assert "cuda" not in state  # a CPU run keeps no CUDA state, CUDA present or not
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
-    ckpt.set_rng_state(state)
+    ckpt.set_rng_state(state, torch.device("cpu"))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_rng_state_keeps_the_training_devices_cuda_generator_only():
+    """Only the training device's CUDA state is kept, so a run resumes with fewer GPUs visible;
+    an older checkpoint's list of every device's state is read at the device's index."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    state = ckpt.rng_state(device)
+    assert isinstance(state["cuda"], torch.Tensor)
+    draws = torch.rand(4, device=device)
+    ckpt.set_rng_state(state, device)
+    assert torch.equal(torch.rand(4, device=device), draws)
+    older = {**state, "cuda": [state["cuda"]] * (device.index + 1)}
+    ckpt.set_rng_state(older, device)
+    assert torch.equal(torch.rand(4, device=device), draws)
+    ckpt.set_rng_state({**state, "cuda": []}, device)  # saved with fewer devices: not restored

@@ -114,6 +114,18 @@ def test_resume_with_loader_workers_reproduces_an_uninterrupted_run(shards, tmp_
     assert sorted(b) == [1, 2, 3] and [a[s] for s in (1, 2, 3)] == [b[s] for s in (1, 2, 3)]
 
 
+def test_a_checkpoints_save_is_not_counted_as_step_time(shards, tmp_path, monkeypatch):
+    """The record after a checkpoint times its steps alone (the save, 2.9 GB at paper size,
+    would count in its step_ms, samples/s and MFU)."""
+    save = pretrain.save_checkpoint
+    monkeypatch.setattr(pretrain, "save_checkpoint",
+                        lambda *args: time.sleep(1.5) or save(*args))
+    run(shards, tmp_path, train__max_steps=4)  # a checkpoint at step 3, after its log record
+    records = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[3]["step_ms"] < 1000, records[3]
+
+
 def test_fitted_passes_without_micro_batches_say_they_change_nothing(shards, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fastmavil.train"):
         run(shards, tmp_path, train__max_steps=1, train__passes_per_step="fit")

@@ -1,0 +1,36 @@
+"""The shard-writing pipeline of fastmavil-prep and fastmavil-synth: worker processes that die."""
+import os
+import signal
+
+import pytest
+
+from fastmavil.data.shards import read_shard
+from fastmavil.data.writer import write_shards
+
+
+def _clip(item: int):
+    """A clip maker whose process dies on item 2, as under the OOM killer."""
+    if item == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return f"clip{item}", {"json": {"item": item}}
+
+
+@pytest.fixture
+def deadline():
+    """Fails the test after 120 s instead of hanging the suite (the old pool waited forever)."""
+    def expire(*_):
+        raise TimeoutError("write_shards still waiting after 120 s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_worker_that_dies_fails_its_item_not_the_run(tmp_path, deadline):
+    index = write_shards(tmp_path, list(range(6)), _clip, str, [], clips_per_shard=3, workers=2)
+    keys = [clip.key for shard in sorted(tmp_path.glob("shard-*.tar"))
+            for clip in read_shard(shard)]
+    assert keys == ["clip0", "clip1", "clip3", "clip4", "clip5"]  # in order, the rest kept
+    assert index["clips"] == 5 and index["failed"] == 1
+    assert '2,"its worker process died (killed by the OS' in (tmp_path / "failures.csv").read_text()
