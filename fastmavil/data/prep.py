@@ -11,7 +11,9 @@ decodes on a CPU), `KEY.flac` (16 kHz mono) and `KEY.json` ({"labels", "duration
 side is `--short-side` pixels, resampled to `--fps` (the frame on screen at each output time) and
 has a keyframe every `--keyframe-interval` seconds, so a training window is a short seek away.
 The clip lasts as long as its audio; media without a video stream give audio-only clips
-("video": false); media without audio are failures.
+("video": false); media without audio are failures, and so are clips longer than
+`--max-seconds` (120 by default: a worker holds a clip's frames until it encodes them; cut long
+recordings into clips with CSV rows).
 
 SRC a folder: every file with a media extension (mp4 mkv webm avi mov m4v flv wav flac mp3 ogg
 m4a), recursively, in sorted order. A file in a subfolder is labelled with that subfolder's path
@@ -246,9 +248,11 @@ class FrameSampler:
         return np.stack(self.frames[:count])
 
 
-def _decode(container, item: Item, options: PrepOptions) -> tuple[np.ndarray, np.ndarray | None,
-                                                                   float]:
-    """(16 kHz mono waveform, RGB frames or None, start time) of the clip's window."""
+def _decode(container, item: Item, options: PrepOptions,
+            max_seconds: float = 0.0) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """(16 kHz mono waveform, RGB frames or None, start time) of the clip's window; a window
+    longer than `max_seconds` (> 0) fails as soon as decoding passes it: its frames are held in
+    memory until encoded (~6 MB a second at 256p, 16 fps)."""
     import av
 
     if not container.streams.audio:
@@ -268,6 +272,10 @@ def _decode(container, item: Item, options: PrepOptions) -> tuple[np.ndarray, np
     sampler = None
     streams, done = [audio] + ([video] if video else []), set()
     for frame in container.decode(*streams):  # in presentation order per stream
+        past = frame.time is not None and origin + max_seconds < frame.time < stop
+        if max_seconds and past:
+            raise ClipFailure(f"longer than --max-seconds {max_seconds:g}: cut it into clips "
+                              "with CSV rows (path,labels,start,end), or raise the limit")
         if isinstance(frame, av.AudioFrame):
             time = frame.time if frame.time is not None else audio_time
             audio_time = time + frame.samples / frame.sample_rate
@@ -307,8 +315,9 @@ def _decode(container, item: Item, options: PrepOptions) -> tuple[np.ndarray, np
     return wave, sampler.finish(count), origin
 
 
-def make_clip(options: PrepOptions, item: Item) -> tuple[str, dict]:
-    """One item -> (key, members); raises ClipFailure with a short reason."""
+def make_clip(options: PrepOptions, item: Item, max_seconds: float = 0.0) -> tuple[str, dict]:
+    """One item -> (key, members); raises ClipFailure with a short reason (a window longer
+    than `max_seconds`, > 0, among them)."""
     import av
 
     try:
@@ -317,7 +326,7 @@ def make_clip(options: PrepOptions, item: Item) -> tuple[str, dict]:
         raise ClipFailure(f"cannot open: {_reason(err)}") from None
     with container:
         try:
-            wave, frames, origin = _decode(container, item, options)
+            wave, frames, origin = _decode(container, item, options, max_seconds)
         except ClipFailure:
             raise
         except Exception as err:
@@ -351,13 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=16.0, help="frame rate (default 16)")
     parser.add_argument("--keyframe-interval", type=float, default=1.0,
                         help="seconds between keyframes (default 1)")
+    parser.add_argument("--max-seconds", type=float, default=120.0,
+                        help="longest clip (default 120; 0: no limit): a worker holds a clip's "
+                             "frames until it is encoded, ~6 MB a second at 256p and 16 fps; "
+                             "cut longer recordings into clips with CSV rows")
     args = parser.parse_args(argv)
     if args.short_side < 2 or args.short_side % 2:
         parser.error(f"--short-side {args.short_side} must be even and >= 2")
     if args.fps <= 0 or args.keyframe_interval <= 0:
         parser.error("--fps and --keyframe-interval must be > 0")
-    if args.clips_per_shard < 1 or args.workers < 0:
-        parser.error("--clips-per-shard must be >= 1 and --workers >= 0")
+    if args.clips_per_shard < 1 or args.workers < 0 or args.max_seconds < 0:
+        parser.error("--clips-per-shard must be >= 1, --workers and --max-seconds >= 0")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file, not a folder")
     try:
@@ -371,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     random.Random(0).shuffle(items)
     options = PrepOptions(args.codec, args.short_side, args.fps, args.keyframe_interval)
     labels = sorted({label for item in items for label in item.labels})
-    index = write_shards(args.out, items, functools.partial(make_clip, options), describe, labels,
+    # max_seconds stays out of the shards' fingerprint: it chooses what fails, not how clips
+    # are written, so a rerun with another limit keeps the finished shards
+    make = functools.partial(make_clip, options, max_seconds=args.max_seconds)
+    index = write_shards(args.out, items, make, describe, labels,
                          args.clips_per_shard, args.workers, title="prep",
                          prep={"src": text(args.src), **asdict(options)})
     out = Path(args.out)

@@ -275,7 +275,7 @@ def test_bad_inputs(tmp_path, capsys, src, message):
 
 
 @pytest.mark.parametrize("option", [["--short-side", "255"], ["--fps", "0"], ["--codec", "av1"],
-                                    ["--clips-per-shard", "0"]])
+                                    ["--clips-per-shard", "0"], ["--max-seconds", "-1"]])
 def test_bad_options(tmp_path, capsys, option):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--out", str(tmp_path / "out"), *option])
@@ -292,3 +292,17 @@ def test_an_output_path_that_is_a_file_and_a_run_where_every_clip_fails(tmp_path
     assert exit_info.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
     assert main([str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 1
     assert ": 0 clips in 1 shard(s), 1 failed" in capsys.readouterr().out
+
+
+def test_a_clip_longer_than_max_seconds_fails_before_it_fills_memory(tmp_path, capsys):
+    """A worker holds a clip's frames until it encodes them: a long recording fails with the
+    way out named; a CSV window of it within the limit, or no limit, goes through."""
+    long = write_video(tmp_path / "src" / "dog" / "long.mp4", 3.0)
+    args = ["--workers", "1", "--short-side", "32", "--fps", "8", "--max-seconds", "2"]
+    assert main([str(tmp_path / "src"), "--out", str(tmp_path / "a"), *args]) == 1
+    failures = (tmp_path / "a" / "failures.csv").read_text()
+    assert "longer than --max-seconds 2: cut it into clips with CSV rows" in failures
+    (tmp_path / "list.csv").write_text(f"path,labels,start,end\n{long},dog,0.5,2.0\n")
+    assert main([str(tmp_path / "list.csv"), "--out", str(tmp_path / "b"), *args]) == 0
+    assert main([str(tmp_path / "src"), "--out", str(tmp_path / "c"), *args[:-1], "0"]) == 0
+    assert json.loads(load(tmp_path / "c")["long"]["json"])["duration"] > 2.9
