@@ -53,9 +53,9 @@ def _run_one(args):
 
 class _Workers:
     """_run_one over jobs in worker processes, results in order. multiprocessing.Pool waits
-    forever for the result of a worker that died; here the jobs that may have been running in
-    it are each retried alone in a fresh process, and the one that kills that too fails with the
-    reason, while the run goes on in a fresh pool."""
+    forever for the result of a worker that died; here, when the pool breaks, the first job not
+    yet read is retried alone in a fresh process and the rest go to a fresh pool, so a job that
+    kills its process is met alone in the end and fails with the reason, and the run goes on."""
 
     def __init__(self, count: int):
         self.count, self.pool = count, None
