@@ -20,7 +20,15 @@ class DiffusionSchedule(nn.Module):
         betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
         alpha_bar = torch.cumprod(1.0 - betas ** phi, dim=0)
         alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar])
-        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        self._fp32 = alpha_bar.float()  # kept from casts, see _apply
+        self.register_buffer("alpha_bar", self._fp32.clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Moves alpha_bar with the module but keeps it fp32: `model.to(torch.bfloat16)` would
+        round alpha_bar_1 to 1 and leave t = 1, 2 without noise (q_sample computes in fp32)."""
+        super()._apply(fn, recurse)
+        self.alpha_bar = self._fp32.to(self.alpha_bar.device)
+        return self
 
     def sample_timesteps(self, batch: int, device=None,
                          generator: torch.Generator | None = None) -> torch.Tensor:

@@ -63,3 +63,16 @@ def test_q_sample_in_bf16_scales_in_fp32_and_rounds_once():
     only_noise = sched.q_sample(torch.zeros(2, 1).bfloat16(), t[:2], torch.ones(2, 1).bfloat16())
     sigma = (1 - sched.alpha_bar[t[:2]]).sqrt()  # 0.0251, 0.0369
     torch.testing.assert_close(only_noise.flatten().float(), sigma, rtol=8e-3, atol=0)
+
+
+def test_alpha_bar_stays_fp32_when_the_module_is_cast():
+    """A cast model keeps its noise schedule: in bf16 alpha_bar_1 would round to 1, and t = 1, 2
+    would add no noise at all. Moves still move it."""
+    schedule = DiffusionSchedule()
+    exact = schedule.alpha_bar.clone()
+    assert float(exact[1].bfloat16()) == 1.0  # what a cast would make of it
+    schedule.to(torch.bfloat16)
+    assert schedule.alpha_bar.dtype == torch.float32 and torch.equal(schedule.alpha_bar, exact)
+    schedule.half().float()
+    assert torch.equal(schedule.alpha_bar, exact)
+    assert schedule.to("meta").alpha_bar.device.type == "meta"

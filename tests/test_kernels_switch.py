@@ -39,3 +39,28 @@ def test_kernels_index_one_sample_in_32_bits():
     huge = torch.empty_strided((2, 1, 1, 1024, 128), (1, 1, 1, 2**22, 2**14), device="meta")
     with pytest.raises(ValueError, match="one sample of the input spans"):
         check_sample_span(huge)
+
+
+def test_the_fast_path_without_triton_runs_the_references(monkeypatch, caplog):
+    """Where triton does not import, the kernel modules cannot either: the model's switch keeps
+    the references and says why, instead of failing at the first forward."""
+    import logging
+    import sys
+
+    import torch
+
+    import kernels
+    from fastmavil.config import load_config
+    from fastmavil.models import build_model
+    cfg = load_config(__import__("pathlib").Path(__file__).parents[1] / "configs" / "demo.toml")
+    model = build_model(cfg)
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.setattr(kernels, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="fastmavil.kernels"):
+        model.use_kernels(True)
+    assert "kernel fast path: triton is not installed; using the PyTorch reference" in caplog.text
+    assert not any(getattr(m, "fused", False) for m in model.modules())
+    m = cfg.model
+    audio = torch.randn(2, 1, m.audio_frames, m.mel_bins)
+    video = torch.randn(2, 3, m.video_frames, m.video_size, m.video_size)
+    assert torch.isfinite(model(audio, video, 0.8, torch.Generator().manual_seed(0)).loss)

@@ -119,7 +119,13 @@ class MAViL(nn.Module):
         return random_masking((views, x.shape[0]), num_tokens, ratio, x.device, generator)
 
     def use_kernels(self, enabled: bool) -> None:
-        """Fast path (Triton kernels) or the plain PyTorch references; both compute the same."""
+        """Fast path (Triton kernels) or the plain PyTorch references; both compute the same.
+        Where triton is not installed the references run, and a warning says so (the kernel
+        modules cannot even be imported there)."""
+        from kernels import can_launch, triton_available
+        if enabled and not triton_available():
+            can_launch("fast path")  # logs why the references run
+            enabled = False
         self.fused = enabled
         for encoder in (self.audio_encoder, getattr(self, "video_encoder", None)):
             if encoder is not None:

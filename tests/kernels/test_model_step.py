@@ -12,13 +12,15 @@ from fastmavil.diffusion import DiffusionSchedule
 from fastmavil.models import MAViL, build_model
 
 
-def small_config(variant):
-    return Config(model=ModelConfig(variant=variant, size="tiny", encoder_dim=32, encoder_heads=2,
-                                    encoder_depth=1, decoder_dim=32, decoder_depth=2,
-                                    decoder_heads=2, audio_frames=64, mel_bins=64,
-                                    video_frames=4, video_size=32,
-                                    audio_decoder_window=(2, 2), audio_decoder_shift=(1, 0))
-                  ).check()
+def small_config(variant, norm_pix=True, **model):
+    cfg = Config(model=ModelConfig(variant=variant, size="tiny", encoder_dim=32, encoder_heads=2,
+                                   encoder_depth=1, decoder_dim=32, decoder_depth=2,
+                                   decoder_heads=2, audio_frames=64, mel_bins=64,
+                                   video_frames=4, video_size=32,
+                                   audio_decoder_window=(2, 2), audio_decoder_shift=(1, 0),
+                                   **model))
+    cfg.loss.norm_pix = norm_pix
+    return cfg.check()
 
 
 # Natively on CUDA where there is one (fp32, TF32 off), else through the interpreter.
@@ -27,22 +29,24 @@ TOL = dict(rtol=1e-4, atol=1e-5) if DEVICE == "cuda" else dict(rtol=1e-5, atol=1
 
 
 @pytest.mark.usefixtures("true_fp32")  # tests/conftest.py: TF32 off on CUDA
-@pytest.mark.parametrize("variant", ["diffmavil", "mavil"])
-def test_fast_step_equals_reference_step(variant, monkeypatch):
+@pytest.mark.parametrize("variant, options", [
+    ("diffmavil", {}), ("mavil", {}), ("audiomae_diff", {}),
+    ("diffmavil", dict(audio_decoder_block="swinv2cr")),
+    ("diffmavil", dict(video_decoder_attention="self")), ("diffmavil", dict(norm_pix=False))],
+    ids=["diffmavil", "mavil", "audiomae_diff", "swinv2cr", "self-decoder", "no-norm-pix"])
+def test_fast_step_equals_reference_step(variant, options, monkeypatch):
     monkeypatch.setattr(kernels, "_warned", set())  # names of kernels that fell back
     torch.manual_seed(0)
-    cfg = small_config(variant)
+    cfg = small_config(variant, **options)
     reference = build_model(cfg).to(DEVICE)
     fast = build_model(cfg).to(DEVICE)
     fast.load_state_dict(reference.state_dict())
     fast.use_kernels(True)
     audio = torch.randn(2, 1, 64, 64, device=DEVICE)
-    video = torch.randn(2, 3, 4, 32, 32, device=DEVICE)
+    video = torch.randn(2, 3, 4, 32, 32, device=DEVICE) if cfg.model.has_video else None
 
-    # identical randomness on both paths: fixed timesteps, explicit noise instead of the seed
-    timesteps = iter([torch.tensor([1, 1000], device=DEVICE),
-                      torch.tensor([500, 7], device=DEVICE)] * 2)
-    monkeypatch.setattr(DiffusionSchedule, "sample_timesteps", lambda *a, **k: next(timesteps))
+    # identical randomness on both paths: the same timesteps (one draw per diffused modality),
+    # explicit noise instead of the seed
     noises = {}
 
     def noise_for(shape):
@@ -62,11 +66,17 @@ def test_fast_step_equals_reference_step(variant, monkeypatch):
 
     outs = []
     for model in (reference, fast):
+        timesteps = iter([torch.tensor([1, 1000], device=DEVICE),
+                          torch.tensor([500, 7], device=DEVICE)])
+        monkeypatch.setattr(DiffusionSchedule, "sample_timesteps",
+                            lambda *a, steps=timesteps, **k: next(steps))
+        torch.manual_seed(1)  # the same dropout masks (swinv2cr's) on both paths
         out = model(audio, video, 0.75, generator=torch.Generator(DEVICE).manual_seed(3))
         out.loss.backward()
         outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (ref_out, ref_grads), (fast_out, fast_grads) = outs
-    assert len(calls) == (2 if variant == "diffmavil" else 0)  # the fused path was taken
+    diffused = {"diffmavil": 2, "audiomae_diff": 1}.get(variant, 0)  # modalities
+    assert len(calls) == diffused  # the fused path was taken
     assert len(windowed) == cfg.model.decoder_depth  # the Swin decoder's windows, in Triton
     assert not kernels._warned  # and its kernels launched: none fell back to its reference
     for key in ref_out.terms:
