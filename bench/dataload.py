@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
               "cpus": os.cpu_count(), "torch": torch.__version__, "pyav": av.__version__,
               "commit": commit(), "clips": clip_text, "rows": rows,
               **({"resume": resumes} if resumes else {})}
-    name = f"dataload-cpu-{args.size}{'-prep' if args.prep_clips else ''}.json"
+    name = (f"dataload-cpu-{args.size}{'-prep' if args.prep_clips else ''}"
+            f"{'-resume' if args.resume else ''}.json")  # a run of one never overwrites another
     out = args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

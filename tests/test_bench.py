@@ -13,6 +13,7 @@ import torch
 
 import bench._report
 import bench.attention
+import bench.dataload
 import bench.kernels
 import bench.throughput
 import bench.train
@@ -22,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def results(tmp_path, monkeypatch):
-    for module in (bench.attention, bench.kernels, bench.throughput, bench.train):
+    for module in (bench.attention, bench.dataload, bench.kernels, bench.throughput,
+                   bench.train):
         monkeypatch.setattr(module, "RESULTS", tmp_path)
     return tmp_path
 
@@ -54,6 +56,18 @@ def test_throughput_writes_comparison_curriculum_and_profile(results):
                                                    / baseline["mean_epoch_s"])
     (profile,) = results.glob("profile-*-r4-flops-fit.txt")
     assert "r4 fast path" in profile.read_text()
+
+
+def test_dataload_writes_the_resume_timing_beside_the_plain_record(results, tmp_path):
+    """--resume adds a timing and its own record name: the plain run's record stays."""
+    args = ["--data", str(tmp_path / "synth"), "--clips", "8", "--workers", "0",
+            "--batch-size", "2", "--repeats", "1"]
+    assert bench.dataload.main(args) == 0
+    assert bench.dataload.main([*args, "--resume"]) == 0
+    plain = json.loads((results / "dataload-cpu-tiny.json").read_text())
+    resumed = json.loads((results / "dataload-cpu-tiny-resume.json").read_text())
+    assert "resume" not in plain and resumed["resume"][0]["resume_batches"] == 2
+    assert plain["rows"][0]["clips"] == 8
 
 
 def test_throughput_compares_the_first_config_alone(results):

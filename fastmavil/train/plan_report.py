@@ -58,7 +58,7 @@ def print_plan(cfg: Config, plans: list[EpochPlan], clips: int, console=None) ->
         p = row["plan"]
         table.add_row(f"{row['first']}-{row['last']}", f"{p.mask_ratio:.3f}", str(p.batch_size),
                       f"{p.passes} x {p.micro_batch}", str(p.steps), str(row["tokens"]),
-                      f"{row['tflop']:.2f}")
+                      f"{row['tflop']:.4g}")
     console = console or Console()
     console.print(table)
     total = summary["total_tflop"]
