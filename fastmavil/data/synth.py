@@ -1,12 +1,12 @@
 """fastmavil-synth: a labelled audio-visual dataset of real encoded clips, from a seed.
 
-Each of K classes ties a sound to a visual: e.g. `chirp_up-blue-triangle-up_down` is a rising
-chirp heard while a blue triangle moves up and down. Per clip, the pitch, the event's onset and length,
-the object's position, size and speed, the noise levels and distractors (a grey shape that
-moves throughout, a quiet tone of another kind) are random. Sound and object appear together,
-so audio and video are correlated in time as well as by class; the classes are learnable but
-not trivial. Clips go through the same shard writer as fastmavil-prep, into
-`OUT/train/` and `OUT/heldout/`, each a dataset folder with its index.json.
+Each of K classes ties a sound to a visual: e.g. `chirp_up-blue-triangle-up_down` is a rising chirp
+heard while a blue triangle moves up and down. Per clip, the pitch, the event's onset and length,
+the object's position, size and speed, the noise levels and distractors (a grey shape that moves
+throughout, a quiet tone of another kind) are random. Sound and object appear together, so audio and
+video are correlated in time as well as by class; the classes are learnable but not trivial. Clips
+go through the same shard writer as fastmavil-prep, into `OUT/train/` and `OUT/heldout/`, each a
+dataset folder with its index.json.
 
     fastmavil-synth --out data/synth --clips 300
 """
