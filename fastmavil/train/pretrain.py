@@ -305,6 +305,20 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     def saved(at: int) -> bool:  # the newest checkpoint is step `at`'s
         return last_ckpt is not None and last_ckpt.name == checkpoint_name(at)
 
+    def keep_trained(cause: str) -> None:
+        """Before an error mid-step ends the run: checkpoints the steps trained since the last
+        checkpoint. Parameters and optimizer state are still the last finished step's (the
+        error came before its update). Resumed, the failed step runs again on the same data with
+        its masks (and dropout) drawn anew: from there the run differs from one that never
+        failed."""
+        if trained > summary["start_step"] and not saved(trained):
+            try:
+                log.warning("%s stopped step %d: checkpointing step %d before stopping: %s",
+                            cause, trained + 1, trained, checkpoint(trained))
+            except Exception as err:  # e.g. a broken CUDA context: the error that came first
+                log.error("could not checkpoint step %d (%s: %s)", trained,
+                          type(err).__name__, err)
+
     progress = _progress_bar()
     timer, started = StepTimer(), time.perf_counter()
     device_skip = isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
@@ -385,14 +399,15 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                     try:
                         _epoch_ended_early(plan, step - start, end - step, source,
                                            cfg.data.num_workers)
-                    except DataError:  # keep the steps trained since the last checkpoint
-                        if trained > summary["start_step"] and not saved(trained):
-                            log.warning("checkpointing step %d before stopping: %s", trained,
-                                        checkpoint(trained))
+                    except DataError:
+                        keep_trained("the data")
                         raise
                     step = end
                     progress.update(task, completed=step)
                     break
+                except Exception as err:  # a loader worker killed, out of memory, ...
+                    keep_trained(type(err).__name__)
+                    raise
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
                 step += 1

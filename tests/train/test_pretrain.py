@@ -126,6 +126,26 @@ def test_a_checkpoints_save_is_not_counted_as_step_time(shards, tmp_path, monkey
     assert records[3]["step_ms"] < 1000, records[3]
 
 
+def test_an_error_mid_step_keeps_the_steps_trained_since_the_last_checkpoint(shards, tmp_path,
+                                                                             caplog, monkeypatch):
+    """A loader worker killed, or out of memory, in step 5 of a run that checkpoints every 100
+    steps: step 4 is checkpointed before the error ends the run, and the run resumes there."""
+    accumulate, calls = pretrain.accumulate_gradients, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed.")
+        return accumulate(*args)
+    monkeypatch.setattr(pretrain, "accumulate_gradients", failing)
+    with caplog.at_level("WARNING", logger="fastmavil.train"), \
+            pytest.raises(RuntimeError, match="is killed by signal"):
+        run(shards, tmp_path, train__max_steps=8, train__ckpt_every=100)
+    assert "RuntimeError stopped step 5: checkpointing step 4 before stopping" in caplog.text
+    monkeypatch.setattr(pretrain, "accumulate_gradients", accumulate)
+    assert run(shards, tmp_path, train__max_steps=8)["start_step"] == 4
+
+
 def test_fitted_passes_without_micro_batches_say_they_change_nothing(shards, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fastmavil.train"):
         run(shards, tmp_path, train__max_steps=1, train__passes_per_step="fit")
