@@ -21,7 +21,7 @@
 #   graph       230  R4 with the step replayed as CUDA graphs (--cuda-graph) against the
 #                    reference, then the R4, R1 and R3 curriculum views under the FLOPs batch
 #                    rule with fitted passes, graphed: the +-5 % target once the host no
-#                    longer sets the pace and the FLOPs per step hold within +-1.2 %
+#                    longer sets the pace and the FLOPs per step hold within +-0.19 %
 #   graph-compile 150  R4 with compiled blocks and CUDA graphs: the MFU target
 #   attention    75  bench.attention: SDPA (its own choice, and each of its CUDA kernels forced)
 #                    against math at each attention call of R4 (the Swin decoder's 16-key

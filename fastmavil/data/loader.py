@@ -150,8 +150,10 @@ class ShardDataset(IterableDataset):
         split_shards = len(shards) >= consumers
         mine = shards[consumer::consumers] if split_shards else shards
         # the index's counts: a damaged tar can end early without an error (a scan of the tar
-        # headers, without an index, would end early with it)
-        expected = shard_clips(self.source) if (self.source / INDEX).is_file() else {}
+        # headers, without them, would end early with it)
+        expected = ({self.source / s["name"]: int(s["clips"])
+                     for s in read_index(self.source)["shards"] if "clips" in s}
+                    if (self.source / INDEX).is_file() else {})
         n = 0
         for shard in mine:
             start, error = n, None
@@ -164,7 +166,8 @@ class ShardDataset(IterableDataset):
                 error = err
             total = expected.get(shard)
             missing = None if total is None else max(0, total - (n - start))
-            if (error or missing) and (split_shards or consumer == 0):  # said once
+            lost_some = missing or (error and missing is None)  # all read: nothing to say
+            if lost_some and (split_shards or consumer == 0):  # said by one reader
                 kind = f"unreadable shard ({type(error).__name__})" if error else "damaged shard"
                 lost = "its clips after the damage" if total is None else \
                     f"{missing} of its {total} clips"

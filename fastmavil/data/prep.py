@@ -11,7 +11,7 @@ decodes on a CPU), `KEY.flac` (16 kHz mono) and `KEY.json` ({"labels", "duration
 side is `--short-side` pixels, resampled to `--fps` (the frame on screen at each output time) and
 has a keyframe every `--keyframe-interval` seconds, so a training window is a short seek away.
 The clip lasts as long as its audio; media without a video stream give audio-only clips
-("video": false); media without audio are failures, and so are clips longer than
+("video": false); media without audio are failures, and so are video clips longer than
 `--max-seconds` (120 by default: a worker holds a clip's frames until it encodes them; cut long
 recordings into clips with CSV rows).
 
@@ -250,9 +250,9 @@ class FrameSampler:
 
 def _decode(container, item: Item, options: PrepOptions,
             max_seconds: float = 0.0) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """(16 kHz mono waveform, RGB frames or None, start time) of the clip's window; a window
-    longer than `max_seconds` (> 0) fails as soon as decoding passes it: its frames are held in
-    memory until encoded (~6 MB a second at 256p, 16 fps)."""
+    """(16 kHz mono waveform, RGB frames or None, start time) of the clip's window; a video
+    window longer than `max_seconds` (> 0) fails as soon as decoding passes it: its frames are
+    held in memory until encoded (~6 MB a second at 256p, 16 fps)."""
     import av
 
     if not container.streams.audio:
@@ -273,9 +273,11 @@ def _decode(container, item: Item, options: PrepOptions,
     streams, done = [audio] + ([video] if video else []), set()
     for frame in container.decode(*streams):  # in presentation order per stream
         past = frame.time is not None and origin + max_seconds < frame.time < stop
-        if max_seconds and past:
+        if max_seconds and video is not None and past:  # audio alone is light: no limit
             raise ClipFailure(f"longer than --max-seconds {max_seconds:g}: cut it into clips "
-                              "with CSV rows (path,labels,start,end), or raise the limit")
+                              "with CSV rows (path,labels,start,end), or raise the limit (a "
+                              "rerun into the same --out keeps finished shards: remove their "
+                              "shard-N.tar to redo them)")
         if isinstance(frame, av.AudioFrame):
             time = frame.time if frame.time is not None else audio_time
             audio_time = time + frame.samples / frame.sample_rate
@@ -361,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keyframe-interval", type=float, default=1.0,
                         help="seconds between keyframes (default 1)")
     parser.add_argument("--max-seconds", type=float, default=120.0,
-                        help="longest clip (default 120; 0: no limit): a worker holds a clip's "
-                             "frames until it is encoded, ~6 MB a second at 256p and 16 fps; "
-                             "cut longer recordings into clips with CSV rows")
+                        help="longest video clip (default 120; 0: no limit): a worker holds a "
+                             "clip's frames until it is encoded, ~6 MB a second at 256p and "
+                             "16 fps; cut longer recordings into clips with CSV rows")
     args = parser.parse_args(argv)
     if args.short_side < 2 or args.short_side % 2:
         parser.error(f"--short-side {args.short_side} must be even and >= 2")

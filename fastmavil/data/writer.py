@@ -68,8 +68,7 @@ class _Workers:
         if self.count <= 1:
             yield from map(_run_one, jobs)
             return
-        self.pool = self.pool or self._start(self.count)
-        futures, i = [self.pool.submit(_run_one, job) for job in jobs], 0
+        futures, i = self._submit(jobs), 0
         while i < len(jobs):
             try:
                 yield futures[i].result()
@@ -80,8 +79,18 @@ class _Workers:
             self.close()
             yield self._alone(jobs[i])
             i += 1
-            self.pool = self._start(self.count)
-            futures[i:] = [self.pool.submit(_run_one, job) for job in jobs[i:]]
+            futures[i:] = self._submit(jobs[i:])
+
+    def _submit(self, jobs: list) -> list:
+        """Futures of `jobs` in the pool, started afresh where it is gone or broken (a worker
+        can die idle, between two shards)."""
+        for _ in range(2):
+            self.pool = self.pool or self._start(self.count)
+            try:
+                return [self.pool.submit(_run_one, job) for job in jobs]
+            except BrokenProcessPool:
+                self.close()
+        raise BrokenProcessPool("a fresh pool of workers broke before any job")
 
     def _alone(self, job) -> tuple:
         with self._start(1) as pool:
@@ -92,8 +101,13 @@ class _Workers:
                                     "or a crash in a decoder)")
 
     def close(self) -> None:
+        """Stops the pool, killing jobs still running (an error or Ctrl-C ended the run; at
+        the end every job is done): shutdown alone would wait for them at exit."""
         if self.pool is not None:
+            processes = list((getattr(self.pool, "_processes", None) or {}).values())
             self.pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:  # no public way before Python 3.14's terminate_workers
+                process.terminate()
             self.pool = None
 
 

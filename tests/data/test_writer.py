@@ -34,3 +34,23 @@ def test_a_worker_that_dies_fails_its_item_not_the_run(tmp_path, deadline):
     assert keys == ["clip0", "clip1", "clip3", "clip4", "clip5"]  # in order, the rest kept
     assert index["clips"] == 5 and index["failed"] == 1
     assert '2,"its worker process died (killed by the OS' in (tmp_path / "failures.csv").read_text()
+
+
+def _double(item: int):
+    return f"clip{item}", {"json": {"item": 2 * item}}
+
+
+def test_a_worker_that_died_idle_between_shards_does_not_end_the_run(deadline):
+    """The OOM killer may pick a worker with nothing to do: the next shard's jobs find the
+    pool broken, and go to a fresh one."""
+    from fastmavil.data.writer import _Workers
+    workers = _Workers(2)
+    try:
+        jobs = [(_double, i) for i in range(4)]
+        assert [r[1]["json"]["item"] for r in workers.map(jobs)] == [0, 2, 4, 6]
+        for process in list(workers.pool._processes.values()):
+            os.kill(process.pid, signal.SIGKILL)
+            process.join()
+        assert [r[1]["json"]["item"] for r in workers.map(jobs)] == [0, 2, 4, 6]
+    finally:
+        workers.close()

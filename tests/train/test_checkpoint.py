@@ -140,3 +140,4 @@ def test_rng_state_keeps_the_training_devices_cuda_generator_only():
     ckpt.set_rng_state(older, device)
     assert torch.equal(torch.rand(4, device=device), draws)
     ckpt.set_rng_state({**state, "cuda": []}, device)  # saved with fewer devices: not restored
+    assert not torch.equal(torch.rand(4, device=device), draws)
