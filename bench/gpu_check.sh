@@ -11,7 +11,8 @@
 #       root; results in bench/results/ (the sha: a copied tree's git metadata can be stale)
 # Stages (limits in seconds; measured on an H200 where a figure is given):
 #   tests       150  CUDA kernel (every autotune candidate, a whole model step, graphed steps)
-#                    and attention parity tests (70 s at f080127)
+#                    and attention parity tests, and every other CUDA-only test (70 s at
+#                    f080127)
 #   kernels      90  bench.kernels, bf16, wall and device time (58 s at f080127)
 #   throughput  240  bench.throughput --size base, r1-r4 and mavil with the curriculum views
 #   compile     150  R4 with compiled blocks (--compile, no curriculum; 103 s at f080127)
@@ -103,7 +104,8 @@ workers=$(python -c "import xdist" 2>/dev/null && echo "-n 12")
 for stage in "${stages[@]}"; do
   case $stage in
     tests) run "kernel + attention tests (CUDA)" 150 python -m pytest -q -p no:cacheprovider \
-             $workers tests/kernels tests/test_attention.py tests/data/test_fbank.py ;;
+             $workers tests/kernels tests/test_attention.py tests/data/test_fbank.py \
+             tests/train/test_checkpoint.py ;;
     kernels) run "bench.kernels" 90 python -m bench.kernels ;;
     throughput) run "bench.throughput (base)" 240 python -m bench.throughput --size base \
                   --steps 3 ;;

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import subprocess
 import tarfile
 import types
@@ -324,6 +325,20 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert "--batch-rule flops --passes fit" in stages[0] and "--dtype amp" in stages[1]
     done, modules = run("tests", "bogus")
     assert done.returncode == 2 and "unknown stage 'bogus'" in done.stderr and modules == []
+
+
+def test_gpu_check_runs_every_cuda_only_test():
+    """Each test module with a test that skips without CUDA is in the `tests` stage: on this
+    machine they never run, so the GPU check is their only chance."""
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    stage = script[script.index("    tests) run"):].split(";;")[0]
+    marker = re.compile(r'reason=f?"needs (a CUDA GPU|two CUDA devices)')
+    cuda_only = {path.relative_to(ROOT).as_posix() for path in (ROOT / "tests").rglob("test_*.py")
+                 if marker.search(path.read_text())}
+    assert cuda_only, "no CUDA-only test found: the marker text changed"
+    paths = [word.rstrip("/") for word in stage.split() if word.startswith("tests/")]
+    missing = {p for p in cuda_only if not any(p == s or p.startswith(s + "/") for s in paths)}
+    assert not missing, f"CUDA-only tests the GPU check does not run: {sorted(missing)}"
 
 
 def test_gpu_check_packs_its_records_and_keeps_to_its_budget(tmp_path):
