@@ -44,7 +44,7 @@ from fastmavil.cuda_graph import GraphedStep
 from fastmavil.flops import forward_flops_per_sample
 from fastmavil.models import build_model, compile_blocks
 from fastmavil.models.attention import set_attention_backend
-from fastmavil.schedule import plan_epochs
+from fastmavil.schedule import fits_passes, plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
                                      reset_peak_memory, tflops)
 from fastmavil.train.plan_report import spread
@@ -302,9 +302,8 @@ def _schedule(path: str, cfg: Config, device: torch.device, args,
               for p in plan_epochs(cfg, args.clips)]
     keys = list(dict.fromkeys((e["mask_ratio"], e["batch"]) for e in epochs))
     largest = batch_for(cfg, max(b for _, b in keys), device)
-    fitted = (t.passes_per_step == "fit" and t.adaptive_batch and base_passes > 1)
     return {"path": path, "cfg": cfg, "epochs": epochs, "keys": keys, "clips": args.clips,
-            "passes_per_step": "fit" if fitted else "fixed",
+            "passes_per_step": "fit" if fits_passes(t) else "fixed",
             "flops": forward_flops_per_sample(cfg, {e["mask_ratio"] for e in epochs}),
             "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
                                cuda_graph=args.cuda_graph, pool=pool),

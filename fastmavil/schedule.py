@@ -83,6 +83,13 @@ def batch_rounding(train) -> tuple[int, int]:
     return passes, math.lcm(train.batch_multiple, passes)
 
 
+def fits_passes(train) -> bool:
+    """Whether train.passes_per_step = "fit" changes the plan: it needs the adaptive batch and
+    more than one pass per step at B0."""
+    return (train.passes_per_step == "fit" and train.adaptive_batch
+            and batch_rounding(train)[0] > 1)
+
+
 def fit_passes(exact: float, passes: int) -> tuple[int, int]:
     """(samples per pass, passes) for a step of `exact` samples that had `passes` passes at B0:
     each pass the nearest whole sample to exact / passes, and as many passes as bring the step
@@ -104,7 +111,7 @@ def plan_epochs(cfg: Config, num_clips: int) -> list[EpochPlan]:
     plans = []
     for epoch, ratio in enumerate(ratios):
         batch, micro = t.batch_size, t.batch_size // passes
-        if t.adaptive_batch and passes > 1 and t.passes_per_step == "fit":
+        if fits_passes(t):
             micro, fitted = fit_passes(exact[ratio], passes)
             batch = micro * fitted
         elif t.adaptive_batch:

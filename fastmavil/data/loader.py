@@ -83,7 +83,12 @@ class ShardDataset(IterableDataset):
         super().__init__()
         self.shards = shard_paths(source)
         self.source = source = Path(source)
-        self.labels = read_index(source)["labels"] if (source / "index.json").exists() else []
+        index = read_index(source) if (source / INDEX).is_file() else None
+        self.labels = index["labels"] if index else []
+        # each shard's clip count as the index lists it: a damaged tar can end early without an
+        # error, which only this count shows (a scan of the tar headers would end early with it)
+        self.indexed_clips = {source / s["name"]: int(s["clips"])
+                              for s in (index["shards"] if index else []) if "clips" in s}
         self.label_index = {name: i for i, name in enumerate(self.labels)}
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.epoch, self.passed_over = 0, [0]
@@ -149,11 +154,6 @@ class ShardDataset(IterableDataset):
         shards = self._epoch_shards()
         split_shards = len(shards) >= consumers
         mine = shards[consumer::consumers] if split_shards else shards
-        # the index's counts: a damaged tar can end early without an error (a scan of the tar
-        # headers, without them, would end early with it)
-        expected = ({self.source / s["name"]: int(s["clips"])
-                     for s in read_index(self.source)["shards"] if "clips" in s}
-                    if (self.source / INDEX).is_file() else {})
         n = 0
         for shard in mine:
             start, error = n, None
@@ -164,7 +164,7 @@ class ShardDataset(IterableDataset):
                         yield clip
             except (tarfile.TarError, OSError, EOFError) as err:
                 error = err
-            total = expected.get(shard)
+            total = self.indexed_clips.get(shard)
             missing = None if total is None else max(0, total - (n - start))
             lost_some = missing or (error and missing is None)  # all read: nothing to say
             if lost_some and (split_shards or consumer == 0):  # said by one reader

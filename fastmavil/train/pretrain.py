@@ -36,7 +36,7 @@ from ..data.random_clips import RandomClips
 from ..data.shards import count_clips
 from ..flops import forward_flops_per_sample
 from ..models import build_model, compile_blocks
-from ..schedule import EpochPlan, first_step, learning_rate, plan_epochs
+from ..schedule import EpochPlan, first_step, fits_passes, learning_rate, plan_epochs
 from . import resume
 from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_latest, rng_state,
                          run_lock, save_checkpoint, set_rng_state)
@@ -226,12 +226,11 @@ def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
              f"adaptive, {t.adaptive_batch_rule} rule" if t.adaptive_batch else "fixed",
              f" in {passes} passes of {first.micro_batch} -> {last.micro_batch}"
              if most > 1 else "")
-    one_pass = not t.micro_batch_size or t.micro_batch_size == t.batch_size
-    if t.passes_per_step == "fit" and (one_pass or not t.adaptive_batch):
+    if t.passes_per_step == "fit" and not fits_passes(t):
         log.warning("train.passes_per_step = 'fit' changes nothing in this run: it fits the "
                     "passes of the adaptive batch's steps, and this run has %s",
-                    "one pass per step (train.micro_batch_size)" if one_pass
-                    else "a fixed batch (train.adaptive_batch = false)")
+                    "a fixed batch (train.adaptive_batch = false)" if not t.adaptive_batch
+                    else "one pass per step (train.micro_batch_size)")
 
 
 def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
