@@ -18,7 +18,7 @@ matmul. x and the integer ids get no gradient.
 
 Dtypes: the matmul runs in x's dtype, or in the autocast dtype when autocast is on for x's
 device (as F.linear would), with x's tiles cast inside the kernel (no copy of x), the weight
-cast once per call as F.linear's autocast does (D*P elements, where its dtype differs), and fp32
+transposed and cast once per call as F.linear's autocast casts it (D*P elements), and fp32
 accumulation; bias and pos are added to the fp32 accumulator, which is rounded once, to x's
 dtype (so under autocast with fp32 x the output is fp32, as the plain path's bf16 linear + fp32
 pos, but a little more precise: the plain path rounds x W^T + bias to bf16 before adding pos,
@@ -82,7 +82,7 @@ def _patch_embed_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patch
                 tl.store(patches_ptr + rows.to(tl.int64)[:, None] * P + ks[None, :],
                          a.to(patches_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & k_ok[None, :])
-        w = tl.load(w_ptr + cols[None, :] * P + ks[:, None],
+        w = tl.load(w_ptr + ks[:, None] * D + cols[None, :],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = mma(acc, a, w, COMPUTE, PRECISION, ROUND_ONLY)
     tile_ok = row_ok[:, None] & col_ok[None, :]
@@ -126,10 +126,11 @@ class _PatchEmbedVisible(torch.autograd.Function):
                 link: bool) -> torch.Tensor:
         b, n = ids.shape
         d, p = weight.shape[0], weight.shape[1:].numel()
-        # W in the compute dtype, as F.linear's autocast cast (a copy of D*P only under autocast
-        # or mixed dtypes): every program loads its W tiles, so fp32 tiles would double their
-        # L2 traffic and shared memory.
-        w = weight.reshape(d, p).to(compute).contiguous()
+        # W^T (P, D) in the compute dtype, as F.linear's autocast cast (one copy of D*P per call):
+        # every program loads its W tiles, so fp32 tiles would double their L2 traffic and shared
+        # memory. Row-major (K, N) tiles, the layout of Triton's own matmul: on an H200 (Triton
+        # 3.6) bf16 tiles of W read K-major as (64, 128) gave wrong sums (bench/results at 15d37cf).
+        w = weight.reshape(d, p).t().to(compute).contiguous()
         x5, runtime, patch3 = _geometry_args(x, ids, patch)
         out = torch.empty(b, n, d, device=x.device, dtype=x.dtype)
         # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
