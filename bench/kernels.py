@@ -135,9 +135,8 @@ def _against_target(speedup: float | None) -> str:
 def _autotuned() -> list[str]:
     """The config each autotuned kernel chose, per tuning key: which candidates earn their
     compile time."""
-    from kernels import _token_grads, diffuse_embed, masked_mse, patch_embed
-    tuners = {"patch_embed forward": patch_embed._forward_tuned,
-              "diffuse_embed x_t": diffuse_embed._diffuse_tuned,
+    from kernels import _token_grads, diffuse_embed, masked_mse
+    tuners = {"diffuse_embed x_t": diffuse_embed._diffuse_tuned,
               "embedding grad_pos gather": _token_grads._gather_tuned,
               **{f"masked_mse {getattr(k, '__name__', k)}": t
                  for k, t in masked_mse._tuned.items()}}

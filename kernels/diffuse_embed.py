@@ -14,7 +14,7 @@ trains, linking rows to tokens):
      the chunk and diffuse it, with eps loaded from `noise` or drawn from Philox
      (`philox_normals`: four neighbouring elements from one call);
   2. F.linear(x_t, W, bias) in the compute dtype: one cuBLAS matmul, as the plain path's;
-  3. `_add_pos_kernel`: + pos[ids] in fp32, written in x's dtype.
+  3. `kernels._add_pos`: + pos[ids] in fp32, written in x's dtype.
 
 Why not one kernel with the matmul fused (as kernels.patch_embed is): a program of such a kernel
 covers a block of the decoder's features, so x_t was diffused again in each of the 2-4 programs
@@ -39,6 +39,7 @@ import kernels
 from fastmavil.diffusion import q_sample
 from fastmavil.losses import normalize_patches
 
+from ._add_pos import add_pos
 from ._patches import (as_5d, check_ids, check_sample_span, check_tensors, compute_dtype,
                        geometry, reference_gather, tl, triton)
 from ._token_grads import embedding_backward, link_tokens
@@ -178,7 +179,7 @@ class _DiffuseEmbed(torch.autograd.Function):
         noise = None if noise is None else noise.contiguous()
         w2 = weight.reshape(weight.shape[0], -1)
         b, m = ids.shape
-        dd, rows, p = w2.shape[0], b * m, geo["P"]
+        rows, p = b * m, geo["P"]
         x_t = torch.empty(rows, p, device=x.device, dtype=compute)
         kernels.launch(
             _diffuse_tuned, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),), _INTERPRET_CONFIG,
@@ -189,12 +190,7 @@ class _DiffuseEmbed(torch.autograd.Function):
         # The projection as the plain path's F.linear under autocast: operands in the compute
         # dtype, its output rounded to it; bias and W cast here (x may be bf16 with fp32 weights).
         projected = F.linear(x_t, w2.to(compute), bias.to(compute))
-        # In place where the dtypes agree (each element is read, then written, by one program).
-        out = projected if compute == x.dtype else torch.empty_like(projected, dtype=x.dtype)
-        grid = (triton.cdiv(rows, _ADD_BLOCK_M), triton.cdiv(dd, _ADD_BLOCK_N))
-        _add_pos_kernel[grid](projected, pos.contiguous(), ids, out, rows, dd,
-                              BLOCK_M=_ADD_BLOCK_M, BLOCK_N=_ADD_BLOCK_N, num_warps=4)
-        out = out.view(b, m, dd)
+        out = add_pos(projected, pos, ids, x.dtype)
         links = link_tokens(ids, geo["N"]) if link else (None, None)
         ctx.save_for_backward(x_t if save else None, *links)
         ctx.meta = (weight.shape, weight.dtype, bias.dtype, pos.dtype)
@@ -210,7 +206,6 @@ class _DiffuseEmbed(torch.autograd.Function):
 
 # Interpreter: one small fixed config (autotuning there is too slow); ragged edges still occur.
 _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_K=256)
-_ADD_BLOCK_M, _ADD_BLOCK_N = 32, 128  # + pos: a copy-like pass, 32 rows x 128 features a program
 
 if triton is not None:
     from ._patches import load_patches, patch_stats
@@ -276,21 +271,6 @@ if triton is not None:
             x_t = (x - mean[:, None]) * scale[:, None] + sigma[:, None] * eps
             tl.store(xt_ptr + rows.to(tl.int64)[:, None] * P + k[None, :],
                      x_t.to(xt_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _add_pos_kernel(in_ptr, pos_ptr, ids_ptr, out_ptr, R, Dd, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-        """out[r] = in[r] + pos[ids[r]] over a (BLOCK_M rows, BLOCK_N features) tile, in fp32."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < R
-        mask = row_mask[:, None] & (n < Dd)[None, :]
-        token = tl.load(ids_ptr + rows, mask=row_mask, other=0)
-        offs = rows.to(tl.int64)[:, None] * Dd + n[None, :]
-        value = (tl.load(in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                 + tl.load(pos_ptr + token[:, None] * Dd + n[None, :], mask=mask,
-                           other=0.0).to(tl.float32))
-        tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _philox_kernel(seed_ptr, out_ptr, R, P, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -3,28 +3,36 @@
     out[b, i] = W @ patch(x[b], ids[b, i]) + bias + pos[ids[b, i]]        W = weight.view(D, P)
 
 equals `conv(x, weight, bias, stride=patch)` flattened to tokens and gathered at ids, plus
-pos[ids] (fastmavil.models.patch.PatchEmbed). Fusion: one tiled matmul whose A operand is read
-straight from x by index arithmetic (kernels._patches.patch_offsets), so the patchified input
-(B, N, P) is never materialised; bias and positions are added in the epilogue.
+pos[ids] (fastmavil.models.patch.PatchEmbed). The plain path patchifies the whole input (a copy
+of x), gathers the kept patches (a second copy), casts them under autocast (a third) and adds a
+gathered copy of pos. Here three launches, as in kernels.diffuse_embed:
 
-When weight needs a gradient, the programs of the first feature block also write the A tiles
-they loaded, i.e. the visible patches (B*n, P) in the compute dtype (the tensor the plain path
-saves for F.linear's backward), and backward computes grad_weight = grad_out^T @ patches with
-one cuBLAS matmul. (A Triton weight-grad kernel that re-gathered the patches from x was slower
-than the reference's backward on an H200 in seven of eight cases; BENCHMARKS.md.) grad_bias and
-grad_pos come from one deterministic pass over grad_out (kernels._token_grads; for grad_pos the
-forward also links each row to its token); under autocast that pass also casts grad_out for the
-matmul. x and the integer ids get no gradient.
+  1. `_patch_gather_kernel`: reads only the kept patches straight from x by index arithmetic
+     (kernels._patches.patch_offsets) and writes them once, (B*n, P) in the compute dtype: the
+     A operand of the projection and the tensor F.linear's backward keeps, so the whole
+     patchified input (B, N, P) is never materialised;
+  2. F.linear(patches, W, bias) in the compute dtype: one cuBLAS matmul, as the plain path's;
+  3. `kernels._add_pos`: + pos[ids] in fp32, written in x's dtype.
 
-Dtypes: the matmul runs in x's dtype, or in the autocast dtype when autocast is on for x's
-device (as F.linear would), with x's tiles cast inside the kernel (no copy of x), the weight
-transposed and cast once per call as F.linear's autocast casts it (D*P elements), and fp32
-accumulation; bias and pos are added to the fp32 accumulator, which is rounded once, to x's
-dtype (so under autocast with fp32 x the output is fp32, as the plain path's bf16 linear + fp32
-pos, but a little more precise: the plain path rounds x W^T + bias to bf16 before adding pos,
-and kernels.diffuse_embed, whose projection is a cuBLAS call, does too). weight, bias and pos may be
-fp32, bf16 or fp16, each independently; their gradients come back in their own dtypes. fp32
-matmuls use TF32 exactly when torch's own fp32 matmuls may (fp32_precision / allow_tf32).
+Why not one kernel with the matmul fused: it was one (until 2026-11-27), and on an H200 it lost
+to this split by the numbers kernels.diffuse_embed measured: its programs, one per block of
+features, each gathered their row tile again, with 64-byte patch rows, and its Triton matmul ran
+at a fraction of cuBLAS's speed (24 us for the audio embedding's forward at B = 32, rho = 0.8 in
+training's setting, where cuBLAS's projection took 5 us; 101 us on video). It also stored the
+patches for backward from inside its pipelined matmul loop, which raced in bf16 (Triton 3.6,
+the pattern of triton-lang/triton#8139). BENCHMARKS.md has both.
+
+Backward (weight, bias and pos; x and the integer ids get none): grad_weight = grad_out^T
+patches is one cuBLAS matmul on the saved patches; grad_bias and grad_pos come from one
+deterministic pass over grad_out (kernels._token_grads; for grad_pos the forward also links each
+row to its token); under autocast that pass also casts grad_out for the matmul.
+
+Dtypes: the patches and the projection use x's dtype, or the autocast dtype when autocast is on
+for x's device (as F.linear would), with W and bias cast to it per call as autocast casts them;
+fp32 matmuls use TF32 exactly when torch allows it; pos is added in fp32 and the output has x's
+dtype (so under autocast with fp32 x it is fp32, as the plain path's bf16 linear + fp32 pos).
+weight, bias and pos may be fp32, bf16 or fp16, each independently; their gradients come back
+in their own dtypes.
 """
 from __future__ import annotations
 
@@ -35,8 +43,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 import kernels
+from kernels._add_pos import add_pos
 from kernels._patches import (as_5d, check_ids, check_sample_span, check_tensors, compute_dtype,
-                              dot_constexprs, geometry, mma, patch_offsets, reference_gather)
+                              geometry, patch_offsets, reference_gather)
 from kernels._token_grads import embedding_backward, link_tokens
 
 
@@ -50,73 +59,44 @@ def reference_patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weigh
 
 
 @triton.jit
-def _patch_embed_kernel(x_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, patches_ptr, R, n,
-                        D, P, GH, GW, stride_ib, stride_in, stride_xb, stride_xc, stride_xd,
-                        stride_xh, stride_xw, PD: tl.constexpr, PH: tl.constexpr,
-                        PW: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-                        ROUND_ONLY: tl.constexpr, SAVE_PATCHES: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One (BLOCK_M rows of the (B*n) tokens, BLOCK_N features) tile: gathered patches @ W^T;
-    with SAVE_PATCHES the first feature block also stores the patches (B*n, P) for backward."""
-    # Feature blocks vary fastest: the programs sharing a row tile run together, so its gathered
-    # patches are re-read from L2. Row tiles span samples, so a small n (51 audio tokens at
-    # rho = 0.9) does not leave most of each tile empty.
-    pid_n = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, col_ok = rows < R, cols < D
+def _patch_gather_kernel(x_ptr, ids_ptr, out_ptr, R, n, P, GH, GW, stride_ib, stride_in,
+                         stride_xb, stride_xc, stride_xd, stride_xh, stride_xw,
+                         PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Elements of BLOCK_K of the patches of BLOCK_M rows of the (B*n) kept tokens, read from x
+    and written to out (B*n, P) in its dtype."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < R
     b = rows // n
-    i = rows - b * n
-    tok = tl.load(ids_ptr + b * stride_ib + i * stride_in, mask=row_ok, other=0).to(tl.int32)
+    tok = tl.load(ids_ptr + b * stride_ib + (rows - b * n) * stride_in, mask=row_ok,
+                  other=0).to(tl.int32)
+    mask = row_ok[:, None] & (ks < P)[None, :]
+    offs = patch_offsets(tok, ks, GH, GW, PD, PH, PW, stride_xc, stride_xd, stride_xh, stride_xw)
     # Offsets within one sample fit int32; the batch term may not, hence int64.
-    x_b = x_ptr + b.to(tl.int64)[:, None] * stride_xb
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, P, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < P
-        offs = patch_offsets(tok, ks, GH, GW, PD, PH, PW,
-                             stride_xc, stride_xd, stride_xh, stride_xw)
-        a = tl.load(x_b + offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if SAVE_PATCHES:
-            if pid_n == 0:
-                tl.store(patches_ptr + rows.to(tl.int64)[:, None] * P + ks[None, :],
-                         a.to(patches_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & k_ok[None, :])
-        w = tl.load(w_ptr + ks[:, None] * D + cols[None, :],
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(acc, a, w, COMPUTE, PRECISION, ROUND_ONLY)
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    acc += tl.load(pos_ptr + tok[:, None] * D + cols[None, :], mask=tile_ok,
-                   other=0.0).to(tl.float32)
-    out = out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    a = tl.load(x_ptr + b.to(tl.int64)[:, None] * stride_xb + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * P + ks[None, :],
+             a.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(m: int, n: int, k: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=warps,
-                         num_stages=stages)
+# A copy: 32 rows x 128 elements a program (P = 256 or 1536 splits evenly), 4 warps.
+GATHER_BLOCK_M, GATHER_BLOCK_K = 32, 128
 
 
-# H100 candidates (B*n ~ 800-13000 rows, D 384-1024, P 256 or 1536): every candidate is one
-# more compile (seconds) per dtype and patch geometry. 64x128x32 needs about half the shared
-# memory of the others with fp32 x, and no spills, so several programs fit an SM (ptxas's
-# counts per candidate: BENCHMARKS.md, `python -m kernels.compile_check`).
-# The interpreter runs one fixed config instead (autotuning would time every candidate), with
-# wide tiles since its cost is per operation rather than per element.
-_forward_tuned = triton.autotune(
-    [_config(128, 128, 64, 8, 3), _config(64, 128, 64, 4, 3), _config(128, 64, 64, 4, 3),
-     _config(64, 128, 32, 4, 3)],
-    key=["R", "D", "P", "COMPUTE", "PRECISION", "SAVE_PATCHES"])(_patch_embed_kernel)
-_FWD_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}
-
-
-def _geometry_args(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...]) -> tuple:
+def gather_visible(x: torch.Tensor, ids: torch.Tensor, patch: tuple[int, ...],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The kept patches (B*n, P) of x in `dtype`: reference_gather(x, ids, patch) flattened."""
     x5, patch3 = as_5d(x, patch)
     check_sample_span(x5)
     g = geometry(x5, patch3)
-    runtime = (g["GH"], g["GW"], *ids.stride(), *x5.stride())
-    return x5, runtime, dict(zip(("PD", "PH", "PW"), patch3))
+    rows, p = ids.numel(), g["P"]
+    out = torch.empty(rows, p, device=x.device, dtype=dtype)
+    grid = (triton.cdiv(rows, GATHER_BLOCK_M), triton.cdiv(p, GATHER_BLOCK_K))
+    _patch_gather_kernel[grid](x5, ids, out, rows, ids.shape[1], p, g["GH"], g["GW"],
+                               *ids.stride(), *x5.stride(), PD=patch3[0], PH=patch3[1],
+                               PW=patch3[2], BLOCK_M=GATHER_BLOCK_M, BLOCK_K=GATHER_BLOCK_K,
+                               num_warps=4)
+    return out
 
 
 class _PatchEmbedVisible(torch.autograd.Function):
@@ -124,22 +104,11 @@ class _PatchEmbedVisible(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 pos: torch.Tensor, patch: tuple[int, ...], compute: torch.dtype, save: bool,
                 link: bool) -> torch.Tensor:
-        b, n = ids.shape
-        d, p = weight.shape[0], weight.shape[1:].numel()
-        # W^T (P, D) in the compute dtype, as F.linear's autocast cast (one copy of D*P per call):
-        # every program loads its W tiles, so fp32 tiles would double their L2 traffic and shared
-        # memory. Row-major (K, N) tiles, the layout of Triton's own matmul: on an H200 (Triton
-        # 3.6) bf16 tiles of W read K-major as (64, 128) gave wrong sums (bench/results at 15d37cf).
-        w = weight.reshape(d, p).t().to(compute).contiguous()
-        x5, runtime, patch3 = _geometry_args(x, ids, patch)
-        out = torch.empty(b, n, d, device=x.device, dtype=x.dtype)
-        # Without a weight gradient nothing is stored: out stands in as a typed, unused pointer.
-        patches = torch.empty(b * n, p, device=x.device, dtype=compute) if save else out
-        const = dict(**dot_constexprs(compute), **patch3, SAVE_PATCHES=save)
-        args = (x5, ids, w, bias.contiguous(), pos.contiguous(), out, patches, b * n, n, d, p,
-                *runtime)
-        grid = lambda meta: (triton.cdiv(d, meta["BLOCK_N"]), triton.cdiv(b * n, meta["BLOCK_M"]))
-        kernels.launch(_forward_tuned, grid, _FWD_INTERPRET, *args, **const)
+        patches = gather_visible(x, ids, patch, compute)
+        # The projection as the plain path's F.linear under autocast: operands in the compute
+        # dtype, its output rounded to it (x may be bf16 with fp32 weights outside autocast).
+        w2 = weight.reshape(weight.shape[0], -1)
+        out = add_pos(F.linear(patches, w2.to(compute), bias.to(compute)), pos, ids, x.dtype)
         links = link_tokens(ids, pos.shape[0]) if link else (None, None)
         ctx.save_for_backward(patches if save else None, *links)
         ctx.meta = (weight.shape, weight.dtype, bias.dtype, pos.dtype)
@@ -177,12 +146,12 @@ def patch_embed_visible(x: torch.Tensor, ids_keep: torch.Tensor, weight: torch.T
     x (B, C, T, F) with a 2-D patch or (B, C, Fr, H, W) with a 3-D one (any strides);
     ids_keep (B, n) int64 token ids in [0, N) (not range-checked: that would sync the device);
     weight (D, C, *patch_size), bias (D,), pos (N, D) -> (B, n, D) in x's dtype.
-    Runs the Triton kernel where kernels.can_launch allows, else the PyTorch reference.
+    Runs the kernels (and cuBLAS) where kernels.can_launch allows, else the PyTorch reference.
     """
     patch = tuple(int(s) for s in patch_size)
     _check(x, ids_keep, weight, bias, pos, patch)
     if kernels.can_launch("patch_embed_visible", x, weight):
-        # Store the patches only for a weight gradient, link rows to tokens only for grad_pos
+        # Keep the patches only for a weight gradient, link rows to tokens only for grad_pos
         # (needs_input_grad ignores no_grad).
         grad = torch.is_grad_enabled()
         with kernels.on_device(x):  # backward runs on autograd's thread for x's device

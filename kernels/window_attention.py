@@ -13,8 +13,11 @@ A window is small (L <= MAX_WINDOW = 16), so one program holds all L x L scores:
 no online rescaling. Each program takes one window-head g for B_PER samples: the bias is read once
 and its gradient, a sum over the batch, stays in registers and is written as one partial sum per
 chunk of samples (summed by torch: deterministic, no atomics). Backward recomputes the
-probabilities from q, k and the bias, and takes the softmax gradient's row term from the output
-(FlashAttention's D = rowsum(dO * O)).
+probabilities from q, k and the bias, and takes the softmax gradient's row term from them too,
+D = rowsum(P * dP) in fp32, not from the output as FlashAttention must (rowsum(dO * O), its P
+never whole): O is stored rounded to bf16, so each row's dS would then miss summing to 0 by
+that rounding, and the bias gradient, a sum of dS over the batch, gathered it (5x the SDPA
+path's error in the cosine Swin block's position-bias gradient). The output is not kept.
 
 Dtypes: q, k, v share one of fp32, bf16, fp16 (under autocast, its dtype); scores, softmax and
 every sum in fp32; P and dS are rounded to that dtype for their matmuls (as flash kernels do);
@@ -104,8 +107,8 @@ def _window_forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, B, L, D, scal
 
 
 @triton.jit
-def _window_backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_ptr, dq_ptr, dk_ptr,
-                            dv_ptr, dbias_ptr, B, L, D, scale, COMPUTE: tl.constexpr,
+def _window_backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, grad_ptr, dq_ptr, dk_ptr, dv_ptr,
+                            dbias_ptr, B, L, D, scale, COMPUTE: tl.constexpr,
                             PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
                             HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, B_PER: tl.constexpr,
                             BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -121,14 +124,13 @@ def _window_backward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_ptr, dq
         offs, ok, q, k, v, p = _window(q_ptr, k_ptr, v_ptr, bias, chunk * B_PER + i, B, g, L, D,
                                        scale, COMPUTE, PRECISION, ROUND_ONLY, HAS_BIAS, BLOCK_L,
                                        BLOCK_D)
-        out = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         grad = tl.load(grad_ptr + offs, mask=ok, other=0.0)
         zeros = tl.zeros((BLOCK_L, BLOCK_D), tl.float32)
         dv = mma(zeros, tl.trans(p), grad, COMPUTE, PRECISION, ROUND_ONLY)
         dp = mma(tl.zeros((BLOCK_L, BLOCK_L), tl.float32), grad, tl.trans(v), COMPUTE, PRECISION,
                  ROUND_ONLY)
         # rows with no gradient (padding, samples past B) have dS = 0: they add nothing below
-        ds = p * (dp - tl.sum(grad.to(tl.float32) * out, axis=1)[:, None])
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
         if BIAS_GRAD:
             dbias += ds
         dq = mma(zeros, ds, k, COMPUTE, PRECISION, ROUND_ONLY) * scale
@@ -187,17 +189,17 @@ def _(q, k, v, bias):
 
 @torch.library.custom_op("fastmavil::window_attention_backward", mutates_args=())
 def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              bias: torch.Tensor | None, out: torch.Tensor, bias_grad: bool
+              bias: torch.Tensor | None, bias_grad: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); dbias is empty unless bias_grad."""
-    grad, q, k, v, out = (t.contiguous() for t in (grad, q, k, v, out))
+    grad, q, k, v = (t.contiguous() for t in (grad, q, k, v))
     bias = None if bias is None else bias.contiguous()
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     grid, const = _launch_constants(q, bias)
     windows, length = q.shape[1], q.shape[2]
     partial = torch.empty((grid[1], windows, length, length) if bias_grad else (0,),
                           device=q.device, dtype=torch.float32)
-    _launch(_backward_tuned, grid, q, k, v, q if bias is None else bias, out, grad, dq, dk, dv,
+    _launch(_backward_tuned, grid, q, k, v, q if bias is None else bias, grad, dq, dk, dv,
             partial, q.shape[0], length, q.shape[3], q.shape[3] ** -0.5, BIAS_GRAD=bias_grad,
             **const)
     dbias = partial.sum(0).to(bias.dtype) if bias_grad else partial
@@ -205,7 +207,7 @@ def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 @_backward.register_fake
-def _(grad, q, k, v, bias, out, bias_grad):
+def _(grad, q, k, v, bias, bias_grad):
     dbias = (torch.empty(bias.shape, device=q.device, dtype=bias.dtype) if bias_grad
              else q.new_empty((0,), dtype=torch.float32))
     return (*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)),
@@ -215,12 +217,12 @@ def _(grad, q, k, v, bias, out, bias_grad):
 def _setup_context(ctx, inputs, output):
     q, k, v, bias = inputs
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
-    ctx.save_for_backward(q, k, v, bias, output)
+    ctx.save_for_backward(q, k, v, bias)
 
 
 def _backward_autograd(ctx, grad):
-    q, k, v, bias, out = ctx.saved_tensors
-    dq, dk, dv, dbias = _backward(grad, q, k, v, bias, out, ctx.bias_grad)
+    q, k, v, bias = ctx.saved_tensors
+    dq, dk, dv, dbias = _backward(grad, q, k, v, bias, ctx.bias_grad)
     return dq, dk, dv, dbias if ctx.bias_grad else None
 
 

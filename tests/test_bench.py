@@ -167,7 +167,7 @@ def test_profile_sums_device_time_by_kind_of_kernel():
         "ncclDevKernel_AllReduce": "other",
     }
     project = bench._report.project_kernels()
-    assert {"_patch_embed_kernel", "_window_forward_kernel", "_mse_fwd_kernel"} <= set(project)
+    assert {"_patch_gather_kernel", "_window_forward_kernel", "_mse_fwd_kernel"} <= set(project)
     for name, category in names.items():
         assert bench._report.kernel_category(name, project) == category, name
     rows = [types.SimpleNamespace(key=name, self_device_time_total=1000.0 * (i + 1), count=2)

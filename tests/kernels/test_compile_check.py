@@ -48,7 +48,7 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
     # every Triton kernel in kernels/ (the launched ones: named *_kernel) is compiled: a new
     # kernel that compile_check does not run fails here
     launched = {name for name in project_kernels() if name.endswith("_kernel")}
-    assert launched == {"_patch_embed_kernel", "_diffuse_kernel", "_add_pos_kernel",
+    assert launched == {"_patch_gather_kernel", "_diffuse_kernel", "_add_pos_kernel",
                         "_mse_fwd_kernel", "_mse_bwd_kernel", "_philox_kernel", "_link_kernel",
                         "_gather_kernel", "_rows_kernel", "_window_forward_kernel",
                         "_window_backward_kernel"}
@@ -62,14 +62,12 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
                         r"compile errors$", out, re.M)
     assert summary and int(summary[1]) == len(rows) and int(summary[4]) == 0, out
     assert int(summary[2]) == sum(status == "over" for status, *_ in rows), out
-    # the patch embedding's matmul, the window attention's kernels, the position-gradient
-    # linking and gather, the + pos pass in amp and the seeded diffusion and noise kernels (their
-    # four-way interleave of Philox outputs goes through shared memory) fit no candidate into
-    # 1 KB; the loss kernels, the bias pass and the diffusion with given noise do
+    # the window attention's kernels, the position-gradient linking and gather, the + pos pass
+    # in amp and the seeded diffusion and noise kernels (their four-way interleave of Philox
+    # outputs goes through shared memory) fit no candidate into 1 KB; the patch gather, the loss
+    # kernels, the bias pass and the diffusion with given noise do
     unfit = re.findall(r"^FAIL (\w+) +(amp \w+|any) .* no candidate fits 1024 B", out, re.M)
-    assert set(unfit) == {("_patch_embed_kernel", "amp audio"),
-                          ("_patch_embed_kernel", "amp video"),
-                          ("_diffuse_kernel", "amp audio"), ("_diffuse_kernel", "amp video"),
+    assert set(unfit) == {("_diffuse_kernel", "amp audio"), ("_diffuse_kernel", "amp video"),
                           ("_add_pos_kernel", "amp audio"), ("_add_pos_kernel", "amp video"),
                           ("_gather_kernel", "amp audio"), ("_gather_kernel", "amp video"),
                           ("_link_kernel", "amp audio"), ("_link_kernel", "amp video"),

@@ -252,28 +252,39 @@ def test_every_autotune_candidate_matches_cuda_fp32(index, monkeypatch):
         check_against_reference(make_inputs(*CASES[case]))
 
 
-@needs_cuda
-def test_cosine_window_block_runs_the_kernel_under_cuda_autocast():
-    """The swinv2cr block under bf16 autocast on CUDA (its q and k in fp32 there): the kernel
-    path trains as the SDPA path."""
+def test_cosine_window_block_under_autocast(monkeypatch):
+    """The swinv2cr block under bf16 autocast (on CUDA its q and k come out of autocast in fp32):
+    the kernel path's output and parameter gradients each at most twice as far from the fp32
+    block as the SDPA path's under the same autocast (the criterion of test_half_inputs). The
+    position bias MLP's last bias has a zero gradient (softmax ignores a constant added to a
+    row), so both paths' errors there are rounding: taking the softmax's row term from the
+    bf16 output rather than from P made the kernel's 5x the SDPA path's (interpreter)."""
     from fastmavil.models.swin import CosineWindowBlock
     torch.manual_seed(0)
-    blocks = [CosineWindowBlock(64, 2, grid=(8, 4), window=(4, 4), shift=(2, 0)).cuda().eval()
-              for _ in range(2)]
-    blocks[1].load_state_dict(blocks[0].state_dict())
-    blocks[0].fused = True
-    x = torch.randn(3, 32, 64, device="cuda")
+    fused, sdpa = (CosineWindowBlock(64, 2, grid=(8, 4), window=(4, 4), shift=(2, 0))
+                   .to(DEVICE).eval() for _ in range(2))
+    sdpa.load_state_dict(fused.state_dict())
+    fused.fused = True
+    x = torch.randn(3, 32, 64, device=DEVICE)
     # A random cotangent: the block ends in a LayerNorm (post-norm), so the gradient of out.sum()
     # reaches the attention's parameters as rounding noise only (~1e-8), nothing to compare.
     cotangent = torch.randn_like(x)
-    results = []
-    for block in blocks:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    launches, launch = [], wa._forward  # the kernels' op: the fused block must reach it
+    monkeypatch.setattr(wa, "_forward", lambda *a: launches.append(a) or launch(*a))
+
+    def out_and_grads(block, autocast):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
             out = block(x)
-        results.append((out.float(), torch.autograd.grad(out.float(), list(block.parameters()),
-                                                         cotangent)))
-    (out, grads), (ref, ref_grads) = results
-    assert_close(out, ref, 3e-2)
-    for g, r in zip(grads, ref_grads):
-        assert_close(g.float(), r.float(), 5e-2)
+        return out.float(), *torch.autograd.grad(out.float(), list(block.parameters()),
+                                                 cotangent)
+
+    results = zip(out_and_grads(fused, True), out_and_grads(sdpa, True),
+                  out_and_grads(sdpa, False))
+    assert len(launches) == 1
+    names = ["out"] + [name for name, _ in fused.named_parameters()]
+    for name, (actual, sdpa_bf16, truth) in zip(names, results):
+        error = (actual - truth).abs().max().item()
+        sdpa_error = (sdpa_bf16 - truth).abs().max().item()
+        assert error <= 2 * sdpa_error + 1e-3 * truth.abs().max().item(), (name, error,
+                                                                           sdpa_error)
 
