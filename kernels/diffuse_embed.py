@@ -16,13 +16,13 @@ trains, linking rows to tokens):
   2. F.linear(x_t, W, bias) in the compute dtype: one cuBLAS matmul, as the plain path's;
   3. `kernels._add_pos`: + pos[ids] in fp32, written in x's dtype.
 
-Why not one kernel with the matmul fused (as kernels.patch_embed is): a program of such a kernel
-covers a block of the decoder's features, so x_t was diffused again in each of the 2-4 programs
-sharing a row tile, Philox noise included, and that noise, not memory, set its speed (on an H200
-at f080127 the fused forward took 0.91-1.08 ms on video in training's setting against 0.33-0.35
-ms with given noise; BENCHMARKS.md). Backward keeps x_t anyway, for the weight gradient, so
-the fused kernel wrote it too: fusion saved only the matmul's read of x_t, and the split pays
-that read to draw each element's noise once and let cuBLAS do the projection.
+Why not one kernel with the matmul fused (as kernels.patch_embed also was): a program of such
+a kernel covers a block of the decoder's features, so x_t was diffused again in each of the 2-4
+programs sharing a row tile, Philox noise included, and that noise, not memory, set its speed
+(on an H200 at f080127 the fused forward took 0.91-1.08 ms on video in training's setting
+against 0.33-0.35 ms with given noise; BENCHMARKS.md). Backward keeps x_t anyway, for the
+weight gradient, so the fused kernel wrote it too: fusion saved only the matmul's read of x_t,
+and the split pays that read to draw each element's noise once and let cuBLAS do the projection.
 
 Backward (weight, bias and pos only; the diffused patches are an input of the decoder, not a
 function of a parameter): grad_weight = grad_out^T x_t is one cuBLAS matmul on the saved x_t;

@@ -14,13 +14,13 @@ gathered copy of pos. Here three launches, as in kernels.diffuse_embed:
   2. F.linear(patches, W, bias) in the compute dtype: one cuBLAS matmul, as the plain path's;
   3. `kernels._add_pos`: + pos[ids] in fp32, written in x's dtype.
 
-Why not one kernel with the matmul fused: it was one (until 2026-11-27), and on an H200 it lost
-to this split by the numbers kernels.diffuse_embed measured: its programs, one per block of
-features, each gathered their row tile again, with 64-byte patch rows, and its Triton matmul ran
-at a fraction of cuBLAS's speed (24 us for the audio embedding's forward at B = 32, rho = 0.8 in
-training's setting, where cuBLAS's projection took 5 us; 101 us on video). It also stored the
-patches for backward from inside its pipelined matmul loop, which raced in bf16 (Triton 3.6,
-the pattern of triton-lang/triton#8139). BENCHMARKS.md has both.
+Why not one kernel with the matmul fused: it was one until 2026-11-27. On an H200 its programs,
+one per block of features, each gathered their row tile again, and its Triton matmul ran at a
+fraction of cuBLAS's speed (24 us for the audio embedding's forward at B = 32, rho = 0.8 in
+training's setting, where cuBLAS's projection of the same rows took 5 us; 101 us on video); it
+also stored the patches for backward from inside its pipelined matmul loop, which raced in bf16
+(Triton 3.6, the pattern of triton-lang/triton#8139). The same split took kernels.diffuse_embed
+from 1.1-1.3x to 3.0-4.3x its reference in that setting (BENCHMARKS.md has all of these).
 
 Backward (weight, bias and pos; x and the integer ids get none): grad_weight = grad_out^T
 patches is one cuBLAS matmul on the saved patches; grad_bias and grad_pos come from one

@@ -305,18 +305,18 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
 
     done, stages = run("extra")
     assert done.returncode == 0, done.stderr
-    assert [s.split()[1] for s in stages] == ["bench.kernels", "bench.kernels", "pytest",
+    assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.kernels",
                                               "bench.throughput", "bench.throughput",
                                               "bench.attention"]
-    assert "--dtype" not in stages[0] and "--dtype amp" in stages[1]
-    assert "--cuda-graph" in stages[3] and "--compile" not in stages[3]
-    assert "--compare-first" in stages[3] and stages[3].index("r4.toml") < stages[3].index("r1")
-    assert "--batch-rule flops --passes fit" in stages[3]
-    assert "--cuda-graph" in stages[4] and "--compile" in stages[4] and "r4.toml" in stages[4]
+    assert "--dtype" not in stages[1] and "--dtype amp" in stages[2]
+    assert "--cuda-graph" in stages[3] and "--compile" in stages[3] and "r4.toml" in stages[3]
+    assert "--profile" in stages[4] and "--cuda-graph" in stages[4] and "--compile" in stages[4]
     done, stages = run("extra2")
-    assert [s.split()[1] for s in stages] == ["bench.attention", "bench.train",
-                                              "bench.throughput"]
-    assert "--profile" in stages[2] and "--cuda-graph" in stages[2] and "--compile" in stages[2]
+    assert [s.split()[1] for s in stages] == ["bench.throughput", "bench.train",
+                                              "bench.attention"]
+    assert "--cuda-graph" in stages[0] and "--compile" not in stages[0]
+    assert "--compare-first" in stages[0] and stages[0].index("r4.toml") < stages[0].index("r1")
+    assert "--batch-rule flops --passes fit" in stages[0]
     done, stages = run()  # default: the check
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]
