@@ -19,6 +19,7 @@ def add_pos(projected: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor,
     place where projected has that dtype (each element is read, then written, by one
     program)."""
     rows, dim = projected.shape
+    assert projected.is_contiguous(), "the kernel indexes rows of D contiguous elements"
     out = projected if projected.dtype == dtype else torch.empty_like(projected, dtype=dtype)
     grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(dim, BLOCK_N))
     _add_pos_kernel[grid](projected, pos.contiguous(), ids, out, rows, ids.shape[1], dim,

@@ -15,7 +15,7 @@ and its gradient, a sum over the batch, stays in registers and is written as one
 chunk of samples (summed by torch: deterministic, no atomics). Backward recomputes the
 probabilities from q, k and the bias, and takes the softmax gradient's row term from them too,
 D = rowsum(P * dP) in fp32, not from the output as FlashAttention must (rowsum(dO * O), its P
-never whole): O is stored rounded to bf16, so each row's dS would then miss summing to 0 by
+never whole): O is stored rounded to q's dtype, so each row's dS would then miss summing to 0 by
 that rounding, and the bias gradient, a sum of dS over the batch, gathered it (5x the SDPA
 path's error in the cosine Swin block's position-bias gradient). The output is not kept.
 

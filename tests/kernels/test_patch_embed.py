@@ -17,9 +17,8 @@ import torch
 import kernels
 from fastmavil.masking import random_masking
 from fastmavil.models.patch import PatchEmbed, patch_grid
-from conftest import nan_filled_empty, saved_floats, torch_flag
+from conftest import nan_filled_empty, saved_floats
 from kernels import patch_embed as pe
-from kernels._patches import dot_constexprs
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -210,15 +209,6 @@ def test_keeps_the_patches_only_for_a_weight_gradient():
     for actual, expected in zip(torch.autograd.grad(out, (bias, pos), grad),
                                 torch.autograd.grad(ref, (bias, pos), grad)):
         assert_close(actual, expected, FP32_TOL)
-
-
-@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
-                    reason="torch < 2.9: only the legacy allow_tf32 flag")
-def test_fp32_dot_precision_follows_torch():
-    assert dot_constexprs(torch.float32)["PRECISION"] == "ieee"  # the fixture: TF32 off
-    assert dot_constexprs(torch.bfloat16)["PRECISION"] == "tf32"  # Triton's default
-    with torch_flag(torch.backends.cuda.matmul, "fp32_precision", "tf32"):
-        assert dot_constexprs(torch.float32)["PRECISION"] == "tf32"
 
 
 def test_equals_model_patch_embed():
