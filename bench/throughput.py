@@ -47,7 +47,7 @@ from fastmavil.models.attention import set_attention_backend
 from fastmavil.schedule import fits_passes, plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
                                      reset_peak_memory, tflops)
-from fastmavil.train.plan_report import spread
+from fastmavil.train.plan_report import spread, work_per_step
 from fastmavil.train.pretrain import fast_path
 
 from ._report import (RESULTS, commit, device_name, kernel_rows, print_table,
@@ -181,7 +181,8 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
     reference = Trainer(cfg, device, fast=False, compile_model=False, state=None)
     fast = Trainer(cfg, device, fast=True, compile_model=args.compile,
                    state=reference.model.state_dict(), cuda_graph=args.cuda_graph)
-    flops = 3 * forward_flops_per_sample(cfg, {ratio})[ratio] * batch
+    work = work_per_step(cfg, forward_flops_per_sample(cfg, {ratio}), ratio, batch)
+    flops = work["flops"]
     record = {"config": path, "mask_ratio": ratio, "batch": batch, "flops_per_step": flops}
     warmup_s = {}  # wall time of the warm-up steps, which compile (--compile) and autotune
     for name, trainer in (("reference", reference), ("fast", fast)):
@@ -210,7 +211,7 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
         ms = statistics.median(times[name])
         seconds = ms / 1e3
         record[name] = {"step_ms": ms, "samples_per_s": batch / seconds,
-                        "tokens_per_s": sum(cfg.model.visible_tokens(ratio)) * batch / seconds,
+                        "tokens_per_s": work["tokens"] / seconds,
                         "tflops": tflops(flops, seconds), "mfu": mfu(flops, seconds, peak),
                         "peak_memory_gb": None if memory[name] is None else memory[name] / 2 ** 30,
                         "gpu_util": _mean(utils[name]), "warmup_s": warmup_s[name]}
@@ -324,10 +325,9 @@ def _view(run: dict) -> dict:
         shape = shapes[e["mask_ratio"], e["batch"]]
         samples, ms = e["batch"] * e["passes"], shape["step_ms"] * e["passes"]
         steps = int(run["clips"] // samples)
+        work = work_per_step(cfg, flops, e["mask_ratio"], samples)
         epochs.append({**e, "steps": steps, "step_ms": ms, "samples_per_s": samples / ms * 1e3,
-                       "tokens_per_step": sum(cfg.model.visible_tokens(e["mask_ratio"]))
-                       * samples,
-                       "tflop_per_step": 3 * flops[e["mask_ratio"]] * samples / 1e12,
+                       "tokens_per_step": work["tokens"], "tflop_per_step": work["flops"] / 1e12,
                        "gpu_util": shape["gpu_util"], "epoch_s": steps * ms / 1e3})
     step_ms = [e["step_ms"] for e in epochs]
     work = [e["tflop_per_step"] for e in epochs]

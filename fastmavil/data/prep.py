@@ -272,8 +272,8 @@ def _decode(container, item: Item, options: PrepOptions,
     sampler = None
     streams, done = [audio] + ([video] if video else []), set()
     for frame in container.decode(*streams):  # in presentation order per stream
-        past = frame.time is not None and origin + max_seconds < frame.time < stop
-        if max_seconds and video is not None and past:  # audio alone is light: no limit
+        if (max_seconds and video is not None  # audio alone is light: no limit
+                and frame.time is not None and origin + max_seconds < frame.time < stop):
             raise ClipFailure(f"longer than --max-seconds {max_seconds:g}: cut it into clips "
                               "with CSV rows (path,labels,start,end), or raise the limit (a "
                               "rerun into the same --out keeps finished shards: remove their "

@@ -22,12 +22,20 @@ def spread(values: list[float]) -> float:
     return max(abs(v - mean) for v in values) / mean
 
 
+def work_per_step(cfg: Config, flops: dict[float, float], ratio: float, samples: float) -> dict:
+    """A step of `samples` samples at mask ratio `ratio`: its samples, training FLOPs (3x the
+    forward's, `flops` from forward_flops_per_sample, as fastmavil-flops counts them) and visible
+    tokens."""
+    return {"samples": samples, "flops": 3.0 * flops[ratio] * samples,
+            "tokens": sum(cfg.model.visible_tokens(ratio)) * samples}
+
+
 def plan_summary(cfg: Config, plans: list[EpochPlan]) -> dict:
     """Rows (consecutive epochs of one shape together) and the per-step spreads of the plan."""
     flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in plans})
-    work = [{"tflop": 3 * flops[p.mask_ratio] * p.batch_size / 1e12,
-             "tokens": sum(cfg.model.visible_tokens(p.mask_ratio)) * p.batch_size}
-            for p in plans]
+    work = [work_per_step(cfg, flops, p.mask_ratio, p.batch_size) for p in plans]
+    for w in work:
+        w["tflop"] = w["flops"] / 1e12
     rows = []
     for p, w in zip(plans, work):
         shape = (p.mask_ratio, p.batch_size, p.micro_batch)

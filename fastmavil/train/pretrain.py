@@ -42,7 +42,7 @@ from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_lates
                          run_lock, save_checkpoint, set_rng_state)
 from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
                       peak_memory_bytes, tflops)
-from .plan_report import print_plan
+from .plan_report import print_plan, work_per_step
 
 log = logging.getLogger("fastmavil.train")
 
@@ -366,9 +366,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
             # of an uninterrupted run.
             drop = dataset.set_epoch(plan.epoch, (step - start) * accum, plan.micro_batch,
                                      cfg.data.num_workers)
-            step_work = {"samples": plan.batch_size,  # training FLOPs: forward + backward
-                         "flops": 3.0 * flops[plan.mask_ratio] * plan.batch_size,
-                         "tokens": sum(cfg.model.visible_tokens(plan.mask_ratio)) * plan.batch_size}
+            step_work = work_per_step(cfg, flops, plan.mask_ratio, plan.batch_size)
             batches = (dataset.batches(plan.micro_batch) if isinstance(dataset, RandomClips)
                        else iter(build_loader(dataset, plan.micro_batch, cfg.data.num_workers)))
             for _ in range(drop):  # if the data ends here, the step loop finds it has
