@@ -6,11 +6,12 @@ natively on CUDA tensors, or on CPU tensors through Triton's interpreter (TRITON
 for tests); anywhere else it falls back to its reference and says so once.
 
 The rules every kernel here keeps (README "Adding a kernel" lists where a new one goes):
-- deterministic: no float atomics; a sum across programs is written as partial sums that torch
-  adds, laid out the same whatever the autotuner picks;
-- an autotuned kernel only stores (never accumulates into its output), since the autotuner runs
-  each candidate on the real arguments; launch it through `launch`, which runs one fixed config
-  under the interpreter;
+- deterministic: no float atomics; a sum across programs is written as partial sums, laid out
+  the same whatever the autotuner picks, that torch adds, or the launch's last program (an
+  integer arrival counter tells it, kernels._token_grads) adds in a fixed order;
+- an autotuned kernel only stores (never accumulates into its output, and leaves a counter as
+  it found it), since the autotuner runs each candidate on the real arguments; launch it
+  through `launch`, which runs one fixed config under the interpreter;
 - launched through `can_launch` (else the reference) and `on_device` (Triton launches on the
   current device);
 - module-level numbers a kernel reads are `tl.constexpr(...)`: the interpreter accepts plain

@@ -226,10 +226,13 @@ def _flags(launch: Launch) -> str:
     return " ".join(k for k, v in launch.kwargs.items() if v is True)
 
 
-def _describe(config: dict) -> str:
-    blocks = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in config.items()
+def _describe(config: dict, kwargs: dict) -> str:
+    """A candidate's blocks (with the launch's) and its switches that are on (UNROLL)."""
+    merged = {**kwargs, **config}
+    blocks = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in merged.items()
                       if k.startswith("BLOCK"))
-    return f"{blocks} w={config.get('num_warps', '-')} s={config.get('num_stages', '-')}"
+    blocks += "".join(f" {k}" for k, v in config.items() if v is True)
+    return f"{blocks} w={merged.get('num_warps', '-')} s={merged.get('num_stages', '-')}"
 
 
 def check(arch: int = 90, settings=SETTINGS, shared_limit: int | None = None,
@@ -254,7 +257,7 @@ def check(arch: int = 90, settings=SETTINGS, shared_limit: int | None = None,
                 continue
             seen.add(key)
             count += 1
-            describe = _describe({**launch.kwargs, **config})
+            describe = _describe(config, launch.kwargs)
             try:
                 kernel, ptxas = compile_with_ptxas_report(launch, config, target)
             except Exception as err:  # noqa: BLE001 -- report every variant, then fail

@@ -114,6 +114,64 @@ def test_without_a_cast_or_pos_grad_g_is_grad_out():
     assert_close(grad_b, grad.double().sum((0, 1)), TOL)
 
 
+# (B, n, N): over 32 tiles of partial bias sums, so the last program adds them in more than one
+# chunk: the gather's 16-token tiles (N = 600: 38) and the row pass's 64-row tiles (2100 rows: 33).
+@pytest.mark.parametrize("shape", [(2, 300, 600), (3, 700, 900)], ids=["gather", "rows"])
+def test_bias_sum_over_many_tiles(shape):
+    batch, n, num_tokens = shape
+    dim, with_pos = 40, shape[2] == 600
+    ids = torch.stack([torch.randperm(num_tokens)[:n] for _ in range(batch)]).to(DEVICE)
+    grad = torch.randn(batch, n, dim, device=DEVICE)
+    with nan_filled_empty():
+        _, grad_b, grad_pos = embedding_grads(
+            grad, links=link_tokens(ids, num_tokens) if with_pos else None,
+            bias_dtype=torch.float32, pos_dtype=torch.float32 if with_pos else None,
+            matmul_dtype=None)
+    ref_b, ref_pos = sums(grad, ids, num_tokens)
+    assert_close(grad_b, ref_b, TOL)
+    if with_pos:
+        assert_close(grad_pos, ref_pos, TOL)
+
+
+@pytest.mark.parametrize("with_pos", [True, False], ids=["gather", "rows"])
+def test_a_launch_leaves_its_arrival_counters_at_zero(monkeypatch, with_pos):
+    """The last program of each feature block resets its counter: two calls on one set of
+    counters both get their own bias sums (the autotuner relaunches on the same arguments)."""
+    from kernels import _token_grads as tg
+    shared = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(tg, "_counters", lambda count, device: shared[:count])
+    batch, n, num_tokens, dim = 3, 30, 70, 100
+    ids = torch.stack([torch.randperm(num_tokens)[:n] for _ in range(batch)]).to(DEVICE)
+    links = link_tokens(ids, num_tokens) if with_pos else None
+    for _ in range(2):
+        grad = torch.randn(batch, n, dim, device=DEVICE)
+        with nan_filled_empty():
+            _, grad_b, _ = embedding_grads(
+                grad, links=links, bias_dtype=torch.float32,
+                pos_dtype=torch.float32 if with_pos else None, matmul_dtype=torch.bfloat16)
+        assert_close(grad_b, sums(grad, ids, num_tokens)[0], TOL)
+        assert (shared == 0).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="CUDA: test_cuda_every_gather_config runs every candidate natively")
+def test_gather_as_a_loop_matches_sums(monkeypatch):
+    """The interpreter runs the unrolled gather; the loop over the samples (the other half of
+    the autotuner's candidates) gives the same sums."""
+    from kernels import _token_grads as tg
+    monkeypatch.setattr(tg, "_INTERPRET", dict(tg._INTERPRET, UNROLL=False))
+    batch, n, num_tokens, dim = 19, 9, 23, 72
+    ids = repeated_ids(batch, n, num_tokens)
+    grad = torch.randn(batch, n, dim, device=DEVICE)
+    with nan_filled_empty():
+        _, grad_b, grad_pos = embedding_grads(
+            grad, links=link_tokens(ids, num_tokens), bias_dtype=torch.float32,
+            pos_dtype=torch.float32, matmul_dtype=None)
+    ref_b, ref_pos = sums(grad, ids, num_tokens)
+    assert_close(grad_b, ref_b, TOL)
+    assert_close(grad_pos, ref_pos, TOL)
+
+
 def test_grad_pos_is_deterministic():
     """Distinct ids (a mask's): the same gradients bit for bit on every run (index_add_'s float
     atomics on CUDA give no such promise)."""
