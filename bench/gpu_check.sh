@@ -10,10 +10,10 @@
 #   FASTMAVIL_COMMIT=<sha> bash bench/gpu_check.sh [STAGE|GROUP ...]   # from the repository
 #       root; results in bench/results/ (the sha: a copied tree's git metadata can be stale)
 # Stages (limits in seconds; measured on an H200 where a figure is given):
-#   tests       150  CUDA kernel (every autotune candidate, a whole model step, graphed steps)
-#                    and attention parity tests, and every other CUDA-only test (70 s at
-#                    f080127)
-#   kernels      90  bench.kernels, bf16, wall and device time (58 s at f080127)
+#   tests       180  CUDA kernel (every autotune candidate, a whole model step, graphed steps)
+#                    and attention parity tests, and every other CUDA-only test (130 s at
+#                    a56a753, with pytest-xdist)
+#   kernels      90  bench.kernels, bf16, wall and device time (65 s at a56a753)
 #   throughput  240  bench.throughput --size base, r1-r4 and mavil with the curriculum views
 #   compile     150  R4 with compiled blocks (--compile, no curriculum; 103 s at f080127)
 #   views       130  R1/R4/R3 curriculum views under the FLOPs batch rule, each step's passes
@@ -33,14 +33,12 @@
 #   profile     150  a profile of R4's step with compiled blocks and CUDA graphs: its device
 #                    time by kind of kernel (matmul, attention, ...) and by operator
 # Groups: default = tests kernels throughput (the issue's check, under 8 minutes);
-#   extra = tests kernels amp graph-compile profile attention (675 s of limits, 560 s of
-#   budget: the last stages are cut first): the CUDA tests first (the patch embedding's split
-#   and the window attention's backward have not run on a GPU), then the kernels in both
-#   settings (issue 5's target), R4 with compiled blocks replayed as CUDA graphs (the MFU
-#   target: 31.9 % at 5b306d9) and its profile by kind of kernel (where the rest goes), then
-#   the window attention;
-#   extra2 = graph train attention, in a second call if the loan has time left: the graphed
-#   curriculum views (the +-5 % target, met at 15d37cf), the trainer, the window attention.
+#   extra = tests kernels amp graph-compile profile attention (705 s of limits, 560 s of
+#   budget: the last stages are cut first; 379 s at fe81939): the CUDA tests, the kernels in
+#   both settings (issue 5's target), R4 with compiled blocks replayed as CUDA graphs (the MFU
+#   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
+#   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
+#   15d37cf), the trainer on random clips (never run yet), the window attention.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
@@ -105,7 +103,7 @@ keep() {  # the device tool returns at most 8 files from $OUT: this run's record
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 12")
 for stage in "${stages[@]}"; do
   case $stage in
-    tests) run "kernel + attention tests (CUDA)" 150 python -m pytest -q -p no:cacheprovider \
+    tests) run "kernel + attention tests (CUDA)" 180 python -m pytest -q -p no:cacheprovider \
              $workers tests/kernels tests/test_attention.py tests/data/test_fbank.py \
              tests/train/test_checkpoint.py ;;
     kernels) run "bench.kernels" 90 python -m bench.kernels ;;
