@@ -24,6 +24,10 @@
 #                    rule with fitted passes, graphed: the +-5 % target once the host no
 #                    longer sets the pace and the FLOPs per step hold within +-0.19 %
 #   graph-compile 150  R4 with compiled blocks and CUDA graphs: the MFU target
+#   autotune    330  the same with the blocks compiled in max-autotune (--compile-mode: Triton
+#                    matmuls with GELU and other elementwise work in their epilogues where
+#                    Inductor times them faster than cuBLAS; compiling takes minutes): whether
+#                    that fusion closes the MFU gap (not run yet)
 #   attention    75  bench.attention: SDPA (its own choice, and each of its CUDA kernels forced)
 #                    against math at each attention call of R4 (the Swin decoder's 16-key
 #                    windows took 5 ms per step in SDPA at f080127)
@@ -38,7 +42,8 @@
 #   both settings (issue 5's target), R4 with compiled blocks replayed as CUDA graphs (the MFU
 #   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
 #   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
-#   15d37cf), the trainer on random clips (never run yet), the window attention.
+#   15d37cf), the trainer on random clips (never run yet), the window attention;
+#   mfu = graph-compile autotune profile: R4 compiled in both modes, then the default's profile.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
@@ -46,11 +51,12 @@ for arg in "${@:-default}"; do
     default) stages+=(tests kernels throughput) ;;
     extra) stages+=(tests kernels amp graph-compile profile attention) ;;
     extra2) stages+=(graph train attention) ;;
-    tests|kernels|throughput|compile|views|amp|graph|graph-compile|attention|train|profile)
+    mfu) stages+=(graph-compile autotune profile) ;;
+    tests|kernels|throughput|compile|views|amp|graph|graph-compile|autotune|attention|train|profile)
       stages+=("$arg") ;;
     *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp graph" \
-            "graph-compile attention train profile;" \
-            "groups: default extra extra2" >&2; exit 2 ;;
+            "graph-compile autotune attention train profile;" \
+            "groups: default extra extra2 mfu" >&2; exit 2 ;;
   esac
 done
 cd "$(dirname "$0")/.."
@@ -122,6 +128,9 @@ for stage in "${stages[@]}"; do
              configs/r4.toml configs/r1.toml configs/r3.toml ;;
     graph-compile) run "bench.throughput (base, compile, graphs)" 150 python -m bench.throughput \
                      --size base --steps 3 --compile --cuda-graph --no-curriculum configs/r4.toml ;;
+    autotune) run "bench.throughput (base, compile max-autotune, graphs)" 330 python -m \
+                bench.throughput --size base --steps 3 --compile --compile-mode max-autotune \
+                --cuda-graph --no-curriculum configs/r4.toml ;;
     attention) run "bench.attention (R4, base)" 75 python -m bench.attention configs/r4.toml ;;
     train) run "bench.train (R4, base, random clips)" 180 python -m bench.train --steps 30 ;;
     profile) run "bench.throughput (base, profile)" 150 python -m bench.throughput --size base \

@@ -62,7 +62,8 @@ class Trainer:
     """One path (reference or fast) of one config: model, optimiser, a step on a fixed batch."""
 
     def __init__(self, cfg: Config, device: torch.device, fast: bool, compile_model: bool,
-                 state: dict | None, cuda_graph: bool = False, pool: tuple | None = None):
+                 state: dict | None, cuda_graph: bool = False, pool: tuple | None = None,
+                 compile_mode: str = "default"):
         with device:  # initialised on the device: seconds less per paper-size model
             self.model = build_model(cfg)
         self.model.to(device)  # buffers made from CPU arrays
@@ -71,7 +72,7 @@ class Trainer:
         self.model.use_kernels(fast and fast_path(cfg, device))
         set_attention_backend(self.model, "auto" if fast else "math")
         if fast and compile_model:
-            compile_blocks(self.model)
+            compile_blocks(self.model, compile_mode)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4,
                                            fused=fast or None, foreach=None if fast else True,
                                            capturable=cuda_graph)
@@ -180,7 +181,8 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
     audio, video = batch_for(cfg, batch, device)
     reference = Trainer(cfg, device, fast=False, compile_model=False, state=None)
     fast = Trainer(cfg, device, fast=True, compile_model=args.compile,
-                   state=reference.model.state_dict(), cuda_graph=args.cuda_graph)
+                   state=reference.model.state_dict(), cuda_graph=args.cuda_graph,
+                   compile_mode=args.compile_mode)
     work = work_per_step(cfg, forward_flops_per_sample(cfg, {ratio}), ratio, batch)
     flops = work["flops"]
     record = {"config": path, "mask_ratio": ratio, "batch": batch, "flops_per_step": flops}
@@ -226,7 +228,7 @@ def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
-                      cuda_graph=args.cuda_graph)
+                      cuda_graph=args.cuda_graph, compile_mode=args.compile_mode)
     audio, video = batch_for(cfg, batch, device)
     ratio = cfg.mask.end
     for _ in range(args.warmup):
@@ -307,7 +309,8 @@ def _schedule(path: str, cfg: Config, device: torch.device, args,
             "passes_per_step": "fit" if fits_passes(t) else "fixed",
             "flops": forward_flops_per_sample(cfg, {e["mask_ratio"] for e in epochs}),
             "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
-                               cuda_graph=args.cuda_graph, pool=pool),
+                               cuda_graph=args.cuda_graph, pool=pool,
+                               compile_mode=args.compile_mode),
             "batches": {b: tuple(x if x is None else x[:b] for x in largest)
                         for b in {b for _, b in keys}},
             "times": {key: [] for key in keys}, "utils": {key: [] for key in keys}}
@@ -434,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="dataset size for the projected epoch times (AS-2M)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the fast path's transformer blocks (regional torch.compile)")
+    parser.add_argument("--compile-mode", choices=["default", "max-autotune"], default="default",
+                        help="with --compile: Inductor's mode (max-autotune: Triton matmul "
+                             "templates with fused epilogues where faster than cuBLAS)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay the fast path's whole step as a CUDA graph per shape (CUDA)")
     parser.add_argument("--no-curriculum", action="store_true")
@@ -453,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.no_compare and args.no_curriculum and not args.profile:
         parser.error("--no-compare with --no-curriculum leaves nothing to measure")
+    if args.compile_mode != "default" and not args.compile:
+        parser.error("--compile-mode needs --compile")
     cuda = torch.cuda.is_available()
     if args.cuda_graph and not cuda:
         parser.error("--cuda-graph needs a CUDA GPU")
@@ -469,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     # variants get their own record, so a run of one never overwrites the default's
     variant = "".join(suffix for suffix, on in ((f"-b{args.batch}", args.batch != default_batch),
                                                 ("-compile", args.compile),
+                                                ("-autotune", args.compile_mode != "default"),
                                                 ("-graph", args.cuda_graph),
                                                 (f"-{args.batch_rule}", args.batch_rule),
                                                 ("-fit", args.passes == "fit"),

@@ -324,6 +324,10 @@ class TrainConfig:
     max_steps: int = 0          # stop after this many optimizer steps (0: run every epoch)
     grad_clip: float = 0.0      # max gradient norm (0: off; MAE and AudioMAE do not clip)
     compile: bool = False       # torch.compile each transformer block (models/compile.py)
+    # Inductor's mode for them: default, or max-autotune (Triton matmul templates timed against
+    # cuBLAS while compiling, with elementwise work such as GELU fused into their epilogues;
+    # compiling takes minutes longer)
+    compile_mode: str = field(default="default", metadata=_choices("default", "max-autotune"))
     # replay each forward + backward pass as a CUDA graph, one per (rho, samples per pass) (CUDA
     # only; fastmavil/cuda_graph.py): the host no longer sets the step's pace
     cuda_graphs: bool = False
@@ -354,6 +358,9 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size = {self.batch_size} must be a multiple of "
                               f"train.batch_multiple = {self.batch_multiple} with the adaptive "
                               "batch (it is the batch at the lowest mask ratio)")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"train.compile_mode = {self.compile_mode!r} needs train.compile "
+                              "= true (it is the mode of that compilation)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device = {self.device!r} is not one of: auto, cpu, cuda, "
                               "cuda:N")

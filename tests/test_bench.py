@@ -320,6 +320,11 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     done, stages = run()  # default: the check
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]
+    done, stages = run("mfu")
+    assert [s.split()[1] for s in stages] == ["bench.throughput"] * 3
+    assert "--compile-mode" not in stages[0] and "--compile-mode max-autotune" in stages[1]
+    assert all("--compile" in s and "--cuda-graph" in s for s in stages)
+    assert "--profile" in stages[2]
     done, stages = run("views", "amp")
     assert done.returncode == 0 and len(stages) == 2
     assert "--batch-rule flops --passes fit" in stages[0] and "--dtype amp" in stages[1]
@@ -387,7 +392,7 @@ def test_compare_alternates_which_path_is_timed_first(monkeypatch):
     monkeypatch.setattr(bench.throughput.Trainer, "time", time)
     cfg = bench.throughput.load_config(ROOT / "configs/r4.toml", {"model.size": "tiny"})
     args = types.SimpleNamespace(batch=2, warmup=0, repeats=3, steps=1, compile=False,
-                                 cuda_graph=False)
+                                 compile_mode="default", cuda_graph=False)
     record = bench.throughput.compare("r4", cfg, torch.device("cpu"), args, None)
     assert order == ["reference", "fast", "fast", "reference", "reference", "fast"]
     assert record["speedup"] == 1.0
@@ -408,7 +413,8 @@ def test_curriculum_times_the_configs_passes_scaled(monkeypatch, micro, passes, 
     cfg = bench.throughput.load_config(ROOT / "configs/r4.toml", {
         "model.size": "tiny", "train.micro_batch_size": micro, "train.passes_per_step": passes,
         "train.adaptive_batch_rule": "flops"})
-    args = types.SimpleNamespace(batch=32, clips=100_000, compile=False, cuda_graph=False)
+    args = types.SimpleNamespace(batch=32, clips=100_000, compile=False, cuda_graph=False,
+                                 compile_mode="default")
     run = bench.throughput._schedule("r4", cfg, torch.device("cpu"), args)
     batches = {b for _, b in run["keys"]}
     assert min(batches) == 32 and all(b % multiple == 0 for b in batches)

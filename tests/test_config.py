@@ -86,6 +86,9 @@ def test_bad_choice_lists_allowed_values(tmp_path):
     ("[optim]\nweight_decay = -1\n", "optim.weight_decay = -1.0 must be >= 0"),
     ("[train]\ndevice = 'cudaa'\n", "train.device = 'cudaa' is not one of"),
     ("[train]\ndevice = 'cuda:x'\n", "train.device = 'cuda:x' is not one of"),
+    ("[train]\ncompile_mode = 'max-autotune'\n", "train.compile_mode = 'max-autotune' needs "
+     "train.compile = true"),
+    ("[train]\ncompile = true\ncompile_mode = 'fast'\n", "train.compile_mode = 'fast' is not one of"),
     ("[data]\nvideo_std = [0.2, 0.0, 0.2]\n", "data.video_std = \\(0.2, 0.0, 0.2\\) must be > 0"),
     ("[data]\naudio_std = 0\n", "data.audio_std = 0.0 must be > 0"),
     # passed the checks before, failed or misbehaved later: seeds out of NumPy's or torch's

@@ -14,10 +14,14 @@ from .attention import Block, CrossBlock
 from .swin import WindowBlock
 
 BLOCKS = (Block, CrossBlock, WindowBlock)
+# train.compile_mode -> torch.compile's mode. Inductor's own CUDA graphs stay off under
+# max-autotune: train.cuda_graphs captures whole passes, compiled blocks included.
+MODES = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """Compiles every transformer block of `model` in place; returns how many.
+def compile_blocks(model: nn.Module, mode: str = "default") -> int:
+    """Compiles every transformer block of `model` in place, in `mode` (a key of MODES);
+    returns how many.
 
     With dynamic shapes from the start: batch and token counts differ between the encoders and
     change with the masking curriculum, and the default (a static graph, recompiled as dynamic
@@ -27,7 +31,9 @@ def compile_blocks(model: nn.Module) -> int:
     On an H200 (R4, B = 32) the dynamic kernels took as long as static ones: 83.9 against
     84.0 ms of GPU time per step (BENCHMARKS.md, f080127).
     """
+    if mode not in MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of: {', '.join(MODES)}")
     blocks = [m for m in model.modules() if isinstance(m, BLOCKS)]
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, mode=MODES[mode])
     return len(blocks)

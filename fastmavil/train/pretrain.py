@@ -277,7 +277,8 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                      "run with --run.name to train another schedule: train.epochs cannot "
                      "change on a resume)", run_dir, step, total_steps, more)
     if t.compile:
-        log.info("compiled %d transformer blocks", compile_blocks(model))
+        log.info("compiled %d transformer blocks (mode %s)", compile_blocks(model, t.compile_mode),
+                 t.compile_mode)
     # the batches' copies to the GPU overlap the previous pass (fastmavil.data.loader.to_device)
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     graphed = None
