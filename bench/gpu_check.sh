@@ -43,7 +43,8 @@
 #   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
 #   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
 #   15d37cf), the trainer on random clips (never run yet), the window attention;
-#   mfu = graph-compile autotune profile: R4 compiled in both modes, then the default's profile.
+#   mfu = graph-compile autotune profile (630 s of limits: give it GPU_CHECK_BUDGET=560 and the
+#   profile gets what the compiles leave): R4 compiled in both modes, then the default's profile.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do

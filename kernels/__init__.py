@@ -8,7 +8,8 @@ for tests); anywhere else it falls back to its reference and says so once.
 The rules every kernel here keeps (README "Adding a kernel" lists where a new one goes):
 - deterministic: no float atomics; a sum across programs is written as partial sums, laid out
   the same whatever the autotuner picks, that torch adds, or the launch's last program (an
-  integer arrival counter tells it, kernels._token_grads) adds in a fixed order;
+  integer arrival counter tells it, kernels._token_grads) adds in a fixed order (the order
+  within a program's own sums follows its config, so the last bit may change with the pick);
 - an autotuned kernel only stores (never accumulates into its output, and leaves a counter as
   it found it), since the autotuner runs each candidate on the real arguments; launch it
   through `launch`, which runs one fixed config under the interpreter;

@@ -44,6 +44,9 @@ BLOCK_T, BLOCK_B = 16, 8
 _INTERPRET = dict(BLOCK_D=64, UNROLL=True)
 _ROWS = dict(BLOCK_R=64, BLOCK_D=64)
 _MIN_BLOCK_D = 32  # the narrowest feature block of any config: one arrival counter per block
+# Unrolled gather candidates up to this many steps of BLOCK_B samples (B <= 64): at B = 256 each
+# compiled for 8-10 s on sm_90 and spilled up to 1.6 KB a thread.
+_MAX_UNROLLED_STEPS = 8
 
 
 def _counters(count: int, device: torch.device) -> torch.Tensor:
@@ -102,6 +105,9 @@ def embedding_grads(grad_out: torch.Tensor, *, links: tuple | None,
                       STEPS=triton.cdiv(batch, BLOCK_B))
         kernels.launch(_gather_tuned, lambda meta: (tiles, triton.cdiv(dim, meta["BLOCK_D"])),
                        _INTERPRET, *args, **blocks)
+    elif (cast or bias) and batch * n == 0:  # no rows: no program would write grad_bias
+        if bias:
+            grad_bias.zero_()
     elif cast or bias:
         rows = batch * n
         tiles = triton.cdiv(rows, _ROWS["BLOCK_R"])
@@ -271,8 +277,20 @@ if triton is not None:
     # gathered row segment is BLOCK_D elements, and BLOCK_B x BLOCK_T independent gathers are in
     # flight per step. (Triton pipelines no loop without a dot unless told to: the loop's
     # prefetch of the next heads is written out instead.) Unrolled, more steps' loads may be in
-    # flight, at the cost of registers: the autotuner weighs the two.
+    # flight, at the cost of registers: the autotuner weighs the two (on an H200 it picked an
+    # unrolled one, 32 features and 4 warps, at every shape of bench.kernels; a56a753).
+    def _prune_unrolled(configs: list, named_args: dict, **kwargs) -> list:
+        """The autotuner's candidates for this call: unrolled ones only up to
+        _MAX_UNROLLED_STEPS steps of samples."""
+        if kwargs["STEPS"] <= _MAX_UNROLLED_STEPS:
+            return configs
+        return [c for c in configs if not c.kwargs["UNROLL"]]
+
     _gather_tuned = triton.autotune(
         [triton.Config(dict(BLOCK_D=bd, UNROLL=u), num_warps=w)
          for bd, w in ((32, 4), (64, 4), (64, 8)) for u in (False, True)],
-        key=["B", "n", "N", "D", "CAST", "BIAS"])(_gather_kernel)
+        key=["B", "n", "N", "D", "CAST", "BIAS"],
+        prune_configs_by={"early_config_prune": _prune_unrolled})(_gather_kernel)
+    # one arrival counter per feature block of the narrowest grid any launch uses
+    assert _MIN_BLOCK_D <= min([c.kwargs["BLOCK_D"] for c in _gather_tuned.configs]
+                               + [_ROWS["BLOCK_D"], _INTERPRET["BLOCK_D"]])

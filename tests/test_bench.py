@@ -260,6 +260,12 @@ def test_throughput_refuses_to_measure_nothing():
         bench.throughput.main(["--no-compare", "--no-curriculum"])
 
 
+def test_throughput_compile_mode_needs_compile(capsys):
+    with pytest.raises(SystemExit):
+        bench.throughput.main(["--compile-mode", "max-autotune", "--size", "tiny"])
+    assert "--compile-mode needs --compile" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="checks the refusal on a machine without CUDA")
 def test_throughput_cuda_graph_needs_cuda(capsys):
@@ -323,7 +329,7 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     done, stages = run("mfu")
     assert [s.split()[1] for s in stages] == ["bench.throughput"] * 3
     assert "--compile-mode" not in stages[0] and "--compile-mode max-autotune" in stages[1]
-    assert all("--compile" in s and "--cuda-graph" in s for s in stages)
+    assert all("--compile " in s and "--cuda-graph" in s for s in stages)
     assert "--profile" in stages[2]
     done, stages = run("views", "amp")
     assert done.returncode == 0 and len(stages) == 2

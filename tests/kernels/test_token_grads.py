@@ -153,6 +153,52 @@ def test_a_launch_leaves_its_arrival_counters_at_zero(monkeypatch, with_pos):
         assert (shared == 0).all()
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)], ids=["B0", "n0"])
+@pytest.mark.parametrize("with_pos", [True, False], ids=["gather", "rows"])
+def test_no_rows_give_zero_sums(shape, with_pos):
+    """An empty batch: no row program runs, and the sums are zeros, not uninitialised memory."""
+    batch, n = shape
+    num_tokens, dim = 20, 40
+    grad = torch.randn(batch, n, dim, device=DEVICE)
+    ids = torch.zeros(batch, n, dtype=torch.long, device=DEVICE)
+    with nan_filled_empty():
+        g_mm, grad_b, grad_pos = embedding_grads(
+            grad, links=link_tokens(ids, num_tokens) if with_pos else None,
+            bias_dtype=torch.float32, pos_dtype=torch.float32 if with_pos else None,
+            matmul_dtype=torch.bfloat16)
+    assert (grad_b == 0).all() and g_mm.shape == (0, dim)
+    assert grad_pos is None or (grad_pos == 0).all()
+
+
+def test_unrolled_candidates_only_for_small_batches():
+    """Past 8 steps of 8 samples the autotuner times only the loops (unrolled, they compile for
+    seconds and spill)."""
+    from kernels import _token_grads as tg
+    configs = tg._gather_tuned.configs
+    assert tg._prune_unrolled(configs, {}, STEPS=8) == configs
+    loops = tg._prune_unrolled(configs, {}, STEPS=9)
+    assert loops and all(not c.kwargs["UNROLL"] for c in loops)
+    assert len(loops) == len(configs) // 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: the interpreter runs programs one after another, so "
+                           "the last-program sum cannot race there")
+@pytest.mark.parametrize("with_pos", [True, False], ids=["gather", "rows"])
+def test_cuda_bias_sum_over_hundreds_of_tiles_is_deterministic(with_pos):
+    """Hundreds of programs per feature block arrive at once (256 gather tiles, 250 row tiles):
+    the last one must see every partial, on every run, bit for bit."""
+    batch, n, num_tokens, dim = (8, 2000, 4096, 768) if with_pos else (8, 2000, 2000, 768)
+    ids = torch.stack([torch.randperm(num_tokens)[:n] for _ in range(batch)]).to(DEVICE)
+    grad = torch.randn(batch, n, dim, device=DEVICE)
+    links = link_tokens(ids, num_tokens) if with_pos else None
+    runs = [embedding_grads(grad, links=links, bias_dtype=torch.float32,
+                            pos_dtype=torch.float32 if with_pos else None,
+                            matmul_dtype=torch.bfloat16)[1] for _ in range(30)]
+    assert all(torch.equal(runs[0], later) for later in runs[1:])
+    assert_close(runs[0], sums(grad, ids, num_tokens)[0], TOL)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="CUDA: test_cuda_every_gather_config runs every candidate natively")
 def test_gather_as_a_loop_matches_sums(monkeypatch):
