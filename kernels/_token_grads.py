@@ -273,12 +273,6 @@ if triton is not None:
                      mask=col_ok)
             _finish_bias(partial_ptr, counter_ptr, gbias_ptr, tiles, D, cols, col_ok, BLOCK_D)
 
-    # H100 candidates: feature block x warps, each as a loop over the samples and unrolled. Each
-    # gathered row segment is BLOCK_D elements, and BLOCK_B x BLOCK_T independent gathers are in
-    # flight per step. (Triton pipelines no loop without a dot unless told to: the loop's
-    # prefetch of the next heads is written out instead.) Unrolled, more steps' loads may be in
-    # flight, at the cost of registers: the autotuner weighs the two (on an H200 it picked an
-    # unrolled one, 32 features and 4 warps, at every shape of bench.kernels; a56a753).
     def _prune_unrolled(configs: list, named_args: dict, **kwargs) -> list:
         """The autotuner's candidates for this call: unrolled ones only up to
         _MAX_UNROLLED_STEPS steps of samples."""
@@ -286,6 +280,12 @@ if triton is not None:
             return configs
         return [c for c in configs if not c.kwargs["UNROLL"]]
 
+    # H100 candidates: feature block x warps, each as a loop over the samples and unrolled. Each
+    # gathered row segment is BLOCK_D elements, and BLOCK_B x BLOCK_T independent gathers are in
+    # flight per step. (Triton pipelines no loop without a dot unless told to: the loop's
+    # prefetch of the next heads is written out instead.) Unrolled, more steps' loads may be in
+    # flight, at the cost of registers: the autotuner weighs the two (on an H200 it picked an
+    # unrolled one, 32 features and 4 warps, at every shape of bench.kernels; a56a753).
     _gather_tuned = triton.autotune(
         [triton.Config(dict(BLOCK_D=bd, UNROLL=u), num_warps=w)
          for bd, w in ((32, 4), (64, 4), (64, 8)) for u in (False, True)],

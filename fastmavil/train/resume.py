@@ -19,8 +19,7 @@ log = logging.getLogger("fastmavil.train")
 # attention; a run folder may be copied or moved under another name).
 FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
         "train.max_bad_steps", "train.compile", "train.compile_mode", "train.cuda_graphs",
-        "train.device",
-        "train.deterministic",
+        "train.device", "train.deterministic",
         "train.max_batch_size", "run.dir", "run.name", "run.tensorboard", "model.attention"}
 # A dataset moved to another disk, a machine with other cores, another micro-batch size (each
 # loader worker forms its own micro-batches, so the resumed epoch skips other samples), the
