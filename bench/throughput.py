@@ -43,6 +43,7 @@ from fastmavil.config import Config, load_config
 from fastmavil.cuda_graph import GraphedStep
 from fastmavil.flops import forward_flops_per_sample
 from fastmavil.models import build_model, compile_blocks
+from fastmavil.models.compile import MAX_AUTOTUNE_NEEDS_KERNELS
 from fastmavil.models.attention import set_attention_backend
 from fastmavil.schedule import fits_passes, plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
@@ -72,6 +73,8 @@ class Trainer:
         self.model.use_kernels(fast and fast_path(cfg, device))
         set_attention_backend(self.model, "auto" if fast else "math")
         if fast and compile_model:
+            if compile_mode == "max-autotune" and not self.model.fused:
+                raise SystemExit(f"bench.throughput: {MAX_AUTOTUNE_NEEDS_KERNELS}")
             compile_blocks(self.model, compile_mode)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4,
                                            fused=fast or None, foreach=None if fast else True,

@@ -267,6 +267,14 @@ def test_throughput_compile_mode_needs_compile(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the refusal where the kernels cannot run (no CUDA)")
+def test_throughput_max_autotune_needs_the_kernels():
+    with pytest.raises(SystemExit, match="max-autotune .* needs the Triton kernels"):
+        bench.throughput.main(["configs/r4.toml", "--size", "tiny", "--compile", "--compile-mode",
+                               "max-autotune", "--no-curriculum", "--steps", "1"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
                     reason="checks the refusal on a machine without CUDA")
 def test_throughput_cuda_graph_needs_cuda(capsys):
     with pytest.raises(SystemExit):

@@ -17,6 +17,13 @@ BLOCKS = (Block, CrossBlock, WindowBlock)
 # train.compile_mode -> torch.compile's mode. Inductor's own CUDA graphs stay off under
 # max-autotune: train.cuda_graphs captures whole passes, compiled blocks included.
 MODES = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+# Found with torch 2.13 on a CPU: in max-autotune, a Swin block whose windows go to SDPA with the
+# position bias (the kernels' fallback) compiles a backward that asserts the first shape's
+# window batch, and fails at the next batch size; with the kernels' window attention it runs.
+MAX_AUTOTUNE_NEEDS_KERNELS = (
+    "compiling in max-autotune (train.compile_mode, bench.throughput --compile-mode) needs the "
+    "Triton kernels (model.kernels on, a CUDA device): without them Inductor compiles the Swin "
+    "decoder's SDPA path into a backward that fails at the second batch size (torch 2.13)")
 
 
 def compile_blocks(model: nn.Module, mode: str = "default") -> int:

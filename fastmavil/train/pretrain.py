@@ -36,6 +36,7 @@ from ..data.random_clips import RandomClips
 from ..data.shards import count_clips
 from ..flops import forward_flops_per_sample
 from ..models import build_model, compile_blocks
+from ..models.compile import MAX_AUTOTUNE_NEEDS_KERNELS
 from ..schedule import EpochPlan, first_step, fits_passes, learning_rate, plan_epochs
 from . import resume
 from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_latest, rng_state,
@@ -240,6 +241,9 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                           "AdamW skips a non-finite step on the device, without clearing the "
                           "gradients the graphs add into")
     device, bf16 = _runtime(t)
+    fused = fast_path(cfg, device)
+    if t.compile and t.compile_mode == "max-autotune" and not fused:
+        raise ConfigError(MAX_AUTOTUNE_NEEDS_KERNELS)
     precision = "bf16" if bf16 else "fp32"
     resumed = load_latest(run_dir)
     if resumed:
@@ -263,7 +267,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     total_steps = min(planned_steps, t.max_steps) if t.max_steps else planned_steps
     (run_dir / "config.toml").write_text(to_toml(cfg))
     model = build_model(cfg).to(device)
-    model.use_kernels(fast_path(cfg, device))
+    model.use_kernels(fused)
     optimizer = make_optimizer(cfg, model)
     generator = torch.Generator(device=device).manual_seed(t.seed)
     step, last_ckpt = 0, None

@@ -378,6 +378,9 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
     with pytest.raises(ConfigError, match="train.cuda_graphs = true needs a CUDA device; "
                                           "this run is on cpu"):
         run(shards, tmp_path, train__cuda_graphs="true", train__device="cpu")
+    with pytest.raises(ConfigError, match="max-autotune .* needs the Triton kernels"):
+        run(shards, tmp_path, train__compile="true", train__compile_mode="max-autotune",
+            train__device="cpu")
     with pytest.raises(ConfigError, match=r"data.random_clips = -1 must be >= 0"):
         run(shards, tmp_path, data__random_clips=-1)
     assert not (tmp_path / "t").exists()  # runs that never started leave no folder behind
