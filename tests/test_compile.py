@@ -90,3 +90,24 @@ def test_one_graph_per_block_variant_over_batches_and_ratios(monkeypatch, attent
         model(*tiny_batch(model.cfg, batch), ratio, generator).loss.backward()
     # ViT, Swin x 2, plus the cross block (with self-attention the decoder's blocks are ViTs)
     assert counters["stats"]["unique_graphs"] == (4 if attention == "cross" else 3)
+
+
+def test_max_autotune_trains_over_batches_with_the_kernels():
+    """max-autotune with the kernels on (on a CPU through the interpreter): a tiny DiffMAViL
+    runs forward and backward at two batch sizes and ratios, and its compiled backward keeps up
+    with the new shape (the Swin decoder's SDPA path, without the kernels, fails there with
+    torch 2.13: the trainer refuses that combination)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    model.use_kernels(True)
+    assert model.fused
+    compile_blocks(model, "max-autotune")
+    generator = torch.Generator().manual_seed(0)
+    for batch, ratio in ((4, 0.9), (2, 0.8)):
+        model.zero_grad()
+        out = model(*tiny_batch(model.cfg, batch), ratio, generator)
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for p in model.parameters() if p.requires_grad)
