@@ -43,7 +43,6 @@ from ._patches import tl, triton
 BLOCK_T, BLOCK_B = 16, 8
 _INTERPRET = dict(BLOCK_D=64, UNROLL=True)
 _ROWS = dict(BLOCK_R=64, BLOCK_D=64)
-_MIN_BLOCK_D = 32  # the narrowest feature block of any config: one arrival counter per block
 # Unrolled gather candidates up to this many steps of BLOCK_B samples (B <= 64): at B = 256 each
 # compiled for 8-10 s on sm_90 and spilled up to 1.6 KB a thread.
 _MAX_UNROLLED_STEPS = 8
@@ -60,6 +59,7 @@ def _bias_args(tiles: int, dim: int, grad_bias: torch.Tensor | None, g: torch.Te
     if grad_bias is None:
         return g, g, g
     partial = torch.empty(tiles, dim, device=g.device, dtype=torch.float32)
+    # one arrival counter per feature block of the narrowest grid any launch uses
     return partial, _counters(triton.cdiv(dim, _MIN_BLOCK_D), g.device), grad_bias
 
 
@@ -291,6 +291,6 @@ if triton is not None:
          for bd, w in ((32, 4), (64, 4), (64, 8)) for u in (False, True)],
         key=["B", "n", "N", "D", "CAST", "BIAS"],
         prune_configs_by={"early_config_prune": _prune_unrolled})(_gather_kernel)
-    # one arrival counter per feature block of the narrowest grid any launch uses
-    assert _MIN_BLOCK_D <= min([c.kwargs["BLOCK_D"] for c in _gather_tuned.configs]
-                               + [_ROWS["BLOCK_D"], _INTERPRET["BLOCK_D"]])
+    # the narrowest feature block of any launch (_bias_args sizes the counters by it)
+    _MIN_BLOCK_D = min([c.kwargs["BLOCK_D"] for c in _gather_tuned.configs]
+                       + [_ROWS["BLOCK_D"], _INTERPRET["BLOCK_D"]])
