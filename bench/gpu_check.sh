@@ -24,6 +24,9 @@
 #                    rule with fitted passes, graphed: the +-5 % target once the host no
 #                    longer sets the pace and the FLOPs per step hold within +-0.19 %
 #   graph-compile 150  R4 with compiled blocks and CUDA graphs: the MFU target
+#   residual    120  graph-compile with the residual stream in bf16 (--residual bf16,
+#                    train.residual_precision): the bytes of LayerNorms, residual adds and their
+#                    gradients halved (not run yet)
 #   autotune    330  the same with the blocks compiled in max-autotune (--compile-mode: Triton
 #                    matmuls with GELU and other elementwise work in their epilogues where
 #                    Inductor times them faster than cuBLAS; compiling takes minutes): whether
@@ -43,8 +46,9 @@
 #   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
 #   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
 #   15d37cf), the trainer on random clips (never run yet), the window attention;
-#   mfu = graph-compile autotune profile (630 s of limits: give it GPU_CHECK_BUDGET=560 and the
-#   profile gets what the compiles leave): R4 compiled in both modes, then the default's profile.
+#   mfu = graph-compile residual autotune profile (750 s of limits: give it GPU_CHECK_BUDGET=560
+#   and the last stages get what the first leave): R4 compiled and graphed as it is, with a bf16
+#   residual stream, in max-autotune, then the first's profile.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
@@ -52,11 +56,12 @@ for arg in "${@:-default}"; do
     default) stages+=(tests kernels throughput) ;;
     extra) stages+=(tests kernels amp graph-compile profile attention) ;;
     extra2) stages+=(graph train attention) ;;
-    mfu) stages+=(graph-compile autotune profile) ;;
-    tests|kernels|throughput|compile|views|amp|graph|graph-compile|autotune|attention|train|profile)
+    mfu) stages+=(graph-compile residual autotune profile) ;;
+    tests|kernels|throughput|compile|views|amp|graph|graph-compile|residual|autotune|attention|\
+      train|profile)
       stages+=("$arg") ;;
     *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp graph" \
-            "graph-compile autotune attention train profile;" \
+            "graph-compile residual autotune attention train profile;" \
             "groups: default extra extra2 mfu" >&2; exit 2 ;;
   esac
 done
@@ -129,6 +134,9 @@ for stage in "${stages[@]}"; do
              configs/r4.toml configs/r1.toml configs/r3.toml ;;
     graph-compile) run "bench.throughput (base, compile, graphs)" 150 python -m bench.throughput \
                      --size base --steps 3 --compile --cuda-graph --no-curriculum configs/r4.toml ;;
+    residual) run "bench.throughput (base, compile, graphs, bf16 residual)" 120 python -m \
+                bench.throughput --size base --steps 3 --compile --cuda-graph --residual bf16 \
+                --no-curriculum configs/r4.toml ;;
     autotune) run "bench.throughput (base, compile max-autotune, graphs)" 330 python -m \
                 bench.throughput --size base --steps 3 --compile --compile-mode max-autotune \
                 --cuda-graph --no-curriculum configs/r4.toml ;;

@@ -7,6 +7,7 @@ reference path: kernels off, math attention, eager, AdamW (for-each)
 fast path:      kernels on (where they run), auto attention, fused AdamW (as the trainer),
                 compiled transformer blocks with --compile (models/compile.py), the whole step
                 replayed as a CUDA graph per shape with --cuda-graph (fastmavil/cuda_graph.py)
+--residual bf16 keeps the residual stream in bf16 on both paths (train.residual_precision).
 Both train the same model (same weights) on the same synthetic batch already on the device, so
 this measures the model, not the loader (bench.dataload does that). Steps alternate between
 the paths after a warm-up; medians over --repeats. bf16 autocast on CUDA, fp32 on a CPU.
@@ -18,9 +19,10 @@ relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's ba
 FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py), and
 --passes fit fits each step's passes to its budget (train.passes_per_step); --no-compare runs
 the views alone, --compare-first compares the first config alone.
-Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-graph][-<rule>][-fit]
-[-first][-views].json (-b<B0> where --batch is not the default, -<rule> where --batch-rule is
-given, -fit with --passes fit, -views where the views run alone; each config's record carries
+Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-autotune][-res16][-graph]
+[-<rule>][-fit][-first][-views].json (-b<B0> where --batch is not the default, -autotune with
+--compile-mode max-autotune, -res16 with --residual bf16, -<rule> where --batch-rule is given,
+-fit with --passes fit, -views where the views run alone; each config's record carries
 `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is installed.
 """
 from __future__ import annotations
@@ -64,7 +66,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, device: torch.device, fast: bool, compile_model: bool,
                  state: dict | None, cuda_graph: bool = False, pool: tuple | None = None,
-                 compile_mode: str = "default"):
+                 compile_mode: str = "default", residual_dtype: torch.dtype | None = None):
         with device:  # initialised on the device: seconds less per paper-size model
             self.model = build_model(cfg)
         self.model.to(device)  # buffers made from CPU arrays
@@ -72,6 +74,7 @@ class Trainer:
             self.model.load_state_dict(state)
         self.model.use_kernels(fast and fast_path(cfg, device))
         set_attention_backend(self.model, "auto" if fast else "math")
+        self.model.set_residual_dtype(residual_dtype)  # both paths: a training setting
         if fast and compile_model:
             if compile_mode == "max-autotune" and not self.model.fused:
                 raise SystemExit(f"bench.throughput: {MAX_AUTOTUNE_NEEDS_KERNELS}")
@@ -182,10 +185,12 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
     """Reference vs fast path on one config at its final masking ratio, interleaved."""
     ratio = cfg.mask.end
     audio, video = batch_for(cfg, batch, device)
-    reference = Trainer(cfg, device, fast=False, compile_model=False, state=None)
+    residual = _residual_dtype(args)
+    reference = Trainer(cfg, device, fast=False, compile_model=False, state=None,
+                        residual_dtype=residual)
     fast = Trainer(cfg, device, fast=True, compile_model=args.compile,
                    state=reference.model.state_dict(), cuda_graph=args.cuda_graph,
-                   compile_mode=args.compile_mode)
+                   compile_mode=args.compile_mode, residual_dtype=residual)
     work = work_per_step(cfg, forward_flops_per_sample(cfg, {ratio}), ratio, batch)
     flops = work["flops"]
     record = {"config": path, "mask_ratio": ratio, "batch": batch, "flops_per_step": flops}
@@ -224,6 +229,11 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
     return record
 
 
+def _residual_dtype(args) -> torch.dtype | None:
+    """--residual as Trainer takes it: bf16, or None for autocast's fp32."""
+    return torch.bfloat16 if args.residual == "bf16" else None
+
+
 def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
             steps: int = 3) -> str:
     """The fast path's operators by device time over a few steps, and how much of the step's wall
@@ -231,7 +241,8 @@ def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
-                      cuda_graph=args.cuda_graph, compile_mode=args.compile_mode)
+                      cuda_graph=args.cuda_graph, compile_mode=args.compile_mode,
+                      residual_dtype=_residual_dtype(args))
     audio, video = batch_for(cfg, batch, device)
     ratio = cfg.mask.end
     for _ in range(args.warmup):
@@ -313,7 +324,8 @@ def _schedule(path: str, cfg: Config, device: torch.device, args,
             "flops": forward_flops_per_sample(cfg, {e["mask_ratio"] for e in epochs}),
             "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
                                cuda_graph=args.cuda_graph, pool=pool,
-                               compile_mode=args.compile_mode),
+                               compile_mode=args.compile_mode,
+                               residual_dtype=_residual_dtype(args)),
             "batches": {b: tuple(x if x is None else x[:b] for x in largest)
                         for b in {b for _, b in keys}},
             "times": {key: [] for key in keys}, "utils": {key: [] for key in keys}}
@@ -443,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", choices=["default", "max-autotune"], default="default",
                         help="with --compile: Inductor's mode (max-autotune: Triton matmul "
                              "templates with fused epilogues where faster than cuBLAS)")
+    parser.add_argument("--residual", choices=["fp32", "bf16"], default="fp32",
+                        help="the residual stream under bf16 autocast, on both paths "
+                             "(train.residual_precision; bf16 needs CUDA)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay the fast path's whole step as a CUDA graph per shape (CUDA)")
     parser.add_argument("--no-curriculum", action="store_true")
@@ -467,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     if args.cuda_graph and not cuda:
         parser.error("--cuda-graph needs a CUDA GPU")
+    if args.residual == "bf16" and not cuda:
+        parser.error("--residual bf16 needs a CUDA GPU (the bench runs fp32 on a CPU)")
     if args.cuda_graph and args.warmup < 2:
         parser.error("--cuda-graph needs --warmup >= 2 (an eager step per shape, then capture)")
     device = torch.device("cuda" if cuda else "cpu")
@@ -481,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     variant = "".join(suffix for suffix, on in ((f"-b{args.batch}", args.batch != default_batch),
                                                 ("-compile", args.compile),
                                                 ("-autotune", args.compile_mode != "default"),
+                                                ("-res16", args.residual == "bf16"),
                                                 ("-graph", args.cuda_graph),
                                                 (f"-{args.batch_rule}", args.batch_rule),
                                                 ("-fit", args.passes == "fit"),

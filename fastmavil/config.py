@@ -337,6 +337,12 @@ class TrainConfig:
     device: str = "auto"        # auto | cpu | cuda | cuda:N
     # auto: bf16 autocast on CUDA, fp32 on a CPU
     precision: str = field(default="auto", metadata=_choices("auto", "bf16", "fp32"))
+    # The residual stream (the tokens each transformer block adds into) under bf16 autocast:
+    # fp32, as autocast leaves it (MAE, AudioMAE and MAViL trained so), or bf16, as Megatron-LM
+    # keeps it by default (its --fp32-residual-connection off): half the bytes in every
+    # LayerNorm, residual add and their gradients, with bf16 rounding at each add. bf16 needs
+    # bf16 precision.
+    residual_precision: str = field(default="fp32", metadata=_choices("fp32", "bf16"))
     log_every: int = 10
     ckpt_every: int = 500       # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3
@@ -361,6 +367,10 @@ class TrainConfig:
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"train.compile_mode = {self.compile_mode!r} needs train.compile "
                               "= true (it is the mode of that compilation)")
+        if self.residual_precision == "bf16" and self.precision == "fp32":
+            raise ConfigError("train.residual_precision = 'bf16' needs bf16 autocast "
+                              "(train.precision = 'bf16', or 'auto' on a CUDA device); "
+                              "train.precision is 'fp32'")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device = {self.device!r} is not one of: auto, cpu, cuda, "
                               "cuda:N")

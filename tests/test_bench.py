@@ -282,6 +282,14 @@ def test_throughput_cuda_graph_needs_cuda(capsys):
     assert "--cuda-graph needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the refusal on a machine without CUDA")
+def test_throughput_bf16_residual_needs_cuda(capsys):
+    with pytest.raises(SystemExit):
+        bench.throughput.main(["--residual", "bf16", "--size", "tiny"])
+    assert "--residual bf16 needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_train_runs_the_trainer_per_variant_and_records_its_metrics(results):
     """On a CPU: eager only (the trainer refuses CUDA graphs there), in 1 pass of 4 and in 2
     passes of 2, each run in its own process on random clips."""
@@ -335,10 +343,11 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]
     done, stages = run("mfu")
-    assert [s.split()[1] for s in stages] == ["bench.throughput"] * 3
-    assert "--compile-mode" not in stages[0] and "--compile-mode max-autotune" in stages[1]
+    assert [s.split()[1] for s in stages] == ["bench.throughput"] * 4
+    assert not any("--compile-mode" in s or "--residual" in s for s in stages[:1] + stages[3:])
+    assert "--residual bf16" in stages[1] and "--compile-mode max-autotune" in stages[2]
     assert all("--compile " in s and "--cuda-graph" in s for s in stages)
-    assert "--profile" in stages[2]
+    assert "--profile" in stages[3]
     done, stages = run("views", "amp")
     assert done.returncode == 0 and len(stages) == 2
     assert "--batch-rule flops --passes fit" in stages[0] and "--dtype amp" in stages[1]
@@ -406,7 +415,7 @@ def test_compare_alternates_which_path_is_timed_first(monkeypatch):
     monkeypatch.setattr(bench.throughput.Trainer, "time", time)
     cfg = bench.throughput.load_config(ROOT / "configs/r4.toml", {"model.size": "tiny"})
     args = types.SimpleNamespace(batch=2, warmup=0, repeats=3, steps=1, compile=False,
-                                 compile_mode="default", cuda_graph=False)
+                                 compile_mode="default", cuda_graph=False, residual="fp32")
     record = bench.throughput.compare("r4", cfg, torch.device("cpu"), args, None)
     assert order == ["reference", "fast", "fast", "reference", "reference", "fast"]
     assert record["speedup"] == 1.0
@@ -428,7 +437,7 @@ def test_curriculum_times_the_configs_passes_scaled(monkeypatch, micro, passes, 
         "model.size": "tiny", "train.micro_batch_size": micro, "train.passes_per_step": passes,
         "train.adaptive_batch_rule": "flops"})
     args = types.SimpleNamespace(batch=32, clips=100_000, compile=False, cuda_graph=False,
-                                 compile_mode="default")
+                                 compile_mode="default", residual="fp32")
     run = bench.throughput._schedule("r4", cfg, torch.device("cpu"), args)
     batches = {b for _, b in run["keys"]}
     assert min(batches) == 32 and all(b % multiple == 0 for b in batches)

@@ -89,6 +89,8 @@ def test_bad_choice_lists_allowed_values(tmp_path):
     ("[train]\ncompile_mode = 'max-autotune'\n", "train.compile_mode = 'max-autotune' needs "
      "train.compile = true"),
     ("[train]\ncompile = true\ncompile_mode = 'fast'\n", "train.compile_mode = 'fast' is not one of"),
+    ("[train]\nprecision = 'fp32'\nresidual_precision = 'bf16'\n",
+     "train.residual_precision = 'bf16' needs bf16 autocast .*; train.precision is 'fp32'"),
     ("[data]\nvideo_std = [0.2, 0.0, 0.2]\n", "data.video_std = \\(0.2, 0.0, 0.2\\) must be > 0"),
     ("[data]\naudio_std = 0\n", "data.audio_std = 0.0 must be > 0"),
     # passed the checks before, failed or misbehaved later: seeds out of NumPy's or torch's

@@ -114,6 +114,12 @@ class CrossAttention(nn.Module):
         return self.proj(_merge_heads(attention(q, k, v, None, self.backend)))
 
 
+def residual_stream(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The tokens the blocks add into, in `dtype` (train.residual_precision); None leaves them as
+    they come (fp32 under autocast: a bf16 branch output added to fp32 tokens gives fp32)."""
+    return x if dtype is None else x.to(dtype)
+
+
 def layer_norm(dim: int) -> nn.LayerNorm:
     """The blocks' LayerNorm, with MAE's and AudioMAE's eps of 1e-6 (PyTorch's default: 1e-5)."""
     return nn.LayerNorm(dim, eps=1e-6)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..masking import Masking, gather_tokens
-from .attention import Block, CrossBlock, layer_norm
+from .attention import Block, CrossBlock, layer_norm, residual_stream
 from .swin import CosineWindowBlock, WindowBlock
 
 
@@ -47,6 +47,7 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = layer_norm(dim)
         self.head = nn.Linear(dim, patch_dim)
+        self.residual_dtype: torch.dtype | None = None  # set by MAViL.set_residual_dtype
 
     def forward(self, latents: torch.Tensor, ids: Masking, noisy: torch.Tensor | None = None,
                 masked: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,11 +60,13 @@ class Decoder(nn.Module):
             masked = self.noisy_embed(noisy) + self.pos[ids.mask]
         elif masked is None:
             masked = self.mask_token + self.pos[ids.mask]
-        if self.attention == "cross":
+        if self.attention == "cross":  # the context, read by every block, in that dtype too
+            masked, visible = (residual_stream(t, self.residual_dtype) for t in (masked, visible))
             for block in self.blocks:
                 masked = block(masked, visible)
             return self.head(self.norm(masked))
         x = gather_tokens(torch.cat([visible, masked], dim=1), ids.restore)  # original order
+        x = residual_stream(x, self.residual_dtype)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(gather_tokens(x, ids.mask)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Block, layer_norm
+from .attention import Block, layer_norm, residual_stream
 from .patch import PatchEmbed
 
 
@@ -20,14 +20,17 @@ class Encoder(nn.Module):
         self.register_buffer("pos", pos, persistent=False)  # (N, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, backend) for _ in range(depth))
         self.norm = layer_norm(dim)
+        self.residual_dtype: torch.dtype | None = None  # set by MAViL.set_residual_dtype
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, *S); ids_keep (V, B, n) for V masked views of the same clips, or None for
         every token -> (V * B, n, dim)."""
         tokens = self.patch_embed(x, ids_keep, self.pos)
         if tokens.dim() > 3:  # a copy, not a view: a compiled block guards on a view's base and
-            # would trace the first block again (the copy: ~80 MB per step at paper size, B = 32)
-            tokens = tokens.flatten(0, -3).clone()
+            # would trace the first block again (the copy: ~80 MB per step at paper size, B = 32;
+            # the cast to the residual stream's dtype, if any, makes it)
+            tokens = tokens.flatten(0, -3).to(self.residual_dtype or tokens.dtype, copy=True)
+        tokens = residual_stream(tokens, self.residual_dtype)
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
@@ -40,10 +43,11 @@ class FusionEncoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, backend) for _ in range(depth))
         self.norm = layer_norm(dim)
+        self.residual_dtype: torch.dtype | None = None
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the tokens as the encoders left them: no modality-type embedding (the paper names none)
-        x = torch.cat([audio, video], dim=1)
+        x = residual_stream(torch.cat([audio, video], dim=1), self.residual_dtype)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)

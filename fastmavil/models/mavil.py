@@ -134,6 +134,13 @@ class MAViL(nn.Module):
             if isinstance(block, WindowBlock):
                 block.fused = enabled
 
+    def set_residual_dtype(self, dtype: torch.dtype | None) -> None:
+        """The residual stream's dtype in every encoder and decoder (train.residual_precision):
+        None leaves it as autocast does (fp32)."""
+        for module in self.modules():
+            if isinstance(module, (Encoder, FusionEncoder, Decoder)):
+                module.residual_dtype = dtype
+
     def _reconstruct(self, decoder: Decoder, x: torch.Tensor, patch: tuple[int, ...],
                      latents: torch.Tensor, ids: Masking,
                      generator: torch.Generator | None) -> torch.Tensor:

@@ -176,5 +176,6 @@ class CosineWindowBlock(WindowBlock):
         return q, F.normalize(k, dim=-1, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.norm1(self.window_attention(x))
-        return x + self.norm2(self.mlp(x))
+        # autocast's LayerNorm returns fp32: cast, so a bf16 residual stream stays bf16
+        x = x + self.norm1(self.window_attention(x)).to(x.dtype)
+        return x + self.norm2(self.mlp(x)).to(x.dtype)

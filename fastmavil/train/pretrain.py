@@ -244,7 +244,12 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     fused = fast_path(cfg, device)
     if t.compile and t.compile_mode == "max-autotune" and not fused:
         raise ConfigError(MAX_AUTOTUNE_NEEDS_KERNELS)
+    if t.residual_precision == "bf16" and not bf16:
+        raise ConfigError("train.residual_precision = 'bf16' needs bf16 autocast; this run "
+                          f"trains in fp32 (train.precision = {t.precision!r} on {device})")
     precision = "bf16" if bf16 else "fp32"
+    if t.residual_precision == "bf16":
+        precision += ", bf16 residual"
     resumed = load_latest(run_dir)
     if resumed:
         resume.check_format(*resumed)
@@ -268,6 +273,7 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     (run_dir / "config.toml").write_text(to_toml(cfg))
     model = build_model(cfg).to(device)
     model.use_kernels(fused)
+    model.set_residual_dtype(torch.bfloat16 if t.residual_precision == "bf16" else None)
     optimizer = make_optimizer(cfg, model)
     generator = torch.Generator(device=device).manual_seed(t.seed)
     step, last_ckpt = 0, None

@@ -2,6 +2,7 @@
 import dataclasses
 import itertools
 import json
+import math
 import os
 import shlex
 import signal
@@ -381,6 +382,10 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
     with pytest.raises(ConfigError, match="max-autotune .* needs the Triton kernels"):
         run(shards, tmp_path, train__compile="true", train__compile_mode="max-autotune",
             train__device="cpu")
+    with pytest.raises(ConfigError, match=r"train.residual_precision = 'bf16' needs bf16 "
+                                          r"autocast; this run trains in fp32 \(train.precision "
+                                          r"= 'auto' on cpu\)"):
+        run(shards, tmp_path, train__residual_precision="bf16", train__device="cpu")
     with pytest.raises(ConfigError, match=r"data.random_clips = -1 must be >= 0"):
         run(shards, tmp_path, data__random_clips=-1)
     assert not (tmp_path / "t").exists()  # runs that never started leave no folder behind
@@ -391,6 +396,21 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
     with pytest.raises(SystemExit):
         pretrain.parse_args(["c.toml", "d.toml"])
     assert "unrecognized arguments: d.toml" in capsys.readouterr().err
+
+
+def test_a_bf16_residual_stream_trains_and_is_recorded(shards, tmp_path, monkeypatch):
+    """train.residual_precision = bf16 (under the CPU's bf16 autocast here) reaches the model
+    and the checkpoint's precision."""
+    from fastmavil.models.mavil import MAViL
+    dtypes = []
+    original = MAViL.set_residual_dtype
+    monkeypatch.setattr(MAViL, "set_residual_dtype",
+                        lambda self, dtype: (dtypes.append(dtype), original(self, dtype)))
+    summary = run(shards, tmp_path, train__precision="bf16", train__residual_precision="bf16",
+                  train__max_steps=3)
+    assert summary["step"] == 3 and dtypes == [torch.bfloat16]
+    assert all(math.isfinite(loss) for loss in losses(tmp_path).values())
+    assert load_latest(tmp_path / "t")[1]["precision"] == "bf16, bf16 residual"
 
 
 def test_plan_prints_the_schedule_without_training(shards, tmp_path, capsys):
