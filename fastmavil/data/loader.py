@@ -21,11 +21,14 @@ strings).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
+import os
 import signal
 import tarfile
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,13 +376,32 @@ def _moved(batch: dict, device: torch.device, spec: LoaderSpec):
     return batch["audio"].to(device, non_blocking=True), video
 
 
-def _worker_init(_):
+def _worker_init(_, trainer: int):
+    """Each DataLoader worker's set-up; `trainer` is the pid of the process that built the
+    loader (the worker's parent, unless a fork server started it)."""
     torch.set_num_threads(1)  # workers decode in parallel; one thread each avoids oversubscription
     # Ctrl-C, or a scheduler's SIGTERM to the job, reaches the whole process group: the trainer
-    # stops after its step and shuts the workers down, so a worker ignores both (it inherited
-    # the trainer's handler, which logged the stop once per worker and kept the worker going).
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    # stops after its step and shuts the workers down, so a worker leaves both to it (it
+    # inherited the trainer's handler, which logged the stop once per worker and kept the worker
+    # going; killed by them, it would fail the trainer's step). A SIGTERM from the trainer itself
+    # is the DataLoader's terminate() for a worker that did not stop when asked: that one ends
+    # the worker, as torch's own worker handler does (ignored, it left the trainer's exit
+    # waiting on a worker stuck in a decoder).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS: no sender to tell apart there
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # for every thread from here on
+    threading.Thread(target=_exit_on_trainers_sigterm, args=(trainer,), daemon=True,
+                     name="sigterm").start()
+
+
+def _exit_on_trainers_sigterm(trainer: int) -> None:
+    """Takes each SIGTERM sent to this worker (blocked in every thread); exits when `trainer`
+    sent it."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == trainer:
+            os._exit(0)  # exit code 0: the trainer's DataLoader reports no failed worker
 
 
 def build_loader(dataset: ShardDataset, batch_size: int, num_workers: int = 2,
@@ -387,6 +409,7 @@ def build_loader(dataset: ShardDataset, batch_size: int, num_workers: int = 2,
     """A DataLoader over `dataset`; drops the last partial batch in training by default."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                       drop_last=dataset.spec.train if drop_last is None else drop_last,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
+                      pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=functools.partial(_worker_init, trainer=os.getpid()),
                       persistent_workers=False,
                       prefetch_factor=4 if num_workers else None)

@@ -312,14 +312,17 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path, capsys):
     args = [sys.executable, "-m", "fastmavil.train.pretrain", str(ROOT / "configs" / "demo.toml")]
     for k, v in overrides(shards, tmp_path, train__epochs=30).items():
         args += [f"--{k}", v]
+    # in a process group of its own, signalled as a whole, as a scheduler does: the loader
+    # workers get the SIGTERM too (tests/data/test_loader.py: they leave it to the trainer)
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            start_new_session=True)
     metrics = tmp_path / "t" / "metrics.jsonl"
     deadline = time.time() + 120
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) \
             and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "SIGTERM received" in out
