@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shlex
@@ -189,7 +190,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
     try:
         with run_lock(run_dir):
             try:
-                return _train(cfg, argv, run_dir)
+                return _Run(cfg, run_dir).run(argv)
             except BaseException:
                 # a run that failed before writing anything (a bad device, missing data) leaves
                 # no folder; removed while locked, so no other trainer has started in it
@@ -234,7 +235,10 @@ def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
                     else "one pass per step (train.micro_batch_size)")
 
 
-def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
+def _settings(cfg: Config) -> tuple[torch.device, bool, bool, str]:
+    """(device, bf16, fused, precision) of the run, its settings checked against each other and
+    the machine before any data or model work (the process is set up for them: _runtime);
+    precision is what the checkpoints record."""
     t = cfg.train
     if t.cuda_graphs and cfg.optim.optimizer != "adamw":
         raise ConfigError("train.cuda_graphs = true needs optim.optimizer = 'adamw': the fused "
@@ -247,13 +251,14 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
     if t.residual_precision == "bf16" and not bf16:
         raise ConfigError("train.residual_precision = 'bf16' needs bf16 autocast; this run "
                           f"trains in fp32 (train.precision = {t.precision!r} on {device})")
-    precision = "bf16" if bf16 else "fp32"
-    if t.residual_precision == "bf16":
-        precision += ", bf16 residual"
-    resumed = load_latest(run_dir)
-    if resumed:
-        resume.check_format(*resumed)
-        resume.check_config(resumed[0], resumed[1].get("config"), cfg)
+    precision = ("bf16" if bf16 else "fp32") + (
+        ", bf16 residual" if t.residual_precision == "bf16" else "")
+    return device, bf16, fused, precision
+
+
+def _training_data(cfg: Config) -> tuple[Path | None, ShardDataset | RandomClips, int,
+                                         list[EpochPlan]]:
+    """(shards folder or None, dataset, clips per epoch, epoch plans)."""
     if cfg.data.random_clips:
         source, clips = None, cfg.data.random_clips
     else:
@@ -265,206 +270,270 @@ def _train(cfg: Config, argv: list[str], run_dir: Path) -> dict:
                               max(p.micro_batch for p in plans), cfg.data.seed)
         log.info("data: %d random clips per epoch held in memory (data.random_clips; "
                  "data.shards unused): the losses measure nothing", clips)
-    if resumed:
-        resume.check_run(resumed[0], resumed[1], clips, precision, plans)
-    planned_steps = sum(p.steps for p in plans)
-    _log_plan(plans, planned_steps, t)
-    total_steps = min(planned_steps, t.max_steps) if t.max_steps else planned_steps
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    model = build_model(cfg).to(device)
-    model.use_kernels(fused)
-    model.set_residual_dtype(torch.bfloat16 if t.residual_precision == "bf16" else None)
-    optimizer = make_optimizer(cfg, model)
-    generator = torch.Generator(device=device).manual_seed(t.seed)
-    step, last_ckpt = 0, None
-    if resumed:
-        last_ckpt, state = resumed
-        step = _restore(state, last_ckpt, model, optimizer, generator, t.seed)
-        if step >= total_steps:
-            more = (f"raise train.max_steps, up to the plan's {planned_steps}, to go on; "
-                    if step < planned_steps else "")
-            log.info("%s has trained %d steps, of %d to train: nothing to do (%sstart a new "
-                     "run with --run.name to train another schedule: train.epochs cannot "
-                     "change on a resume)", run_dir, step, total_steps, more)
-    if t.compile:
-        log.info("compiled %d transformer blocks (mode %s)", compile_blocks(model, t.compile_mode),
-                 t.compile_mode)
-    # the batches' copies to the GPU overlap the previous pass (fastmavil.data.loader.to_device)
-    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    graphed = None
-    if t.cuda_graphs:
-        graphed = GraphedPasses(model, generator, torch.bfloat16 if bf16 else None)
-        log.info("forward + backward passes replayed as CUDA graphs, one per shape")
-    # the graphed passes add into fixed gradient buffers: those are zeroed, never dropped
-    clear_grads = (graphed.zero_grads if graphed else
-                   lambda: optimizer.zero_grad(set_to_none=True))
+    return source, dataset, clips, plans
 
-    flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in plans})
-    peak, peak_source = device_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
-                else contextlib.nullcontext())
 
-    def checkpoint(at: int) -> Path:
-        return save_checkpoint(run_dir, at, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(), "rng": rng_state(device), "step": at,
-            "config": to_toml(cfg), "clips": clips, "plan": resume.plan_record(plans),
-            "precision": precision, "format": resume.FORMAT},
-            t.keep_checkpoints)
+class _Run:
+    """One run of the trainer: what it trains (data, plan, model, optimiser; a checkpoint's
+    state when it resumes) and what it carries from step to step (the step count, the newest
+    checkpoint, the steps since the last log line). run() adds the stop flag, metrics writer,
+    utilisation sampler, progress display and step timer for the loop's duration."""
 
-    def saved(at: int) -> bool:  # the newest checkpoint is step `at`'s
-        return last_ckpt is not None and last_ckpt.name == checkpoint_name(at)
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        t = cfg.train
+        self.device, bf16, fused, self.precision = _settings(cfg)
+        resumed = load_latest(run_dir)
+        if resumed:
+            resume.check_format(*resumed)
+            resume.check_config(resumed[0], resumed[1].get("config"), cfg)
+        self.source, self.dataset, self.clips, self.plans = _training_data(cfg)
+        if resumed:
+            resume.check_run(resumed[0], resumed[1], self.clips, self.precision, self.plans)
+        self.planned_steps = sum(p.steps for p in self.plans)
+        _log_plan(self.plans, self.planned_steps, t)
+        self.total_steps = (min(self.planned_steps, t.max_steps) if t.max_steps
+                            else self.planned_steps)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
 
-    def keep_trained(cause: str) -> None:
+        self.model = build_model(cfg).to(self.device)
+        self.model.use_kernels(fused)
+        self.model.set_residual_dtype(torch.bfloat16 if t.residual_precision == "bf16" else None)
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
+        self.step, self.last_ckpt = 0, None
+        if resumed:
+            self.last_ckpt, state = resumed
+            self.step = _restore(state, self.last_ckpt, self.model, self.optimizer,
+                                 self.generator, t.seed)
+            if self.step >= self.total_steps:
+                more = (f"raise train.max_steps, up to the plan's {self.planned_steps}, to go "
+                        "on; " if self.step < self.planned_steps else "")
+                log.info("%s has trained %d steps, of %d to train: nothing to do (%sstart a "
+                         "new run with --run.name to train another schedule: train.epochs "
+                         "cannot change on a resume)", run_dir, self.step, self.total_steps,
+                         more)
+        if t.compile:
+            log.info("compiled %d transformer blocks (mode %s)",
+                     compile_blocks(self.model, t.compile_mode), t.compile_mode)
+        # the batches' copies to the GPU overlap the previous pass (data.loader.to_device)
+        self.copy_stream = (torch.cuda.Stream(self.device) if self.device.type == "cuda"
+                            else None)
+        self.graphed = None
+        if t.cuda_graphs:
+            self.graphed = GraphedPasses(self.model, self.generator,
+                                         torch.bfloat16 if bf16 else None)
+            log.info("forward + backward passes replayed as CUDA graphs, one per shape")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
+                         else contextlib.nullcontext())
+        self.flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in self.plans})
+        self.peak, self.peak_source = device_peak_flops(
+            self.device, torch.bfloat16 if bf16 else torch.float32)
+        # With torch's fused AdamW a non-finite step is skipped on the device (found_inf, as
+        # under AMP's GradScaler) and the host learns of it at the next log or checkpoint; other
+        # optimisers read it at once.
+        self.device_skip = (isinstance(self.optimizer, torch.optim.AdamW)
+                            and self.optimizer.defaults["fused"])
+        # device-side count of non-finite steps in a row (and the longest), read at log
+        # intervals and checkpoints
+        self.bad_run = torch.zeros((), device=self.device, dtype=torch.long)
+        self.worst_run = self.bad_run.clone()
+        self.trained = self.step  # the step count after the last step run
+        self.interval = _Interval(self.step, self.device)  # the steps since the last log line
+        self.summary = {"start_step": self.step, "samples": 0}
+        self.lr, self.last_plan = None, None  # the latest step's
+
+    def clear_grads(self) -> None:
+        if self.graphed:  # the graphed passes add into fixed buffers: zeroed, never dropped
+            self.graphed.zero_grads()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def checkpoint(self, at: int) -> Path:
+        self.last_ckpt = save_checkpoint(self.run_dir, at, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(), "rng": rng_state(self.device), "step": at,
+            "config": to_toml(self.cfg), "clips": self.clips,
+            "plan": resume.plan_record(self.plans), "precision": self.precision,
+            "format": resume.FORMAT}, self.cfg.train.keep_checkpoints)
+        return self.last_ckpt
+
+    def saved(self, at: int) -> bool:
+        """Whether the newest checkpoint is step `at`'s."""
+        return self.last_ckpt is not None and self.last_ckpt.name == checkpoint_name(at)
+
+    def keep_trained(self, cause: str) -> None:
         """Before an error mid-step ends the run: checkpoints the steps trained since the last
         checkpoint. Parameters and optimizer state are still the last finished step's (the
         error came before its update). Resumed, the failed step runs again on the same data with
         its masks (and dropout) drawn anew: from there the run differs from one that never
         failed."""
-        if trained > summary["start_step"] and not saved(trained):
+        if self.trained > self.summary["start_step"] and not self.saved(self.trained):
             try:
                 log.warning("%s stopped step %d: checkpointing step %d before stopping: %s",
-                            cause, trained + 1, trained, checkpoint(trained))
+                            cause, self.trained + 1, self.trained, self.checkpoint(self.trained))
             except Exception as err:  # e.g. a broken CUDA context: the error that came first
-                log.error("could not checkpoint step %d (%s: %s)", trained,
+                log.error("could not checkpoint step %d (%s: %s)", self.trained,
                           type(err).__name__, err)
 
-    progress = _progress_bar()
-    timer, started = StepTimer(), time.perf_counter()
-    device_skip = isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
-    # device-side counter of non-finite steps in a row (and the longest), read at log intervals
-    bad_run = torch.zeros((), device=device, dtype=torch.long)
-    worst_run = bad_run.clone()
-    interval = _Interval(step, device)  # the steps since the last log line
-    summary = {"start_step": step, "samples": 0}
-    trained = step  # the step count after the last step run
-    tensorboard = None if cfg.run.tensorboard else False  # None: when installed
+    def run(self, argv: list[str]) -> dict:
+        """Trains the plan's remaining steps (or until a signal); returns the run's summary,
+        printed with `argv`, the command's arguments, to resume with."""
+        self.progress = _progress_bar()
+        self.timer, started = StepTimer(), time.perf_counter()
+        tensorboard = None if self.cfg.run.tensorboard else False  # None: when installed
+        with (StopFlag() as self.stop,
+              MetricsWriter(self.run_dir, tensorboard, self.step) as self.writer,
+              GpuUtilization(self.device) as self.gpu_util, self.progress):
+            self.task = self.progress.add_task("train", total=self.total_steps,
+                                               completed=self.step, epoch="-", loss="-",
+                                               rate="-")
+            for plan in self.plans:
+                self.run_epoch(plan)
+                if self.stop.signal is not None or self.step >= self.total_steps:
+                    break
+            if self.interval.ran:  # steps since the last log line: an epoch whose data ran
+                # short jumped to the end, or a signal stopped the run between log lines
+                self.check_bad_steps()
+                self.log_interval()
+            if not self.saved(self.step):
+                self.checkpoint(self.step)
+        self.summary.update(step=self.step, total_steps=self.total_steps,
+                            planned_steps=self.planned_steps, checkpoint=str(self.last_ckpt),
+                            seconds=time.perf_counter() - started, run_dir=str(self.run_dir),
+                            interrupted=self.stop.signal, peak_source=self.peak_source)
+        _print_summary(self.progress.console, self.summary, argv)
+        return self.summary
 
-    def log_interval(plan: EpochPlan, lr: float) -> _Interval:
+    def run_epoch(self, plan: EpochPlan) -> None:
+        """The steps of `plan`'s epoch this run has left, up to a signal."""
+        cfg = self.cfg
+        start = first_step(plan.epoch, self.plans)
+        end = min(start + plan.steps, self.total_steps)
+        if self.step >= end:
+            return
+        # Resumed mid-epoch: the loader passes over this epoch's steps already done without
+        # decoding them (an AudioSet-size epoch would take hours to decode), but for fewer
+        # batches than it has workers, fetched and dropped here, and goes on with the data of
+        # an uninterrupted run.
+        drop = self.dataset.set_epoch(plan.epoch, (self.step - start) * plan.passes,
+                                      plan.micro_batch, cfg.data.num_workers)
+        work = work_per_step(cfg, self.flops, plan.mask_ratio, plan.batch_size)
+        run_pass = functools.partial(self.run_pass, plan)
+        batches = (self.dataset.batches(plan.micro_batch)
+                   if isinstance(self.dataset, RandomClips)
+                   else iter(build_loader(self.dataset, plan.micro_batch, cfg.data.num_workers)))
+        for _ in range(drop):  # if the data ends here, the step loop finds it has
+            next(batches, None)
+        self.progress.update(self.task, epoch=plan.epoch)
+        while self.step < end and self.stop.signal is None:
+            self.lr = learning_rate(cfg, self.step, self.plans)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+            try:
+                loss, terms = accumulate_gradients(run_pass, batches, plan.passes, self.timer)
+            except StopIteration:
+                # Each DataLoader worker drops its own last partial batch, so an epoch can hold
+                # a step or two fewer than the plan: move on to the next epoch. More missing
+                # means clips were skipped (unreadable shards or clips, warned of).
+                self.clear_grads()
+                try:
+                    _epoch_ended_early(plan, self.step - start, end - self.step, self.source,
+                                       cfg.data.num_workers)
+                except DataError:
+                    self.keep_trained("the data")
+                    raise
+                self.step = end
+                self.progress.update(self.task, completed=self.step)
+                return
+            except Exception as err:  # a loader worker killed, out of memory, ...
+                self.keep_trained(type(err).__name__)
+                raise
+            self.finish_step(plan, loss, terms, work)
+
+    def run_pass(self, plan: EpochPlan, batch) -> tuple[torch.Tensor, dict]:
+        """One forward + backward of `batch` at the epoch's shape, adding the gradient of
+        loss / passes into .grad; returns (loss, terms), detached."""
+        audio, video = to_device(batch, self.device, self.dataset.spec, self.copy_stream)
+        if self.graphed:
+            return self.graphed(audio, video, plan.mask_ratio, plan.passes)
+        with self.autocast:
+            out = self.model(audio, video, plan.mask_ratio, self.generator)
+        (out.loss / plan.passes).backward()
+        return out.loss.detach(), {k: v.detach() for k, v in out.terms.items()}
+
+    def finish_step(self, plan: EpochPlan, loss: torch.Tensor, terms: dict, work: dict) -> None:
+        """After the step's passes: clips the gradients and updates the parameters, counts the
+        step, then writes its log line and checkpoint when due. A non-finite loss or gradient
+        skips the update; the step and its data still count, so the schedule and a resume stay
+        aligned."""
+        t = self.cfg.train
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        self.step += 1
+        self.trained = self.step  # not moved by epochs whose data ran short
+        self.last_plan = plan
+        self.progress.advance(self.task)
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if self.device_skip:
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+        elif bool(finite):  # not stepped at all: apex counts a step without gradients
+            self.optimizer.step()
+        self.clear_grads()
+        self.bad_run = torch.where(finite, 0, self.bad_run + 1)
+        # a streak can end between reads
+        self.worst_run = torch.maximum(self.worst_run, self.bad_run)
+        self.interval.add(finite, work, {"loss": loss, **terms, "grad_norm": grad_norm})
+        self.timer.step_done()  # the optimizer step's time is compute, not data wait
+        due_log = self.step % t.log_every == 0 or self.step == self.total_steps
+        if due_log or self.step % t.ckpt_every == 0:
+            self.check_bad_steps()
+        if due_log:
+            self.log_interval()
+        if self.step % t.ckpt_every == 0:
+            if self.device.type == "cuda":  # the steps queued before it are compute
+                torch.cuda.synchronize(self.device)
+            saving = time.perf_counter()
+            self.checkpoint(self.step)
+            self.timer.exclude(time.perf_counter() - saving)  # neither compute nor data wait
+            self.timer.fetch_start()
+
+    def check_bad_steps(self) -> None:
+        """Stops the run after train.max_bad_steps non-finite steps in a row (a sync); else
+        starts counting the longest streak afresh."""
+        in_a_row = int(self.worst_run)
+        if in_a_row >= self.cfg.train.max_bad_steps:
+            # skipped updates left the model as it was: the checkpoint is good
+            where = (f"the newest checkpoint, {self.last_ckpt}, is intact" if self.last_ckpt
+                     else "no checkpoint was written yet")
+            raise TrainingError(f"{in_a_row} non-finite steps in a row at step {self.step}; "
+                                f"{where}")
+        self.worst_run = self.bad_run.clone()
+
+    def log_interval(self) -> None:
         """The log line and metrics record of the interval's steps (their applied updates), a
-        warning for any update skipped for a non-finite loss or gradient; the next interval."""
+        warning for any update skipped for a non-finite loss or gradient; starts the next
+        interval."""
+        interval, plan = self.interval, self.last_plan
         applied = int(interval.updates)  # a sync, once per interval
         if applied < interval.ran:
             log.warning("steps %d-%d: %d non-finite loss or gradient, update skipped",
-                        interval.start + 1, step, interval.ran - applied)
+                        interval.start + 1, self.step, interval.ran - applied)
         if applied:
-            record = _log_record(cfg, plan, step, lr, interval.sums, applied, timer, device,
-                                 peak, gpu_util, interval.work, _memory_held(device, graphed))
-            writer.write(record)
-            summary["last"] = record
-            progress.update(task, loss=f"{record['loss']:.4f}",
-                            rate=f"{record['samples_per_s']:.1f}")
-            progress.console.print(_line(record, total_steps), soft_wrap=True)
+            record = _log_record(self.cfg, plan, self.step, self.lr, interval.sums, applied,
+                                 self.timer, self.device, self.peak, self.gpu_util,
+                                 interval.work, _memory_held(self.device, self.graphed))
+            self.writer.write(record)
+            self.summary["last"] = record
+            self.progress.update(self.task, loss=f"{record['loss']:.4f}",
+                                 rate=f"{record['samples_per_s']:.1f}")
+            self.progress.console.print(_line(record, self.total_steps), soft_wrap=True)
         else:  # nothing applied: start the next interval's timing afresh
-            timer.summary()
-            gpu_util.reset()
-        summary["samples"] += interval.work["samples"]
-        return _Interval(step, device)
-
-    with (StopFlag() as stop, MetricsWriter(run_dir, tensorboard, step) as writer,
-          GpuUtilization(device) as gpu_util, progress):
-        task = progress.add_task("train", total=total_steps, completed=step, epoch="-", loss="-",
-                                 rate="-")
-        for plan in plans:
-            start = first_step(plan.epoch, plans)
-            end = min(start + plan.steps, total_steps)
-            if step >= end:
-                continue
-            accum = plan.passes
-            # Resumed mid-epoch: the loader passes over this epoch's steps already done without
-            # decoding them (an AudioSet-size epoch would take hours to decode), but for fewer
-            # batches than it has workers, fetched and dropped here, and goes on with the data
-            # of an uninterrupted run.
-            drop = dataset.set_epoch(plan.epoch, (step - start) * accum, plan.micro_batch,
-                                     cfg.data.num_workers)
-            step_work = work_per_step(cfg, flops, plan.mask_ratio, plan.batch_size)
-            batches = (dataset.batches(plan.micro_batch) if isinstance(dataset, RandomClips)
-                       else iter(build_loader(dataset, plan.micro_batch, cfg.data.num_workers)))
-            for _ in range(drop):  # if the data ends here, the step loop finds it has
-                next(batches, None)
-            progress.update(task, epoch=plan.epoch)
-
-            def run_pass(batch, ratio=plan.mask_ratio, passes=accum):  # this epoch's shape
-                audio, video = to_device(batch, device, dataset.spec, copy_stream)
-                if graphed:
-                    return graphed(audio, video, ratio, passes)
-                with autocast:
-                    out = model(audio, video, ratio, generator)
-                (out.loss / passes).backward()
-                return out.loss.detach(), {k: v.detach() for k, v in out.terms.items()}
-
-            while step < end and stop.signal is None:
-                lr = learning_rate(cfg, step, plans)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                try:
-                    loss_sum, terms_sum = accumulate_gradients(run_pass, batches, accum, timer)
-                except StopIteration:
-                    # Each DataLoader worker drops its own last partial batch, so an epoch can
-                    # hold a step or two fewer than the plan: move on to the next epoch. More
-                    # missing means clips were skipped (unreadable shards or clips, warned of).
-                    clear_grads()
-                    try:
-                        _epoch_ended_early(plan, step - start, end - step, source,
-                                           cfg.data.num_workers)
-                    except DataError:
-                        keep_trained("the data")
-                        raise
-                    step = end
-                    progress.update(task, completed=step)
-                    break
-                except Exception as err:  # a loader worker killed, out of memory, ...
-                    keep_trained(type(err).__name__)
-                    raise
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-                step += 1
-                trained = step  # not moved by epochs whose data ran short
-                played = plan  # the epoch of the latest step run, for a log line after the loop
-                progress.advance(task)
-                # A non-finite loss or gradient skips the update. The step and its data still
-                # count, so the schedule and a resume stay aligned. With torch's fused AdamW
-                # the skip happens on the device (found_inf, as under AMP's GradScaler) and the
-                # host learns of it at the next log or checkpoint; other optimisers read it now.
-                finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-                if device_skip:
-                    optimizer.found_inf = (~finite).float()
-                    optimizer.step()
-                elif bool(finite):  # not stepped at all: apex counts a step without gradients
-                    optimizer.step()
-                clear_grads()
-                bad_run = torch.where(finite, 0, bad_run + 1)
-                worst_run = torch.maximum(worst_run, bad_run)  # a streak can end between reads
-                interval.add(finite, step_work,
-                             {"loss": loss_sum, **terms_sum, "grad_norm": grad_norm})
-                timer.step_done()  # the optimizer step's time is compute, not data wait
-                due_log = step % t.log_every == 0 or step == total_steps
-                if due_log or step % t.ckpt_every == 0:
-                    _check_bad_steps(int(worst_run), step, t.max_bad_steps, last_ckpt)  # a sync
-                    worst_run = bad_run.clone()
-                if due_log:
-                    interval = log_interval(plan, lr)
-                if step % t.ckpt_every == 0:
-                    if device.type == "cuda":  # the steps queued before it are compute
-                        torch.cuda.synchronize(device)
-                    saving = time.perf_counter()
-                    last_ckpt = checkpoint(step)
-                    timer.exclude(time.perf_counter() - saving)  # neither compute nor data wait
-                    timer.fetch_start()
-            if stop.signal is not None or step >= total_steps:
-                break
-        if interval.ran:  # steps since the last log line: an epoch whose data ran short
-            # jumped to the end, or a signal stopped the run between log lines
-            _check_bad_steps(int(worst_run), step, t.max_bad_steps, last_ckpt)
-            log_interval(played, lr)
-        if not saved(step):
-            last_ckpt = checkpoint(step)
-    summary.update(step=step, total_steps=total_steps, planned_steps=planned_steps,
-                   checkpoint=str(last_ckpt),
-                   seconds=time.perf_counter() - started, run_dir=str(run_dir),
-                   interrupted=stop.signal, peak_source=peak_source)
-    _print_summary(progress.console, summary, argv)
-    return summary
+            self.timer.summary()
+            self.gpu_util.reset()
+        self.summary["samples"] += interval.work["samples"]
+        self.interval = _Interval(self.step, self.device)
 
 
 def _progress_bar():
@@ -540,13 +609,6 @@ def accumulate_gradients(run_pass, batches, passes: int, timer: StepTimer):
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v / passes
     return loss_sum, terms_sum
-
-
-def _check_bad_steps(in_a_row: int, step: int, limit: int, last_ckpt: Path | None) -> None:
-    if in_a_row >= limit:  # skipped updates left the model as it was: the checkpoint is good
-        where = (f"the newest checkpoint, {last_ckpt}, is intact" if last_ckpt else
-                 "no checkpoint was written yet")
-        raise TrainingError(f"{in_a_row} non-finite steps in a row at step {step}; {where}")
 
 
 def _memory_held(device: torch.device, graphed: GraphedPasses | None) -> int:
