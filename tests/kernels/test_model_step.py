@@ -204,15 +204,20 @@ def test_graphed_steps_equal_eager_steps():
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
                     reason="needs a CUDA GPU and triton: CUDA graphs are a CUDA matter")
 @pytest.mark.usefixtures("true_fp32")
-@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_graphed_passes_train_as_the_eager_trainer_does(autocast):
+@pytest.mark.parametrize("autocast, residual", [(None, None), (torch.bfloat16, None),
+                                               (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32", "bf16-autocast", "bf16-residual"])
+def test_graphed_passes_train_as_the_eager_trainer_does(autocast, residual):
     """The trainer's passes replayed from CUDA graphs (fastmavil.cuda_graph.GraphedPasses): two
     passes a step accumulated into fixed gradient buffers, clipping and the fused AdamW step
     eager between them, the lr changed every step; the same losses, gradient norms and weights
     as eager passes with loss.backward(), in fp32 and under bf16 autocast (the trainer's CUDA
-    setting; the graphs' autocast keeps no weight-cast cache, the eager one does)."""
+    setting; the graphs' autocast keeps no weight-cast cache, the eager one does), there also
+    with the residual stream in bf16 (train.residual_precision)."""
     from fastmavil.cuda_graph import GraphedPasses
     models = twin_cuda_models()
+    for model in models:
+        model.set_residual_dtype(residual)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in models]
     batches = [(torch.randn(2, 1, 64, 64, device="cuda"),
                 torch.randn(2, 3, 4, 32, 32, device="cuda")) for _ in range(2)]
