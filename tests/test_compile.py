@@ -111,3 +111,42 @@ def test_max_autotune_trains_over_batches_with_the_kernels():
         assert torch.isfinite(out.loss)
         assert all(p.grad is not None and torch.isfinite(p.grad).all()
                    for p in model.parameters() if p.requires_grad)
+
+
+def test_a_compiled_block_with_the_fused_mlp_equals_eager_and_keeps_the_activation(monkeypatch):
+    """A ViT block whose MLP goes through kernels.bias_gelu (the interpreter here) compiles with
+    its custom ops in the graph (one graph for two token counts), equals the eager block with
+    the plain MLP, and its backward launches GELU's backward alone: the activation the second
+    layer needs is kept from forward, not recomputed by launching forward's kernel again."""
+    import kernels
+    from kernels import bias_gelu as bg
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    launched = []
+    launch = kernels.launch
+    monkeypatch.setattr(kernels, "launch",
+                        lambda tuned, *a, **k: launched.append(tuned) or launch(tuned, *a, **k))
+    torch.manual_seed(0)
+    eager, _ = _block_and_inputs("vit", 3, 7)
+    compiled, _ = _block_and_inputs("vit", 3, 7)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.mlp.fused = True
+    compile_blocks(compiled)
+    for tokens in (7, 12):
+        (x,) = _block_and_inputs("vit", 3, tokens)[1]
+        grad = torch.randn(3, tokens, 32)
+        outs = []
+        for block in (eager, compiled):
+            block.zero_grad()
+            launched.clear()
+            out = block(x)
+            forward = list(launched)
+            out.backward(grad)
+            outs.append((out, [p.grad.clone() for p in block.parameters()]))
+        assert forward == [bg._forward_tuned] and launched == forward + [bg._backward_tuned]
+        (a, ga), (b, gb) = outs
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        for g, h in zip(gb, ga):
+            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
