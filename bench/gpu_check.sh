@@ -27,9 +27,6 @@
 #   residual    120  graph-compile with the residual stream in bf16 (--residual bf16,
 #                    train.residual_precision): the bytes of LayerNorms, residual adds and their
 #                    gradients halved (not run yet)
-#   fused-mlp   120  graph-compile with the MLPs' first bias and GELU through kernels.bias_gelu
-#                    (--fused-mlp, model.fused_mlp): 3 passes over their activations in backward
-#                    instead of 6 (not run yet)
 #   autotune    330  the same with the blocks compiled in max-autotune (--compile-mode: Triton
 #                    matmuls with GELU and other elementwise work in their epilogues where
 #                    Inductor times them faster than cuBLAS; compiling takes minutes): whether
@@ -49,10 +46,9 @@
 #   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
 #   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
 #   15d37cf), the trainer on random clips (never run yet), the window attention;
-#   mfu = graph-compile residual fused-mlp autotune profile (870 s of limits: give it
-#   GPU_CHECK_BUDGET=560 and the last stages get what the first leave): R4 compiled and graphed
-#   as it is, with a bf16 residual stream, with the fused MLP activation, in max-autotune, then
-#   the first's profile.
+#   mfu = graph-compile residual autotune profile (750 s of limits: give it GPU_CHECK_BUDGET=560
+#   and the last stages get what the first leave): R4 compiled and graphed as it is, with a bf16
+#   residual stream, in max-autotune, then the first's profile.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
@@ -60,12 +56,12 @@ for arg in "${@:-default}"; do
     default) stages+=(tests kernels throughput) ;;
     extra) stages+=(tests kernels amp graph-compile profile attention) ;;
     extra2) stages+=(graph train attention) ;;
-    mfu) stages+=(graph-compile residual fused-mlp autotune profile) ;;
-    tests|kernels|throughput|compile|views|amp|graph|graph-compile|residual|fused-mlp|autotune|\
-      attention|train|profile)
+    mfu) stages+=(graph-compile residual autotune profile) ;;
+    tests|kernels|throughput|compile|views|amp|graph|graph-compile|residual|autotune|attention|\
+      train|profile)
       stages+=("$arg") ;;
     *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp graph" \
-            "graph-compile residual fused-mlp autotune attention train profile;" \
+            "graph-compile residual autotune attention train profile;" \
             "groups: default extra extra2 mfu" >&2; exit 2 ;;
   esac
 done
@@ -141,9 +137,6 @@ for stage in "${stages[@]}"; do
     residual) run "bench.throughput (base, compile, graphs, bf16 residual)" 120 python -m \
                 bench.throughput --size base --steps 3 --compile --cuda-graph --residual bf16 \
                 --no-curriculum configs/r4.toml ;;
-    fused-mlp) run "bench.throughput (base, compile, graphs, fused MLP)" 120 python -m \
-                 bench.throughput --size base --steps 3 --compile --cuda-graph --fused-mlp \
-                 --no-curriculum configs/r4.toml ;;
     autotune) run "bench.throughput (base, compile max-autotune, graphs)" 330 python -m \
                 bench.throughput --size base --steps 3 --compile --compile-mode max-autotune \
                 --cuda-graph --no-curriculum configs/r4.toml ;;

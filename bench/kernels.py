@@ -41,27 +41,9 @@ GEOMETRY = {"audio": dict(batch=32, shape=(1, 1024, 128), patch=(16, 16)),
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "amp": torch.float32}
 
 
-class _PlainBiasGelu(torch.autograd.Function):
-    """What the plain path does after the MLP's first matmul, which adds the bias in cuBLAS's
-    epilogue: GELU; in backward GELU's derivative, then the bias gradient's column sums as
-    nn.Linear's backward takes them. (Its output lacks the bias: a timing reference only.)"""
-
-    @staticmethod
-    def forward(ctx, pre, bias):
-        ctx.save_for_backward(pre)
-        return torch.nn.functional.gelu(pre)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (pre,) = ctx.saved_tensors
-        grad_pre = torch.ops.aten.gelu_backward(grad, pre)
-        return grad_pre, grad_pre.sum(0)
-
-
 def _cases(device: torch.device, setting: str, modality: str, ratio: float):
     """(kernel name, fused fn, reference fn, FLOPs, bytes) per kernel; fns take no arguments
     and return the output to time or backpropagate."""
-    from kernels.bias_gelu import bias_gelu
     from kernels.diffuse_embed import diffuse_embed_masked, reference_diffuse_embed_masked
     from kernels.masked_mse import masked_patch_mse, reference_masked_patch_mse
     from kernels.patch_embed import patch_embed_visible, reference_patch_embed_visible
@@ -95,9 +77,6 @@ def _cases(device: torch.device, setting: str, modality: str, ratio: float):
     pred = torch.randn(b, m, p_dim, device=device, dtype=torch.bfloat16 if amp else dtype,
                        requires_grad=True)  # under autocast the decoder's head gives bf16
     diffusion = (x, ids.mask, t, sched.alpha_bar, *dec, patch, True)
-    hidden = torch.randn(2 * b * n, 3072, device=device,
-                         dtype=torch.bfloat16 if amp else dtype, requires_grad=True)
-    hidden_bias = torch.randn(3072, device=device, dtype=dtype, requires_grad=True)
     if amp:  # as in training: the kernel draws eps in place, the plain path draws it first
         seed = torch.randint(2**31 - 1, (1,), device=device)
         fused_diffuse = run(diffuse_embed_masked, *diffusion, seed=seed)
@@ -119,10 +98,6 @@ def _cases(device: torch.device, setting: str, modality: str, ratio: float):
          run(masked_patch_mse, pred, x, ids.mask, patch, True),
          run(reference_masked_patch_mse, pred, x, ids.mask, patch, True),
          3 * b * m * p_dim, (pred.element_size() + size) * b * m * p_dim),
-        # the encoder's MLP activation over both masked views (model.fused_mlp); under autocast
-        # the matmul gives bf16, the bias stays fp32
-        ("bias_gelu", run(bias_gelu, hidden, hidden_bias),
-         run(_PlainBiasGelu.apply, hidden, hidden_bias), 0, 2 * hidden.numel() * hidden.itemsize),
     ]
 
 
@@ -160,10 +135,8 @@ def _against_target(speedup: float | None) -> str:
 def _autotuned() -> list[str]:
     """The config each autotuned kernel chose, per tuning key: which candidates earn their
     compile time."""
-    from kernels import _token_grads, bias_gelu, diffuse_embed, masked_mse
+    from kernels import _token_grads, diffuse_embed, masked_mse
     tuners = {"diffuse_embed x_t": diffuse_embed._diffuse_tuned,
-              "bias_gelu forward": bias_gelu._forward_tuned,
-              "bias_gelu backward": bias_gelu._backward_tuned,
               "embedding grad_pos gather": _token_grads._gather_tuned,
               **{f"masked_mse {getattr(k, '__name__', k)}": t
                  for k, t in masked_mse._tuned.items()}}

@@ -7,8 +7,7 @@ reference path: kernels off, math attention, eager, AdamW (for-each)
 fast path:      kernels on (where they run), auto attention, fused AdamW (as the trainer),
                 compiled transformer blocks with --compile (models/compile.py), the whole step
                 replayed as a CUDA graph per shape with --cuda-graph (fastmavil/cuda_graph.py)
---residual bf16 keeps the residual stream in bf16 on both paths (train.residual_precision);
---fused-mlp runs the fast path's MLP activations through kernels.bias_gelu (model.fused_mlp).
+--residual bf16 keeps the residual stream in bf16 on both paths (train.residual_precision).
 Both train the same model (same weights) on the same synthetic batch already on the device, so
 this measures the model, not the loader (bench.dataload does that). Steps alternate between
 the paths after a warm-up; medians over --repeats. bf16 autocast on CUDA, fp32 on a CPU.
@@ -20,10 +19,9 @@ relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's ba
 FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py), and
 --passes fit fits each step's passes to its budget (train.passes_per_step); --no-compare runs
 the views alone, --compare-first compares the first config alone.
-Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-autotune][-res16][-mlp]
-[-graph][-<rule>][-fit][-first][-views].json (-b<B0> where --batch is not the default, -autotune
-with --compile-mode max-autotune, -res16 with --residual bf16, -mlp with --fused-mlp, -<rule>
-where --batch-rule is given,
+Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-autotune][-res16][-graph]
+[-<rule>][-fit][-first][-views].json (-b<B0> where --batch is not the default, -autotune with
+--compile-mode max-autotune, -res16 with --residual bf16, -<rule> where --batch-rule is given,
 -fit with --passes fit, -views where the views run alone; each config's record carries
 `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is installed.
 """
@@ -460,9 +458,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--residual", choices=["fp32", "bf16"], default="fp32",
                         help="the residual stream under bf16 autocast, on both paths "
                              "(train.residual_precision; bf16 needs CUDA)")
-    parser.add_argument("--fused-mlp", action="store_true",
-                        help="the fast path's MLP activations through kernels.bias_gelu "
-                             "(model.fused_mlp)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay the fast path's whole step as a CUDA graph per shape (CUDA)")
     parser.add_argument("--no-curriculum", action="store_true")
@@ -489,8 +484,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cuda-graph needs a CUDA GPU")
     if args.residual == "bf16" and not cuda:
         parser.error("--residual bf16 needs a CUDA GPU (the bench runs fp32 on a CPU)")
-    if args.fused_mlp and not cuda:
-        parser.error("--fused-mlp needs a CUDA GPU (the fast path's kernels run there)")
     if args.cuda_graph and args.warmup < 2:
         parser.error("--cuda-graph needs --warmup >= 2 (an eager step per shape, then capture)")
     device = torch.device("cuda" if cuda else "cpu")
@@ -506,7 +499,6 @@ def main(argv: list[str] | None = None) -> int:
                                                 ("-compile", args.compile),
                                                 ("-autotune", args.compile_mode != "default"),
                                                 ("-res16", args.residual == "bf16"),
-                                                ("-mlp", args.fused_mlp),
                                                 ("-graph", args.cuda_graph),
                                                 (f"-{args.batch_rule}", args.batch_rule),
                                                 ("-fit", args.passes == "fit"),
@@ -534,7 +526,6 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in configs.values():
         cfg.train.adaptive_batch_rule = args.batch_rule or cfg.train.adaptive_batch_rule
         cfg.train.passes_per_step = args.passes or cfg.train.passes_per_step
-        cfg.model.fused_mlp = args.fused_mlp or cfg.model.fused_mlp  # kernels on: the fast path
     records = []  # saved after each config and view: a run cut short keeps what it measured
     compared = ({} if args.no_compare else
                 dict(list(configs.items())[:1]) if args.compare_first else configs)

@@ -82,10 +82,6 @@ class ModelConfig:
     audio_decoder_block: str = field(default="swin", metadata=_choices("swin", "swinv2cr"))
     # Fast path: Triton kernels where they exist (env FASTMAVIL_KERNELS wins, see kernels/).
     kernels: bool = True
-    # With the kernels on, the MLPs' first bias and GELU through kernels.bias_gelu (one pass each
-    # way, the bias gradient summed in backward's pass, the activation kept for the second
-    # layer): off until measured on a GPU.
-    fused_mlp: bool = False
 
     def __post_init__(self):
         for key, value in SIZES.get(self.size, {}).items():

@@ -19,7 +19,7 @@ Settings: `fp32` (IEEE fp32 products, the CUDA parity tests), `bf16` (bf16 input
 bench.kernels) and `amp` (fp32 inputs under bf16 autocast, as training), each on audio and
 video patch geometry, with every flag (norm_pix, given or in-kernel noise, patches saved for
 backward or not) taking both values; the window attention's in each setting, with a learned,
-a fixed and no bias; the MLP activation's (kernels.bias_gelu) in each setting. Needs a Triton with the NVIDIA backend (its bundled
+a fixed and no bias. Needs a Triton with the NVIDIA backend (its bundled
 ptxas), no GPU, and TRITON_INTERPRET unset (the interpreter replaces the JIT). Uses Triton's
 internal binder and argument packing (`create_function_from_signature`,
 `JITFunction._pack_args`), as in Triton 3.6-3.9; another Triton may fail here without the
@@ -154,21 +154,9 @@ def _run_window_attention(setting: str, gen: torch.Generator) -> None:
         window_attention(q, k, v, bias).float().sum().backward()
 
 
-def _run_bias_gelu(setting: str, gen: torch.Generator) -> None:
-    """kernels.bias_gelu as the MLPs call it (y in the setting's compute dtype, an fp32 bias),
-    with a bias that needs a gradient and one that does not."""
-    from kernels.bias_gelu import bias_gelu
-
-    dtype = torch.float32 if setting == "fp32" else torch.bfloat16
-    for bias_grad in (True, False):
-        y = torch.randn(3, 70, 96, generator=gen, dtype=dtype).requires_grad_()
-        b = torch.randn(96, generator=gen).requires_grad_(bias_grad)
-        bias_gelu(y, b).float().sum().backward()
-
-
 def record_launches(settings=SETTINGS) -> list[Launch]:
-    """The launches of `_run_kernels` per setting and geometry, of the window attention and the
-    MLP activation per setting, and of the Philox noise."""
+    """The launches of `_run_kernels` per setting and geometry, of the window attention per
+    setting, and of the Philox noise."""
     from kernels.diffuse_embed import philox_noise
 
     gen = torch.Generator().manual_seed(0)
@@ -184,10 +172,6 @@ def record_launches(settings=SETTINGS) -> list[Launch]:
             _run_window_attention(setting, gen)
             for launch in launches[start:]:
                 launch.label = f"{setting} window"
-            start = len(launches)
-            _run_bias_gelu(setting, gen)
-            for launch in launches[start:]:
-                launch.label = f"{setting} mlp"
         philox_noise(7, 2, 3, 5, "cpu")
         launches[-1].label = "any"
     return launches

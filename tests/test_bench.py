@@ -93,8 +93,7 @@ def test_kernels_appends_rows_with_their_commit(results, monkeypatch):
     assert header == bench.kernels.HEADER and old == ["old"] * len(legacy) + [""]
     providers = {"torch", "triton"} if torch.cuda.is_available() else {"torch"}  # CPU: refs only
     kernels = {r[0] for r in rows}
-    assert kernels == {"patch_embed_visible", "diffuse_embed_masked", "masked_patch_mse",
-                       "bias_gelu"}
+    assert kernels == {"patch_embed_visible", "diffuse_embed_masked", "masked_patch_mse"}
     assert len(rows) == 2 * len(kernels) * 3 * len(providers)  # two runs x kernels x 3 modes
     assert {r[1] for r in rows} == providers and {r[10] for r in rows} == {"abc1234"}
     assert {r[3] for r in rows} == {"audio B=32 rho=0.9 fp32", "audio B=32 rho=0.9 amp"}
@@ -285,13 +284,10 @@ def test_throughput_cuda_graph_needs_cuda(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="checks the refusal on a machine without CUDA")
-def test_throughput_bf16_residual_and_fused_mlp_need_cuda(capsys):
+def test_throughput_bf16_residual_needs_cuda(capsys):
     with pytest.raises(SystemExit):
         bench.throughput.main(["--residual", "bf16", "--size", "tiny"])
     assert "--residual bf16 needs a CUDA GPU" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench.throughput.main(["--fused-mlp", "--size", "tiny"])
-    assert "--fused-mlp needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_train_runs_the_trainer_per_variant_and_records_its_metrics(results):
@@ -347,13 +343,11 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]
     done, stages = run("mfu")
-    assert [s.split()[1] for s in stages] == ["bench.throughput"] * 5
-    variants = ("--compile-mode", "--residual", "--fused-mlp")
-    assert [[v for v in variants if v in s] for s in stages] == [
-        [], ["--residual"], ["--fused-mlp"], ["--compile-mode"], []]
-    assert "--residual bf16" in stages[1] and "--compile-mode max-autotune" in stages[3]
+    assert [s.split()[1] for s in stages] == ["bench.throughput"] * 4
+    assert not any("--compile-mode" in s or "--residual" in s for s in stages[:1] + stages[3:])
+    assert "--residual bf16" in stages[1] and "--compile-mode max-autotune" in stages[2]
     assert all("--compile " in s and "--cuda-graph" in s for s in stages)
-    assert "--profile" in stages[4]
+    assert "--profile" in stages[3]
     done, stages = run("views", "amp")
     assert done.returncode == 0 and len(stages) == 2
     assert "--batch-rule flops --passes fit" in stages[0] and "--dtype amp" in stages[1]

@@ -129,14 +129,6 @@ class Mlp(nn.Sequential):
     def __init__(self, dim: int, ratio: float):
         hidden = int(dim * ratio)
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.fused = False  # kernels.bias_gelu (set by the model: model.fused_mlp)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
-            return super().forward(x)
-        from kernels.bias_gelu import bias_gelu  # triton only where fused
-        first, _, second = self
-        return second(bias_gelu(F.linear(x, first.weight), first.bias))
 
 
 class Block(nn.Module):

@@ -15,14 +15,12 @@ from ..config import Config, ConfigError, config_changes
 
 log = logging.getLogger("fastmavil.train")
 
-# How the run executes, not what it trains (the attention backends compute the same attention,
-# the MLPs with or without kernels.bias_gelu the same function; a run folder may be copied or
-# moved under another name).
+# How the run executes, not what it trains (the attention backends compute the same
+# attention; a run folder may be copied or moved under another name).
 FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
         "train.max_bad_steps", "train.compile", "train.compile_mode", "train.cuda_graphs",
         "train.device", "train.deterministic",
-        "train.max_batch_size", "run.dir", "run.name", "run.tensorboard", "model.attention",
-        "model.fused_mlp"}
+        "train.max_batch_size", "run.dir", "run.name", "run.tensorboard", "model.attention"}
 # A dataset moved to another disk, a machine with other cores, another micro-batch size (each
 # loader worker forms its own micro-batches, so the resumed epoch skips other samples), the
 # kernels on or off (their in-kernel noise is another stream): the samples or noise from here
