@@ -26,11 +26,12 @@
 #   graph-compile 150  R4 with compiled blocks and CUDA graphs: the MFU target
 #   residual    120  graph-compile with the residual stream in bf16 (--residual bf16,
 #                    train.residual_precision): the bytes of LayerNorms, residual adds and their
-#                    gradients halved (not run yet)
-#   autotune    330  the same with the blocks compiled in max-autotune (--compile-mode: Triton
+#                    gradients halved (83 s at d81b3c9: 74.7 against 77.3 ms per step)
+#   autotune    480  the same with the blocks compiled in max-autotune (--compile-mode: Triton
 #                    matmuls with GELU and other elementwise work in their epilogues where
-#                    Inductor times them faster than cuBLAS; compiling takes minutes): whether
-#                    that fusion closes the MFU gap (not run yet)
+#                    Inductor times them faster than cuBLAS): whether that closes the MFU gap.
+#                    Its compile did not finish in 256 s at d81b3c9 (Inductor times ~20 Triton
+#                    configs per matmul shape, some shapes for 13-14 s): a call of its own
 #   attention    75  bench.attention: SDPA (its own choice, and each of its CUDA kernels forced)
 #                    against math at each attention call of R4 (the Swin decoder's 16-key
 #                    windows took 5 ms per step in SDPA at f080127)
@@ -46,9 +47,9 @@
 #   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
 #   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
 #   15d37cf), the trainer on random clips (never run yet), the window attention;
-#   mfu = graph-compile residual autotune profile (750 s of limits: give it GPU_CHECK_BUDGET=560
-#   and the last stages get what the first leave): R4 compiled and graphed as it is, with a bf16
-#   residual stream, in max-autotune, then the first's profile.
+#   mfu = graph-compile autotune (630 s of limits: give it GPU_CHECK_BUDGET=560, and max-autotune
+#   gets the ~470 s the first leaves): R4 compiled and graphed in the default mode, then in
+#   max-autotune.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
@@ -56,7 +57,7 @@ for arg in "${@:-default}"; do
     default) stages+=(tests kernels throughput) ;;
     extra) stages+=(tests kernels amp graph-compile profile attention) ;;
     extra2) stages+=(graph train attention) ;;
-    mfu) stages+=(graph-compile residual autotune profile) ;;
+    mfu) stages+=(graph-compile autotune) ;;
     tests|kernels|throughput|compile|views|amp|graph|graph-compile|residual|autotune|attention|\
       train|profile)
       stages+=("$arg") ;;
@@ -137,7 +138,7 @@ for stage in "${stages[@]}"; do
     residual) run "bench.throughput (base, compile, graphs, bf16 residual)" 120 python -m \
                 bench.throughput --size base --steps 3 --compile --cuda-graph --residual bf16 \
                 --no-curriculum configs/r4.toml ;;
-    autotune) run "bench.throughput (base, compile max-autotune, graphs)" 330 python -m \
+    autotune) run "bench.throughput (base, compile max-autotune, graphs)" 480 python -m \
                 bench.throughput --size base --steps 3 --compile --compile-mode max-autotune \
                 --cuda-graph --no-curriculum configs/r4.toml ;;
     attention) run "bench.attention (R4, base)" 75 python -m bench.attention configs/r4.toml ;;
