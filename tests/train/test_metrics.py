@@ -162,6 +162,22 @@ def test_gpu_utilization_samples_fake_nvml(monkeypatch):
     assert util.mean() is None
 
 
+def test_gpu_utilization_reads_within_the_window_and_at_its_end(monkeypatch):
+    """NVML's figure describes its last sample period: a reading at start would describe the
+    time before the window. A window shorter than the interval gets one reading, at stop."""
+    fake = _fake_pynvml(0, [])
+    reads = []
+    fake.nvmlDeviceGetUtilizationRates = lambda handle: (
+        reads.append(time.monotonic()) or types.SimpleNamespace(gpu=60 + len(reads), memory=0))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with GpuUtilization(torch.device("cuda", 0), interval=10.0) as util:
+        time.sleep(0.05)
+        stopping = time.monotonic()
+        util.stop()
+    assert len(reads) == 1 and reads[0] >= stopping and util.mean() == 61.0
+
+
 def test_gpu_utilization_releases_nvml_when_the_device_is_missing(monkeypatch, caplog):
     opened = []
     fake = _fake_pynvml(73, opened)
