@@ -6,7 +6,8 @@
 # at 600 s, and this script must end first, to save its records and print the summary).
 # A stage that would get under 20 s is skipped. After each stage this run's records are packed
 # into $OUT/results.tar (the tool returns at most 8 files), beside $OUT/gpu_check.log; unpack
-# it into bench/results/ (`tar -xf results.tar -C bench/results`).
+# it into bench/results/ (`tar -xf results.tar -C bench/results`), and Inductor's autotuning
+# timings, $OUT/autotune-cache.tar, into bench/.inductor-cache/ (carried to the next call).
 #   FASTMAVIL_COMMIT=<sha> bash bench/gpu_check.sh [STAGE|GROUP ...]   # from the repository
 #       root; results in bench/results/ (the sha: a copied tree's git metadata can be stale)
 # Stages (limits in seconds; measured on an H200 where a figure is given):
@@ -69,6 +70,11 @@ done
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+# Inductor's caches in the tree (git ignores them). Its autotuning timings, one JSON file per
+# system under cache/, written after each matmul shape it times, come back in
+# $OUT/autotune-cache.tar; unpacked into bench/.inductor-cache and carried to the next call
+# (the device tool's carry: bench/.inductor-cache/cache), max-autotune times only new shapes.
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/bench/.inductor-cache}"
 out=${OUT:-bench/results}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -109,6 +115,9 @@ keep() {  # the device tool returns at most 8 files from $OUT: this run's record
     -o -name 'train-*.json' \))
   ((${#records[@]})) && tar -cf "$out/results.tar.tmp" -C bench/results "${records[@]}" \
     && mv "$out/results.tar.tmp" "$out/results.tar"
+  [ -d "$TORCHINDUCTOR_CACHE_DIR/cache" ] \
+    && tar -cf "$out/autotune-cache.tar.tmp" -C "$TORCHINDUCTOR_CACHE_DIR" cache \
+    && mv "$out/autotune-cache.tar.tmp" "$out/autotune-cache.tar"
   return 0
 }
 # Triton compiles each kernel variant once per process: pytest-xdist (when present) spreads the

@@ -355,6 +355,26 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert done.returncode == 2 and "unknown stage 'bogus'" in done.stderr and modules == []
 
 
+def test_gpu_check_returns_inductors_autotune_timings(tmp_path):
+    """The timings Inductor's max-autotune writes under $TORCHINDUCTOR_CACHE_DIR/cache (a stand-in
+    python writes one here) come back in $OUT/autotune-cache.tar after the stage, so the next
+    call can carry them and time only new shapes."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text('#!/bin/sh\ncase "$*" in *bench.throughput*)\n'
+                                 '  mkdir -p "$TORCHINDUCTOR_CACHE_DIR/cache"\n'
+                                 '  echo "{}" > "$TORCHINDUCTOR_CACHE_DIR/cache/system";;\nesac\n')
+    (fake / "python").chmod(0o755)
+    out, cache = tmp_path / "out", tmp_path / "inductor"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out),
+           "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "autotune"], env=env,
+                          text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(out / "autotune-cache.tar") as tar:
+        assert tar.getnames() == ["cache", "cache/system"]
+
+
 def test_gpu_check_runs_every_cuda_only_test():
     """Each test module with a test that skips without CUDA is in the `tests` stage: on this
     machine they never run, so the GPU check is their only chance."""
