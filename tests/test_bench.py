@@ -316,7 +316,9 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     calls = tmp_path / "calls"
     (fake / "python").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
     (fake / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    env = {**{k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"},
+           "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
 
     def run(*names):
         calls.write_text("")
@@ -402,7 +404,9 @@ def test_gpu_check_packs_its_records_and_keeps_to_its_budget(tmp_path):
                                  'echo row > bench/results/kernels-new.csv\nexit 0\n')
     (fake / "python").chmod(0o755)
     out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out)}
+    # Inductor's cache is the tree's (an in-process compile may have set the variable)
+    env = {**{k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"},
+           "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out)}
 
     def run(*stages, budget="560"):
         return subprocess.run(["bash", str(tree / "bench" / "gpu_check.sh"), *stages],
