@@ -30,7 +30,8 @@ class Encoder(nn.Module):
             # would trace the first block again (the copy: ~80 MB per step at paper size, B = 32;
             # the cast to the residual stream's dtype, if any, makes it)
             tokens = tokens.flatten(0, -3).to(self.residual_dtype or tokens.dtype, copy=True)
-        tokens = residual_stream(tokens, self.residual_dtype)
+        else:
+            tokens = residual_stream(tokens, self.residual_dtype)
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
