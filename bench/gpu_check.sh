@@ -28,17 +28,21 @@
 #   residual    120  graph-compile with the residual stream in bf16 (--residual bf16,
 #                    train.residual_precision): the bytes of LayerNorms, residual adds and their
 #                    gradients halved (83 s at d81b3c9: 74.7 against 77.3 ms per step)
-#   autotune    480  the same with the blocks compiled in max-autotune (--compile-mode: Triton
+#   autotune    480  residual with the blocks compiled in max-autotune (--compile-mode: Triton
 #                    matmuls with GELU and other elementwise work in their epilogues where
 #                    Inductor times them faster than cuBLAS): whether that closes the MFU gap.
 #                    Its compile did not finish in 256 s at d81b3c9 (Inductor times ~20 Triton
-#                    configs per matmul shape, some shapes for 13-14 s): a call of its own
+#                    configs per matmul shape, some shapes for 13-14 s): a call of its own, or
+#                    a second one with the first's timings carried (autotune-cache.tar)
 #   attention    75  bench.attention: SDPA (its own choice, and each of its CUDA kernels forced)
 #                    against math at each attention call of R4 (the Swin decoder's 16-key
 #                    windows took 5 ms per step in SDPA at f080127)
 #   train       180  bench.train: fastmavil-train itself on random clips, R4 at paper size,
 #                    with its passes replayed as CUDA graphs, then eager, in 4 passes of 8 and
 #                    in 1 pass of 32 per step (the trainer's own step time, MFU and memory)
+#   train-fast  240  bench.train in the trainer's fastest setting: compiled blocks, CUDA graphs,
+#                    bf16 residual, in 4 passes of 8 and 1 pass of 32 per step (the trainer's
+#                    MFU, its optimiser step once per step as in training)
 #   profile     150  a profile of R4's step with compiled blocks and CUDA graphs: its device
 #                    time by kind of kernel (matmul, attention, ...) and by operator
 # Groups: default = tests kernels throughput (the issue's check, under 8 minutes);
@@ -48,9 +52,9 @@
 #   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
 #   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
 #   15d37cf), the trainer on random clips (never run yet), the window attention;
-#   mfu = graph-compile autotune (630 s of limits: give it GPU_CHECK_BUDGET=560, and max-autotune
-#   gets the ~470 s the first leaves): R4 compiled and graphed in the default mode, then in
-#   max-autotune.
+#   mfu = residual autotune train-fast (840 s of limits: give it GPU_CHECK_BUDGET=560; max-autotune
+#   gets the ~470 s the first leaves, the trainer what is left after it): R4 compiled and graphed
+#   with the bf16 residual in the default mode, then in max-autotune, then the trainer itself.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
@@ -58,12 +62,12 @@ for arg in "${@:-default}"; do
     default) stages+=(tests kernels throughput) ;;
     extra) stages+=(tests kernels amp graph-compile profile attention) ;;
     extra2) stages+=(graph train attention) ;;
-    mfu) stages+=(graph-compile autotune) ;;
+    mfu) stages+=(residual autotune train-fast) ;;
     tests|kernels|throughput|compile|views|amp|graph|graph-compile|residual|autotune|attention|\
-      train|profile)
+      train|train-fast|profile)
       stages+=("$arg") ;;
     *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp graph" \
-            "graph-compile residual autotune attention train profile;" \
+            "graph-compile residual autotune attention train train-fast profile;" \
             "groups: default extra extra2 mfu" >&2; exit 2 ;;
   esac
 done
@@ -149,9 +153,11 @@ for stage in "${stages[@]}"; do
                 --no-curriculum configs/r4.toml ;;
     autotune) run "bench.throughput (base, compile max-autotune, graphs)" 480 python -m \
                 bench.throughput --size base --steps 3 --compile --compile-mode max-autotune \
-                --cuda-graph --no-curriculum configs/r4.toml ;;
+                --cuda-graph --residual bf16 --no-curriculum configs/r4.toml ;;
     attention) run "bench.attention (R4, base)" 75 python -m bench.attention configs/r4.toml ;;
     train) run "bench.train (R4, base, random clips)" 180 python -m bench.train --steps 30 ;;
+    train-fast) run "bench.train (R4, base, compiled, graphs, bf16 residual)" 240 python -m \
+                  bench.train --steps 30 --compile --kinds compiled --residual bf16 ;;
     profile) run "bench.throughput (base, profile)" 150 python -m bench.throughput --size base \
                --steps 3 --compile --cuda-graph --no-compare --no-curriculum --profile \
                configs/r4.toml ;;
@@ -166,7 +172,7 @@ speedups=$(grep "^forward+backward speedup" "$log" | sed 's/^forward+backward sp
 [ -n "$speedups" ] && printf '%s\n' "$speedups" | tee -a "$log"
 # this run's records only: bench/results also holds committed ones from other runs and devices
 mapfile -t records < <(find bench/results -maxdepth 1 \( -name 'throughput-*-base*.json' \
-  -o -name 'train-*-base.json' -o -name 'attention-*-base.json' \) -newer "$started")
+  -o -name 'train-*-base*.json' -o -name 'attention-*-base.json' \) -newer "$started")
 python - "${records[@]}" <<'PY' 2>&1 | tee -a "$log"
 import json, pathlib, sys
 for path in sorted(map(pathlib.Path, sys.argv[1:])):

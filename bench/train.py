@@ -2,6 +2,7 @@
 
     python -m bench.train                   # R4 at paper size on CUDA (small on a CPU)
     python -m bench.train --compile         # and with compiled blocks + CUDA graphs
+    python -m bench.train --compile --kinds compiled --residual bf16   # the fastest setting only
 
 bench.throughput times the model's step; this runs the whole trainer (its loop, the copy of
 each batch to the device, gradient accumulation, clipping, the AdamW step, logging) with
@@ -11,8 +12,9 @@ in passes of `--micro` samples (r4.toml's 8, the paper's per-GPU share). The mas
 fixed at 0.8 (R4's curriculum ends there) and the batch at B0, so every step has one shape.
 Step time, samples/s, MFU and GPU utilisation are the trainer's own log records (metrics.jsonl)
 after the first, which holds the warm-up (Triton autotuning, graph capture, compilation); peak
-memory is the trainer's too.
-Writes bench/results/train-<device>-<size>.json.
+memory is the trainer's too. --kinds picks the kinds of variant to run (compiled, graphs, eager),
+--residual and --compile-mode pass train.residual_precision and train.compile_mode to every run.
+Writes bench/results/train-<device>-<size>[-autotune][-res16].json.
 """
 from __future__ import annotations
 
@@ -32,23 +34,29 @@ from ._report import RESULTS, commit, device_name, print_table
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def variants(b0: int, micro: int, cuda: bool, compile_blocks: bool) -> dict[str, dict]:
+KINDS = ("compiled", "graphs", "eager")
+
+
+def variants(b0: int, micro: int, cuda: bool, compile_blocks: bool,
+             kinds: tuple[str, ...] = KINDS) -> dict[str, dict]:
     """{name: overrides}, in the order they run: the graphed ones first (on CUDA only: the
     trainer refuses them elsewhere), passes of `micro` (the paper's setting) before one pass of
-    B0, so that a run cut short by a time limit loses the least telling ones."""
+    B0, so that a run cut short by a time limit loses the least telling ones. `kinds` keeps
+    those of KINDS: compiled blocks with CUDA graphs (with compile_blocks), CUDA graphs, eager."""
     passes = {}
     if micro < b0:
         passes[f"{b0 // micro} passes of {micro}"] = {"train.micro_batch_size": str(micro)}
     passes[f"1 pass of {b0}"] = {"train.micro_batch_size": str(b0)}
     out = {}
     for shape, over in passes.items():
-        if cuda and compile_blocks:
+        if cuda and compile_blocks and "compiled" in kinds:
             out[f"compiled + CUDA graphs, {shape}"] = {**over, "train.cuda_graphs": "true",
                                                        "train.compile": "true"}
-        if cuda:
+        if cuda and "graphs" in kinds:
             out[f"CUDA graphs, {shape}"] = {**over, "train.cuda_graphs": "true"}
-    for shape, over in passes.items():
-        out[f"eager, {shape}"] = over
+    if "eager" in kinds:
+        for shape, over in passes.items():
+            out[f"eager, {shape}"] = over
     return out
 
 
@@ -102,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                         "CUDA, 6 CPU), logged every steps / 4")
     parser.add_argument("--compile", action="store_true",
                         help="also compiled blocks with CUDA graphs (minutes of compilation)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="the kinds of variant to run (default: all; compiled needs "
+                        "--compile, compiled and graphs need CUDA)")
+    parser.add_argument("--residual", choices=["fp32", "bf16"], default="fp32",
+                        help="train.residual_precision (bf16 needs CUDA)")
+    parser.add_argument("--compile-mode", choices=["default", "max-autotune"],
+                        default="default", help="train.compile_mode of the compiled variants")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -111,13 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     every = max(1, steps // 4)
     if not 1 <= args.micro <= b0 or b0 % args.micro:
         parser.error(f"--micro {args.micro} must divide B0 = {b0}")
+    if args.residual == "bf16" and not cuda:
+        parser.error("--residual bf16 needs a CUDA GPU (bf16 autocast)")
+    runs = variants(b0, args.micro, cuda, args.compile, tuple(args.kinds))
+    if not runs:
+        parser.error(f"--kinds {' '.join(args.kinds)}: nothing to run here (compiled needs "
+                     "--compile, compiled and graphs need CUDA)")
     name = device_name(torch.device("cuda" if cuda else "cpu"))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"train-{name.replace(' ', '_').replace('/', '_')}-{size}.json"
+    suffix = ("-autotune" if args.compile_mode == "max-autotune" else "") + \
+        ("-res16" if args.residual == "bf16" else "")
+    out = RESULTS / f"train-{name.replace(' ', '_').replace('/', '_')}-{size}{suffix}.json"
     results, rows = {}, []
     with tempfile.TemporaryDirectory(prefix="bench-train-", dir=_run_space()) as tmp:
-        for label, over in variants(b0, args.micro, cuda, args.compile).items():
-            overrides = {"model.size": size, "data.random_clips": str(b0 * steps),
+        for label, over in runs.items():
+            if "train.compile" in over:
+                over = {**over, "train.compile_mode": args.compile_mode}
+            overrides = {"train.residual_precision": args.residual,"model.size": size, "data.random_clips": str(b0 * steps),
                          "mask.schedule": "fixed", "mask.start": "0.8", "mask.end": "0.8",
                          "train.adaptive_batch": "false", "train.batch_size": str(b0),
                          "train.max_steps": str(steps), "train.log_every": str(every),
@@ -137,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             # after each run: a stage cut short keeps what it measured
             out.write_text(json.dumps({
                 "bench": "train", "config": args.config, "size": size, "batch": b0,
-                "mask_ratio": 0.8, "steps": steps, "log_every": every, "device": name,
+                "residual": args.residual, "compile_mode": args.compile_mode, "mask_ratio": 0.8, "steps": steps, "log_every": every, "device": name,
                 "torch": torch.__version__, "commit": commit(), "variants": results},
                 indent=2) + "\n")
     print_table(f"fastmavil-train {Path(args.config).stem}, {size}, B0 = {b0}, rho 0.8, "

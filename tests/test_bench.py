@@ -306,6 +306,21 @@ def test_train_runs_the_trainer_per_variant_and_records_its_metrics(results):
         "compiled + CUDA graphs, 4 passes of 8", "CUDA graphs, 4 passes of 8",
         "compiled + CUDA graphs, 1 pass of 32", "CUDA graphs, 1 pass of 32",
         "eager, 4 passes of 8", "eager, 1 pass of 32"]
+    assert list(bench.train.variants(32, 8, cuda=True, compile_blocks=True,
+                                     kinds=("compiled",))) == [
+        "compiled + CUDA graphs, 4 passes of 8", "compiled + CUDA graphs, 1 pass of 32"]
+    assert list(bench.train.variants(32, 32, cuda=False, compile_blocks=True,
+                                     kinds=("compiled", "eager"))) == ["eager, 1 pass of 32"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the refusals on a machine without CUDA")
+def test_train_refuses_what_cannot_run_here(capsys):
+    for argv, says in ((["--residual", "bf16"], "--residual bf16 needs a CUDA GPU"),
+                       (["--compile", "--kinds", "compiled", "graphs"], "nothing to run here")):
+        with pytest.raises(SystemExit):
+            bench.train.main(["--size", "tiny", *argv])
+        assert says in capsys.readouterr().err
 
 
 def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
@@ -345,9 +360,11 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]
     done, stages = run("mfu")
-    assert [s.split()[1] for s in stages] == ["bench.throughput"] * 2
+    assert [s.split()[1] for s in stages] == ["bench.throughput"] * 2 + ["bench.train"]
     assert "--compile-mode" not in stages[0] and "--compile-mode max-autotune" in stages[1]
-    assert all("--compile " in s and "--cuda-graph" in s for s in stages)
+    assert all("--compile " in s and "--cuda-graph" in s for s in stages[:2])
+    assert all("--residual bf16" in s for s in stages)
+    assert "--compile --kinds compiled" in stages[2]
     done, stages = run("residual")
     assert len(stages) == 1 and "--residual bf16" in stages[0] and "--compile " in stages[0]
     done, stages = run("views", "amp")
