@@ -126,7 +126,8 @@ def project_kernels() -> dict[str, str]:
 
 def kernel_category(name: str, project: dict[str, str]) -> str:
     if name in project:
-        return "attention" if project[name] == "window_attention" else "Triton (fastmavil)"
+        return ("attention" if project[name] in ("window_attention", "attention")
+                else "Triton (fastmavil)")
     lower = name.lower()
     return next((category for category, parts in KERNEL_CATEGORIES
                  if any(part in lower for part in parts)), "other")

@@ -8,9 +8,11 @@ shapes, the bias and whether it is learned); each distinct call is then timed fo
 backward (gradients of q, k, v and a learned bias): on CUDA the kernels' GPU time from the
 profiler, in bf16 (the autocast dtype), with SDPA, with math, with SDPA restricted to each of
 its CUDA kernels (cuDNN, flash, memory-efficient; "-" where that kernel does not take the call:
-is SDPA's own pick the fastest?) and with the Triton window kernels where the bias is shared by
+is SDPA's own pick the fastest?), with the Triton window kernels where the bias is shared by
 the batch (kernels.window_attention, which `auto` runs in the Swin decoder with the kernels
-on); on a CPU wall time in fp32, SDPA and math. Why: the Swin audio decoder's 4x4 windows
+on) and with the Triton sequence kernels where there is no bias (kernels.attention, backend
+`triton`: q, k, v packed as the projections give them, their gradients written back so); on a
+CPU wall time in fp32, SDPA and math. Why: the Swin audio decoder's 4x4 windows
 attend over 16 keys with a learned bias, which sends SDPA to its memory-efficient kernel (the
 one with a bias gradient); on an H200 that took 0.64 ms per call, 5 ms of a 107 ms R4 step,
 for about 13 GFLOP (bench/results/profile-NVIDIA_H200-r4-f080127-eager.txt).
@@ -91,6 +93,10 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
         inputs += [b] if bias[1] else []
 
     backend, _, kernel = backend.partition(":")
+    if backend == "triton":  # packed (B, L, heads * d) projections, as the modules call it
+        if b is not None or not kernels.can_launch("attention", q):
+            return None
+        return _time_packed(q_shape, k_shape, device, dtype, reps)
     if backend == "window":  # the Swin windows' Triton kernels (kernels.window_attention)
         from kernels.window_attention import window_attention
         if (b is None or b.dim() != 3 or q_shape != k_shape
@@ -114,6 +120,31 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
             raise
         print(f"sdpa:{kernel} at {describe(site)}: {str(err).strip().splitlines()[0]}")
         return None
+
+
+def _time_packed(q_shape, k_shape, device: torch.device, dtype: torch.dtype, reps: int) -> float:
+    """kernels.attention at a site: self-attention on one packed qkv where queries and keys
+    have one shape, else cross-attention on q and a packed kv."""
+    from kernels.attention import cross_attention, self_attention
+    batch, heads, lq, head_dim = q_shape
+    gen = torch.Generator(device).manual_seed(0)
+
+    def packed(length, parts):
+        return torch.randn(batch, length, parts * heads * head_dim, device=device, dtype=dtype,
+                           generator=gen, requires_grad=True)
+    if q_shape == k_shape:
+        inputs = [packed(lq, 3)]
+        attend = lambda: self_attention(*inputs, heads)  # noqa: E731
+    else:
+        inputs = [packed(lq, 1), packed(k_shape[2], 2)]
+        attend = lambda: cross_attention(*inputs, heads)  # noqa: E731
+
+    def step():
+        out = attend()
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+    if device.type == "cuda":
+        return gpu_time_ms(step, reps)[0]
+    return statistics.median(wall_times_ms(step, reps))
 
 
 def sdpa_kernel(name: str) -> contextlib.ExitStack:
@@ -154,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (20 if cuda else 3)
     dtype = torch.bfloat16 if cuda else torch.float32
     forced = SDPA_KERNELS if args.sdpa_kernels is None and cuda else args.sdpa_kernels or ()
-    # the Triton window kernels where they apply: a bias shared by the batch (Swin windows)
-    backends = (*BACKENDS, *(f"sdpa:{k}" for k in forced), *(("window",) if cuda else ()))
+    # the Triton window kernels where they apply (a bias shared by the batch: Swin windows) and
+    # the sequence kernels where there is no bias; on CUDA only (the interpreter is slow)
+    backends = (*BACKENDS, *(f"sdpa:{k}" for k in forced),
+                *(("window", "triton") if cuda else ()))
     path = Path(args.config)
     cfg = load_config(path if path.exists() else ROOT / path, {"model.size": size})
     sites = call_sites(cfg, device, batch)

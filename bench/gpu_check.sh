@@ -14,6 +14,8 @@
 #   tests       180  CUDA kernel (every autotune candidate, a whole model step, graphed steps)
 #                    and attention parity tests, and every other CUDA-only test (130 s at
 #                    a56a753, with pytest-xdist)
+#   attention-tests 60  the CUDA parity tests of the attention backends and of the Triton
+#                    sequence attention (kernels/attention.py; every autotune candidate)
 #   kernels      90  bench.kernels, bf16, wall and device time (65 s at a56a753)
 #   throughput  240  bench.throughput --size base, r1-r4 and mavil with the curriculum views
 #   compile     150  R4 with compiled blocks (--compile, no curriculum; 103 s at f080127)
@@ -28,15 +30,19 @@
 #   residual    120  graph-compile with the residual stream in bf16 (--residual bf16,
 #                    train.residual_precision): the bytes of LayerNorms, residual adds and their
 #                    gradients halved (83 s at d81b3c9: 74.7 against 77.3 ms per step)
+#   triton-attention 120  residual with the fast path's attention in the Triton sequence
+#                    kernels (--attention triton): the encoders' and the video decoder's
+#                    attention took 11.4 ms per step in cuDNN at fe81939, ~150 TFLOP/s
 #   autotune    480  residual with the blocks compiled in max-autotune (--compile-mode: Triton
 #                    matmuls with GELU and other elementwise work in their epilogues where
 #                    Inductor times them faster than cuBLAS): whether that closes the MFU gap.
 #                    Its compile did not finish in 256 s at d81b3c9 (Inductor times ~20 Triton
 #                    configs per matmul shape, some shapes for 13-14 s): a call of its own, or
 #                    a second one with the first's timings carried (autotune-cache.tar)
-#   attention    75  bench.attention: SDPA (its own choice, and each of its CUDA kernels forced)
-#                    against math at each attention call of R4 (the Swin decoder's 16-key
-#                    windows took 5 ms per step in SDPA at f080127)
+#   attention   120  bench.attention: SDPA (its own choice, and each of its CUDA kernels forced)
+#                    and the Triton window and sequence kernels against math at each attention
+#                    call of R4 (the Swin decoder's 16-key windows took 5 ms per step in SDPA at
+#                    f080127)
 #   train       180  bench.train: fastmavil-train itself on random clips, R4 at paper size,
 #                    with its passes replayed as CUDA graphs, then eager, in 4 passes of 8 and
 #                    in 1 pass of 32 per step (the trainer's own step time, MFU and memory)
@@ -46,15 +52,17 @@
 #   profile     150  a profile of R4's step with compiled blocks and CUDA graphs: its device
 #                    time by kind of kernel (matmul, attention, ...) and by operator
 # Groups: default = tests kernels throughput (the issue's check, under 8 minutes);
-#   extra = tests kernels amp graph-compile profile attention (705 s of limits, 560 s of
+#   extra = tests kernels amp graph-compile profile attention (750 s of limits, 560 s of
 #   budget: the last stages are cut first; 379 s at fe81939): the CUDA tests, the kernels in
 #   both settings (issue 5's target), R4 with compiled blocks replayed as CUDA graphs (the MFU
 #   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
 #   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
 #   15d37cf), the trainer on random clips (never run yet), the window attention;
-#   mfu = residual autotune train-fast (840 s of limits: give it GPU_CHECK_BUDGET=560; max-autotune
-#   gets the ~470 s the first leaves, the trainer what is left after it): R4 compiled and graphed
-#   with the bf16 residual in the default mode, then in max-autotune, then the trainer itself.
+#   mfu = attention-tests attention triton-attention residual autotune train-fast (1140 s of
+#   limits: give it GPU_CHECK_BUDGET=560; the last stages get what the first leave): the Triton
+#   sequence attention checked, timed per call site against SDPA, and in R4's compiled and
+#   graphed step with the bf16 residual against auto's attention; then max-autotune with what
+#   is left (its timings come back to carry), then the trainer itself.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
@@ -62,12 +70,13 @@ for arg in "${@:-default}"; do
     default) stages+=(tests kernels throughput) ;;
     extra) stages+=(tests kernels amp graph-compile profile attention) ;;
     extra2) stages+=(graph train attention) ;;
-    mfu) stages+=(residual autotune train-fast) ;;
-    tests|kernels|throughput|compile|views|amp|graph|graph-compile|residual|autotune|attention|\
-      train|train-fast|profile)
+    mfu) stages+=(attention-tests attention triton-attention residual autotune train-fast) ;;
+    tests|attention-tests|kernels|throughput|compile|views|amp|graph|graph-compile|residual|\
+      triton-attention|autotune|attention|train|train-fast|profile)
       stages+=("$arg") ;;
-    *) echo "unknown stage '$arg'; stages: tests kernels throughput compile views amp graph" \
-            "graph-compile residual autotune attention train train-fast profile;" \
+    *) echo "unknown stage '$arg'; stages: tests attention-tests kernels throughput compile" \
+            "views amp graph graph-compile residual triton-attention autotune attention train" \
+            "train-fast profile;" \
             "groups: default extra extra2 mfu" >&2; exit 2 ;;
   esac
 done
@@ -132,6 +141,8 @@ for stage in "${stages[@]}"; do
     tests) run "kernel + attention tests (CUDA)" 180 python -m pytest -q -p no:cacheprovider \
              $workers tests/kernels tests/test_attention.py tests/data/test_fbank.py \
              tests/train/test_checkpoint.py ;;
+    attention-tests) run "attention tests (CUDA)" 60 python -m pytest -q -p no:cacheprovider \
+                       $workers tests/kernels/test_attention_kernel.py tests/test_attention.py ;;
     kernels) run "bench.kernels" 90 python -m bench.kernels ;;
     throughput) run "bench.throughput (base)" 240 python -m bench.throughput --size base \
                   --steps 3 ;;
@@ -151,10 +162,14 @@ for stage in "${stages[@]}"; do
     residual) run "bench.throughput (base, compile, graphs, bf16 residual)" 120 python -m \
                 bench.throughput --size base --steps 3 --compile --cuda-graph --residual bf16 \
                 --no-curriculum configs/r4.toml ;;
+    triton-attention) run "bench.throughput (base, compile, graphs, bf16 residual, triton attention)" \
+                        120 python -m bench.throughput --size base --steps 3 --compile \
+                        --cuda-graph --residual bf16 --attention triton --no-curriculum \
+                        configs/r4.toml ;;
     autotune) run "bench.throughput (base, compile max-autotune, graphs)" 480 python -m \
                 bench.throughput --size base --steps 3 --compile --compile-mode max-autotune \
                 --cuda-graph --residual bf16 --no-curriculum configs/r4.toml ;;
-    attention) run "bench.attention (R4, base)" 75 python -m bench.attention configs/r4.toml ;;
+    attention) run "bench.attention (R4, base)" 120 python -m bench.attention configs/r4.toml ;;
     train) run "bench.train (R4, base, random clips)" 180 python -m bench.train --steps 30 ;;
     train-fast) run "bench.train (R4, base, compiled, graphs, bf16 residual)" 240 python -m \
                   bench.train --steps 30 --compile --kinds compiled --residual bf16 ;;

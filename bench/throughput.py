@@ -19,11 +19,13 @@ relative to R1 and R3 (the paper: 0.82x of R1). --batch-rule flops plans R4's ba
 FLOPs rather than visible tokens (train.adaptive_batch_rule, fastmavil/schedule.py), and
 --passes fit fits each step's passes to its budget (train.passes_per_step); --no-compare runs
 the views alone, --compare-first compares the first config alone.
-Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-autotune][-res16][-graph]
-[-<rule>][-fit][-first][-views].json (-b<B0> where --batch is not the default, -autotune with
---compile-mode max-autotune, -res16 with --residual bf16, -<rule> where --batch-rule is given,
--fit with --passes fit, -views where the views run alone; each config's record carries
-`speedup`, fast over reference samples/s) and a PNG plot when matplotlib is installed.
+Writes bench/results/throughput-<device>-<size>[-b<B0>][-compile][-autotune][-res16][-triton]
+[-graph][-<rule>][-fit][-first][-views].json (-b<B0> where --batch is not the default,
+-autotune with --compile-mode max-autotune, -res16 with --residual bf16, -triton with
+--attention triton (the fast path's attention in kernels/attention.py), -<rule> where
+--batch-rule is given, -fit with --passes fit, -views where the views run alone; each config's
+record carries `speedup`, fast over reference samples/s) and a PNG plot when matplotlib is
+installed.
 """
 from __future__ import annotations
 
@@ -66,14 +68,15 @@ class Trainer:
 
     def __init__(self, cfg: Config, device: torch.device, fast: bool, compile_model: bool,
                  state: dict | None, cuda_graph: bool = False, pool: tuple | None = None,
-                 compile_mode: str = "default", residual_dtype: torch.dtype | None = None):
+                 compile_mode: str = "default", residual_dtype: torch.dtype | None = None,
+                 attention: str = "auto"):
         with device:  # initialised on the device: seconds less per paper-size model
             self.model = build_model(cfg)
         self.model.to(device)  # buffers made from CPU arrays
         if state is not None:
             self.model.load_state_dict(state)
         self.model.use_kernels(fast and fast_path(cfg, device))
-        set_attention_backend(self.model, "auto" if fast else "math")
+        set_attention_backend(self.model, attention if fast else "math")
         self.model.set_residual_dtype(residual_dtype)  # both paths: a training setting
         if fast and compile_model:
             if compile_mode == "max-autotune" and not self.model.fused:
@@ -190,7 +193,8 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
                         residual_dtype=residual)
     fast = Trainer(cfg, device, fast=True, compile_model=args.compile,
                    state=reference.model.state_dict(), cuda_graph=args.cuda_graph,
-                   compile_mode=args.compile_mode, residual_dtype=residual)
+                   compile_mode=args.compile_mode, residual_dtype=residual,
+                   attention=args.attention)
     work = work_per_step(cfg, forward_flops_per_sample(cfg, {ratio}), ratio, batch)
     flops = work["flops"]
     record = {"config": path, "mask_ratio": ratio, "batch": batch, "flops_per_step": flops}
@@ -242,7 +246,7 @@ def profile(label: str, cfg: Config, device: torch.device, args, batch: int,
     from torch.profiler import profile as torch_profile
     trainer = Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
                       cuda_graph=args.cuda_graph, compile_mode=args.compile_mode,
-                      residual_dtype=_residual_dtype(args))
+                      residual_dtype=_residual_dtype(args), attention=args.attention)
     audio, video = batch_for(cfg, batch, device)
     ratio = cfg.mask.end
     for _ in range(args.warmup):
@@ -325,7 +329,7 @@ def _schedule(path: str, cfg: Config, device: torch.device, args,
             "trainer": Trainer(cfg, device, fast=True, compile_model=args.compile, state=None,
                                cuda_graph=args.cuda_graph, pool=pool,
                                compile_mode=args.compile_mode,
-                               residual_dtype=_residual_dtype(args)),
+                               residual_dtype=_residual_dtype(args), attention=args.attention),
             "batches": {b: tuple(x if x is None else x[:b] for x in largest)
                         for b in {b for _, b in keys}},
             "times": {key: [] for key in keys}, "utils": {key: [] for key in keys}}
@@ -458,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--residual", choices=["fp32", "bf16"], default="fp32",
                         help="the residual stream under bf16 autocast, on both paths "
                              "(train.residual_precision; bf16 needs CUDA)")
+    parser.add_argument("--attention", choices=["auto", "triton"], default="auto",
+                        help="the fast path's attention backend (model.attention; triton: the "
+                             "Triton sequence kernels, kernels/attention.py)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay the fast path's whole step as a CUDA graph per shape (CUDA)")
     parser.add_argument("--no-curriculum", action="store_true")
@@ -499,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 ("-compile", args.compile),
                                                 ("-autotune", args.compile_mode != "default"),
                                                 ("-res16", args.residual == "bf16"),
+                                                ("-triton", args.attention == "triton"),
                                                 ("-graph", args.cuda_graph),
                                                 (f"-{args.batch_rule}", args.batch_rule),
                                                 ("-fit", args.passes == "fit"),

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 VARIANTS = ("mavil", "diffmavil", "audiomae", "audiomae_diff")
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math", "triton")
 
 # Size presets: `base` is the paper's (ViT-B encoders, 512-d decoders, AudioSet inputs); the
 # smaller ones share every line of model code and exist for CPU tests and demos.
@@ -56,7 +56,8 @@ class ModelConfig:
     # Preset for the fields left at None below; explicit keys override it.
     size: str = field(default="base", metadata=_choices(*SIZES))
     video_decoder_attention: str = field(default="cross", metadata=_choices("self", "cross"))
-    # auto: flash-attn where it applies (CUDA, bf16/fp16), else PyTorch SDPA; math: reference
+    # auto: flash-attn where it applies (CUDA, bf16/fp16), else PyTorch SDPA; math: reference;
+    # triton: kernels/attention.py with the kernels on (else auto's choice)
     attention: str = field(default="auto", metadata=_choices(*ATTENTION_BACKENDS))
     encoder_dim: int | None = None
     encoder_depth: int | None = None

@@ -19,7 +19,7 @@ Settings: `fp32` (IEEE fp32 products, the CUDA parity tests), `bf16` (bf16 input
 bench.kernels) and `amp` (fp32 inputs under bf16 autocast, as training), each on audio and
 video patch geometry, with every flag (norm_pix, given or in-kernel noise, patches saved for
 backward or not) taking both values; the window attention's in each setting, with a learned,
-a fixed and no bias. Needs a Triton with the NVIDIA backend (its bundled
+a fixed and no bias; the sequence attention's (self and cross) in each setting. Needs a Triton with the NVIDIA backend (its bundled
 ptxas), no GPU, and TRITON_INTERPRET unset (the interpreter replaces the JIT). Uses Triton's
 internal binder and argument packing (`create_function_from_signature`,
 `JITFunction._pack_args`), as in Triton 3.6-3.9; another Triton may fail here without the
@@ -154,9 +154,27 @@ def _run_window_attention(setting: str, gen: torch.Generator) -> None:
         window_attention(q, k, v, bias).float().sum().backward()
 
 
+def _run_attention(setting: str, gen: torch.Generator) -> None:
+    """The attention kernels as the model calls them under backend triton: self-attention on a
+    packed qkv and cross-attention on q and a packed kv, with the encoders' 64-wide heads, the
+    decoders' 32-wide ones and the widest the kernels take (bf16 under autocast)."""
+    from kernels.attention import MAX_HEAD_DIM, cross_attention, self_attention
+
+    dtype = torch.float32 if setting == "fp32" else torch.bfloat16
+    for heads, head_dim in ((2, 64), (2, 32), (1, MAX_HEAD_DIM)):
+        width = heads * head_dim
+
+        def tensor(*shape):
+            return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+        out = self_attention(tensor(2, 37, 3 * width), heads)
+        out = out.float().sum() + cross_attention(tensor(2, 19, width), tensor(2, 11, 2 * width),
+                                                  heads).float().sum()
+        out.backward()
+
+
 def record_launches(settings=SETTINGS) -> list[Launch]:
-    """The launches of `_run_kernels` per setting and geometry, of the window attention per
-    setting, and of the Philox noise."""
+    """The launches of `_run_kernels` per setting and geometry, of the window and the
+    sequence attention per setting, and of the Philox noise."""
     from kernels.diffuse_embed import philox_noise
 
     gen = torch.Generator().manual_seed(0)
@@ -168,10 +186,11 @@ def record_launches(settings=SETTINGS) -> list[Launch]:
                 _run_kernels(setting, shape, patch, gen)
                 for launch in launches[start:]:
                     launch.label = f"{setting} {geo}"
-            start = len(launches)
-            _run_window_attention(setting, gen)
-            for launch in launches[start:]:
-                launch.label = f"{setting} window"
+            for label, run in (("window", _run_window_attention), ("attention", _run_attention)):
+                start = len(launches)
+                run(setting, gen)
+                for launch in launches[start:]:
+                    launch.label = f"{setting} {label}"
         philox_noise(7, 2, 3, 5, "cpu")
         launches[-1].label = "any"
     return launches

@@ -138,6 +138,32 @@ def test_attention_times_the_window_kernels_where_the_bias_is_shared(monkeypatch
     assert bench.attention.time_site(swin, "window", cpu, torch.float32, 1) is None
 
 
+def test_attention_times_the_sequence_kernels_where_there_is_no_bias(monkeypatch):
+    """The "triton" backend times kernels.attention on packed projections: self-attention where
+    queries and keys share a shape, cross-attention otherwise, none where there is a bias or
+    where the kernels cannot launch."""
+    import kernels
+    import kernels.attention as ka
+    calls = []
+    for name in ("self_attention", "cross_attention"):
+        reference = getattr(ka, f"reference_{name}")
+        monkeypatch.setattr(ka, name, lambda *a, name=name, reference=reference:
+                            calls.append((name, tuple(a[0].shape))) or reference(*a))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kernels, "can_launch", lambda name, *tensors: True)
+    for k_len, op, shape in ((5, "self_attention", (2, 5, 96)),
+                             (7, "cross_attention", (2, 5, 32))):
+        calls.clear()
+        site = ((2, 2, 5, 16), (2, 2, k_len, 16), None)
+        assert bench.attention.time_site(site, "triton", cpu, torch.float32, 1) > 0
+        assert calls and set(calls) == {(op, shape)}
+    biased = ((2, 2, 5, 16), (2, 2, 5, 16), ((2, 5, 5), True))
+    assert bench.attention.time_site(biased, "triton", cpu, torch.float32, 1) is None
+    monkeypatch.setattr(kernels, "can_launch", lambda name, *tensors: False)
+    assert bench.attention.time_site(biased[:2] + (None,), "triton", cpu, torch.float32,
+                                     1) is None
+
+
 def test_kernel_breakdown_is_per_call_and_longest_first():
     rows = [types.SimpleNamespace(key="index_add", self_device_time_total=300.0, count=20),
             types.SimpleNamespace(key="gemm", self_device_time_total=500.0, count=40)]
@@ -151,7 +177,7 @@ def test_profile_sums_device_time_by_kind_of_kernel():
     names = {
         "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
         "fmha_cutlassB_bf16_aligned_64x64_k32_sm80(PyTorchMemEffAttention)": "attention",
-        "_window_backward_kernel": "attention",
+        "_window_backward_kernel": "attention", "_attention_dkdv_kernel": "attention",
         "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
         "triton_poi_fused_gelu_gelu_backward_view_4": "Triton (torch.compile)",
@@ -173,9 +199,9 @@ def test_profile_sums_device_time_by_kind_of_kernel():
     rows = [types.SimpleNamespace(key=name, self_device_time_total=1000.0 * (i + 1), count=2)
             for i, name in enumerate(names)]
     summary = bench._report.time_by_category(rows, steps=2)  # row i: i ms over 2 steps
-    assert summary[0] == ("copy, cast, fill", 12.5, 2.0)  # longest first
+    assert summary[0] == ("copy, cast, fill", 13.5, 2.0)  # longest first
     by_category = {c: (ms, n) for c, ms, n in summary}
-    assert by_category["attention"] == (3.0, 3.0) and by_category["matmul"] == (4.5, 2.0)
+    assert by_category["attention"] == (5.0, 4.0) and by_category["matmul"] == (5.5, 2.0)
     assert len(summary) == len(set(names.values()))
 
 
@@ -253,6 +279,22 @@ def test_throughput_views_alone_timed_round_robin_and_saved_after_each_repeat(re
                                   "--repeats", "1", "--warmup", "0", "--no-compare",
                                   "--batch", "4"]) == 0
     assert {name for name, _ in saved} == {name.replace("-tiny-", "-tiny-b4-")}
+
+
+def test_throughput_sets_the_fast_paths_attention_backend(results, monkeypatch):
+    """--attention triton gives the fast path's attention modules backend triton (the reference
+    keeps math) and names its own record; on a CPU, with the kernels off there, they run auto's
+    choice."""
+    backends = []
+    real = bench.throughput.set_attention_backend
+    monkeypatch.setattr(bench.throughput, "set_attention_backend",
+                        lambda model, name: backends.append(name) or real(model, name))
+    assert bench.throughput.main(["configs/r4.toml", "--size", "tiny", "--steps", "1",
+                                  "--repeats", "1", "--warmup", "0", "--no-curriculum",
+                                  "--attention", "triton"]) == 0
+    assert backends == ["math", "triton"]
+    (path,) = results.glob("throughput-*-tiny-triton.json")
+    assert json.loads(path.read_text())["args"]["attention"] == "triton"
 
 
 def test_throughput_refuses_to_measure_nothing():
@@ -360,11 +402,14 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]
     done, stages = run("mfu")
-    assert [s.split()[1] for s in stages] == ["bench.throughput"] * 2 + ["bench.train"]
-    assert "--compile-mode" not in stages[0] and "--compile-mode max-autotune" in stages[1]
-    assert all("--compile " in s and "--cuda-graph" in s for s in stages[:2])
-    assert all("--residual bf16" in s for s in stages)
-    assert "--compile --kinds compiled" in stages[2]
+    assert [s.split()[1] for s in stages] == ["pytest", "bench.attention"] + \
+        ["bench.throughput"] * 3 + ["bench.train"]
+    assert "tests/kernels/test_attention_kernel.py" in stages[0]
+    assert "--attention triton" in stages[2] and "--attention" not in stages[3]
+    assert "--compile-mode" not in stages[3] and "--compile-mode max-autotune" in stages[4]
+    assert all("--compile " in s and "--cuda-graph" in s for s in stages[2:5])
+    assert all("--residual bf16" in s for s in stages[2:])
+    assert "--compile --kinds compiled" in stages[5]
     done, stages = run("residual")
     assert len(stages) == 1 and "--residual bf16" in stages[0] and "--compile " in stages[0]
     done, stages = run("views", "amp")
@@ -456,7 +501,8 @@ def test_compare_alternates_which_path_is_timed_first(monkeypatch):
     monkeypatch.setattr(bench.throughput.Trainer, "time", time)
     cfg = bench.throughput.load_config(ROOT / "configs/r4.toml", {"model.size": "tiny"})
     args = types.SimpleNamespace(batch=2, warmup=0, repeats=3, steps=1, compile=False,
-                                 compile_mode="default", cuda_graph=False, residual="fp32")
+                                 compile_mode="default", cuda_graph=False, residual="fp32",
+                                 attention="auto")
     record = bench.throughput.compare("r4", cfg, torch.device("cpu"), args, None)
     assert order == ["reference", "fast", "fast", "reference", "reference", "fast"]
     assert record["speedup"] == 1.0
@@ -478,7 +524,7 @@ def test_curriculum_times_the_configs_passes_scaled(monkeypatch, micro, passes, 
         "model.size": "tiny", "train.micro_batch_size": micro, "train.passes_per_step": passes,
         "train.adaptive_batch_rule": "flops"})
     args = types.SimpleNamespace(batch=32, clips=100_000, compile=False, cuda_graph=False,
-                                 compile_mode="default", residual="fp32")
+                                 compile_mode="default", residual="fp32", attention="auto")
     run = bench.throughput._schedule("r4", cfg, torch.device("cpu"), args)
     batches = {b for _, b in run["keys"]}
     assert min(batches) == 32 and all(b % multiple == 0 for b in batches)

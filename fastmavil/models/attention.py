@@ -7,10 +7,15 @@ Backends:
          math kernel itself;
   math   explicit softmax: the reference, and what FLOP counting uses (FlopCounterMode has no
          formula for some fused CPU kernels);
-  auto   flash where it applies (importable, CUDA, fp16/bf16, no bias), otherwise sdpa.
-Windowed attention with a shift mask or relative-position bias carries a bias, so `flash` and
-`auto` run it through sdpa; the Swin blocks (swin.py) run their windows through the Triton
-kernels of kernels.window_attention instead under `auto` when the model's kernels are on.
+  auto   flash where it applies (importable, CUDA, fp16/bf16, no bias), otherwise sdpa;
+  triton the Triton kernels of kernels.attention where the model's kernels are on (its `fused`
+         switch, set by MAViL.use_kernels): self- and cross-attention straight from the packed
+         qkv / kv projections, their gradients written back into them; elsewhere as auto.
+         Opt-in until a GPU benchmark shows it faster than auto's choice (bench.attention).
+Windowed attention with a shift mask or relative-position bias carries a bias, so `flash`,
+`auto` and `triton` run it through sdpa; the Swin blocks (swin.py) run their windows through the
+Triton kernels of kernels.window_attention instead under `auto` and `triton` when the model's
+kernels are on.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kernels
 
 from ..config import ATTENTION_BACKENDS as BACKENDS
 
@@ -49,7 +56,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 
     `bias` is additive (-inf masks a pair) and broadcasts to (B, H, Lq, Lk).
     """
-    if backend in ("auto", "flash") and _flash_applies(q, bias):
+    if backend in ("auto", "flash", "triton") and _flash_applies(q, bias):
         # flash-attn wants (B, L, H, d)
         out = flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
@@ -59,7 +66,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
                            "'auto' to fall back to sdpa")
     if bias is not None:
         bias = bias.to(q.dtype)
-    if backend in ("auto", "flash", "sdpa"):
+    if backend in ("auto", "flash", "sdpa", "triton"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     if backend != "math":
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
@@ -86,15 +93,30 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
+def _packed_kernels(module: nn.Module, width: int, *tensors: torch.Tensor) -> bool:
+    """Whether `module` (heads over `width` features) runs kernels.attention on its packed
+    projections `tensors`: backend triton, the model's kernels on, heads the kernels take, and
+    tensors they can launch on (else kernels.can_launch says once why not; auto's choice runs)."""
+    if not (module.fused and module.backend == "triton"):
+        return False
+    from kernels.attention import fits  # triton only where fused
+    return fits(width, module.heads) and kernels.can_launch("attention", *tensors)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, backend: str = "auto"):
         super().__init__()
         self.heads, self.backend = heads, backend
+        self.fused = False  # MAViL.use_kernels: the model's kernels switch (backend triton)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        qkv = self.qkv(x)
+        if bias is None and _packed_kernels(self, qkv.shape[-1] // 3, qkv):
+            from kernels.attention import self_attention
+            return self.proj(self_attention(qkv, self.heads))
+        q, k, v = (_split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         return self.proj(_merge_heads(attention(q, k, v, bias, self.backend)))
 
 
@@ -104,13 +126,18 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, backend: str = "auto"):
         super().__init__()
         self.heads, self.backend = heads, backend
+        self.fused = False  # as SelfAttention's
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q = _split_heads(self.q(x), self.heads)
-        k, v = (_split_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
+        q, kv = self.q(x), self.kv(context)
+        if _packed_kernels(self, q.shape[-1], q, kv):
+            from kernels.attention import cross_attention
+            return self.proj(cross_attention(q, kv, self.heads))
+        q = _split_heads(q, self.heads)
+        k, v = (_split_heads(t, self.heads) for t in kv.chunk(2, dim=-1))
         return self.proj(_merge_heads(attention(q, k, v, None, self.backend)))
 
 

@@ -19,6 +19,7 @@ from ..config import Config
 from ..diffusion import DiffusionSchedule
 from ..losses import info_nce, masked_mse, normalize_patches
 from ..masking import Masking, gather_tokens, random_masking
+from .attention import CrossAttention, SelfAttention
 from .decoder import Decoder
 from .encoder import Encoder, FusionEncoder
 from .patch import patch_grid, patchify
@@ -130,9 +131,9 @@ class MAViL(nn.Module):
         for encoder in (self.audio_encoder, getattr(self, "video_encoder", None)):
             if encoder is not None:
                 encoder.patch_embed.fused = enabled
-        for block in self.modules():  # the Swin audio decoder's windows
-            if isinstance(block, WindowBlock):
-                block.fused = enabled
+        for module in self.modules():  # the Swin windows, and attention under backend triton
+            if isinstance(module, (WindowBlock, SelfAttention, CrossAttention)):
+                module.fused = enabled
 
     def set_residual_dtype(self, dtype: torch.dtype | None) -> None:
         """The residual stream's dtype in every encoder and decoder (train.residual_precision):

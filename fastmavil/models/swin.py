@@ -83,7 +83,8 @@ class WindowBlock(nn.Module):
         mask = shift_mask(self.grid, self.window, self.shift) if any(self.shift) else None
         self.register_buffer("mask", mask if mask is None else mask[:, None], persistent=False)
         self._windows = windows
-        # kernels.window_attention under the `auto` backend (set by the model's use_kernels)
+        # kernels.window_attention under the `auto` and `triton` backends (set by the model's
+        # use_kernels)
         self.fused = False
 
     def position_bias(self) -> torch.Tensor | None:
@@ -112,7 +113,7 @@ class WindowBlock(nn.Module):
         # fold windows into the head axis: one attention call over (B, W * H, L, d)
         q, k, v = (t.flatten(1, 2) for t in (q, k, v))
         out = None
-        if self.fused and self.attn.backend == "auto":
+        if self.fused and self.attn.backend in ("auto", "triton"):
             from kernels import window_attention as kernel  # triton only where fused
             if kernel.fits(q):  # larger windows take SDPA under `auto`, as without kernels
                 out = kernel.window_attention(q, k, v, self.attention_bias())

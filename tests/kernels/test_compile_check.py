@@ -51,10 +51,11 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
     assert launched == {"_patch_gather_kernel", "_diffuse_kernel", "_add_pos_kernel",
                         "_mse_fwd_kernel", "_mse_bwd_kernel", "_philox_kernel", "_link_kernel",
                         "_gather_kernel", "_rows_kernel", "_window_forward_kernel",
-                        "_window_backward_kernel"}
+                        "_window_backward_kernel", "_attention_forward_kernel",
+                        "_attention_dq_kernel", "_attention_dkdv_kernel"}
     assert {name for _, name, _, _ in rows} == launched, out
     assert {label for _, _, label, _ in rows} == {"amp audio", "amp video", "amp window",
-                                                  "any"}, out
+                                                  "amp attention", "any"}, out
     assert all((status == "over") == (int(shared) > TINY_LIMIT)
                for status, _, _, shared in rows), out
     summary = re.search(r"^(\d+) variants compiled for sm_90 in \d+ s: (\d+) over the "
@@ -62,7 +63,7 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
                         r"compile errors$", out, re.M)
     assert summary and int(summary[1]) == len(rows) and int(summary[4]) == 0, out
     assert int(summary[2]) == sum(status == "over" for status, *_ in rows), out
-    # the window attention's kernels, the position-gradient linking and gather, the + pos pass
+    # the window and sequence attention's kernels, the position-gradient linking and gather, the + pos pass
     # in amp and the seeded diffusion and noise kernels (their four-way interleave of Philox
     # outputs goes through shared memory) fit no candidate into 1 KB; the patch gather, the loss
     # kernels, the bias pass and the diffusion with given noise do
@@ -73,6 +74,9 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
                           ("_link_kernel", "amp audio"), ("_link_kernel", "amp video"),
                           ("_window_forward_kernel", "amp window"),
                           ("_window_backward_kernel", "amp window"),
+                          ("_attention_forward_kernel", "amp attention"),
+                          ("_attention_dq_kernel", "amp attention"),
+                          ("_attention_dkdv_kernel", "amp attention"),
                           ("_philox_kernel", "any")}, out
     assert int(summary[3]) == len(unfit) and run.returncode == 1, out
     assert max(int(shared) for *_, shared in rows) <= SHARED_LIMIT[90], out

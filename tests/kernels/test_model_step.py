@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kernels
+import kernels.attention as sequence_attention
 import kernels.diffuse_embed as diffuse_embed
 import kernels.window_attention as window_attention
 from fastmavil.config import Config, ModelConfig
@@ -32,8 +33,11 @@ TOL = dict(rtol=1e-4, atol=1e-5) if DEVICE == "cuda" else dict(rtol=1e-5, atol=1
 @pytest.mark.parametrize("variant, options", [
     ("diffmavil", {}), ("mavil", {}), ("audiomae_diff", {}),
     ("diffmavil", dict(audio_decoder_block="swinv2cr")),
-    ("diffmavil", dict(video_decoder_attention="self")), ("diffmavil", dict(norm_pix=False))],
-    ids=["diffmavil", "mavil", "audiomae_diff", "swinv2cr", "self-decoder", "no-norm-pix"])
+    ("diffmavil", dict(video_decoder_attention="self")), ("diffmavil", dict(norm_pix=False)),
+    ("diffmavil", dict(attention="triton")), ("mavil", dict(attention="triton",
+                                                          video_decoder_attention="self"))],
+    ids=["diffmavil", "mavil", "audiomae_diff", "swinv2cr", "self-decoder", "no-norm-pix",
+         "triton-attention", "mavil-triton-attention"])
 def test_fast_step_equals_reference_step(variant, options, monkeypatch):
     monkeypatch.setattr(kernels, "_warned", set())  # names of kernels that fell back
     torch.manual_seed(0)
@@ -63,6 +67,11 @@ def test_fast_step_equals_reference_step(variant, options, monkeypatch):
     real_windows, windowed = window_attention.window_attention, []
     monkeypatch.setattr(window_attention, "window_attention",
                         lambda *a: windowed.append(a) or real_windows(*a))
+    sequences = []  # backend triton: the encoders' and the video decoder's attention
+    for name in ("self_attention", "cross_attention"):
+        op = getattr(sequence_attention, name)
+        monkeypatch.setattr(sequence_attention, name,
+                            lambda *a, op=op, name=name: sequences.append(name) or op(*a))
 
     outs = []
     for model in (reference, fast):
@@ -78,6 +87,9 @@ def test_fast_step_equals_reference_step(variant, options, monkeypatch):
     diffused = {"diffmavil": 2, "audiomae_diff": 1}.get(variant, 0)  # modalities
     assert len(calls) == diffused  # the fused path was taken
     assert len(windowed) == cfg.model.decoder_depth  # the Swin decoder's windows, in Triton
+    m = cfg.model  # the reference path (kernels off) never calls the sequence kernels
+    assert len(sequences) == (0 if m.attention != "triton" else 2 * m.encoder_depth
+                              + m.fusion_depth + m.decoder_depth)
     assert not kernels._warned  # and its kernels launched: none fell back to its reference
     for key in ref_out.terms:
         torch.testing.assert_close(fast_out.terms[key], ref_out.terms[key], **TOL)
@@ -113,16 +125,18 @@ def test_to_device_on_a_copy_stream_makes_the_current_stream_wait_for_it():
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
                     reason="needs a CUDA GPU and triton: host synchronisation is a CUDA matter")
-def test_fast_training_step_never_waits_for_the_device():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_fast_training_step_never_waits_for_the_device(backend):
     """The step the trainer runs (a pinned batch moved on a copy stream and its uint8 video
-    normalised on the device, bf16 autocast, kernels, SDPA, gradient norm, fused AdamW with an
-    on-device skip) queues work without a host sync, so the host can run ahead of the GPU."""
+    normalised on the device, bf16 autocast, kernels, SDPA or the Triton sequence attention,
+    gradient norm, fused AdamW with an on-device skip) queues work without a host sync, so the
+    host can run ahead of the GPU."""
     from fastmavil.data.loader import LoaderSpec, to_device
     from fastmavil.models.attention import set_attention_backend
     torch.manual_seed(0)
     model = build_model(small_config("diffmavil")).cuda()
     model.use_kernels(True)
-    set_attention_backend(model, "auto")
+    set_attention_backend(model, backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = {"audio": torch.randn(2, 1, 64, 64).pin_memory(),  # as the loader's pinned batches
              "video": torch.randint(0, 256, (2, 3, 4, 32, 32), dtype=torch.uint8).pin_memory()}
@@ -149,15 +163,16 @@ def test_fast_training_step_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def twin_cuda_models():
-    """Two small DiffMAViLs on CUDA with the same weights, kernels on, SDPA attention."""
+def twin_cuda_models(backend: str = "sdpa"):
+    """Two small DiffMAViLs on CUDA with the same weights, kernels on, SDPA attention (or
+    `backend`)."""
     from fastmavil.models.attention import set_attention_backend
     torch.manual_seed(0)
     models = [build_model(small_config("diffmavil")).cuda() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     for model in models:
         model.use_kernels(True)
-        set_attention_backend(model, "sdpa")
+        set_attention_backend(model, backend)
     return models
 
 
@@ -204,18 +219,20 @@ def test_graphed_steps_equal_eager_steps():
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),
                     reason="needs a CUDA GPU and triton: CUDA graphs are a CUDA matter")
 @pytest.mark.usefixtures("true_fp32")
-@pytest.mark.parametrize("autocast, residual", [(None, None), (torch.bfloat16, None),
-                                               (torch.bfloat16, torch.bfloat16)],
-                         ids=["fp32", "bf16-autocast", "bf16-residual"])
-def test_graphed_passes_train_as_the_eager_trainer_does(autocast, residual):
+@pytest.mark.parametrize("autocast, residual, backend", [
+    (None, None, "sdpa"), (torch.bfloat16, None, "sdpa"), (torch.bfloat16, torch.bfloat16, "sdpa"),
+    (torch.bfloat16, torch.bfloat16, "triton")],
+    ids=["fp32", "bf16-autocast", "bf16-residual", "bf16-residual-triton-attention"])
+def test_graphed_passes_train_as_the_eager_trainer_does(autocast, residual, backend):
     """The trainer's passes replayed from CUDA graphs (fastmavil.cuda_graph.GraphedPasses): two
     passes a step accumulated into fixed gradient buffers, clipping and the fused AdamW step
     eager between them, the lr changed every step; the same losses, gradient norms and weights
     as eager passes with loss.backward(), in fp32 and under bf16 autocast (the trainer's CUDA
     setting; the graphs' autocast keeps no weight-cast cache, the eager one does), there also
-    with the residual stream in bf16 (train.residual_precision)."""
+    with the residual stream in bf16 (train.residual_precision), and with the Triton sequence
+    attention (model.attention = "triton")."""
     from fastmavil.cuda_graph import GraphedPasses
-    models = twin_cuda_models()
+    models = twin_cuda_models(backend)
     for model in models:
         model.set_residual_dtype(residual)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in models]
