@@ -162,7 +162,7 @@ for stage in "${stages[@]}"; do
     residual) run "bench.throughput (base, compile, graphs, bf16 residual)" 120 python -m \
                 bench.throughput --size base --steps 3 --compile --cuda-graph --residual bf16 \
                 --no-curriculum configs/r4.toml ;;
-    triton-attention) run "bench.throughput (base, compile, graphs, bf16 residual, triton attention)" \
+    triton-attention) run "bench.throughput (base, compile, graphs, bf16 res., Triton attn.)" \
                         120 python -m bench.throughput --size base --steps 3 --compile \
                         --cuda-graph --residual bf16 --attention triton --no-curriculum \
                         configs/r4.toml ;;

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, over in runs.items():
             if "train.compile" in over:
                 over = {**over, "train.compile_mode": args.compile_mode}
-            overrides = {"train.residual_precision": args.residual,"model.size": size, "data.random_clips": str(b0 * steps),
+            overrides = {"train.residual_precision": args.residual,
+                         "model.size": size, "data.random_clips": str(b0 * steps),
                          "mask.schedule": "fixed", "mask.start": "0.8", "mask.end": "0.8",
                          "train.adaptive_batch": "false", "train.batch_size": str(b0),
                          "train.max_steps": str(steps), "train.log_every": str(every),
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             # after each run: a stage cut short keeps what it measured
             out.write_text(json.dumps({
                 "bench": "train", "config": args.config, "size": size, "batch": b0,
-                "residual": args.residual, "compile_mode": args.compile_mode, "mask_ratio": 0.8, "steps": steps, "log_every": every, "device": name,
+                "residual": args.residual, "compile_mode": args.compile_mode,
+                "mask_ratio": 0.8, "steps": steps, "log_every": every, "device": name,
                 "torch": torch.__version__, "commit": commit(), "variants": results},
                 indent=2) + "\n")
     print_table(f"fastmavil-train {Path(args.config).stem}, {size}, B0 = {b0}, rho 0.8, "

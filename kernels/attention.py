@@ -73,27 +73,45 @@ def _tile(ptr, b, h, rows, dims, stride_b, stride_l, L, HEAD_DIM):
 
 
 @triton.jit
+def _program(H, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sample-head (bh = b * H + h, b, h), the rows of its block (program_id(1),
+    BLOCK long) and the head's dims."""
+    bh, block = tl.program_id(0), tl.program_id(1)
+    return bh, bh // H, bh % H, block * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def _key_block(q, k_ptr, v_ptr, b, h, start, dims, sk_b, sk_l, sv_b, sv_l, Lk, HEAD_DIM,
+               scale_log2, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+               ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key block at `start`: its k and v tiles, which of its keys are real, and the query
+    tile's scores against it, scaled to log2 units."""
+    cols = start + tl.arange(0, BLOCK_N)
+    k = _tile(k_ptr, b, h, cols, dims, sk_b, sk_l, Lk, HEAD_DIM)
+    v = _tile(v_ptr, b, h, cols, dims, sv_b, sv_l, Lk, HEAD_DIM)
+    s = mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), q, tl.trans(k), COMPUTE, PRECISION,
+            ROUND_ONLY) * scale_log2
+    return k, v, cols < Lk, s
+
+
+@triton.jit
 def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, H, Lq, Lk, HEAD_DIM,
-                    sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, so_b, so_l, scale_log2,
-                    COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                              sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, so_b, so_l, scale_log2,
+                              COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                              ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Query block program_id(1) of sample-head program_id(0): out, and the rows' log2-sum-exp2
     of the scaled scores into lse (B * H, Lq)."""
-    bh, block = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
+    bh, b, h, rows, dims = _program(H, BLOCK_M, BLOCK_D)
     q = _tile(q_ptr, b, h, rows, dims, sq_b, sq_l, Lq, HEAD_DIM)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # the running row maximum
     l = tl.zeros((BLOCK_M,), tl.float32)                # and sum of exp2(s - m)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, Lk, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k = _tile(k_ptr, b, h, cols, dims, sk_b, sk_l, Lk, HEAD_DIM)
-        v = _tile(v_ptr, b, h, cols, dims, sv_b, sv_l, Lk, HEAD_DIM)
-        s = mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), q, tl.trans(k), COMPUTE, PRECISION,
-                ROUND_ONLY) * scale_log2
-        s = tl.where((cols < Lk)[None, :], s, float("-inf"))
+        _, v, key_ok, s = _key_block(q, k_ptr, v_ptr, b, h, start, dims, sk_b, sk_l, sv_b, sv_l,
+                                     Lk, HEAD_DIM, scale_log2, COMPUTE, PRECISION, ROUND_ONLY,
+                                     BLOCK_M, BLOCK_N)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds a real key
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -106,16 +124,13 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, H, Lq, Lk, 
 
 
 @triton.jit
-def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr, H, Lq, Lk,
-               HEAD_DIM, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, so_b, so_l, sg_b, sg_l, sdq_b,
-               sdq_l, scale, scale_log2, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-               ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr, H,
+                         Lq, Lk, HEAD_DIM, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, so_b, so_l, sg_b,
+                         sg_l, sdq_b, sdq_l, scale, scale_log2, COMPUTE: tl.constexpr,
+                         PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq of a query block, and its rows' D = rowsum(dO * O) into delta (B * H, Lq)."""
-    bh, block = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
+    bh, b, h, rows, dims = _program(H, BLOCK_M, BLOCK_D)
     q = _tile(q_ptr, b, h, rows, dims, sq_b, sq_l, Lq, HEAD_DIM)
     grad = _tile(grad_ptr, b, h, rows, dims, sg_b, sg_l, Lq, HEAD_DIM)
     out = _tile(out_ptr, b, h, rows, dims, so_b, so_l, Lq, HEAD_DIM)
@@ -125,12 +140,10 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, lse_ptr, delta_
     lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, Lk, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k = _tile(k_ptr, b, h, cols, dims, sk_b, sk_l, Lk, HEAD_DIM)
-        v = _tile(v_ptr, b, h, cols, dims, sv_b, sv_l, Lk, HEAD_DIM)
-        s = mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), q, tl.trans(k), COMPUTE, PRECISION,
-                ROUND_ONLY) * scale_log2
-        p = tl.where((cols < Lk)[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        k, v, key_ok, s = _key_block(q, k_ptr, v_ptr, b, h, start, dims, sk_b, sk_l, sv_b, sv_l,
+                                     Lk, HEAD_DIM, scale_log2, COMPUTE, PRECISION, ROUND_ONLY,
+                                     BLOCK_M, BLOCK_N)
+        p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = mma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), grad, tl.trans(v), COMPUTE,
                  PRECISION, ROUND_ONLY)
         dq = mma(dq, p * (dp - delta[:, None]), k, COMPUTE, PRECISION, ROUND_ONLY)
@@ -139,17 +152,15 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, lse_ptr, delta_
 
 
 @triton.jit
-def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, H, Lq, Lk,
-                 HEAD_DIM, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, sg_b, sg_l, sdk_b, sdk_l, sdv_b,
-                 sdv_l, scale, scale_log2, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-                 ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, H,
+                           Lq, Lk, HEAD_DIM, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, sg_b, sg_l,
+                           sdk_b, sdk_l, sdv_b, sdv_l, scale, scale_log2,
+                           COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                           ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk and dv of a key block (program_id(1)), over every query block, transposed: the
     block's keys are the rows of P^T."""
-    bh, block = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
+    bh, b, h, cols, dims = _program(H, BLOCK_N, BLOCK_D)
     k = _tile(k_ptr, b, h, cols, dims, sk_b, sk_l, Lk, HEAD_DIM)
     v = _tile(v_ptr, b, h, cols, dims, sv_b, sv_l, Lk, HEAD_DIM)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -175,9 +186,10 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk
 
 
 # Candidates for the GPU (R4's sequences are 102-416 keys: a few key blocks per program), 4 or 8
-# warps, 2 or 3 pipeline stages; few, since each compiles per head width and length class. The forward and dq kernels own a query block (BLOCK_M rows) and
-# loop over key blocks; the dk/dv kernel owns a key block (BLOCK_N) and loops over query blocks,
-# and holds two accumulators, so it gets narrower loop blocks (ptxas spilled its 128 x 64 tiles
+# warps, 2 or 3 pipeline stages; few, since each compiles per head width and length class. The
+# forward and dq kernels own a query block (BLOCK_M rows) and loop over key blocks; the dk/dv
+# kernel owns a key block (BLOCK_N) and loops over query blocks, and holds two accumulators, so
+# it gets narrower loop blocks (ptxas spilled its 128 x 64 tiles
 # at 4 warps). Each kernel only stores, so the autotuner's timing runs can repeat.
 _QUERY_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                   for m, n, w, s in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2),

@@ -19,8 +19,9 @@ Settings: `fp32` (IEEE fp32 products, the CUDA parity tests), `bf16` (bf16 input
 bench.kernels) and `amp` (fp32 inputs under bf16 autocast, as training), each on audio and
 video patch geometry, with every flag (norm_pix, given or in-kernel noise, patches saved for
 backward or not) taking both values; the window attention's in each setting, with a learned,
-a fixed and no bias; the sequence attention's (self and cross) in each setting. Needs a Triton with the NVIDIA backend (its bundled
-ptxas), no GPU, and TRITON_INTERPRET unset (the interpreter replaces the JIT). Uses Triton's
+a fixed and no bias; the sequence attention's (self and cross) in each setting. Needs a Triton
+with the NVIDIA backend (its bundled ptxas), no GPU, and TRITON_INTERPRET unset (the
+interpreter replaces the JIT). Uses Triton's
 internal binder and argument packing (`create_function_from_signature`,
 `JITFunction._pack_args`), as in Triton 3.6-3.9; another Triton may fail here without the
 kernels being at fault.

@@ -63,10 +63,10 @@ def test_every_variant_compiles_for_sm90_and_fits_its_shared_memory():
                         r"compile errors$", out, re.M)
     assert summary and int(summary[1]) == len(rows) and int(summary[4]) == 0, out
     assert int(summary[2]) == sum(status == "over" for status, *_ in rows), out
-    # the window and sequence attention's kernels, the position-gradient linking and gather, the + pos pass
-    # in amp and the seeded diffusion and noise kernels (their four-way interleave of Philox
-    # outputs goes through shared memory) fit no candidate into 1 KB; the patch gather, the loss
-    # kernels, the bias pass and the diffusion with given noise do
+    # the window and sequence attention's kernels, the position-gradient linking and gather, the
+    # + pos pass in amp and the seeded diffusion and noise kernels (their four-way interleave of
+    # Philox outputs goes through shared memory) fit no candidate into 1 KB; the patch gather,
+    # the loss kernels, the bias pass and the diffusion with given noise do
     unfit = re.findall(r"^FAIL (\w+) +(amp \w+|any) .* no candidate fits 1024 B", out, re.M)
     assert set(unfit) == {("_diffuse_kernel", "amp audio"), ("_diffuse_kernel", "amp video"),
                           ("_add_pos_kernel", "amp audio"), ("_add_pos_kernel", "amp video"),
