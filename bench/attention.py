@@ -124,7 +124,8 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
 
 def _time_packed(q_shape, k_shape, device: torch.device, dtype: torch.dtype, reps: int) -> float:
     """kernels.attention at a site: self-attention on one packed qkv where queries and keys
-    have one shape, else cross-attention on q and a packed kv."""
+    have one shape (a cross-attention site of equal lengths is timed so too: the same work),
+    else cross-attention on q and a packed kv."""
     from kernels.attention import cross_attention, self_attention
     batch, heads, lq, head_dim = q_shape
     gen = torch.Generator(device).manual_seed(0)

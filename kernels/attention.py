@@ -32,9 +32,11 @@ import triton.language as tl
 import kernels
 from kernels._patches import check_tensors, dot_constexprs, mma
 
-# The widest head the kernels take (a program holds BLOCK_M x d and BLOCK_N x d tiles); wider
-# ones run the reference.
+# The widest head the kernels take (a program holds BLOCK_M x d and BLOCK_N x d tiles), and the
+# most samples x heads (the grid's second axis, at most 65,535 on CUDA); beyond them the
+# reference runs.
 MAX_HEAD_DIM = 128
+MAX_SAMPLE_HEADS = 65535
 LOG2E = 1.4426950408889634
 # The one block shape the interpreter runs (tests set others): small, so that short test
 # sequences still span several blocks, the last one partial.
@@ -59,14 +61,14 @@ def _reference(q, k, v, heads):
 
 
 @triton.jit
-def _offsets(b, h, rows, dims, stride_b, stride_l, L, HEAD_DIM):
+def _offsets(b, h, rows, dims, stride_b, stride_l, L, HEAD_DIM: tl.constexpr):
     """Element offsets and mask of rows `rows` of head h of sample b in a (B, L, *) layout."""
     offs = b.to(tl.int64) * stride_b + rows[:, None] * stride_l + h * HEAD_DIM + dims[None, :]
     return offs, (rows < L)[:, None] & (dims < HEAD_DIM)[None, :]
 
 
 @triton.jit
-def _tile(ptr, b, h, rows, dims, stride_b, stride_l, L, HEAD_DIM):
+def _tile(ptr, b, h, rows, dims, stride_b, stride_l, L, HEAD_DIM: tl.constexpr):
     """Those rows' tile; rows past L and dims past HEAD_DIM read 0."""
     offs, mask = _offsets(b, h, rows, dims, stride_b, stride_l, L, HEAD_DIM)
     return tl.load(ptr + offs, mask=mask, other=0.0)
@@ -74,15 +76,16 @@ def _tile(ptr, b, h, rows, dims, stride_b, stride_l, L, HEAD_DIM):
 
 @triton.jit
 def _program(H, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's sample-head (bh = b * H + h, b, h), the rows of its block (program_id(1),
-    BLOCK long) and the head's dims."""
-    bh, block = tl.program_id(0), tl.program_id(1)
+    """This program's sample-head (bh = b * H + h, b, h), the rows of its block (BLOCK long)
+    and the head's dims. The blocks of one head are neighbours on the grid's first axis, so
+    they run close in time and re-read the head's keys and values from L2."""
+    block, bh = tl.program_id(0), tl.program_id(1)
     return bh, bh // H, bh % H, block * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK_D)
 
 
 @triton.jit
-def _key_block(q, k_ptr, v_ptr, b, h, start, dims, sk_b, sk_l, sv_b, sv_l, Lk, HEAD_DIM,
-               scale_log2, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+def _key_block(q, k_ptr, v_ptr, b, h, start, dims, sk_b, sk_l, sv_b, sv_l, Lk,
+               HEAD_DIM: tl.constexpr, scale_log2, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
                ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key block at `start`: its k and v tiles, which of its keys are real, and the query
     tile's scores against it, scaled to log2 units."""
@@ -95,13 +98,13 @@ def _key_block(q, k_ptr, v_ptr, b, h, start, dims, sk_b, sk_l, sv_b, sv_l, Lk, H
 
 
 @triton.jit
-def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, H, Lq, Lk, HEAD_DIM,
-                              sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, so_b, so_l, scale_log2,
+def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, H, Lq, Lk,
+                              HEAD_DIM: tl.constexpr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, so_b, so_l, scale_log2,
                               COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
                               ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Query block program_id(1) of sample-head program_id(0): out, and the rows' log2-sum-exp2
-    of the scaled scores into lse (B * H, Lq)."""
+    """A query block of a sample-head: out, and the rows' log2-sum-exp2 of the scaled scores
+    into lse (B * H, Lq)."""
     bh, b, h, rows, dims = _program(H, BLOCK_M, BLOCK_D)
     q = _tile(q_ptr, b, h, rows, dims, sq_b, sq_l, Lq, HEAD_DIM)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # the running row maximum
@@ -125,7 +128,8 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, H, Lq, Lk, 
 
 @triton.jit
 def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr, H,
-                         Lq, Lk, HEAD_DIM, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, so_b, so_l, sg_b,
+                         Lq, Lk, HEAD_DIM: tl.constexpr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l,
+                         so_b, so_l, sg_b,
                          sg_l, sdq_b, sdq_l, scale, scale_log2, COMPUTE: tl.constexpr,
                          PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -153,13 +157,14 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, lse_ptr, delta_
 
 @triton.jit
 def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, H,
-                           Lq, Lk, HEAD_DIM, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, sg_b, sg_l,
+                           Lq, Lk, HEAD_DIM: tl.constexpr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l,
+                           sg_b, sg_l,
                            sdk_b, sdk_l, sdv_b, sdv_l, scale, scale_log2,
                            COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
                            ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dk and dv of a key block (program_id(1)), over every query block, transposed: the
-    block's keys are the rows of P^T."""
+    """dk and dv of a key block, over every query block, transposed: the block's keys are the
+    rows of P^T."""
     bh, b, h, cols, dims = _program(H, BLOCK_N, BLOCK_D)
     k = _tile(k_ptr, b, h, cols, dims, sk_b, sk_l, Lk, HEAD_DIM)
     v = _tile(v_ptr, b, h, cols, dims, sv_b, sv_l, Lk, HEAD_DIM)
@@ -204,10 +209,9 @@ _dkdv_tuned = triton.autotune(_KEY_CONFIGS, key=_TUNE_KEY)(_attention_dkdv_kerne
 
 
 def _launch(tuned, blocks_of, length: int, sample_heads: int, *args, **const):
-    """Launches `tuned` over (sample_heads, cdiv(length, its config's blocks_of block)): the
-    sample-heads on the grid's first axis, which has no 65,535 limit."""
+    """Launches `tuned` over (cdiv(length, its config's blocks_of block), sample_heads)."""
     def grid(meta):
-        return sample_heads, triton.cdiv(length, meta[blocks_of])
+        return triton.cdiv(length, meta[blocks_of]), sample_heads
     with kernels.on_device(args[0]):  # under torch.compile too, whatever device is current
         kernels.launch(tuned, grid, {**INTERPRETER_BLOCKS, "num_warps": 4}, *args, **const)
 
@@ -238,6 +242,7 @@ def _backward(grad, q, k, v, out, lse, dq, dk, dv, heads) -> None:
     head_dim, const = _constants(q, heads)
     scale = head_dim ** -0.5
     delta = torch.empty((batch, heads, lq), device=q.device, dtype=torch.float32)
+    lse = lse.contiguous()  # indexed as (B * H, Lq) rows
     _launch(_dq_tuned, "BLOCK_M", lq, batch * heads, q, k, v, out, grad, lse, delta, dq, heads,
             lq, lk, head_dim, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), out.stride(0), out.stride(1), grad.stride(0), grad.stride(1),
@@ -352,33 +357,37 @@ def _check_heads(name: str, dim: int, heads: int) -> None:
         raise ValueError(f"{name}: width {dim} does not split into {heads} heads")
 
 
-def fits(dim: int, heads: int) -> bool:
-    """Whether heads of width dim / heads are within the kernels' sizes."""
-    return dim // heads <= MAX_HEAD_DIM
+def fits(batch: int, dim: int, heads: int) -> bool:
+    """Whether `batch` samples of `heads` heads over `dim` features are within the kernels'
+    sizes (and the heads split dim)."""
+    return (heads >= 1 and dim % heads == 0 and dim // heads <= MAX_HEAD_DIM
+            and batch * heads <= MAX_SAMPLE_HEADS)
 
 
 def self_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """Self-attention of qkv (B, L, 3D), q, k and v its column blocks, with `heads` heads ->
-    (B, L, D). The Triton kernels where kernels.can_launch allows and the heads fit, else the
-    math reference."""
+    (B, L, D). The Triton kernels where kernels.can_launch allows and `fits`, else the math
+    reference."""
     (qkv,) = _prepared("self_attention", heads, qkv=qkv)
     if qkv.shape[-1] % 3:
         raise ValueError(f"self_attention: qkv's width {qkv.shape[-1]} is not 3 D")
     dim = qkv.shape[-1] // 3
     _check_heads("self_attention", dim, heads)
-    if fits(dim, heads) and kernels.can_launch("attention", qkv):
+    if fits(qkv.shape[0], dim, heads) and kernels.can_launch("attention", qkv):
         return _self_forward(qkv, heads)[0]
     return reference_self_attention(qkv, heads)
 
 
 def cross_attention(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch.Tensor:
     """Queries q (B, Lq, D) attending to kv (B, Lk, 2D), k and v its column blocks, with `heads`
-    heads -> (B, Lq, D). The Triton kernels where they can launch, else the math reference."""
+    heads -> (B, Lq, D). The Triton kernels where they can launch, `fits` and there are keys,
+    else the math reference."""
     q, kv = _prepared("cross_attention", heads, q=q, kv=kv)
     dim = q.shape[-1]
     if kv.shape[-1] != 2 * dim:
         raise ValueError(f"cross_attention: kv's width {kv.shape[-1]} is not 2 x q's ({dim})")
     _check_heads("cross_attention", dim, heads)
-    if fits(dim, heads) and kernels.can_launch("attention", q, kv):
+    # no keys: the softmax is empty, and the reference's 0 is the convention
+    if kv.shape[1] and fits(q.shape[0], dim, heads) and kernels.can_launch("attention", q, kv):
         return _cross_forward(q, kv, heads)[0]
     return reference_cross_attention(q, kv, heads)

@@ -100,7 +100,8 @@ def _packed_kernels(module: nn.Module, width: int, *tensors: torch.Tensor) -> bo
     if not (module.fused and module.backend == "triton"):
         return False
     from kernels.attention import fits  # triton only where fused
-    return fits(width, module.heads) and kernels.can_launch("attention", *tensors)
+    return (fits(tensors[0].shape[0], width, module.heads)
+            and kernels.can_launch("attention", *tensors))
 
 
 class SelfAttention(nn.Module):

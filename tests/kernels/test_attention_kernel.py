@@ -119,6 +119,42 @@ def test_every_output_element_is_written():
             assert_close(actual, expected, FP32_TOL)
 
 
+def test_other_layouts_are_read_through_their_strides():
+    """Batch strides that are not L rows (a sequence-major qkv; a kv sliced from a longer
+    sequence), a q whose rows are further apart than its width, and a transposed output
+    gradient: all equal the reference."""
+    gen = torch.Generator().manual_seed(2)
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+    qkv = tensor(37, 2, 144).transpose(0, 1).requires_grad_()  # (B, L, 3D), batch stride 144
+    q = tensor(2, 19, 80)[..., 8:56].requires_grad_()           # row stride 80, width 48
+    kv = tensor(2, 30, 96)[:, 5:16].requires_grad_()            # batch stride 30 rows
+    for fn, reference, inputs, shape in (
+            (ka.self_attention, ka.reference_self_attention, [qkv], (2, 37, 48)),
+            (ka.cross_attention, ka.reference_cross_attention, [q, kv], (2, 19, 48))):
+        grad = tensor(shape[1], shape[0], shape[2]).transpose(0, 1)
+        out, _, grads = run(lambda *a: fn(*a, 3), inputs, grad)
+        ref, _, ref_grads = run(lambda *a: reference(*a, 3), inputs, grad)
+        for actual, expected in zip((out, *grads), (ref, *ref_grads), strict=True):
+            assert_close(actual, expected, FP32_TOL)
+
+
+def test_no_keys_give_the_references_zeros():
+    q, kv = torch.randn(2, 5, 16, device=DEVICE), torch.randn(2, 0, 32, device=DEVICE)
+    out = ka.cross_attention(q, kv, 2)
+    assert out.shape == (2, 5, 16) and not out.isnan().any()
+    torch.testing.assert_close(out, ka.reference_cross_attention(q, kv, 2))
+
+
+def test_more_sample_heads_than_the_grid_takes_use_the_reference(monkeypatch):
+    monkeypatch.setattr(ka, "MAX_SAMPLE_HEADS", 5)  # the case's 2 x 3
+    ran = []
+    monkeypatch.setattr(ka, "_self_forward", lambda *a: ran.append(a))
+    check_against_reference(CASES["self-L37-H3-d16"])
+    assert not ran
+
+
 def test_strided_inputs_are_read_in_place():
     """A packed projection that is a slice of a wider tensor (its rows further apart than its
     width) gives the same results as a contiguous copy, without copying."""
@@ -197,7 +233,7 @@ def test_compiled_blocks_call_the_kernels_over_token_counts(cls, monkeypatch):
     for name in ("_forward", "_backward"):
         helper = getattr(ka, name)
         monkeypatch.setattr(ka, name, lambda *a, h=helper, n=name: launches.append(n) or h(*a))
-    for tokens in (7, 12):
+    for tokens in (7, 37):  # one block, then three (16-row blocks on the interpreter)
         inputs = [torch.randn(3, tokens, 32, device=DEVICE)] + (
             [torch.randn(3, 5, 32, device=DEVICE)] if cls == "CrossBlock" else [])
         grad = torch.randn(3, tokens, 32, device=DEVICE)
@@ -218,6 +254,8 @@ def test_bad_inputs_are_named():
     qkv = torch.randn(2, 5, 48, device=DEVICE)
     with pytest.raises(ValueError, match="width 16 does not split into 3 heads"):
         ka.self_attention(qkv, 3)
+    with pytest.raises(ValueError, match="width 16 does not split into 0 heads"):
+        ka.self_attention(qkv, 0)
     with pytest.raises(ValueError, match="qkv's width 47 is not 3 D"):
         ka.self_attention(qkv[..., :47], 2)
     with pytest.raises(ValueError, match=r"qkv must be \(B, L, features\)"):
@@ -278,10 +316,9 @@ def test_the_model_switches_its_attention_with_its_kernels():
     assert all(m.fused for m in attn)
 
 
-@needs_cuda
-@pytest.mark.parametrize("case", CASES)
-def test_matches_reference_cuda_bf16(case):
-    fn, reference, inputs = make_inputs(*CASES[case], dtype=torch.bfloat16)
+def check_bf16_against_fp32(shape):
+    """bf16 inputs (CUDA: tensor-core products) within 2e-2 of the reference in fp32."""
+    fn, reference, inputs = make_inputs(*shape, dtype=torch.bfloat16)
     out, grad, grads = run(fn, inputs)
     exact_inputs = [t.detach().float().requires_grad_() for t in inputs]
     exact, _, exact_grads = run(reference, exact_inputs, grad.float())
@@ -290,11 +327,19 @@ def test_matches_reference_cuda_bf16(case):
 
 
 @needs_cuda
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference_cuda_bf16(case):
+    check_bf16_against_fp32(CASES[case])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("index", range(len(ka._QUERY_CONFIGS)))
-def test_every_autotune_candidate_matches_cuda_fp32(index, monkeypatch):
+def test_every_autotune_candidate_matches_cuda(index, dtype, monkeypatch):
     """Each block shape, warp count and stage count the autotuner may pick (the index-th of each
-    kernel's candidates), forward and both backward kernels, in fp32 (TF32 off), at R4-like odd
-    lengths and head widths."""
+    kernel's candidates), forward and both backward kernels, at R4-like odd lengths and head
+    widths: in fp32 (TF32 off: IEEE products) within FP32_TOL of the reference, and in bf16
+    (training's tensor-core code) within 2e-2 of the reference in fp32."""
     import triton
     for name, kernel, configs in (
             ("_forward_tuned", ka._attention_forward_kernel, ka._QUERY_CONFIGS),
@@ -303,4 +348,7 @@ def test_every_autotune_candidate_matches_cuda_fp32(index, monkeypatch):
         one = triton.autotune([configs[index]], key=[])  # one config: no tuning
         monkeypatch.setattr(ka, name, one(kernel))
     for shape in ((2, 102, None, 2, 64), (2, 157, 45, 2, 32)):
-        check_against_reference(shape)
+        if dtype == torch.float32:
+            check_against_reference(shape)
+        else:
+            check_bf16_against_fp32(shape)
