@@ -10,9 +10,14 @@ backend) and merging them again. Why: the encoders' and the video decoder's atte
 11.4 ms of a 75 ms R4 step on an H200 in SDPA's fastest (cuDNN) kernels, about 150 TFLOP/s,
 a sixth of the GPU's peak (bench/results/attention-NVIDIA_H200-base.json): the sequences are
 short (102, 314 and 416 tokens; 1254 queries on 314 keys in the decoder, whose heads are 32
-wide). And with q, k, v taken from the packed projection, the head split and merge and the
-gradients' reassembly into the projection's layout (about 1.3 ms per step of copies in the
-profile) do not happen: the kernels read and write those layouts through strides.
+wide). Around cuDNN's main kernels (9.6 ms per step) the step's profile (fe81939,
+bench/results/profile-NVIDIA_H200-r4-compile-graph.txt) shows ~3.2 ms that this layout and
+backward avoid: the gradients' reassembly into the projection's layout (1.3 ms of copies; these
+kernels read and write the packed layouts through strides) and cuDNN's auxiliary kernels
+(1.9 ms: rowsum(dO * O), and dq accumulated in fp32 then converted; here the dq kernel computes
+the first and owns its rows, no atomics). Whether that pays depends on the main kernels' speed
+against cuDNN's, which only a GPU run tells (SDPA's flash kernel, the same algorithm, was
+1.3-1.7x slower than cuDNN at these sites).
 
 FlashAttention's algorithm: the forward streams key blocks through an online softmax and keeps
 each row's log-sum-exp; the backward recomputes the probabilities from it, in two kernels that
@@ -99,8 +104,8 @@ def _key_block(q, k_ptr, v_ptr, b, h, start, dims, sk_b, sk_l, sv_b, sv_l, Lk,
 
 @triton.jit
 def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, H, Lq, Lk,
-                              HEAD_DIM: tl.constexpr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, so_b, so_l, scale_log2,
-                              COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, so_b,
+                              so_l, scale_log2, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
                               ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """A query block of a sample-head: out, and the rows' log2-sum-exp2 of the scaled scores
@@ -129,10 +134,10 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, H, Lq, Lk,
 @triton.jit
 def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr, H,
                          Lq, Lk, HEAD_DIM: tl.constexpr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l,
-                         so_b, so_l, sg_b,
-                         sg_l, sdq_b, sdq_l, scale, scale_log2, COMPUTE: tl.constexpr,
-                         PRECISION: tl.constexpr, ROUND_ONLY: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         so_b, so_l, sg_b, sg_l, sdq_b, sdq_l, scale, scale_log2,
+                         COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                         ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq of a query block, and its rows' D = rowsum(dO * O) into delta (B * H, Lq)."""
     bh, b, h, rows, dims = _program(H, BLOCK_M, BLOCK_D)
     q = _tile(q_ptr, b, h, rows, dims, sq_b, sq_l, Lq, HEAD_DIM)
@@ -158,8 +163,7 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, lse_ptr, delta_
 @triton.jit
 def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, H,
                            Lq, Lk, HEAD_DIM: tl.constexpr, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l,
-                           sg_b, sg_l,
-                           sdk_b, sdk_l, sdv_b, sdv_l, scale, scale_log2,
+                           sg_b, sg_l, sdk_b, sdk_l, sdv_b, sdv_l, scale, scale_log2,
                            COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
                            ROUND_ONLY: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
