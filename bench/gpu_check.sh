@@ -14,7 +14,7 @@
 #   tests       180  CUDA kernel (every autotune candidate, a whole model step, graphed steps)
 #                    and attention parity tests, and every other CUDA-only test (130 s at
 #                    a56a753, with pytest-xdist)
-#   attention-tests 60  the CUDA parity tests of the attention backends and of the Triton
+#   attention-tests 90  the CUDA parity tests of the attention backends and of the Triton
 #                    sequence attention (kernels/attention.py; every autotune candidate)
 #   kernels      90  bench.kernels, bf16, wall and device time (65 s at a56a753)
 #   throughput  240  bench.throughput --size base, r1-r4 and mavil with the curriculum views
@@ -58,11 +58,12 @@
 #   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
 #   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
 #   15d37cf), the trainer on random clips (never run yet), the window attention;
-#   mfu = attention-tests attention triton-attention residual autotune train-fast (1140 s of
-#   limits: give it GPU_CHECK_BUDGET=560; the last stages get what the first leave): the Triton
-#   sequence attention checked, timed per call site against SDPA, and in R4's compiled and
-#   graphed step with the bf16 residual against auto's attention; then max-autotune with what
-#   is left (its timings come back to carry), then the trainer itself.
+#   mfu = attention-tests attention autotune triton-attention residual train-fast (1170 s of
+#   limits: give it GPU_CHECK_BUDGET=560; the budget cuts the last stages first): the Triton
+#   sequence attention checked and timed per call site against SDPA (~3 min), then max-autotune
+#   with the ~6 min left (its timings come back to carry to the next call), then R4's compiled
+#   and graphed step with the bf16 residual with the Triton attention and with auto's, and the
+#   trainer itself, as far as the budget reaches.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
@@ -70,7 +71,7 @@ for arg in "${@:-default}"; do
     default) stages+=(tests kernels throughput) ;;
     extra) stages+=(tests kernels amp graph-compile profile attention) ;;
     extra2) stages+=(graph train attention) ;;
-    mfu) stages+=(attention-tests attention triton-attention residual autotune train-fast) ;;
+    mfu) stages+=(attention-tests attention autotune triton-attention residual train-fast) ;;
     tests|attention-tests|kernels|throughput|compile|views|amp|graph|graph-compile|residual|\
       triton-attention|autotune|attention|train|train-fast|profile)
       stages+=("$arg") ;;
@@ -141,7 +142,7 @@ for stage in "${stages[@]}"; do
     tests) run "kernel + attention tests (CUDA)" 180 python -m pytest -q -p no:cacheprovider \
              $workers tests/kernels tests/test_attention.py tests/data/test_fbank.py \
              tests/train/test_checkpoint.py ;;
-    attention-tests) run "attention tests (CUDA)" 60 python -m pytest -q -p no:cacheprovider \
+    attention-tests) run "attention tests (CUDA)" 90 python -m pytest -q -p no:cacheprovider \
                        $workers tests/kernels/test_attention_kernel.py tests/test_attention.py ;;
     kernels) run "bench.kernels" 90 python -m bench.kernels ;;
     throughput) run "bench.throughput (base)" 240 python -m bench.throughput --size base \

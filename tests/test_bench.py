@@ -405,8 +405,9 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert [s.split()[1] for s in stages] == ["pytest", "bench.attention"] + \
         ["bench.throughput"] * 3 + ["bench.train"]
     assert "tests/kernels/test_attention_kernel.py" in stages[0]
-    assert "--attention triton" in stages[2] and "--attention" not in stages[3]
-    assert "--compile-mode" not in stages[3] and "--compile-mode max-autotune" in stages[4]
+    assert "--compile-mode max-autotune" in stages[2] and "--attention" not in stages[2]
+    assert "--attention triton" in stages[3] and "--compile-mode" not in stages[3]
+    assert "--attention" not in stages[4] and "--compile-mode" not in stages[4]
     assert all("--compile " in s and "--cuda-graph" in s for s in stages[2:5])
     assert all("--residual bf16" in s for s in stages[2:])
     assert "--compile --kinds compiled" in stages[5]
