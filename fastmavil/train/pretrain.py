@@ -298,6 +298,9 @@ class _Run:
 
         self.model = build_model(cfg).to(self.device)
         self.model.use_kernels(fused)
+        if cfg.model.attention == "triton" and not fused:
+            log.info("model.attention = 'triton' runs the Triton kernels, which are off here: "
+                     "attention runs as under 'auto'")
         self.model.set_residual_dtype(torch.bfloat16 if t.residual_precision == "bf16" else None)
         self.optimizer = make_optimizer(cfg, self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed)

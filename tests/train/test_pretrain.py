@@ -467,6 +467,16 @@ def test_random_clips_train_without_data_and_resume_exactly(tmp_path, caplog):
     assert len(set(a.values())) == 6
 
 
+def test_triton_attention_without_the_kernels_says_what_runs(tmp_path, caplog):
+    """model.attention = "triton" where the kernels are off (here: no CUDA) trains with auto's
+    attention and says so."""
+    with caplog.at_level("INFO", logger="fastmavil.train"):
+        summary = run(tmp_path / "no-data", tmp_path / "a", train__max_steps=1,
+                      data__random_clips=8, model__attention="triton")
+    assert summary["step"] == 1
+    assert "model.attention = 'triton' runs the Triton kernels, which are off here" in caplog.text
+
+
 def test_bad_shards_are_errors_not_an_empty_run(shards, tmp_path):
     """A path that is no tar file, an index listing a shard that is gone, and shards that are all
     unreadable: each stops the run with an error naming the data, instead of a run that
