@@ -21,10 +21,9 @@ video patch geometry, with every flag (norm_pix, given or in-kernel noise, patch
 backward or not) taking both values; the window attention's in each setting, with a learned,
 a fixed and no bias; the sequence attention's (self and cross) in each setting. Needs a Triton
 with the NVIDIA backend (its bundled ptxas), no GPU, and TRITON_INTERPRET unset (the
-interpreter replaces the JIT). Uses Triton's
-internal binder and argument packing (`create_function_from_signature`,
-`JITFunction._pack_args`), as in Triton 3.6-3.9; another Triton may fail here without the
-kernels being at fault.
+interpreter replaces the JIT). Uses Triton's internal binder and argument packing
+(`create_function_from_signature`, `JITFunction._pack_args`), as in Triton 3.6-3.9; another
+Triton may fail here without the kernels being at fault.
 """
 from __future__ import annotations
 
@@ -158,7 +157,8 @@ def _run_window_attention(setting: str, gen: torch.Generator) -> None:
 def _run_attention(setting: str, gen: torch.Generator) -> None:
     """The attention kernels as the model calls them under backend triton: self-attention on a
     packed qkv and cross-attention on q and a packed kv, with the encoders' 64-wide heads, the
-    decoders' 32-wide ones and the widest the kernels take (bf16 under autocast)."""
+    decoders' 32-wide ones and the widest the kernels take. In bf16 in the bf16 and amp
+    settings: under autocast the projections hand the kernels bf16."""
     from kernels.attention import MAX_HEAD_DIM, cross_attention, self_attention
 
     dtype = torch.float32 if setting == "fp32" else torch.bfloat16
