@@ -11,8 +11,10 @@ its CUDA kernels (cuDNN, flash, memory-efficient; "-" where that kernel does not
 is SDPA's own pick the fastest?), with the Triton window kernels where the bias is shared by
 the batch (kernels.window_attention, which `auto` runs in the Swin decoder with the kernels
 on) and with the Triton sequence kernels where there is no bias (kernels.attention, backend
-`triton`: q, k, v packed as the projections give them, their gradients written back so); on a
-CPU wall time in fp32, SDPA and math. Why: the Swin audio decoder's 4x4 windows
+`triton`: q, k, v packed as the projections give them, their gradients written back so), next
+to `sdpa-packed`, SDPA from the same packed projections as the modules call it (the heads'
+split and merge and the gradients' reassembly included, which the kernels avoid); on a CPU
+wall time in fp32, SDPA and math. Why: the Swin audio decoder's 4x4 windows
 attend over 16 keys with a learned bias, which sends SDPA to its memory-efficient kernel (the
 one with a bias gradient); on an H200 that took 0.64 ms per call, 5 ms of a 107 ms R4 step,
 for about 13 GFLOP (bench/results/profile-NVIDIA_H200-r4-f080127-eager.txt).
@@ -93,10 +95,10 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
         inputs += [b] if bias[1] else []
 
     backend, _, kernel = backend.partition(":")
-    if backend == "triton":  # packed (B, L, heads * d) projections, as the modules call it
-        if b is not None or not kernels.can_launch("attention", q):
+    if backend in ("triton", "sdpa-packed"):  # from the packed projections, as modules call them
+        if b is not None or (backend == "triton" and not kernels.can_launch("attention", q)):
             return None
-        return _time_packed(q_shape, k_shape, device, dtype, reps)
+        return _time_packed(q_shape, k_shape, device, dtype, reps, backend == "triton")
     if backend == "window":  # the Swin windows' Triton kernels (kernels.window_attention)
         from kernels.window_attention import window_attention
         if (b is None or b.dim() != 3 or q_shape != k_shape
@@ -122,8 +124,12 @@ def time_site(site, backend: str, device: torch.device, dtype: torch.dtype,
         return None
 
 
-def _time_packed(q_shape, k_shape, device: torch.device, dtype: torch.dtype, reps: int) -> float:
-    """kernels.attention at a site: self-attention on one packed qkv where queries and keys
+def _time_packed(q_shape, k_shape, device: torch.device, dtype: torch.dtype, reps: int,
+                 packed_kernels: bool) -> float:
+    """Attention at a site from the packed projections (B, L, heads * d), as the modules call
+    it: the kernels of kernels.attention (packed_kernels), or the modules' other path, heads
+    split, SDPA and heads merged, whose copies (and the gradients' reassembly into the
+    packed layout) the kernels avoid. Self-attention on one packed qkv where queries and keys
     have one shape (a cross-attention site of equal lengths is timed so too: the same work),
     else cross-attention on q and a packed kv."""
     from kernels.attention import cross_attention, self_attention
@@ -133,12 +139,21 @@ def _time_packed(q_shape, k_shape, device: torch.device, dtype: torch.dtype, rep
     def packed(length, parts):
         return torch.randn(batch, length, parts * heads * head_dim, device=device, dtype=dtype,
                            generator=gen, requires_grad=True)
+
+    def split(t):  # (B, L, heads * d) -> (B, heads, L, d)
+        return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    def sdpa(q, k, v):
+        return attention_module.attention(split(q), split(k), split(v), None,
+                                          "sdpa").transpose(1, 2).flatten(2)
     if q_shape == k_shape:
         inputs = [packed(lq, 3)]
-        attend = lambda: self_attention(*inputs, heads)  # noqa: E731
+        attend = ((lambda: self_attention(*inputs, heads)) if packed_kernels
+                  else lambda: sdpa(*inputs[0].chunk(3, dim=-1)))
     else:
         inputs = [packed(lq, 1), packed(k_shape[2], 2)]
-        attend = lambda: cross_attention(*inputs, heads)  # noqa: E731
+        attend = ((lambda: cross_attention(*inputs, heads)) if packed_kernels
+                  else lambda: sdpa(inputs[0], *inputs[1].chunk(2, dim=-1)))
 
     def step():
         out = attend()
@@ -187,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     forced = SDPA_KERNELS if args.sdpa_kernels is None and cuda else args.sdpa_kernels or ()
     # the Triton window kernels where they apply (a bias shared by the batch: Swin windows) and
-    # the sequence kernels where there is no bias; on CUDA only (the interpreter is slow)
+    # the sequence kernels where there is no bias, beside SDPA called as the modules call it
+    # from the same packed projections; on CUDA only (the interpreter is slow)
     backends = (*BACKENDS, *(f"sdpa:{k}" for k in forced),
-                *(("window", "triton") if cuda else ()))
+                *(("window", "sdpa-packed", "triton") if cuda else ()))
     path = Path(args.config)
     cfg = load_config(path if path.exists() else ROOT / path, {"model.size": size})
     sites = call_sites(cfg, device, batch)

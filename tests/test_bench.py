@@ -141,7 +141,7 @@ def test_attention_times_the_window_kernels_where_the_bias_is_shared(monkeypatch
 def test_attention_times_the_sequence_kernels_where_there_is_no_bias(monkeypatch):
     """The "triton" backend times kernels.attention on packed projections: self-attention where
     queries and keys share a shape, cross-attention otherwise, none where there is a bias or
-    where the kernels cannot launch."""
+    where the kernels cannot launch; "sdpa-packed" times SDPA from the same projections."""
     import kernels
     import kernels.attention as ka
     calls = []
@@ -159,6 +159,13 @@ def test_attention_times_the_sequence_kernels_where_there_is_no_bias(monkeypatch
         assert calls and set(calls) == {(op, shape)}
     biased = ((2, 2, 5, 16), (2, 2, 5, 16), ((2, 5, 5), True))
     assert bench.attention.time_site(biased, "triton", cpu, torch.float32, 1) is None
+    # SDPA from the same packed projections: the modules' own path, no kernels called
+    calls.clear()
+    for k_len in (5, 7):
+        site = ((2, 2, 5, 16), (2, 2, k_len, 16), None)
+        assert bench.attention.time_site(site, "sdpa-packed", cpu, torch.float32, 1) > 0
+    assert not calls
+    assert bench.attention.time_site(biased, "sdpa-packed", cpu, torch.float32, 1) is None
     monkeypatch.setattr(kernels, "can_launch", lambda name, *tensors: False)
     assert bench.attention.time_site(biased[:2] + (None,), "triton", cpu, torch.float32,
                                      1) is None
