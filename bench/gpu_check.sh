@@ -14,8 +14,9 @@
 #   tests       180  CUDA kernel (every autotune candidate, a whole model step, graphed steps)
 #                    and attention parity tests, and every other CUDA-only test (130 s at
 #                    a56a753, with pytest-xdist)
-#   attention-tests 90  the CUDA parity tests of the attention backends and of the Triton
-#                    sequence attention (kernels/attention.py; every autotune candidate)
+#   attention-tests 120  the CUDA parity tests of the attention backends and of the Triton
+#                    sequence attention (kernels/attention.py; every autotune candidate), and the
+#                    model-step tests that run it (eager against the reference, sync-free, graphed)
 #   kernels      90  bench.kernels, bf16, wall and device time (65 s at a56a753)
 #   throughput  240  bench.throughput --size base, r1-r4 and mavil with the curriculum views
 #   compile     150  R4 with compiled blocks (--compile, no curriculum; 103 s at f080127)
@@ -59,7 +60,7 @@
 #   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
 #   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
 #   15d37cf), the trainer on random clips (never run yet), the window attention;
-#   mfu = attention-tests attention autotune triton-attention residual train-fast (1200 s of
+#   mfu = attention-tests attention autotune triton-attention residual train-fast (1230 s of
 #   limits: give it GPU_CHECK_BUDGET=560; the budget cuts the last stages first): the Triton
 #   sequence attention checked and timed per call site against SDPA (~3 min), then max-autotune
 #   with the ~6 min left (its timings come back to carry to the next call), then R4's compiled
@@ -143,8 +144,9 @@ for stage in "${stages[@]}"; do
     tests) run "kernel + attention tests (CUDA)" 180 python -m pytest -q -p no:cacheprovider \
              $workers tests/kernels tests/test_attention.py tests/data/test_fbank.py \
              tests/train/test_checkpoint.py ;;
-    attention-tests) run "attention tests (CUDA)" 90 python -m pytest -q -p no:cacheprovider \
-                       $workers tests/kernels/test_attention_kernel.py tests/test_attention.py ;;
+    attention-tests) run "attention tests (CUDA)" 120 python -m pytest -q -p no:cacheprovider \
+                       $workers tests/kernels/test_attention_kernel.py tests/test_attention.py \
+                       tests/kernels/test_model_step.py -k "not test_model_step or triton" ;;
     kernels) run "bench.kernels" 90 python -m bench.kernels ;;
     throughput) run "bench.throughput (base)" 240 python -m bench.throughput --size base \
                   --steps 3 ;;

@@ -412,6 +412,7 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert [s.split()[1] for s in stages] == ["pytest", "bench.attention"] + \
         ["bench.throughput"] * 3 + ["bench.train"]
     assert "tests/kernels/test_attention_kernel.py" in stages[0]
+    assert "test_model_step.py -k not test_model_step or triton" in stages[0]
     assert "--compile-mode max-autotune" in stages[2] and "--attention" not in stages[2]
     assert "--attention triton" in stages[3] and "--compile-mode" not in stages[3]
     assert "--attention" not in stages[4] and "--compile-mode" not in stages[4]
