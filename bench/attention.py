@@ -140,12 +140,8 @@ def _time_packed(q_shape, k_shape, device: torch.device, dtype: torch.dtype, rep
         return torch.randn(batch, length, parts * heads * head_dim, device=device, dtype=dtype,
                            generator=gen, requires_grad=True)
 
-    def split(t):  # (B, L, heads * d) -> (B, heads, L, d)
-        return t.unflatten(-1, (heads, -1)).transpose(1, 2)
-
     def sdpa(q, k, v):
-        return attention_module.attention(split(q), split(k), split(v), None,
-                                          "sdpa").transpose(1, 2).flatten(2)
+        return attention_module.heads_attention(q, k, v, heads, backend="sdpa")
     if q_shape == k_shape:
         inputs = [packed(lq, 3)]
         attend = ((lambda: self_attention(*inputs, heads)) if packed_kernels

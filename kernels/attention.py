@@ -50,19 +50,13 @@ INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 def reference_self_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """The plain PyTorch computation (the model's math backend) on the packed layout."""
-    return _reference(*qkv.chunk(3, dim=-1), heads)
+    from fastmavil.models.attention import heads_attention
+    return heads_attention(*qkv.chunk(3, dim=-1), heads, backend="math")
 
 
 def reference_cross_attention(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch.Tensor:
-    return _reference(q, *kv.chunk(2, dim=-1), heads)
-
-
-def _reference(q, k, v, heads):
-    from fastmavil.models.attention import attention
-
-    def split(t):  # (B, L, heads * d) -> (B, heads, L, d)
-        return t.unflatten(-1, (heads, -1)).transpose(1, 2)
-    return attention(split(q), split(k), split(v), None, "math").transpose(1, 2).flatten(2)
+    from fastmavil.models.attention import heads_attention
+    return heads_attention(q, *kv.chunk(2, dim=-1), heads, backend="math")
 
 
 @triton.jit
@@ -246,7 +240,7 @@ def _backward(grad, q, k, v, out, lse, dq, dk, dv, heads) -> None:
     head_dim, const = _constants(q, heads)
     scale = head_dim ** -0.5
     delta = torch.empty((batch, heads, lq), device=q.device, dtype=torch.float32)
-    lse = lse.contiguous()  # indexed as (B * H, Lq) rows
+    grad, lse = _unit_stride(grad), lse.contiguous()  # lse indexed as (B * H, Lq) rows
     _launch(_dq_tuned, "BLOCK_M", lq, batch * heads, q, k, v, out, grad, lse, delta, dq, heads,
             lq, lk, head_dim, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), out.stride(0), out.stride(1), grad.stride(0), grad.stride(1),
@@ -276,7 +270,7 @@ def _(qkv, heads):
 def _self_backward(grad: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    heads: int) -> torch.Tensor:
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    _backward(_unit_stride(grad), *qkv.chunk(3, dim=-1), out, lse, *dqkv.chunk(3, dim=-1),
+    _backward(grad, *qkv.chunk(3, dim=-1), out, lse, *dqkv.chunk(3, dim=-1),
               heads)
     return dqkv
 
@@ -302,7 +296,7 @@ def _cross_backward(grad: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, out: 
                     lse: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dkv = torch.empty(kv.shape, device=kv.device, dtype=kv.dtype)
-    _backward(_unit_stride(grad), q, *kv.chunk(2, dim=-1), out, lse, dq,
+    _backward(grad, q, *kv.chunk(2, dim=-1), out, lse, dq,
               *dkv.chunk(2, dim=-1), heads)
     return dq, dkv
 

@@ -93,6 +93,12 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
+def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                    bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """`attention` on projections (..., L, heads * d): heads split, attended and merged again."""
+    return _merge_heads(attention(*(_split_heads(t, heads) for t in (q, k, v)), bias, backend))
+
+
 def _packed_kernels(module: nn.Module, width: int, *tensors: torch.Tensor) -> bool:
     """Whether `module` (heads over `width` features) runs kernels.attention on its packed
     projections `tensors`: backend triton, the model's kernels on, heads the kernels take, and
@@ -117,8 +123,7 @@ class SelfAttention(nn.Module):
         if bias is None and _packed_kernels(self, qkv.shape[-1] // 3, qkv):
             from kernels.attention import self_attention
             return self.proj(self_attention(qkv, self.heads))
-        q, k, v = (_split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
-        return self.proj(_merge_heads(attention(q, k, v, bias, self.backend)))
+        return self.proj(heads_attention(*qkv.chunk(3, dim=-1), self.heads, bias, self.backend))
 
 
 class CrossAttention(nn.Module):
@@ -137,9 +142,7 @@ class CrossAttention(nn.Module):
         if _packed_kernels(self, q.shape[-1], q, kv):
             from kernels.attention import cross_attention
             return self.proj(cross_attention(q, kv, self.heads))
-        q = _split_heads(q, self.heads)
-        k, v = (_split_heads(t, self.heads) for t in kv.chunk(2, dim=-1))
-        return self.proj(_merge_heads(attention(q, k, v, None, self.backend)))
+        return self.proj(heads_attention(q, *kv.chunk(2, dim=-1), self.heads, None, self.backend))
 
 
 def residual_stream(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
