@@ -1,13 +1,15 @@
-"""Clips per second of the reference loader (PyAV + soundfile + torch fbank), by worker count.
+"""Clips per second of the reference loader (PyAV + soundfile + torch fbank) and of the DALI
+loader (DALI decoding; `fastmavil.data.dali_loader`), by worker (DALI: thread) count.
 
-    python -m bench.dataload                       # demo sizes, 1 and 2 workers
+    python -m bench.dataload                       # demo sizes, 1 and 2 workers, both loaders
     python -m bench.dataload --size small --workers 1 2 --data DIR
     python -m bench.dataload --resume              # + the first batch of a resumed epoch
     python -m bench.dataload --size base --prep-clips   # clips as fastmavil-prep writes them
+    python -m bench.dataload --size base --prep-clips --codec vp9   # the same in VP9 (DALI, CPU)
 
 Generates a synthetic dataset (fastmavil-synth, cached under --data) unless it exists, then
-times full training passes (shuffle, random window and roll; worker start-up included, best of
-`--repeats`) up to the model's input (the video normalised in this process, as a CPU trainer
+times full training passes (shuffle, random window and roll; worker start-up included; the
+rows' passes interleaved, best of `--repeats`) up to the model's input (the video normalised in this process, as a CPU trainer
 does; a GPU trainer normalises on the GPU), and writes a JSON record under bench/results/.
 Decoding dominates; model sizes only change the output resolution and the fbank length.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fastmavil.config import Config, ModelConfig
+from fastmavil.data.dali_loader import DaliLoader, dali_available
 from fastmavil.data.loader import ShardDataset, build_loader, loader_spec, to_device
 from fastmavil.data.shards import count_clips
 from fastmavil.data.synth import SynthSpec, synthesize
@@ -35,19 +38,38 @@ def _training_dataset(source: Path, size: str) -> ShardDataset:
     return ShardDataset(source, loader_spec(cfg, train=True))
 
 
-def time_pass(source: Path, size: str, workers: int, batch_size: int, repeats: int) -> dict:
+def time_pass(source: Path, size: str, loader: str, workers: int, batch_size: int,
+              epoch: int, dali_device: str = "cpu") -> tuple[int, float]:
+    """(clips, seconds) of one training pass (epoch `epoch`'s draws)."""
     dataset = _training_dataset(source, size)
-    loader = build_loader(dataset, batch_size, num_workers=workers, drop_last=False)
-    seconds = float("inf")
+    dataset.set_epoch(epoch)
+    start = time.perf_counter()
+    batches = (DaliLoader(dataset, batch_size, dali_device, threads=max(1, workers),
+                          drop_last=False)
+               if loader == "dali" else
+               build_loader(dataset, batch_size, num_workers=workers, drop_last=False))
+    clips, device = 0, torch.device("cuda" if dali_device == "gpu" else "cpu")
+    for batch in batches:  # as the trainer's model gets them: video normalised
+        to_device(batch, device, dataset.spec)
+        clips += len(batch["keys"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clips, time.perf_counter() - start
+
+
+def time_rows(source: Path, size: str, rows: list[tuple[str, int]], batch_size: int,
+              repeats: int, dali_device: str) -> list[dict]:
+    """Each (loader, workers) row's best pass of `repeats`, the rows taking turns, so a drift
+    of the machine's speed spreads over all of them."""
+    best = {row: (0, float("inf")) for row in rows}
     for epoch in range(repeats):
-        dataset.set_epoch(epoch)
-        clips, start = 0, time.perf_counter()
-        for batch in loader:  # as the trainer's model gets them: video normalised here
-            to_device(batch, torch.device("cpu"), dataset.spec)
-            clips += len(batch["keys"])
-        seconds = min(seconds, time.perf_counter() - start)
-    return {"size": size, "workers": workers, "batch_size": batch_size, "clips": clips,
-            "seconds": round(seconds, 3), "clips_per_s": round(clips / seconds, 1)}
+        for row in rows:
+            clips, seconds = time_pass(source, size, *row, batch_size, epoch, dali_device)
+            best[row] = (clips, min(best[row][1], seconds))
+    return [{"loader": loader, "size": size, "workers": workers, "batch_size": batch_size,
+             "clips": clips, "seconds": round(seconds, 3),
+             "clips_per_s": round(clips / seconds, 1)}
+            for (loader, workers), (clips, seconds) in best.items()]
 
 
 def time_resume(source: Path, size: str, workers: int, batch_size: int) -> dict:
@@ -68,6 +90,11 @@ def time_resume(source: Path, size: str, workers: int, batch_size: int) -> dict:
             "first_batch_s": seconds["resumed"], "read_up_to_s": seconds["read up to it"]}
 
 
+def _dali_version() -> str:
+    import nvidia.dali
+    return nvidia.dali.__version__
+
+
 def _describe_clips(source: Path) -> str:
     """What the dataset holds, from its index (a --data folder may hold other clips)."""
     spec = json.loads((source / "index.json").read_text()).get("synth")
@@ -86,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prep-clips", action="store_true",
                         help="10 s clips of H.264 256x256 at 16 fps, as fastmavil-prep writes "
                              "(by default), instead of fastmavil-synth's 4 s VP9 96x96 at 8 fps")
+    parser.add_argument("--codec", choices=["h264", "vp9"], default=None,
+                        help="--prep-clips' codec (default h264, as fastmavil-prep writes; vp9 "
+                             "is what DALI decodes on a CPU)")
     parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="DataLoader workers (reference) and decoding threads (DALI)")
+    parser.add_argument("--loaders", nargs="+", choices=["reference", "dali"], default=None,
+                        help="default: both where DALI is installed")
+    parser.add_argument("--dali-device", choices=["cpu", "gpu"], default="cpu",
+                        help="where DALI decodes (gpu: NVDEC, needed for --prep-clips' H.264)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="passes per row; the best counts")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/)")
@@ -95,22 +130,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the first batch after resuming half-way through an epoch")
     args = parser.parse_args(argv)
 
-    synth = SynthSpec(seconds=10.0, size=256, fps=16.0, codec="h264") if args.prep_clips \
+    if args.codec and not args.prep_clips:
+        parser.error("--codec goes with --prep-clips (fastmavil-synth's clips are VP9)")
+    codec = args.codec or "h264"
+    synth = SynthSpec(seconds=10.0, size=256, fps=16.0, codec=codec) if args.prep_clips \
         else SynthSpec()
-    data = args.data or Path("data/bench-synth" + ("-prep" if args.prep_clips else ""))
+    prep = f"-prep{'-vp9' if codec == 'vp9' else ''}" if args.prep_clips else ""
+    data = args.data or Path("data/bench-synth" + prep)
     source = data / "train"
     if not (source / "index.json").exists():
         synthesize(data, clips=args.clips, heldout=0.0, spec=synth)
     clip_text = _describe_clips(source)
-    rows = [time_pass(source, args.size, w, args.batch_size, args.repeats) for w in args.workers]
+    loaders = args.loaders or ["reference"] + (["dali"] if dali_available() else [])
+    if "dali" in loaders and not dali_available():
+        parser.error("--loaders dali: NVIDIA DALI is not installed")
+    if "dali" in loaders and synth.codec == "h264" and args.dali_device == "cpu":
+        parser.error("--prep-clips are H.264, which DALI decodes on the GPU only: add "
+                     "--dali-device gpu, --codec vp9, or --loaders reference")
+    rows = time_rows(source, args.size, [(loader, w) for loader in loaders for w in args.workers],
+                     args.batch_size, args.repeats, args.dali_device)
 
     from rich.console import Console
     from rich.table import Table
-    table = Table(title=f"Reference loader, {args.size} sizes, {rows[0]['clips']} {clip_text}")
-    for column in ("workers", "clips/s", "seconds"):
+    table = Table(title=f"Loaders, {args.size} sizes, {rows[0]['clips']} {clip_text}")
+    for column in ("loader", "workers", "clips/s", "seconds", "vs reference"):
         table.add_column(column, justify="right")
+    reference = {r["workers"]: r["clips_per_s"] for r in rows if r["loader"] == "reference"}
     for row in rows:
-        table.add_row(str(row["workers"]), f"{row['clips_per_s']:.1f}", f"{row['seconds']:.2f}")
+        ratio = row["clips_per_s"] / reference[row["workers"]] \
+            if row["workers"] in reference else None
+        table.add_row(row["loader"], str(row["workers"]), f"{row['clips_per_s']:.1f}",
+                      f"{row['seconds']:.2f}", f"{ratio:.2f}x" if ratio else "-")
     Console().print(table)
     resumes = ([time_resume(source, args.size, w, args.batch_size) for w in args.workers]
                if args.resume else [])
@@ -122,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     record = {"bench": "dataload", "device": device_name(torch.device("cpu")),
               "cpus": os.cpu_count(), "torch": torch.__version__, "pyav": av.__version__,
               "commit": commit(), "clips": clip_text, "rows": rows,
+              **({"dali": _dali_version(), "dali_device": args.dali_device}
+                 if "dali" in loaders else {}),
               **({"resume": resumes} if resumes else {})}
-    name = (f"dataload-cpu-{args.size}{'-prep' if args.prep_clips else ''}"
+    name = (f"dataload-cpu-{args.size}{prep}"
             f"{'-resume' if args.resume else ''}.json")  # a run of one never overwrites another
     out = args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)

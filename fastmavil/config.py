@@ -159,6 +159,12 @@ class DataConfig:
     # A dataset folder with index.json (fastmavil-prep / fastmavil-synth), a folder of
     # shard-*.tar, or one .tar file.
     shards: str = ""
+    # "reference": a DataLoader whose workers decode with PyAV and soundfile; "dali": NVIDIA
+    # DALI decodes (fastmavil.data.dali_loader), on dali_device ("auto": the GPU under CUDA,
+    # whose NVDEC takes H.264; "cpu" decodes VP9 and MJPEG), the same samples.
+    loader: str = "reference"
+    dali_device: str = "auto"
+    # reference: DataLoader worker processes (0: in the trainer); dali: its decoding threads
     num_workers: int = 2
     shuffle_buffer: int = 512
     # fbank normalisation (fbank - mean) / (2 * std); AudioSet values (paper Table 4).
@@ -187,6 +193,11 @@ class DataConfig:
                               "when data.synth_clips > 0 (fastmavil-synth writes train/ and "
                               "heldout/); to train on an existing dataset, also pass "
                               "--data.synth_clips 0")
+        if self.loader not in ("reference", "dali"):
+            raise ConfigError(f"data.loader = {self.loader!r}: choose 'reference' or 'dali'")
+        if self.dali_device not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"data.dali_device = {self.dali_device!r}: choose 'auto', 'cpu' "
+                              "or 'gpu'")
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ConfigError(f"data.num_workers = {self.num_workers} must be >= 0 and "
                               f"data.shuffle_buffer = {self.shuffle_buffer} >= 1")

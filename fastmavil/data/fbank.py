@@ -135,3 +135,26 @@ def normalize(fbank: torch.Tensor, mean: float = AUDIOSET_MEAN,
               std: float = AUDIOSET_STD) -> torch.Tensor:
     """AST/AudioMAE normalisation ``(fbank - mean) / (2 * std)`` (AudioSet stats by default)."""
     return (fbank - mean) / (2 * std)
+
+
+def padded_fbank(waves: torch.Tensor, lengths: torch.Tensor, target_frames: int,
+                 sample_rate: int = 16000, num_mel_bins: int = 128) -> torch.Tensor:
+    """``crop_or_pad(kaldi_fbank(w[:n]), target_frames)`` for each row w and length n of a
+    zero-padded batch ``waves (B, N)``, ``lengths (B,)``, in one call on the batch's device
+    (the DALI loader's audio, decoded to one padded batch): each row's mean is taken over its
+    own samples, and its frames past the last whole window of them are zeros, as the padding.
+    No host sync: the lengths stay on the device."""
+    if waves.dim() != 2 or lengths.shape != waves.shape[:1]:
+        raise ValueError(f"padded_fbank takes waves (B, N) and lengths (B,), got "
+                         f"{tuple(waves.shape)} and {tuple(lengths.shape)}")
+    window, shift = int(sample_rate * 0.025), int(sample_rate * 0.010)  # kaldi_fbank's defaults
+    lengths = lengths.to(waves.device)
+    valid = torch.arange(waves.shape[-1], device=waves.device) < lengths[:, None]
+    x = waves.to(torch.float32) * valid
+    x = (x - x.sum(-1, keepdim=True) / lengths.clamp(min=1)[:, None]) * valid  # its own mean
+    # kaldi_fbank removes the (now zero) mean again, which the padding's zeros leave at zero
+    fbank = kaldi_fbank(x, sample_rate, num_mel_bins)
+    frames = torch.where(lengths >= window, 1 + (lengths - window).div(shift, rounding_mode="floor"),
+                         0)
+    kept = torch.arange(fbank.shape[-2], device=waves.device) < frames[:, None]
+    return crop_or_pad(fbank * kept[..., None], target_frames)

@@ -178,13 +178,22 @@ class ShardDataset(IterableDataset):
                            clips=1 if missing is None else missing)
 
     def __iter__(self) -> Iterator[dict]:
+        for clip, rng in self.drawn():
+            sample = self._decoded(clip, rng)
+            if sample is not None:
+                yield sample
+
+    def drawn(self) -> Iterator[tuple[Clip, np.random.Generator]]:
+        """This consumer's clips for the epoch in the order they are sampled, each with its
+        sample's own random stream (window, crop, segment, roll), passing over those trained on
+        before a resume; a decoder turns each into a sample (this loader's, or the DALI one's)."""
         consumer, consumers, passed_over = self._consumer()
         seed = [self.spec.seed, self.epoch, consumer]
         draws = np.random.default_rng(seed)  # the buffer's; a sample's own stream is below
         # The shuffle buffer holds encoded clips (~0.1 MB each, against ~10 MB decoded at paper
         # size: 512 decoded clips were 5 GB per worker); a clip is decoded as it leaves.
         buffer, size = [], self.spec.shuffle_buffer if self.spec.train else 1
-        yielded, skipped_before = 0, sum(self.skipped.values())
+        taken, skipped_before = 0, sum(self.skipped.values())
         clips = iter(self._clips(consumer, consumers))
         for popped in itertools.count():
             for clip in clips:
@@ -196,14 +205,13 @@ class ShardDataset(IterableDataset):
             clip = buffer.pop(int(draws.integers(len(buffer))))
             if popped < passed_over:  # trained on before the resume
                 continue
-            sample = self._decoded(clip, np.random.default_rng([*seed, popped]))
-            if sample is not None:
-                yield sample
-                yielded += 1
+            taken += 1
+            yield clip, np.random.default_rng([*seed, popped])
         skipped = sum(self.skipped.values()) - skipped_before
         if skipped:
-            log.warning("loader consumer %d/%d: %d clips, %d skipped (%s)", consumer, consumers,
-                        yielded, skipped, ", ".join(f"{r}: {c}" for r, c in self.skipped.items()))
+            log.warning("loader consumer %d/%d: %d clips read, %d skipped (%s)", consumer,
+                        consumers, taken, skipped,
+                        ", ".join(f"{r}: {c}" for r, c in self.skipped.items()))
 
     def _decoded(self, clip: Clip, rng: np.random.Generator) -> dict | None:
         """The clip's sample, or None (counted and warned of) when it must be skipped."""
@@ -223,14 +231,7 @@ class ShardDataset(IterableDataset):
     def decode(self, clip: Clip, rng: np.random.Generator) -> dict:
         """One clip's members -> a sample; raises SkipClip with the reason."""
         spec = self.spec
-        if "json" not in clip.members:
-            raise SkipClip("missing json")
-        try:
-            meta = json.loads(clip.members["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SkipClip(f"corrupt json: {err}") from None
-        if "flac" not in clip.members:
-            raise SkipClip("missing audio")
+        meta = clip_meta(clip)
         try:
             wave, repairs = decode_audio(clip.members["flac"])
         except MediaError as err:
@@ -300,6 +301,19 @@ class ShardDataset(IterableDataset):
         return target
 
 
+def clip_meta(clip: Clip) -> dict:
+    """A clip's json, checked along with its audio member; raises SkipClip."""
+    if "json" not in clip.members:
+        raise SkipClip("missing json")
+    try:
+        meta = json.loads(clip.members["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SkipClip(f"corrupt json: {err}") from None
+    if "flac" not in clip.members:
+        raise SkipClip("missing audio")
+    return meta
+
+
 def audio_samples(frames: int) -> int:
     """The waveform samples fbank turns into `frames` frames (25 ms windows every 10 ms at
     16 kHz): 164,080, 10.255 s, for AudioMAE's 1024."""
@@ -354,8 +368,8 @@ def to_device(batch: dict, device: torch.device, spec: LoaderSpec,
     With a CUDA `stream` (the trainer's copy stream), the copies and the normalisation run on
     it, and the current stream waits for them: on the GPU they overlap the kernels of the
     pass before, which a copy on the current stream would queue behind."""
-    if stream is None:
-        return _moved(batch, device, spec)
+    if stream is None or batch["audio"].is_cuda:  # the DALI loader's GPU batches: made on
+        return _moved(batch, device, spec)          # the current stream, nothing to copy
     # No wait for the current stream first: the source is host memory, and the copy stream's
     # allocations reuse only blocks whose uses on other streams are recorded and done.
     current = torch.cuda.current_stream(device)

@@ -32,6 +32,7 @@ import torch
 
 from ..config import Config, ConfigError, load_config, split_overrides, to_toml
 from ..cuda_graph import GraphedPasses
+from ..data.dali_loader import DaliLoader, check_codec, dali_available, dali_device
 from ..data.loader import ShardDataset, build_loader, loader_spec, to_device
 from ..data.random_clips import RandomClips
 from ..data.shards import count_clips
@@ -163,6 +164,12 @@ def _epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
         log.debug("epoch %d ended %d steps early", plan.epoch, missing)
 
 
+def loader_workers(cfg: Config) -> int:
+    """The DataLoader workers that share an epoch's clips: the DALI loader reads them in one
+    process (its threads decode), the reference loader in data.num_workers."""
+    return 0 if cfg.data.loader == "dali" else cfg.data.num_workers
+
+
 def _open_dataset(cfg: Config, source: Path) -> tuple[ShardDataset, int]:
     """The training shards and their clip count; a bad dataset is a ConfigError naming it."""
     try:
@@ -264,6 +271,17 @@ def _training_data(cfg: Config) -> tuple[Path | None, ShardDataset | RandomClips
     else:
         source = prepare_data(cfg)
         dataset, clips = _open_dataset(cfg, source)
+        if cfg.data.loader == "dali":
+            if not dali_available():
+                raise ConfigError("data.loader = 'dali' needs NVIDIA DALI (Linux x86_64: pip "
+                                  "install nvidia-dali-cuda120); or use data.loader = "
+                                  "'reference'")
+            try:
+                device = dali_device(cfg.data.dali_device)
+                check_codec(dataset, device)
+            except ValueError as err:  # a device this machine lacks, a codec it cannot decode
+                raise ConfigError(str(err)) from None
+            log.info("data: DALI decodes on the %s", device)
     plans = plan_epochs(cfg, clips)
     if cfg.data.random_clips:  # drawn once, sized for the largest pass of the plan
         dataset = RandomClips(clips, loader_spec(cfg, train=True),
@@ -419,13 +437,18 @@ class _Run:
         # decoding them (an AudioSet-size epoch would take hours to decode), but for fewer
         # batches than it has workers, fetched and dropped here, and goes on with the data of
         # an uninterrupted run.
+        workers = loader_workers(cfg)
         drop = self.dataset.set_epoch(plan.epoch, (self.step - start) * plan.passes,
-                                      plan.micro_batch, cfg.data.num_workers)
+                                      plan.micro_batch, workers)
         work = work_per_step(cfg, self.flops, plan.mask_ratio, plan.batch_size)
         run_pass = functools.partial(self.run_pass, plan)
-        batches = (self.dataset.batches(plan.micro_batch)
-                   if isinstance(self.dataset, RandomClips)
-                   else iter(build_loader(self.dataset, plan.micro_batch, cfg.data.num_workers)))
+        if isinstance(self.dataset, RandomClips):
+            batches = self.dataset.batches(plan.micro_batch)
+        elif cfg.data.loader == "dali":
+            batches = iter(DaliLoader(self.dataset, plan.micro_batch, cfg.data.dali_device,
+                                      threads=max(1, cfg.data.num_workers)))
+        else:
+            batches = iter(build_loader(self.dataset, plan.micro_batch, workers))
         for _ in range(drop):  # if the data ends here, the step loop finds it has
             next(batches, None)
         self.progress.update(self.task, epoch=plan.epoch)
@@ -442,7 +465,7 @@ class _Run:
                 self.clear_grads()
                 try:
                     _epoch_ended_early(plan, self.step - start, end - self.step, self.source,
-                                       cfg.data.num_workers)
+                                       workers)
                 except DataError:
                     self.keep_trained("the data")
                     raise

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastmavil.data.fbank import (AUDIOSET_MEAN, AUDIOSET_STD, crop_or_pad, kaldi_fbank,
-                                  mel_banks, normalize)
+                                  mel_banks, normalize, padded_fbank)
 
 try:
     import kaldi_native_fbank as knf
@@ -233,3 +233,20 @@ def test_cuda_matches_cpu() -> None:
     gpu = kaldi_fbank(waves.cuda())
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
+
+
+def test_padded_fbank_is_each_rows_own_fbank_cropped_or_padded():
+    """The DALI loader's batched fbank: row by row, its own mean, its own whole windows, zeros
+    after them; lengths under one window (none), at one window, and longer than the target."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = [16000, 0, 399, 400, 5123, 9001]
+    waves = torch.zeros(len(lengths), 16100)
+    for row, n in enumerate(lengths):
+        waves[row, :n] = 0.3 + torch.rand(n, generator=gen) * 2 - 1  # off-centre: a mean to remove
+    out = padded_fbank(waves, torch.tensor(lengths), 60, num_mel_bins=64)
+    assert out.shape == (6, 60, 64)
+    for row, n in enumerate(lengths):
+        expected = crop_or_pad(kaldi_fbank(waves[row, :n], num_mel_bins=64), 60)
+        torch.testing.assert_close(out[row], expected, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"waves \(B, N\) and lengths \(B,\)"):
+        padded_fbank(waves, torch.tensor(lengths[:2]), 60)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastmavil.config import ConfigError, load_config
+from fastmavil.data.dali_loader import dali_available
 from fastmavil.data.synth import SynthSpec, synthesize
 from fastmavil.train import pretrain
 from fastmavil.train.checkpoint import list_checkpoints, load_latest
@@ -113,6 +114,20 @@ def test_resume_with_loader_workers_reproduces_an_uninterrupted_run(shards, tmp_
     run(shards, tmp_path / "b", train__max_steps=3, **loader)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == [1, 2, 3] and [a[s] for s in (1, 2, 3)] == [b[s] for s in (1, 2, 3)]
+
+
+@pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (its wheels are "
+                                                 "for Linux x86_64 only)")
+def test_the_dali_loader_trains_and_resumes_as_an_uninterrupted_run(shards, tmp_path, caplog):
+    dali = {"data__loader": "dali", "data__dali_device": "cpu", "train__micro_batch_size": 2}
+    with caplog.at_level("INFO", logger="fastmavil.train"):
+        run(shards, tmp_path / "a", train__max_steps=8, **dali)
+    assert "data: DALI decodes on the cpu" in caplog.text
+    run(shards, tmp_path / "b", train__max_steps=5, **dali)  # stops mid-epoch 1
+    assert run(shards, tmp_path / "b", train__max_steps=8, **dali)["start_step"] == 5
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 9)) and [a[s] for s in a] == [b[s] for s in a]
+    assert all(math.isfinite(loss) for loss in a.values())
 
 
 def test_a_checkpoints_save_is_not_counted_as_step_time(shards, tmp_path, monkeypatch):
@@ -392,6 +407,12 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
         run(shards, tmp_path, train__residual_precision="bf16", train__device="cpu")
     with pytest.raises(ConfigError, match=r"data.random_clips = -1 must be >= 0"):
         run(shards, tmp_path, data__random_clips=-1)
+    with pytest.raises(ConfigError, match=r"data.loader = 'nvdec': choose 'reference' or "
+                                          r"'dali'"):
+        run(shards, tmp_path, data__loader="nvdec")
+    if dali_available() and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"data.dali_device = 'gpu' needs CUDA"):
+            run(shards, tmp_path, data__loader="dali", data__dali_device="gpu")
     assert not (tmp_path / "t").exists()  # runs that never started leave no folder behind
     # overrides on either side of the config; one config only
     args, overrides = pretrain.parse_args(["--train.epochs", "3", "c.toml", "--run.name=2024"])

@@ -1,0 +1,389 @@
+"""The DALI loader: the reference loader's samples, with NVIDIA DALI decoding the media.
+
+    fastmavil-train configs/r4.toml --data.loader dali
+
+Same clips, same order, same random draws, same batches (`loader.collate`'s keys and shapes):
+- Python reads the shards in ShardDataset's order through its shuffle buffer
+  (`ShardDataset.drawn`, resumes included), checks each clip's json and reads its media
+  headers only (PyAV: the video's size, frame rate and duration; soundfile: the audio's length),
+  and draws the sample's video window, crop, audio segment and roll from the sample's own
+  random stream in the reference's order (`plan`). So a clip's frames, crop and roll are the
+  ones the reference loader would pick.
+- DALI decodes just the 16 frames picked (`fn.decoders.video` with their indices: NVDEC on the
+  GPU with `data.dali_device = "gpu"`, for H.264 and HEVC; libavcodec on the CPU, which decodes
+  VP9 and MJPEG) and resizes and crops them on the same device, and decodes the FLAC (on the
+  CPU: DALI's audio decoder has no GPU backend), in its own threads, a batch ahead.
+- The segment, roll and Kaldi fbank run batched in torch on the batch's device
+  (`fbank.padded_fbank`), the same computation as the reference's per clip.
+
+Where its samples differ from the reference's (`tests/data/test_dali_loader.py` bounds them):
+- frame pixels by a few levels: DALI converts YUV to RGB and resizes (antialiased linear) with
+  its own kernels;
+- a clip whose video is shorter than its json's duration: DALI repeats the last frame for the
+  times past the end (`pad_mode="edge"`), where the reference samples the whole clip instead;
+- audio in other rates or channels: DALI resamples and downmixes, with its own filter.
+
+A batch DALI cannot decode (a clip damaged past its headers) is decoded again by the reference
+decoder, which skips the bad clip, names it and counts it; the batch is topped up with the next
+clips not yet given to DALI, decoded there too (so the order differs from the reference's by
+the batches DALI had queued). Clips whose json or headers do not read are skipped while planning,
+with the reference's reasons.
+"""
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .fbank import normalize, padded_fbank
+from .loader import (MIN_SAMPLES, ShardDataset, SkipClip, audio_samples, audio_segment,
+                     clip_meta, collate)
+from .media import SAMPLE_RATE, VIDEO_EXTENSIONS, _av
+from .shards import Clip, read_shard
+from .video import sample_times, window_start
+
+log = logging.getLogger("fastmavil.data")
+
+DEVICES = ("auto", "cpu", "gpu")
+CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI decodes on the CPU; H.264/HEVC need NVDEC
+
+
+class UnsupportedCodec(ValueError):
+    """The shards' video needs another DALI device: ends the pass, not one clip."""
+
+
+def dali_available() -> bool:
+    try:
+        importlib.import_module("nvidia.dali")
+    except ImportError:
+        return False
+    return True
+
+
+def _dali():
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+    except ImportError as err:
+        raise ImportError("data.loader = 'dali' needs NVIDIA DALI (Linux x86_64): pip install "
+                          "nvidia-dali-cuda120") from err
+    return dali, fn, types, feed_ndarray
+
+
+def dali_device(device: str) -> str:
+    """'cpu' or 'gpu' for data.dali_device ('auto': the GPU when CUDA is available)."""
+    if device not in DEVICES:
+        raise ValueError(f"data.dali_device = {device!r}: choose from {', '.join(DEVICES)}")
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ValueError("data.dali_device = 'gpu' needs CUDA; use 'cpu' (VP9 or MJPEG video)")
+    return device
+
+
+def check_codec(dataset: ShardDataset, device: str) -> None:
+    """Raises UnsupportedCodec when the first clip's video cannot be decoded by DALI on `device`
+    ('cpu' or 'gpu'): a run learns it at the start, not at its first batch."""
+    for shard in dataset.shards[:1]:
+        for clip in read_shard(shard):
+            ext = next((e for e in VIDEO_EXTENSIONS if e in clip.members), None)
+            if ext is None or dataset.spec.audio_only:
+                return
+            try:
+                codec = probe_video(clip.members[ext])[0]
+            except SkipClip:
+                return  # a bad clip: the loader skips it
+            _check_codec(codec, device, clip)
+            return
+
+
+def _check_codec(codec: str, device: str, clip: Clip) -> None:
+    if device == "cpu" and codec not in CPU_CODECS:
+        raise UnsupportedCodec(
+            f"{clip.shard}/{clip.display_key}: {codec} video; DALI on the CPU decodes "
+            f"{', '.join(CPU_CODECS)} only: use data.dali_device = 'gpu' (NVDEC) or "
+            "data.loader = 'reference'")
+
+
+@dataclass
+class ClipPlan:
+    """What DALI is to make of one clip: everything random is drawn here."""
+    clip: Clip
+    seed: list            # the sample's random stream, for the reference decoder's fallback
+    labels: torch.Tensor
+    audio: np.ndarray     # the encoded members, as DALI takes them
+    segment: int          # first sample of the decoded waveform heard
+    samples: int          # samples heard (the segment's length)
+    roll: int
+    video: np.ndarray | None = None
+    frames: np.ndarray | None = None    # (video_frames,) int32 frame indices
+    resized: np.ndarray | None = None   # (2,) float32: the height and width before the crop
+    corner: np.ndarray | None = None    # (2,) int32: the crop's top and left
+
+
+def probe_video(data: bytes) -> tuple[str, int, int, float, float, float]:
+    """(codec, width, height, frames per second, first frame's time, duration in s; 0 when not
+    known) from the container's headers, without decoding a frame. Raises SkipClip."""
+    av = _av()
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise SkipClip("corrupt video: no video stream")
+            stream = container.streams.video[0]
+            codec = stream.codec_context.name
+            width, height = stream.codec_context.width, stream.codec_context.height
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            tb = stream.time_base
+            first = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
+            duration = (float(stream.duration * tb) if stream.duration and tb else
+                        container.duration / 1e6 if container.duration else 0.0)
+    except SkipClip:
+        raise
+    except Exception as err:  # PyAV raises many types
+        raise SkipClip(f"corrupt video: {err}") from None
+    if width < 1 or height < 1 or fps <= 0:
+        raise SkipClip(f"corrupt video: {width}x{height} at {fps:g} fps in its headers")
+    return codec, width, height, fps, first, duration
+
+
+def probe_audio(data: bytes) -> int:
+    """The samples the audio has at 16 kHz, from its headers. Raises SkipClip."""
+    import soundfile
+
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except Exception as err:
+        raise SkipClip(f"corrupt audio: {err}") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise SkipClip(f"corrupt audio: {info.frames} samples at {info.samplerate} Hz")
+    return info.frames if info.samplerate == SAMPLE_RATE else \
+        math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
+
+
+def plan(dataset: ShardDataset, clip: Clip, rng: np.random.Generator, seed: list,
+         device: str = "gpu") -> ClipPlan:
+    """One clip's plan, with the reference decoder's draws in its order (ShardDataset.decode:
+    a clip heard whole draws its roll first, then its window and crop; a longer one its window
+    and crop, then its segment and roll). Raises SkipClip with the reference's reasons, and
+    UnsupportedCodec for video DALI cannot decode on `device`."""
+    spec = dataset.spec
+    meta = clip_meta(clip)
+    samples = probe_audio(clip.members["flac"])
+    if samples < MIN_SAMPLES:
+        raise SkipClip(f"audio too short: {samples} samples, fbank needs {MIN_SAMPLES}")
+    labels = dataset._labels(meta, clip)
+    audio = np.frombuffer(clip.members["flac"], np.uint8)
+    if spec.audio_only or samples <= audio_samples(spec.audio_frames):
+        first, heard, roll = _audio_draws(spec, samples, rng, None)
+        p = ClipPlan(clip, seed, labels, audio, first, heard, roll)
+        if not spec.audio_only:
+            _video_draws(p, spec, meta, rng, device)
+        return p
+    p = ClipPlan(clip, seed, labels, audio, 0, 0, 0)
+    window = _video_draws(p, spec, meta, rng, device)
+    p.segment, p.samples, p.roll = _audio_draws(spec, samples, rng, window)
+    return p
+
+
+def _audio_draws(spec, samples: int, rng, window) -> tuple[int, int, int]:
+    """(first sample, samples heard, roll): ShardDataset._audio's draws."""
+    heard = audio_segment(samples, spec.audio_frames, window, spec.train, rng)
+    first, stop = heard.start or 0, samples if heard.stop is None else heard.stop
+    roll = int(rng.integers(stop - first)) if spec.train and spec.roll else 0
+    return first, stop - first, roll
+
+
+def _video_draws(p: ClipPlan, spec, meta: dict, rng, device: str) -> tuple[float, float]:
+    """Fills in p's frames, size and crop with ShardDataset._video's and resize_crop's draws;
+    returns the window (start, span in seconds)."""
+    ext = next((e for e in VIDEO_EXTENSIONS if e in p.clip.members), None)
+    if ext is None:
+        raise SkipClip("missing video")
+    data = p.clip.members[ext]
+    codec, width, height, fps, first, probed = probe_video(data)
+    _check_codec(codec, device, p.clip)
+    duration = float(meta.get("duration") or 0.0) or probed
+    if duration <= 0:
+        raise SkipClip("corrupt video: no duration in its json or headers")
+    start = window_start(duration, spec.video_seconds, spec.train, rng)
+    span = min(spec.video_seconds, duration)
+    times = sample_times(start, span, spec.video_frames)
+    # the frame on screen at each time (video.pick_frames for a constant frame rate)
+    p.frames = np.maximum(np.floor((times - first) * fps + 1e-9), 0).astype(np.int32)
+    scale = spec.video_size / min(height, width)
+    new_h = max(spec.video_size, round(height * scale))
+    new_w = max(spec.video_size, round(width * scale))
+    top = int(rng.integers(new_h - spec.video_size + 1)) if spec.train else \
+        (new_h - spec.video_size) // 2
+    left = int(rng.integers(new_w - spec.video_size + 1)) if spec.train else \
+        (new_w - spec.video_size) // 2
+    p.video = np.frombuffer(data, np.uint8)
+    p.resized = np.array([new_h, new_w], np.float32)
+    p.corner = np.array([top, left], np.int32)
+    return start, span
+
+
+class DaliLoader:
+    """Batches of `batch_size` from `dataset` (one pass: build one per epoch, after
+    dataset.set_epoch, as build_loader's DataLoader), decoded by DALI with `threads` threads on
+    `device` ('cpu' or 'gpu'); the batches' tensors are on that device. Drops the last partial
+    batch in training unless drop_last says otherwise."""
+
+    def __init__(self, dataset: ShardDataset, batch_size: int, device: str = "auto",
+                 threads: int = 2, drop_last: bool | None = None, prefetch: int = 2):
+        if batch_size < 1 or threads < 1:
+            raise ValueError(f"batch_size = {batch_size} and threads = {threads} must be >= 1")
+        self.dataset, self.spec, self.batch_size = dataset, dataset.spec, batch_size
+        self.device = dali_device(device)
+        self.drop_last = dataset.spec.train if drop_last is None else drop_last
+        self.threads, self.prefetch = threads, prefetch
+        self.torch_device = (torch.device("cuda", torch.cuda.current_device())
+                             if self.device == "gpu" else torch.device("cpu"))
+
+    def __iter__(self) -> Iterator[dict]:
+        dali, fn, types, feed_ndarray = _dali()
+        spec, plans, lock = self.spec, self._plans(), threading.Lock()
+        queued: deque[list[ClipPlan]] = deque()  # the batches fed to DALI, not yet returned
+        unsupported = []
+
+        def next_batch(_info=None):
+            try:
+                with lock:
+                    batch = list(_take(plans, self.batch_size))
+            except UnsupportedCodec as err:  # ends the pass; raised below, not inside DALI
+                unsupported.append(err)
+                raise StopIteration from None
+            if not batch or (self.drop_last and len(batch) < self.batch_size):
+                raise StopIteration
+            queued.append(batch)
+            columns = [[p.audio for p in batch]]
+            if not spec.audio_only:
+                columns += [[p.video for p in batch], [p.frames for p in batch],
+                            [p.resized for p in batch], [p.corner for p in batch]]
+            return tuple(columns)
+
+        outputs = 1 if spec.audio_only else 5
+
+        @dali.pipeline_def(batch_size=self.batch_size, num_threads=self.threads,
+                           device_id=self.torch_device.index if self.device == "gpu" else None,
+                           prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+        def pipeline():
+            columns = fn.external_source(source=next_batch, num_outputs=outputs, batch=True,
+                                         batch_info=True)
+            audio, _ = fn.decoders.audio(columns[0], downmix=True, sample_rate=SAMPLE_RATE,
+                                         dtype=types.FLOAT)
+            lengths = audio.shape()
+            audio = fn.pad(audio, fill_value=0.0)  # to the batch's longest
+            if self.device == "gpu":
+                audio, lengths = audio.gpu(), lengths.gpu()
+            if spec.audio_only:
+                return audio, lengths
+            encoded, frames, resized, corner = columns[1:]
+            video = fn.decoders.video(encoded, device="mixed" if self.device == "gpu" else "cpu",
+                                      frames=frames, pad_mode="edge")
+            video = fn.resize(video, size=resized, antialias=True,
+                              interp_type=types.INTERP_LINEAR)
+            video = fn.slice(video, start=corner, shape=[spec.video_size] * 2, axes=[1, 2])
+            return audio, lengths, fn.transpose(video, perm=[3, 0, 1, 2])  # (3, Fr, H, W)
+
+        pipe = pipeline()
+        pipe.build()
+        while True:
+            try:
+                out = pipe.run()
+            except StopIteration:
+                if unsupported:
+                    raise unsupported[0] from None
+                return
+            except RuntimeError as err:  # a clip damaged past its headers
+                batch = self._fallback(queued.popleft(), plans, lock, err)
+                if batch is None:
+                    return
+                yield batch
+                continue
+            yield self._batch(queued.popleft(), out, feed_ndarray)
+
+    def _plans(self) -> Iterator[ClipPlan]:
+        """The dataset's clips, planned; those that cannot be are skipped as it skips them."""
+        dataset = self.dataset
+        for clip, rng in dataset.drawn():
+            seed = rng.bit_generator.seed_seq.entropy
+            try:
+                yield plan(dataset, clip, rng, seed, self.device)
+            except UnsupportedCodec:
+                raise
+            except SkipClip as err:
+                dataset._skip(str(err), clip.shard, clip.display_key)
+            except Exception as err:  # anything unforeseen in one clip must not end the run
+                dataset._skip(f"decode error: {type(err).__name__}: {err}", clip.shard,
+                              clip.display_key)
+
+    def _batch(self, batch: list[ClipPlan], out, feed_ndarray) -> dict:
+        def tensor(tensors, dtype) -> torch.Tensor:
+            dense = tensors.as_tensor()
+            t = torch.empty(dense.shape(), dtype=dtype, device=self.torch_device)
+            stream = torch.cuda.current_stream() if self.device == "gpu" else None
+            feed_ndarray(dense, t, cuda_stream=stream)
+            return t
+
+        waves, lengths = tensor(out[0], torch.float32), tensor(out[1], torch.int64)[:, 0]
+        index = torch.arange(waves.shape[-1], device=waves.device)
+        segment = torch.tensor([[p.segment, p.samples, p.roll] for p in batch])
+        first, heard, roll = segment.to(waves.device, non_blocking=True).unbind(-1)
+        heard = torch.minimum(heard, (lengths - first).clamp(min=0))  # a resampled estimate
+        # np.roll of the heard segment: sample i is the segment's sample (i - roll) mod heard
+        source = first[:, None] + (index - roll[:, None]).remainder(heard.clamp(min=1)[:, None])
+        waves = waves.gather(1, source.clamp(max=waves.shape[-1] - 1))
+        fbank = padded_fbank(waves, heard, self.spec.audio_frames, SAMPLE_RATE,
+                             self.spec.mel_bins)
+        result = {"keys": [p.clip.display_key for p in batch],
+                  "audio": normalize(fbank, self.spec.audio_mean, self.spec.audio_std)[:, None],
+                  "labels": torch.stack([p.labels for p in batch])}
+        if not self.spec.audio_only:
+            result["video"] = tensor(out[2], torch.uint8)
+        return result
+
+    def _fallback(self, batch: list[ClipPlan], plans: Iterator[ClipPlan], lock: threading.Lock,
+                  err: Exception) -> dict | None:
+        """The batch DALI failed on, decoded by the reference decoder (which skips and names
+        the bad clips), topped up with the next clips decoded there too; None when the data
+        ends before a batch (a whole one, where the last partial batch is dropped)."""
+        lines = [line for line in str(err).splitlines() if line.strip() and not any(
+            noise in line for noise in ("Critical error", "no longer valid"))]
+        log.warning("DALI failed on a batch (%s); the reference decoder decodes it",
+                    lines[-1].strip() if lines else type(err).__name__)
+        samples = []
+        for p in batch:
+            sample = self.dataset._decoded(p.clip, np.random.default_rng(p.seed))
+            if sample is not None:
+                samples.append(sample)
+        while len(samples) < self.batch_size:
+            with lock:
+                more = next(plans, None)
+            if more is None:
+                break
+            sample = self.dataset._decoded(more.clip, np.random.default_rng(more.seed))
+            if sample is not None:
+                samples.append(sample)
+        if not samples or (self.drop_last and len(samples) < self.batch_size):
+            return None
+        batch = collate(samples)
+        batch["audio"] = batch["audio"].to(self.torch_device)
+        if "video" in batch:
+            batch["video"] = batch["video"].to(self.torch_device)
+        return batch
+
+
+def _take(iterator: Iterator, n: int) -> Iterator:
+    for _, item in zip(range(n), iterator):
+        yield item

@@ -1,0 +1,193 @@
+"""The DALI loader against the reference loader, on the CPU (VP9 video, FLAC audio): the same
+clips, order, draws and skips; features within the decoders' differences."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from fastmavil.data.dali_loader import DaliLoader, dali_available, dali_device
+from fastmavil.data.loader import LoaderSpec, ShardDataset, build_loader
+from fastmavil.data.media import encode_video
+
+from .clips import SPEC, good, raw_tar
+
+pytestmark = pytest.mark.skipif(not dali_available(),
+                                reason="NVIDIA DALI is not installed (its wheels are for Linux "
+                                       "x86_64 only)")
+
+EVAL = LoaderSpec(**{**SPEC.__dict__, "train": False})
+# Normalised fbank (log-mel / 9.1): the same FLAC samples through the same float32 arithmetic,
+# batched, so rounding apart (up to 1.3e-4 seen, in the near-empty bins of a pure tone)
+AUDIO_TOL = 5e-4
+FRAME_TOL = 3.0   # mean |difference| per frame in 0-255 levels: DALI's YUV -> RGB and resize
+
+
+def both(dataset, batch_size, **dali):
+    """The reference's batches and the DALI loader's over the same epoch."""
+    dataset.set_epoch(0)
+    reference = list(build_loader(dataset, batch_size, num_workers=0))
+    dataset.set_epoch(0)
+    return reference, list(DaliLoader(dataset, batch_size, device="cpu", **dali))
+
+
+def frame_error(a, b):
+    """Mean |a - b| per sample and frame of two (B, 3, Fr, H, W) uint8 batches."""
+    return (a.float() - b.float()).abs().mean(dim=(1, 3, 4))
+
+
+def assert_same_batches(reference, dali):
+    assert [b["keys"] for b in dali] == [b["keys"] for b in reference]
+    for ref, out in zip(reference, dali):
+        assert torch.equal(out["labels"], ref["labels"])
+        assert out["audio"].dtype == torch.float32 and out["audio"].shape == ref["audio"].shape
+        torch.testing.assert_close(out["audio"], ref["audio"], rtol=0, atol=AUDIO_TOL)
+        if "video" in ref:
+            assert out["video"].dtype == torch.uint8 and out["video"].shape == ref["video"].shape
+            assert frame_error(out["video"], ref["video"]).max() < FRAME_TOL
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_dali_batches_are_the_reference_loaders(dataset_dir, train):
+    """Training too: the same window, frames, crop, segment and roll drawn for each clip."""
+    spec = LoaderSpec(**{**SPEC.__dict__, "train": train})
+    reference, dali = both(ShardDataset(dataset_dir, spec), 4)
+    assert len(dali) == 3
+    assert_same_batches(reference, dali)
+    # FRAME_TOL tells frames apart: most sampled frames differ from the next by more than
+    # twice as much, so picking a neighbour of those would fail
+    video = torch.cat([b["video"] for b in reference])
+    moved = frame_error(video[:, :, 1:], video[:, :, :-1]) > 2 * FRAME_TOL
+    assert moved.float().mean() > 0.5
+
+
+def test_a_wrong_roll_or_crop_would_be_seen(dataset_dir):
+    """The training comparison above is not met by chance: the same clips in another epoch
+    (other draws) are far from epoch 0's."""
+    spec = LoaderSpec(**{**SPEC.__dict__, "train": True, "shuffle_buffer": 1})
+    dataset = ShardDataset(dataset_dir, spec)
+    dataset.set_epoch(0)
+    first = next(iter(DaliLoader(dataset, 4, device="cpu")))
+    dataset.set_epoch(1)
+    second = next(iter(DaliLoader(dataset, 4, device="cpu")))
+    by_key = dict(zip(second["keys"], range(4)))
+    same = [(i, by_key[k]) for i, k in enumerate(first["keys"]) if k in by_key]
+    assert same, "epoch 1 read other shards first: pick another seed"
+    for i, j in same:
+        assert (first["audio"][i] - second["audio"][j]).abs().max() > 100 * AUDIO_TOL
+
+
+def test_a_wide_video_is_resized_by_its_short_side_and_cropped(tmp_path):
+    """Height and width kept apart: 48 x 80 frames with a horizontal ramp."""
+    ramp = np.broadcast_to(np.linspace(0, 255, 80).astype(np.uint8)[None, :, None], (48, 80, 3))
+    frames = np.stack([np.roll(ramp, 3 * t, axis=1) for t in range(16)])
+    _, ok = good(0)
+    raw_tar(tmp_path / "shard-000000.tar", [
+        ("wide.webm", encode_video(np.ascontiguousarray(frames), 16.0)), ("wide.flac", ok["flac"]),
+        ("wide.json", b'{"duration": 1.0}')])
+    for train in (False, True):
+        spec = LoaderSpec(**{**SPEC.__dict__, "train": train})
+        assert_same_batches(*both(ShardDataset(tmp_path, spec), 1))
+
+
+def test_bad_clips_are_skipped_as_the_reference_skips_them(bad_shard, caplog):
+    """The reference's bad-clip shard, one clip a batch: the same clips come through, the same
+    skips are counted. Where they differ: a json duration past the video's end repeats the last
+    frame here (the reference samples the whole clip instead)."""
+    reference_set = ShardDataset(bad_shard, EVAL)
+    reference = list(build_loader(reference_set, 1, num_workers=0))
+    dataset = ShardDataset(bad_shard, EVAL)
+    with caplog.at_level(logging.WARNING, logger="fastmavil.data"):
+        dali = list(DaliLoader(dataset, 1, device="cpu"))
+    assert [b["keys"] for b in dali] == [b["keys"] for b in reference]
+    assert dict(dataset.skipped) == dict(reference_set.skipped)
+    assert "skipping shard-000000.tar/corrupt_video: corrupt video" in caplog.text
+    for ref, out in zip(reference, dali):
+        if ref["keys"] == ["stereo_44k"]:  # resampled by DALI's filter, not libswresample's
+            assert (out["audio"] - ref["audio"]).abs().mean() < 0.05
+        else:
+            torch.testing.assert_close(out["audio"], ref["audio"], rtol=0, atol=AUDIO_TOL,
+                                       msg=f"audio of {ref['keys']}")
+        if ref["keys"] != ["wrong_duration"]:
+            assert frame_error(out["video"], ref["video"]).max() < FRAME_TOL, ref["keys"]
+
+
+def test_a_clip_dali_cannot_decode_sends_its_batch_to_the_reference_decoder(tmp_path, caplog):
+    """Headers that read, frames that do not: DALI fails on the batch, the reference decoder
+    decodes it (skipping and naming the bad clip) and tops it up with the next clip."""
+    clips = [good(i) for i in range(5)]
+    members = []
+    for i, (key, m) in enumerate(clips):
+        video = m["webm"]
+        if i == 1:  # headers that PyAV reads, and no frame
+            video = video[:500]
+        members += [(f"{key}.webm", video), (f"{key}.flac", m["flac"]),
+                    (f"{key}.json", b'{"labels": [], "duration": 1.0}')]
+    raw_tar(tmp_path / "shard-000000.tar", members)
+    reference_set, dataset = ShardDataset(tmp_path, EVAL), ShardDataset(tmp_path, EVAL)
+    reference = list(build_loader(reference_set, 2, num_workers=0))
+    with caplog.at_level(logging.WARNING, logger="fastmavil.data"):
+        dali = list(DaliLoader(dataset, 2, device="cpu"))
+    assert "DALI failed on a batch (Start frame 0 is out of bounds" in caplog.text
+    # The same clips in full batches; the top-up is the next clip DALI was not yet given, so
+    # the order can differ from the reference's by the batches DALI had queued
+    assert [len(b["keys"]) for b in dali] == [len(b["keys"]) for b in reference] == [2, 2]
+    assert sorted(k for b in dali for k in b["keys"]) == \
+        sorted(k for b in reference for k in b["keys"])
+    assert dict(dataset.skipped) == dict(reference_set.skipped)
+
+
+def test_audio_only(dataset_dir):
+    spec = LoaderSpec(**{**SPEC.__dict__, "audio_only": True})
+    reference, dali = both(ShardDataset(dataset_dir, spec), 4)
+    assert "video" not in dali[0]
+    assert_same_batches(reference, dali)
+
+
+def test_a_resumed_epoch_goes_on_with_the_reference_loaders_batches(dataset_dir):
+    dataset = ShardDataset(dataset_dir, SPEC)
+    dataset.set_epoch(0)
+    whole = list(build_loader(dataset, 2, num_workers=0))
+    assert dataset.set_epoch(0, resume_batches=2, batch_size=2) == 0
+    resumed = list(DaliLoader(dataset, 2, device="cpu"))
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in whole[2:]]
+
+
+def test_the_last_partial_batch_is_dropped_in_training_only(dataset_dir):
+    train = ShardDataset(dataset_dir, SPEC)
+    train.set_epoch(0)
+    assert [len(b["keys"]) for b in DaliLoader(train, 5, device="cpu")] == [5, 5]
+    evaluation = ShardDataset(dataset_dir, EVAL)
+    assert [len(b["keys"]) for b in DaliLoader(evaluation, 5, device="cpu")] == [5, 5, 2]
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="data.dali_device = 'tpu'"):
+        dali_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            dali_device("gpu")
+    assert dali_device("auto") == ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def test_h264_on_the_cpu_is_named_not_skipped_clip_by_clip(tmp_path):
+    _, ok = good(0)
+    h264 = encode_video(np.full((8, 48, 48, 3), 90, np.uint8), 8.0, codec="h264")
+    raw_tar(tmp_path / "shard-000000.tar", [("a.mp4", h264), ("a.flac", ok["flac"]),
+                                            ("a.json", b'{"duration": 1.0}')])
+    dataset = ShardDataset(tmp_path, EVAL)
+    with pytest.raises(ValueError, match=r"a: h264 video; DALI on the CPU decodes vp8, vp9, "
+                                         r"mjpeg only: use data.dali_device = 'gpu'"):
+        list(DaliLoader(dataset, 1, device="cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU path (NVDEC) needs CUDA")
+def test_the_gpu_path_gives_the_cpu_paths_batches_on_the_gpu(dataset_dir):
+    dataset = ShardDataset(dataset_dir, SPEC)
+    dataset.set_epoch(0)
+    cpu = list(DaliLoader(dataset, 4, device="cpu"))
+    dataset.set_epoch(0)
+    gpu = list(DaliLoader(dataset, 4, device="gpu"))
+    assert gpu[0]["audio"].is_cuda and gpu[0]["video"].is_cuda
+    assert_same_batches(cpu, [{**b, "audio": b["audio"].cpu(), "video": b["video"].cpu()}
+                              for b in gpu])
