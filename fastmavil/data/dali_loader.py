@@ -2,26 +2,28 @@
 
     fastmavil-train configs/r4.toml --data.loader dali
 
-Same clips, same order, same random draws, same batches (`loader.collate`'s keys and shapes):
+The samples of the reference loader in one process (`data.num_workers = 0`; with workers it
+deals the clips among them, each with an order and streams of its own): the same clips, order,
+random draws and batches (`loader.collate`'s keys and shapes).
 - Python reads the shards in ShardDataset's order through its shuffle buffer
-  (`ShardDataset.drawn`, resumes included), checks each clip's json and reads its media
-  headers only (PyAV: the video's size, frame rate and duration; soundfile: the audio's length),
-  and draws the sample's video window, crop, audio segment and roll from the sample's own
-  random stream in the reference's order (`plan`). So a clip's frames, crop and roll are the
-  ones the reference loader would pick.
+  (`ShardDataset.drawn`, resumes included), checks each clip's json, reads the media's headers
+  and the video's packet times without decoding (PyAV; soundfile for the audio's length), and
+  draws the sample's video window, crop, audio segment and roll from the sample's own random
+  stream in the reference's order (`plan`): a clip's frames, crop and roll are the ones the
+  reference loader would pick. This runs in the trainer's thread, a batch ahead, about 1 ms a
+  clip.
 - DALI decodes just the 16 frames picked (`fn.decoders.video` with their indices: NVDEC on the
-  GPU with `data.dali_device = "gpu"`, for H.264 and HEVC; libavcodec on the CPU, which decodes
-  VP9 and MJPEG) and resizes and crops them on the same device, and decodes the FLAC (on the
-  CPU: DALI's audio decoder has no GPU backend), in its own threads, a batch ahead.
+  GPU with `data.dali_device = "gpu"`, for H.264 and HEVC too; libavcodec on the CPU, which
+  decodes VP8, VP9 and MJPEG) and resizes and crops them on the same device, and decodes the
+  FLAC (on the CPU: DALI's audio decoder has no GPU backend), in its own threads.
 - The segment, roll and Kaldi fbank run batched in torch on the batch's device
   (`fbank.padded_fbank`), the same computation as the reference's per clip.
 
 Where its samples differ from the reference's (`tests/data/test_dali_loader.py` bounds them):
 - frame pixels by a few levels: DALI converts YUV to RGB and resizes (antialiased linear) with
-  its own kernels;
-- a clip whose video is shorter than its json's duration: DALI repeats the last frame for the
-  times past the end (`pad_mode="edge"`), where the reference samples the whole clip instead;
-- audio in other rates or channels: DALI resamples and downmixes, with its own filter.
+  its own kernels (about 1 level on average in the tests, under 3 in every frame);
+- audio in other rates or channels: DALI resamples and downmixes with its own filter (and the
+  length it gives may differ by a sample from the header's count the draws were made with).
 
 A batch DALI cannot decode (a clip damaged past its headers) is decoded again by the reference
 decoder, which skips the bad clip, names it and counts it; the batch is topped up with the next
@@ -48,7 +50,7 @@ from .loader import (MIN_SAMPLES, ShardDataset, SkipClip, audio_samples, audio_s
                      clip_meta, collate)
 from .media import SAMPLE_RATE, VIDEO_EXTENSIONS, _av
 from .shards import Clip, read_shard
-from .video import sample_times, window_start
+from .video import pick_frames, sample_times, shown_until, window_start
 
 log = logging.getLogger("fastmavil.data")
 
@@ -100,7 +102,7 @@ def check_codec(dataset: ShardDataset, device: str) -> None:
             if ext is None or dataset.spec.audio_only:
                 return
             try:
-                codec = probe_video(clip.members[ext])[0]
+                codec = probe_video(clip.members[ext]).codec
             except SkipClip:
                 return  # a bad clip: the loader skips it
             _check_codec(codec, device, clip)
@@ -125,35 +127,51 @@ class ClipPlan:
     segment: int          # first sample of the decoded waveform heard
     samples: int          # samples heard (the segment's length)
     roll: int
+    number: int = 0       # its place in the epoch's order, checked against DALI's output
     video: np.ndarray | None = None
     frames: np.ndarray | None = None    # (video_frames,) int32 frame indices
     resized: np.ndarray | None = None   # (2,) float32: the height and width before the crop
     corner: np.ndarray | None = None    # (2,) int32: the crop's top and left
 
 
-def probe_video(data: bytes) -> tuple[str, int, int, float, float, float]:
-    """(codec, width, height, frames per second, first frame's time, duration in s; 0 when not
-    known) from the container's headers, without decoding a frame. Raises SkipClip."""
+@dataclass
+class VideoHeaders:
+    codec: str
+    width: int
+    height: int
+    times: np.ndarray  # each frame's presentation time in s, ascending (from its packet)
+    period: float      # 1 / the stream's average frame rate (0 when not known)
+
+
+def probe_video(data: bytes) -> VideoHeaders:
+    """The video's codec, size and frame times, from its headers and packets: demuxed, not
+    decoded (a 10 s clip at 16 fps: 160 packets). The times are the decoder's frame times, so
+    `video.pick_frames` picks the frames the reference's decoder would. A file damaged part-way
+    keeps the packets before the damage, as the reference keeps the frames. Raises SkipClip."""
     av = _av()
+    times = []
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise SkipClip("corrupt video: no video stream")
             stream = container.streams.video[0]
-            codec = stream.codec_context.name
+            codec, tb = stream.codec_context.name, stream.time_base
             width, height = stream.codec_context.width, stream.codec_context.height
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
-            tb = stream.time_base
-            first = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
-            duration = (float(stream.duration * tb) if stream.duration and tb else
-                        container.duration / 1e6 if container.duration else 0.0)
+            period = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
+            try:
+                for packet in container.demux(stream):
+                    if packet.pts is not None and packet.size:
+                        times.append(float(packet.pts * tb))
+            except Exception:  # damaged data: the packets before it count
+                if not times:
+                    raise
     except SkipClip:
         raise
     except Exception as err:  # PyAV raises many types
         raise SkipClip(f"corrupt video: {err}") from None
-    if width < 1 or height < 1 or fps <= 0:
-        raise SkipClip(f"corrupt video: {width}x{height} at {fps:g} fps in its headers")
-    return codec, width, height, fps, first, duration
+    if width < 1 or height < 1 or not times:
+        raise SkipClip(f"corrupt video: {width}x{height}, {len(times)} frames in its packets")
+    return VideoHeaders(codec, width, height, np.sort(np.asarray(times)), period)
 
 
 def probe_audio(data: bytes) -> int:
@@ -203,26 +221,29 @@ def _audio_draws(spec, samples: int, rng, window) -> tuple[int, int, int]:
     return first, stop - first, roll
 
 
-def _video_draws(p: ClipPlan, spec, meta: dict, rng, device: str) -> tuple[float, float]:
+def _video_draws(p: ClipPlan, spec, meta: dict, rng, device: str
+                 ) -> tuple[float, float] | None:
     """Fills in p's frames, size and crop with ShardDataset._video's and resize_crop's draws;
-    returns the window (start, span in seconds)."""
+    returns the window (start, span in seconds), None where the frames span the whole clip (no
+    duration in the json, or a window past the video's end: a wrong duration)."""
     ext = next((e for e in VIDEO_EXTENSIONS if e in p.clip.members), None)
     if ext is None:
         raise SkipClip("missing video")
     data = p.clip.members[ext]
-    codec, width, height, fps, first, probed = probe_video(data)
-    _check_codec(codec, device, p.clip)
-    duration = float(meta.get("duration") or 0.0) or probed
-    if duration <= 0:
-        raise SkipClip("corrupt video: no duration in its json or headers")
-    start = window_start(duration, spec.video_seconds, spec.train, rng)
-    span = min(spec.video_seconds, duration)
-    times = sample_times(start, span, spec.video_frames)
-    # the frame on screen at each time (video.pick_frames for a constant frame rate)
-    p.frames = np.maximum(np.floor((times - first) * fps + 1e-9), 0).astype(np.int32)
-    scale = spec.video_size / min(height, width)
-    new_h = max(spec.video_size, round(height * scale))
-    new_w = max(spec.video_size, round(width * scale))
+    video = probe_video(data)
+    _check_codec(video.codec, device, p.clip)
+    duration, window = float(meta.get("duration") or 0.0), None
+    if duration > 0:
+        start = window_start(duration, spec.video_seconds, spec.train, rng)
+        span = min(spec.video_seconds, duration)
+        if video.times[-1] + video.period > start:  # as media.decode_video finds frames
+            times, window = sample_times(start, span, spec.video_frames), (start, span)
+    if window is None:
+        times = sample_times(0.0, shown_until(video.times), spec.video_frames)
+    p.frames = pick_frames(times, video.times).astype(np.int32)
+    scale = spec.video_size / min(video.height, video.width)
+    new_h = max(spec.video_size, round(video.height * scale))
+    new_w = max(spec.video_size, round(video.width * scale))
     top = int(rng.integers(new_h - spec.video_size + 1)) if spec.train else \
         (new_h - spec.video_size) // 2
     left = int(rng.integers(new_w - spec.video_size + 1)) if spec.train else \
@@ -230,7 +251,7 @@ def _video_draws(p: ClipPlan, spec, meta: dict, rng, device: str) -> tuple[float
     p.video = np.frombuffer(data, np.uint8)
     p.resized = np.array([new_h, new_w], np.float32)
     p.corner = np.array([top, left], np.int32)
-    return start, span
+    return window
 
 
 class DaliLoader:
@@ -249,6 +270,7 @@ class DaliLoader:
         self.threads, self.prefetch = threads, prefetch
         self.torch_device = (torch.device("cuda", torch.cuda.current_device())
                              if self.device == "gpu" else torch.device("cpu"))
+        self.copy_stream = torch.cuda.Stream(self.torch_device) if self.device == "gpu" else None
 
     def __iter__(self) -> Iterator[dict]:
         dali, fn, types, feed_ndarray = _dali()
@@ -266,20 +288,20 @@ class DaliLoader:
             if not batch or (self.drop_last and len(batch) < self.batch_size):
                 raise StopIteration
             queued.append(batch)
-            columns = [[p.audio for p in batch]]
+            columns = [[np.array([p.number]) for p in batch], [p.audio for p in batch]]
             if not spec.audio_only:
                 columns += [[p.video for p in batch], [p.frames for p in batch],
                             [p.resized for p in batch], [p.corner for p in batch]]
             return tuple(columns)
 
-        outputs = 1 if spec.audio_only else 5
+        outputs = 2 if spec.audio_only else 6
 
         @dali.pipeline_def(batch_size=self.batch_size, num_threads=self.threads,
                            device_id=self.torch_device.index if self.device == "gpu" else None,
                            prefetch_queue_depth=self.prefetch, exec_dynamic=True)
         def pipeline():
-            columns = fn.external_source(source=next_batch, num_outputs=outputs, batch=True,
-                                         batch_info=True)
+            numbers, *columns = fn.external_source(source=next_batch, num_outputs=outputs,
+                                                   batch=True, batch_info=True)
             audio, _ = fn.decoders.audio(columns[0], downmix=True, sample_rate=SAMPLE_RATE,
                                          dtype=types.FLOAT)
             lengths = audio.shape()
@@ -287,14 +309,14 @@ class DaliLoader:
             if self.device == "gpu":
                 audio, lengths = audio.gpu(), lengths.gpu()
             if spec.audio_only:
-                return audio, lengths
+                return numbers, audio, lengths
             encoded, frames, resized, corner = columns[1:]
             video = fn.decoders.video(encoded, device="mixed" if self.device == "gpu" else "cpu",
                                       frames=frames, pad_mode="edge")
             video = fn.resize(video, size=resized, antialias=True,
                               interp_type=types.INTERP_LINEAR)
             video = fn.slice(video, start=corner, shape=[spec.video_size] * 2, axes=[1, 2])
-            return audio, lengths, fn.transpose(video, perm=[3, 0, 1, 2])  # (3, Fr, H, W)
+            return numbers, audio, lengths, fn.transpose(video, perm=[3, 0, 1, 2])  # 3, Fr, H, W
 
         pipe = pipeline()
         pipe.build()
@@ -306,20 +328,28 @@ class DaliLoader:
                     raise unsupported[0] from None
                 return
             except RuntimeError as err:  # a clip damaged past its headers
+                if not queued:  # not a batch's decoding: DALI itself
+                    raise
                 batch = self._fallback(queued.popleft(), plans, lock, err)
-                if batch is None:
-                    return
-                yield batch
+                if batch is not None:  # None: too few clips left; DALI may hold more batches
+                    yield batch
                 continue
-            yield self._batch(queued.popleft(), out, feed_ndarray)
+            batch = queued.popleft()
+            numbers = [int(n[0]) for n in out[0].as_array()]
+            if numbers != [p.number for p in batch]:  # the plans' draws must meet their clips
+                raise RuntimeError(f"DALI returned clips {numbers} where "
+                                   f"{[p.number for p in batch]} were due")
+            yield self._batch(batch, out[1:], feed_ndarray)
 
     def _plans(self) -> Iterator[ClipPlan]:
         """The dataset's clips, planned; those that cannot be are skipped as it skips them."""
         dataset = self.dataset
-        for clip, rng in dataset.drawn():
+        for number, (clip, rng) in enumerate(dataset.drawn()):
             seed = rng.bit_generator.seed_seq.entropy
             try:
-                yield plan(dataset, clip, rng, seed, self.device)
+                p = plan(dataset, clip, rng, seed, self.device)
+                p.number = number
+                yield p
             except UnsupportedCodec:
                 raise
             except SkipClip as err:
@@ -329,15 +359,26 @@ class DaliLoader:
                               clip.display_key)
 
     def _batch(self, batch: list[ClipPlan], out, feed_ndarray) -> dict:
-        def tensor(tensors, dtype) -> torch.Tensor:
-            dense = tensors.as_tensor()
-            t = torch.empty(dense.shape(), dtype=dtype, device=self.torch_device)
-            stream = torch.cuda.current_stream() if self.device == "gpu" else None
-            feed_ndarray(dense, t, cuda_stream=stream)
-            return t
-
-        waves, lengths = tensor(out[0], torch.float32), tensor(out[1], torch.int64)[:, 0]
-        index = torch.arange(waves.shape[-1], device=waves.device)
+        tensors = [torch.empty(o.as_tensor().shape(), dtype=dtype, device=self.torch_device)
+                   for o, dtype in zip(out, (torch.float32, torch.int64, torch.uint8))]
+        if self.device == "gpu":
+            # Copied on a stream of their own, which the host waits for: DALI reuses its
+            # output buffers once run() is called again, which may come before the current
+            # stream has got through the training kernels queued ahead of a copy there.
+            copies = self.copy_stream
+            with torch.cuda.stream(copies):
+                for o, t in zip(out, tensors):
+                    feed_ndarray(o.as_tensor(), t, cuda_stream=copies)
+            copies.synchronize()
+            for t in tensors:  # made on the copy stream, used and freed on the current one
+                t.record_stream(torch.cuda.current_stream())
+        else:
+            for o, t in zip(out, tensors):
+                feed_ndarray(o.as_tensor(), t)
+        waves, lengths = tensors[0], tensors[1][:, 0]
+        # only the samples a segment can hold: up to the fbank's window (AudioSet: all of them)
+        need = audio_samples(self.spec.audio_frames)
+        index = torch.arange(min(waves.shape[-1], need), device=waves.device)
         segment = torch.tensor([[p.segment, p.samples, p.roll] for p in batch])
         first, heard, roll = segment.to(waves.device, non_blocking=True).unbind(-1)
         heard = torch.minimum(heard, (lengths - first).clamp(min=0))  # a resampled estimate
@@ -350,7 +391,7 @@ class DaliLoader:
                   "audio": normalize(fbank, self.spec.audio_mean, self.spec.audio_std)[:, None],
                   "labels": torch.stack([p.labels for p in batch])}
         if not self.spec.audio_only:
-            result["video"] = tensor(out[2], torch.uint8)
+            result["video"] = tensors[2]
         return result
 
     def _fallback(self, batch: list[ClipPlan], plans: Iterator[ClipPlan], lock: threading.Lock,
@@ -358,10 +399,8 @@ class DaliLoader:
         """The batch DALI failed on, decoded by the reference decoder (which skips and names
         the bad clips), topped up with the next clips decoded there too; None when the data
         ends before a batch (a whole one, where the last partial batch is dropped)."""
-        lines = [line for line in str(err).splitlines() if line.strip() and not any(
-            noise in line for noise in ("Critical error", "no longer valid"))]
         log.warning("DALI failed on a batch (%s); the reference decoder decodes it",
-                    lines[-1].strip() if lines else type(err).__name__)
+                    _reason(err))
         samples = []
         for p in batch:
             sample = self.dataset._decoded(p.clip, np.random.default_rng(p.seed))
@@ -382,6 +421,15 @@ class DaliLoader:
         if "video" in batch:
             batch["video"] = batch["video"].to(self.torch_device)
         return batch
+
+
+def _reason(err: Exception) -> str:
+    """The line of a DALI pipeline error that says what went wrong (after 'encountered:',
+    before the C++ context and the pipeline's own lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "encountered:" in lines[:-1]:
+        return lines[lines.index("encountered:") + 1]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _take(iterator: Iterator, n: int) -> Iterator:
