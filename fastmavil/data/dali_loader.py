@@ -359,20 +359,24 @@ class DaliLoader:
                               clip.display_key)
 
     def _batch(self, batch: list[ClipPlan], out, feed_ndarray) -> dict:
-        tensors = [torch.empty(o.as_tensor().shape(), dtype=dtype, device=self.torch_device)
-                   for o, dtype in zip(out, (torch.float32, torch.int64, torch.uint8))]
+        dtypes = (torch.float32, torch.int64, torch.uint8)
         if self.device == "gpu":
-            # Copied on a stream of their own, which the host waits for: DALI reuses its
-            # output buffers once run() is called again, which may come before the current
+            # Made and filled on a stream of their own, which the host waits for: DALI reuses
+            # its output buffers once run() is called again, which may come before the current
             # stream has got through the training kernels queued ahead of a copy there.
             copies = self.copy_stream
             with torch.cuda.stream(copies):
+                tensors = [torch.empty(o.as_tensor().shape(), dtype=d, device=self.torch_device)
+                           for o, d in zip(out, dtypes)]
                 for o, t in zip(out, tensors):
                     feed_ndarray(o.as_tensor(), t, cuda_stream=copies)
             copies.synchronize()
-            for t in tensors:  # made on the copy stream, used and freed on the current one
+            for t in tensors:  # used and freed on the current stream
                 t.record_stream(torch.cuda.current_stream())
-        else:
+        else:  # pinned under CUDA: the video goes to the GPU as it is, asynchronously
+            tensors = [torch.empty(o.as_tensor().shape(), dtype=d,
+                                   pin_memory=torch.cuda.is_available())
+                       for o, d in zip(out, dtypes)]
             for o, t in zip(out, tensors):
                 feed_ndarray(o.as_tensor(), t)
         waves, lengths = tensors[0], tensors[1][:, 0]
