@@ -3,7 +3,6 @@ import io
 import tarfile
 
 import numpy as np
-import soundfile
 
 from fastmavil.data.loader import LoaderSpec
 from fastmavil.data.media import encode_flac, encode_video
@@ -36,6 +35,8 @@ def raw_tar(path, members):
 
 def bad_clips_shard(folder):
     """A shard of a good clip and one of each kind of bad clip the loaders repair or skip."""
+    import soundfile
+
     _, ok = good(0)
     video, meta = ok["webm"], b'{"labels": [], "duration": 1.0}'
     long_video = make_clip(0, SynthSpec(seconds=3.0, size=48, fps=8.0), "train")[1]["webm"]
