@@ -12,10 +12,11 @@ random draws and batches (`loader.collate`'s keys and shapes).
   stream in the reference's order (`plan`): a clip's frames, crop and roll are the ones the
   reference loader would pick. This runs in the trainer's thread, a batch ahead, about 1 ms a
   clip.
-- DALI decodes just the 16 frames picked (`fn.decoders.video` with their indices: NVDEC on the
-  GPU with `data.dali_device = "gpu"`, for H.264 and HEVC too; libavcodec on the CPU, which
-  decodes VP8, VP9 and MJPEG) and resizes and crops them on the same device, and decodes the
-  FLAC (on the CPU: DALI's audio decoder has no GPU backend), in its own threads.
+- DALI decodes the 16 frames picked (`fn.decoders.video` with their indices: NVDEC on the GPU
+  with `data.dali_device = "gpu"`, for H.264 and HEVC too; libavcodec on the CPU, which decodes
+  VP8, VP9 and MJPEG) and resizes and crops them on the same device, and decodes the FLAC (on
+  the CPU: DALI's audio decoder has no GPU backend), in its own threads. VP8 and VP9 clips are
+  handed over from the window's keyframe on (`from_keyframe`), as DALI does not seek.
 - The segment, roll and Kaldi fbank run batched in torch on the batch's device
   (`fbank.padded_fbank`), the same computation as the reference's per clip.
 
@@ -56,6 +57,9 @@ log = logging.getLogger("fastmavil.data")
 
 DEVICES = ("auto", "cpu", "gpu")
 CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI decodes on the CPU; H.264/HEVC need NVDEC
+# Handed to DALI from the window's keyframe on (`from_keyframe`): those whose frames DALI's CPU
+# decoder can check against the whole clip's; H.264 and HEVC go whole.
+TRIMMED_CODECS = ("vp8", "vp9")
 
 
 class UnsupportedCodec(ValueError):
@@ -141,6 +145,7 @@ class VideoHeaders:
     height: int
     times: np.ndarray  # each frame's presentation time in s, ascending (from its packet)
     period: float      # 1 / the stream's average frame rate (0 when not known)
+    keyframes: np.ndarray  # the keyframes' times, ascending
 
 
 def probe_video(data: bytes) -> VideoHeaders:
@@ -149,7 +154,7 @@ def probe_video(data: bytes) -> VideoHeaders:
     `video.pick_frames` picks the frames the reference's decoder would. A file damaged part-way
     keeps the packets before the damage, as the reference keeps the frames. Raises SkipClip."""
     av = _av()
-    times = []
+    times, keyframes = [], []
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
@@ -162,6 +167,8 @@ def probe_video(data: bytes) -> VideoHeaders:
                 for packet in container.demux(stream):
                     if packet.pts is not None and packet.size:
                         times.append(float(packet.pts * tb))
+                        if packet.is_keyframe:
+                            keyframes.append(times[-1])
             except Exception:  # damaged data: the packets before it count
                 if not times:
                     raise
@@ -171,7 +178,26 @@ def probe_video(data: bytes) -> VideoHeaders:
         raise SkipClip(f"corrupt video: {err}") from None
     if width < 1 or height < 1 or not times:
         raise SkipClip(f"corrupt video: {width}x{height}, {len(times)} frames in its packets")
-    return VideoHeaders(codec, width, height, np.sort(np.asarray(times)), period)
+    return VideoHeaders(codec, width, height, np.sort(np.asarray(times)), period,
+                        np.sort(np.asarray(keyframes)))
+
+
+def from_keyframe(data: bytes, start: float) -> bytes:
+    """The video's packets from the keyframe at `start` seconds on, remuxed (not decoded) into
+    a WebM of their own: DALI 2.4's decoder decodes a clip from its first frame up to the
+    frames asked for, even with a keyframe every second (a 10 s clip's last 16 frames took it
+    44 ms, its first 16 10 ms, in one CPU thread), where the reference seeks. ~2 ms a clip."""
+    av = _av()
+    buffer = io.BytesIO()
+    with av.open(io.BytesIO(data)) as source:
+        stream = source.streams.video[0]
+        with av.open(buffer, "w", format="webm", options={"fflags": "+bitexact"}) as out:
+            copy = out.add_stream_from_template(stream)
+            for packet in source.demux(stream):
+                if packet.size and packet.pts is not None and packet.pts * stream.time_base >= start:
+                    packet.stream = copy
+                    out.mux(packet)
+    return buffer.getvalue()
 
 
 def probe_audio(data: bytes) -> int:
@@ -241,6 +267,13 @@ def _video_draws(p: ClipPlan, spec, meta: dict, rng, device: str
     if window is None:
         times = sample_times(0.0, shown_until(video.times), spec.video_frames)
     p.frames = pick_frames(times, video.times).astype(np.int32)
+    key = video.keyframes[video.keyframes <= video.times[p.frames.min()]]
+    if video.codec in TRIMMED_CODECS and len(key) and key[-1] > video.times[0]:
+        try:
+            data = from_keyframe(data, key[-1])
+            p.frames -= np.searchsorted(video.times, key[-1])  # the frames shown before it
+        except Exception as err:  # an optimisation only: DALI takes the whole clip
+            log.debug("%s/%s: not trimmed (%s)", p.clip.shard, p.clip.display_key, err)
     scale = spec.video_size / min(video.height, video.width)
     new_h = max(spec.video_size, round(video.height * scale))
     new_w = max(spec.video_size, round(video.width * scale))

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastmavil.data.dali_loader import DaliLoader, dali_available, dali_device
+from fastmavil.data.dali_loader import (DaliLoader, dali_available, dali_device, from_keyframe,
+                                        probe_video)
 from fastmavil.data.loader import LoaderSpec, ShardDataset, build_loader
-from fastmavil.data.media import encode_flac, encode_video
+from fastmavil.data.media import decode_video, encode_flac, encode_video
 
 from .clips import SPEC, good, raw_tar
 
@@ -76,6 +77,21 @@ def test_long_clips_with_a_window_a_segment_and_room_to_crop(tmp_path, train, du
     reference, dali = both(ShardDataset(tmp_path, spec), 2)
     assert sum(len(b["keys"]) for b in dali) == 4
     assert_same_batches(reference, dali)
+
+
+def test_a_clip_from_its_keyframe_has_the_same_frames():
+    """What the loader hands DALI for a window that starts after the clip's first keyframe:
+    the packets from the window's keyframe on, decoded (by PyAV) to the whole clip's frames
+    from there, with their times."""
+    _, m = good(0)
+    video = encode_video(np.stack([np.full((32, 32, 3), 8 * f, np.uint8) for f in range(24)]),
+                         8.0, keyframe_interval=8)  # keyframes at 0, 1 and 2 s
+    whole, times = decode_video(video)
+    assert list(probe_video(video).keyframes) == [0.0, 1.0, 2.0]
+    trimmed = from_keyframe(video, 1.0)
+    assert len(trimmed) < len(video)
+    frames, trimmed_times = decode_video(trimmed)
+    assert np.array_equal(frames, whole[8:]) and np.array_equal(trimmed_times, times[8:])
 
 
 def test_a_wrong_window_crop_segment_or_roll_would_be_seen(tmp_path):
