@@ -22,12 +22,13 @@ FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_ch
         "train.device", "train.deterministic",
         "train.max_batch_size", "run.dir", "run.name", "run.tensorboard", "model.attention"}
 # A dataset moved to another disk, a machine with other cores, another micro-batch size (each
-# loader worker forms its own micro-batches, so the resumed epoch skips other samples), the
-# kernels on or off (their in-kernel noise is another stream): the samples or noise from here
-# on differ from an uninterrupted run's. Under the adaptive batch the micro-batch size is
-# refused instead: the passes per step it sets also round every epoch's batch.
-WARN = {"data.shards", "data.num_workers", "data.synth_clips", "train.micro_batch_size",
-        "model.kernels"}
+# loader worker forms its own micro-batches, so the resumed epoch skips other samples), another
+# loader (DALI reads in one process; its pixels differ by a few levels), the kernels on or off
+# (their in-kernel noise is another stream): the samples or noise from here on differ from an
+# uninterrupted run's. Under the adaptive batch the micro-batch size is refused instead: the
+# passes per step it sets also round every epoch's batch.
+WARN = {"data.shards", "data.num_workers", "data.synth_clips", "data.loader",
+        "data.dali_device", "train.micro_batch_size", "model.kernels"}
 
 
 # What a checkpoint's numbers mean beyond its config, raised when code changes them for the same

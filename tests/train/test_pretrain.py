@@ -380,7 +380,7 @@ def test_non_finite_loss_is_skipped_then_stops(shards, tmp_path, monkeypatch, ca
     assert state["step"] == 3 and all(torch.equal(before[k], state["model"][k]) for k in before)
 
 
-def test_clear_errors_before_training(tmp_path, shards, capsys):
+def test_clear_errors_before_training(tmp_path, shards, capsys, monkeypatch):
     with pytest.raises(ConfigError, match="data.shards is empty"):
         run("", tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
@@ -410,6 +410,10 @@ def test_clear_errors_before_training(tmp_path, shards, capsys):
     with pytest.raises(ConfigError, match=r"data.loader = 'nvdec': choose 'reference' or "
                                           r"'dali'"):
         run(shards, tmp_path, data__loader="nvdec")
+    with monkeypatch.context() as m:
+        m.setattr(pretrain, "dali_available", lambda: False)
+        with pytest.raises(ConfigError, match=r"data.loader = 'dali' needs NVIDIA DALI"):
+            run(shards, tmp_path, data__loader="dali")
     if dali_available() and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"data.dali_device = 'gpu' needs CUDA"):
             run(shards, tmp_path, data__loader="dali", data__dali_device="gpu")
