@@ -9,9 +9,10 @@ loader (DALI decoding; `fastmavil.data.dali_loader`), by worker (DALI: thread) c
 
 Generates a synthetic dataset (fastmavil-synth, cached under --data) unless it exists, then
 times full training passes (shuffle, random window and roll; worker start-up included; the
-rows' passes interleaved, best of `--repeats`) up to the model's input (the video normalised in this process, as a CPU trainer
-does; a GPU trainer normalises on the GPU), and writes a JSON record under bench/results/.
-Decoding dominates; model sizes only change the output resolution and the fbank length.
+rows' passes interleaved, best of `--repeats`) up to the model's input (the video normalised
+in this process, as a CPU trainer does; a GPU trainer normalises on the GPU), and writes a
+JSON record under bench/results/. Decoding dominates; model sizes only change the output
+resolution and the fbank length.
 """
 from __future__ import annotations
 

@@ -194,7 +194,8 @@ def from_keyframe(data: bytes, start: float) -> bytes:
         with av.open(buffer, "w", format="webm", options={"fflags": "+bitexact"}) as out:
             copy = out.add_stream_from_template(stream)
             for packet in source.demux(stream):
-                if packet.size and packet.pts is not None and packet.pts * stream.time_base >= start:
+                if packet.size and packet.pts is not None and \
+                        packet.pts * stream.time_base >= start:
                     packet.stream = copy
                     out.mux(packet)
     return buffer.getvalue()

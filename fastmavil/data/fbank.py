@@ -154,7 +154,7 @@ def padded_fbank(waves: torch.Tensor, lengths: torch.Tensor, target_frames: int,
     x = (x - x.sum(-1, keepdim=True) / lengths.clamp(min=1)[:, None]) * valid  # its own mean
     # kaldi_fbank removes the (now zero) mean again, which the padding's zeros leave at zero
     fbank = kaldi_fbank(x, sample_rate, num_mel_bins)
-    frames = torch.where(lengths >= window, 1 + (lengths - window).div(shift, rounding_mode="floor"),
-                         0)
+    whole = 1 + (lengths - window).div(shift, rounding_mode="floor")  # windows in each row
+    frames = torch.where(lengths >= window, whole, 0)
     kept = torch.arange(fbank.shape[-2], device=waves.device) < frames[:, None]
     return crop_or_pad(fbank * kept[..., None], target_frames)
