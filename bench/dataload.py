@@ -142,12 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (source / "index.json").exists():
         synthesize(data, clips=args.clips, heldout=0.0, spec=synth)
     clip_text = _describe_clips(source)
-    loaders = args.loaders or ["reference"] + (["dali"] if dali_available() else [])
+    dali_decodes = synth.codec != "h264" or args.dali_device == "gpu"  # no H.264 on a CPU
+    loaders = args.loaders or ["reference"] + (["dali"] if dali_available() and dali_decodes
+                                               else [])
     if "dali" in loaders and not dali_available():
         parser.error("--loaders dali: NVIDIA DALI is not installed")
-    if "dali" in loaders and synth.codec == "h264" and args.dali_device == "cpu":
+    if "dali" in loaders and not dali_decodes:
         parser.error("--prep-clips are H.264, which DALI decodes on the GPU only: add "
                      "--dali-device gpu, --codec vp9, or --loaders reference")
+    if not args.loaders and dali_available() and not dali_decodes:
+        print("the DALI loader is left out: DALI decodes H.264 on the GPU only (--codec vp9 or "
+              "--dali-device gpu)")
     rows = time_rows(source, args.size, [(loader, w) for loader in loaders for w in args.workers],
                      args.batch_size, args.repeats, args.dali_device)
 
