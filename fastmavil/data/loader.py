@@ -178,10 +178,23 @@ class ShardDataset(IterableDataset):
                            clips=1 if missing is None else missing)
 
     def __iter__(self) -> Iterator[dict]:
+        skipped_before, read = sum(self.skipped.values()), 0
         for clip, rng in self.drawn():
+            read += 1
             sample = self._decoded(clip, rng)
             if sample is not None:
                 yield sample
+        self.log_skips(skipped_before, read)
+
+    def log_skips(self, skipped_before: int, read: int) -> None:
+        """At a pass's end: the clips it read and, when any were skipped since the count was
+        `skipped_before`, how many and why (one line per consumer)."""
+        skipped = sum(self.skipped.values()) - skipped_before
+        if skipped:
+            consumer, consumers, _ = self._consumer()
+            log.warning("loader consumer %d/%d: %d clips read, %d skipped (%s)", consumer,
+                        consumers, read, skipped,
+                        ", ".join(f"{r}: {c}" for r, c in self.skipped.items()))
 
     def drawn(self) -> Iterator[tuple[Clip, np.random.Generator]]:
         """This consumer's clips for the epoch in the order they are sampled, each with its
@@ -193,7 +206,6 @@ class ShardDataset(IterableDataset):
         # The shuffle buffer holds encoded clips (~0.1 MB each, against ~10 MB decoded at paper
         # size: 512 decoded clips were 5 GB per worker); a clip is decoded as it leaves.
         buffer, size = [], self.spec.shuffle_buffer if self.spec.train else 1
-        taken, skipped_before = 0, sum(self.skipped.values())
         clips = iter(self._clips(consumer, consumers))
         for popped in itertools.count():
             for clip in clips:
@@ -205,13 +217,7 @@ class ShardDataset(IterableDataset):
             clip = buffer.pop(int(draws.integers(len(buffer))))
             if popped < passed_over:  # trained on before the resume
                 continue
-            taken += 1
             yield clip, np.random.default_rng([*seed, popped])
-        skipped = sum(self.skipped.values()) - skipped_before
-        if skipped:
-            log.warning("loader consumer %d/%d: %d clips read, %d skipped (%s)", consumer,
-                        consumers, taken, skipped,
-                        ", ".join(f"{r}: {c}" for r, c in self.skipped.items()))
 
     def _decoded(self, clip: Clip, rng: np.random.Generator) -> dict | None:
         """The clip's sample, or None (counted and warned of) when it must be skipped."""

@@ -169,6 +169,8 @@ def test_bad_clips_are_skipped_as_the_reference_skips_them(bad_shard, caplog):
     with caplog.at_level(logging.WARNING, logger="fastmavil.data"):
         dali = list(DaliLoader(dataset, 1, device="cpu"))
     assert "DALI failed" not in caplog.text  # DALI decoded every clip planned
+    assert "loader consumer 0/1: 12 clips read, 6 skipped (corrupt video: 1, corrupt audio: 2" \
+        in caplog.text  # counted when the planner threads' last clips are in
     assert [b["keys"] for b in dali] == [b["keys"] for b in reference]
     assert dict(dataset.skipped) == dict(reference_set.skipped)
     assert "skipping shard-000000.tar/corrupt_video: corrupt video" in caplog.text
