@@ -13,7 +13,7 @@ setup(
     # instead of downloading a multi-GB CUDA build; GPU users get the CUDA wheel as usual.
     install_requires=[
         "torch>=2.4,<2.14", "numpy", "rich",
-        "av>=12",          # PyAV: video encode/decode for prep, synth and the reference loader
+        "av>=14",          # PyAV: video encode/decode for prep, synth and the reference loader
         "soundfile",       # FLAC audio
         "nvidia-ml-py",    # pynvml: GPU utilisation in metrics and benchmarks
         'triton; platform_system == "Linux"',  # kernels (CUDA, or the CPU interpreter in tests)

@@ -147,6 +147,7 @@ class VideoHeaders:
     times: np.ndarray  # each frame's presentation time in s, ascending (from its packet)
     period: float      # 1 / the stream's average frame rate (0 when not known)
     keyframes: np.ndarray  # the keyframes' times, ascending
+    keyframe_pts: np.ndarray  # and their exact timestamps, in the stream's time base
 
 
 def probe_video(data: bytes) -> VideoHeaders:
@@ -155,7 +156,7 @@ def probe_video(data: bytes) -> VideoHeaders:
     `video.pick_frames` picks the frames the reference's decoder would. A file damaged part-way
     keeps the packets before the damage, as the reference keeps the frames. Raises SkipClip."""
     av = _av()
-    times, keyframes = [], []
+    times, keyframes = [], []  # keyframes: (time, pts)
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
@@ -169,7 +170,7 @@ def probe_video(data: bytes) -> VideoHeaders:
                     if packet.pts is not None and packet.size:
                         times.append(float(packet.pts * tb))
                         if packet.is_keyframe:
-                            keyframes.append(times[-1])
+                            keyframes.append((times[-1], packet.pts))
             except Exception:  # damaged data: the packets before it count
                 if not times:
                     raise
@@ -179,13 +180,15 @@ def probe_video(data: bytes) -> VideoHeaders:
         raise SkipClip(f"corrupt video: {err}") from None
     if width < 1 or height < 1 or not times:
         raise SkipClip(f"corrupt video: {width}x{height}, {len(times)} frames in its packets")
+    keyframes.sort()
     return VideoHeaders(codec, width, height, np.sort(np.asarray(times)), period,
-                        np.sort(np.asarray(keyframes)))
+                        np.asarray([t for t, _ in keyframes]),
+                        np.asarray([pts for _, pts in keyframes], np.int64))
 
 
-def from_keyframe(data: bytes, start: float) -> bytes:
-    """The video's packets from the keyframe at `start` seconds on, remuxed (not decoded) into
-    a WebM of their own: DALI 2.4's decoder decodes a clip from its first frame up to the
+def from_keyframe(data: bytes, key_pts: int) -> bytes:
+    """The video's packets from the keyframe with timestamp `key_pts` on (compared exactly, in
+    the stream's time base), remuxed (not decoded) into a WebM of their own: DALI 2.4's decoder decodes a clip from its first frame up to the
     frames asked for, even with a keyframe every second (a 10 s clip's last 16 frames took it
     44 ms, its first 16 10 ms, in one CPU thread), where the reference seeks. ~2 ms a clip."""
     av = _av()
@@ -193,11 +196,12 @@ def from_keyframe(data: bytes, start: float) -> bytes:
     with av.open(io.BytesIO(data)) as source:
         stream = source.streams.video[0]
         with av.open(buffer, "w", format="webm", options={"fflags": "+bitexact"}) as out:
-            copy = out.add_stream_from_template(stream)
+            copy, first = out.add_stream_from_template(stream), True
             for packet in source.demux(stream):
-                if packet.size and packet.pts is not None and \
-                        packet.pts * stream.time_base >= start:
-                    packet.stream = copy
+                if packet.size and packet.pts is not None and packet.pts >= key_pts:
+                    if first and not packet.is_keyframe:
+                        raise ValueError(f"the packet at {packet.pts} is not a keyframe")
+                    packet.stream, first = copy, False
                     out.mux(packet)
     return buffer.getvalue()
 
@@ -269,13 +273,15 @@ def _video_draws(p: ClipPlan, spec, meta: dict, rng, device: str
     if window is None:
         times = sample_times(0.0, shown_until(video.times), spec.video_frames)
     p.frames = pick_frames(times, video.times).astype(np.int32)
-    key = video.keyframes[video.keyframes <= video.times[p.frames.min()]]
-    if video.codec in TRIMMED_CODECS and len(key) and key[-1] > video.times[0]:
+    key = np.searchsorted(video.keyframes, video.times[p.frames.min()], side="right") - 1
+    if video.codec in TRIMMED_CODECS and key >= 0 and video.keyframes[key] > video.times[0]:
+        before = np.searchsorted(video.times, video.keyframes[key])  # frames shown before it
         try:
-            data = from_keyframe(data, key[-1])
-            p.frames -= np.searchsorted(video.times, key[-1])  # the frames shown before it
+            data = from_keyframe(data, int(video.keyframe_pts[key]))
+            p.frames -= before
         except Exception as err:  # an optimisation only: DALI takes the whole clip
-            log.debug("%s/%s: not trimmed (%s)", p.clip.shard, p.clip.display_key, err)
+            _warn_once("trim", f"{p.clip.shard}/{p.clip.display_key}: handed to DALI whole, "
+                       f"not from its window's keyframe ({type(err).__name__}: {err})")
     scale = spec.video_size / min(video.height, video.width)
     new_h = max(spec.video_size, round(video.height * scale))
     new_w = max(spec.video_size, round(video.width * scale))
@@ -309,7 +315,8 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[dict]:
         dali, fn, types, feed_ndarray = _dali()
-        spec, plans, lock = self.spec, self._plans(), threading.Lock()
+        skipped_before, read = sum(self.dataset.skipped.values()), [0]  # read: _plans counts
+        spec, plans, lock = self.spec, self._plans(read), threading.Lock()
         queued: deque[list[ClipPlan]] = deque()  # the batches fed to DALI, not yet returned
         unsupported = []
 
@@ -355,31 +362,37 @@ class DaliLoader:
 
         pipe = pipeline()
         pipe.build()
-        while True:
-            try:
-                out = pipe.run()
-            except StopIteration:
-                if unsupported:
-                    raise unsupported[0] from None
-                return
-            except RuntimeError as err:  # a clip damaged past its headers
-                if not queued:  # not a batch's decoding: DALI itself
-                    raise
-                batch = self._fallback(queued.popleft(), plans, lock, err)
-                if batch is not None:  # None: too few clips left; DALI may hold more batches
-                    yield batch
-                continue
-            batch = queued.popleft()
-            numbers = [int(n[0]) for n in out[0].as_array()]
-            if numbers != [p.number for p in batch]:  # the plans' draws must meet their clips
-                raise RuntimeError(f"DALI returned clips {numbers} where "
-                                   f"{[p.number for p in batch]} were due")
-            yield self._batch(batch, out[1:], feed_ndarray)
+        try:
+            while True:
+                try:
+                    out = pipe.run()
+                except StopIteration:
+                    if unsupported:
+                        raise unsupported[0] from None
+                    self.dataset.log_skips(skipped_before, read[0])  # the fallbacks' too
+                    return
+                except RuntimeError as err:  # a clip damaged past its headers
+                    if not queued:  # not a batch's decoding: DALI itself
+                        raise
+                    batch = self._fallback(queued.popleft(), plans, lock, err)
+                    if batch is not None:  # None: too few clips left; DALI may hold more
+                        yield batch
+                    continue
+                batch = queued.popleft()
+                numbers = [int(n[0]) for n in out[0].as_array()]
+                if numbers != [p.number for p in batch]:  # the draws must meet their clips
+                    raise RuntimeError(f"DALI returned clips {numbers} where "
+                                       f"{[p.number for p in batch]} were due")
+                yield self._batch(batch, out[1:], feed_ndarray)
+        finally:  # stopped early too (a run's last step): the planner threads stop now
+            with lock:
+                plans.close()
 
-    def _plans(self) -> Iterator[ClipPlan]:
+    def _plans(self, read: list[int]) -> Iterator[ClipPlan]:
         """The dataset's clips, planned in order by `threads` threads (a 10 s 256² VP9 clip's
         plan took 7.4 ms in one, 3.7 in two: PyAV lets go of the GIL), a few batches ahead;
-        those that cannot be planned are skipped as the reference skips them, here, in order."""
+        those that cannot be planned are skipped as the reference skips them, here, in order.
+        read[0] counts the clips read."""
         dataset, ahead = self.dataset, self.batch_size * (self.prefetch + 1)
 
         def planned(number: int, clip: Clip, rng: np.random.Generator):
@@ -390,17 +403,16 @@ class DaliLoader:
             except Exception as err:  # raised or counted in order, below
                 return err
 
-        skipped_before, read = sum(dataset.skipped.values()), 0
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="dali-plan") as pool:
-            pending, drawn = deque(), dataset.drawn()
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-plan")
+        pending, drawn = deque(), dataset.drawn()
+        try:
             while True:
                 for clip, rng in drawn:
-                    pending.append((clip, pool.submit(planned, read, clip, rng)))
-                    read += 1
+                    pending.append((clip, pool.submit(planned, read[0], clip, rng)))
+                    read[0] += 1
                     if len(pending) >= ahead:
                         break
                 if not pending:
-                    dataset.log_skips(skipped_before, read)
                     return
                 clip, future = pending.popleft()
                 result = future.result()
@@ -413,6 +425,8 @@ class DaliLoader:
                 else:  # anything unforeseen in one clip must not end the run
                     dataset._skip(f"decode error: {type(result).__name__}: {result}",
                                   clip.shard, clip.display_key)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _batch(self, batch: list[ClipPlan], out, feed_ndarray) -> dict:
         dtypes = (torch.float32, torch.int64, torch.uint8)
@@ -490,6 +504,15 @@ def _reason(err: Exception) -> str:
     if "encountered:" in lines[:-1]:
         return lines[lines.index("encountered:") + 1]
     return lines[-1] if lines else type(err).__name__
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(kind: str, message: str) -> None:
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        log.warning("%s (said once a process)", message)
 
 
 def _take(iterator: Iterator, n: int) -> Iterator:

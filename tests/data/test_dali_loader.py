@@ -82,16 +82,19 @@ def test_long_clips_with_a_window_a_segment_and_room_to_crop(tmp_path, train, du
 def test_a_clip_from_its_keyframe_has_the_same_frames():
     """What the loader hands DALI for a window that starts after the clip's first keyframe:
     the packets from the window's keyframe on, decoded (by PyAV) to the whole clip's frames
-    from there, with their times."""
-    _, m = good(0)
-    video = encode_video(np.stack([np.full((32, 32, 3), 8 * f, np.uint8) for f in range(24)]),
-                         8.0, keyframe_interval=8)  # keyframes at 0, 1 and 2 s
+    from there, with their times. Keyframes at 0, 1.1 and 2.2 s, whose millisecond timestamps
+    are not floats' (1.1 s as a float is not 1100 / 1000): found by their exact timestamps."""
+    video = encode_video(np.stack([np.full((32, 32, 3), 8 * f, np.uint8) for f in range(30)]),
+                         10.0, keyframe_interval=11)
     whole, times = decode_video(video)
-    assert list(probe_video(video).keyframes) == [0.0, 1.0, 2.0]
-    trimmed = from_keyframe(video, 1.0)
+    headers = probe_video(video)
+    assert list(headers.keyframes) == [0.0, 1.1, 2.2]
+    trimmed = from_keyframe(video, int(headers.keyframe_pts[1]))
     assert len(trimmed) < len(video)
     frames, trimmed_times = decode_video(trimmed)
-    assert np.array_equal(frames, whole[8:]) and np.array_equal(trimmed_times, times[8:])
+    assert np.array_equal(frames, whole[11:]) and np.array_equal(trimmed_times, times[11:])
+    with pytest.raises(ValueError, match="is not a keyframe"):  # the loader then sends it whole
+        from_keyframe(video, int(headers.keyframe_pts[1]) + 1)
 
 
 def test_a_wrong_window_crop_segment_or_roll_would_be_seen(tmp_path):
@@ -199,6 +202,8 @@ def test_a_clip_dali_cannot_decode_sends_its_batch_to_the_reference_decoder(tmp_
     assert sorted(k for b in dali for k in b["keys"]) == \
         sorted(k for b in reference for k in b["keys"])
     assert dict(dataset.skipped) == dict(reference_set.skipped)
+    # the pass's summary counts the clip the fallback skipped, after the plans ran out
+    assert "loader consumer 0/1: 5 clips read, 1 skipped (corrupt video: 1)" in caplog.text
 
 
 def test_too_few_clips_left_after_a_failed_batch_drops_it_and_goes_on(tmp_path, caplog):
