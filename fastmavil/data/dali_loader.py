@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import logging
 import math
 import threading
@@ -101,17 +102,15 @@ def dali_device(device: str) -> str:
 def check_codec(dataset: ShardDataset, device: str) -> None:
     """Raises UnsupportedCodec when the first clip's video cannot be decoded by DALI on `device`
     ('cpu' or 'gpu'): a run learns it at the start, not at its first batch."""
-    for shard in dataset.shards[:1]:
-        for clip in read_shard(shard):
-            ext = next((e for e in VIDEO_EXTENSIONS if e in clip.members), None)
-            if ext is None or dataset.spec.audio_only:
-                return
-            try:
-                codec = probe_video(clip.members[ext]).codec
-            except SkipClip:
-                return  # a bad clip: the loader skips it
-            _check_codec(codec, device, clip)
-            return
+    clip = next(read_shard(dataset.shards[0]), None) if dataset.shards else None
+    ext = next((e for e in VIDEO_EXTENSIONS if e in clip.members), None) if clip else None
+    if ext is None or dataset.spec.audio_only:
+        return
+    try:
+        codec = probe_video(clip.members[ext]).codec
+    except SkipClip:
+        return  # a bad clip: the loader skips it
+    _check_codec(codec, device, clip)
 
 
 def _check_codec(codec: str, device: str, clip: Clip) -> None:
@@ -221,7 +220,7 @@ def probe_audio(data: bytes) -> int:
 
 
 def plan(dataset: ShardDataset, clip: Clip, rng: np.random.Generator, seed: list,
-         device: str = "gpu") -> ClipPlan:
+         device: str) -> ClipPlan:
     """One clip's plan, with the reference decoder's draws in its order (ShardDataset.decode:
     a clip heard whole draws its roll first, then its window and crop; a longer one its window
     and crop, then its segment and roll). Raises SkipClip with the reference's reasons, and
@@ -475,19 +474,17 @@ class DaliLoader:
         ends before a batch (a whole one, where the last partial batch is dropped)."""
         log.warning("DALI failed on a batch (%s); the reference decoder decodes it",
                     _reason(err))
+        def top_up() -> Iterator[ClipPlan]:  # the next clips not yet given to DALI
+            while (p := _locked_next(plans, lock)) is not None:
+                yield p
+
         samples = []
-        for p in batch:
+        for p in itertools.chain(batch, top_up()):
             sample = self.dataset._decoded(p.clip, np.random.default_rng(p.seed))
             if sample is not None:
                 samples.append(sample)
-        while len(samples) < self.batch_size:
-            with lock:
-                more = next(plans, None)
-            if more is None:
-                break
-            sample = self.dataset._decoded(more.clip, np.random.default_rng(more.seed))
-            if sample is not None:
-                samples.append(sample)
+                if len(samples) == self.batch_size:
+                    break
         if not samples or (self.drop_last and len(samples) < self.batch_size):
             return None
         batch = collate(samples)
@@ -495,6 +492,11 @@ class DaliLoader:
         if "video" in batch:
             batch["video"] = batch["video"].to(self.torch_device)
         return batch
+
+
+def _locked_next(plans: Iterator[ClipPlan], lock: threading.Lock) -> ClipPlan | None:
+    with lock:
+        return next(plans, None)
 
 
 def _reason(err: Exception) -> str:
