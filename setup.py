@@ -24,6 +24,7 @@ setup(
     extras_require={"dev": ["pytest>=7", "kaldi-native-fbank", "tensorboard"]},
     entry_points={"console_scripts": [
         "fastmavil-train=fastmavil.train.pretrain:main",
+        "fastmavil-finetune=fastmavil.train.finetune:main",
         "fastmavil-flops=fastmavil.flops:main",
         "fastmavil-synth=fastmavil.data.synth:main",
         "fastmavil-prep=fastmavil.data.prep:main",

@@ -9,6 +9,10 @@
     [train]      epochs, batch schedule, loop switches           -> TrainConfig
     [run]        where the run directory goes                    -> RunConfig
 
+Fine-tuning (fastmavil-finetune) reads a FinetuneConfig: the same [model], [data], [optim],
+[train] and [run] sections, and [finetune] (the task, its augmentations, layer-wise lr decay)
+in place of [mask], [diffusion] and [loss].
+
 Unknown keys and bad values fail with one line naming the file, the key and what is allowed.
 """
 from __future__ import annotations
@@ -118,7 +122,8 @@ class ModelConfig:
         grids = [self.audio_grid] + ([self.video_grid] if self.has_video else [])
         return tuple(num_visible(math.prod(g), ratio) for g in grids)
 
-    def check(self) -> None:
+    def check(self, decoders: bool = True) -> None:
+        """`decoders`: the decoders' sizes and windows too (fine-tuning builds none)."""
         for key in ("encoder_dim", "encoder_depth", "encoder_heads", "decoder_dim",
                     "decoder_depth", "decoder_heads"):
             if getattr(self, key) < 1:
@@ -143,6 +148,8 @@ class ModelConfig:
             if size <= 0 or size % patch:
                 raise ConfigError(f"model.{key} = {size} must be a positive multiple of the "
                                   f"patch size {patch}")
+        if not decoders:
+            return
         for axis, (g, w) in enumerate(zip(self.audio_grid, self.audio_decoder_window)):
             if w <= 0 or g % min(w, g):
                 raise ConfigError(f"model.audio_decoder_window = {list(self.audio_decoder_window)}"
@@ -407,24 +414,103 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def check(self) -> "Config":
-        for section in dataclasses.fields(self):
-            sub = getattr(self, section.name)
-            for f in dataclasses.fields(sub):  # what every section's own checks assume
-                value, key = getattr(sub, f.name), f"{section.name}.{f.name}"
-                numbers = value if isinstance(value, (list, tuple)) else [value]
-                if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-                    raise ConfigError(f"{key} = {value} must hold finite numbers only")
-                if f.name == "seed" and not 0 <= value < 2 ** 63:
-                    raise ConfigError(f"{key} = {value} must lie in [0, 2**63)")
-            if hasattr(sub, "check"):
-                sub.check()
-        warmup, epochs = self.optim.warmup_epochs, self.train.epochs
-        if warmup and warmup >= epochs:
-            raise ConfigError(f"optim.warmup_epochs = {warmup} must be < train.epochs = {epochs} "
-                              "(or 0): the learning rate would never reach optim.lr and decay")
+        check_sections(self)
         if self.mask.schedule == "linear" and self.train.max_shapes < 2:
             raise ConfigError(f"train.max_shapes = {self.train.max_shapes} cannot follow "
                               "mask.schedule = 'linear' (it needs >= 2 ratios)")
+        return self
+
+
+def check_sections(cfg, decoders: bool = True) -> None:
+    """The checks every config tree shares: finite numbers, seeds, each section's own checks
+    (the model's decoders only where they are built), the warm-up against the epochs."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):  # what every section's own checks assume
+            value, key = getattr(sub, f.name), f"{section.name}.{f.name}"
+            numbers = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ConfigError(f"{key} = {value} must hold finite numbers only")
+            if f.name == "seed" and not 0 <= value < 2 ** 63:
+                raise ConfigError(f"{key} = {value} must lie in [0, 2**63)")
+        if isinstance(sub, ModelConfig):
+            sub.check(decoders)
+        elif hasattr(sub, "check"):
+            sub.check()
+    warmup, epochs = cfg.optim.warmup_epochs, cfg.train.epochs
+    if warmup and warmup >= epochs:
+        raise ConfigError(f"optim.warmup_epochs = {warmup} must be < train.epochs = {epochs} "
+                          "(or 0): the learning rate would never reach optim.lr and decay")
+
+
+@dataclass
+class FinetuneSection:
+    """The fine-tuning task (paper Table 4, fine-tuning columns; configs/finetune/)."""
+    # The pre-trained model: a checkpoint file, or a run folder (its newest checkpoint); its
+    # audio encoder is loaded. Empty: train from random weights (a baseline).
+    checkpoint: str = ""
+    # Evaluation clips: a dataset folder (default: data.shards, with the filters below)
+    eval_shards: str = ""
+    # Clips by their json's "split" (fastmavil-prep keeps a CSV's split column); "" keeps all
+    train_split: str = ""
+    eval_split: str = ""
+    # Cross-validation over the clips' json "fold" (ESC-50: 5): fold k evaluates on the clips
+    # of fold k and trains on the others, in <run>/fold-k/; the summary gives the mean and std.
+    folds: int = 0
+    # bce: binary cross-entropy on each class (multi-label, and Table 4's VGGSound); ce: softmax
+    # cross-entropy over one label per clip
+    loss: str = field(default="bce", metadata=_choices("bce", "ce"))
+    # mAP (AudioSet) or top-1 accuracy (the others), on the evaluation clips
+    metric: str = field(default="map", metadata=_choices("map", "top1"))
+    layer_decay: float = 0.75     # layer-wise lr decay (BEiT): lr * decay ** (layers - layer)
+    drop_path: float = 0.1        # stochastic depth at the last encoder block
+    # SpecAugment (one time and one frequency mask per clip, widths uniform below these)
+    specaug_time: int = 192
+    specaug_freq: int = 48
+    noise: bool = False           # Table 4's "N": uniform noise on the normalised fbank
+    mixup: float = 0.5            # Beta(alpha, alpha) for mixup; 0: off
+    cutmix: float = 1.0           # Beta(alpha, alpha) for cutmix; 0: off
+    mix_switch_prob: float = 0.5  # with both on: cutmix instead of mixup for this share
+    label_smoothing: float = 0.0  # the paper names none
+    eval_every: int = 1           # epochs between evaluations (the last epoch always)
+
+    def check(self) -> None:
+        if self.folds < 0 or self.folds == 1:
+            raise ConfigError(f"finetune.folds = {self.folds} must be 0 (no cross-validation) "
+                              "or >= 2")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"finetune.layer_decay = {self.layer_decay} must lie in (0, 1]")
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"finetune.drop_path = {self.drop_path} must lie in [0, 1)")
+        for key in ("specaug_time", "specaug_freq", "mixup", "cutmix"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"finetune.{key} = {getattr(self, key)} must be >= 0")
+        for key in ("mix_switch_prob", "label_smoothing"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"finetune.{key} = {getattr(self, key)} must lie in [0, 1]")
+        if self.eval_every < 1:
+            raise ConfigError(f"finetune.eval_every = {self.eval_every} must be >= 1")
+
+
+@dataclass
+class FinetuneConfig:
+    """fastmavil-finetune's config: the audio encoder fine-tuned as a classifier."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self) -> "FinetuneConfig":
+        check_sections(self, decoders=False)  # no decoders: their geometry is not checked
+        t = self.train
+        unused = {"train.adaptive_batch": t.adaptive_batch, "train.cuda_graphs": t.cuda_graphs,
+                  "data.random_clips": self.data.random_clips}
+        for key, value in unused.items():
+            if value:
+                raise ConfigError(f"{key} = {to_toml_value(value)} is for pre-training; "
+                                  "fine-tuning has a fixed batch and runs eagerly")
         return self
 
 
@@ -521,25 +607,28 @@ def _set(data: dict, dotted_key: str, value) -> None:
     node[leaf] = value
 
 
-def config_from_dict(data: dict) -> Config:
-    return _from_dict(Config, data).check()
+def config_from_dict(data: dict, root: type = Config) -> Config:
+    return _from_dict(root, data).check()
 
 
-def to_toml(cfg: Config) -> str:
+def to_toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(to_toml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def to_toml(cfg) -> str:
     """The resolved config as TOML, one table per section (readable by load_config)."""
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (tuple, list)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return repr(v)
     lines = []
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
         sub = getattr(cfg, section.name)
-        lines += [f"{f.name} = {value(getattr(sub, f.name))}" for f in dataclasses.fields(sub)]
+        lines += [f"{f.name} = {to_toml_value(getattr(sub, f.name))}"
+                  for f in dataclasses.fields(sub)]
         lines.append("")
     return "\n".join(lines)
 
@@ -561,13 +650,15 @@ def config_changes(old_toml: str, new: Config) -> dict[str, tuple]:
         old = {**BEFORE_FIELD, **flat(old_toml)}
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"the saved config is not valid TOML: {e}") from None
-    cur, defaults = flat(to_toml(new)), flat(to_toml(Config().check()))
+    cur, defaults = flat(to_toml(new)), flat(to_toml(type(new)().check()))
     return {k: (old.get(k), v) for k, v in sorted(cur.items())
             if (old[k] != v if k in old else v != defaults.get(k))}
 
 
-def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Config:
-    """Reads a TOML config, applies dotted overrides, validates; errors name the file."""
+def load_config(path: str | Path, overrides: dict[str, str] | None = None,
+                root: type = Config):
+    """Reads a TOML config (a `root`: Config or FinetuneConfig), applies dotted overrides,
+    validates; errors name the file."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -580,7 +671,7 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Co
     overrides = overrides or {}
     for key, text in overrides.items():  # each override's key and type, named as given
         try:
-            hint = _field_hint(key)
+            hint = _field_hint(key, root)
             value = _parse_value(text)
             if hint is str and not isinstance(value, str):  # a name that looks like a number
                 value = text
@@ -588,7 +679,7 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Co
         except ConfigError as err:
             raise ConfigError(f"command line --{key} {text}: {err}") from None
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, root)
     except ConfigError as err:  # blamed on the overrides the message names, else on the file
         named = [f"--{key} {text}" for key, text in overrides.items()
                  if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", str(err))]
@@ -596,9 +687,9 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Co
         raise ConfigError(f"{source}: {err}") from None
 
 
-def _field_hint(dotted_key: str):
+def _field_hint(dotted_key: str, root: type = Config):
     """The type of config key `section.key`; unknown keys raise, with the nearest known one."""
-    cls, prefix = Config, ""
+    cls, prefix = root, ""
     *sections, leaf = dotted_key.split(".")
     for part in [*sections, leaf]:
         hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}

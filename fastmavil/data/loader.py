@@ -32,7 +32,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .fbank import crop_or_pad, kaldi_fbank, normalize
 from .media import SAMPLE_RATE, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_video
-from .shards import INDEX, Clip, read_index, read_shard, shard_clips, shard_paths
+from .shards import INDEX, Clip, count_clips, read_index, read_shard, shard_clips, shard_paths
 from .video import (normalize_video, pick_frames, resize_crop, sample_times, shown_until,
                     window_start)
 
@@ -82,9 +82,17 @@ def loader_spec(cfg, train: bool = True) -> LoaderSpec:
 
 
 class ShardDataset(IterableDataset):
-    def __init__(self, source: str | Path, spec: LoaderSpec, rank: int = 0, world_size: int = 1):
+    """`keep`, when given, selects clips by their json (fine-tuning's split and fold filters):
+    the others are passed over unread, and the counts that deal clips to workers and plan
+    resumes are of the kept clips (one pass over the shards' json members finds them)."""
+
+    def __init__(self, source: str | Path, spec: LoaderSpec, rank: int = 0, world_size: int = 1,
+                 keep: Callable[[dict], bool] | None = None):
         super().__init__()
         self.shards = shard_paths(source)
+        self.keep = keep
+        self.kept_clips = {shard: self._count_kept(shard) for shard in self.shards} \
+            if keep else None
         self.source = source = Path(source)
         index = read_index(source) if (source / INDEX).is_file() else None
         self.labels = index["labels"] if index else []
@@ -128,9 +136,33 @@ class ShardDataset(IterableDataset):
         self.passed_over = [n * batch_size for n in taken]
         return resume_batches - passed if passed < sum(batches) else 0
 
+    def _kept(self, clip: Clip) -> bool:
+        """Whether `keep` selects the clip; one whose json does not read is kept, for the
+        decoder to skip and report."""
+        try:
+            meta = json.loads(clip.members["json"])
+        except (KeyError, json.JSONDecodeError, UnicodeDecodeError):
+            return True
+        return bool(self.keep(meta)) if isinstance(meta, dict) else True
+
+    def _count_kept(self, shard: Path) -> int:
+        """The clips of `shard` that `keep` selects, up to any damage (reported when read)."""
+        kept = 0
+        try:
+            for clip in read_shard(shard, only=("json",)):
+                kept += self._kept(clip)
+        except (tarfile.TarError, OSError, EOFError):
+            pass
+        return kept
+
+    def num_clips(self) -> int:
+        """The clips an epoch reads: the kept ones, or all the shards hold."""
+        return sum(self.kept_clips.values()) if self.keep else count_clips(self.source)
+
     def _worker_clips(self, workers: int) -> list[int]:
         """Clips per DataLoader worker of this rank in the current epoch, as _clips deals them."""
-        shards, counts = self._epoch_shards(), shard_clips(self.source)
+        shards = self._epoch_shards()
+        counts = self.kept_clips if self.keep else shard_clips(self.source)
         consumers = self.world_size * workers
         mine = range(self.rank * workers, (self.rank + 1) * workers)
         if len(shards) >= consumers:
@@ -157,13 +189,16 @@ class ShardDataset(IterableDataset):
         shards = self._epoch_shards()
         split_shards = len(shards) >= consumers
         mine = shards[consumer::consumers] if split_shards else shards
-        n = 0
+        n, dealt = 0, 0  # clips read, clips kept and dealt
         for shard in mine:
             start, error = n, None
             try:
                 for clip in read_shard(shard):
                     n += 1
-                    if split_shards or (n - 1) % consumers == consumer:
+                    if self.keep and not self._kept(clip):
+                        continue
+                    dealt += 1
+                    if split_shards or (dealt - 1) % consumers == consumer:
                         yield clip
             except (tarfile.TarError, OSError, EOFError) as err:
                 error = err

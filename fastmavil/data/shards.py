@@ -84,14 +84,15 @@ class Clip:
         return self.key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def read_shard(path: str | Path) -> Iterator[Clip]:
+def read_shard(path: str | Path, only: tuple[str, ...] | None = None) -> Iterator[Clip]:
     """Yields the clips of a shard in order; members of one key must be consecutive.
 
     A damaged member header is passed over to the next header that reads (ignore_zeros: without
     it tarfile takes a bad header for the archive's end, silently dropping the rest). A shard
     truncated mid-member yields the clips before the damage, then raises tarfile.ReadError; one
     truncated in a header ends early without an error, which only a count against the index
-    shows (ShardDataset does that).
+    shows (ShardDataset does that). `only` reads just the members of those extensions (the
+    others are passed over unread).
     """
     path = Path(path)
     clip = None
@@ -105,7 +106,8 @@ def read_shard(path: str | Path) -> Iterator[Clip]:
                 clip = None
             if clip is None:
                 clip = Clip(path.name, key)
-            clip.members[ext] = tar.extractfile(info).read()
+            if only is None or ext in only:
+                clip.members[ext] = tar.extractfile(info).read()
     if clip is not None:
         yield clip
 

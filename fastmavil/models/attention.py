@@ -162,19 +162,43 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
-class Block(nn.Module):
-    """Pre-norm ViT block: x + attn(norm(x)), then x + mlp(norm(x))."""
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al.): in training, drops a residual branch for a random
+    `rate` of the samples and scales the kept ones by 1 / (1 - rate), so its expectation is
+    unchanged; the identity in evaluation."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device,
+                           dtype=x.dtype).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + attn(norm(x)), then x + mlp(norm(x)); with `drop_path` > 0
+    (fine-tuning) each branch is dropped per sample at that rate."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, backend: str = "auto",
+                 drop_path: float = 0.0):
         super().__init__()
         self.norm1 = layer_norm(dim)
         self.attn = SelfAttention(dim, heads, backend)
         self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class CrossBlock(nn.Module):

@@ -14,11 +14,14 @@ class Encoder(nn.Module):
 
     def __init__(self, channels: int, patch: tuple[int, ...], pos: torch.Tensor, dim: int,
                  depth: int, heads: int, mlp_ratio: float, mask_first: bool,
-                 backend: str = "auto"):
+                 backend: str = "auto", drop_path: float = 0.0):
         super().__init__()
         self.patch_embed = PatchEmbed(channels, patch, dim, mask_first)
         self.register_buffer("pos", pos, persistent=False)  # (N, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, backend) for _ in range(depth))
+        # stochastic depth rising linearly from 0 at the first block to drop_path at the last
+        # (timm's ViT, as MAE and AudioMAE fine-tune)
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, backend, rate) for rate in rates)
         self.norm = layer_norm(dim)
         self.residual_dtype: torch.dtype | None = None  # set by MAViL.set_residual_dtype
 

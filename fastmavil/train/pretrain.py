@@ -33,9 +33,8 @@ import torch
 from ..config import Config, ConfigError, load_config, split_overrides, to_toml
 from ..cuda_graph import GraphedPasses
 from ..data.dali_loader import DaliLoader, check_codec, dali_available, dali_device
-from ..data.loader import ShardDataset, build_loader, loader_spec, to_device
+from ..data.loader import LoaderSpec, ShardDataset, build_loader, loader_spec, to_device
 from ..data.random_clips import RandomClips
-from ..data.shards import count_clips
 from ..flops import forward_flops_per_sample
 from ..models import build_model, compile_blocks
 from ..models.compile import MAX_AUTOTUNE_NEEDS_KERNELS
@@ -170,20 +169,22 @@ def loader_workers(cfg: Config) -> int:
     return 0 if cfg.data.loader == "dali" else cfg.data.num_workers
 
 
-def _open_dataset(cfg: Config, source: Path) -> tuple[ShardDataset, int]:
-    """The training shards and their clip count; a bad dataset is a ConfigError naming it."""
+def open_dataset(source: Path, spec: LoaderSpec, key: str = "data.shards",
+                 keep=None) -> tuple[ShardDataset, int]:
+    """The shards at `source` (config key `key`) and their clip count (of the clips `keep`
+    selects, if given); a bad dataset is a ConfigError naming it."""
     try:
-        dataset = ShardDataset(source, loader_spec(cfg, train=True))
-        clips = count_clips(source)
+        dataset = ShardDataset(source, spec, keep=keep)
+        clips = dataset.num_clips()
     except tarfile.TarError as err:
-        raise ConfigError(f"data.shards = '{source}': not a readable tar file ({err})") from None
+        raise ConfigError(f"{key} = '{source}': not a readable tar file ({err})") from None
     except (OSError, ValueError) as err:
         inside = [d.name for d in sorted(source.glob("*/")) if (d / "index.json").is_file()]
         hint = f"; datasets inside it: {', '.join(inside)}" if inside else ""
-        raise ConfigError(f"data.shards = '{source}': {err}{hint}") from None
+        raise ConfigError(f"{key} = '{source}': {err}{hint}") from None
     missing = [path.name for path in dataset.shards if not path.is_file()]
     if missing:
-        raise ConfigError(f"data.shards = '{source}': {len(missing)} of the "
+        raise ConfigError(f"{key} = '{source}': {len(missing)} of the "
                           f"{len(dataset.shards)} shards its index lists are missing: "
                           + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
     return dataset, clips
@@ -209,7 +210,7 @@ def train(cfg: Config, argv: list[str]) -> dict:
         raise TrainingError(str(err)) from None
 
 
-def _runtime(t) -> tuple[torch.device, bool]:
+def setup_runtime(t) -> tuple[torch.device, bool]:
     """(device, bf16) for train config `t`, with the process set up for them: the current CUDA
     device, the seed and deterministic algorithms."""
     device = resolve_device(t.device)
@@ -244,14 +245,14 @@ def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
 
 def _settings(cfg: Config) -> tuple[torch.device, bool, bool, str]:
     """(device, bf16, fused, precision) of the run, its settings checked against each other and
-    the machine before any data or model work (the process is set up for them: _runtime);
+    the machine before any data or model work (the process is set up for them: setup_runtime);
     precision is what the checkpoints record."""
     t = cfg.train
     if t.cuda_graphs and cfg.optim.optimizer != "adamw":
         raise ConfigError("train.cuda_graphs = true needs optim.optimizer = 'adamw': the fused "
                           "AdamW skips a non-finite step on the device, without clearing the "
                           "gradients the graphs add into")
-    device, bf16 = _runtime(t)
+    device, bf16 = setup_runtime(t)
     fused = fast_path(cfg, device)
     if t.compile and t.compile_mode == "max-autotune" and not fused:
         raise ConfigError(MAX_AUTOTUNE_NEEDS_KERNELS)
@@ -270,7 +271,7 @@ def _training_data(cfg: Config) -> tuple[Path | None, ShardDataset | RandomClips
         source, clips = None, cfg.data.random_clips
     else:
         source = prepare_data(cfg)
-        dataset, clips = _open_dataset(cfg, source)
+        dataset, clips = open_dataset(source, loader_spec(cfg, train=True))
         if cfg.data.loader == "dali":
             if not dali_available():
                 raise ConfigError("data.loader = 'dali' needs NVIDIA DALI (Linux x86_64: pip "
@@ -400,7 +401,7 @@ class _Run:
     def run(self, argv: list[str]) -> dict:
         """Trains the plan's remaining steps (or until a signal); returns the run's summary,
         printed with `argv`, the command's arguments, to resume with."""
-        self.progress = _progress_bar()
+        self.progress = progress_bar()
         self.timer, started = StepTimer(), time.perf_counter()
         tensorboard = None if self.cfg.run.tensorboard else False  # None: when installed
         with (StopFlag() as self.stop,
@@ -562,7 +563,7 @@ class _Run:
         self.interval = _Interval(self.step, self.device)
 
 
-def _progress_bar():
+def progress_bar():
     """The run's progress display (on stderr): epoch, steps, loss, samples/s, time left."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -736,7 +737,7 @@ def _planned_clips(cfg: Config) -> int:
                  "does not exist (a demo config generates it on its first run)")
         raise ConfigError(f"data.shards = {shards!r} {where}: --plan counts its clips, or plans "
                           "for --data.random_clips N (AudioSet-2M: 1900000)")
-    return _open_dataset(cfg, Path(shards))[1]
+    return open_dataset(Path(shards), loader_spec(cfg, train=True))[1]
 
 
 def main(argv: list[str] | None = None) -> int:

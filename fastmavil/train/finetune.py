@@ -1,0 +1,448 @@
+"""The fine-tuning loop: `fastmavil-finetune CONFIG [--section.key VALUE ...]`.
+
+The audio encoder of a fastmavil-train checkpoint (`finetune.checkpoint`) becomes a classifier
+(models/classifier.py) trained on labelled clips with paper Table 4's fine-tuning recipe:
+AdamW with layer-wise lr decay, warm-up then cosine, stochastic depth, SpecAugment, the noise
+option, mixup and cutmix (fastmavil/augment.py), BCE or CE. After every `finetune.eval_every`
+epochs and the last, the evaluation clips are scored: mAP or top-1 (fastmavil/evaluation.py).
+`finetune.folds` runs a cross-validation, one run per fold (ESC-50: 5), and reports the mean.
+
+A run lives in `<run.dir>/<run.name>/` as a pre-training run does (config.toml, metrics.jsonl
+with the evaluations as records too, checkpoints/, and results.json with every evaluation);
+the same command resumes it, mid-epoch included, and SIGINT/SIGTERM checkpoint and stop.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..augment import mix_batch, smooth_labels, spec_augment, spec_noise
+from ..config import ConfigError, FinetuneConfig, load_config, split_overrides, to_toml
+from ..data.loader import build_loader, loader_spec
+from ..evaluation import mean_average_precision, top1_accuracy
+from ..models import compile_blocks
+from ..models.classifier import AudioClassifier, load_pretrained_encoder, param_groups
+from ..schedule import EpochPlan, first_step, learning_rate
+from . import resume
+from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_latest, rng_state,
+                         run_lock, save_checkpoint, set_rng_state)
+from .metrics import MetricsWriter, StepTimer
+from .pretrain import (StopFlag, TrainingError, fast_path, open_dataset, prepare_data,
+                       progress_bar, setup_runtime)
+
+log = logging.getLogger("fastmavil.finetune")
+
+
+def clip_filter(split: str, fold: int | None, in_fold: bool):
+    """The clips a run reads, by their json: those of `split` (if not ""), and with a fold,
+    those in it (`in_fold`) or those not (None: every clip passes)."""
+    if not split and fold is None:
+        return None
+
+    def keep(meta: dict) -> bool:
+        if split and str(meta.get("split", "")) != split:
+            return False
+        return fold is None or (str(meta.get("fold", "")) == str(fold)) == in_fold
+    return keep
+
+
+def check_task(cfg: FinetuneConfig) -> None:
+    """What a fine-tuning config must also hold; checked before any work."""
+    f, d = cfg.finetune, cfg.data
+    if not (f.eval_shards or f.eval_split or f.folds):
+        raise ConfigError("finetune.eval_shards is empty: name the evaluation clips, a dataset "
+                          "folder, or select them from data.shards with finetune.eval_split or "
+                          "finetune.folds")
+    if d.loader != "reference":
+        raise ConfigError(f"data.loader = {d.loader!r}: fine-tuning reads audio only, with the "
+                          "reference loader (DALI's share, the video, is not read)")
+    if cfg.optim.optimizer != "adamw":
+        raise ConfigError(f"optim.optimizer = {cfg.optim.optimizer!r}: fine-tuning uses "
+                          "PyTorch's fused AdamW ('adamw')")
+
+
+class _Run:
+    """One fine-tuning run (one fold of a cross-validation)."""
+
+    def __init__(self, cfg: FinetuneConfig, run_dir: Path, fold: int | None):
+        self.cfg, self.run_dir, self.fold = cfg, run_dir, fold
+        f, t = cfg.finetune, cfg.train
+        self.device, bf16 = setup_runtime(t)
+        fused = fast_path(cfg, self.device)
+        resumed = load_latest(run_dir)
+        if resumed:
+            resume.check_format(*resumed)
+            resume.check_config(resumed[0], resumed[1].get("config"), cfg)
+
+        source = prepare_data(cfg)
+        spec = dataclasses.replace(loader_spec(cfg, train=True), audio_only=True)
+        self.train_data, clips = open_dataset(source, spec,
+                                              keep=clip_filter(f.train_split, fold, False))
+        eval_source = Path(f.eval_shards) if f.eval_shards else source
+        eval_key = "finetune.eval_shards" if f.eval_shards else "data.shards"
+        if not eval_source.exists():
+            raise ConfigError(f"{eval_key} = '{eval_source}' does not exist")
+        self.eval_data, eval_clips = open_dataset(
+            eval_source, dataclasses.replace(spec, train=False), eval_key,
+            keep=clip_filter(f.eval_split, fold, True))
+        self.labels = self.train_data.labels
+        if self.eval_data.labels != self.labels:
+            raise ConfigError(f"{eval_key} = '{eval_source}' names other labels than data.shards "
+                              f"= '{source}' (their index.json files): both must list the same "
+                              "classes in the same order")
+        selected = "" if fold is None and not f.train_split else " selected"
+        micro = t.micro_batch_size or t.batch_size
+        steps = clips // t.batch_size
+        if not steps or not eval_clips:
+            raise ConfigError(f"{source}: {clips}{selected} training clips and {eval_clips} "
+                              f"evaluation clips: fine-tuning needs at least train.batch_size = "
+                              f"{t.batch_size} of the first and one of the second")
+        self.plans = [EpochPlan(e, 0.0, t.batch_size, micro, steps) for e in range(t.epochs)]
+        planned = steps * t.epochs
+        self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
+        log.info("%s: %d classes, %d training clips (%d steps an epoch), %d evaluation clips",
+                 run_dir, len(self.labels), clips, steps, eval_clips)
+        self.clips, self.workers = clips, cfg.data.num_workers
+
+        self.model = AudioClassifier(cfg.model, len(self.labels), f.drop_path)
+        self.model.use_kernels(fused)
+        self.pretrained = None
+        if not resumed:
+            if f.checkpoint:
+                self.pretrained = str(load_pretrained_encoder(self.model, f.checkpoint))
+            else:
+                log.warning("finetune.checkpoint is empty: the encoder starts from random weights")
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.optim.weight_decay, f.layer_decay),
+            lr=cfg.optim.lr, betas=cfg.optim.betas, fused=True)
+        seed = t.seed + (fold or 0)
+        self.generator = torch.Generator(self.device).manual_seed(seed)  # SpecAugment, noise
+        self.host_generator = torch.Generator().manual_seed(seed)  # mixup / cutmix, per batch
+        self.step, self.evals, self.last_ckpt = 0, [], None
+        if resumed:
+            self.last_ckpt, state = resumed
+            self._restore(state)
+        if t.compile:
+            compile_blocks(self.model, t.compile_mode)
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
+                         else contextlib.nullcontext())
+        self.fill = -cfg.data.audio_mean / (2 * cfg.data.audio_std)  # a raw 0, normalised
+        self.bad_run = torch.zeros((), dtype=torch.long, device=self.device)
+        self.worst_run = self.bad_run.clone()
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.evals = state["step"], state["evals"]
+        self.pretrained = state.get("pretrained")
+        self.host_generator.set_state(state["host_generator"])
+        try:
+            self.generator.set_state(state["generator"])
+        except RuntimeError:  # saved on another device type
+            self.generator.manual_seed(self.cfg.train.seed + self.step)
+        set_rng_state(state["rng"], self.device)
+        log.info("resumed from %s (step %d)", self.last_ckpt, self.step)
+
+    def checkpoint(self) -> None:
+        self.last_ckpt = save_checkpoint(self.run_dir, self.step, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "host_generator": self.host_generator.get_state(), "rng": rng_state(self.device),
+            "step": self.step, "evals": self.evals, "config": to_toml(self.cfg),
+            "pretrained": self.pretrained, "format": resume.FORMAT},
+            self.cfg.train.keep_checkpoints)
+
+    # --- one step -------------------------------------------------------------------------
+    def augment(self, audio: torch.Tensor, targets: torch.Tensor):
+        f = self.cfg.finetune
+        if f.specaug_time or f.specaug_freq:
+            audio = spec_augment(audio, f.specaug_time, f.specaug_freq, self.fill,
+                                 self.generator)
+        if f.noise:
+            audio = spec_noise(audio, self.generator)
+        targets = smooth_labels(targets, f.label_smoothing)
+        audio, targets, _ = mix_batch(audio, targets, f.mixup, f.cutmix, f.mix_switch_prob,
+                                      self.host_generator)
+        return audio, targets
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.cfg.finetune.loss == "bce":
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        return F.cross_entropy(logits, targets)  # soft targets: mixup, smoothing
+
+    def train_step(self, batches, plan: EpochPlan) -> torch.Tensor:
+        """One optimizer step over plan.passes batches; StopIteration when the data ends."""
+        total = 0.0
+        for i in range(plan.passes):
+            if i:
+                self.timer.fetch_start()
+            batch = next(batches)
+            self.timer.data_ready()
+            audio = batch["audio"].to(self.device, non_blocking=True)
+            targets = batch["labels"].to(self.device, non_blocking=True)
+            audio, targets = self.augment(audio, targets)
+            with self.autocast:
+                loss = self.loss(self.model(audio), targets)
+            (loss / plan.passes).backward()
+            total = total + loss.detach() / plan.passes
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
+        finite = torch.isfinite(total) & torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~finite).float()  # the fused AdamW skips it on the device
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_run = torch.where(finite, 0, self.bad_run + 1)
+        self.worst_run = torch.maximum(self.worst_run, self.bad_run)
+        return torch.where(finite, total, float("nan"))
+
+    # --- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        """The evaluation clips' loss and metric. The random streams training draws from are
+        left as they were (the loader's workers draw a seed from torch's), so a run evaluated
+        more often, or resumed, trains the same."""
+        with torch.random.fork_rng(devices=[]):
+            return self._evaluate(epoch)
+
+    def _evaluate(self, epoch: int) -> dict:
+        f, t = self.cfg.finetune, self.cfg.train
+        self.model.eval()
+        scores, targets = [], []
+        loader = build_loader(self.eval_data, t.micro_batch_size or t.batch_size,
+                              self.cfg.data.num_workers, drop_last=False)
+        for batch in loader:
+            with self.autocast:
+                logits = self.model(batch["audio"].to(self.device)).float()
+            scores.append(logits.cpu())
+            targets.append(batch["labels"])
+        self.model.train()
+        logits, labels = torch.cat(scores), torch.cat(targets)
+        record = {"step": self.step, "epoch": epoch, "eval_clips": len(labels),
+                  "eval_loss": float(self.loss(logits, labels))}
+        probs = logits.sigmoid() if f.loss == "bce" else logits.softmax(dim=1)
+        if f.metric == "map":
+            record["eval_map"], record["eval_classes"] = mean_average_precision(probs, labels)
+        else:
+            record["eval_top1"] = top1_accuracy(probs, labels)
+        return record
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self, progress, stop: StopFlag) -> dict:
+        f = self.cfg.finetune
+        name = self.run_dir.name if self.fold else "finetune"
+        task = progress.add_task(name, total=self.total_steps, completed=self.step, epoch="-",
+                                 loss="-", rate="-")
+        tensorboard = None if self.cfg.run.tensorboard else False
+        with MetricsWriter(self.run_dir, tensorboard, self.step) as writer:
+            for plan in self.plans:
+                start = first_step(plan.epoch, self.plans)
+                end = min(start + plan.steps, self.total_steps)
+                if self.step < end:
+                    progress.update(task, epoch=plan.epoch)
+                    self.run_epoch(plan, start, end, progress, task, writer, stop)
+                    if stop.signal is not None:  # an epoch it finished is evaluated on resume
+                        break
+                last = end >= self.total_steps
+                due = (plan.epoch + 1) % f.eval_every == 0 or last
+                if due and not any(r["step"] == end for r in self.evals):
+                    record = self.evaluate(plan.epoch)
+                    self.evals.append(record)
+                    writer.write(record)
+                    progress.console.print(_eval_line(record), soft_wrap=True)
+                    self.checkpoint()
+                if last:
+                    break
+            if self.last_ckpt is None or self.last_ckpt.name != checkpoint_name(self.step):
+                self.checkpoint()
+        (self.run_dir / "results.json").write_text(json.dumps(
+            {"evals": self.evals, "pretrained": self.pretrained, "step": self.step}, indent=1))
+        return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
+                "evals": self.evals, "checkpoint": str(self.last_ckpt),
+                "pretrained": self.pretrained, "interrupted": stop.signal}
+
+    def run_epoch(self, plan, start, end, progress, task, writer, stop) -> None:
+        t = self.cfg.train
+        workers = self.cfg.data.num_workers
+        drop = self.train_data.set_epoch(plan.epoch, (self.step - start) * plan.passes,
+                                         plan.micro_batch, workers)
+        with torch.random.fork_rng(devices=[]):  # its worker seed, drawn from torch's stream,
+            # would shift stochastic depth's draws after a resume (the epoch's samples are
+            # drawn from their own streams)
+            batches = iter(build_loader(self.train_data, plan.micro_batch, workers))
+        for _ in range(drop):
+            next(batches, None)
+        self.timer, losses = StepTimer(), []
+        while self.step < end and stop.signal is None:
+            lr = learning_rate(self.cfg, self.step, self.plans)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            try:
+                losses.append(self.train_step(batches, plan))
+            except StopIteration:  # each worker drops its partial batch: an epoch may end early
+                break
+            self.step += 1
+            self.timer.step_done()
+            progress.advance(task)
+            if self.step % t.log_every == 0:
+                self.log(plan, lr, losses, writer, progress, task)
+                losses = []
+            if self.step % t.ckpt_every == 0:
+                self.checkpoint()
+        if losses:  # the epoch's last steps
+            self.log(plan, lr, losses, writer, progress, task)
+        if self.step == start and stop.signal is None:
+            raise TrainingError(
+                f"epoch {plan.epoch} gave not even one batch of {plan.micro_batch} clips: the "
+                f"{self.clips} training clips are unreadable (see any warnings above)"
+                + (f", or data.num_workers = {self.workers} split them into shares smaller "
+                   "than a batch (each worker drops its partial batch)" if self.workers else ""))
+        if stop.signal is None and self.step < end:  # the data ran short: the schedule goes on
+            progress.advance(task, end - self.step)
+            self.step = end
+
+    def log(self, plan, lr, losses, writer, progress, task) -> None:
+        worst = int(self.worst_run)  # a sync per log interval
+        if worst >= self.cfg.train.max_bad_steps:
+            raise TrainingError(f"{worst} non-finite steps in a row at step {self.step}; the "
+                                f"newest checkpoint, {self.last_ckpt}, is intact")
+        self.worst_run = self.bad_run.clone()
+        timing = self.timer.summary(torch.cuda.synchronize if self.device.type == "cuda"
+                                    else None)
+        finite = [float(v) for v in losses if torch.isfinite(v)]
+        record = {"step": self.step, "epoch": plan.epoch, "lr": lr,
+                  "loss": sum(finite) / len(finite) if finite else float("nan"),
+                  "step_ms": timing["step_ms"],
+                  "samples_per_s": plan.batch_size * 1e3 / timing["step_ms"],
+                  "data_wait": timing["data_wait_share"]}
+        writer.write(record)
+        progress.update(task, loss=f"{record['loss']:.4f}", rate=f"{record['samples_per_s']:.1f}")
+        progress.console.print(
+            f"step {self.step}/{self.total_steps} ep {plan.epoch} loss {record['loss']:.4f} "
+            f"lr {lr:.2e} {record['step_ms']:.0f} ms {record['samples_per_s']:.1f} samples/s "
+            f"data {record['data_wait'] * 100:.0f}%", soft_wrap=True)
+
+
+def _eval_line(r: dict) -> str:
+    metric = (f"mAP {r['eval_map']:.4f} over {r['eval_classes']} classes" if "eval_map" in r
+              else f"top-1 {r['eval_top1'] * 100:.2f}%")
+    return (f"eval epoch {r['epoch']}: {metric}, loss {r['eval_loss']:.4f} "
+            f"({r['eval_clips']} clips)")
+
+
+def metric_of(record: dict) -> float:
+    return record["eval_map"] if "eval_map" in record else record["eval_top1"]
+
+
+def finetune(cfg: FinetuneConfig, argv: list[str]) -> dict:
+    """Runs (or resumes) the configured fine-tuning, every fold of a cross-validation in turn;
+    returns the summary."""
+    check_task(cfg)
+    base = Path(cfg.run.dir) / cfg.run.name
+    folds = list(range(1, cfg.finetune.folds + 1)) or [None]
+    runs, started = [], time.perf_counter()
+    progress = progress_bar()
+    with StopFlag() as stop, progress:
+        for fold in folds:
+            run_dir = base / f"fold-{fold}" if fold else base
+            new_dir = not run_dir.exists()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                with run_lock(run_dir):
+                    try:
+                        runs.append(_Run(cfg, run_dir, fold).run(progress, stop))
+                    except BaseException:  # a run that failed before writing anything
+                        # (a bad checkpoint, missing data) leaves no folder
+                        if new_dir and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+                            shutil.rmtree(run_dir, ignore_errors=True)
+                        raise
+            except RunLocked as err:
+                raise TrainingError(str(err)) from None
+            if stop.signal is not None:
+                break
+    summary = {"runs": runs, "seconds": time.perf_counter() - started,
+               "metric": cfg.finetune.metric, "folds": cfg.finetune.folds,
+               "interrupted": stop.signal}
+    finals = [metric_of(r["evals"][-1]) for r in runs if r["evals"]]
+    if cfg.finetune.folds and len(finals) == cfg.finetune.folds and stop.signal is None:
+        summary["mean"] = statistics.fmean(finals)
+        summary["std"] = statistics.pstdev(finals)
+        (base / "cv.json").write_text(json.dumps(
+            {"metric": cfg.finetune.metric, "folds": finals, "mean": summary["mean"],
+             "std": summary["std"]}, indent=1))
+    _print_summary(progress.console, summary, argv)
+    return summary
+
+
+def _print_summary(console, s: dict, argv: list[str]) -> None:
+    from rich.table import Table
+    name = "mAP" if s["metric"] == "map" else "top-1"
+    table = Table(title="fastmavil-finetune summary", show_header=False)
+    for r in s["runs"]:
+        label = Path(r["run_dir"]).name if s["folds"] else "run"
+        evals = r["evals"]
+        if evals:
+            best = max(evals, key=metric_of)
+            text = (f"final {name} {metric_of(evals[-1]):.4f} (epoch {evals[-1]['epoch']}), "
+                    f"best {metric_of(best):.4f} (epoch {best['epoch']})")
+        else:
+            text = "not evaluated yet"
+        table.add_row(label, f"step {r['step']} / {r['total_steps']}: {text}")
+    if "mean" in s:
+        table.add_row(f"{s['folds']}-fold mean", f"{name} {s['mean']:.4f} ± {s['std']:.4f}")
+    if s["runs"]:
+        table.add_row("pre-trained", str(s["runs"][0]["pretrained"] or "none (random weights)"))
+        table.add_row("checkpoint", s["runs"][-1]["checkpoint"])
+    table.add_row("time", f"{s['seconds']:.1f} s")
+    console.print(table)
+    if s["interrupted"]:
+        console.print(f"stopped by {s['interrupted']}; resume with: fastmavil-finetune "
+                      f"{shlex.join(argv)}", soft_wrap=True, markup=False, emoji=False,
+                      highlight=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(
+        prog="fastmavil-finetune",
+        description="Fine-tune a pre-trained audio encoder as a classifier (paper Table 4).",
+        epilog="Override any config key: --finetune.checkpoint runs/r4 --data.shards DIR "
+               "(sections: model, data, finetune, optim, train, run; keys and defaults: "
+               "fastmavil/config.py). The same command resumes the run.")
+    parser.add_argument("config", help="TOML config, e.g. configs/finetune/esc50.toml")
+    try:
+        rest, overrides = split_overrides(argv)
+    except ConfigError as err:
+        parser.error(str(err))
+    args = parser.parse_args(rest)
+    try:
+        cfg = load_config(args.config, overrides, FinetuneConfig)
+        if not cfg.run.name:
+            cfg.run.name = Path(args.config).stem
+        finetune(cfg, argv)
+    except ConfigError as err:
+        print(f"fastmavil-finetune: {err}", file=sys.stderr)
+        return 2
+    except (TrainingError, CheckpointError) as err:
+        print(f"fastmavil-finetune: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

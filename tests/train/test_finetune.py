@@ -1,0 +1,222 @@
+"""End-to-end fine-tuning on small generated datasets: training and evaluation, resume,
+signals, cross-validation folds, split filters and the errors a config can earn."""
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmavil.config import Config, ConfigError, FinetuneConfig, ModelConfig, load_config, to_toml
+from fastmavil.data.loader import LoaderSpec, ShardDataset
+from fastmavil.data.shards import ShardWriter, shard_name, write_index
+from fastmavil.data.synth import SynthSpec, class_names, make_clip, synthesize
+from fastmavil.models import build_model
+from fastmavil.train import finetune as ft
+from fastmavil.train.checkpoint import list_checkpoints, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+SYNTH = SynthSpec(seconds=1.0, size=48, fps=8.0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, clips=32, heldout=0.25, clips_per_shard=8, workers=1, spec=SYNTH)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pre")
+    cfg = Config()
+    cfg.model = ModelConfig(size="tiny")
+    torch.manual_seed(0)
+    save_checkpoint(folder, 5, {"model": build_model(cfg.check()).state_dict(),
+                                "config": to_toml(cfg), "step": 5}, keep=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    """12 clips in 3 folds (fold k: clips with index % 3 == k - 1) and two splits."""
+    folder = tmp_path_factory.mktemp("folds")
+    path = folder / shard_name(0)
+    with ShardWriter(path) as writer:
+        for i in range(12):
+            key, members = make_clip(i, SYNTH, "train")
+            members["json"] = {**members["json"], "fold": i % 3 + 1,
+                               "split": "test" if i < 4 else "train"}
+            writer.add(key, members)
+    write_index(folder, [{"name": path.name, "clips": 12, "bytes": path.stat().st_size}],
+                class_names(SYNTH.classes))
+    return folder
+
+
+def config(data, pretrained, run_dir, **extra):
+    base = {"data.shards": str(data / "train"), "data.synth_clips": "0",
+            "data.num_workers": "0", "data.shuffle_buffer": "8",
+            "finetune.eval_shards": str(data / "heldout"),
+            "finetune.checkpoint": str(pretrained), "model.audio_frames": "96",
+            "finetune.specaug_time": "16", "finetune.specaug_freq": "16",
+            "finetune.eval_every": "1",
+            "train.epochs": "3", "train.batch_size": "4", "train.log_every": "2",
+            "train.ckpt_every": "4", "train.deterministic": "true", "optim.warmup_epochs": "1",
+            "run.dir": str(run_dir), "run.name": "t"}
+    overrides = {**base, **{k.replace("__", "."): str(v) for k, v in extra.items()}}
+    return load_config(ROOT / "configs" / "finetune" / "demo.toml", overrides, FinetuneConfig)
+
+
+def records(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_finetuning_trains_evaluates_and_checkpoints(data, pretrained, tmp_path):
+    cfg = config(data, pretrained, tmp_path, finetune__mixup=0.5, finetune__cutmix=1.0,
+                 finetune__loss="bce", finetune__metric="map")
+    summary = ft.finetune(cfg, [])
+    (run,) = summary["runs"]
+    assert run["step"] == run["total_steps"] == 3 * (24 // 4)
+    assert [r["epoch"] for r in run["evals"]] == [0, 1, 2]
+    last = run["evals"][-1]
+    assert last["eval_clips"] == 8 and 0 < last["eval_map"] <= 1 and last["eval_classes"] >= 1
+    logged = records(tmp_path / "t")
+    train = [r for r in logged if "loss" in r]
+    assert len(train) >= 3 and all(r["loss"] == r["loss"] for r in train)  # finite
+    assert [r for r in logged if "eval_map" in r] == run["evals"]
+    saved = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert saved["evals"] == run["evals"] and saved["pretrained"].endswith("step-00000005.pt")
+    state = torch.load(list_checkpoints(tmp_path / "t")[-1], weights_only=False)
+    assert state["step"] == 18 and state["evals"] == run["evals"]
+    pre = torch.load(list_checkpoints(pretrained)[-1], weights_only=False)["model"]
+    moved = state["model"]["encoder.blocks.1.mlp.0.weight"] - \
+        pre["audio_encoder.blocks.1.mlp.0.weight"]
+    assert float(moved.abs().max()) > 0  # the pre-trained encoder was fine-tuned
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_mid_epoch_reproduces_an_uninterrupted_run(data, pretrained, tmp_path, workers):
+    whole = ft.finetune(config(data, pretrained, tmp_path / "a", data__num_workers=workers), [])
+    # stopped mid-epoch 1 (6 steps an epoch), with an extra evaluation there, then resumed
+    cut = ft.finetune(config(data, pretrained, tmp_path / "b", data__num_workers=workers,
+                             train__max_steps=8), [])
+    assert cut["runs"][0]["step"] == 8 and cut["runs"][0]["evals"][-1]["step"] == 8
+    resumed = ft.finetune(config(data, pretrained, tmp_path / "b", data__num_workers=workers), [])
+    a = torch.load(list_checkpoints(tmp_path / "a" / "t")[-1], weights_only=False)
+    b = torch.load(list_checkpoints(tmp_path / "b" / "t")[-1], weights_only=False)
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    final = [r for r in resumed["runs"][0]["evals"] if r["step"] % 6 == 0]
+    assert final == whole["runs"][0]["evals"]
+    # the log holds each step once, the resumed run's records replacing none
+    steps = [r["step"] for r in records(tmp_path / "b" / "t") if "loss" in r]
+    assert steps == sorted(set(steps))
+
+
+def test_a_signal_checkpoints_and_the_rerun_goes_on(data, pretrained, tmp_path, monkeypatch):
+    step = ft._Run.train_step
+    calls = []
+
+    def interrupted(self, batches, plan):
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)
+        return step(self, batches, plan)
+    monkeypatch.setattr(ft._Run, "train_step", interrupted)
+    summary = ft.finetune(config(data, pretrained, tmp_path), [])
+    assert summary["interrupted"] == "SIGINT" and summary["runs"][0]["step"] == 5
+    assert list_checkpoints(tmp_path / "t")[-1].name == "step-00000005.pt"
+    monkeypatch.setattr(ft._Run, "train_step", step)
+    again = ft.finetune(config(data, pretrained, tmp_path), [])
+    assert again["runs"][0]["step"] == 18 and again["interrupted"] is None
+    assert [r["epoch"] for r in again["runs"][0]["evals"]] == [0, 1, 2]
+
+
+def test_cross_validation_trains_one_run_per_fold_and_reports_the_mean(folds, pretrained,
+                                                                        tmp_path):
+    cfg = config(folds, pretrained, tmp_path, data__shards=folds, finetune__eval_shards="",
+                 finetune__folds=3, train__epochs=2)
+    summary = ft.finetune(cfg, [])
+    assert [Path(r["run_dir"]).name for r in summary["runs"]] == ["fold-1", "fold-2", "fold-3"]
+    for run in summary["runs"]:
+        assert run["total_steps"] == 2 * (8 // 4)  # trained on the other two folds' 8 clips
+        assert run["evals"][-1]["eval_clips"] == 4  # evaluated on its own
+    finals = [r["evals"][-1]["eval_top1"] for r in summary["runs"]]
+    cv = json.loads((tmp_path / "t" / "cv.json").read_text())
+    assert cv["folds"] == finals and cv["mean"] == pytest.approx(sum(finals) / 3)
+
+
+def test_the_clip_filters_read_only_their_clips_across_workers(folds):
+    spec = LoaderSpec(audio_frames=96, audio_only=True, train=False, shuffle_buffer=1)
+    cases = [(ft.clip_filter("test", None, True), {f"synth{i:06d}" for i in range(4)}),
+             (ft.clip_filter("", 2, True), {f"synth{i:06d}" for i in (1, 4, 7, 10)}),
+             (ft.clip_filter("train", 2, False),
+              {f"synth{i:06d}" for i in range(4, 12) if i % 3 != 1})]
+    for keep, expected in cases:
+        dataset = ShardDataset(folds, spec, keep=keep)
+        assert dataset.num_clips() == len(expected)
+        from fastmavil.data.loader import build_loader
+        keys = [k for batch in build_loader(dataset, 2, num_workers=2) for k in batch["keys"]]
+        assert sorted(keys) == sorted(expected)
+    assert ft.clip_filter("", None, True) is None
+
+
+def test_clear_errors_before_training(data, pretrained, folds, tmp_path, capsys):
+    cases = [
+        (dict(finetune__eval_shards=""), "finetune.eval_shards is empty"),
+        (dict(data__loader="dali"), "reference loader"),
+        (dict(finetune__eval_shards=str(tmp_path / "nowhere")), "does not exist"),
+        (dict(train__batch_size=64), "at least train.batch_size = 64"),
+        (dict(model__encoder_dim=96, model__encoder_heads=3), "model.encoder_dim: 64 there"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            ft.finetune(config(data, pretrained, tmp_path, **extra), [])
+        assert not (tmp_path / "t").exists()  # a run that failed at its start leaves no folder
+    with pytest.raises(ConfigError, match="does not exist: name a fastmavil-train run folder"):
+        ft.finetune(config(data, pretrained, tmp_path,
+                           finetune__checkpoint=tmp_path / "none"), [])
+    # 3 shards of 8 clips over 2 workers: shares of 16 and 8, each smaller than a batch of 20
+    with pytest.raises(ft.TrainingError, match="data.num_workers = 2 split them into shares"):
+        ft.finetune(config(data, pretrained, tmp_path, train__batch_size=20,
+                           data__num_workers=2), [])
+    # labels that differ from the training set's
+    other = tmp_path / "other"
+    other.mkdir()
+    path = other / shard_name(0)
+    with ShardWriter(path) as writer:
+        writer.add(*make_clip(0, SYNTH, "train"))
+    write_index(other, [{"name": path.name, "clips": 1, "bytes": path.stat().st_size}],
+                ["a", "b"])
+    with pytest.raises(ConfigError, match="names other labels"):
+        ft.finetune(config(data, pretrained, tmp_path, finetune__eval_shards=other), [])
+    for key, value, message in (("train.adaptive_batch", "true", "fixed batch"),
+                                ("finetune.folds", "1", "finetune.folds = 1"),
+                                ("finetune.layer_decay", "0", "finetune.layer_decay")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(ROOT / "configs" / "finetune" / "demo.toml", {key: value},
+                        FinetuneConfig)
+    assert ft.main([str(ROOT / "configs/finetune/demo.toml"), "--finetune.lr", "1"]) == 2
+    assert "unknown key finetune.lr" in capsys.readouterr().err
+    assert ft.main([str(ROOT / "configs/finetune/demo.toml"), "--finetune.chekpoint", "x"]) == 2
+    assert "did you mean finetune.checkpoint" in capsys.readouterr().err
+
+
+def test_the_paper_configs_hold_table_4(tmp_path):
+    expected = {  # lr, warm-up, epochs, batch, SpecAugment, mixup, cutmix, loss, frames, mean
+        "as20k": (2.5e-4, 4, 60, 64, (192, 48), 0.5, 1.0, "bce", 1024, -4.268),
+        "vggsound": (2e-4, 1, 60, 256, (192, 48), 0.5, 1.0, "bce", 1024, -5.189),
+        "esc50": (2.5e-4, 4, 100, 64, (96, 24), 0.0, 0.0, "ce", 512, -6.627),
+        "spcv2": (1e-3, 4, 60, 256, (48, 48), 0.0, 0.0, "ce", 128, -6.702),
+    }
+    for name, values in expected.items():
+        cfg = load_config(ROOT / "configs" / "finetune" / f"{name}.toml", None, FinetuneConfig)
+        f, o, t = cfg.finetune, cfg.optim, cfg.train
+        assert (o.lr, o.warmup_epochs, t.epochs, t.batch_size, (f.specaug_time, f.specaug_freq),
+                f.mixup, f.cutmix, f.loss, cfg.model.audio_frames, cfg.data.audio_mean) == values
+        assert (o.weight_decay, o.min_lr, o.betas, f.layer_decay, f.drop_path) == \
+            (1e-4, 1e-6, (0.9, 0.95), 0.75, 0.1)
+    def task(name):
+        return load_config(ROOT / "configs/finetune" / f"{name}.toml", None,
+                           FinetuneConfig).finetune
+    assert task("esc50").folds == 5 and task("vggsound").noise and not task("as20k").noise
