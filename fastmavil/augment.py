@@ -31,11 +31,17 @@ def spec_augment(x: torch.Tensor, max_time: int, max_freq: int, fill: float,
     return torch.where(keep[:, None], x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
 
 
-def spec_noise(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Table 4's "N" (AudioMAE's noise option): fbank + U(0, 1) * a / 10 per bin, a ~ U(0, 1) per
-    clip."""
-    scale = _uniform((x.shape[0], 1, 1, 1), generator, x.device) / 10
-    return x + _uniform(x.shape, generator, x.device) * scale
+def spec_noise(x: torch.Tensor, generator: torch.Generator | None = None,
+               max_shift: int = 10) -> torch.Tensor:
+    """Table 4's "N" as AudioMAE's noise option: fbank + U(0, 1) * a / 10 per bin, a ~ U(0, 1)
+    per clip, then the clip rolled along time by a whole number of frames in
+    [-max_shift, max_shift)."""
+    b, _, time, _ = x.shape
+    scale = _uniform((b, 1, 1, 1), generator, x.device) / 10
+    x = x + _uniform(x.shape, generator, x.device) * scale
+    shift = (_uniform(b, generator, x.device) * 2 * max_shift).long() - max_shift
+    source = (torch.arange(time, device=x.device) - shift[:, None]) % time  # (B, T)
+    return x.gather(2, source[:, None, :, None].expand_as(x))
 
 
 def mix_batch(x: torch.Tensor, targets: torch.Tensor, mixup: float, cutmix: float,

@@ -12,6 +12,7 @@ from fastmavil.models import build_model
 from fastmavil.models.attention import Block, DropPath
 from fastmavil.models.classifier import AudioClassifier, load_pretrained_encoder, param_groups
 from fastmavil.train.checkpoint import save_checkpoint
+from fastmavil.train.resume import FORMAT
 
 
 def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
@@ -64,12 +65,19 @@ def test_spec_augment_masks_one_time_and_one_frequency_band_per_clip():
     assert torch.equal(spec_augment(x, 0, 0, 0.75), x)
 
 
-def test_spec_noise_adds_a_per_clip_share_of_uniform_noise():
-    x = torch.zeros(200, 1, 8, 4)
-    noise = spec_noise(x, torch.Generator().manual_seed(0))
-    assert float(noise.min()) >= 0 and float(noise.max()) < 0.1
-    per_clip_max = noise.flatten(1).max(dim=1).values
-    assert float(per_clip_max.min()) < 0.02 < 0.08 < float(per_clip_max.max())
+def test_spec_noise_adds_a_per_clip_share_of_uniform_noise_and_rolls_in_time():
+    x = torch.arange(30.0).repeat_interleave(4).view(1, 1, 30, 4).repeat(200, 1, 1, 1) * 10
+    out = spec_noise(x, torch.Generator().manual_seed(0))
+    shifts, noise_max = [], []
+    for clip, orig in zip(out, x):
+        fits = [s for s in range(-10, 10)
+                if bool(((clip - orig.roll(s, dims=1)) >= 0).all()
+                        & ((clip - orig.roll(s, dims=1)) < 0.1).all())]
+        assert len(fits) == 1, "not the clip rolled by one shift plus noise in [0, 0.1)"
+        shifts.append(fits[0])
+        noise_max.append(float((clip - orig.roll(fits[0], dims=1)).max()))
+    assert set(shifts) == set(range(-10, 10))  # every shift of [-10, 10) drawn
+    assert min(noise_max) < 0.02 < 0.08 < max(noise_max)  # the share drawn per clip
 
 
 def test_mixup_mixes_clips_and_targets_with_one_lambda():
@@ -197,7 +205,7 @@ def _pretrained(tmp_path, **model):
     cfg.model = ModelConfig(size="tiny", **model)
     mavil = build_model(cfg.check())
     save_checkpoint(tmp_path / "pre", 7, {"model": mavil.state_dict(), "config": to_toml(cfg),
-                                          "step": 7}, keep=2)
+                                          "step": 7, "format": FORMAT}, keep=2)
     return mavil
 
 

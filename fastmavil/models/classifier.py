@@ -50,8 +50,11 @@ class AudioClassifier(nn.Module):
         if audio.dim() != 4 or tuple(audio.shape[1:]) != (1, m.audio_frames, m.mel_bins):
             raise ValueError(f"audio batch has shape {tuple(audio.shape)}; the model expects "
                              f"(B, 1, {m.audio_frames}, {m.mel_bins})")
-        tokens = self.encoder(audio)
-        return self.head(self.fc_norm(tokens.mean(dim=1)))
+        pooled = self.encoder(audio).mean(dim=1)
+        # the head in fp32 even under autocast: bf16 logits (8 bits of mantissa) tie clips
+        # that rank apart, and mAP counts ties as one threshold
+        with torch.autocast(audio.device.type, enabled=False):
+            return self.head(self.fc_norm(pooled.float()))
 
     def use_kernels(self, enabled: bool) -> None:
         """The Triton attention under model.attention = "triton" (the patch embedding of every
@@ -116,11 +119,16 @@ def read_pretrained(path: str | Path) -> tuple[Path, dict]:
 def load_pretrained_encoder(model: AudioClassifier, path: str | Path) -> Path:
     """Loads the audio encoder of a fastmavil-train checkpoint into `model`; every encoder
     weight must be found and fit. Returns the checkpoint file read."""
+    from ..train.resume import FORMAT
     file, state = read_pretrained(path)
     weights = state.get("model") if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise ConfigError(f"finetune.checkpoint = '{file}' is not a fastmavil-train checkpoint "
                           "(no model state)")
+    if state.get("format", 1) != FORMAT:
+        raise ConfigError(f"finetune.checkpoint = '{file}' has checkpoint format "
+                          f"{state.get('format', 1)}, this fastmavil reads {FORMAT}: its encoder "
+                          "learned other fixed positions (fastmavil/train/resume.py, FORMAT)")
     saved_cfg = state.get("config")
     if saved_cfg:  # name a size mismatch by its config key rather than by a tensor shape
         saved = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v

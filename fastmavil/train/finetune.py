@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..augment import mix_batch, smooth_labels, spec_augment, spec_noise
 from ..config import ConfigError, FinetuneConfig, load_config, split_overrides, to_toml
 from ..data.loader import build_loader, loader_spec
+from ..data.shards import read_shard
 from ..evaluation import mean_average_precision, top1_accuracy
 from ..models import compile_blocks
 from ..models.classifier import AudioClassifier, load_pretrained_encoder, param_groups
@@ -38,38 +39,90 @@ from . import resume
 from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_latest, rng_state,
                          run_lock, save_checkpoint, set_rng_state)
 from .metrics import MetricsWriter, StepTimer
-from .pretrain import (StopFlag, TrainingError, fast_path, open_dataset, prepare_data,
-                       progress_bar, setup_runtime)
+from .pretrain import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
+                       prepare_data, progress_bar, setup_runtime)
 
 log = logging.getLogger("fastmavil.finetune")
 
 
-def clip_filter(split: str, fold: int | None, in_fold: bool):
-    """The clips a run reads, by their json: those of `split` (if not ""), and with a fold,
-    those in it (`in_fold`) or those not (None: every clip passes)."""
-    if not split and fold is None:
-        return None
+@dataclasses.dataclass(frozen=True)
+class ClipFilter:
+    """The clips a run reads, by their json: those of `split` (if not ""), not of `not_split`
+    (if not ""), and with a fold, those in it (`in_fold`) or those not. A class, not a closure:
+    loader workers started by spawn or forkserver receive it pickled."""
+    split: str = ""
+    not_split: str = ""
+    fold: int | None = None
+    in_fold: bool = True
 
-    def keep(meta: dict) -> bool:
-        if split and str(meta.get("split", "")) != split:
+    def __call__(self, meta: dict) -> bool:
+        split = str(meta.get("split", ""))
+        if (self.split and split != self.split) or (self.not_split and split == self.not_split):
             return False
-        return fold is None or (str(meta.get("fold", "")) == str(fold)) == in_fold
-    return keep
+        return self.fold is None or (str(meta.get("fold", "")) == str(self.fold)) == self.in_fold
+
+
+def clip_filters(f, fold: int | None) -> tuple[ClipFilter | None, ClipFilter | None]:
+    """(training, evaluation) filters of fine-tuning section `f` for `fold`. Evaluation clips
+    drawn from the training folder by their split are kept out of training."""
+    same_folder = not f.eval_shards
+    train = ClipFilter(f.train_split, f.eval_split if same_folder and not f.train_split else "",
+                       fold, in_fold=False)
+    evaluate = ClipFilter(f.eval_split, "", fold, in_fold=True)
+    return (train if train != ClipFilter(in_fold=False) else None,
+            evaluate if evaluate != ClipFilter() else None)
 
 
 def check_task(cfg: FinetuneConfig) -> None:
     """What a fine-tuning config must also hold; checked before any work."""
-    f, d = cfg.finetune, cfg.data
+    f, d, t = cfg.finetune, cfg.data, cfg.train
     if not (f.eval_shards or f.eval_split or f.folds):
         raise ConfigError("finetune.eval_shards is empty: name the evaluation clips, a dataset "
                           "folder, or select them from data.shards with finetune.eval_split or "
                           "finetune.folds")
+    if f.eval_shards and Path(f.eval_shards).resolve() == Path(d.shards).resolve() and not (
+            f.folds or (f.eval_split and f.eval_split != f.train_split)):
+        raise ConfigError(f"finetune.eval_shards = data.shards = '{d.shards}' with nothing to "
+                          "tell the evaluation clips from the training clips: set "
+                          "finetune.train_split and finetune.eval_split, or finetune.folds")
+    if f.train_split and f.train_split == f.eval_split and not f.eval_shards:
+        raise ConfigError(f"finetune.train_split = finetune.eval_split = {f.train_split!r}: the "
+                          "evaluation clips would be trained on")
+    micro = t.micro_batch_size or t.batch_size
+    if (f.mixup or f.cutmix) and micro % 2:
+        raise ConfigError(f"mixup and cutmix pair each clip with the pass's reverse: a pass of "
+                          f"{micro} clips (train.micro_batch_size, or train.batch_size) must be "
+                          "even, or the middle clip mixes with itself")
+    if t.max_batch_size and micro > t.max_batch_size:
+        raise ConfigError(f"a pass of {micro} clips exceeds train.max_batch_size = "
+                          f"{t.max_batch_size}: set train.micro_batch_size")
+    for key, default in (("passes_per_step", "fixed"), ("adaptive_batch_rule", "tokens")):
+        if getattr(t, key) != default:
+            raise ConfigError(f"train.{key} = {getattr(t, key)!r} is for pre-training's adaptive "
+                              "batch; fine-tuning has a fixed batch")
     if d.loader != "reference":
         raise ConfigError(f"data.loader = {d.loader!r}: fine-tuning reads audio only, with the "
                           "reference loader (DALI's share, the video, is not read)")
     if cfg.optim.optimizer != "adamw":
         raise ConfigError(f"optim.optimizer = {cfg.optim.optimizer!r}: fine-tuning uses "
                           "PyTorch's fused AdamW ('adamw')")
+
+
+def check_folds(dataset, folds: int) -> None:
+    """Cross-validation needs every clip in one of the folds 1..folds (ESC-50's numbering)."""
+    found = {}
+    for shard in dataset.shards:
+        for clip in read_shard(shard, only=("json",)):
+            try:
+                value = str(json.loads(clip.members["json"]).get("fold", "none"))
+            except (KeyError, ValueError, AttributeError):
+                value = "unreadable"
+            found[value] = found.get(value, 0) + 1
+    expected = {str(k) for k in range(1, folds + 1)}
+    if set(found) != expected:
+        listed = ", ".join(f"{k}: {n} clips" for k, n in sorted(found.items()))
+        raise ConfigError(f"finetune.folds = {folds} needs each clip's json \"fold\" to be one "
+                          f"of 1..{folds}, each fold holding clips; {dataset.source} has {listed}")
 
 
 class _Run:
@@ -87,15 +140,16 @@ class _Run:
 
         source = prepare_data(cfg)
         spec = dataclasses.replace(loader_spec(cfg, train=True), audio_only=True)
-        self.train_data, clips = open_dataset(source, spec,
-                                              keep=clip_filter(f.train_split, fold, False))
+        train_keep, eval_keep = clip_filters(f, fold)
+        self.train_data, clips = open_dataset(source, spec, keep=train_keep)
         eval_source = Path(f.eval_shards) if f.eval_shards else source
         eval_key = "finetune.eval_shards" if f.eval_shards else "data.shards"
         if not eval_source.exists():
             raise ConfigError(f"{eval_key} = '{eval_source}' does not exist")
         self.eval_data, eval_clips = open_dataset(
-            eval_source, dataclasses.replace(spec, train=False), eval_key,
-            keep=clip_filter(f.eval_split, fold, True))
+            eval_source, dataclasses.replace(spec, train=False), eval_key, keep=eval_keep)
+        if fold == 1:  # once per cross-validation
+            check_folds(self.train_data, f.folds)
         self.labels = self.train_data.labels
         if self.eval_data.labels != self.labels:
             raise ConfigError(f"{eval_key} = '{eval_source}' names other labels than data.shards "
@@ -113,10 +167,18 @@ class _Run:
         self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
         log.info("%s: %d classes, %d training clips (%d steps an epoch), %d evaluation clips",
                  run_dir, len(self.labels), clips, steps, eval_clips)
-        self.clips, self.workers = clips, cfg.data.num_workers
+        self.clips, self.source, self.workers = clips, source, cfg.data.num_workers
+        self.precision = "bf16" if bf16 else "fp32"
+        if resumed:
+            resume.check_run(resumed[0], resumed[1], clips, self.precision, self.plans)
 
         self.model = AudioClassifier(cfg.model, len(self.labels), f.drop_path)
         self.model.use_kernels(fused)
+        if t.residual_precision == "bf16":
+            if not bf16:
+                raise ConfigError("train.residual_precision = 'bf16' needs bf16 autocast; this "
+                                  f"run trains in fp32 on {self.device}")
+            self.model.encoder.residual_dtype = torch.bfloat16
         self.pretrained = None
         if not resumed:
             if f.checkpoint:
@@ -127,7 +189,7 @@ class _Run:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.optim.weight_decay, f.layer_decay),
             lr=cfg.optim.lr, betas=cfg.optim.betas, fused=True)
-        seed = t.seed + (fold or 0)
+        self.seed = seed = t.seed + (fold or 0)
         self.generator = torch.Generator(self.device).manual_seed(seed)  # SpecAugment, noise
         self.host_generator = torch.Generator().manual_seed(seed)  # mixup / cutmix, per batch
         self.step, self.evals, self.last_ckpt = 0, [], None
@@ -152,7 +214,7 @@ class _Run:
         try:
             self.generator.set_state(state["generator"])
         except RuntimeError:  # saved on another device type
-            self.generator.manual_seed(self.cfg.train.seed + self.step)
+            self.generator.manual_seed(self.seed + self.step)
         set_rng_state(state["rng"], self.device)
         log.info("resumed from %s (step %d)", self.last_ckpt, self.step)
 
@@ -162,7 +224,9 @@ class _Run:
             "generator": self.generator.get_state(),
             "host_generator": self.host_generator.get_state(), "rng": rng_state(self.device),
             "step": self.step, "evals": self.evals, "config": to_toml(self.cfg),
-            "pretrained": self.pretrained, "format": resume.FORMAT},
+            "clips": self.clips, "plan": resume.plan_record(self.plans),
+            "precision": self.precision, "pretrained": self.pretrained,
+            "format": resume.FORMAT},
             self.cfg.train.keep_checkpoints)
 
     # --- one step -------------------------------------------------------------------------
@@ -186,6 +250,7 @@ class _Run:
 
     def train_step(self, batches, plan: EpochPlan) -> torch.Tensor:
         """One optimizer step over plan.passes batches; StopIteration when the data ends."""
+        self.optimizer.zero_grad(set_to_none=True)  # a step the data cut short added some
         total = 0.0
         for i in range(plan.passes):
             if i:
@@ -204,7 +269,6 @@ class _Run:
         finite = torch.isfinite(total) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()  # the fused AdamW skips it on the device
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.bad_run = torch.where(finite, 0, self.bad_run + 1)
         self.worst_run = torch.maximum(self.worst_run, self.bad_run)
         return torch.where(finite, total, float("nan"))
@@ -304,13 +368,9 @@ class _Run:
                 self.checkpoint()
         if losses:  # the epoch's last steps
             self.log(plan, lr, losses, writer, progress, task)
-        if self.step == start and stop.signal is None:
-            raise TrainingError(
-                f"epoch {plan.epoch} gave not even one batch of {plan.micro_batch} clips: the "
-                f"{self.clips} training clips are unreadable (see any warnings above)"
-                + (f", or data.num_workers = {self.workers} split them into shares smaller "
-                   "than a batch (each worker drops its partial batch)" if self.workers else ""))
         if stop.signal is None and self.step < end:  # the data ran short: the schedule goes on
+            epoch_ended_early(plan, self.step - start, end - self.step, self.source,
+                               self.workers)
             progress.advance(task, end - self.step)
             self.step = end
 

@@ -6,7 +6,7 @@ diffusion and losses live in the model), and takes an AdamW step with a per-iter
 The run directory `<run.dir>/<run.name>/` holds the resolved config.toml, metrics.jsonl,
 TensorBoard events (when installed) and checkpoints/; starting the same command again resumes
 from the newest complete checkpoint. SIGINT/SIGTERM finish the current step, checkpoint, and
-exit 0.
+exit 0. Under torchrun several processes train one run, data-parallel (train/distributed.py).
 
 No host sync per step: a non-finite step is skipped on the device by the fused AdamW
 (found_inf, as under AMP's GradScaler); losses, counters and timings are read at log intervals
@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import shlex
@@ -40,8 +41,9 @@ from ..models import build_model, compile_blocks
 from ..models.compile import MAX_AUTOTUNE_NEEDS_KERNELS
 from ..schedule import EpochPlan, first_step, fits_passes, learning_rate, plan_epochs
 from . import resume
-from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_latest, rng_state,
-                         run_lock, save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_name,
+                         load_latest, rng_state, run_lock, save_checkpoint, set_rng_state)
+from .distributed import World, device_of, distributed_model, init_world, launched, shutdown
 from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
                       peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
@@ -142,7 +144,7 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
+def epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
                        workers: int) -> None:
     """An epoch's data ended `missing` steps before its plan, after `done` steps (this run's
     and, resumed mid-epoch, the earlier ones): normal for a step or two (each loader worker
@@ -169,12 +171,12 @@ def loader_workers(cfg: Config) -> int:
     return 0 if cfg.data.loader == "dali" else cfg.data.num_workers
 
 
-def open_dataset(source: Path, spec: LoaderSpec, key: str = "data.shards",
-                 keep=None) -> tuple[ShardDataset, int]:
+def open_dataset(source: Path, spec: LoaderSpec, key: str = "data.shards", keep=None,
+                 rank: int = 0, world_size: int = 1) -> tuple[ShardDataset, int]:
     """The shards at `source` (config key `key`) and their clip count (of the clips `keep`
-    selects, if given); a bad dataset is a ConfigError naming it."""
+    selects, if given; of every rank's share); a bad dataset is a ConfigError naming it."""
     try:
-        dataset = ShardDataset(source, spec, keep=keep)
+        dataset = ShardDataset(source, spec, rank, world_size, keep=keep)
         clips = dataset.num_clips()
     except tarfile.TarError as err:
         raise ConfigError(f"{key} = '{source}': not a readable tar file ({err})") from None
@@ -190,30 +192,35 @@ def open_dataset(source: Path, spec: LoaderSpec, key: str = "data.shards",
     return dataset, clips
 
 
-def train(cfg: Config, argv: list[str]) -> dict:
-    """Runs (or resumes) the configured pre-training; returns the final summary."""
+def train(cfg: Config, argv: list[str], world: World | None = None) -> dict:
+    """Runs (or resumes) the configured pre-training, as rank `world.rank` of `world.size`
+    processes under torchrun; returns the final summary."""
+    world = world or World()
     run_dir = Path(cfg.run.dir) / cfg.run.name
     new_dir = not run_dir.exists()
+    world.barrier()  # every rank has seen whether the folder existed before rank 0 makes it
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with run_lock(run_dir):
+        with run_lock(run_dir) if world.main else contextlib.nullcontext():
             try:
-                return _Run(cfg, run_dir).run(argv)
+                return _Run(cfg, run_dir, world).run(argv)
             except BaseException:
                 # a run that failed before writing anything (a bad device, missing data) leaves
                 # no folder; removed while locked, so no other trainer has started in it
                 with contextlib.suppress(OSError):
-                    if new_dir and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+                    if world.main and new_dir and {p.name for p in run_dir.iterdir()} <= {
+                            ".lock"}:
                         shutil.rmtree(run_dir)
                 raise
     except RunLocked as err:
         raise TrainingError(str(err)) from None
 
 
-def setup_runtime(t) -> tuple[torch.device, bool]:
-    """(device, bf16) for train config `t`, with the process set up for them: the current CUDA
+def setup_runtime(t, device_name: str | None = None) -> tuple[torch.device, bool]:
+    """(device, bf16) for train config `t` (on `device_name` in place of train.device, if
+    given: a torchrun process's own GPU), with the process set up for them: the current CUDA
     device, the seed and deterministic algorithms."""
-    device = resolve_device(t.device)
+    device = resolve_device(device_name or t.device)
     if device.index is not None:  # Triton kernels and CUDA graphs use the current device
         torch.cuda.set_device(device)
     if t.cuda_graphs and device.type != "cuda":
@@ -243,7 +250,7 @@ def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
                     else "one pass per step (train.micro_batch_size)")
 
 
-def _settings(cfg: Config) -> tuple[torch.device, bool, bool, str]:
+def _settings(cfg: Config, world: World) -> tuple[torch.device, bool, bool, str]:
     """(device, bf16, fused, precision) of the run, its settings checked against each other and
     the machine before any data or model work (the process is set up for them: setup_runtime);
     precision is what the checkpoints record."""
@@ -252,7 +259,10 @@ def _settings(cfg: Config) -> tuple[torch.device, bool, bool, str]:
         raise ConfigError("train.cuda_graphs = true needs optim.optimizer = 'adamw': the fused "
                           "AdamW skips a non-finite step on the device, without clearing the "
                           "gradients the graphs add into")
-    device, bf16 = setup_runtime(t)
+    if world.parallel and t.cuda_graphs:
+        raise ConfigError("train.cuda_graphs = true runs one process: its graphs hold no "
+                          "gradient all-reduce; under torchrun leave it off")
+    device, bf16 = setup_runtime(t, device_of(world, t.device))
     fused = fast_path(cfg, device)
     if t.compile and t.compile_mode == "max-autotune" and not fused:
         raise ConfigError(MAX_AUTOTUNE_NEEDS_KERNELS)
@@ -264,14 +274,15 @@ def _settings(cfg: Config) -> tuple[torch.device, bool, bool, str]:
     return device, bf16, fused, precision
 
 
-def _training_data(cfg: Config) -> tuple[Path | None, ShardDataset | RandomClips, int,
-                                         list[EpochPlan]]:
+def _training_data(cfg: Config, world: World) -> tuple[Path | None, ShardDataset | RandomClips,
+                                                      int, list[EpochPlan]]:
     """(shards folder or None, dataset, clips per epoch, epoch plans)."""
     if cfg.data.random_clips:
         source, clips = None, cfg.data.random_clips
     else:
         source = prepare_data(cfg)
-        dataset, clips = open_dataset(source, loader_spec(cfg, train=True))
+        dataset, clips = open_dataset(source, loader_spec(cfg, train=True), rank=world.rank,
+                                      world_size=world.size)
         if cfg.data.loader == "dali":
             if not dali_available():
                 raise ConfigError("data.loader = 'dali' needs NVIDIA DALI (Linux x86_64: pip "
@@ -284,9 +295,17 @@ def _training_data(cfg: Config) -> tuple[Path | None, ShardDataset | RandomClips
                 raise ConfigError(str(err)) from None
             log.info("data: DALI decodes on the %s", device)
     plans = plan_epochs(cfg, clips)
+    uneven = [p for p in plans if p.passes % world.size]
+    if uneven:
+        p = uneven[0]
+        raise ConfigError(f"epoch {p.epoch}'s steps take {p.passes} passes of {p.micro_batch} "
+                          f"samples, which {world.size} processes cannot share evenly: set "
+                          "train.micro_batch_size so that train.batch_size / micro_batch_size "
+                          f"is a multiple of {world.size} (with train.passes_per_step = "
+                          "'fixed')")
     if cfg.data.random_clips:  # drawn once, sized for the largest pass of the plan
         dataset = RandomClips(clips, loader_spec(cfg, train=True),
-                              max(p.micro_batch for p in plans), cfg.data.seed)
+                              max(p.micro_batch for p in plans), cfg.data.seed + world.rank)
         log.info("data: %d random clips per epoch held in memory (data.random_clips; "
                  "data.shards unused): the losses measure nothing", clips)
     return source, dataset, clips, plans
@@ -298,22 +317,23 @@ class _Run:
     checkpoint, the steps since the last log line). run() adds the stop flag, metrics writer,
     utilisation sampler, progress display and step timer for the loop's duration."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg: Config, run_dir: Path, world: World | None = None):
+        self.cfg, self.run_dir, self.world = cfg, run_dir, world or World()
         t = cfg.train
-        self.device, bf16, fused, self.precision = _settings(cfg)
-        resumed = load_latest(run_dir)
+        self.device, bf16, fused, self.precision = _settings(cfg, self.world)
+        resumed = _load_latest(run_dir, self.world)
         if resumed:
             resume.check_format(*resumed)
             resume.check_config(resumed[0], resumed[1].get("config"), cfg)
-        self.source, self.dataset, self.clips, self.plans = _training_data(cfg)
+        self.source, self.dataset, self.clips, self.plans = _training_data(cfg, self.world)
         if resumed:
             resume.check_run(resumed[0], resumed[1], self.clips, self.precision, self.plans)
         self.planned_steps = sum(p.steps for p in self.plans)
         _log_plan(self.plans, self.planned_steps, t)
         self.total_steps = (min(self.planned_steps, t.max_steps) if t.max_steps
                             else self.planned_steps)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        if self.world.main:
+            (run_dir / "config.toml").write_text(to_toml(cfg))
 
         self.model = build_model(cfg).to(self.device)
         self.model.use_kernels(fused)
@@ -322,12 +342,13 @@ class _Run:
                      "attention runs as under 'auto'")
         self.model.set_residual_dtype(torch.bfloat16 if t.residual_precision == "bf16" else None)
         self.optimizer = make_optimizer(cfg, self.model)
-        self.generator = torch.Generator(device=self.device).manual_seed(t.seed)
+        # each rank masks and noises its own samples: its own stream
+        self.generator = torch.Generator(device=self.device).manual_seed(t.seed + self.world.rank)
         self.step, self.last_ckpt = 0, None
         if resumed:
             self.last_ckpt, state = resumed
             self.step = _restore(state, self.last_ckpt, self.model, self.optimizer,
-                                 self.generator, t.seed)
+                                 self.generator, t.seed, self.world)
             if self.step >= self.total_steps:
                 more = (f"raise train.max_steps, up to the plan's {self.planned_steps}, to go "
                         "on; " if self.step < self.planned_steps else "")
@@ -338,6 +359,12 @@ class _Run:
         if t.compile:
             log.info("compiled %d transformer blocks (mode %s)",
                      compile_blocks(self.model, t.compile_mode), t.compile_mode)
+        # what runs each pass: the model, or under torchrun its DistributedDataParallel, which
+        # averages the gradients over the ranks at each step's last pass
+        self.forward_model = self.model
+        if self.world.parallel:
+            self.forward_model = distributed_model(self.model, self.device)
+        self.passes_done = 0  # of the current step, on this rank
         # the batches' copies to the GPU overlap the previous pass (data.loader.to_device)
         self.copy_stream = (torch.cuda.Stream(self.device) if self.device.type == "cuda"
                             else None)
@@ -351,6 +378,9 @@ class _Run:
         self.flops = forward_flops_per_sample(cfg, {p.mask_ratio for p in self.plans})
         self.peak, self.peak_source = device_peak_flops(
             self.device, torch.bfloat16 if bf16 else torch.float32)
+        if self.world.parallel and self.peak:  # the work logged is every rank's
+            self.peak *= self.world.size
+            self.peak_source += f", x {self.world.size} processes"
         # With torch's fused AdamW a non-finite step is skipped on the device (found_inf, as
         # under AMP's GradScaler) and the host learns of it at the next log or checkpoint; other
         # optimisers read it at once.
@@ -372,12 +402,20 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
 
     def checkpoint(self, at: int) -> Path:
-        self.last_ckpt = save_checkpoint(self.run_dir, at, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(), "rng": rng_state(self.device), "step": at,
-            "config": to_toml(self.cfg), "clips": self.clips,
-            "plan": resume.plan_record(self.plans), "precision": self.precision,
-            "format": resume.FORMAT}, self.cfg.train.keep_checkpoints)
+        """Writes step `at`'s checkpoint (rank 0, with every rank's random streams; the others
+        wait for it)."""
+        streams = self.world.gather({"generator": self.generator.get_state(),
+                                     "rng": rng_state(self.device)})
+        if self.world.main:
+            self.last_ckpt = save_checkpoint(self.run_dir, at, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **streams[0], **({"ranks": streams} if self.world.parallel else {}), "step": at,
+                "config": to_toml(self.cfg), "clips": self.clips,
+                "plan": resume.plan_record(self.plans), "precision": self.precision,
+                "format": resume.FORMAT}, self.cfg.train.keep_checkpoints)
+        else:
+            self.last_ckpt = checkpoint_dir(self.run_dir) / checkpoint_name(at)
+        self.world.barrier()
         return self.last_ckpt
 
     def saved(self, at: int) -> bool:
@@ -390,6 +428,10 @@ class _Run:
         error came before its update). Resumed, the failed step runs again on the same data with
         its masks (and dropout) drawn anew: from there the run differs from one that never
         failed."""
+        if self.world.parallel:  # a checkpoint needs every rank, and the others may be waiting
+            log.warning("%s stopped step %d on rank %d; the newest checkpoint is %s", cause,
+                        self.trained + 1, self.world.rank, self.last_ckpt)
+            return
         if self.trained > self.summary["start_step"] and not self.saved(self.trained):
             try:
                 log.warning("%s stopped step %d: checkpointing step %d before stopping: %s",
@@ -401,18 +443,21 @@ class _Run:
     def run(self, argv: list[str]) -> dict:
         """Trains the plan's remaining steps (or until a signal); returns the run's summary,
         printed with `argv`, the command's arguments, to resume with."""
-        self.progress = progress_bar()
+        main = self.world.main  # the other ranks train, and log only their warnings
+        self.progress = progress_bar(disable=not main)
         self.timer, started = StepTimer(), time.perf_counter()
         tensorboard = None if self.cfg.run.tensorboard else False  # None: when installed
         with (StopFlag() as self.stop,
-              MetricsWriter(self.run_dir, tensorboard, self.step) as self.writer,
-              GpuUtilization(self.device) as self.gpu_util, self.progress):
+              MetricsWriter(self.run_dir, tensorboard, self.step) if main else NoMetrics()
+              as self.writer,
+              GpuUtilization(self.device if main else torch.device("cpu")) as self.gpu_util,
+              self.progress):
             self.task = self.progress.add_task("train", total=self.total_steps,
                                                completed=self.step, epoch="-", loss="-",
                                                rate="-")
             for plan in self.plans:
                 self.run_epoch(plan)
-                if self.stop.signal is not None or self.step >= self.total_steps:
+                if self.stopping() or self.step >= self.total_steps:
                     break
             if self.interval.ran:  # steps since the last log line: an epoch whose data ran
                 # short jumped to the end, or a signal stopped the run between log lines
@@ -423,9 +468,15 @@ class _Run:
         self.summary.update(step=self.step, total_steps=self.total_steps,
                             planned_steps=self.planned_steps, checkpoint=str(self.last_ckpt),
                             seconds=time.perf_counter() - started, run_dir=str(self.run_dir),
-                            interrupted=self.stop.signal, peak_source=self.peak_source)
-        _print_summary(self.progress.console, self.summary, argv)
+                            interrupted=self.stop.signal, peak_source=self.peak_source,
+                            processes=self.world.size)
+        if main:
+            _print_summary(self.progress.console, self.summary, argv)
         return self.summary
+
+    def stopping(self) -> bool:
+        """Whether a signal asked any rank to stop (they stop together, after the same step)."""
+        return self.world.any(self.stop.signal is not None)
 
     def run_epoch(self, plan: EpochPlan) -> None:
         """The steps of `plan`'s epoch this run has left, up to a signal."""
@@ -439,7 +490,8 @@ class _Run:
         # batches than it has workers, fetched and dropped here, and goes on with the data of
         # an uninterrupted run.
         workers = loader_workers(cfg)
-        drop = self.dataset.set_epoch(plan.epoch, (self.step - start) * plan.passes,
+        passes = plan.passes // self.world.size  # this rank's share of each step's passes
+        drop = self.dataset.set_epoch(plan.epoch, (self.step - start) * passes,
                                       plan.micro_batch, workers)
         work = work_per_step(cfg, self.flops, plan.mask_ratio, plan.batch_size)
         run_pass = functools.partial(self.run_pass, plan)
@@ -452,20 +504,23 @@ class _Run:
             batches = iter(build_loader(self.dataset, plan.micro_batch, workers))
         for _ in range(drop):  # if the data ends here, the step loop finds it has
             next(batches, None)
+        if self.world.parallel:  # an epoch ends on every rank when one has no batch left
+            batches = _while_every_rank_has_data(batches, self.world)
         self.progress.update(self.task, epoch=plan.epoch)
-        while self.step < end and self.stop.signal is None:
+        while self.step < end and not self.stopping():
             self.lr = learning_rate(cfg, self.step, self.plans)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
+            self.passes_done = 0
             try:
-                loss, terms = accumulate_gradients(run_pass, batches, plan.passes, self.timer)
+                loss, terms = accumulate_gradients(run_pass, batches, passes, self.timer)
             except StopIteration:
                 # Each DataLoader worker drops its own last partial batch, so an epoch can hold
                 # a step or two fewer than the plan: move on to the next epoch. More missing
                 # means clips were skipped (unreadable shards or clips, warned of).
                 self.clear_grads()
                 try:
-                    _epoch_ended_early(plan, self.step - start, end - self.step, self.source,
+                    epoch_ended_early(plan, self.step - start, end - self.step, self.source,
                                        workers)
                 except DataError:
                     self.keep_trained("the data")
@@ -484,9 +539,14 @@ class _Run:
         audio, video = to_device(batch, self.device, self.dataset.spec, self.copy_stream)
         if self.graphed:
             return self.graphed(audio, video, plan.mask_ratio, plan.passes)
-        with self.autocast:
-            out = self.model(audio, video, plan.mask_ratio, self.generator)
-        (out.loss / plan.passes).backward()
+        passes = plan.passes // self.world.size
+        self.passes_done += 1
+        # under torchrun the gradients are averaged over the ranks once, at the step's last pass
+        sync = self.passes_done == passes or not self.world.parallel
+        with contextlib.nullcontext() if sync else self.forward_model.no_sync():
+            with self.autocast:
+                out = self.forward_model(audio, video, plan.mask_ratio, self.generator)
+            (out.loss / passes).backward()
         return out.loss.detach(), {k: v.detach() for k, v in out.terms.items()}
 
     def finish_step(self, plan: EpochPlan, loss: torch.Tensor, terms: dict, work: dict) -> None:
@@ -501,7 +561,8 @@ class _Run:
         self.trained = self.step  # not moved by epochs whose data ran short
         self.last_plan = plan
         self.progress.advance(self.task)
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        # every rank's loss: the ranks must skip or apply a step together
+        finite = torch.isfinite(self.world.mean(loss)) & torch.isfinite(grad_norm)
         if self.device_skip:
             self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
@@ -544,18 +605,21 @@ class _Run:
         interval."""
         interval, plan = self.interval, self.last_plan
         applied = int(interval.updates)  # a sync, once per interval
-        if applied < interval.ran:
+        main = self.world.main
+        if applied < interval.ran and main:
             log.warning("steps %d-%d: %d non-finite loss or gradient, update skipped",
                         interval.start + 1, self.step, interval.ran - applied)
         if applied:
-            record = _log_record(self.cfg, plan, self.step, self.lr, interval.sums, applied,
+            sums = {k: self.world.mean(v) for k, v in interval.sums.items()}  # every rank's
+            record = _log_record(self.cfg, plan, self.step, self.lr, sums, applied,
                                  self.timer, self.device, self.peak, self.gpu_util,
                                  interval.work, _memory_held(self.device, self.graphed))
             self.writer.write(record)
             self.summary["last"] = record
-            self.progress.update(self.task, loss=f"{record['loss']:.4f}",
-                                 rate=f"{record['samples_per_s']:.1f}")
-            self.progress.console.print(_line(record, self.total_steps), soft_wrap=True)
+            if main:
+                self.progress.update(self.task, loss=f"{record['loss']:.4f}",
+                                     rate=f"{record['samples_per_s']:.1f}")
+                self.progress.console.print(_line(record, self.total_steps), soft_wrap=True)
         else:  # nothing applied: start the next interval's timing afresh
             self.timer.summary()
             self.gpu_util.reset()
@@ -563,7 +627,29 @@ class _Run:
         self.interval = _Interval(self.step, self.device)
 
 
-def progress_bar():
+class NoMetrics:
+    """The metrics writer of the ranks other than 0: writes nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def __enter__(self) -> NoMetrics:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _while_every_rank_has_data(batches, world: World):
+    """`batches` until one rank has none left, on every rank at the same pass: a rank whose
+    shards ran out earlier would otherwise leave the others waiting in the all-reduce."""
+    for batch in itertools.chain(batches, [None]):
+        if not world.all(batch is not None):
+            return
+        yield batch
+
+
+def progress_bar(disable: bool = False):
     """The run's progress display (on stderr): epoch, steps, loss, samples/s, time left."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -571,7 +657,7 @@ def progress_bar():
     return Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
                     MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                     TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn(),
-                    console=Console(stderr=True))
+                    console=Console(stderr=True), disable=disable)
 
 
 @dataclasses.dataclass
@@ -600,20 +686,39 @@ class _Interval:
             self.sums[k] = self.sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
 
 
+def _load_latest(run_dir: Path, world: World) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads: rank 0 finds it (setting damaged ones aside), the
+    other ranks then read the same file."""
+    found = load_latest(run_dir) if world.main else None
+    path = world.gather(str(found[0]) if found else None)[0]
+    if world.main or path is None:
+        return found
+    return Path(path), torch.load(path, map_location="cpu", weights_only=False)
+
+
 def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generator,
-             seed: int) -> int:
+             seed: int, world: World) -> int:
     """Loads checkpoint `state` (read from `path`) into the run; returns its step."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     step = state["step"]
+    ranks = state.get("ranks") or [state]  # every rank's streams (one, before 2026-11-28)
+    streams = ranks[world.rank] if len(ranks) == world.size else None
+    if streams is None:
+        generator.manual_seed(seed + world.rank + step)
+        log.warning("%s was written by %d process(es), this run has %d: the random streams "
+                    "are reseeded from train.seed and the step (the masks and the samples "
+                    "from here on differ from an uninterrupted run's)", path, len(ranks),
+                    world.size)
+        return step
     try:
-        generator.set_state(state["generator"])
+        generator.set_state(streams["generator"])
     except RuntimeError:  # saved on another device type: CPU and CUDA states differ
-        generator.manual_seed(seed + step)
+        generator.manual_seed(seed + world.rank + step)
         log.warning("%s was written on another device type: its masking RNG state does not "
                     "load here, so it is reseeded from train.seed and the step (the masks "
                     "from here on differ from an uninterrupted run's)", path)
-    set_rng_state(state["rng"], generator.device)  # the training device
+    set_rng_state(streams["rng"], generator.device)  # the training device
     log.info("resumed from %s (step %d)", path, step)
     return step
 
@@ -742,8 +847,13 @@ def _planned_clips(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(  # under torchrun: rank 0's messages, and the others' warnings
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=("%(levelname)s %(name)s: %(message)s" if not launched()
+                else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
     args, overrides = parse_args(argv)
+    world = World()
     try:
         cfg = load_config(args.config, overrides)
         if args.plan:
@@ -752,13 +862,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not cfg.run.name:
             cfg.run.name = Path(args.config).stem
-        train(cfg, argv)
+        world = init_world(cfg.train.device)
+        train(cfg, argv, world)
     except ConfigError as err:
         print(f"fastmavil-train: {err}", file=sys.stderr)
         return 2
     except (TrainingError, CheckpointError) as err:
         print(f"fastmavil-train: {err}", file=sys.stderr)
         return 1
+    finally:
+        shutdown(world)
     return 0
 
 

@@ -20,7 +20,8 @@ log = logging.getLogger("fastmavil.train")
 FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
         "train.max_bad_steps", "train.compile", "train.compile_mode", "train.cuda_graphs",
         "train.device", "train.deterministic",
-        "train.max_batch_size", "run.dir", "run.name", "run.tensorboard", "model.attention"}
+        "train.max_batch_size", "run.dir", "run.name", "run.tensorboard", "model.attention",
+        "finetune.eval_every"}
 # A dataset moved to another disk, a machine with other cores, another micro-batch size (each
 # loader worker forms its own micro-batches, so the resumed epoch skips other samples), another
 # loader (DALI reads in one process; its pixels differ by a few levels), the kernels on or off
@@ -28,7 +29,7 @@ FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_ch
 # uninterrupted run's. Under the adaptive batch the micro-batch size is refused instead: the
 # passes per step it sets also round every epoch's batch.
 WARN = {"data.shards", "data.num_workers", "data.synth_clips", "data.loader",
-        "data.dali_device", "train.micro_batch_size", "model.kernels"}
+        "data.dali_device", "train.micro_batch_size", "model.kernels", "finetune.eval_shards"}
 
 
 # What a checkpoint's numbers mean beyond its config, raised when code changes them for the same

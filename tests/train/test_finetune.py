@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from fastmavil.config import Config, ConfigError, FinetuneConfig, ModelConfig, load_config, to_toml
-from fastmavil.data.loader import LoaderSpec, ShardDataset
+from fastmavil.data.loader import LoaderSpec, ShardDataset, collate
 from fastmavil.data.shards import ShardWriter, shard_name, write_index
 from fastmavil.data.synth import SynthSpec, class_names, make_clip, synthesize
 from fastmavil.models import build_model
 from fastmavil.train import finetune as ft
 from fastmavil.train.checkpoint import list_checkpoints, save_checkpoint
+from fastmavil.train.resume import FORMAT
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNTH = SynthSpec(seconds=1.0, size=48, fps=8.0)
@@ -33,7 +34,7 @@ def pretrained(tmp_path_factory):
     cfg.model = ModelConfig(size="tiny")
     torch.manual_seed(0)
     save_checkpoint(folder, 5, {"model": build_model(cfg.check()).state_dict(),
-                                "config": to_toml(cfg), "step": 5}, keep=1)
+                                "config": to_toml(cfg), "step": 5, "format": FORMAT}, keep=1)
     return folder
 
 
@@ -94,19 +95,29 @@ def test_finetuning_trains_evaluates_and_checkpoints(data, pretrained, tmp_path)
     assert float(moved.abs().max()) > 0  # the pre-trained encoder was fine-tuned
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_resume_mid_epoch_reproduces_an_uninterrupted_run(data, pretrained, tmp_path, workers):
-    whole = ft.finetune(config(data, pretrained, tmp_path / "a", data__num_workers=workers), [])
-    # stopped mid-epoch 1 (6 steps an epoch), with an extra evaluation there, then resumed
+@pytest.mark.parametrize("workers, extra, stop", [
+    (0, {}, 8),  # mid-epoch 1 of 6-step epochs
+    (2, {}, 8),
+    # passes of 3: each worker drops a partial one, so each epoch's 4th step is cut short
+    # after a pass; stopped there, at the end of epoch 0, a resume must not miss that pass's
+    # gradient, which the next step must not carry either
+    (2, {"train__micro_batch_size": 3, "train__batch_size": 6}, 4)])
+def test_a_resume_mid_epoch_reproduces_an_uninterrupted_run(data, pretrained, tmp_path, workers,
+                                                           extra, stop):
+    whole = ft.finetune(config(data, pretrained, tmp_path / "a", data__num_workers=workers,
+                               **extra), [])
+    # stopped, with an extra evaluation there, then resumed
     cut = ft.finetune(config(data, pretrained, tmp_path / "b", data__num_workers=workers,
-                             train__max_steps=8), [])
-    assert cut["runs"][0]["step"] == 8 and cut["runs"][0]["evals"][-1]["step"] == 8
-    resumed = ft.finetune(config(data, pretrained, tmp_path / "b", data__num_workers=workers), [])
+                             train__max_steps=stop, **extra), [])
+    assert cut["runs"][0]["step"] == stop and cut["runs"][0]["evals"][-1]["step"] == stop
+    resumed = ft.finetune(config(data, pretrained, tmp_path / "b", data__num_workers=workers,
+                                 **extra), [])
     a = torch.load(list_checkpoints(tmp_path / "a" / "t")[-1], weights_only=False)
     b = torch.load(list_checkpoints(tmp_path / "b" / "t")[-1], weights_only=False)
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
-    final = [r for r in resumed["runs"][0]["evals"] if r["step"] % 6 == 0]
+    regular = {r["step"] for r in whole["runs"][0]["evals"]}  # the stop's own one left out
+    final = [r for r in resumed["runs"][0]["evals"] if r["step"] in regular]
     assert final == whole["runs"][0]["evals"]
     # the log holds each step once, the resumed run's records replacing none
     steps = [r["step"] for r in records(tmp_path / "b" / "t") if "loss" in r]
@@ -148,22 +159,41 @@ def test_cross_validation_trains_one_run_per_fold_and_reports_the_mean(folds, pr
 
 def test_the_clip_filters_read_only_their_clips_across_workers(folds):
     spec = LoaderSpec(audio_frames=96, audio_only=True, train=False, shuffle_buffer=1)
-    cases = [(ft.clip_filter("test", None, True), {f"synth{i:06d}" for i in range(4)}),
-             (ft.clip_filter("", 2, True), {f"synth{i:06d}" for i in (1, 4, 7, 10)}),
-             (ft.clip_filter("train", 2, False),
-              {f"synth{i:06d}" for i in range(4, 12) if i % 3 != 1})]
+    cases = [(ft.ClipFilter("test"), {f"synth{i:06d}" for i in range(4)}),
+             (ft.ClipFilter(fold=2), {f"synth{i:06d}" for i in (1, 4, 7, 10)}),
+             (ft.ClipFilter("train", fold=2, in_fold=False),
+              {f"synth{i:06d}" for i in range(4, 12) if i % 3 != 1}),
+             (ft.ClipFilter(not_split="test"), {f"synth{i:06d}" for i in range(4, 12)})]
     for keep, expected in cases:
         dataset = ShardDataset(folds, spec, keep=keep)
         assert dataset.num_clips() == len(expected)
-        from fastmavil.data.loader import build_loader
-        keys = [k for batch in build_loader(dataset, 2, num_workers=2) for k in batch["keys"]]
+        # spawned workers receive the dataset, its filter included, pickled
+        loader = torch.utils.data.DataLoader(dataset, 2, num_workers=2, collate_fn=collate,
+                                             multiprocessing_context="spawn")
+        keys = [k for batch in loader for k in batch["keys"]]
         assert sorted(keys) == sorted(expected)
-    assert ft.clip_filter("", None, True) is None
+
+
+def test_evaluation_clips_drawn_by_split_are_kept_out_of_training(folds, pretrained,
+                                                                  tmp_path):
+    cfg = config(folds, pretrained, tmp_path, data__shards=folds, finetune__eval_shards="",
+                 finetune__eval_split="test", train__epochs=2)
+    (run,) = ft.finetune(cfg, [])["runs"]
+    assert run["total_steps"] == 2 * (8 // 4)  # the 8 "train" clips, not all 12
+    assert run["evals"][-1]["eval_clips"] == 4
 
 
 def test_clear_errors_before_training(data, pretrained, folds, tmp_path, capsys):
     cases = [
         (dict(finetune__eval_shards=""), "finetune.eval_shards is empty"),
+        (dict(finetune__eval_shards=str(data / "train")), "nothing to tell the evaluation"),
+        (dict(finetune__eval_shards="", finetune__eval_split="a", finetune__train_split="a"),
+         "would be trained on"),
+        (dict(finetune__mixup=0.5, train__micro_batch_size=3, train__batch_size=6),
+         "must be even"),
+        (dict(train__passes_per_step="fit"), "fixed batch"),
+        (dict(train__residual_precision="bf16", train__precision="bf16",
+              train__max_batch_size=2), "exceeds train.max_batch_size = 2"),
         (dict(data__loader="dali"), "reference loader"),
         (dict(finetune__eval_shards=str(tmp_path / "nowhere")), "does not exist"),
         (dict(train__batch_size=64), "at least train.batch_size = 64"),
@@ -177,9 +207,17 @@ def test_clear_errors_before_training(data, pretrained, folds, tmp_path, capsys)
         ft.finetune(config(data, pretrained, tmp_path,
                            finetune__checkpoint=tmp_path / "none"), [])
     # 3 shards of 8 clips over 2 workers: shares of 16 and 8, each smaller than a batch of 20
-    with pytest.raises(ft.TrainingError, match="data.num_workers = 2 split them into shares"):
+    with pytest.raises(ft.TrainingError, match="data.num_workers = 2 split the epoch into "):
         ft.finetune(config(data, pretrained, tmp_path, train__batch_size=20,
                            data__num_workers=2), [])
+    with pytest.raises(ConfigError, match="1: 4 clips, 2: 4 clips, 3: 4 clips"):
+        ft.finetune(config(folds, pretrained, tmp_path, data__shards=folds,
+                           finetune__eval_shards="", finetune__folds=5), [])
+    old = tmp_path / "old"
+    state = torch.load(list_checkpoints(pretrained)[-1], weights_only=False)
+    save_checkpoint(old, 5, {**state, "format": 1}, keep=1)
+    with pytest.raises(ConfigError, match="has checkpoint format 1"):
+        ft.finetune(config(data, pretrained, tmp_path, finetune__checkpoint=old), [])
     # labels that differ from the training set's
     other = tmp_path / "other"
     other.mkdir()
@@ -203,20 +241,20 @@ def test_clear_errors_before_training(data, pretrained, folds, tmp_path, capsys)
 
 
 def test_the_paper_configs_hold_table_4(tmp_path):
-    expected = {  # lr, warm-up, epochs, batch, SpecAugment, mixup, cutmix, loss, frames, mean
-        "as20k": (2.5e-4, 4, 60, 64, (192, 48), 0.5, 1.0, "bce", 1024, -4.268),
-        "vggsound": (2e-4, 1, 60, 256, (192, 48), 0.5, 1.0, "bce", 1024, -5.189),
-        "esc50": (2.5e-4, 4, 100, 64, (96, 24), 0.0, 0.0, "ce", 512, -6.627),
-        "spcv2": (1e-3, 4, 60, 256, (48, 48), 0.0, 0.0, "ce", 128, -6.702),
+    expected = {  # lr, warm-up, epochs, batch, SpecAugment, mixup, cutmix, loss, frames,
+        # mean and std, noise ("N")
+        "as20k": (2.5e-4, 4, 60, 64, (192, 48), 0.5, 1.0, "bce", 1024, -4.268, 4.569, False),
+        "vggsound": (2e-4, 1, 60, 256, (192, 48), 0.5, 1.0, "bce", 1024, -5.189, 3.260, True),
+        "esc50": (2.5e-4, 4, 100, 64, (96, 24), 0.0, 0.0, "ce", 512, -6.627, 5.359, False),
+        "spcv2": (1e-3, 4, 60, 256, (48, 48), 0.0, 0.0, "ce", 128, -6.702, 5.448, False),
     }
     for name, values in expected.items():
         cfg = load_config(ROOT / "configs" / "finetune" / f"{name}.toml", None, FinetuneConfig)
         f, o, t = cfg.finetune, cfg.optim, cfg.train
         assert (o.lr, o.warmup_epochs, t.epochs, t.batch_size, (f.specaug_time, f.specaug_freq),
-                f.mixup, f.cutmix, f.loss, cfg.model.audio_frames, cfg.data.audio_mean) == values
-        assert (o.weight_decay, o.min_lr, o.betas, f.layer_decay, f.drop_path) == \
-            (1e-4, 1e-6, (0.9, 0.95), 0.75, 0.1)
-    def task(name):
-        return load_config(ROOT / "configs/finetune" / f"{name}.toml", None,
-                           FinetuneConfig).finetune
-    assert task("esc50").folds == 5 and task("vggsound").noise and not task("as20k").noise
+                f.mixup, f.cutmix, f.loss, cfg.model.audio_frames, cfg.data.audio_mean,
+                cfg.data.audio_std, f.noise) == values
+        assert (o.weight_decay, o.min_lr, o.betas, f.layer_decay, f.drop_path, cfg.data.roll) == \
+            (1e-4, 1e-6, (0.9, 0.95), 0.75, 0.1, True)  # "R": the waveform rolled
+    assert load_config(ROOT / "configs/finetune/esc50.toml", None,
+                       FinetuneConfig).finetune.folds == 5

@@ -1,0 +1,124 @@
+"""Data-parallel pre-training over several processes (`torchrun --nproc_per_node N ...`).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; each process trains on its own device (CUDA:
+LOCAL_RANK, NCCL; or the CPU, gloo) a 1 / N share of every step's passes, its gradients
+averaged across the processes by DistributedDataParallel at each step's last pass. The shards
+are split by rank (data/loader.py), the plan is the same on every rank (schedule.py), and the
+masks and noise of each rank come from its own stream (train.seed + rank).
+
+The ranks agree on the host, through a gloo group, on what can differ between them: whether
+each still has data for the next pass (an epoch's shards split unevenly) and whether a signal
+asked them to stop. Rank 0 writes the checkpoints (every rank's random states in them), the
+metrics and the log.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+
+
+@dataclass
+class World:
+    """This process's place among the training processes; one process by default."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    control: object = None  # the gloo group the host-side agreements use
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (a host-side collective: no device sync)."""
+        if not self.parallel:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, dist.ReduceOp.MIN, group=self.control)
+        return bool(value)
+
+    def any(self, flag: bool) -> bool:
+        return not self.all(not flag)
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of `tensor` over the ranks (on its device, asynchronous to the host)."""
+        if not self.parallel:
+            return tensor
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor / self.size
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (a picklable object)."""
+        if not self.parallel:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def barrier(self) -> None:
+        if self.parallel:
+            dist.barrier(group=self.control)
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher setting WORLD_SIZE) started several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_world(device: str) -> World:
+    """Joins the process group torchrun set up; `device` is train.device. One process: World()."""
+    if not launched():
+        return World()
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {device!r} but CUDA is not available")
+    if device.startswith("cuda:"):
+        raise ConfigError(f"train.device = {device!r} names one GPU; with torchrun each process "
+                          "takes the GPU of its LOCAL_RANK: use auto or cuda")
+    if cuda:
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    control = dist.new_group(backend="gloo") if cuda else None  # gloo: host-side agreements
+    return World(rank, size, local, control)
+
+
+def device_of(world: World, device: str) -> str:
+    """train.device for this process: each rank's own GPU under torchrun."""
+    if world.parallel and device != "cpu" and torch.cuda.is_available():
+        return f"cuda:{world.local_rank}"
+    return device
+
+
+def distributed_model(model: torch.nn.Module, device: torch.device):
+    """`model` in DistributedDataParallel. Its buffers (fixed positions, the diffusion schedule)
+    are the same on every rank and never change: not synchronised at each forward."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13's name
+                      if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               **no_buffer_sync)
+
+
+def shutdown(world: World) -> None:
+    if world.parallel and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()

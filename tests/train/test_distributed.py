@@ -1,0 +1,99 @@
+"""Pre-training in several processes (torchrun, gloo on the CPU): every rank's share of the
+passes, gradients averaged once per step, one checkpoint with every rank's streams, and a
+resume that goes on as the uninterrupted run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastmavil.config import ConfigError, load_config
+from fastmavil.data.synth import SynthSpec, synthesize
+from fastmavil.train import pretrain
+from fastmavil.train.checkpoint import list_checkpoints
+from fastmavil.train.distributed import World
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """3 shards of 8 clips: rank 0 reads two of them, rank 1 one (an uneven split)."""
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, clips=24, heldout=0.0, clips_per_shard=8, workers=1,
+               spec=SynthSpec(seconds=1.0, size=48, fps=8.0))
+    return out / "train"
+
+
+def overrides(shards, run_dir, **extra):
+    base = {"data.shards": shards, "data.synth_clips": 0, "data.num_workers": 0,
+            "data.shuffle_buffer": 8, "train.epochs": 3, "train.batch_size": 4,
+            "train.batch_multiple": 2, "train.micro_batch_size": 2, "train.log_every": 1,
+            "train.ckpt_every": 3, "train.deterministic": "true", "run.dir": run_dir,
+            "run.name": "t"}
+    return {**base, **{k.replace("__", "."): v for k, v in extra.items()}}
+
+
+def torchrun(shards, run_dir, processes=2, **extra):
+    """fastmavil-train configs/demo.toml in `processes` processes; returns the completed
+    process (its output checked by the caller)."""
+    args = [f"--{k}={v}" for k, v in overrides(shards, run_dir, **extra).items()]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*launcher, "-m", "fastmavil.train.pretrain",
+                           str(ROOT / "configs" / "demo.toml"), *args],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def losses(run_dir):
+    lines = (Path(run_dir) / "t" / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def test_two_processes_train_checkpoint_and_resume_as_one_uninterrupted_run(shards, tmp_path):
+    whole = torchrun(shards, tmp_path / "a", train__max_steps=8)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "x 2 processes" in whole.stderr  # MFU against both processes' peak
+    assert whole.stderr.count("[rank 0] INFO") > 0 and "[rank 1] INFO" not in whole.stderr
+    state = __import__("torch").load(list_checkpoints(tmp_path / "a" / "t")[-1],
+                                     weights_only=False)
+    assert len(state["ranks"]) == 2  # each rank's masking stream, for the resume
+    assert state["ranks"][0]["generator"].ne(state["ranks"][1]["generator"]).any()
+    first = torchrun(shards, tmp_path / "b", train__max_steps=5)  # stopped mid-epoch 1
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(shards, tmp_path / "b", train__max_steps=8)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = losses(tmp_path / "a")
+    # rank 1's one shard ends each epoch a step early on both ranks (the plan's last step has
+    # no record): uneven shares end together instead of leaving rank 0 waiting
+    assert 3 not in expected and len(expected) >= 4 and max(expected) == 8
+    assert losses(tmp_path / "b") == expected  # bit for bit
+
+
+def test_a_resume_in_another_number_of_processes_says_the_streams_are_reseeded(shards,
+                                                                                tmp_path):
+    assert torchrun(shards, tmp_path, train__max_steps=2).returncode == 0
+    alone = torchrun(shards, tmp_path, processes=1, train__max_steps=4)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "written by 2 process(es), this run has 1" in alone.stderr
+
+
+@pytest.mark.parametrize("variant", ["mavil", "audiomae"])
+def test_every_variant_trains_in_two_processes(shards, tmp_path, variant):
+    done = torchrun(shards, tmp_path, model__variant=variant, train__max_steps=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(losses(tmp_path)) == {1, 2}
+
+
+def test_passes_the_processes_cannot_share_are_a_config_error(shards, tmp_path):
+    # B0 4 in passes of 4: one pass a step at rho 0.8, which two processes cannot split
+    cfg = load_config(ROOT / "configs" / "demo.toml", {
+        k: str(v) for k, v in overrides(shards, tmp_path, train__micro_batch_size=4).items()})
+    with pytest.raises(ConfigError, match="2 processes cannot share evenly"):
+        pretrain._training_data(cfg, World(rank=0, size=2))
+    cfg.train.cuda_graphs = True
+    with pytest.raises(ConfigError, match="under torchrun leave it off"):
+        pretrain._settings(cfg, World(rank=0, size=2))
