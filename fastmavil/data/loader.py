@@ -164,7 +164,7 @@ class ShardDataset(IterableDataset):
         shards = self._epoch_shards()
         counts = self.kept_clips if self.keep else shard_clips(self.source)
         consumers = self.world_size * workers
-        mine = range(self.rank * workers, (self.rank + 1) * workers)
+        mine = [w * self.world_size + self.rank for w in range(workers)]
         if len(shards) >= consumers:
             return [sum(counts[s] for s in shards[c::consumers]) for c in mine]
         return [len(range(c, sum(counts[s] for s in shards), consumers)) for c in mine]
@@ -177,7 +177,10 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"set_epoch planned the resume for {len(self.passed_over)} "
                              f"loader workers; the DataLoader has {nworkers}")
         passed_over = self.passed_over[wid] if len(self.passed_over) == nworkers else 0
-        return self.rank * nworkers + wid, self.world_size * nworkers, passed_over
+        # numbered worker-major, so the shards left over after whole rounds spread over the
+        # ranks instead of all going to rank 0 (with several processes, an epoch ends when the
+        # smallest share does)
+        return wid * self.world_size + self.rank, self.world_size * nworkers, passed_over
 
     def _epoch_shards(self) -> list[Path]:
         shards = list(self.shards)

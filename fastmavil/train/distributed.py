@@ -4,7 +4,8 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; each process trains on its own de
 LOCAL_RANK, NCCL; or the CPU, gloo) a 1 / N share of every step's passes, its gradients
 averaged across the processes by DistributedDataParallel at each step's last pass. The shards
 are split by rank (data/loader.py), the plan is the same on every rank (schedule.py), and the
-masks and noise of each rank come from its own stream (train.seed + rank).
+masks and noise of each rank come from its own stream (rank_seed). The run folder and the data
+must be on a filesystem every process sees.
 
 The ranks agree on the host, through a gloo group, on what can differ between them: whether
 each still has data for the next pass (an epoch's shards split unevenly) and whether a signal
@@ -18,6 +19,7 @@ import inspect
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -70,6 +72,15 @@ class World:
     def barrier(self) -> None:
         if self.parallel:
             dist.barrier(group=self.control)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank `rank`'s seed of a stream seeded `seed`: the seed itself on rank 0 (a single
+    process's), one drawn from (seed, rank) on the others, so that no rank's stream is another
+    rank's under a nearby seed (seed + rank would be rank 0's at seed + 1)."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def launched() -> bool:

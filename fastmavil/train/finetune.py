@@ -38,6 +38,7 @@ from ..schedule import EpochPlan, first_step, learning_rate
 from . import resume
 from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_latest, rng_state,
                          run_lock, save_checkpoint, set_rng_state)
+from .distributed import launched
 from .metrics import MetricsWriter, StepTimer
 from .pretrain import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
                        prepare_data, progress_bar, setup_runtime)
@@ -491,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     args = parser.parse_args(rest)
     try:
+        if launched():
+            raise ConfigError("fastmavil-finetune runs in one process (the paper fine-tuned on "
+                              "one GPU, VGGSound on four); start it without torchrun")
         cfg = load_config(args.config, overrides, FinetuneConfig)
         if not cfg.run.name:
             cfg.run.name = Path(args.config).stem

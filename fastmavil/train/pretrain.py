@@ -43,7 +43,8 @@ from ..schedule import EpochPlan, first_step, fits_passes, learning_rate, plan_e
 from . import resume
 from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_name,
                          load_latest, rng_state, run_lock, save_checkpoint, set_rng_state)
-from .distributed import World, device_of, distributed_model, init_world, launched, shutdown
+from .distributed import (World, device_of, distributed_model, init_world, launched, rank_seed,
+                          shutdown)
 from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
                       peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
@@ -87,6 +88,20 @@ def prepare_data(cfg: Config) -> Path:
     if not source.exists():
         raise ConfigError(f"data.shards = {d.shards!r} does not exist")
     return source
+
+
+def _prepared_by_rank_0(cfg: Config, world: World) -> Path:
+    """prepare_data on rank 0 (which may generate the demo's clips) while the others wait."""
+    error = None
+    if world.main:
+        try:
+            source = prepare_data(cfg)
+        except ConfigError as err:
+            error = err
+    if not world.all(error is None):
+        raise error or ConfigError(f"rank 0 could not prepare data.shards = "
+                                   f"'{cfg.data.shards}' (its error is in its log)")
+    return source if world.main else Path(cfg.data.shards)
 
 
 def fast_path(cfg: Config, device: torch.device) -> bool:
@@ -145,12 +160,13 @@ class StopFlag:
 
 
 def epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
-                       workers: int) -> None:
+                       workers: int, processes: int = 1) -> None:
     """An epoch's data ended `missing` steps before its plan, after `done` steps (this run's
     and, resumed mid-epoch, the earlier ones): normal for a step or two (each loader worker
     drops its last partial batch); beyond that a warning, and an error when the epoch gave no
     step at all (unreadable shards, or worker shares each smaller than a batch: nothing would
-    train)."""
+    train). With several processes an epoch also ends when the smallest of their shares of
+    the shards does."""
     if done == 0:
         split = (f", or data.num_workers = {workers} split the epoch into shares smaller than "
                  f"a micro-batch of {plan.micro_batch} (each worker drops its partial batch)"
@@ -158,7 +174,12 @@ def epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
         raise DataError(f"epoch {plan.epoch} gave not even one step's {plan.batch_size} "
                         f"clips from {source}: its shards are unreadable (see any warnings "
                         f"above){split}")
-    if missing > max(1, workers) + 1:
+    if processes > 1:
+        log.warning("epoch %d ended %d of its %d steps early: the smallest of the %d processes' "
+                    "shares of the shards ended (or clips were skipped: see any warnings "
+                    "above); shards in a multiple of processes x data.num_workers share evenly",
+                    plan.epoch, missing, plan.steps, processes)
+    elif missing > max(1, workers) + 1:
         log.warning("epoch %d ended %d of its %d steps early: clips were skipped (see the "
                     "warnings above)", plan.epoch, missing, plan.steps)
     else:
@@ -198,8 +219,9 @@ def train(cfg: Config, argv: list[str], world: World | None = None) -> dict:
     world = world or World()
     run_dir = Path(cfg.run.dir) / cfg.run.name
     new_dir = not run_dir.exists()
-    world.barrier()  # every rank has seen whether the folder existed before rank 0 makes it
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.main:  # the only writer in it; the others wait until it exists
+        run_dir.mkdir(parents=True, exist_ok=True)
+    world.barrier()
     try:
         with run_lock(run_dir) if world.main else contextlib.nullcontext():
             try:
@@ -280,7 +302,7 @@ def _training_data(cfg: Config, world: World) -> tuple[Path | None, ShardDataset
     if cfg.data.random_clips:
         source, clips = None, cfg.data.random_clips
     else:
-        source = prepare_data(cfg)
+        source = _prepared_by_rank_0(cfg, world)
         dataset, clips = open_dataset(source, loader_spec(cfg, train=True), rank=world.rank,
                                       world_size=world.size)
         if cfg.data.loader == "dali":
@@ -305,7 +327,8 @@ def _training_data(cfg: Config, world: World) -> tuple[Path | None, ShardDataset
                           "'fixed')")
     if cfg.data.random_clips:  # drawn once, sized for the largest pass of the plan
         dataset = RandomClips(clips, loader_spec(cfg, train=True),
-                              max(p.micro_batch for p in plans), cfg.data.seed + world.rank)
+                              max(p.micro_batch for p in plans),
+                              rank_seed(cfg.data.seed, world.rank))
         log.info("data: %d random clips per epoch held in memory (data.random_clips; "
                  "data.shards unused): the losses measure nothing", clips)
     return source, dataset, clips, plans
@@ -342,8 +365,9 @@ class _Run:
                      "attention runs as under 'auto'")
         self.model.set_residual_dtype(torch.bfloat16 if t.residual_precision == "bf16" else None)
         self.optimizer = make_optimizer(cfg, self.model)
-        # each rank masks and noises its own samples: its own stream
-        self.generator = torch.Generator(device=self.device).manual_seed(t.seed + self.world.rank)
+        # each rank masks and noises its own samples: its own stream (rank 0's is train.seed's)
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            rank_seed(t.seed, self.world.rank))
         self.step, self.last_ckpt = 0, None
         if resumed:
             self.last_ckpt, state = resumed
@@ -422,13 +446,14 @@ class _Run:
         """Whether the newest checkpoint is step `at`'s."""
         return self.last_ckpt is not None and self.last_ckpt.name == checkpoint_name(at)
 
-    def keep_trained(self, cause: str) -> None:
+    def keep_trained(self, cause: str, agreed: bool = False) -> None:
         """Before an error mid-step ends the run: checkpoints the steps trained since the last
         checkpoint. Parameters and optimizer state are still the last finished step's (the
         error came before its update). Resumed, the failed step runs again on the same data with
         its masks (and dropout) drawn anew: from there the run differs from one that never
-        failed."""
-        if self.world.parallel:  # a checkpoint needs every rank, and the others may be waiting
+        failed. With several processes only an error every rank `agreed` on (the data's end)
+        checkpoints: the others may be waiting in a collective."""
+        if self.world.parallel and not agreed:
             log.warning("%s stopped step %d on rank %d; the newest checkpoint is %s", cause,
                         self.trained + 1, self.world.rank, self.last_ckpt)
             return
@@ -476,7 +501,10 @@ class _Run:
 
     def stopping(self) -> bool:
         """Whether a signal asked any rank to stop (they stop together, after the same step)."""
-        return self.world.any(self.stop.signal is not None)
+        stop = self.world.any(self.stop.signal is not None)
+        if stop and self.stop.signal is None:
+            self.stop.signal = "a signal to another process"
+        return stop
 
     def run_epoch(self, plan: EpochPlan) -> None:
         """The steps of `plan`'s epoch this run has left, up to a signal."""
@@ -521,9 +549,9 @@ class _Run:
                 self.clear_grads()
                 try:
                     epoch_ended_early(plan, self.step - start, end - self.step, self.source,
-                                       workers)
+                                      workers, self.world.size)
                 except DataError:
-                    self.keep_trained("the data")
+                    self.keep_trained("the data", agreed=True)
                     raise
                 self.step = end
                 self.progress.update(self.task, completed=self.step)
@@ -610,7 +638,9 @@ class _Run:
             log.warning("steps %d-%d: %d non-finite loss or gradient, update skipped",
                         interval.start + 1, self.step, interval.ran - applied)
         if applied:
-            sums = {k: self.world.mean(v) for k, v in interval.sums.items()}  # every rank's
+            keys = sorted(interval.sums)  # every rank's, in one all-reduce
+            sums = dict(zip(keys, self.world.mean(torch.stack(
+                [interval.sums[k].float() for k in keys])).unbind()))
             record = _log_record(self.cfg, plan, self.step, self.lr, sums, applied,
                                  self.timer, self.device, self.peak, self.gpu_util,
                                  interval.work, _memory_held(self.device, self.graphed))
@@ -693,7 +723,11 @@ def _load_latest(run_dir: Path, world: World) -> tuple[Path, dict] | None:
     path = world.gather(str(found[0]) if found else None)[0]
     if world.main or path is None:
         return found
-    return Path(path), torch.load(path, map_location="cpu", weights_only=False)
+    try:  # memory-mapped: a node's processes do not each hold a copy in RAM
+        return Path(path), torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except OSError as err:
+        raise CheckpointError(f"rank {world.rank} cannot read rank 0's checkpoint {path} ({err}): "
+                              "run.dir must be on a filesystem every process shares") from None
 
 
 def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generator,
@@ -705,7 +739,7 @@ def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generat
     ranks = state.get("ranks") or [state]  # every rank's streams (one, before 2026-11-28)
     streams = ranks[world.rank] if len(ranks) == world.size else None
     if streams is None:
-        generator.manual_seed(seed + world.rank + step)
+        generator.manual_seed(rank_seed(seed + step, world.rank))
         log.warning("%s was written by %d process(es), this run has %d: the random streams "
                     "are reseeded from train.seed and the step (the masks and the samples "
                     "from here on differ from an uninterrupted run's)", path, len(ranks),
@@ -714,7 +748,7 @@ def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generat
     try:
         generator.set_state(streams["generator"])
     except RuntimeError:  # saved on another device type: CPU and CUDA states differ
-        generator.manual_seed(seed + world.rank + step)
+        generator.manual_seed(rank_seed(seed + step, world.rank))
         log.warning("%s was written on another device type: its masking RNG state does not "
                     "load here, so it is reseeded from train.seed and the step (the masks "
                     "from here on differ from an uninterrupted run's)", path)
@@ -847,7 +881,7 @@ def _planned_clips(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", "0")) if launched() else 0
     logging.basicConfig(  # under torchrun: rank 0's messages, and the others' warnings
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=("%(levelname)s %(name)s: %(message)s" if not launched()
@@ -858,7 +892,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.plan:
             clips = _planned_clips(cfg)
-            print_plan(cfg, plan_epochs(cfg, clips), clips)
+            if rank == 0:
+                print_plan(cfg, plan_epochs(cfg, clips), clips)
             return 0
         if not cfg.run.name:
             cfg.run.name = Path(args.config).stem

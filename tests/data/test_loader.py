@@ -156,6 +156,15 @@ def test_batches_labels_and_normalisation(dataset_dir):
             assert dataset.labels[int(labels.argmax())] == expected
 
 
+def test_leftover_shards_spread_over_the_ranks(tmp_path):
+    """6 shards for 2 ranks x 2 workers: the 2 left over after a round go one to each rank (an
+    epoch of several processes ends when the smallest share does)."""
+    write_dataset(tmp_path, 6, 1)
+    shares = [sum(ShardDataset(tmp_path, SPEC, rank=r, world_size=2)._worker_clips(2))
+              for r in range(2)]
+    assert shares == [3, 3]
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_every_clip_once_per_epoch_across_workers_and_ranks(dataset_dir):
     keys = []
@@ -281,12 +290,13 @@ def test_a_resumed_epoch_passes_over_its_batches_without_decoding_them(dataset_d
         ShardDataset(dataset_dir, spec).set_epoch(0, resume_batches=-1)
 
 
-@pytest.mark.parametrize("per_shard, rank, resume", [(6, 0, 4), (6, 1, 5), (22, 0, 5),
+@pytest.mark.parametrize("per_shard, rank, resume", [(6, 0, 4), (6, 1, 5), (22, 0, 4),
                                                      (22, 1, 3)])
 def test_a_resumed_epoch_on_one_of_two_ranks(tmp_path, per_shard, rank, resume):
     """Rank `rank` of 2, 2 workers each, 22 clips: in shards of 6, 6, 6, 4 each worker reads one
     shard, so the ranks' workers hold unequal shares; in 1 shard every worker keeps every 4th
-    clip (6, 6, 5, 5). Either way the resumed epoch goes on as the uninterrupted one."""
+    clip (consumers worker-major: rank 0's workers 6 and 5 clips, rank 1's 6 and 5). Either way
+    the resumed epoch goes on as the uninterrupted one."""
     write_dataset(tmp_path, 22, per_shard)
     spec = LoaderSpec(**{**SPEC.__dict__, "shuffle_buffer": 2})
     whole, resumed, _ = _resumed_batches(tmp_path, spec, 2, resume, rank=rank, world_size=2)

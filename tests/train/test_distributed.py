@@ -88,12 +88,48 @@ def test_every_variant_trains_in_two_processes(shards, tmp_path, variant):
     assert set(losses(tmp_path)) == {1, 2}
 
 
+SAME_STREAMS = """
+import sys
+from fastmavil.train import pretrain
+pretrain.rank_seed = lambda seed, rank: seed  # every rank: rank 0's clips and masks
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_the_gradient_is_the_mean_over_every_processes_passes(tmp_path):
+    """Two processes drawing the same random clips and masks step as one process with half
+    their batch: the same loss and gradient norm (a wrong share of the passes would scale it)."""
+    script = tmp_path / "same_streams.py"
+    script.write_text(SAME_STREAMS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    first = {}
+    for processes, batch in ((2, 8), (1, 4)):
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable])
+        args = {"data.random_clips": 16, "train.adaptive_batch": "false",
+                "mask.schedule": "fixed", "mask.start": 0.8, "mask.end": 0.8,
+                "train.batch_size": batch,
+                "train.micro_batch_size": 2, "train.max_steps": 1, "train.log_every": 1,
+                "train.deterministic": "true", "run.dir": tmp_path / str(processes),
+                "run.name": "t"}
+        done = subprocess.run([*launcher, str(script), str(ROOT / "configs" / "demo.toml"),
+                               *[f"--{k}={v}" for k, v in args.items()]],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        record = json.loads((tmp_path / str(processes) / "t" / "metrics.jsonl").read_text())
+        first[processes] = (record["loss"], record["grad_norm"])
+    assert first[2] == pytest.approx(first[1], rel=1e-6)
+
+
 def test_passes_the_processes_cannot_share_are_a_config_error(shards, tmp_path):
     # B0 4 in passes of 4: one pass a step at rho 0.8, which two processes cannot split
     cfg = load_config(ROOT / "configs" / "demo.toml", {
         k: str(v) for k, v in overrides(shards, tmp_path, train__micro_batch_size=4).items()})
+    class Unjoined(World):  # rank 0 of 2 without a process group: agrees with itself
+        def all(self, flag):
+            return flag
     with pytest.raises(ConfigError, match="2 processes cannot share evenly"):
-        pretrain._training_data(cfg, World(rank=0, size=2))
+        pretrain._training_data(cfg, Unjoined(rank=0, size=2))
     cfg.train.cuda_graphs = True
     with pytest.raises(ConfigError, match="under torchrun leave it off"):
-        pretrain._settings(cfg, World(rank=0, size=2))
+        pretrain._settings(cfg, Unjoined(rank=0, size=2))
