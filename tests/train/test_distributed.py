@@ -3,8 +3,10 @@ passes, gradients averaged once per step, one checkpoint with every rank's strea
 resume that goes on as the uninterrupted run."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,46 @@ def test_a_resume_in_another_number_of_processes_says_the_streams_are_reseeded(s
     alone = torchrun(shards, tmp_path, processes=1, train__max_steps=4)
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert "written by 2 process(es), this run has 1" in alone.stderr
+
+
+def _children(pid):
+    """(pid, RANK) of the processes `pid` started (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        ranks = [int(v[5:]) for v in environ if v.startswith(b"RANK=")]
+        if parent == pid and ranks:
+            found.append((int(entry.name), ranks[0]))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
+def test_a_signal_to_one_process_stops_both_after_the_same_step(shards, tmp_path):
+    args = [f"--{k}={v}" for k, v in overrides(shards, tmp_path, train__epochs=40,
+                                               train__ckpt_every=1000).items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "fastmavil.train.pretrain", str(ROOT / "configs" / "demo.toml"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert launcher.poll() is None and time.monotonic() < deadline, "no steps logged"
+        time.sleep(0.2)
+    (rank_1,) = [pid for pid, rank in _children(launcher.pid) if rank == 1]
+    os.kill(rank_1, signal.SIGTERM)  # rank 0 gets no signal
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "stopped by a signal to another process at step" in err
+    step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert list_checkpoints(tmp_path / "t")[-1].name == f"step-{step:08d}.pt"
 
 
 @pytest.mark.parametrize("variant", ["mavil", "audiomae"])
