@@ -12,30 +12,19 @@ from pathlib import Path
 import pytest
 
 from fastmavil.config import ConfigError, load_config
-from fastmavil.data.synth import SynthSpec, synthesize
 from fastmavil.train import pretrain
 from fastmavil.train.checkpoint import list_checkpoints
 from fastmavil.train.distributed import World
 
+from .test_pretrain import overrides as pretrain_overrides
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """3 shards of 8 clips: rank 0 reads two of them, rank 1 one (an uneven split)."""
-    out = tmp_path_factory.mktemp("synth")
-    synthesize(out, clips=24, heldout=0.0, clips_per_shard=8, workers=1,
-               spec=SynthSpec(seconds=1.0, size=48, fps=8.0))
-    return out / "train"
-
-
 def overrides(shards, run_dir, **extra):
-    base = {"data.shards": shards, "data.synth_clips": 0, "data.num_workers": 0,
-            "data.shuffle_buffer": 8, "train.epochs": 3, "train.batch_size": 4,
-            "train.batch_multiple": 2, "train.micro_batch_size": 2, "train.log_every": 1,
-            "train.ckpt_every": 3, "train.deterministic": "true", "run.dir": run_dir,
-            "run.name": "t"}
-    return {**base, **{k.replace("__", "."): v for k, v in extra.items()}}
+    """test_pretrain's small demo run, in passes of 2 (two a step, one per process, at
+    rho = 0.8)."""
+    return pretrain_overrides(shards, run_dir, **{"train__micro_batch_size": 2, **extra})
 
 
 def torchrun(shards, run_dir, processes=2, **extra):

@@ -23,14 +23,6 @@ from fastmavil.train.checkpoint import list_checkpoints, load_latest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    synthesize(out, clips=24, heldout=0.0, clips_per_shard=8, workers=1,
-               spec=SynthSpec(seconds=1.0, size=48, fps=8.0))
-    return out / "train"
-
-
 def overrides(shards, run_dir, **extra):
     base = {"data.shards": str(shards), "data.synth_clips": "0", "data.num_workers": "0",
             "data.shuffle_buffer": "8", "train.epochs": "3", "train.batch_size": "4",
