@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .checkpoint import CheckpointError, load_latest
 
 
 @dataclass
@@ -127,6 +130,29 @@ def distributed_model(model: torch.nn.Module, device: torch.device):
                       else {"broadcast_buffers": False})
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                **no_buffer_sync)
+
+
+def agreed_batches(batches, world: World):
+    """`batches` until one rank has none left, on every rank at the same pass: a rank whose
+    shards ran out earlier would otherwise leave the others waiting in the all-reduce."""
+    for batch in itertools.chain(batches, [None]):
+        if not world.all(batch is not None):
+            return
+        yield batch
+
+
+def latest_checkpoint(run_dir: Path, world: World) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads: rank 0 finds it (setting damaged ones aside), the
+    other ranks then read the same file."""
+    found = load_latest(run_dir) if world.main else None
+    path = world.gather(str(found[0]) if found else None)[0]
+    if world.main or path is None:
+        return found
+    try:  # memory-mapped: a node's processes do not each hold a copy in RAM
+        return Path(path), torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except OSError as err:
+        raise CheckpointError(f"rank {world.rank} cannot read rank 0's checkpoint {path} ({err}): "
+                              "run.dir must be on a filesystem every process shares") from None
 
 
 def shutdown(world: World) -> None:

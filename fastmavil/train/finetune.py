@@ -10,6 +10,8 @@ epochs and the last, the evaluation clips are scored: mAP or top-1 (fastmavil/ev
 A run lives in `<run.dir>/<run.name>/` as a pre-training run does (config.toml, metrics.jsonl
 with the evaluations as records too, checkpoints/, and results.json with every evaluation);
 the same command resumes it, mid-epoch included, and SIGINT/SIGTERM checkpoint and stop.
+Under torchrun several processes share the clips and each step's passes, as in pre-training
+(train/distributed.py), and the evaluation's scores are gathered from all of them.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import shutil
 import statistics
@@ -36,12 +39,13 @@ from ..models import compile_blocks
 from ..models.classifier import AudioClassifier, load_pretrained_encoder, param_groups
 from ..schedule import EpochPlan, first_step, learning_rate
 from . import resume
-from .checkpoint import (CheckpointError, RunLocked, checkpoint_name, load_latest, rng_state,
+from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_name, rng_state,
                          run_lock, save_checkpoint, set_rng_state)
-from .distributed import launched
-from .metrics import MetricsWriter, StepTimer
+from .distributed import (World, agreed_batches, device_of, distributed_model, init_world,
+                          latest_checkpoint, launched, rank_seed, shutdown)
+from .metrics import MetricsWriter, NoMetrics, StepTimer
 from .pretrain import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
-                       prepare_data, progress_bar, setup_runtime)
+                       prepared_data, progress_bar, setup_runtime)
 
 log = logging.getLogger("fastmavil.finetune")
 
@@ -129,26 +133,29 @@ def check_folds(dataset, folds: int) -> None:
 class _Run:
     """One fine-tuning run (one fold of a cross-validation)."""
 
-    def __init__(self, cfg: FinetuneConfig, run_dir: Path, fold: int | None):
-        self.cfg, self.run_dir, self.fold = cfg, run_dir, fold
+    def __init__(self, cfg: FinetuneConfig, run_dir: Path, fold: int | None, world: World):
+        self.cfg, self.run_dir, self.fold, self.world = cfg, run_dir, fold, world
         f, t = cfg.finetune, cfg.train
-        self.device, bf16 = setup_runtime(t)
+        self.device, bf16 = setup_runtime(t, device_of(world, t.device))
         fused = fast_path(cfg, self.device)
-        resumed = load_latest(run_dir)
+        resumed = latest_checkpoint(run_dir, world)
         if resumed:
             resume.check_format(*resumed)
             resume.check_config(resumed[0], resumed[1].get("config"), cfg)
 
-        source = prepare_data(cfg)
+        source = prepared_data(cfg, world)
         spec = dataclasses.replace(loader_spec(cfg, train=True), audio_only=True)
         train_keep, eval_keep = clip_filters(f, fold)
-        self.train_data, clips = open_dataset(source, spec, keep=train_keep)
+        # each process trains on its share of the clips and scores its share of the evaluation
+        ranks = dict(rank=world.rank, world_size=world.size)
+        self.train_data, clips = open_dataset(source, spec, keep=train_keep, **ranks)
         eval_source = Path(f.eval_shards) if f.eval_shards else source
         eval_key = "finetune.eval_shards" if f.eval_shards else "data.shards"
         if not eval_source.exists():
             raise ConfigError(f"{eval_key} = '{eval_source}' does not exist")
         self.eval_data, eval_clips = open_dataset(
-            eval_source, dataclasses.replace(spec, train=False), eval_key, keep=eval_keep)
+            eval_source, dataclasses.replace(spec, train=False), eval_key, keep=eval_keep,
+            **ranks)
         if fold == 1:  # once per cross-validation
             check_folds(self.train_data, f.folds)
         self.labels = self.train_data.labels
@@ -164,6 +171,12 @@ class _Run:
                               f"evaluation clips: fine-tuning needs at least train.batch_size = "
                               f"{t.batch_size} of the first and one of the second")
         self.plans = [EpochPlan(e, 0.0, t.batch_size, micro, steps) for e in range(t.epochs)]
+        self.passes = self.plans[0].passes // world.size  # this process's share of a step's
+        if self.plans[0].passes % world.size:
+            raise ConfigError(f"a step's {self.plans[0].passes} passes of {micro} clips cannot "
+                              f"be shared evenly by {world.size} processes: set "
+                              "train.micro_batch_size so that train.batch_size / "
+                              f"micro_batch_size is a multiple of {world.size}")
         planned = steps * t.epochs
         self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
         log.info("%s: %d classes, %d training clips (%d steps an epoch), %d evaluation clips",
@@ -180,17 +193,25 @@ class _Run:
                 raise ConfigError("train.residual_precision = 'bf16' needs bf16 autocast; this "
                                   f"run trains in fp32 on {self.device}")
             self.model.encoder.residual_dtype = torch.bfloat16
-        self.pretrained = None
-        if not resumed:
-            if f.checkpoint:
-                self.pretrained = str(load_pretrained_encoder(self.model, f.checkpoint))
-            else:
-                log.warning("finetune.checkpoint is empty: the encoder starts from random weights")
+        self.pretrained, error = None, None
+        if not resumed and world.main:  # DistributedDataParallel hands rank 0's weights on
+            try:
+                if f.checkpoint:
+                    self.pretrained = str(load_pretrained_encoder(self.model, f.checkpoint))
+                else:
+                    log.warning("finetune.checkpoint is empty: the encoder starts from random "
+                                "weights")
+            except ConfigError as err:
+                error = err
+        if not world.all(error is None):
+            raise error or ConfigError("rank 0 could not load finetune.checkpoint (its error is "
+                                       "in its log)")
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.optim.weight_decay, f.layer_decay),
             lr=cfg.optim.lr, betas=cfg.optim.betas, fused=True)
-        self.seed = seed = t.seed + (fold or 0)
+        self.seed = t.seed + (fold or 0)
+        seed = rank_seed(self.seed, world.rank)  # each process augments its own clips
         self.generator = torch.Generator(self.device).manual_seed(seed)  # SpecAugment, noise
         self.host_generator = torch.Generator().manual_seed(seed)  # mixup / cutmix, per batch
         self.step, self.evals, self.last_ckpt = 0, [], None
@@ -199,36 +220,56 @@ class _Run:
             self._restore(state)
         if t.compile:
             compile_blocks(self.model, t.compile_mode)
+        # under torchrun the gradients are averaged over the processes at each step's last pass
+        self.forward_model = (distributed_model(self.model, self.device) if world.parallel
+                              else self.model)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
                          else contextlib.nullcontext())
         self.fill = -cfg.data.audio_mean / (2 * cfg.data.audio_std)  # a raw 0, normalised
         self.bad_run = torch.zeros((), dtype=torch.long, device=self.device)
         self.worst_run = self.bad_run.clone()
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        if world.main:
+            (run_dir / "config.toml").write_text(to_toml(cfg))
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.evals = state["step"], state["evals"]
         self.pretrained = state.get("pretrained")
-        self.host_generator.set_state(state["host_generator"])
+        ranks = state.get("ranks") or [state]  # every process's streams
+        if len(ranks) != self.world.size:
+            reseed = rank_seed(self.seed + self.step, self.world.rank)
+            self.generator.manual_seed(reseed)
+            self.host_generator.manual_seed(reseed)
+            log.warning("%s was written by %d process(es), this run has %d: the augmentations' "
+                        "streams are reseeded", self.last_ckpt, len(ranks), self.world.size)
+            return
+        streams = ranks[self.world.rank]
+        self.host_generator.set_state(streams["host_generator"])
         try:
-            self.generator.set_state(state["generator"])
+            self.generator.set_state(streams["generator"])
         except RuntimeError:  # saved on another device type
-            self.generator.manual_seed(self.seed + self.step)
-        set_rng_state(state["rng"], self.device)
+            self.generator.manual_seed(rank_seed(self.seed + self.step, self.world.rank))
+        set_rng_state(streams["rng"], self.device)
         log.info("resumed from %s (step %d)", self.last_ckpt, self.step)
 
     def checkpoint(self) -> None:
-        self.last_ckpt = save_checkpoint(self.run_dir, self.step, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "host_generator": self.host_generator.get_state(), "rng": rng_state(self.device),
-            "step": self.step, "evals": self.evals, "config": to_toml(self.cfg),
-            "clips": self.clips, "plan": resume.plan_record(self.plans),
-            "precision": self.precision, "pretrained": self.pretrained,
-            "format": resume.FORMAT},
-            self.cfg.train.keep_checkpoints)
+        """Rank 0 writes the checkpoint, with every process's random streams."""
+        streams = self.world.gather({"generator": self.generator.get_state(),
+                                     "host_generator": self.host_generator.get_state(),
+                                     "rng": rng_state(self.device)})
+        if self.world.main:
+            self.last_ckpt = save_checkpoint(self.run_dir, self.step, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **streams[0], **({"ranks": streams} if self.world.parallel else {}),
+                "step": self.step, "evals": self.evals, "config": to_toml(self.cfg),
+                "clips": self.clips, "plan": resume.plan_record(self.plans),
+                "precision": self.precision, "pretrained": self.pretrained,
+                "format": resume.FORMAT},
+                self.cfg.train.keep_checkpoints)
+        else:
+            self.last_ckpt = checkpoint_dir(self.run_dir) / checkpoint_name(self.step)
+        self.world.barrier()
 
     # --- one step -------------------------------------------------------------------------
     def augment(self, audio: torch.Tensor, targets: torch.Tensor):
@@ -249,11 +290,11 @@ class _Run:
             return F.binary_cross_entropy_with_logits(logits, targets)
         return F.cross_entropy(logits, targets)  # soft targets: mixup, smoothing
 
-    def train_step(self, batches, plan: EpochPlan) -> torch.Tensor:
-        """One optimizer step over plan.passes batches; StopIteration when the data ends."""
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimizer step over this process's passes; StopIteration when the data ends."""
         self.optimizer.zero_grad(set_to_none=True)  # a step the data cut short added some
-        total = 0.0
-        for i in range(plan.passes):
+        total, passes = 0.0, self.passes
+        for i in range(passes):
             if i:
                 self.timer.fetch_start()
             batch = next(batches)
@@ -261,12 +302,15 @@ class _Run:
             audio = batch["audio"].to(self.device, non_blocking=True)
             targets = batch["labels"].to(self.device, non_blocking=True)
             audio, targets = self.augment(audio, targets)
-            with self.autocast:
-                loss = self.loss(self.model(audio), targets)
-            (loss / plan.passes).backward()
-            total = total + loss.detach() / plan.passes
+            sync = i == passes - 1 or not self.world.parallel  # all-reduce at the last pass
+            with contextlib.nullcontext() if sync else self.forward_model.no_sync():
+                with self.autocast:
+                    loss = self.loss(self.forward_model(audio), targets)
+                (loss / passes).backward()
+            total = total + loss.detach() / passes
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
+        total = self.world.mean(total)  # every process's: they apply or skip a step together
         finite = torch.isfinite(total) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()  # the fused AdamW skips it on the device
         self.optimizer.step()
@@ -294,8 +338,14 @@ class _Run:
                 logits = self.model(batch["audio"].to(self.device)).float()
             scores.append(logits.cpu())
             targets.append(batch["labels"])
+        if not scores:  # a process whose share holds no evaluation clip
+            scores.append(torch.zeros(0, len(self.labels)))
+            targets.append(torch.zeros(0, len(self.labels)))
         self.model.train()
-        logits, labels = torch.cat(scores), torch.cat(targets)
+        # every process's share, on every process (each computes the same metric)
+        shares = self.world.gather((torch.cat(scores), torch.cat(targets)))
+        logits = torch.cat([share[0] for share in shares])
+        labels = torch.cat([share[1] for share in shares])
         record = {"step": self.step, "epoch": epoch, "eval_clips": len(labels),
                   "eval_loss": float(self.loss(logits, labels))}
         probs = logits.sigmoid() if f.loss == "bce" else logits.softmax(dim=1)
@@ -312,14 +362,16 @@ class _Run:
         task = progress.add_task(name, total=self.total_steps, completed=self.step, epoch="-",
                                  loss="-", rate="-")
         tensorboard = None if self.cfg.run.tensorboard else False
-        with MetricsWriter(self.run_dir, tensorboard, self.step) as writer:
+        main = self.world.main
+        with MetricsWriter(self.run_dir, tensorboard, self.step) if main else NoMetrics() \
+                as writer:
             for plan in self.plans:
                 start = first_step(plan.epoch, self.plans)
                 end = min(start + plan.steps, self.total_steps)
                 if self.step < end:
                     progress.update(task, epoch=plan.epoch)
                     self.run_epoch(plan, start, end, progress, task, writer, stop)
-                    if stop.signal is not None:  # an epoch it finished is evaluated on resume
+                    if self.stopping(stop):  # an epoch it finished is evaluated on resume
                         break
                 last = end >= self.total_steps
                 due = (plan.epoch + 1) % f.eval_every == 0 or last
@@ -327,22 +379,32 @@ class _Run:
                     record = self.evaluate(plan.epoch)
                     self.evals.append(record)
                     writer.write(record)
-                    progress.console.print(_eval_line(record), soft_wrap=True)
+                    if main:
+                        progress.console.print(_eval_line(record), soft_wrap=True)
                     self.checkpoint()
                 if last:
                     break
             if self.last_ckpt is None or self.last_ckpt.name != checkpoint_name(self.step):
                 self.checkpoint()
-        (self.run_dir / "results.json").write_text(json.dumps(
-            {"evals": self.evals, "pretrained": self.pretrained, "step": self.step}, indent=1))
+        if main:
+            (self.run_dir / "results.json").write_text(json.dumps(
+                {"evals": self.evals, "pretrained": self.pretrained, "step": self.step},
+                indent=1))
         return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
                 "evals": self.evals, "checkpoint": str(self.last_ckpt),
                 "pretrained": self.pretrained, "interrupted": stop.signal}
 
+    def stopping(self, stop: StopFlag) -> bool:
+        """Whether a signal asked any process to stop (all stop after the same step)."""
+        agreed = self.world.any(stop.signal is not None)
+        if agreed and stop.signal is None:
+            stop.signal = "a signal to another process"
+        return agreed
+
     def run_epoch(self, plan, start, end, progress, task, writer, stop) -> None:
         t = self.cfg.train
         workers = self.cfg.data.num_workers
-        drop = self.train_data.set_epoch(plan.epoch, (self.step - start) * plan.passes,
+        drop = self.train_data.set_epoch(plan.epoch, (self.step - start) * self.passes,
                                          plan.micro_batch, workers)
         with torch.random.fork_rng(devices=[]):  # its worker seed, drawn from torch's stream,
             # would shift stochastic depth's draws after a resume (the epoch's samples are
@@ -350,13 +412,15 @@ class _Run:
             batches = iter(build_loader(self.train_data, plan.micro_batch, workers))
         for _ in range(drop):
             next(batches, None)
+        if self.world.parallel:  # the epoch ends on every process when one has no pass left
+            batches = agreed_batches(batches, self.world)
         self.timer, losses = StepTimer(), []
-        while self.step < end and stop.signal is None:
+        while self.step < end and not self.stopping(stop):
             lr = learning_rate(self.cfg, self.step, self.plans)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             try:
-                losses.append(self.train_step(batches, plan))
+                losses.append(self.train_step(batches))
             except StopIteration:  # each worker drops its partial batch: an epoch may end early
                 break
             self.step += 1
@@ -371,7 +435,7 @@ class _Run:
             self.log(plan, lr, losses, writer, progress, task)
         if stop.signal is None and self.step < end:  # the data ran short: the schedule goes on
             epoch_ended_early(plan, self.step - start, end - self.step, self.source,
-                               self.workers)
+                              self.workers, self.world.size)
             progress.advance(task, end - self.step)
             self.step = end
 
@@ -390,6 +454,8 @@ class _Run:
                   "samples_per_s": plan.batch_size * 1e3 / timing["step_ms"],
                   "data_wait": timing["data_wait_share"]}
         writer.write(record)
+        if not self.world.main:
+            return
         progress.update(task, loss=f"{record['loss']:.4f}", rate=f"{record['samples_per_s']:.1f}")
         progress.console.print(
             f"step {self.step}/{self.total_steps} ep {plan.epoch} loss {record['loss']:.4f} "
@@ -408,26 +474,30 @@ def metric_of(record: dict) -> float:
     return record["eval_map"] if "eval_map" in record else record["eval_top1"]
 
 
-def finetune(cfg: FinetuneConfig, argv: list[str]) -> dict:
-    """Runs (or resumes) the configured fine-tuning, every fold of a cross-validation in turn;
-    returns the summary."""
+def finetune(cfg: FinetuneConfig, argv: list[str], world: World | None = None) -> dict:
+    """Runs (or resumes) the configured fine-tuning, every fold of a cross-validation in turn,
+    as rank `world.rank` of `world.size` processes under torchrun; returns the summary."""
+    world = world or World()
     check_task(cfg)
     base = Path(cfg.run.dir) / cfg.run.name
     folds = list(range(1, cfg.finetune.folds + 1)) or [None]
     runs, started = [], time.perf_counter()
-    progress = progress_bar()
+    progress = progress_bar(disable=not world.main)
     with StopFlag() as stop, progress:
         for fold in folds:
             run_dir = base / f"fold-{fold}" if fold else base
             new_dir = not run_dir.exists()
-            run_dir.mkdir(parents=True, exist_ok=True)
+            if world.main:  # the only writer in it; the others wait until it exists
+                run_dir.mkdir(parents=True, exist_ok=True)
+            world.barrier()
             try:
-                with run_lock(run_dir):
+                with run_lock(run_dir) if world.main else contextlib.nullcontext():
                     try:
-                        runs.append(_Run(cfg, run_dir, fold).run(progress, stop))
+                        runs.append(_Run(cfg, run_dir, fold, world).run(progress, stop))
                     except BaseException:  # a run that failed before writing anything
                         # (a bad checkpoint, missing data) leaves no folder
-                        if new_dir and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+                        if world.main and new_dir and \
+                                {p.name for p in run_dir.iterdir()} <= {".lock"}:
                             shutil.rmtree(run_dir, ignore_errors=True)
                         raise
             except RunLocked as err:
@@ -441,10 +511,12 @@ def finetune(cfg: FinetuneConfig, argv: list[str]) -> dict:
     if cfg.finetune.folds and len(finals) == cfg.finetune.folds and stop.signal is None:
         summary["mean"] = statistics.fmean(finals)
         summary["std"] = statistics.pstdev(finals)
-        (base / "cv.json").write_text(json.dumps(
-            {"metric": cfg.finetune.metric, "folds": finals, "mean": summary["mean"],
-             "std": summary["std"]}, indent=1))
-    _print_summary(progress.console, summary, argv)
+        if world.main:
+            (base / "cv.json").write_text(json.dumps(
+                {"metric": cfg.finetune.metric, "folds": finals, "mean": summary["mean"],
+                 "std": summary["std"]}, indent=1))
+    if world.main:
+        _print_summary(progress.console, summary, argv)
     return summary
 
 
@@ -478,7 +550,11 @@ def _print_summary(console, s: dict, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0")) if launched() else 0
+    logging.basicConfig(  # under torchrun: rank 0's messages, and the others' warnings
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=("%(levelname)s %(name)s: %(message)s" if not launched()
+                else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
     parser = argparse.ArgumentParser(
         prog="fastmavil-finetune",
         description="Fine-tune a pre-trained audio encoder as a classifier (paper Table 4).",
@@ -491,20 +567,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         parser.error(str(err))
     args = parser.parse_args(rest)
+    world = World()
     try:
-        if launched():
-            raise ConfigError("fastmavil-finetune runs in one process (the paper fine-tuned on "
-                              "one GPU, VGGSound on four); start it without torchrun")
         cfg = load_config(args.config, overrides, FinetuneConfig)
         if not cfg.run.name:
             cfg.run.name = Path(args.config).stem
-        finetune(cfg, argv)
+        world = init_world(cfg.train.device)
+        finetune(cfg, argv, world)
     except ConfigError as err:
         print(f"fastmavil-finetune: {err}", file=sys.stderr)
         return 2
     except (TrainingError, CheckpointError) as err:
         print(f"fastmavil-finetune: {err}", file=sys.stderr)
         return 1
+    finally:
+        shutdown(world)
     return 0
 
 

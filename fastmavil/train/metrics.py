@@ -344,6 +344,19 @@ class MetricsWriter:
         self.close()
 
 
+class NoMetrics:
+    """The metrics writer of the processes other than rank 0: writes nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def __enter__(self) -> NoMetrics:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def _drop_records_after(path: Path, step: int) -> None:
     """Rewrites `path` (atomically) without the records past `step` and any line a crash cut
     short."""

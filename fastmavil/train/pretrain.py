@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
 import os
 import shlex
@@ -41,12 +40,12 @@ from ..models import build_model, compile_blocks
 from ..models.compile import MAX_AUTOTUNE_NEEDS_KERNELS
 from ..schedule import EpochPlan, first_step, fits_passes, learning_rate, plan_epochs
 from . import resume
-from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_name,
-                         load_latest, rng_state, run_lock, save_checkpoint, set_rng_state)
-from .distributed import (World, device_of, distributed_model, init_world, launched, rank_seed,
-                          shutdown)
-from .metrics import (GpuUtilization, MetricsWriter, StepTimer, device_peak_flops, mfu,
-                      peak_memory_bytes, tflops)
+from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_name, rng_state,
+                         run_lock, save_checkpoint, set_rng_state)
+from .distributed import (World, agreed_batches, device_of, distributed_model, init_world,
+                          latest_checkpoint, launched, rank_seed, shutdown)
+from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
+                      mfu, peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
 
 log = logging.getLogger("fastmavil.train")
@@ -90,7 +89,7 @@ def prepare_data(cfg: Config) -> Path:
     return source
 
 
-def _prepared_by_rank_0(cfg: Config, world: World) -> Path:
+def prepared_data(cfg: Config, world: World) -> Path:
     """prepare_data on rank 0 (which may generate the demo's clips) while the others wait."""
     error = None
     if world.main:
@@ -302,7 +301,7 @@ def _training_data(cfg: Config, world: World) -> tuple[Path | None, ShardDataset
     if cfg.data.random_clips:
         source, clips = None, cfg.data.random_clips
     else:
-        source = _prepared_by_rank_0(cfg, world)
+        source = prepared_data(cfg, world)
         dataset, clips = open_dataset(source, loader_spec(cfg, train=True), rank=world.rank,
                                       world_size=world.size)
         if cfg.data.loader == "dali":
@@ -344,7 +343,7 @@ class _Run:
         self.cfg, self.run_dir, self.world = cfg, run_dir, world or World()
         t = cfg.train
         self.device, bf16, fused, self.precision = _settings(cfg, self.world)
-        resumed = _load_latest(run_dir, self.world)
+        resumed = latest_checkpoint(run_dir, self.world)
         if resumed:
             resume.check_format(*resumed)
             resume.check_config(resumed[0], resumed[1].get("config"), cfg)
@@ -533,7 +532,7 @@ class _Run:
         for _ in range(drop):  # if the data ends here, the step loop finds it has
             next(batches, None)
         if self.world.parallel:  # an epoch ends on every rank when one has no batch left
-            batches = _while_every_rank_has_data(batches, self.world)
+            batches = agreed_batches(batches, self.world)
         self.progress.update(self.task, epoch=plan.epoch)
         while self.step < end and not self.stopping():
             self.lr = learning_rate(cfg, self.step, self.plans)
@@ -657,28 +656,6 @@ class _Run:
         self.interval = _Interval(self.step, self.device)
 
 
-class NoMetrics:
-    """The metrics writer of the ranks other than 0: writes nothing."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def __enter__(self) -> NoMetrics:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def _while_every_rank_has_data(batches, world: World):
-    """`batches` until one rank has none left, on every rank at the same pass: a rank whose
-    shards ran out earlier would otherwise leave the others waiting in the all-reduce."""
-    for batch in itertools.chain(batches, [None]):
-        if not world.all(batch is not None):
-            return
-        yield batch
-
-
 def progress_bar(disable: bool = False):
     """The run's progress display (on stderr): epoch, steps, loss, samples/s, time left."""
     from rich.console import Console
@@ -714,20 +691,6 @@ class _Interval:
         self.work = {k: v + work[k] for k, v in self.work.items()}
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + torch.where(finite, v.float(), 0.0)
-
-
-def _load_latest(run_dir: Path, world: World) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads: rank 0 finds it (setting damaged ones aside), the
-    other ranks then read the same file."""
-    found = load_latest(run_dir) if world.main else None
-    path = world.gather(str(found[0]) if found else None)[0]
-    if world.main or path is None:
-        return found
-    try:  # memory-mapped: a node's processes do not each hold a copy in RAM
-        return Path(path), torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except OSError as err:
-        raise CheckpointError(f"rank {world.rank} cannot read rank 0's checkpoint {path} ({err}): "
-                              "run.dir must be on a filesystem every process shares") from None
 
 
 def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generator,

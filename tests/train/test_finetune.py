@@ -1,7 +1,10 @@
 """End-to-end fine-tuning on small generated datasets: training and evaluation, resume,
 signals, cross-validation folds, split filters and the errors a config can earn."""
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,11 @@ def folds(tmp_path_factory):
 
 
 def config(data, pretrained, run_dir, **extra):
+    return load_config(ROOT / "configs" / "finetune" / "demo.toml",
+                       overrides(data, pretrained, run_dir, **extra), FinetuneConfig)
+
+
+def overrides(data, pretrained, run_dir, **extra):
     base = {"data.shards": str(data / "train"), "data.synth_clips": "0",
             "data.num_workers": "0", "data.shuffle_buffer": "8",
             "finetune.eval_shards": str(data / "heldout"),
@@ -64,8 +72,7 @@ def config(data, pretrained, run_dir, **extra):
             "train.epochs": "3", "train.batch_size": "4", "train.log_every": "2",
             "train.ckpt_every": "4", "train.deterministic": "true", "optim.warmup_epochs": "1",
             "run.dir": str(run_dir), "run.name": "t"}
-    overrides = {**base, **{k.replace("__", "."): str(v) for k, v in extra.items()}}
-    return load_config(ROOT / "configs" / "finetune" / "demo.toml", overrides, FinetuneConfig)
+    return {**base, **{k.replace("__", "."): str(v) for k, v in extra.items()}}
 
 
 def records(run_dir):
@@ -128,11 +135,11 @@ def test_a_signal_checkpoints_and_the_rerun_goes_on(data, pretrained, tmp_path, 
     step = ft._Run.train_step
     calls = []
 
-    def interrupted(self, batches, plan):
+    def interrupted(self, batches):
         calls.append(1)
         if len(calls) == 5:
             signal.raise_signal(signal.SIGINT)
-        return step(self, batches, plan)
+        return step(self, batches)
     monkeypatch.setattr(ft._Run, "train_step", interrupted)
     summary = ft.finetune(config(data, pretrained, tmp_path), [])
     assert summary["interrupted"] == "SIGINT" and summary["runs"][0]["step"] == 5
@@ -258,3 +265,31 @@ def test_the_paper_configs_hold_table_4(tmp_path):
             (1e-4, 1e-6, (0.9, 0.95), 0.75, 0.1, True)  # "R": the waveform rolled
     assert load_config(ROOT / "configs/finetune/esc50.toml", None,
                        FinetuneConfig).finetune.folds == 5
+
+
+def test_two_processes_fine_tune_score_every_clip_once_and_resume_exactly(data, pretrained,
+                                                                          tmp_path):
+    """torchrun, 2 CPU processes over gloo: one pass of 2 clips each per step of 4."""
+    def torchrun(run_dir, **extra):
+        args = overrides(data, pretrained, run_dir, train__micro_batch_size=2, **extra)
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", "-m", "fastmavil.train.finetune",
+             str(ROOT / "configs" / "finetune" / "demo.toml"),
+             *[f"--{k}={v}" for k, v in args.items()]],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((run_dir / "t" / "results.json").read_text())["evals"]
+
+    whole = torchrun(tmp_path / "a")
+    assert [r["epoch"] for r in whole] == [0, 1, 2]
+    assert all(r["eval_clips"] == 8 for r in whole)  # each process scored its half
+    torchrun(tmp_path / "b", train__max_steps=8)  # stopped mid-epoch 1, then resumed
+    resumed = torchrun(tmp_path / "b")
+    assert [r for r in resumed if r["step"] in {w["step"] for w in whole}] == whole
+    a = torch.load(list_checkpoints(tmp_path / "a" / "t")[-1], weights_only=False)
+    b = torch.load(list_checkpoints(tmp_path / "b" / "t")[-1], weights_only=False)
+    assert len(a["ranks"]) == 2
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
