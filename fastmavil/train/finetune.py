@@ -19,9 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -39,13 +37,12 @@ from ..models import compile_blocks
 from ..models.classifier import AudioClassifier, load_pretrained_encoder, param_groups
 from ..schedule import EpochPlan, first_step, learning_rate
 from . import resume
-from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_name, rng_state,
-                         run_lock, save_checkpoint, set_rng_state)
-from .distributed import (World, agreed_batches, device_of, distributed_model, init_world,
-                          latest_checkpoint, launched, rank_seed, shutdown)
+from .checkpoint import checkpoint_dir, checkpoint_name, rng_state, save_checkpoint, set_rng_state
+from .distributed import (World, agreed_batches, device_of, distributed_model, latest_checkpoint,
+                          rank_seed)
 from .metrics import MetricsWriter, NoMetrics, StepTimer
 from .pretrain import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
-                       prepared_data, progress_bar, setup_runtime)
+                       prepared_data, progress_bar, run_command, run_folder, setup_runtime)
 
 log = logging.getLogger("fastmavil.finetune")
 
@@ -486,22 +483,8 @@ def finetune(cfg: FinetuneConfig, argv: list[str], world: World | None = None) -
     with StopFlag() as stop, progress:
         for fold in folds:
             run_dir = base / f"fold-{fold}" if fold else base
-            new_dir = not run_dir.exists()
-            if world.main:  # the only writer in it; the others wait until it exists
-                run_dir.mkdir(parents=True, exist_ok=True)
-            world.barrier()
-            try:
-                with run_lock(run_dir) if world.main else contextlib.nullcontext():
-                    try:
-                        runs.append(_Run(cfg, run_dir, fold, world).run(progress, stop))
-                    except BaseException:  # a run that failed before writing anything
-                        # (a bad checkpoint, missing data) leaves no folder
-                        if world.main and new_dir and \
-                                {p.name for p in run_dir.iterdir()} <= {".lock"}:
-                            shutil.rmtree(run_dir, ignore_errors=True)
-                        raise
-            except RunLocked as err:
-                raise TrainingError(str(err)) from None
+            with run_folder(run_dir, world):
+                runs.append(_Run(cfg, run_dir, fold, world).run(progress, stop))
             if stop.signal is not None:
                 break
     summary = {"runs": runs, "seconds": time.perf_counter() - started,
@@ -550,11 +533,6 @@ def _print_summary(console, s: dict, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     argv = sys.argv[1:] if argv is None else argv
-    rank = int(os.environ.get("RANK", "0")) if launched() else 0
-    logging.basicConfig(  # under torchrun: rank 0's messages, and the others' warnings
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=("%(levelname)s %(name)s: %(message)s" if not launched()
-                else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
     parser = argparse.ArgumentParser(
         prog="fastmavil-finetune",
         description="Fine-tune a pre-trained audio encoder as a classifier (paper Table 4).",
@@ -567,22 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         parser.error(str(err))
     args = parser.parse_args(rest)
-    world = World()
-    try:
-        cfg = load_config(args.config, overrides, FinetuneConfig)
-        if not cfg.run.name:
-            cfg.run.name = Path(args.config).stem
-        world = init_world(cfg.train.device)
-        finetune(cfg, argv, world)
-    except ConfigError as err:
-        print(f"fastmavil-finetune: {err}", file=sys.stderr)
-        return 2
-    except (TrainingError, CheckpointError) as err:
-        print(f"fastmavil-finetune: {err}", file=sys.stderr)
-        return 1
-    finally:
-        shutdown(world)
-    return 0
+    return run_command("fastmavil-finetune", args.config,
+                       lambda: load_config(args.config, overrides, FinetuneConfig),
+                       lambda cfg, world: finetune(cfg, argv, world))
 
 
 if __name__ == "__main__":

@@ -217,17 +217,25 @@ def train(cfg: Config, argv: list[str], world: World | None = None) -> dict:
     processes under torchrun; returns the final summary."""
     world = world or World()
     run_dir = Path(cfg.run.dir) / cfg.run.name
+    with run_folder(run_dir, world):
+        return _Run(cfg, run_dir, world).run(argv)
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: Path, world: World):
+    """A run's folder while it trains: made by rank 0, its only writer (the others wait until
+    it exists), and locked by it against a second trainer. A run that fails before writing
+    anything (a bad device, missing data) leaves no folder; removed while locked, so no other
+    trainer has started in it."""
     new_dir = not run_dir.exists()
-    if world.main:  # the only writer in it; the others wait until it exists
+    if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     world.barrier()
     try:
         with run_lock(run_dir) if world.main else contextlib.nullcontext():
             try:
-                return _Run(cfg, run_dir, world).run(argv)
+                yield
             except BaseException:
-                # a run that failed before writing anything (a bad device, missing data) leaves
-                # no folder; removed while locked, so no other trainer has started in it
                 with contextlib.suppress(OSError):
                     if world.main and new_dir and {p.name for p in run_dir.iterdir()} <= {
                             ".lock"}:
@@ -842,35 +850,50 @@ def _planned_clips(cfg: Config) -> int:
     return open_dataset(Path(shards), loader_spec(cfg, train=True))[1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def run_command(prog: str, config_path: str, load, run) -> int:
+    """A training command's body, for each process torchrun started (or the one): logging (rank
+    0's messages, the others' warnings), the config from load() (None: nothing to train), the
+    process group, then run(cfg, world). A config error exits 2, a training or checkpoint error
+    1, each printed as one line."""
     rank = int(os.environ.get("RANK", "0")) if launched() else 0
-    logging.basicConfig(  # under torchrun: rank 0's messages, and the others' warnings
+    logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=("%(levelname)s %(name)s: %(message)s" if not launched()
                 else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
-    args, overrides = parse_args(argv)
     world = World()
     try:
-        cfg = load_config(args.config, overrides)
-        if args.plan:
-            clips = _planned_clips(cfg)
-            if rank == 0:
-                print_plan(cfg, plan_epochs(cfg, clips), clips)
+        cfg = load()
+        if cfg is None:
             return 0
         if not cfg.run.name:
-            cfg.run.name = Path(args.config).stem
+            cfg.run.name = Path(config_path).stem
         world = init_world(cfg.train.device)
-        train(cfg, argv, world)
+        run(cfg, world)
     except ConfigError as err:
-        print(f"fastmavil-train: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     except (TrainingError, CheckpointError) as err:
-        print(f"fastmavil-train: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 1
     finally:
         shutdown(world)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
+
+    def load():
+        cfg = load_config(args.config, overrides)
+        if not args.plan:
+            return cfg
+        clips = _planned_clips(cfg)
+        if not launched() or os.environ.get("RANK") == "0":
+            print_plan(cfg, plan_epochs(cfg, clips), clips)
+        return None
+    return run_command("fastmavil-train", args.config, load,
+                       lambda cfg, world: train(cfg, argv, world))
 
 
 if __name__ == "__main__":
