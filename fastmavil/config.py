@@ -509,8 +509,9 @@ class FinetuneConfig:
                   "data.random_clips": self.data.random_clips}
         for key, value in unused.items():
             if value:
-                raise ConfigError(f"{key} = {to_toml_value(value)} is for pre-training; "
-                                  "fine-tuning has a fixed batch and runs eagerly")
+                raise ConfigError(f"{key} = {to_toml_value(value)} is for pre-training only "
+                                  "(fine-tuning has a fixed batch, no CUDA graphs, and reads "
+                                  "labelled clips)")
         return self
 
 
