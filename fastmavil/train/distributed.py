@@ -15,6 +15,7 @@ metrics and the log.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import inspect
 import itertools
 import os
@@ -27,6 +28,11 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from .checkpoint import CheckpointError, load_latest
+
+
+class OtherProcessFailed(RuntimeError):
+    """Another process failed at a point all of them had to pass together; its own error is in
+    its log."""
 
 
 @dataclass
@@ -56,6 +62,16 @@ class World:
     def any(self, flag: bool) -> bool:
         return not self.all(not flag)
 
+    def agree(self, error: BaseException | None, what: str) -> None:
+        """After a step some ranks may fail alone (rank 0's file work): raises on every rank if
+        any failed, its own error where it has one, OtherProcessFailed naming `what` elsewhere;
+        so no rank goes on to wait for the others in a collective."""
+        if self.all(error is None):
+            return
+        if error is not None:
+            raise error
+        raise OtherProcessFailed(f"another process failed {what} (its error is in its log)")
+
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """The mean of `tensor` over the ranks (on its device, asynchronous to the host)."""
         if not self.parallel:
@@ -71,10 +87,6 @@ class World:
         out = [None] * self.size
         dist.all_gather_object(out, obj, group=self.control)
         return out
-
-    def barrier(self) -> None:
-        if self.parallel:
-            dist.barrier(group=self.control)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -122,8 +134,10 @@ def device_of(world: World, device: str) -> str:
 
 
 def distributed_model(model: torch.nn.Module, device: torch.device):
-    """`model` in DistributedDataParallel. Its buffers (fixed positions, the diffusion schedule)
-    are the same on every rank and never change: not synchronised at each forward."""
+    """`model` in DistributedDataParallel, which hands rank 0's parameters to the others as it
+    wraps (fine-tuning loads the pre-trained encoder on rank 0 only). Its buffers (fixed
+    positions, the diffusion schedule) are made the same on every rank, are not saved and
+    never change: not synchronised at each forward."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13's name
                       if "forward_sync_buffers" in inspect.signature(DDP).parameters
@@ -144,7 +158,13 @@ def agreed_batches(batches, world: World):
 def latest_checkpoint(run_dir: Path, world: World) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads: rank 0 finds it (setting damaged ones aside), the
     other ranks then read the same file."""
-    found = load_latest(run_dir) if world.main else None
+    found, error = None, None
+    if world.main:
+        try:
+            found = load_latest(run_dir)
+        except CheckpointError as err:
+            error = err
+    world.agree(error, "reading the newest checkpoint")
     path = world.gather(str(found[0]) if found else None)[0]
     if world.main or path is None:
         return found
@@ -156,6 +176,12 @@ def latest_checkpoint(run_dir: Path, world: World) -> tuple[Path, dict] | None:
 
 
 def shutdown(world: World) -> None:
+    """Leaves the process group together: a process that tore its connections down while
+    another was still finishing (rank 0 printing the summary) aborted in gloo's threads at
+    exit, 1 run in 4 on 2 CPU processes. The wait is bounded: after an error one process met
+    alone, the others may never come (torchrun then stops them)."""
     if world.parallel and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.monitored_barrier(group=world.control, timeout=datetime.timedelta(seconds=30))
         with contextlib.suppress(Exception):
             dist.destroy_process_group()

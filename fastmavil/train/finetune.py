@@ -133,7 +133,7 @@ class _Run:
     def __init__(self, cfg: FinetuneConfig, run_dir: Path, fold: int | None, world: World):
         self.cfg, self.run_dir, self.fold, self.world = cfg, run_dir, fold, world
         f, t = cfg.finetune, cfg.train
-        self.device, bf16 = setup_runtime(t, device_of(world, t.device))
+        self.device, bf16 = setup_runtime(t, device_of(world, t.device), world.rank)
         fused = fast_path(cfg, self.device)
         resumed = latest_checkpoint(run_dir, world)
         if resumed:
@@ -198,11 +198,9 @@ class _Run:
                 else:
                     log.warning("finetune.checkpoint is empty: the encoder starts from random "
                                 "weights")
-            except ConfigError as err:
+            except Exception as err:  # a bad file, a damaged run folder: every rank stops
                 error = err
-        if not world.all(error is None):
-            raise error or ConfigError("rank 0 could not load finetune.checkpoint (its error is "
-                                       "in its log)")
+        world.agree(error, "loading finetune.checkpoint")
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.optim.weight_decay, f.layer_decay),
@@ -234,12 +232,14 @@ class _Run:
         self.step, self.evals = state["step"], state["evals"]
         self.pretrained = state.get("pretrained")
         ranks = state.get("ranks") or [state]  # every process's streams
+        log.info("resumed from %s (step %d)", self.last_ckpt, self.step)
         if len(ranks) != self.world.size:
             reseed = rank_seed(self.seed + self.step, self.world.rank)
-            self.generator.manual_seed(reseed)
-            self.host_generator.manual_seed(reseed)
-            log.warning("%s was written by %d process(es), this run has %d: the augmentations' "
-                        "streams are reseeded", self.last_ckpt, len(ranks), self.world.size)
+            for generator in (self.generator, self.host_generator, torch.default_generator):
+                generator.manual_seed(reseed)
+            log.warning("%s was written by %d process(es), this run has %d: the random streams "
+                        "are reseeded (the samples and augmentations from here on differ from "
+                        "an uninterrupted run's)", self.last_ckpt, len(ranks), self.world.size)
             return
         streams = ranks[self.world.rank]
         self.host_generator.set_state(streams["host_generator"])
@@ -248,25 +248,28 @@ class _Run:
         except RuntimeError:  # saved on another device type
             self.generator.manual_seed(rank_seed(self.seed + self.step, self.world.rank))
         set_rng_state(streams["rng"], self.device)
-        log.info("resumed from %s (step %d)", self.last_ckpt, self.step)
 
     def checkpoint(self) -> None:
         """Rank 0 writes the checkpoint, with every process's random streams."""
         streams = self.world.gather({"generator": self.generator.get_state(),
                                      "host_generator": self.host_generator.get_state(),
                                      "rng": rng_state(self.device)})
+        error = None
         if self.world.main:
-            self.last_ckpt = save_checkpoint(self.run_dir, self.step, {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                **streams[0], **({"ranks": streams} if self.world.parallel else {}),
-                "step": self.step, "evals": self.evals, "config": to_toml(self.cfg),
-                "clips": self.clips, "plan": resume.plan_record(self.plans),
-                "precision": self.precision, "pretrained": self.pretrained,
-                "format": resume.FORMAT},
-                self.cfg.train.keep_checkpoints)
+            try:
+                self.last_ckpt = save_checkpoint(self.run_dir, self.step, {
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    **streams[0], **({"ranks": streams} if self.world.parallel else {}),
+                    "step": self.step, "evals": self.evals, "config": to_toml(self.cfg),
+                    "clips": self.clips, "plan": resume.plan_record(self.plans),
+                    "precision": self.precision, "pretrained": self.pretrained,
+                    "format": resume.FORMAT},
+                    self.cfg.train.keep_checkpoints)
+            except Exception as err:  # a full disk: every rank stops
+                error = err
         else:
             self.last_ckpt = checkpoint_dir(self.run_dir) / checkpoint_name(self.step)
-        self.world.barrier()
+        self.world.agree(error, f"writing step {self.step}'s checkpoint")
 
     # --- one step -------------------------------------------------------------------------
     def augment(self, audio: torch.Tensor, targets: torch.Tensor):
@@ -411,7 +414,7 @@ class _Run:
             next(batches, None)
         if self.world.parallel:  # the epoch ends on every process when one has no pass left
             batches = agreed_batches(batches, self.world)
-        self.timer, losses = StepTimer(), []
+        self.timer, losses, ran_out = StepTimer(), [], False
         while self.step < end and not self.stopping(stop):
             lr = learning_rate(self.cfg, self.step, self.plans)
             for group in self.optimizer.param_groups:
@@ -419,6 +422,7 @@ class _Run:
             try:
                 losses.append(self.train_step(batches))
             except StopIteration:  # each worker drops its partial batch: an epoch may end early
+                ran_out = True  # on every process at once (agreed_batches)
                 break
             self.step += 1
             self.timer.step_done()
@@ -430,7 +434,7 @@ class _Run:
                 self.checkpoint()
         if losses:  # the epoch's last steps
             self.log(plan, lr, losses, writer, progress, task)
-        if stop.signal is None and self.step < end:  # the data ran short: the schedule goes on
+        if ran_out and self.step < end:  # the data ran short: the schedule goes on
             epoch_ended_early(plan, self.step - start, end - self.step, self.source,
                               self.workers, self.world.size)
             progress.advance(task, end - self.step)
@@ -485,7 +489,8 @@ def finetune(cfg: FinetuneConfig, argv: list[str], world: World | None = None) -
             run_dir = base / f"fold-{fold}" if fold else base
             with run_folder(run_dir, world):
                 runs.append(_Run(cfg, run_dir, fold, world).run(progress, stop))
-            if stop.signal is not None:
+            if world.any(stop.signal is not None):  # every process stops before the next fold
+                stop.signal = stop.signal or "a signal to another process"
                 break
     summary = {"runs": runs, "seconds": time.perf_counter() - started,
                "metric": cfg.finetune.metric, "folds": cfg.finetune.folds,

@@ -42,8 +42,9 @@ from ..schedule import EpochPlan, first_step, fits_passes, learning_rate, plan_e
 from . import resume
 from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_name, rng_state,
                          run_lock, save_checkpoint, set_rng_state)
-from .distributed import (World, agreed_batches, device_of, distributed_model, init_world,
-                          latest_checkpoint, launched, rank_seed, shutdown)
+from .distributed import (OtherProcessFailed, World, agreed_batches, device_of,
+                          distributed_model, init_world, latest_checkpoint, launched, rank_seed,
+                          shutdown)
 from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
                       mfu, peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
@@ -173,7 +174,7 @@ def epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
         raise DataError(f"epoch {plan.epoch} gave not even one step's {plan.batch_size} "
                         f"clips from {source}: its shards are unreadable (see any warnings "
                         f"above){split}")
-    if processes > 1:
+    if processes > 1 and missing > max(1, workers) + 1:
         log.warning("epoch %d ended %d of its %d steps early: the smallest of the %d processes' "
                     "shares of the shards ended (or clips were skipped: see any warnings "
                     "above); shards in a multiple of processes x data.num_workers share evenly",
@@ -228,33 +229,37 @@ def run_folder(run_dir: Path, world: World):
     anything (a bad device, missing data) leaves no folder; removed while locked, so no other
     trainer has started in it."""
     new_dir = not run_dir.exists()
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    world.barrier()
-    try:
-        with run_lock(run_dir) if world.main else contextlib.nullcontext():
+    with contextlib.ExitStack() as lock:
+        error = None
+        if world.main:
             try:
-                yield
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    if world.main and new_dir and {p.name for p in run_dir.iterdir()} <= {
-                            ".lock"}:
-                        shutil.rmtree(run_dir)
-                raise
-    except RunLocked as err:
-        raise TrainingError(str(err)) from None
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock.enter_context(run_lock(run_dir))
+            except RunLocked as err:
+                error = TrainingError(str(err))
+            except OSError as err:
+                error = TrainingError(f"cannot make the run folder {run_dir}: {err}")
+        try:
+            world.agree(error, f"taking the run folder {run_dir}")
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if world.main and new_dir and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+                    shutil.rmtree(run_dir)
+            raise
 
 
-def setup_runtime(t, device_name: str | None = None) -> tuple[torch.device, bool]:
+def setup_runtime(t, device_name: str | None = None, rank: int = 0) -> tuple[torch.device, bool]:
     """(device, bf16) for train config `t` (on `device_name` in place of train.device, if
     given: a torchrun process's own GPU), with the process set up for them: the current CUDA
-    device, the seed and deterministic algorithms."""
+    device, the seed (torch's own stream, which stochastic depth draws from: rank `rank`'s)
+    and deterministic algorithms."""
     device = resolve_device(device_name or t.device)
     if device.index is not None:  # Triton kernels and CUDA graphs use the current device
         torch.cuda.set_device(device)
     if t.cuda_graphs and device.type != "cuda":
         raise ConfigError(f"train.cuda_graphs = true needs a CUDA device; this run is on {device}")
-    torch.manual_seed(t.seed)
+    torch.manual_seed(rank_seed(t.seed, rank))
     if t.deterministic:
         # cuBLAS is deterministic only with a fixed workspace, set before its first matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -291,7 +296,7 @@ def _settings(cfg: Config, world: World) -> tuple[torch.device, bool, bool, str]
     if world.parallel and t.cuda_graphs:
         raise ConfigError("train.cuda_graphs = true runs one process: its graphs hold no "
                           "gradient all-reduce; under torchrun leave it off")
-    device, bf16 = setup_runtime(t, device_of(world, t.device))
+    device, bf16 = setup_runtime(t, device_of(world, t.device), world.rank)
     fused = fast_path(cfg, device)
     if t.compile and t.compile_mode == "max-autotune" and not fused:
         raise ConfigError(MAX_AUTOTUNE_NEEDS_KERNELS)
@@ -437,16 +442,20 @@ class _Run:
         wait for it)."""
         streams = self.world.gather({"generator": self.generator.get_state(),
                                      "rng": rng_state(self.device)})
+        error = None
         if self.world.main:
-            self.last_ckpt = save_checkpoint(self.run_dir, at, {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                **streams[0], **({"ranks": streams} if self.world.parallel else {}), "step": at,
-                "config": to_toml(self.cfg), "clips": self.clips,
-                "plan": resume.plan_record(self.plans), "precision": self.precision,
-                "format": resume.FORMAT}, self.cfg.train.keep_checkpoints)
+            try:
+                self.last_ckpt = save_checkpoint(self.run_dir, at, {
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    **streams[0], **({"ranks": streams} if self.world.parallel else {}),
+                    "step": at, "config": to_toml(self.cfg), "clips": self.clips,
+                    "plan": resume.plan_record(self.plans), "precision": self.precision,
+                    "format": resume.FORMAT}, self.cfg.train.keep_checkpoints)
+            except Exception as err:  # a full disk: every rank stops
+                error = err
         else:
             self.last_ckpt = checkpoint_dir(self.run_dir) / checkpoint_name(at)
-        self.world.barrier()
+        self.world.agree(error, f"writing step {at}'s checkpoint")
         return self.last_ckpt
 
     def saved(self, at: int) -> bool:
@@ -711,6 +720,7 @@ def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generat
     streams = ranks[world.rank] if len(ranks) == world.size else None
     if streams is None:
         generator.manual_seed(rank_seed(seed + step, world.rank))
+        torch.manual_seed(rank_seed(seed + step, world.rank))
         log.warning("%s was written by %d process(es), this run has %d: the random streams "
                     "are reseeded from train.seed and the step (the masks and the samples "
                     "from here on differ from an uninterrupted run's)", path, len(ranks),
@@ -869,11 +879,12 @@ def run_command(prog: str, config_path: str, load, run) -> int:
             cfg.run.name = Path(config_path).stem
         world = init_world(cfg.train.device)
         run(cfg, world)
-    except ConfigError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
+    except ConfigError as err:  # the same on every rank: said once
+        if rank == 0:
+            print(f"{prog}: {err}", file=sys.stderr)
         return 2
-    except (TrainingError, CheckpointError) as err:
-        print(f"{prog}: {err}", file=sys.stderr)
+    except (TrainingError, CheckpointError, OtherProcessFailed) as err:
+        print(f"{prog}{f' [rank {rank}]' if rank else ''}: {err}", file=sys.stderr)
         return 1
     finally:
         shutdown(world)

@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastmavil.config import ConfigError, load_config
 from fastmavil.train import pretrain
-from fastmavil.train.checkpoint import list_checkpoints
-from fastmavil.train.distributed import World
+from fastmavil.train.checkpoint import list_checkpoints, run_lock
+from fastmavil.train.distributed import OtherProcessFailed, World
 
 from .test_pretrain import overrides as pretrain_overrides
 
@@ -50,7 +51,7 @@ def test_two_processes_train_checkpoint_and_resume_as_one_uninterrupted_run(shar
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "x 2 processes" in whole.stderr  # MFU against both processes' peak
     assert whole.stderr.count("[rank 0] INFO") > 0 and "[rank 1] INFO" not in whole.stderr
-    state = __import__("torch").load(list_checkpoints(tmp_path / "a" / "t")[-1],
+    state = torch.load(list_checkpoints(tmp_path / "a" / "t")[-1],
                                      weights_only=False)
     assert len(state["ranks"]) == 2  # each rank's masking stream, for the resume
     assert state["ranks"][0]["generator"].ne(state["ranks"][1]["generator"]).any()
@@ -153,6 +154,45 @@ def test_the_gradient_is_the_mean_over_every_processes_passes(tmp_path):
         record = json.loads((tmp_path / str(processes) / "t" / "metrics.jsonl").read_text())
         first[processes] = (record["loss"], record["grad_norm"])
     assert first[2] == pytest.approx(first[1], rel=1e-6)
+
+
+def test_a_failure_on_one_process_stops_every_process_with_one_line_each(shards, tmp_path):
+    """Rank 0 alone takes the run folder's lock: when another trainer holds it, both processes
+    stop with a line saying why, neither with a traceback from a collective left waiting."""
+    (tmp_path / "t").mkdir()
+    with run_lock(tmp_path / "t"):
+        done = torchrun(shards, tmp_path)
+    assert done.returncode != 0
+    assert "in use by another trainer" in done.stderr
+    # the one traceback is torchrun's own report of a failed process, none from gloo
+    assert done.stderr.count("Traceback") == 1 and "ChildFailedError" in done.stderr
+    assert "gloo" not in done.stderr.lower() and "Connection closed" not in done.stderr
+    assert "fastmavil-train [rank 1]: another process failed taking the run folder" in \
+        done.stderr
+
+
+def test_agreements_raise_on_every_process_and_ranks_draw_their_own_streams():
+    class Pair(World):  # rank `rank` of 2, the other rank's outcome given
+        def __init__(self, rank, other_ok):
+            super().__init__(rank=rank, size=2)
+            self.other_ok = other_ok
+
+        def all(self, flag):
+            return flag and self.other_ok
+    Pair(1, True).agree(None, "x")  # nobody failed
+    with pytest.raises(OtherProcessFailed, match="another process failed writing"):
+        Pair(1, other_ok=False).agree(None, "writing")
+    own = ValueError("disk full")
+    with pytest.raises(ValueError, match="disk full"):
+        Pair(0, other_ok=True).agree(own, "writing")
+    # torch's own stream (stochastic depth) differs per rank; rank 0's is the seed's
+    from fastmavil.config import TrainConfig
+    draws = []
+    for rank in range(3):
+        pretrain.setup_runtime(TrainConfig(seed=5, device="cpu"), None, rank)
+        draws.append(float(torch.rand(())))
+    torch.manual_seed(5)
+    assert draws[0] == float(torch.rand(())) and len(set(draws)) == 3
 
 
 def test_passes_the_processes_cannot_share_are_a_config_error(shards, tmp_path):
