@@ -1,4 +1,5 @@
-"""Data-parallel pre-training over several processes (`torchrun --nproc_per_node N ...`).
+"""Data-parallel training over several processes (`torchrun --nproc_per_node N -m
+fastmavil.train.pretrain ...`, or `fastmavil.train.finetune`).
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; each process trains on its own device (CUDA:
 LOCAL_RANK, NCCL; or the CPU, gloo) a 1 / N share of every step's passes, its gradients
