@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .fbank import crop_or_pad, kaldi_fbank, normalize
 from .media import SAMPLE_RATE, VIDEO_EXTENSIONS, MediaError, decode_audio, decode_video
-from .shards import INDEX, Clip, count_clips, read_index, read_shard, shard_clips, shard_paths
+from .shards import (INDEX, Clip, clip_json, count_clips, read_index, read_shard, shard_clips,
+                     shard_metas, shard_paths)
 from .video import (normalize_video, pick_frames, resize_crop, sample_times, shown_until,
                     window_start)
 
@@ -91,8 +92,8 @@ class ShardDataset(IterableDataset):
         super().__init__()
         self.shards = shard_paths(source)
         self.keep = keep
-        self.kept_clips = {shard: self._count_kept(shard) for shard in self.shards} \
-            if keep else None
+        self.kept_clips = ({shard: sum(map(self._selects, shard_metas(shard)))
+                            for shard in self.shards} if keep else None)
         self.source = source = Path(source)
         index = read_index(source) if (source / INDEX).is_file() else None
         self.labels = index["labels"] if index else []
@@ -136,24 +137,10 @@ class ShardDataset(IterableDataset):
         self.passed_over = [n * batch_size for n in taken]
         return resume_batches - passed if passed < sum(batches) else 0
 
-    def _kept(self, clip: Clip) -> bool:
-        """Whether `keep` selects the clip; one whose json does not read is kept, for the
-        decoder to skip and report."""
-        try:
-            meta = json.loads(clip.members["json"])
-        except (KeyError, json.JSONDecodeError, UnicodeDecodeError):
-            return True
-        return bool(self.keep(meta)) if isinstance(meta, dict) else True
-
-    def _count_kept(self, shard: Path) -> int:
-        """The clips of `shard` that `keep` selects, up to any damage (reported when read)."""
-        kept = 0
-        try:
-            for clip in read_shard(shard, only=("json",)):
-                kept += self._kept(clip)
-        except (tarfile.TarError, OSError, EOFError):
-            pass
-        return kept
+    def _selects(self, meta: dict | None) -> bool:
+        """Whether `keep` selects a clip of json `meta`; one whose json does not read (None) is
+        kept, for the decoder to skip and report."""
+        return meta is None or bool(self.keep(meta))
 
     def num_clips(self) -> int:
         """The clips an epoch reads: the kept ones, or all the shards hold."""
@@ -198,7 +185,7 @@ class ShardDataset(IterableDataset):
             try:
                 for clip in read_shard(shard):
                     n += 1
-                    if self.keep and not self._kept(clip):
+                    if self.keep and not self._selects(clip_json(clip)):
                         continue
                     dealt += 1
                     if split_shards or (dealt - 1) % consumers == consumer:

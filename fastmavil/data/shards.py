@@ -112,6 +112,25 @@ def read_shard(path: str | Path, only: tuple[str, ...] | None = None) -> Iterato
         yield clip
 
 
+def clip_json(clip: Clip) -> dict | None:
+    """A clip's json as a dict, or None where it is missing or does not read."""
+    try:
+        meta = json.loads(clip.members["json"])
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def shard_metas(path: str | Path) -> Iterator[dict | None]:
+    """Each clip's json (clip_json) in the shard's order, reading only the json members; ends
+    quietly where the shard is damaged (the loader reports that when it reads the shard)."""
+    try:
+        for clip in read_shard(path, only=("json",)):
+            yield clip_json(clip)
+    except (tarfile.TarError, OSError, EOFError):
+        return
+
+
 def write_index(folder: str | Path, shards: list[dict], labels: list[str], **extra) -> dict:
     """Writes `index.json`: clip count, label names, shards [{name, clips, bytes}], and extras."""
     folder = Path(folder)

@@ -99,6 +99,11 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun numbered it (0 when it started alone)."""
+    return int(os.environ["RANK"]) if launched() else 0
+
+
 def launched() -> bool:
     """Whether torchrun (or another launcher setting WORLD_SIZE) started several processes."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -23,6 +23,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from ..augment import mix_batch, smooth_labels, spec_augment, spec_noise
 from ..config import ConfigError, FinetuneConfig, load_config, split_overrides, to_toml
 from ..data.loader import build_loader, loader_spec
-from ..data.shards import read_shard
+from ..data.shards import shard_metas
 from ..evaluation import mean_average_precision, top1_accuracy
 from ..models import compile_blocks
 from ..models.classifier import AudioClassifier, load_pretrained_encoder, param_groups
@@ -112,14 +113,8 @@ def check_task(cfg: FinetuneConfig) -> None:
 
 def check_folds(dataset, folds: int) -> None:
     """Cross-validation needs every clip in one of the folds 1..folds (ESC-50's numbering)."""
-    found = {}
-    for shard in dataset.shards:
-        for clip in read_shard(shard, only=("json",)):
-            try:
-                value = str(json.loads(clip.members["json"]).get("fold", "none"))
-            except (KeyError, ValueError, AttributeError):
-                value = "unreadable"
-            found[value] = found.get(value, 0) + 1
+    found = Counter("unreadable" if meta is None else str(meta.get("fold", "none"))
+                    for shard in dataset.shards for meta in shard_metas(shard))
     expected = {str(k) for k in range(1, folds + 1)}
     if set(found) != expected:
         listed = ", ".join(f"{k}: {n} clips" for k, n in sorted(found.items()))

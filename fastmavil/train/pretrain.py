@@ -43,8 +43,8 @@ from . import resume
 from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_name, rng_state,
                          run_lock, save_checkpoint, set_rng_state)
 from .distributed import (OtherProcessFailed, World, agreed_batches, device_of,
-                          distributed_model, init_world, latest_checkpoint, launched, rank_seed,
-                          shutdown)
+                          distributed_model, init_world, latest_checkpoint, launched,
+                          launched_rank, rank_seed, shutdown)
 from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
                       mfu, peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
@@ -865,7 +865,7 @@ def run_command(prog: str, config_path: str, load, run) -> int:
     0's messages, the others' warnings), the config from load() (None: nothing to train), the
     process group, then run(cfg, world). A config error exits 2, a training or checkpoint error
     1, each printed as one line."""
-    rank = int(os.environ.get("RANK", "0")) if launched() else 0
+    rank = launched_rank()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=("%(levelname)s %(name)s: %(message)s" if not launched()
@@ -900,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.plan:
             return cfg
         clips = _planned_clips(cfg)
-        if not launched() or os.environ.get("RANK") == "0":
+        if launched_rank() == 0:
             print_plan(cfg, plan_epochs(cfg, clips), clips)
         return None
     return run_command("fastmavil-train", args.config, load,
