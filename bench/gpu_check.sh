@@ -143,7 +143,7 @@ for stage in "${stages[@]}"; do
   case $stage in
     tests) run "kernel + attention tests (CUDA)" 180 python -m pytest -q -p no:cacheprovider \
              $workers tests/kernels tests/test_attention.py tests/data/test_fbank.py \
-             tests/train/test_checkpoint.py ;;
+             tests/train/test_checkpoint.py tests/train/test_distributed_cuda.py ;;
     attention-tests) run "attention tests (CUDA)" 120 python -m pytest -q -p no:cacheprovider \
                        $workers tests/kernels/test_attention_kernel.py tests/test_attention.py \
                        tests/kernels/test_model_step.py -k "not test_model_step or triton" ;;

@@ -180,7 +180,10 @@ class GraphedPasses(_Replayer):
     to each trainable parameter's .grad, which holds fixed buffers from here on (zero them with
     `zero_grads`, never set them to None: the graphs add into these addresses), and returns the
     pass's loss and loss terms, detached, which the next replay may overwrite. The same pass
-    (`accumulate_pass`) runs eagerly for the first `warmup` calls of each shape. Unlike eager
+    (`accumulate_pass`) runs eagerly for the first `warmup` calls of each shape. The gradients
+    are views of one buffer per dtype (`buffers`), so zeroing them is one fill and averaging
+    them over torchrun's processes (`average_over`; a graph holds no all-reduce) one call,
+    as DistributedDataParallel's bucket views do. Unlike eager
     passes, a parameter that gets no gradient still holds a (zero) buffer, so AdamW decays it
     where an eager step would skip it; every parameter of the shipped configs gets a gradient in
     every pass. The gradients of a pass take one more copy of the parameters' size in the pool
@@ -193,9 +196,7 @@ class GraphedPasses(_Replayer):
         super().__init__(model, generator, warmup, pool)
         self.model, self.autocast_dtype = model, autocast_dtype
         self.params = [p for p in model.parameters() if p.requires_grad]
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        self.buffers = flat_gradients(self.params)
         self.grads = [p.grad for p in self.params]
 
     def __call__(self, audio: torch.Tensor, video: torch.Tensor | None, ratio: float,
@@ -210,7 +211,30 @@ class GraphedPasses(_Replayer):
                         (audio, video), (float(ratio), int(passes)))
 
     def zero_grads(self) -> None:
-        torch._foreach_zero_(self.grads)
+        for buffer in self.buffers:
+            buffer.zero_()
+
+    def average_over(self, world) -> None:
+        """The gradients replaced by their mean over `world`'s processes
+        (fastmavil.train.distributed.World): after a step's passes, before clipping."""
+        for buffer in self.buffers:
+            world.average_(buffer)
+
+
+def flat_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gives each of `params` a .grad that is a view of one buffer per dtype, in order (holding
+    the gradient it had, or zeros), and returns the buffers."""
+    buffers = []
+    for dtype in dict.fromkeys(p.dtype for p in params):
+        group = [p for p in params if p.dtype == dtype]
+        buffer = group[0].new_zeros(sum(p.numel() for p in group))
+        for p, view in zip(group, buffer.split([p.numel() for p in group])):
+            view = view.view_as(p)
+            if p.grad is not None:
+                view.copy_(p.grad)
+            p.grad = view
+        buffers.append(buffer)
+    return buffers
 
 
 def accumulate_pass(model: nn.Module, params: list[torch.Tensor], audio, video, ratio: float,

@@ -119,6 +119,16 @@ def test_graphed_passes_keep_their_gradient_buffers(batch, monkeypatch):
     assert len(passes.inputs) == 2 and len(passes.graphs) == 3
     assert all(p.grad is g for p, g in zip(model.parameters(), buffers))
     assert any(g.abs().sum() > 0 for g in buffers)
+    (flat,) = passes.buffers  # every gradient a view of one buffer: one all-reduce a step
+    assert all(g.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+               for g in buffers)
+    before = [g.clone() for g in buffers]
+
+    class Halving:  # a World whose other rank's gradients are all zero
+        def average_(self, tensor):
+            return tensor.div_(2)
+    passes.average_over(Halving())
+    assert all(torch.equal(g, b / 2) for g, b in zip(buffers, before))
     passes.zero_grads()
     assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), buffers))
     model.zero_grad(set_to_none=True)
@@ -147,6 +157,18 @@ def test_memory_counts_the_activations_held_in_the_graph_pool(batch, monkeypatch
     assert pretrain._memory_held(cuda, passes) == 400  # the peak is larger
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda **kw: {}["segments"])
     assert passes.pool_idle_bytes() is None and pretrain._memory_held(cuda, passes) == 400
+
+
+def test_flat_gradients_are_views_of_one_buffer_per_dtype_in_order():
+    params = [torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(4)),
+              torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]
+    params[1].grad = torch.full((4,), 7.0)  # a gradient it had is kept
+    buffers = cuda_graph.flat_gradients(params)
+    assert [(b.dtype, b.numel()) for b in buffers] == [(torch.float32, 10), (torch.float64, 3)]
+    assert torch.equal(buffers[0], torch.tensor([0.0] * 6 + [7.0] * 4))
+    buffers[0][:6] = torch.arange(6.0)
+    assert torch.equal(params[0].grad, torch.arange(6.0).view(2, 3))
+    assert params[2].grad.data_ptr() == buffers[1].data_ptr() and not params[2].grad.any()
 
 
 def test_replayers_refuse_a_cpu_model_and_a_plain_optimiser(batch):

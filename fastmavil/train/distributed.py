@@ -3,7 +3,9 @@ fastmavil.train.pretrain ...`, or `fastmavil.train.finetune`).
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; each process trains on its own device (CUDA:
 LOCAL_RANK, NCCL; or the CPU, gloo) a 1 / N share of every step's passes, its gradients
-averaged across the processes by DistributedDataParallel at each step's last pass. The shards
+averaged across the processes by DistributedDataParallel at each step's last pass (with the
+passes replayed as CUDA graphs, which hold no all-reduce: by one all-reduce after them, of the
+buffer every gradient is a view of). The shards
 are split by rank (data/loader.py), the plan is the same on every rank (schedule.py), and the
 masks and noise of each rank come from its own stream (rank_seed). The run folder and the data
 must be on a filesystem every process sees.
@@ -75,11 +77,14 @@ class World:
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """The mean of `tensor` over the ranks (on its device, asynchronous to the host)."""
-        if not self.parallel:
-            return tensor
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        return tensor / self.size
+        return self.average_(tensor.clone()) if self.parallel else tensor
+
+    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` replaced, in place, by its mean over the ranks."""
+        if self.parallel:
+            dist.all_reduce(tensor)
+            tensor.div_(self.size)
+        return tensor
 
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order (a picklable object)."""
@@ -150,6 +155,15 @@ def distributed_model(model: torch.nn.Module, device: torch.device):
                       else {"broadcast_buffers": False})
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                **no_buffer_sync)
+
+
+def broadcast_parameters(model: torch.nn.Module, world: World) -> None:
+    """Rank 0's parameters and buffers on every rank, as DistributedDataParallel hands them over
+    when it wraps a model: for the passes replayed as CUDA graphs, which run the model itself."""
+    if world.parallel:
+        with torch.no_grad():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                dist.broadcast(tensor, src=0)
 
 
 def agreed_batches(batches, world: World):

@@ -42,8 +42,8 @@ from ..schedule import EpochPlan, first_step, fits_passes, learning_rate, plan_e
 from . import resume
 from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_name, rng_state,
                          run_lock, save_checkpoint, set_rng_state)
-from .distributed import (OtherProcessFailed, World, agreed_batches, device_of,
-                          distributed_model, init_world, latest_checkpoint, launched,
+from .distributed import (OtherProcessFailed, World, agreed_batches, broadcast_parameters,
+                          device_of, distributed_model, init_world, latest_checkpoint, launched,
                           launched_rank, rank_seed, shutdown)
 from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
                       mfu, peak_memory_bytes, tflops)
@@ -293,9 +293,6 @@ def _settings(cfg: Config, world: World) -> tuple[torch.device, bool, bool, str]
         raise ConfigError("train.cuda_graphs = true needs optim.optimizer = 'adamw': the fused "
                           "AdamW skips a non-finite step on the device, without clearing the "
                           "gradients the graphs add into")
-    if world.parallel and t.cuda_graphs:
-        raise ConfigError("train.cuda_graphs = true runs one process: its graphs hold no "
-                          "gradient all-reduce; under torchrun leave it off")
     device, bf16 = setup_runtime(t, device_of(world, t.device), world.rank)
     fused = fast_path(cfg, device)
     if t.compile and t.compile_mode == "max-autotune" and not fused:
@@ -396,10 +393,13 @@ class _Run:
             log.info("compiled %d transformer blocks (mode %s)",
                      compile_blocks(self.model, t.compile_mode), t.compile_mode)
         # what runs each pass: the model, or under torchrun its DistributedDataParallel, which
-        # averages the gradients over the ranks at each step's last pass
+        # averages the gradients over the ranks at each step's last pass; graphed passes run the
+        # model itself, their gradients averaged after them (finish_step)
         self.forward_model = self.model
-        if self.world.parallel:
+        if self.world.parallel and not t.cuda_graphs:
             self.forward_model = distributed_model(self.model, self.device)
+        elif self.world.parallel:
+            broadcast_parameters(self.model, self.world)
         self.passes_done = 0  # of the current step, on this rank
         # the batches' copies to the GPU overlap the previous pass (data.loader.to_device)
         self.copy_stream = (torch.cuda.Stream(self.device) if self.device.type == "cuda"
@@ -581,9 +581,9 @@ class _Run:
         """One forward + backward of `batch` at the epoch's shape, adding the gradient of
         loss / passes into .grad; returns (loss, terms), detached."""
         audio, video = to_device(batch, self.device, self.dataset.spec, self.copy_stream)
-        if self.graphed:
-            return self.graphed(audio, video, plan.mask_ratio, plan.passes)
         passes = plan.passes // self.world.size
+        if self.graphed:
+            return self.graphed(audio, video, plan.mask_ratio, passes)
         self.passes_done += 1
         # under torchrun the gradients are averaged over the ranks once, at the step's last pass
         sync = self.passes_done == passes or not self.world.parallel
@@ -599,6 +599,8 @@ class _Run:
         skips the update; the step and its data still count, so the schedule and a resume stay
         aligned."""
         t = self.cfg.train
+        if self.graphed and self.world.parallel:
+            self.graphed.average_over(self.world)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         self.step += 1
