@@ -5,10 +5,9 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; each process trains on its own de
 LOCAL_RANK, NCCL; or the CPU, gloo) a 1 / N share of every step's passes, its gradients
 averaged across the processes by DistributedDataParallel at each step's last pass (with the
 passes replayed as CUDA graphs, which hold no all-reduce: by one all-reduce after them, of the
-buffer every gradient is a view of). The shards
-are split by rank (data/loader.py), the plan is the same on every rank (schedule.py), and the
-masks and noise of each rank come from its own stream (rank_seed). The run folder and the data
-must be on a filesystem every process sees.
+buffer every gradient is a view of). The shards are split by rank (data/loader.py), the plan
+is the same on every rank (schedule.py), and the masks and noise of each rank come from its own
+stream (rank_seed). The run folder and the data must be on a filesystem every process sees.
 
 The ranks agree on the host, through a gloo group, on what can differ between them: whether
 each still has data for the next pass (an epoch's shards split unevenly) and whether a signal
