@@ -6,7 +6,7 @@ setup(
     description="Masked audio-video pre-training (DiffMAViL) with Triton kernels",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib
     packages=find_packages(include=["fastmavil", "fastmavil.*", "kernels", "kernels.*",
                                     "bench", "bench.*"]),
     # torch below 2.14: on the project's CPU machines pip then takes the local CPU build (2.13)

@@ -106,7 +106,8 @@ def _describe_clips(source: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.dataload", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.dataload", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
                         help="synthetic dataset folder (generated when missing; default "
                              "data/bench-synth, or data/bench-synth-prep with --prep-clips)")

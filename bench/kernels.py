@@ -170,7 +170,8 @@ def _append_rows(path, rows: list[list]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.9])
     parser.add_argument("--modalities", nargs="+", default=["audio", "video"])
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,

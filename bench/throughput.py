@@ -444,7 +444,8 @@ def _project(views: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", default=CONFIGS)
     parser.add_argument("--size", choices=["tiny", "small", "base"], default=None,
                         help="model size (default: base on CUDA, small on a CPU)")

@@ -99,7 +99,8 @@ def _cell(value, form: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default="configs/r4.toml")
     parser.add_argument("--size", choices=["tiny", "small", "base"], default=None,
                         help="model size (default: base on CUDA, small on a CPU)")

@@ -42,6 +42,23 @@ VGGSound's CSV (`YTID,start,label,split`) of downloaded 10 s clips named `clips/
         "split"]); [w.writerow([f"clips/{y}_{int(s):06d}.mp4", l + ";", sp]) for y, s, l, sp
         in csv.reader(open("vggsound.csv"))]' > vggsound_prep.csv
 
+ESC-50's `meta/esc50.csv` (`filename,fold,target,category,...`; the clips in `audio/`), keeping
+the fold for cross-validation (configs/finetune/esc50.toml), run in the ESC-50 folder:
+
+    python -c 'import csv, sys; w = csv.writer(sys.stdout); w.writerow(["path", "labels",
+        "fold"]); [w.writerow(["audio/" + r["filename"], r["category"] + ";", r["fold"]])
+        for r in csv.DictReader(open("meta/esc50.csv"))]' > esc50_prep.csv
+
+Speech Commands v2 (a folder per word; `validation_list.txt` and `testing_list.txt` name the
+other splits' clips), run in its folder: the word is the label, the split train, valid or test
+(configs/finetune/spcv2.toml trains on train and scores test):
+
+    python -c 'import csv, glob, sys; w = csv.writer(sys.stdout); s = {p: n for n, f in [(
+        "valid", "validation_list.txt"), ("test", "testing_list.txt")] for p in open(f).read(
+        ).split()}; w.writerow(["path", "labels", "split"]); [w.writerow([p, p.split("/")[0]
+        + ";", s.get(p, "train")]) for p in sorted(glob.glob("*/*.wav")) if p[0] != "_"]' \\
+        > spcv2_prep.csv
+
 Keys come from file names: dots and slashes become `_` (webdataset and DALI take the extension
 from the first dot), CSV rows with a start get `_START`, and a repeated name gets `_2`, `_3`, ...
 in input order.
@@ -53,8 +70,8 @@ of its own, or every consumer reads every shard: clips per shard <= clips / cons
 most 312 for 20k clips on 8 GPUs x 8 workers.
 
 Failures (unreadable files, no audio stream, an empty window) are listed in OUT/failures.csv and
-do not stop the run. Rerunning the same command resumes: finished shards are kept, so keep SRC
-and the options unchanged between runs.
+do not stop the run. Rerunning the same command resumes: finished shards whose clips and
+options are unchanged are kept, and the others are written again.
 """
 from __future__ import annotations
 
@@ -162,20 +179,25 @@ def read_csv(path: Path) -> list[Item]:
             rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
         except csv.Error as err:
             raise InputError(f"{path}:{reader.line_num}: {err}") from None
-    columns = list(CSV_COLUMNS)
+    columns, hint = list(CSV_COLUMNS), ""
     if rows and rows[0][1][0].strip().lower() == "path":
         columns = [c.strip().lower() for c in rows.pop(0)[1]]
+    elif rows:  # a first row that looks like another header: ESC-50's "filename,fold,..."
+        hint = " (read as data: a header row's first cell must be 'path')"
     parsed = []
-    for line, row in rows:
+    for i, (line, row) in enumerate(rows):
         where = f"{path}:{line}"
         if len(row) > len(columns):
             raise InputError(f"{where}: {len(row)} columns, expected at most {len(columns)} "
-                             f"({','.join(columns)})")
+                             f"({','.join(columns)}){hint if i == 0 else ''}")
         cells = dict(zip(columns, (c.strip() for c in row)))
         if not cells["path"]:
             raise InputError(f"{where}: empty path")
-        start = _seconds(cells.get("start"), where, "start")
-        end = _seconds(cells.get("end"), where, "end")
+        try:
+            start = _seconds(cells.get("start"), where, "start")
+            end = _seconds(cells.get("end"), where, "end")
+        except InputError as err:
+            raise InputError(f"{err}{hint if i == 0 else ''}") from None
         if end is not None and end <= (start or 0.0):
             raise InputError(f"{where}: end {end:g} must come after start {start or 0.0:g}")
         extra = {c: text(cells[c]) for c in EXTRA_COLUMNS if cells.get(c)}
@@ -350,7 +372,8 @@ def describe(item: Item) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastmavil-prep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fastmavil-prep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="a folder of media files (class subfolders) or a .csv file")
     parser.add_argument("--out", required=True, help="output dataset folder")
     parser.add_argument("--clips-per-shard", type=int, default=1000,

@@ -21,6 +21,7 @@ import datetime
 import inspect
 import itertools
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,19 @@ def launched_rank() -> int:
 def launched() -> bool:
     """Whether torchrun (or another launcher setting WORLD_SIZE) started several processes."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def resume_command(prog: str, module: str, argv: list[str]) -> str:
+    """The command that resumes this run with its arguments `argv`: `prog ...` for one process,
+    torchrun with the same process count under torchrun (a resume in another count reseeds)."""
+    args = shlex.join(argv)
+    if not launched():
+        return f"{prog} {args}"
+    size = int(os.environ["WORLD_SIZE"])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    where = ("--standalone" if per_node == size else
+             f"--nnodes {size // per_node} (and this run's rendezvous options)")
+    return f"torchrun {where} --nproc_per_node {per_node} -m {module} {args}"
 
 
 def init_world(device: str) -> World:

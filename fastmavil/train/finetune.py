@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shlex
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ from ..schedule import EpochPlan, first_step, learning_rate
 from . import resume
 from .checkpoint import checkpoint_dir, checkpoint_name, rng_state, save_checkpoint, set_rng_state
 from .distributed import (World, agreed_batches, device_of, distributed_model, latest_checkpoint,
-                          rank_seed)
+                          rank_seed, resume_command)
 from .metrics import MetricsWriter, NoMetrics, StepTimer
 from .pretrain import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
                        prepared_data, progress_bar, run_command, run_folder, setup_runtime)
@@ -525,9 +524,9 @@ def _print_summary(console, s: dict, argv: list[str]) -> None:
     table.add_row("time", f"{s['seconds']:.1f} s")
     console.print(table)
     if s["interrupted"]:
-        console.print(f"stopped by {s['interrupted']}; resume with: fastmavil-finetune "
-                      f"{shlex.join(argv)}", soft_wrap=True, markup=False, emoji=False,
-                      highlight=False)
+        console.print(f"stopped by {s['interrupted']}; resume with: "
+                      + resume_command("fastmavil-finetune", "fastmavil.train.finetune", argv),
+                      soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

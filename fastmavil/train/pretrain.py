@@ -1,8 +1,9 @@
 """The pre-training loop: `fastmavil-train CONFIG [--section.key VALUE ...]`.
 
 One epoch is one pass over the dataset at that epoch's (mask ratio, batch size) from the plan
-(fastmavil.schedule); a step draws one batch, runs the model's training forward (masking,
-diffusion and losses live in the model), and takes an AdamW step with a per-iteration lr.
+(fastmavil.schedule); a step runs the epoch's passes (batch_size / micro_batch_size of them,
+each a forward of the model, where masking, diffusion and losses live, and a backward adding
+into the gradients), then takes an AdamW step with a per-iteration lr.
 The run directory `<run.dir>/<run.name>/` holds the resolved config.toml, metrics.jsonl,
 TensorBoard events (when installed) and checkpoints/; starting the same command again resumes
 from the newest complete checkpoint. SIGINT/SIGTERM finish the current step, checkpoint, and
@@ -20,7 +21,6 @@ import dataclasses
 import functools
 import logging
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -44,7 +44,7 @@ from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_
                          run_lock, save_checkpoint, set_rng_state)
 from .distributed import (OtherProcessFailed, World, agreed_batches, broadcast_parameters,
                           device_of, distributed_model, init_world, latest_checkpoint, launched,
-                          launched_rank, rank_seed, shutdown)
+                          launched_rank, rank_seed, resume_command, shutdown)
 from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
                       mfu, peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
@@ -823,8 +823,8 @@ def _print_summary(console, s: dict, argv: list[str]) -> None:
     if s["interrupted"]:
         # unwrapped and shell-quoted, so that it pastes as one command
         console.print(f"stopped by {s['interrupted']} at step {s['step']}; resume with: "
-                      f"fastmavil-train {shlex.join(argv)}", soft_wrap=True, markup=False,
-                      emoji=False, highlight=False)
+                      + resume_command("fastmavil-train", "fastmavil.train.pretrain", argv),
+                      soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:

@@ -135,6 +135,9 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(shards, tmp_path
     step = int(found.group(1))  # both stopped there: the run's end is checkpointed
     assert list_checkpoints(tmp_path / "t")[-1].name == f"step-{step:08d}.pt"
     assert step < 40 * 3  # long before the plan's end
+    # the command printed to resume is torchrun's, in as many processes (not one, reseeded)
+    assert ("resume with: torchrun --standalone --nproc_per_node 2 -m fastmavil.train.pretrain "
+            f"{ROOT / 'configs' / 'demo.toml'} --data.shards=") in out + err, out[-2000:]
 
 
 @pytest.mark.parametrize("variant", ["mavil", "audiomae"])
@@ -190,6 +193,18 @@ def test_a_failure_on_one_process_stops_every_process_with_one_line_each(shards,
     assert "gloo" not in done.stderr.lower() and "Connection closed" not in done.stderr
     assert "fastmavil-train [rank 1]: another process failed taking the run folder" in \
         done.stderr
+
+
+def test_the_resume_command_is_the_launch_it_resumes(monkeypatch):
+    from fastmavil.train.distributed import resume_command
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resume_command("fastmavil-train", "m", ["a b.toml", "--x=1"]) == \
+        "fastmavil-train 'a b.toml' --x=1"
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resume_command("fastmavil-train", "fastmavil.train.pretrain", ["c.toml"]) == (
+        "torchrun --nnodes 2 (and this run's rendezvous options) --nproc_per_node 8 "
+        "-m fastmavil.train.pretrain c.toml")
 
 
 def test_agreements_raise_on_every_process_and_ranks_draw_their_own_streams():
