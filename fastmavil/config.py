@@ -364,6 +364,9 @@ class TrainConfig:
     residual_precision: str = field(default="fp32", metadata=_choices("fp32", "bf16"))
     log_every: int = 10
     ckpt_every: int = 500       # steps between checkpoints (one is always written at the end)
+    # also a checkpoint once this many minutes have passed since the last one (0: steps only),
+    # so a crash loses at most that long whatever a step takes
+    ckpt_minutes: float = 30.0
     keep_checkpoints: int = 3
     max_bad_steps: int = 5      # consecutive non-finite losses before the run stops
 
@@ -372,7 +375,8 @@ class TrainConfig:
                     "ckpt_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} = {getattr(self, key)} must be >= 1")
-        for key in ("micro_batch_size", "max_batch_size", "max_steps", "grad_clip"):
+        for key in ("micro_batch_size", "max_batch_size", "max_steps", "grad_clip",
+                    "ckpt_minutes"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} = {getattr(self, key)} must be >= 0")
         micro = self.micro_batch_size

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,28 @@ _REFUSED = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes
 
 class CheckpointError(RuntimeError):
     """The run has checkpoints but none of them loads."""
+
+
+class CheckpointClock:
+    """When a step's checkpoint is due: every `every` steps, and once `minutes` (0: never) have
+    passed since the last one (`reset`), so a crash loses at most that long however long a
+    step takes. Under torchrun every process must ask at every step: they agree (`world.any`),
+    each on its own clock."""
+
+    def __init__(self, every: int, minutes: float, world):
+        self.every, self.seconds, self.world = every, minutes * 60.0, world
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = self.now()
+
+    def due(self, step: int) -> bool:
+        if step % self.every == 0:
+            return True
+        return self.seconds > 0 and self.world.any(self.now() - self.last >= self.seconds)
+
+    def now(self) -> float:
+        return time.monotonic()
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -37,7 +37,8 @@ from ..models import compile_blocks
 from ..models.classifier import AudioClassifier, load_pretrained_encoder, param_groups
 from ..schedule import EpochPlan, first_step, learning_rate
 from . import resume
-from .checkpoint import checkpoint_dir, checkpoint_name, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointClock, checkpoint_dir, checkpoint_name, rng_state,
+                         save_checkpoint, set_rng_state)
 from .distributed import (World, agreed_batches, device_of, distributed_model, latest_checkpoint,
                           rank_seed, resume_command)
 from .metrics import MetricsWriter, NoMetrics, StepTimer
@@ -264,6 +265,7 @@ class _Run:
         else:
             self.last_ckpt = checkpoint_dir(self.run_dir) / checkpoint_name(self.step)
         self.world.agree(error, f"writing step {self.step}'s checkpoint")
+        self.checkpoint_clock.reset()
 
     # --- one step -------------------------------------------------------------------------
     def augment(self, audio: torch.Tensor, targets: torch.Tensor):
@@ -357,6 +359,8 @@ class _Run:
                                  loss="-", rate="-")
         tensorboard = None if self.cfg.run.tensorboard else False
         main = self.world.main
+        t = self.cfg.train
+        self.checkpoint_clock = CheckpointClock(t.ckpt_every, t.ckpt_minutes, self.world)
         with MetricsWriter(self.run_dir, tensorboard, self.step) if main else NoMetrics() \
                 as writer:
             for plan in self.plans:
@@ -424,7 +428,7 @@ class _Run:
             if self.step % t.log_every == 0:
                 self.log(plan, lr, losses, writer, progress, task)
                 losses = []
-            if self.step % t.ckpt_every == 0:
+            if self.checkpoint_clock.due(self.step):
                 self.checkpoint()
         if losses:  # the epoch's last steps
             self.log(plan, lr, losses, writer, progress, task)

@@ -40,8 +40,8 @@ from ..models import build_model, compile_blocks
 from ..models.compile import MAX_AUTOTUNE_NEEDS_KERNELS
 from ..schedule import EpochPlan, first_step, fits_passes, learning_rate, plan_epochs
 from . import resume
-from .checkpoint import (CheckpointError, RunLocked, checkpoint_dir, checkpoint_name, rng_state,
-                         run_lock, save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointClock, CheckpointError, RunLocked, checkpoint_dir,
+                         checkpoint_name, rng_state, run_lock, save_checkpoint, set_rng_state)
 from .distributed import (OtherProcessFailed, World, agreed_batches, broadcast_parameters,
                           device_of, distributed_model, init_world, latest_checkpoint, launched,
                           launched_rank, rank_seed, resume_command, shutdown)
@@ -456,6 +456,7 @@ class _Run:
         else:
             self.last_ckpt = checkpoint_dir(self.run_dir) / checkpoint_name(at)
         self.world.agree(error, f"writing step {at}'s checkpoint")
+        self.checkpoint_clock.reset()
         return self.last_ckpt
 
     def saved(self, at: int) -> bool:
@@ -487,6 +488,8 @@ class _Run:
         main = self.world.main  # the other ranks train, and log only their warnings
         self.progress = progress_bar(disable=not main)
         self.timer, started = StepTimer(), time.perf_counter()
+        t = self.cfg.train
+        self.checkpoint_clock = CheckpointClock(t.ckpt_every, t.ckpt_minutes, self.world)
         tensorboard = None if self.cfg.run.tensorboard else False  # None: when installed
         with (StopFlag() as self.stop,
               MetricsWriter(self.run_dir, tensorboard, self.step) if main else NoMetrics()
@@ -621,11 +624,12 @@ class _Run:
         self.interval.add(finite, work, {"loss": loss, **terms, "grad_norm": grad_norm})
         self.timer.step_done()  # the optimizer step's time is compute, not data wait
         due_log = self.step % t.log_every == 0 or self.step == self.total_steps
-        if due_log or self.step % t.ckpt_every == 0:
+        due_checkpoint = self.checkpoint_clock.due(self.step)
+        if due_log or due_checkpoint:
             self.check_bad_steps()
         if due_log:
             self.log_interval()
-        if self.step % t.ckpt_every == 0:
+        if due_checkpoint:
             if self.device.type == "cuda":  # the steps queued before it are compute
                 torch.cuda.synchronize(self.device)
             saving = time.perf_counter()

@@ -17,7 +17,8 @@ log = logging.getLogger("fastmavil.train")
 
 # How the run executes, not what it trains (the attention backends compute the same
 # attention; a run folder may be copied or moved under another name).
-FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+FREE = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.ckpt_minutes",
+        "train.keep_checkpoints",
         "train.max_bad_steps", "train.compile", "train.compile_mode", "train.cuda_graphs",
         "train.device", "train.deterministic",
         "train.max_batch_size", "run.dir", "run.name", "run.tensorboard", "model.attention",

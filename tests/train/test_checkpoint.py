@@ -141,3 +141,28 @@ def test_rng_state_keeps_the_training_devices_cuda_generator_only():
     assert torch.equal(torch.rand(4, device=device), draws)
     ckpt.set_rng_state({**state, "cuda": []}, device)  # saved with fewer devices: not restored
     assert not torch.equal(torch.rand(4, device=device), draws)
+
+
+def test_a_checkpoint_is_due_every_n_steps_and_once_the_minutes_have_passed():
+    now = [100.0]
+
+    class Clock(ckpt.CheckpointClock):
+        def now(self):
+            return now[0]
+
+    class World:  # one process: its own clock decides
+        def any(self, flag):
+            return flag
+    clock = Clock(every=5, minutes=1, world=World())
+    now[0] += 59
+    assert not clock.due(1)
+    now[0] += 1
+    assert clock.due(2)  # a minute since the start
+    clock.reset()
+    assert not clock.due(3) and clock.due(5)  # and every 5 steps
+    assert Clock(5, 0, World()).due(10) and not Clock(5, 0, World()).due(11)  # 0: steps only
+
+    class LateElsewhere(World):  # another process's clock says it is time: all checkpoint
+        def any(self, flag):
+            return True
+    assert Clock(5, 1, LateElsewhere()).due(1)

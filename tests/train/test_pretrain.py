@@ -18,7 +18,7 @@ from fastmavil.config import ConfigError, load_config
 from fastmavil.data.dali_loader import dali_available
 from fastmavil.data.synth import SynthSpec, synthesize
 from fastmavil.train import pretrain
-from fastmavil.train.checkpoint import list_checkpoints, load_latest
+from fastmavil.train.checkpoint import checkpoint_name, list_checkpoints, load_latest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,6 +133,24 @@ def test_a_checkpoints_save_is_not_counted_as_step_time(shards, tmp_path, monkey
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     # step 4 alone: ~120 ms here, over 1 s with the cores shared; the save would add 3 s
     assert records[3]["step_ms"] < 2000, records[3]
+
+
+def test_checkpoints_come_every_ckpt_minutes_too(shards, tmp_path, monkeypatch):
+    """train.ckpt_minutes: a checkpoint once that long has passed since the last, between the
+    train.ckpt_every ones (here each step is 'a minute' on a stand-in clock)."""
+    from fastmavil.train.checkpoint import CheckpointClock
+
+    class MinutePerRead(CheckpointClock):
+        minutes = iter(range(0, 10**6, 60))
+
+        def now(self):
+            return next(self.minutes)
+    monkeypatch.setattr(pretrain, "CheckpointClock", MinutePerRead)
+    run(shards, tmp_path, train__max_steps=4, train__ckpt_every=1000, train__ckpt_minutes=1.5,
+        train__keep_checkpoints=10)
+    names = [path.name for path in list_checkpoints(tmp_path / "t")]
+    # the clock reads a minute later at each ask: due at every second step, and at the end
+    assert names == [checkpoint_name(step) for step in (2, 4)]
 
 
 def test_an_error_mid_step_keeps_the_steps_trained_since_the_last_checkpoint(shards, tmp_path,
