@@ -41,6 +41,7 @@ from .checkpoint import (CheckpointClock, checkpoint_dir, checkpoint_name, rng_s
                          save_checkpoint, set_rng_state)
 from .distributed import (World, agreed_batches, device_of, distributed_model, latest_checkpoint,
                           rank_seed, resume_command)
+from .launches import record_launch
 from .metrics import MetricsWriter, NoMetrics, StepTimer
 from .pretrain import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
                        prepared_data, progress_bar, run_command, run_folder, setup_runtime)
@@ -361,6 +362,8 @@ class _Run:
         main = self.world.main
         t = self.cfg.train
         self.checkpoint_clock = CheckpointClock(t.ckpt_every, t.ckpt_minutes, self.world)
+        if main:
+            record_launch(self.run_dir, self.device, self.world.size, self.step)
         with MetricsWriter(self.run_dir, tensorboard, self.step) if main else NoMetrics() \
                 as writer:
             for plan in self.plans:

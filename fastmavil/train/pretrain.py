@@ -45,6 +45,7 @@ from .checkpoint import (CheckpointClock, CheckpointError, RunLocked, checkpoint
 from .distributed import (OtherProcessFailed, World, agreed_batches, broadcast_parameters,
                           device_of, distributed_model, init_world, latest_checkpoint, launched,
                           launched_rank, rank_seed, resume_command, shutdown)
+from .launches import record_launch
 from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
                       mfu, peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
@@ -490,6 +491,8 @@ class _Run:
         self.timer, started = StepTimer(), time.perf_counter()
         t = self.cfg.train
         self.checkpoint_clock = CheckpointClock(t.ckpt_every, t.ckpt_minutes, self.world)
+        if main:
+            record_launch(self.run_dir, self.device, self.world.size, self.step)
         tensorboard = None if self.cfg.run.tensorboard else False  # None: when installed
         with (StopFlag() as self.stop,
               MetricsWriter(self.run_dir, tensorboard, self.step) if main else NoMetrics()

@@ -60,6 +60,12 @@ def test_run_logs_falls_and_checkpoints(shards, tmp_path, caplog):
     with caplog.at_level("INFO", logger="fastmavil.train"):
         assert run(shards, tmp_path)["samples"] == 0
     assert f"has trained {plan_steps} steps, of {plan_steps} to train: nothing to do" in caplog.text
+    # each start is recorded, with what it ran on
+    starts = [json.loads(l) for l in (tmp_path / "t" / "launches.jsonl").open()]
+    assert [s["step"] for s in starts] == [0, plan_steps]
+    assert starts[0]["processes"] == 1 and "cores" in starts[0]["device"]
+    assert starts[0]["versions"]["torch"] == torch.__version__
+    assert starts[0]["command"] and starts[0]["host"]
 
 
 @pytest.mark.parametrize("micro, stop, plan, batches, passes", [

@@ -1,0 +1,87 @@
+"""What each start of a run ran on, for reproducing it: one JSON line per start (a fresh run or a
+resume) in the run folder's launches.jsonl, written by rank 0 before training.
+
+A line holds the time, the step it started from, the command line, the host, the processes and
+their device, and the versions of what computes: fastmavil (with its git commit and whether the
+checkout had changes, when run from one), Python, torch with its CUDA and cuDNN, Triton, NVIDIA
+DALI, flash-attn, PyAV and NumPy (null where absent). A resume on another machine or stack adds
+a line, so the steps each setup trained can be told apart.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import fastmavil
+
+log = logging.getLogger("fastmavil.train")
+
+# distributions whose version matters to the numbers (DALI's name carries its CUDA major)
+PACKAGES = ("triton", "flash-attn", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
+            "nvidia-dali-cuda110", "av", "numpy")
+
+
+def git_commit(folder: Path = Path(fastmavil.__file__).resolve().parent) -> dict | None:
+    """{"commit", "changed"} of the git checkout holding `folder` (tracked files changed or
+    not), or None outside a checkout or without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "changed": changed}
+
+
+def versions() -> dict:
+    found = {"fastmavil": fastmavil.__version__, "python": platform.python_version(),
+             "torch": torch.__version__, "cuda": torch.version.cuda,
+             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+             else None}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if not name.startswith("nvidia-dali"):  # one of the DALI builds is named
+                found[name] = None
+    return found
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:  # Linux names the model; platform gives only the architecture there
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def record_launch(run_dir: Path, device: torch.device, processes: int, step: int) -> dict:
+    """Appends this start's line to `run_dir`/launches.jsonl (a warning if it cannot: the run
+    goes on, its checkpoints say whether the disk takes them); returns it."""
+    record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "step": step, "command": sys.orig_argv, "host": socket.gethostname(),
+              "processes": processes, "device": device_name(device),
+              "versions": versions(), "git": git_commit()}
+    try:
+        with open(run_dir / "launches.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        log.warning("could not record this start in %s: %s", run_dir / "launches.jsonl", err)
+    return record
