@@ -60,12 +60,13 @@
 #   target: 32.4 % at fe81939) and its profile by kind of kernel, then the window attention;
 #   extra2 = graph train attention: the graphed curriculum views (the +-5 % target, met at
 #   15d37cf), the trainer on random clips (never run yet), the window attention;
-#   mfu = attention-tests attention autotune triton-attention residual train-fast (1230 s of
+#   mfu = attention-tests residual triton-attention autotune attention train-fast (1230 s of
 #   limits: give it GPU_CHECK_BUDGET=560; the budget cuts the last stages first): the Triton
-#   sequence attention checked and timed per call site against SDPA (~3 min), then max-autotune
-#   with the ~6 min left (its timings come back to carry to the next call), then R4's compiled
-#   and graphed step with the bf16 residual with the Triton attention and with auto's, and the
-#   trainer itself, as far as the budget reaches.
+#   sequence attention's CUDA tests, then R4's compiled and graphed step with the bf16 residual
+#   with auto's attention and with the Triton one, side by side in one loan (the MFU target's
+#   answer for the kernel, ~6 min together), then max-autotune with what is left (its timings
+#   come back to carry to the next call, so a cut compile still makes progress), then the
+#   attention per call site and the trainer itself, as far as the budget reaches.
 set -uo pipefail
 stages=()
 for arg in "${@:-default}"; do
@@ -73,7 +74,7 @@ for arg in "${@:-default}"; do
     default) stages+=(tests kernels throughput) ;;
     extra) stages+=(tests kernels amp graph-compile profile attention) ;;
     extra2) stages+=(graph train attention) ;;
-    mfu) stages+=(attention-tests attention autotune triton-attention residual train-fast) ;;
+    mfu) stages+=(attention-tests residual triton-attention autotune attention train-fast) ;;
     tests|attention-tests|kernels|throughput|compile|views|amp|graph|graph-compile|residual|\
       triton-attention|autotune|attention|train|train-fast|profile)
       stages+=("$arg") ;;

@@ -410,16 +410,16 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     done, stages = run()  # default: the check
     assert [s.split()[1] for s in stages] == ["pytest", "bench.kernels", "bench.throughput"]
     assert "--compile" not in stages[2] and "--size base" in stages[2]
-    done, stages = run("mfu")
-    assert [s.split()[1] for s in stages] == ["pytest", "bench.attention"] + \
-        ["bench.throughput"] * 3 + ["bench.train"]
+    done, stages = run("mfu")  # the kernel's step beside auto's first, then max-autotune
+    assert [s.split()[1] for s in stages] == ["pytest"] + ["bench.throughput"] * 3 + \
+        ["bench.attention", "bench.train"]
     assert "tests/kernels/test_attention_kernel.py" in stages[0]
     assert "test_model_step.py -k not test_model_step or triton" in stages[0]
-    assert "--compile-mode max-autotune" in stages[2] and "--attention" not in stages[2]
-    assert "--attention triton" in stages[3] and "--compile-mode" not in stages[3]
-    assert "--attention" not in stages[4] and "--compile-mode" not in stages[4]
-    assert all("--compile " in s and "--cuda-graph" in s for s in stages[2:5])
-    assert all("--residual bf16" in s for s in stages[2:])
+    assert "--attention" not in stages[1] and "--compile-mode" not in stages[1]
+    assert "--attention triton" in stages[2] and "--compile-mode" not in stages[2]
+    assert "--compile-mode max-autotune" in stages[3] and "--attention" not in stages[3]
+    assert all("--compile " in s and "--cuda-graph" in s for s in stages[1:4])
+    assert all("--residual bf16" in s for s in stages[1:4] + stages[5:])
     assert "--compile --kinds compiled" in stages[5]
     done, stages = run("residual")
     assert len(stages) == 1 and "--residual bf16" in stages[0] and "--compile " in stages[0]
