@@ -364,8 +364,8 @@ class TrainConfig:
     residual_precision: str = field(default="fp32", metadata=_choices("fp32", "bf16"))
     log_every: int = 10
     ckpt_every: int = 500       # steps between checkpoints (one is always written at the end)
-    # also a checkpoint once this many minutes have passed since the last one (0: steps only),
-    # so a crash loses at most that long whatever a step takes
+    # also a checkpoint after the first step that ends this many minutes after the last one (0:
+    # steps only): a crash loses at most that long and a step, however long steps take
     ckpt_minutes: float = 30.0
     keep_checkpoints: int = 3
     max_bad_steps: int = 5      # consecutive non-finite losses before the run stops

@@ -223,10 +223,19 @@ class GraphedPasses(_Replayer):
 
 def flat_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Gives each of `params` a .grad that is a view of one buffer per dtype, in order (holding
-    the gradient it had, or zeros), and returns the buffers."""
+    the gradient it had, or zeros), and returns the buffers. A non-contiguous parameter gets a
+    buffer of its own in its layout: the fused AdamW reads a parameter and its gradient as the
+    same memory order."""
     buffers = []
-    for dtype in dict.fromkeys(p.dtype for p in params):
-        group = [p for p in params if p.dtype == dtype]
+    for p in params:
+        if not p.is_contiguous():
+            buffer = torch.zeros_like(p)  # p's strides
+            if p.grad is not None:
+                buffer.copy_(p.grad)
+            p.grad = buffer
+            buffers.append(buffer)
+    for dtype in dict.fromkeys(p.dtype for p in params if p.is_contiguous()):
+        group = [p for p in params if p.dtype == dtype and p.is_contiguous()]
         buffer = group[0].new_zeros(sum(p.numel() for p in group))
         for p, view in zip(group, buffer.split([p.numel() for p in group])):
             view = view.view_as(p)

@@ -169,6 +169,12 @@ def test_flat_gradients_are_views_of_one_buffer_per_dtype_in_order():
     buffers[0][:6] = torch.arange(6.0)
     assert torch.equal(params[0].grad, torch.arange(6.0).view(2, 3))
     assert params[2].grad.data_ptr() == buffers[1].data_ptr() and not params[2].grad.any()
+    # a transposed parameter keeps its layout in a buffer of its own (the fused AdamW walks a
+    # parameter and its gradient in the same memory order)
+    transposed = torch.nn.Parameter(torch.randn(3, 2).t())
+    buffers = cuda_graph.flat_gradients([params[0], transposed])
+    assert len(buffers) == 2 and buffers[0] is transposed.grad
+    assert transposed.grad.stride() == transposed.stride()
 
 
 def test_replayers_refuse_a_cpu_model_and_a_plain_optimiser(batch):

@@ -93,6 +93,9 @@ from .writer import ClipFailure, write_shards
 MEDIA_EXTENSIONS = ("mp4", "mkv", "webm", "avi", "mov", "m4v", "flv", "wav", "flac", "mp3", "ogg",
                     "m4a")
 CSV_COLUMNS = ("path", "labels", "start", "end")  # the positional columns of a CSV without header
+# first cells of header rows that name the path column otherwise
+OTHER_HEADERS = {"filename", "file_name", "file", "fname", "filepath", "file_path", "audio",
+                 "video", "clip", "ytid", "# ytid", "youtube_id", "name"}
 EXTRA_COLUMNS = ("split", "fold")                 # kept in the json when a header names them
 
 
@@ -182,8 +185,12 @@ def read_csv(path: Path) -> list[Item]:
     columns, hint = list(CSV_COLUMNS), ""
     if rows and rows[0][1][0].strip().lower() == "path":
         columns = [c.strip().lower() for c in rows.pop(0)[1]]
-    elif rows:  # a first row that looks like another header: ESC-50's "filename,fold,..."
+    elif rows:  # a first row that may be another header: ESC-50's "filename,fold,..."
         hint = " (read as data: a header row's first cell must be 'path')"
+        first = rows[0][1][0].strip()
+        if first.lower() in OTHER_HEADERS:  # it would parse as a clip, its labels a class
+            raise InputError(f"{path}:{rows[0][0]}: the first row looks like a header "
+                             f"({first!r}){hint}")
     parsed = []
     for i, (line, row) in enumerate(rows):
         where = f"{path}:{line}"

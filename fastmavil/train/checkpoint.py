@@ -38,10 +38,10 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointClock:
-    """When a step's checkpoint is due: every `every` steps, and once `minutes` (0: never) have
-    passed since the last one (`reset`), so a crash loses at most that long however long a
-    step takes. Under torchrun every process must ask at every step: they agree (`world.any`),
-    each on its own clock."""
+    """When a step's checkpoint is due: every `every` steps, and at the first step that ends
+    `minutes` (0: never) after the last one (`reset`), so a crash loses at most that long and a
+    step, however long steps take. Under torchrun every process must ask at every step: they
+    agree (`world.any`), each on its own clock."""
 
     def __init__(self, every: int, minutes: float, world):
         self.every, self.seconds, self.world = every, minutes * 60.0, world

@@ -80,10 +80,11 @@ class World:
         return self.average_(tensor.clone()) if self.parallel else tensor
 
     def average_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` replaced, in place, by its mean over the ranks."""
+        """`tensor` replaced, in place, by its mean over the ranks: each scaled by 1 / N, then
+        summed, as DistributedDataParallel rounds its gradients."""
         if self.parallel:
+            tensor.mul_(1.0 / self.size)
             dist.all_reduce(tensor)
-            tensor.div_(self.size)
         return tensor
 
     def gather(self, obj) -> list:
@@ -122,9 +123,10 @@ def resume_command(prog: str, module: str, argv: list[str]) -> str:
         return f"{prog} {args}"
     size = int(os.environ["WORLD_SIZE"])
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    where = ("--standalone" if per_node == size else
-             f"--nnodes {size // per_node} (and this run's rendezvous options)")
-    return f"torchrun {where} --nproc_per_node {per_node} -m {module} {args}"
+    if per_node == size:
+        return f"torchrun --standalone --nproc_per_node {size} -m {module} {args}"
+    return (f"torchrun --nnodes {size // per_node} --nproc_per_node {per_node} -m {module} "
+            f"{args}  # on every node, with the rendezvous flags this run was started with")
 
 
 def init_world(device: str) -> World:

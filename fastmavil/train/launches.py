@@ -1,8 +1,8 @@
 """What each start of a run ran on, for reproducing it: one JSON line per start (a fresh run or a
 resume) in the run folder's launches.jsonl, written by rank 0 before training.
 
-A line holds the time, the step it started from, the command line, the host, the processes and
-their device, and the versions of what computes: fastmavil (with its git commit and whether the
+A line holds the time, the step it started from, the command line (rank 0's: under torchrun a
+worker's), the host, the processes and their device, and the versions of what computes: fastmavil (with its git commit and whether the
 checkout had changes, when run from one), Python, torch with its CUDA and cuDNN, Triton, NVIDIA
 DALI, flash-attn, PyAV and NumPy (null where absent). A resume on another machine or stack adds
 a line, so the steps each setup trained can be told apart.
@@ -31,13 +31,17 @@ PACKAGES = ("triton", "flash-attn", "nvidia-dali-cuda120", "nvidia-dali-cuda130"
             "nvidia-dali-cuda110", "av", "numpy")
 
 
-def git_commit(folder: Path = Path(fastmavil.__file__).resolve().parent) -> dict | None:
-    """{"commit", "changed"} of the git checkout holding `folder` (tracked files changed or
-    not), or None outside a checkout or without git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+def git_commit(package: Path = Path(fastmavil.__file__).resolve().parent) -> dict | None:
+    """{"commit", "changed"} of the git checkout whose top folder holds `package` (tracked files
+    changed or not), or None where the package is not run from its own checkout (installed into
+    a venv inside another repository, say) or git is missing."""
+    def git(*args: str) -> str:  # no optional locks: the user may be running git meanwhile
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(package), *args],
+                              capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != package.parent.resolve():
+            return None
         commit = git("rev-parse", "HEAD")
         changed = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
@@ -54,8 +58,10 @@ def versions() -> dict:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            if not name.startswith("nvidia-dali"):  # one of the DALI builds is named
+            if not name.startswith("nvidia-dali"):  # the DALI build installed is named
                 found[name] = None
+    if not any(name.startswith("nvidia-dali") for name in found):
+        found["nvidia-dali"] = None
     return found
 
 

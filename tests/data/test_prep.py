@@ -259,10 +259,14 @@ def test_resume_and_workers(media, tmp_path):
     ("quote.csv", "quote.csv:1: ',' expected after '\"'"),
     ("header.csv", "header.csv: no rows"),
     # another dataset's header, read as data, says what a header needs
-    ("esc50.csv", "esc50.csv:1: 7 columns, expected at most 4 (path,labels,start,end) (read as "
+    ("esc50.csv", "esc50.csv:1: the first row looks like a header ('filename') (read as data: "
+                  "a header row's first cell must be 'path')"),
+    ("wider.csv", "wider.csv:1: 7 columns, expected at most 4 (path,labels,start,end) (read as "
                   "data: a header row's first cell must be 'path')"),
     ("named.csv", "named.csv:1: start 'split' is not a number of seconds (read as data: a "
                   "header row's first cell must be 'path')"),
+    ("two.csv", "two.csv:1: the first row looks like a header ('filename') (read as data: a "
+                "header row's first cell must be 'path')"),  # else a clip, and a class
 ])
 def test_bad_inputs(tmp_path, capsys, src, message):
     (tmp_path / "empty").mkdir()
@@ -275,7 +279,10 @@ def test_bad_inputs(tmp_path, capsys, src, message):
     (tmp_path / "header.csv").write_text("path,labels\n")
     (tmp_path / "esc50.csv").write_text("filename,fold,target,category,esc10,src_file,take\n"
                                         "1-1-A-0.wav,1,0,dog,True,1,A\n")
-    (tmp_path / "named.csv").write_text("file,labels,split\na.wav,dog,train\n")
+    (tmp_path / "named.csv").write_text("my file,labels,split\na.wav,dog,train\n")
+    (tmp_path / "two.csv").write_text("filename,category\na.wav,dog\n")
+    (tmp_path / "wider.csv").write_text("sound,fold,target,category,esc10,src_file,take\n"
+                                        "1-1-A-0.wav,1,0,dog,True,1,A\n")
     assert main([str(tmp_path / src), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastmavil-prep: error: ") and message in err

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastmavil.config import ConfigError, load_config
+from fastmavil.data.synth import SynthSpec, synthesize
 from fastmavil.train import pretrain
 from fastmavil.train.checkpoint import list_checkpoints, run_lock
 from fastmavil.train.distributed import OtherProcessFailed, World
@@ -65,14 +66,18 @@ def test_two_processes_train_checkpoint_and_resume_as_one_uninterrupted_run(shar
     assert losses(tmp_path / "b") == expected  # bit for bit
 
 
-def test_graphed_passes_in_two_processes_train_as_distributed_data_parallel(shards, tmp_path):
+def test_graphed_passes_in_two_processes_train_as_distributed_data_parallel(tmp_path):
     """train.cuda_graphs under torchrun: the model itself runs the passes (no DDP hooks), with
     rank 0's parameters, each rank its share of the passes (2 of a step's 4, accumulated), and
     one average of the gradient buffers a step. Its passes run eagerly here
     (graphed_passes_run_eagerly.py: the CPU cannot capture), and train as DDP's, bit for bit:
     the same losses and gradient norms (a missing average or a wrong share of the passes would
-    change the norm)."""
-    passes = {"train__max_steps": 6, "train__micro_batch_size": 1}  # 4 passes a step
+    change the norm). Rank 1's shard of 7 clips ends each epoch one pass into a step, whose
+    gradients must be dropped from the buffers too."""
+    synthesize(tmp_path / "data", clips=21, heldout=0.0, clips_per_shard=7, workers=1,
+               spec=SynthSpec(seconds=1.0, size=48, fps=8.0))
+    shards = tmp_path / "data" / "train"
+    passes = {"train__max_steps": 8, "train__micro_batch_size": 1}  # 4 passes a step
     ddp = torchrun(shards, tmp_path / "ddp", **passes)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     graphed = torchrun(shards, tmp_path / "graphed", **passes, train__cuda_graphs="true",
@@ -202,9 +207,11 @@ def test_the_resume_command_is_the_launch_it_resumes(monkeypatch):
         "fastmavil-train 'a b.toml' --x=1"
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert resume_command("fastmavil-train", "fastmavil.train.pretrain", ["c.toml"]) == (
-        "torchrun --nnodes 2 (and this run's rendezvous options) --nproc_per_node 8 "
-        "-m fastmavil.train.pretrain c.toml")
+    several_nodes = resume_command("fastmavil-train", "fastmavil.train.pretrain", ["c.toml"])
+    assert several_nodes == (
+        "torchrun --nnodes 2 --nproc_per_node 8 -m fastmavil.train.pretrain c.toml  # on every "
+        "node, with the rendezvous flags this run was started with")
+    assert subprocess.run(["bash", "-n", "-c", several_nodes]).returncode == 0  # pastes
 
 
 def test_agreements_raise_on_every_process_and_ranks_draw_their_own_streams():
