@@ -53,7 +53,7 @@ from fastmavil.schedule import fits_passes, plan_epochs
 from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, peak_memory_bytes,
                                      reset_peak_memory, tflops)
 from fastmavil.train.plan_report import spread, work_per_step
-from fastmavil.train.pretrain import fast_path
+from fastmavil.train.runtime import fast_path
 
 from ._report import (RESULTS, commit, device_name, kernel_rows, print_table,
                       time_by_category)

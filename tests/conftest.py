@@ -8,7 +8,7 @@ import torch
 # Without CUDA the kernel tests run Triton's interpreter. Triton reads TRITON_INTERPRET when a
 # kernel is decorated, so it is set here, before any test module can import one, whatever order
 # the modules are collected in. Nothing else launches kernels on a CPU (models start with them
-# off, and the trainer turns them on only on CUDA: fastmavil.train.pretrain.fast_path).
+# off, and the trainer turns them on only on CUDA: fastmavil.train.runtime.fast_path).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

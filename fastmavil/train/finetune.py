@@ -43,8 +43,8 @@ from .distributed import (World, agreed_batches, device_of, distributed_model, l
                           rank_seed, resume_command)
 from .launches import record_launch
 from .metrics import MetricsWriter, NoMetrics, StepTimer
-from .pretrain import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
-                       prepared_data, progress_bar, run_command, run_folder, setup_runtime)
+from .runtime import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
+                      prepared_data, progress_bar, run_command, run_folder, setup_runtime)
 
 log = logging.getLogger("fastmavil.finetune")
 

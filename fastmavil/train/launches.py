@@ -2,10 +2,11 @@
 resume) in the run folder's launches.jsonl, written by rank 0 before training.
 
 A line holds the time, the step it started from, the command line (rank 0's: under torchrun a
-worker's), the host, the processes and their device, and the versions of what computes: fastmavil (with its git commit and whether the
-checkout had changes, when run from one), Python, torch with its CUDA and cuDNN, Triton, NVIDIA
-DALI, flash-attn, PyAV and NumPy (null where absent). A resume on another machine or stack adds
-a line, so the steps each setup trained can be told apart.
+worker's), the host, the processes and their device, and the versions of what computes:
+fastmavil (with its git commit and whether the checkout had changes, when run from one),
+Python, torch with its CUDA and cuDNN, Triton, NVIDIA DALI, flash-attn, PyAV and NumPy (null
+where absent). A resume on another machine or stack adds a line, so the steps each setup
+trained can be told apart.
 """
 from __future__ import annotations
 

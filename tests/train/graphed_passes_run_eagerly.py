@@ -30,7 +30,8 @@ class EagerPasses(cuda_graph.GraphedPasses):
 
 
 def setup_runtime(t, *args):
-    """pretrain.setup_runtime, which refuses train.cuda_graphs on a CPU, letting it through."""
+    """setup_runtime (as pretrain.py calls it), which refuses train.cuda_graphs on a CPU,
+    letting it through."""
     return real_setup_runtime(dataclasses.replace(t, cuda_graphs=False), *args)
 
 
