@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastmavil.config import ConfigError, load_config
+from fastmavil.data.dali_loader import dali_available
 from fastmavil.data.synth import SynthSpec, synthesize
 from fastmavil.train import pretrain
 from fastmavil.train.checkpoint import list_checkpoints, run_lock
@@ -64,6 +65,23 @@ def test_two_processes_train_checkpoint_and_resume_as_one_uninterrupted_run(shar
     # no record): uneven shares end together instead of leaving rank 0 waiting
     assert 3 not in expected and len(expected) >= 4 and max(expected) == 8
     assert losses(tmp_path / "b") == expected  # bit for bit
+
+
+@pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (its wheels are "
+                    "for Linux x86_64)")
+def test_the_dali_loader_in_two_processes_resumes_as_an_uninterrupted_run(shards, tmp_path):
+    """Each process's DALI pipeline reads its share of the shards (on the CPU here: VP9 and
+    FLAC), and an interrupted, resumed run trains as an uninterrupted one, bit for bit."""
+    dali = {"data__loader": "dali", "data__dali_device": "cpu"}
+    whole = torchrun(shards, tmp_path / "a", train__max_steps=8, **dali)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "data: DALI decodes on the cpu" in whole.stderr
+    first = torchrun(shards, tmp_path / "b", train__max_steps=5, **dali)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(shards, tmp_path / "b", train__max_steps=8, **dali)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = losses(tmp_path / "a")
+    assert len(expected) >= 4 and losses(tmp_path / "b") == expected
 
 
 def test_graphed_passes_in_two_processes_train_as_distributed_data_parallel(tmp_path):
