@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import inspect
 import itertools
+import logging
 import os
 import shlex
 from dataclasses import dataclass
@@ -31,6 +32,18 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from .checkpoint import CheckpointError, load_latest
+
+
+# extra= of a log record that every process gives alike (a resume's config changes, an epoch's
+# agreed early end): the processes other than rank 0 leave it out (leave_out_repeats)
+SAME_ON_EVERY_RANK = {"same_on_every_rank": True}
+
+
+def leave_out_repeats() -> None:
+    """For a process other than rank 0: its log handlers drop the records marked
+    SAME_ON_EVERY_RANK, which rank 0 gives too; its own warnings still show."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not getattr(record, "same_on_every_rank", False))
 
 
 class OtherProcessFailed(RuntimeError):

@@ -39,8 +39,8 @@ from ..schedule import EpochPlan, first_step, learning_rate
 from . import resume
 from .checkpoint import (CheckpointClock, checkpoint_dir, checkpoint_name, rng_state,
                          save_checkpoint, set_rng_state)
-from .distributed import (World, agreed_batches, device_of, distributed_model, latest_checkpoint,
-                          rank_seed, resume_command)
+from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, device_of,
+                          distributed_model, latest_checkpoint, rank_seed, resume_command)
 from .launches import record_launch
 from .metrics import MetricsWriter, NoMetrics, StepTimer
 from .runtime import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
@@ -235,7 +235,8 @@ class _Run:
                 generator.manual_seed(reseed)
             log.warning("%s was written by %d process(es), this run has %d: the random streams "
                         "are reseeded (the samples and augmentations from here on differ from "
-                        "an uninterrupted run's)", self.last_ckpt, len(ranks), self.world.size)
+                        "an uninterrupted run's)", self.last_ckpt, len(ranks), self.world.size,
+                        extra=SAME_ON_EVERY_RANK)
             return
         streams = ranks[self.world.rank]
         self.host_generator.set_state(streams["host_generator"])

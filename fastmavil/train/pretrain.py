@@ -38,9 +38,9 @@ from ..schedule import EpochPlan, first_step, fits_passes, learning_rate, plan_e
 from . import resume
 from .checkpoint import (CheckpointClock, checkpoint_dir, checkpoint_name, rng_state,
                          save_checkpoint, set_rng_state)
-from .distributed import (World, agreed_batches, broadcast_parameters, device_of,
-                          distributed_model, latest_checkpoint, launched_rank, rank_seed,
-                          resume_command)
+from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, broadcast_parameters,
+                          device_of, distributed_model, latest_checkpoint, launched_rank,
+                          rank_seed, resume_command)
 from .launches import record_launch
 from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
                       mfu, peak_memory_bytes, tflops)
@@ -95,7 +95,7 @@ def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
         log.warning("train.passes_per_step = 'fit' changes nothing in this run: it fits the "
                     "passes of the adaptive batch's steps, and this run has %s",
                     "a fixed batch (train.adaptive_batch = false)" if not t.adaptive_batch
-                    else "one pass per step (train.micro_batch_size)")
+                    else "one pass per step (train.micro_batch_size)", extra=SAME_ON_EVERY_RANK)
 
 
 def _settings(cfg: Config, world: World) -> tuple[torch.device, bool, bool, str]:
@@ -535,7 +535,7 @@ def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generat
         log.warning("%s was written by %d process(es), this run has %d: the random streams "
                     "are reseeded from train.seed and the step (the masks and the samples "
                     "from here on differ from an uninterrupted run's)", path, len(ranks),
-                    world.size)
+                    world.size, extra=SAME_ON_EVERY_RANK)
         return step
     try:
         generator.set_state(streams["generator"])
@@ -543,7 +543,8 @@ def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generat
         generator.manual_seed(rank_seed(seed + step, world.rank))
         log.warning("%s was written on another device type: its masking RNG state does not "
                     "load here, so it is reseeded from train.seed and the step (the masks "
-                    "from here on differ from an uninterrupted run's)", path)
+                    "from here on differ from an uninterrupted run's)", path,
+                    extra=SAME_ON_EVERY_RANK)
     set_rng_state(streams["rng"], generator.device)  # the training device
     log.info("resumed from %s (step %d)", path, step)
     return step

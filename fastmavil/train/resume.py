@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from ..config import Config, ConfigError, config_changes
+from .distributed import SAME_ON_EVERY_RANK
 
 log = logging.getLogger("fastmavil.train")
 
@@ -54,7 +55,8 @@ def check_config(path: Path, saved: str | None, cfg: Config) -> None:
     """Before any work: refuses a config that trains something else than the checkpoint's."""
     if saved is None:
         log.warning("%s holds no config (written by an older fastmavil): resuming without "
-                    "checking that the config is the one it was trained under", path)
+                    "checking that the config is the one it was trained under", path,
+                    extra=SAME_ON_EVERY_RANK)
         return
     changes = config_changes(saved, cfg)
     warn = WARN - ({"train.micro_batch_size"} if cfg.train.adaptive_batch else set())
@@ -67,7 +69,7 @@ def check_config(path: Path, saved: str | None, cfg: Config) -> None:
     for key in sorted(changes.keys() & warn):
         old, new = changes[key]
         log.warning("resuming with %s changed (%r -> %r): the samples from here on differ from "
-                    "an uninterrupted run's", key, old, new)
+                    "an uninterrupted run's", key, old, new, extra=SAME_ON_EVERY_RANK)
 
 
 def check_run(path: Path, state: dict, clips: int, precision: str, plans) -> None:
@@ -87,7 +89,7 @@ def check_run(path: Path, state: dict, clips: int, precision: str, plans) -> Non
     saved, now = state.get("plan"), plan_record(plans)
     if saved is None:
         log.warning("%s holds no schedule (written by an older fastmavil): resuming without "
-                    "checking that the schedule plans as it did", path)
+                    "checking that the schedule plans as it did", path, extra=SAME_ON_EVERY_RANK)
     elif saved != now:
         epoch = next((e for e, (a, b) in enumerate(zip(saved, now)) if a != b),
                      min(len(saved), len(now)))
@@ -98,7 +100,7 @@ def check_run(path: Path, state: dict, clips: int, precision: str, plans) -> Non
                           "wrote it or start a new run with --run.name")
     if state.get("precision") not in (None, precision):
         log.warning("resuming in %s; the checkpoint was trained in %s", precision,
-                    state["precision"])
+                    state["precision"], extra=SAME_ON_EVERY_RANK)
 
 
 def plan_record(plans) -> list[list]:

@@ -19,8 +19,8 @@ from ..config import Config, ConfigError
 from ..data.loader import LoaderSpec, ShardDataset
 from ..schedule import EpochPlan
 from .checkpoint import CheckpointError, RunLocked, run_lock
-from .distributed import (OtherProcessFailed, World, init_world, launched, launched_rank,
-                          rank_seed, shutdown)
+from .distributed import (SAME_ON_EVERY_RANK, OtherProcessFailed, World, init_world, launched,
+                          launched_rank, leave_out_repeats, rank_seed, shutdown)
 
 log = logging.getLogger("fastmavil.train")
 
@@ -131,7 +131,7 @@ def epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
         log.warning("epoch %d ended %d of its %d steps early: the smallest of the %d processes' "
                     "shares of the shards ended (or clips were skipped: see any warnings "
                     "above); shards in a multiple of processes x data.num_workers share evenly",
-                    plan.epoch, missing, plan.steps, processes)
+                    plan.epoch, missing, plan.steps, processes, extra=SAME_ON_EVERY_RANK)
     elif missing > max(1, workers) + 1:
         log.warning("epoch %d ended %d of its %d steps early: clips were skipped (see the "
                     "warnings above)", plan.epoch, missing, plan.steps)
@@ -224,7 +224,7 @@ def progress_bar(disable: bool = False):
 
 def run_command(prog: str, config_path: str, load, run) -> int:
     """A training command's body, for each process torchrun started (or the one): logging (rank
-    0's messages, the others' warnings), the config from load() (None: nothing to train), the
+    0's messages, the others' own warnings), the config from load() (None: nothing to train), the
     process group, then run(cfg, world). A config error exits 2, a training or checkpoint error
     1, each printed as one line."""
     rank = launched_rank()
@@ -232,6 +232,8 @@ def run_command(prog: str, config_path: str, load, run) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=("%(levelname)s %(name)s: %(message)s" if not launched()
                 else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    if rank:
+        leave_out_repeats()
     world = World()
     try:
         cfg = load()

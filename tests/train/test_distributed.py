@@ -116,6 +116,14 @@ def test_a_resume_in_another_number_of_processes_says_the_streams_are_reseeded(s
     alone = torchrun(shards, tmp_path, processes=1, train__max_steps=4)
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert "written by 2 process(es), this run has 1" in alone.stderr
+    # back in two processes, with a loader change: each warning every rank gives alike is
+    # said once, by rank 0
+    pair = torchrun(shards, tmp_path, train__max_steps=6, data__num_workers=1)
+    assert pair.returncode == 0, pair.stderr[-3000:]
+    for warning in ("written by 1 process(es), this run has 2",
+                    "resuming with data.num_workers changed (0 -> 1)"):
+        assert pair.stderr.count(warning) == 1 and "[rank 0] WARNING" in pair.stderr, \
+            pair.stderr[-3000:]
 
 
 def _children(pid):
@@ -216,6 +224,20 @@ def test_a_failure_on_one_process_stops_every_process_with_one_line_each(shards,
     assert "gloo" not in done.stderr.lower() and "Connection closed" not in done.stderr
     assert "fastmavil-train [rank 1]: another process failed taking the run folder" in \
         done.stderr
+
+
+def test_other_ranks_leave_out_the_warnings_every_rank_gives(monkeypatch):
+    import logging
+    from fastmavil.train.distributed import SAME_ON_EVERY_RANK, leave_out_repeats
+    handler, seen = logging.Handler(), []
+    handler.emit = lambda record: seen.append(record.getMessage())
+    # the root logger with this handler alone: the filter must not reach pytest's handlers
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    leave_out_repeats()  # as on rank 1
+    log = logging.getLogger("fastmavil.train")
+    log.warning("the config changed", extra=SAME_ON_EVERY_RANK)
+    log.warning("this rank's shard is unreadable")
+    assert seen == ["this rank's shard is unreadable"]
 
 
 def test_the_resume_command_is_the_launch_it_resumes(monkeypatch):
