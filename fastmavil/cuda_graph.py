@@ -182,11 +182,10 @@ class GraphedPasses(_Replayer):
     pass's loss and loss terms, detached, which the next replay may overwrite. The same pass
     (`accumulate_pass`) runs eagerly for the first `warmup` calls of each shape. The gradients
     are views of one buffer per dtype (`buffers`), so zeroing them is one fill and averaging
-    them over torchrun's processes (`average_over`; a graph holds no all-reduce) one call,
-    as DistributedDataParallel's bucket views do. Unlike eager
-    passes, a parameter that gets no gradient still holds a (zero) buffer, so AdamW decays it
-    where an eager step would skip it; every parameter of the shipped configs gets a gradient in
-    every pass. The gradients of a pass take one more copy of the parameters' size in the pool
+    them over torchrun's processes (`average_over`; a graph holds no all-reduce) one call, as
+    DistributedDataParallel's bucket views do. Unlike eager passes, a parameter that gets no
+    gradient still holds a (zero) buffer, so AdamW decays it where an eager step would skip it;
+    every parameter of the shipped configs gets a gradient in every pass. The gradients of a pass take one more copy of the parameters' size in the pool
     (torch.autograd.grad's result, added into the buffers), which `backward()` would not.
     """
 
