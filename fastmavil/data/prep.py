@@ -193,10 +193,10 @@ def read_csv(path: Path) -> list[Item]:
                              f"({first!r}){hint}")
     parsed = []
     for i, (line, row) in enumerate(rows):
-        where = f"{path}:{line}"
+        where, row_hint = f"{path}:{line}", hint if i == 0 else ""
         if len(row) > len(columns):
             raise InputError(f"{where}: {len(row)} columns, expected at most {len(columns)} "
-                             f"({','.join(columns)}){hint if i == 0 else ''}")
+                             f"({','.join(columns)}){row_hint}")
         cells = dict(zip(columns, (c.strip() for c in row)))
         if not cells["path"]:
             raise InputError(f"{where}: empty path")
@@ -204,7 +204,7 @@ def read_csv(path: Path) -> list[Item]:
             start = _seconds(cells.get("start"), where, "start")
             end = _seconds(cells.get("end"), where, "end")
         except InputError as err:
-            raise InputError(f"{err}{hint if i == 0 else ''}") from None
+            raise InputError(f"{err}{row_hint}") from None
         if end is not None and end <= (start or 0.0):
             raise InputError(f"{where}: end {end:g} must come after start {start or 0.0:g}")
         extra = {c: text(cells[c]) for c in EXTRA_COLUMNS if cells.get(c)}

@@ -27,9 +27,9 @@ import fastmavil
 
 log = logging.getLogger("fastmavil.train")
 
-# distributions whose version matters to the numbers (DALI's name carries its CUDA major)
-PACKAGES = ("triton", "flash-attn", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
-            "nvidia-dali-cuda110", "av", "numpy")
+# distributions whose version matters to the numbers; DALI's name carries its CUDA major
+PACKAGES = ("triton", "flash-attn", "av", "numpy")
+DALI_BUILDS = ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110")
 
 
 def git_commit(package: Path = Path(fastmavil.__file__).resolve().parent) -> dict | None:
@@ -55,15 +55,17 @@ def versions() -> dict:
              "torch": torch.__version__, "cuda": torch.version.cuda,
              "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
              else None}
-    for name in PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            if not name.startswith("nvidia-dali"):  # the DALI build installed is named
-                found[name] = None
-    if not any(name.startswith("nvidia-dali") for name in found):
-        found["nvidia-dali"] = None
+    found.update({name: _version(name) for name in PACKAGES})
+    dali = {name: version for name in DALI_BUILDS if (version := _version(name))}
+    found.update(dali or {"nvidia-dali": None})  # the build installed is named
     return found
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def device_name(device: torch.device) -> str:
