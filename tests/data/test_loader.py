@@ -182,6 +182,25 @@ def test_every_clip_once_per_epoch_across_workers_and_ranks(dataset_dir):
     assert sorted(keys) == [f"synth{i:06d}" for i in range(12)]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_too_few_shards_are_dealt_a_batch_at_a_time(tmp_path, world_size):
+    """41 clips in 1 shard, batches of 4, 4 workers per rank: dealt one clip at a time each
+    worker would drop its own partial batch (10 batches of 41 clips with one rank); a batch at a
+    time only the epoch's last partial one is lost."""
+    write_dataset(tmp_path, 41, 41)
+    batches = []
+    for rank in range(world_size):
+        dataset = ShardDataset(tmp_path, SPEC, rank=rank, world_size=world_size)
+        dataset.set_epoch(0, batch_size=4, num_workers=4)
+        rank_batches = [b["keys"] for b in build_loader(dataset, 4, num_workers=4)]
+        # the shares set_epoch plans a resume with are the ones delivered
+        assert len(rank_batches) == sum(c // 4 for c in dataset._worker_clips(4))
+        batches += rank_batches
+    assert len(batches) == 10 and all(len(keys) == 4 for keys in batches)
+    assert len({k for keys in batches for k in keys}) == 40
+
+
 def test_training_shuffles_per_epoch_and_evaluation_is_fixed(dataset_dir):
     def order(train, epoch):
         dataset = ShardDataset(dataset_dir, LoaderSpec(**{**SPEC.__dict__, "train": train}))
@@ -294,9 +313,9 @@ def test_a_resumed_epoch_passes_over_its_batches_without_decoding_them(dataset_d
                                                      (22, 1, 3)])
 def test_a_resumed_epoch_on_one_of_two_ranks(tmp_path, per_shard, rank, resume):
     """Rank `rank` of 2, 2 workers each, 22 clips: in shards of 6, 6, 6, 4 each worker reads one
-    shard, so the ranks' workers hold unequal shares; in 1 shard every worker keeps every 4th
-    clip (consumers worker-major: rank 0's workers 6 and 5 clips, rank 1's 6 and 5). Either way
-    the resumed epoch goes on as the uninterrupted one."""
+    shard, so the ranks' workers hold unequal shares; in 1 shard the workers take a batch of 2
+    clips each in turn (consumers worker-major: rank 0's workers 6 and 6 clips, rank 1's 6 and
+    4). Either way the resumed epoch goes on as the uninterrupted one."""
     write_dataset(tmp_path, 22, per_shard)
     spec = LoaderSpec(**{**SPEC.__dict__, "shuffle_buffer": 2})
     whole, resumed, _ = _resumed_batches(tmp_path, spec, 2, resume, rank=rank, world_size=2)
