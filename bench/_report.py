@@ -13,6 +13,26 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def add_results_option(parser) -> None:
+    """--results DIR: where a bench writes its records (bench/results holds the committed ones,
+    which a quick check would overwrite)."""
+    parser.add_argument("--results", type=Path, default=RESULTS, metavar="DIR",
+                        help="folder for the records (default: bench/results, where the "
+                             "committed records are; give another for a quick check)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        import argparse
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     try:
         from rich.console import Console

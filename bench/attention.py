@@ -34,10 +34,11 @@ import torch
 import fastmavil.models.attention as attention_module
 import fastmavil.models.swin as swin_module
 import kernels
-from fastmavil.config import load_config
+from fastmavil.config import ConfigError, load_config
 from fastmavil.models import build_model
 
-from ._report import RESULTS, commit, device_name, gpu_time_ms, print_table, wall_times_ms
+from ._report import (add_results_option, commit, device_name, gpu_time_ms, positive_int,
+                      print_table, wall_times_ms)
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("sdpa", "math")
@@ -185,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default="configs/r4.toml")
     parser.add_argument("--size", choices=["tiny", "small", "base"], default=None,
                         help="model size (default: base on CUDA, small on a CPU)")
-    parser.add_argument("--batch", type=int, default=None, help="default 32 CUDA, 8 CPU")
-    parser.add_argument("--reps", type=int, default=None, help="default 20 CUDA, 3 CPU")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="default 32 CUDA, 8 CPU")
+    parser.add_argument("--reps", type=positive_int, default=None,
+                        help="default 20 CUDA, 3 CPU")
     parser.add_argument("--sdpa-kernels", nargs="*", choices=SDPA_KERNELS, default=None,
                         help="SDPA kernels to time on their own besides SDPA's choice "
                         "(default: all three on CUDA, none on a CPU)")
+    add_results_option(parser)
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -204,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     backends = (*BACKENDS, *(f"sdpa:{k}" for k in forced),
                 *(("window", "sdpa-packed", "triton") if cuda else ()))
     path = Path(args.config)
-    cfg = load_config(path if path.exists() else ROOT / path, {"model.size": size})
+    try:
+        cfg = load_config(path if path.exists() else ROOT / path, {"model.size": size})
+    except ConfigError as err:
+        parser.error(str(err))
     sites = call_sites(cfg, device, batch)
     rows, records, totals = [], [], dict.fromkeys(backends, 0.0)
     for site, calls in sites.items():
@@ -227,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                 ["call site", "calls", *backends, "sdpa / math", "fastest"], rows)
     print("per forward + backward, all calls: " + ", ".join(
         f"{b} {'-' if totals[b] is None else f'{totals[b]:.2f}'} ms" for b in backends))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"attention-{name.replace(' ', '_').replace('/', '_')}-{size}.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"attention-{name.replace(' ', '_').replace('/', '_')}-{size}.json"
     out.write_text(json.dumps({
         "bench": "attention", "config": str(args.config), "size": size, "batch": batch,
         "device": name, "dtype": str(dtype), "timing": what, "torch": torch.__version__,

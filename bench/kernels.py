@@ -30,7 +30,8 @@ import torch
 from fastmavil.diffusion import DiffusionSchedule
 from fastmavil.masking import random_masking
 
-from ._report import RESULTS, commit, gpu_time_ms, print_table, wall_times_ms
+from ._report import (add_results_option, commit, gpu_time_ms, positive_int, print_table,
+                      wall_times_ms)
 
 # Dense datasheet HBM bandwidth, GB/s, by device-name fragment (most specific first).
 PEAK_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0))
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="bf16, fp32, or amp (fp32 under bf16 autocast, as in training); "
                              "default: bf16 on CUDA, fp32 on a CPU")
-    parser.add_argument("--reps", type=int, default=5, help="repeats per CPU timing")
+    parser.add_argument("--reps", type=positive_int, default=5, help="repeats per CPU timing")
+    add_results_option(parser)
     args = parser.parse_args(argv)
 
     from fastmavil.train.metrics import device_peak_flops
@@ -199,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = "none"
     head = commit()
     providers = ("triton", "torch") if cuda else ("torch",)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"kernels-{name.replace(' ', '_')}.csv"
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"kernels-{name.replace(' ', '_')}.csv"
     written, table, target = 0, [], []  # target: forward+backward speedups, wall and device
     # each row's device time kernel by kernel, this run's only (overwritten by the next)
-    parts_out = RESULTS / f"kernels-{name.replace(' ', '_')}-{setting}-breakdown.txt"
+    parts_out = args.results / f"kernels-{name.replace(' ', '_')}-{setting}-breakdown.txt"
     parts_text = [f"device ms per call and its kernels ({name}, torch {torch.__version__}, "
                   f"triton {triton_version}, commit {head}, {setting})"]
     for modality in args.modalities:

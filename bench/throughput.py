@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from fastmavil.config import Config, load_config
+from fastmavil.config import Config, ConfigError, load_config
 from fastmavil.cuda_graph import GraphedStep
 from fastmavil.flops import forward_flops_per_sample
 from fastmavil.models import build_model, compile_blocks
@@ -55,8 +55,8 @@ from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, pea
 from fastmavil.train.plan_report import spread, work_per_step
 from fastmavil.train.runtime import fast_path
 
-from ._report import (RESULTS, commit, device_name, kernel_rows, print_table,
-                      time_by_category)
+from ._report import (add_results_option, commit, device_name, kernel_rows, positive_int,
+                      print_table, time_by_category)
 
 CONFIGS = ["configs/r1.toml", "configs/r2.toml", "configs/r3.toml", "configs/r4.toml",
            "configs/mavil.toml"]
@@ -402,7 +402,7 @@ def _print_comparison(records: list, title: str) -> None:
             p = r[path_name]
             rows.append([Path(r["config"]).stem, path_name, str(r["batch"]), f"{p['step_ms']:.1f}",
                          f"{p['samples_per_s']:.1f}", f"{p['tokens_per_s']:.0f}",
-                         f"{r['flops_per_step'] / 1e12:.3f}", f"{p['tflops']:.2f}",
+                         f"{r['flops_per_step'] / 1e12:.4g}", f"{p['tflops']:.3g}",
                          "-" if p["mfu"] is None else f"{p['mfu']:.1%}",
                          "-" if p["peak_memory_gb"] is None else f"{p['peak_memory_gb']:.2f}",
                          "-" if p["gpu_util"] is None else f"{p['gpu_util']:.0f}%",
@@ -430,7 +430,7 @@ def _print_view(stem: str, view: dict) -> None:
                 [[f"{r[0]['epoch']}-{r[-1]['epoch']}", f"{r[0]['mask_ratio']:.2f}",
                   f"{r[0]['batch']} x {r[0]['passes']:.3f}" if fit else str(r[0]["batch"]),
                   f"{r[0]['step_ms']:.1f}", f"{r[0]['samples_per_s']:.1f}",
-                  f"{r[0]['tokens_per_step']:.0f}", f"{r[0]['tflop_per_step']:.3f}",
+                  f"{r[0]['tokens_per_step']:.0f}", f"{r[0]['tflop_per_step']:.4g}",
                   "-" if r[0]["gpu_util"] is None else f"{r[0]['gpu_util']:.0f}%",
                   f"{r[0]['epoch_s']:.0f}"] for r in runs])
 
@@ -449,9 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("configs", nargs="*", default=CONFIGS)
     parser.add_argument("--size", choices=["tiny", "small", "base"], default=None,
                         help="model size (default: base on CUDA, small on a CPU)")
-    parser.add_argument("--batch", type=int, default=None, help="B0 (default 32 CUDA, 8 CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per timing")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="B0 (default 32 CUDA, 8 CPU)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="steps per timing (default 5 CUDA, 2 CPU)")
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--clips", type=int, default=1_900_000,
                         help="dataset size for the projected epoch times (AS-2M)")
@@ -482,7 +484,10 @@ def main(argv: list[str] | None = None) -> int:
                              "micro-batches (default: each config's own, fixed)")
     parser.add_argument("--profile", action="store_true",
                         help="profile the fast path of the first config: where a step's time goes")
+    add_results_option(parser)
     args = parser.parse_args(argv)
+    if args.warmup < 0:
+        parser.error(f"--warmup {args.warmup} must be >= 0")
     if args.no_compare and args.no_curriculum and not args.profile:
         parser.error("--no-compare with --no-curriculum leaves nothing to measure")
     if args.compile_mode != "default" and not args.compile:
@@ -515,23 +520,27 @@ def main(argv: list[str] | None = None) -> int:
                                                 ("-views", args.no_compare
                                                  and not args.no_curriculum)) if on)
     head = commit()  # once: the records written below must not make the tree look modified
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
 
     def save(records: list, views: dict) -> Path:
-        out = RESULTS / f"throughput-{slug}-{args.size}{variant}.json"
+        out = args.results / f"throughput-{slug}-{args.size}{variant}.json"
         tmp = out.with_suffix(".tmp")  # then renamed: a kill mid-write leaves the last record
         tmp.write_text(json.dumps({
             "bench": "throughput", "device": name, "peak": peak_source, "size": args.size,
             "batch": args.batch, "torch": torch.__version__, "triton": _triton_version(),
             "python": platform.python_version(), "commit": head,
-            "kernels_env": kernels.kernels_enabled(True), "args": vars(args),
+            "kernels_env": kernels.kernels_enabled(True),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "configs": records,
             "curriculum": views}, indent=2) + "\n")
         os.replace(tmp, out)
         return out
 
-    configs = {path: load_config(ROOT / path if not Path(path).exists() else path,
-                                 {"model.size": args.size}) for path in args.configs}
+    try:
+        configs = {path: load_config(ROOT / path if not Path(path).exists() else path,
+                                     {"model.size": args.size}) for path in args.configs}
+    except ConfigError as err:
+        parser.error(str(err))
     for cfg in configs.values():
         cfg.train.adaptive_batch_rule = args.batch_rule or cfg.train.adaptive_batch_rule
         cfg.train.passes_per_step = args.passes or cfg.train.passes_per_step
@@ -546,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = records[0]["batch"] if records else args.batch
         text = profile(Path(path).stem, cfg, device, args, batch)
         release_memory(device)
-        out = RESULTS / f"profile-{slug}-{Path(path).stem}{variant}.txt"
+        out = args.results / f"profile-{slug}-{Path(path).stem}{variant}.txt"
         out.write_text(text + "\n")
         print(text, f"\nwrote {out}", sep="\n")
     if records:

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ._report import RESULTS, commit, device_name, print_table
+from fastmavil.config import ConfigError, load_config
+
+from ._report import add_results_option, commit, device_name, positive_int, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default="configs/r4.toml")
     parser.add_argument("--size", choices=["tiny", "small", "base"], default=None,
                         help="model size (default: base on CUDA, small on a CPU)")
-    parser.add_argument("--batch", type=int, default=None, help="B0 (default 32 CUDA, 8 CPU)")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="B0 (default 32 CUDA, 8 CPU)")
     parser.add_argument("--micro", type=int, default=8, help="samples per pass of the "
                         "accumulating variants (r4.toml's 8)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 40 "
-                        "CUDA, 6 CPU), logged every steps / 4")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="steps per run (default 40 CUDA, 6 CPU), logged every steps / 4")
     parser.add_argument("--compile", action="store_true",
                         help="also compiled blocks with CUDA graphs (minutes of compilation)")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
@@ -119,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", choices=["default", "max-autotune"],
                         default="default", help="train.compile_mode of the compiled variants")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
+    add_results_option(parser)
     args = parser.parse_args(argv)
+    try:  # here, rather than in each run's process
+        load_config(args.config)
+    except ConfigError as err:
+        parser.error(str(err))
     cuda = torch.cuda.is_available()
     size = args.size or ("base" if cuda else "small")
     b0 = args.batch or (32 if cuda else 8)
@@ -134,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--kinds {' '.join(args.kinds)}: nothing to run here (compiled needs "
                      "--compile, compiled and graphs need CUDA)")
     name = device_name(torch.device("cuda" if cuda else "cpu"))
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     suffix = ("-autotune" if args.compile_mode == "max-autotune" else "") + \
         ("-res16" if args.residual == "bf16" else "")
-    out = RESULTS / f"train-{name.replace(' ', '_').replace('/', '_')}-{size}{suffix}.json"
+    out = args.results / f"train-{name.replace(' ', '_').replace('/', '_')}-{size}{suffix}.json"
     results, rows = {}, []
     with tempfile.TemporaryDirectory(prefix="bench-train-", dir=_run_space()) as tmp:
         for label, over in runs.items():

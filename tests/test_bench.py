@@ -25,9 +25,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def results(tmp_path, monkeypatch):
-    for module in (bench.attention, bench.dataload, bench.kernels, bench.throughput,
-                   bench.train):
-        monkeypatch.setattr(module, "RESULTS", tmp_path)
+    """The benches' default records folder, moved to a temporary one (--results' default)."""
+    monkeypatch.setattr(bench._report, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench.dataload, "RESULTS", tmp_path)
     return tmp_path
 
 
@@ -304,6 +304,36 @@ def test_throughput_sets_the_fast_paths_attention_backend(results, monkeypatch):
     assert backends == ["math", "triton"]
     (path,) = results.glob("throughput-*-tiny-triton.json")
     assert json.loads(path.read_text())["args"]["attention"] == "triton"
+
+
+def test_throughput_writes_to_the_results_folder_given(results, tmp_path):
+    elsewhere = tmp_path / "quick" / "check"
+    assert bench.throughput.main(["configs/r4.toml", "--size", "tiny", "--steps", "1",
+                                  "--repeats", "1", "--warmup", "0", "--no-curriculum",
+                                  "--results", str(elsewhere)]) == 0
+    (path,) = elsewhere.glob("throughput-*-tiny.json")
+    assert json.loads(path.read_text())["args"]["results"] == str(elsewhere)
+    assert not list(results.glob("throughput-*"))  # the default folder untouched
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    (bench.throughput, ["configs/nope.toml"], "configs/nope.toml: no such config file"),
+    (bench.throughput, ["configs/finetune/demo.toml", "--size", "tiny"],
+     "run this config with fastmavil-finetune"),
+    (bench.throughput, ["--repeats", "0"], "argument --repeats: '0' is not an integer >= 1"),
+    (bench.throughput, ["--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
+    (bench.throughput, ["--warmup", "-1"], "--warmup -1 must be >= 0"),
+    (bench.attention, ["configs/nope.toml"], "no such config file"),
+    (bench.attention, ["--batch", "0"], "argument --batch: '0' is not an integer >= 1"),
+    (bench.train, ["configs/nope.toml"], "no such config file"),
+    (bench.kernels, ["--reps", "x"], "argument --reps: 'x' is not an integer >= 1"),
+])
+def test_benches_refuse_bad_arguments_in_one_line(capsys, module, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_throughput_refuses_to_measure_nothing():
