@@ -46,6 +46,11 @@ SIZES: dict[str, dict] = {
 }
 
 
+# How command-line overrides are written, for the commands' --help.
+OVERRIDE_SYNTAX = ("Values are written as in TOML: --train.compile true, --optim.betas "
+                   "'[0.9, 0.95]'; strings bare: --run.name exp1.")
+
+
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a bad value."""
 
@@ -405,6 +410,13 @@ class RunConfig:
     name: str = ""              # default: the config file's stem
     tensorboard: bool = True    # TensorBoard events too, when tensorboard is installed
 
+    def check(self) -> None:
+        # one folder inside run.dir: a name with a path in it would put the run elsewhere
+        if self.name in (".", "..") or any(sep in self.name for sep in ("/", "\\")):
+            raise ConfigError(f"run.name = {self.name!r} must be a folder name, without '/' or "
+                              "'..' (the run goes to run.dir/run.name; set run.dir for the "
+                              "parent folder)")
+
 
 @dataclass
 class Config:
@@ -539,7 +551,8 @@ def _coerce(value, hint, key: str):
         ok = isinstance(value, hint)
     if not ok:
         expected = "true or false" if hint is bool else f"of type {hint.__name__}"
-        raise ConfigError(f"{key} = {value!r} must be {expected}")
+        shown = to_toml_value(value) if isinstance(value, bool) else repr(value)  # TOML's true
+        raise ConfigError(f"{key} = {shown} must be {expected}")
     return value
 
 
@@ -547,6 +560,32 @@ def _unknown_key(prefix: str, key: str, known) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     suggestion = f"did you mean {prefix}{close[0]}? " if close else ""
     return ConfigError(f"unknown key {prefix}{key}; {suggestion}allowed: {', '.join(known)}")
+
+
+# The sections only one command's config has, and that command: a config given to the other
+# command is named as such.
+COMMAND_SECTIONS = {"finetune": "fastmavil-finetune", "mask": "fastmavil-train",
+                    "diffusion": "fastmavil-train", "loss": "fastmavil-train"}
+
+
+def _misplaced(root: type, key: str) -> ConfigError:
+    """The error for an unknown top-level `key` of a `root` config: a section of the other
+    command's config, a key that belongs inside a section, or a plain unknown key."""
+    command = COMMAND_SECTIONS.get(key)
+    if command is not None:
+        return ConfigError(f"[{key}] is a section of {command}'s configs, not of this command's: "
+                           f"run this config with {command}")
+    owners = _sections_with(root, key)
+    if owners:
+        return ConfigError(f"{key} is outside any section; put it under "
+                           f"{' or '.join(f'[{name}]' for name in owners)}")
+    return _unknown_key("", key, typing.get_type_hints(root))
+
+
+def _sections_with(root: type, key: str) -> list[str]:
+    """The sections of a `root` config that have a key named `key`."""
+    return [name for name, hint in typing.get_type_hints(root).items()
+            if dataclasses.is_dataclass(hint) and key in typing.get_type_hints(hint)]
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):
@@ -558,6 +597,8 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         name = prefix + key
         if key not in known:
+            if not prefix:  # the top level: a key above every [section], or another command's
+                raise _misplaced(cls, key)
             raise _unknown_key(prefix, key, known)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -665,12 +706,15 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None,
     """Reads a TOML config (a `root`: Config or FinetuneConfig), applies dotted overrides,
     validates; errors name the file."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
+    try:  # utf-8-sig: a byte-order mark (some Windows editors write one) is not TOML
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as err:  # a folder, no permission, ...
         raise ConfigError(f"{path}: cannot read the config: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text, as TOML must be (byte {err.start}: "
+                          f"{err.object[err.start:err.start + 1]!r})") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     overrides = overrides or {}
@@ -701,6 +745,10 @@ def _field_hint(dotted_key: str, root: type = Config):
         if part not in hints:
             if not hints:
                 raise ConfigError(f"{prefix.rstrip('.')} is not a section")
+            owners = [] if prefix else _sections_with(root, part)
+            if owners:  # --epochs for --train.epochs
+                raise ConfigError(f"{part} is outside any section; did you mean "
+                                  f"{' or '.join(f'--{name}.{part}' for name in owners)}?")
             raise _unknown_key(prefix, part, hints)
         cls, prefix = hints[part], f"{prefix}{part}."
     if dataclasses.is_dataclass(cls):

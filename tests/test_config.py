@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmavil.config import (SIZES, Config, ConfigError, OptimConfig, TrainConfig, config_changes,
-                              load_config, to_toml)
+from fastmavil.config import (SIZES, Config, ConfigError, FinetuneConfig, OptimConfig,
+                              TrainConfig, config_changes, load_config, to_toml)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -67,7 +67,7 @@ def test_bad_choice_lists_allowed_values(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("[train]\nepochs = 'ten'\n", "train.epochs = 'ten' must be of type int"),
-    ("[train]\nepochs = true\n", "train.epochs = True must be of type int"),
+    ("[train]\nepochs = true\n", "train.epochs = true must be of type int"),
     ("[model]\naudio_patch = [16]\n", "model.audio_patch = \\[16\\] must be a list of 2 values"),
     ("[mask]\nstart = 1.2\n", "mask.start = 1.2 must lie in \\(0, 1\\)"),
     ("[mask]\nstart = 0.9\nend = 0.8\n", "use 'linear'"),
@@ -96,6 +96,8 @@ def test_bad_choice_lists_allowed_values(tmp_path):
     # passed the checks before, failed or misbehaved later: seeds out of NumPy's or torch's
     # range, and non-finite numbers (lr = inf ran until max_bad_steps; grad_clip = nan clipped
     # nothing)
+    ("[run]\nname = '../escape'\n", "run.name = '../escape' must be a folder name"),
+    ("[run]\nname = '..'\n", "run.name = '..' must be a folder name"),
     ("[data]\nseed = -1\n", "data.seed = -1 must lie in \\[0, 2\\*\\*63\\)"),
     ("[train]\nseed = 9223372036854775808\n", "train.seed = 9223372036854775808 must lie in"),
     ("[optim]\nlr = inf\n", "optim.lr = inf must hold finite numbers only"),
@@ -105,6 +107,31 @@ def test_bad_choice_lists_allowed_values(tmp_path):
 def test_bad_values(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_misplaced_keys_and_other_commands_configs(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.toml: epochs is outside any section; put it "
+                                          r"under \[train\]$"):
+        load_config(write(tmp_path, "epochs = 3\n[model]\nsize = 'tiny'\n"))
+    with pytest.raises(ConfigError, match=r"command line --epochs 3: epochs is outside any "
+                                          r"section; did you mean --train.epochs\?"):
+        load_config(write(tmp_path, "[model]\nsize = 'tiny'\n"), {"epochs": "3"})
+    with pytest.raises(ConfigError, match=r"\[finetune\] is a section of fastmavil-finetune's "
+                                          r"configs.*run this config with fastmavil-finetune"):
+        load_config(write(tmp_path, "[finetune]\ncheckpoint = 'x.pt'\n"))
+    with pytest.raises(ConfigError, match=r"\[mask\] is a section of fastmavil-train's"):
+        load_config(write(tmp_path, "[mask]\nstart = 0.8\n"), root=FinetuneConfig)
+    with pytest.raises(ConfigError, match="unknown key nonsense; allowed: model, data"):
+        load_config(write(tmp_path, "nonsense = 1\n"))
+
+
+def test_byte_order_mark_and_non_utf8(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[model]\nsize = 'tiny'\n")  # what some editors write
+    assert load_config(path).model.size == "tiny"
+    path.write_bytes(b"\xff\xfe[\x00m\x00")  # UTF-16
+    with pytest.raises(ConfigError, match=r"bom.toml: not UTF-8 text, as TOML must be \(byte 0"):
+        load_config(path)
 
 
 def test_missing_and_malformed_files(tmp_path):

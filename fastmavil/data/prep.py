@@ -88,7 +88,7 @@ from pathlib import Path
 import numpy as np
 
 from .media import SAMPLE_RATE, VIDEO_CODECS, encode_flac, encode_video
-from .writer import ClipFailure, write_shards
+from .writer import ClipFailure, interrupted, write_shards
 
 MEDIA_EXTENSIONS = ("mp4", "mkv", "webm", "avi", "mov", "m4v", "flv", "wav", "flac", "mp3", "ogg",
                     "m4a")
@@ -419,9 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     # max_seconds stays out of the shards' fingerprint: it chooses what fails, not how clips
     # are written, so a rerun with another limit keeps the finished shards
     make = functools.partial(make_clip, options, max_seconds=args.max_seconds)
-    index = write_shards(args.out, items, make, describe, labels,
-                         args.clips_per_shard, args.workers, title="prep",
-                         prep={"src": text(args.src), **asdict(options)})
+    try:
+        index = write_shards(args.out, items, make, describe, labels,
+                             args.clips_per_shard, args.workers, title="prep",
+                             prep={"src": text(args.src), **asdict(options)})
+    except KeyboardInterrupt:
+        return interrupted("fastmavil-prep")
     out = Path(args.out)
     failed = f" (see {out / 'failures.csv'})" if index["failed"] else ""
     print(f"{out}: {index['clips']} clips in {len(index['shards'])} shard(s), "

@@ -179,8 +179,11 @@ def shard_clips(source: str | Path) -> dict[Path, int]:
             return {source / s["name"]: int(s["clips"]) for s in shards}
     counts = {}
     for path in shard_paths(source):
-        with tarfile.open(path, "r:", errors="surrogateescape") as tar:
-            counts[path] = len({split_key(info.name)[0] for info in tar if info.isfile()})
+        try:
+            with tarfile.open(path, "r:", errors="surrogateescape") as tar:
+                counts[path] = len({split_key(info.name)[0] for info in tar if info.isfile()})
+        except tarfile.TarError as err:  # named: a dataset folder holds many shards
+            raise tarfile.TarError(f"{path.name}: {err}") from err
     return counts
 
 

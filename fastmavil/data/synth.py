@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .media import SAMPLE_RATE, VIDEO_CODECS, encode_flac, encode_video
-from .writer import write_shards
+from .writer import interrupted, write_shards
 
 SOUNDS = ("tone", "chord", "chirp_up", "chirp_down", "noise_band", "clicks", "tremolo",
           "vibrato", "square", "beeps")
@@ -188,14 +188,25 @@ def _describe(index: int) -> str:
     return f"synthetic clip {index}"
 
 
+def synthesized(out: str | Path) -> bool:
+    """Whether OUT holds a finished synthetic dataset: each split's index.json, written last
+    (an interrupted run leaves a split without one; a rerun of synthesize finishes it)."""
+    return all((Path(out) / split / "index.json").exists() for split in ("train", "heldout"))
+
+
+def split_items(clips: int, heldout: float = 0.2) -> dict[str, range]:
+    """The clip numbers of each split: the first `heldout` share is held out."""
+    n_heldout = int(round(clips * heldout))
+    return {"train": range(n_heldout, clips), "heldout": range(n_heldout)}
+
+
 def synthesize(out: str | Path, clips: int = 300, heldout: float = 0.2,
                clips_per_shard: int = 100, workers: int = 0, spec: SynthSpec = SynthSpec()
                ) -> dict[str, dict]:
     """Writes OUT/train and OUT/heldout; returns their indices. Reruns resume."""
     if not 0.0 <= heldout < 1.0:
         raise ValueError(f"--heldout {heldout} must lie in [0, 1)")
-    n_heldout = int(round(clips * heldout))
-    splits = {"train": range(n_heldout, clips), "heldout": range(n_heldout)}
+    splits = split_items(clips, heldout)
     indices = {}
     for split, items in splits.items():
         if not items:
@@ -244,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         class_names(args.classes)
     except ValueError as err:
         parser.error(str(err))
-    indices = synthesize(args.out, args.clips, args.heldout, args.clips_per_shard, args.workers,
-                         spec)
+    try:
+        indices = synthesize(args.out, args.clips, args.heldout, args.clips_per_shard,
+                             args.workers, spec)
+    except KeyboardInterrupt:
+        return interrupted("fastmavil-synth")
     for split, index in indices.items():
         print(f"{Path(args.out) / split}: {index['clips']} clips in {len(index['shards'])} "
               f"shard(s), {index['failed']} failed")

@@ -12,11 +12,15 @@ item whose worker process dies (the OOM killer, a crash in a codec), after one r
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -49,6 +53,23 @@ def _run_one(args):
         return None, None, str(err)
     except Exception as err:  # an unexpected error in one clip must not end the run
         return None, None, f"{type(err).__name__}: {err}"
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored by the worker processes started meanwhile (they inherit SIG_IGN, and
+    Python keeps it), so that Ctrl-C, which the terminal sends to the whole process group, stops
+    the parent alone, which then ends the workers (_Workers.close), instead of each worker
+    printing its own KeyboardInterrupt traceback. The main thread only: signal handlers are
+    set there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which cannot be put back; Python's instead
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 class _Workers:
@@ -87,7 +108,8 @@ class _Workers:
         for _ in range(2):
             self.pool = self.pool or self._start(self.count)
             try:
-                return [self.pool.submit(_run_one, job) for job in jobs]
+                with _sigint_ignored():  # the workers start on these submits
+                    return [self.pool.submit(_run_one, job) for job in jobs]
             except BrokenProcessPool:
                 self.close()
         raise BrokenProcessPool("a fresh pool of workers broke before any job")
@@ -95,7 +117,9 @@ class _Workers:
     def _alone(self, job) -> tuple:
         with self._start(1) as pool:
             try:
-                return pool.submit(_run_one, job).result()
+                with _sigint_ignored():
+                    future = pool.submit(_run_one, job)
+                return future.result()
             except BrokenProcessPool:
                 return None, None, ("its worker process died (killed by the OS, out of memory, "
                                     "or a crash in a decoder)")
@@ -109,6 +133,13 @@ class _Workers:
             for process in processes:  # no public way before Python 3.14's terminate_workers
                 process.terminate()
             self.pool = None
+
+
+def interrupted(prog: str) -> int:
+    """What a shard-writing command says and exits with on Ctrl-C."""
+    print(f"{prog}: interrupted; the same command goes on from the shards it finished",
+          file=sys.stderr)
+    return 130
 
 
 def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe: Callable,
@@ -128,7 +159,7 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
         raise ValueError(f"clips_per_shard = {clips_per_shard} must be >= 1")
     groups = [items[i:i + clips_per_shard] for i in range(0, len(items), clips_per_shard)]
     pool = _Workers(workers or os.cpu_count() or 1)
-    shards = []
+    shards, kept = [], 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
     try:
@@ -142,6 +173,7 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
                     # shards from before fingerprints carry none: taken as they are
                     if meta.get("fingerprint", fingerprint) == fingerprint:
                         shards.append(meta)
+                        kept += 1
                         progress.advance(task, len(group))
                         continue
                     progress.console.print(f"{path}: written for other items or options; "
@@ -164,6 +196,9 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
                 meta["bytes"] = path.stat().st_size
                 _meta_path(path).write_text(json.dumps(meta))
                 shards.append(meta)
+            if kept:
+                progress.console.print(f"{out}: kept {kept} of the {len(groups)} shards, which "
+                                       "an earlier run had finished")
     finally:
         pool.close()
     failures = [f for s in shards for f in s["failures"]]

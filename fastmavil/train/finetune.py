@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import mix_batch, smooth_labels, spec_augment, spec_noise
-from ..config import ConfigError, FinetuneConfig, load_config, split_overrides, to_toml
+from ..config import (OVERRIDE_SYNTAX, ConfigError, FinetuneConfig, load_config,
+                      split_overrides, to_toml)
 from ..data.loader import build_loader, loader_spec
 from ..data.shards import shard_metas
 from ..evaluation import mean_average_precision, top1_accuracy
@@ -44,7 +45,8 @@ from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, device_of,
 from .launches import record_launch
 from .metrics import MetricsWriter, NoMetrics, StepTimer
 from .runtime import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
-                      prepared_data, progress_bar, run_command, run_folder, setup_runtime)
+                      prepared_data, progress_bar, run_command, run_folder, setup_runtime,
+                      steps_passed_over)
 
 log = logging.getLogger("fastmavil.finetune")
 
@@ -356,6 +358,7 @@ class _Run:
     # --- the loop ---------------------------------------------------------------------------
     def run(self, progress, stop: StopFlag) -> dict:
         f = self.cfg.finetune
+        start_step, self.trained_steps = self.step, 0
         name = self.run_dir.name if self.fold else "finetune"
         task = progress.add_task(name, total=self.total_steps, completed=self.step, epoch="-",
                                  loss="-", rate="-")
@@ -393,6 +396,7 @@ class _Run:
                 {"evals": self.evals, "pretrained": self.pretrained, "step": self.step},
                 indent=1))
         return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
+                "start_step": start_step, "trained_steps": self.trained_steps,
                 "evals": self.evals, "checkpoint": str(self.last_ckpt),
                 "pretrained": self.pretrained, "interrupted": stop.signal}
 
@@ -427,6 +431,7 @@ class _Run:
                 ran_out = True  # on every process at once (agreed_batches)
                 break
             self.step += 1
+            self.trained_steps += 1
             self.timer.step_done()
             progress.advance(task)
             if self.step % t.log_every == 0:
@@ -513,19 +518,27 @@ def finetune(cfg: FinetuneConfig, argv: list[str], world: World | None = None) -
 def _print_summary(console, s: dict, argv: list[str]) -> None:
     from rich.table import Table
     name = "mAP" if s["metric"] == "map" else "top-1"
+
+    def shown(value: float) -> str:  # as the eval lines print them
+        return f"{value:.4f}" if s["metric"] == "map" else f"{value * 100:.2f}%"
+
     table = Table(title="fastmavil-finetune summary", show_header=False)
     for r in s["runs"]:
         label = Path(r["run_dir"]).name if s["folds"] else "run"
         evals = r["evals"]
         if evals:
             best = max(evals, key=metric_of)
-            text = (f"final {name} {metric_of(evals[-1]):.4f} (epoch {evals[-1]['epoch']}), "
-                    f"best {metric_of(best):.4f} (epoch {best['epoch']})")
+            latest = "final" if r["step"] >= r["total_steps"] else "latest"
+            text = (f"{latest} {name} {shown(metric_of(evals[-1]))} (epoch "
+                    f"{evals[-1]['epoch']}), best {shown(metric_of(best))} (epoch "
+                    f"{best['epoch']})")
         else:
             text = "not evaluated yet"
-        table.add_row(label, f"step {r['step']} / {r['total_steps']}: {text}")
+        passed_over = steps_passed_over(r["step"] - r["start_step"], r["trained_steps"])
+        table.add_row(label, f"step {r['step']} / {r['total_steps']}: {text}"
+                             + (f" ({passed_over[2:]} this run)" if passed_over else ""))
     if "mean" in s:
-        table.add_row(f"{s['folds']}-fold mean", f"{name} {s['mean']:.4f} ± {s['std']:.4f}")
+        table.add_row(f"{s['folds']}-fold mean", f"{name} {shown(s['mean'])} ± {shown(s['std'])}")
     if s["runs"]:
         table.add_row("pre-trained", str(s["runs"][0]["pretrained"] or "none (random weights)"))
         table.add_row("checkpoint", s["runs"][-1]["checkpoint"])
@@ -545,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Fine-tune a pre-trained audio encoder as a classifier (paper Table 4).",
         epilog="Override any config key: --finetune.checkpoint runs/r4 --data.shards DIR "
                "(sections: model, data, finetune, optim, train, run; keys and defaults: "
-               "fastmavil/config.py). The same command resumes the run.")
+               f"fastmavil/config.py). {OVERRIDE_SYNTAX} The same command resumes the run.")
     parser.add_argument("config", help="TOML config, e.g. configs/finetune/esc50.toml")
     try:
         rest, overrides = split_overrides(argv)

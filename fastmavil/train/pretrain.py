@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, load_config, split_overrides, to_toml
+from ..config import (OVERRIDE_SYNTAX, Config, ConfigError, load_config, split_overrides,
+                      to_toml)
 from ..cuda_graph import GraphedPasses
 from ..data.dali_loader import DaliLoader, check_codec, dali_available, dali_device
 from ..data.loader import ShardDataset, build_loader, loader_spec, to_device
@@ -47,7 +48,7 @@ from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, devic
 from .plan_report import print_plan, work_per_step
 from .runtime import (DataError, StopFlag, TrainingError, epoch_ended_early, fast_path,
                       loader_workers, open_dataset, prepared_data, progress_bar, run_command,
-                      run_folder, setup_runtime)
+                      run_folder, setup_runtime, steps_passed_over)
 
 log = logging.getLogger("fastmavil.train")
 
@@ -242,7 +243,7 @@ class _Run:
         self.worst_run = self.bad_run.clone()
         self.trained = self.step  # the step count after the last step run
         self.interval = _Interval(self.step, self.device)  # the steps since the last log line
-        self.summary = {"start_step": self.step, "samples": 0}
+        self.summary = {"start_step": self.step, "samples": 0, "trained_steps": 0}
         self.lr, self.last_plan = None, None  # the latest step's
 
     def clear_grads(self) -> None:
@@ -300,7 +301,8 @@ class _Run:
         """Trains the plan's remaining steps (or until a signal); returns the run's summary,
         printed with `argv`, the command's arguments, to resume with."""
         main = self.world.main  # the other ranks train, and log only their warnings
-        self.progress = progress_bar(disable=not main)
+        # no bar for a resume with nothing left to train (its log line says why)
+        self.progress = progress_bar(disable=not main or self.step >= self.total_steps)
         self.timer, started = StepTimer(), time.perf_counter()
         t = self.cfg.train
         self.checkpoint_clock = CheckpointClock(t.ckpt_every, t.ckpt_minutes, self.world)
@@ -424,6 +426,7 @@ class _Run:
             self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         self.step += 1
         self.trained = self.step  # not moved by epochs whose data ran short
+        self.summary["trained_steps"] += 1
         self.last_plan = plan
         self.progress.advance(self.task)
         # every rank's loss: the ranks must skip or apply a step together
@@ -615,9 +618,11 @@ def _line(r: dict, total: int) -> str:
 def _print_summary(console, s: dict, argv: list[str]) -> None:
     from rich.table import Table
     table = Table(title="fastmavil-train summary", show_header=False)
-    table.add_row("steps", f"{s['step']} / {s['total_steps']} (this run from {s['start_step']})")
+    table.add_row("steps", f"{s['step']} / {s['total_steps']} (this run from {s['start_step']}"
+                  f"{steps_passed_over(s['step'] - s['start_step'], s['trained_steps'])})")
     if s["planned_steps"] != s["total_steps"]:
-        table.add_row("planned steps", f"{s['planned_steps']} (stopped by train.max_steps)")
+        table.add_row("planned steps",
+                      f"{s['planned_steps']} (train.max_steps ends the run at {s['total_steps']})")
     table.add_row("samples this run", str(s["samples"]))
     table.add_row("time", f"{s['seconds']:.1f} s")
     last = s.get("last")
@@ -643,10 +648,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     sections = ", ".join(f.name for f in dataclasses.fields(Config))
     parser = argparse.ArgumentParser(
         prog="fastmavil-train", description="Pre-train MAViL / DiffMAViL / AudioMAE.",
-        epilog=f"Override any config key: --train.max_steps 100 --data.shards DIR (sections: "
-               f"{sections}; keys and defaults: fastmavil/config.py). A run lives in "
-               "<run.dir>/<run.name>/ (default runs/<config name>/); the same command resumes "
-               "it from its newest checkpoint.")
+        epilog=f"Override any config key: --train.max_steps 100 (default 0: every epoch) "
+               f"--data.shards DIR (sections: {sections}; keys and defaults: "
+               f"fastmavil/config.py). {OVERRIDE_SYNTAX} A run lives in <run.dir>/<run.name>/ "
+               "(default runs/<config name>/); the same command resumes it from its newest "
+               "checkpoint.")
     parser.add_argument("config", help="TOML config, e.g. configs/r4.toml")
     parser.add_argument("--plan", action="store_true",
                         help="print the run's schedule (per epoch: mask ratio, batch, passes, "
@@ -660,10 +666,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
 
 
 def _planned_clips(cfg: Config) -> int:
-    """--plan's clip count: data.random_clips, else the shards' (never generating the demo's)."""
+    """--plan's clip count: data.random_clips, else the shards' (never generating the demo's:
+    before its first run, the count it will generate)."""
     shards = cfg.data.shards
     if cfg.data.random_clips:
         return cfg.data.random_clips
+    if shards and not Path(shards).exists() and cfg.data.synth_clips and \
+            Path(shards).name == "train":
+        from ..data.synth import split_items
+        return len(split_items(cfg.data.synth_clips)["train"])
     if not shards or not Path(shards).exists():
         where = ("is empty" if not shards else
                  "does not exist (a demo config generates it on its first run)")

@@ -53,11 +53,12 @@ def prepare_data(cfg: Config) -> Path:
                           "fastmavil-prep or fastmavil-synth), or --data.random_clips N to "
                           "time the model on random clips")
     source = Path(d.shards)
-    if d.synth_clips and not (source / "index.json").exists():
-        from ..data.synth import SynthSpec, synthesize
-        log.info("generating %d synthetic clips under %s (first use only)", d.synth_clips,
-                 source.parent)
-        synthesize(source.parent, clips=d.synth_clips, spec=SynthSpec(seed=d.seed))
+    if d.synth_clips:
+        from ..data.synth import SynthSpec, synthesize, synthesized
+        if not synthesized(source.parent):  # first use, or an interrupted one: finished here
+            log.info("generating %d synthetic clips under %s (first use only)", d.synth_clips,
+                     source.parent)
+            synthesize(source.parent, clips=d.synth_clips, spec=SynthSpec(seed=d.seed))
     if not source.exists():
         raise ConfigError(f"data.shards = {d.shards!r} does not exist")
     return source
@@ -110,6 +111,15 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def steps_passed_over(advanced: int, trained: int) -> str:
+    """For a summary: how many of the steps a run advanced were not trained, where an epoch's
+    data ended before its plan and the schedule moved on to the next epoch ('' if none)."""
+    if advanced == trained:
+        return ""
+    return (f"; {trained} trained, {advanced - trained} passed over where an epoch's data ended "
+            "early")
 
 
 def epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
@@ -250,6 +260,11 @@ def run_command(prog: str, config_path: str, load, run) -> int:
     except (TrainingError, CheckpointError, OtherProcessFailed) as err:
         print(f"{prog}{f' [rank {rank}]' if rank else ''}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the training loop (which stops at a step's end), or a
+        # second Ctrl-C: what was saved stays (a checkpoint, the demo data's finished shards)
+        print(f"{prog}{f' [rank {rank}]' if rank else ''}: interrupted; the same command goes "
+              "on from what was saved", file=sys.stderr)
+        return 130
     finally:
         shutdown(world)
     return 0

@@ -1,12 +1,15 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastmavil.data.media import decode_audio, decode_video
 from fastmavil.data.shards import read_index, read_shard
-from fastmavil.data.synth import SOUNDS, SynthSpec, class_names, main, make_clip
+from fastmavil.data.synth import (SOUNDS, SynthSpec, class_names, main, make_clip,
+                                  synthesized)
 
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = SynthSpec(seconds=2.0, size=48, fps=8.0)
 
 
@@ -56,6 +59,8 @@ def test_cli_writes_train_and_heldout_and_resumes(tmp_path, capsys):
     first = (out / "train" / "shard-000000.tar").stat().st_mtime_ns
     (out / "train" / "shard-000001.tar").unlink()
     assert main(args) == 0  # resumes: shard 0 kept, shard 1 rewritten
+    assert "kept 1 of the 2 shards, which an earlier run had finished" in \
+        " ".join(capsys.readouterr().out.split())
     assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
     assert read_index(out / "train")["clips"] == 8
     assert (out / "train" / "shard-000001.tar").exists()
@@ -93,3 +98,30 @@ def test_a_rerun_with_other_clips_rewrites_the_shards_it_changes(tmp_path, capsy
         assert len(keys[split]) == len(set(keys[split])) == index["clips"]
     assert (len(keys["train"]), len(keys["heldout"])) == (32, 8)
     assert not set(keys["train"]) & set(keys["heldout"])
+
+
+def test_prepare_data_finishes_an_interrupted_first_use(tmp_path):
+    """The demo generates its data on first use; a Ctrl-C in the held-out split left the
+    training split whole: the next run finishes the held-out one instead of training without
+    it (the fine-tuning demo scores on it)."""
+    from fastmavil.config import load_config
+    from fastmavil.train.runtime import prepare_data
+    root = tmp_path / "demo"
+    cfg = load_config(ROOT / "configs" / "demo.toml",
+                      {"data.shards": str(root / "train"), "data.synth_clips": "5"})
+    assert prepare_data(cfg) == root / "train" and synthesized(root)
+    (root / "heldout" / "index.json").unlink()
+    assert not synthesized(root)
+    prepare_data(cfg)
+    assert read_index(root / "heldout")["clips"] == 1
+
+
+def test_ctrl_c_ends_the_cli_in_one_line(tmp_path, capsys, monkeypatch):
+    import fastmavil.data.synth as synth
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(synth, "synthesize", interrupted)
+    assert main(["--out", str(tmp_path / "s")]) == 130
+    assert capsys.readouterr().err == ("fastmavil-synth: interrupted; the same command goes on "
+                                       "from the shards it finished\n")

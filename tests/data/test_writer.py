@@ -1,4 +1,5 @@
 """The shard-writing pipeline of fastmavil-prep and fastmavil-synth: worker processes that die."""
+import json
 import os
 import signal
 
@@ -56,3 +57,18 @@ def test_a_worker_that_died_idle_between_shards_does_not_end_the_run(deadline):
         assert [r[1]["json"]["item"] for r in workers.map(jobs)] == [0, 2, 4, 6]
     finally:
         workers.close()
+
+
+def _sigint_handler(item: int):
+    return f"clip{item}", {"json": {"handler": str(signal.getsignal(signal.SIGINT))}}
+
+
+def test_workers_leave_ctrl_c_to_the_parent(tmp_path, deadline):
+    """The terminal sends Ctrl-C to the whole process group: the workers ignore it (each
+    would print a KeyboardInterrupt traceback), the parent stops and ends them."""
+    write_shards(tmp_path, list(range(4)), _sigint_handler, str, [], clips_per_shard=4,
+                 workers=2)
+    handlers = {json.loads(clip.members["json"])["handler"]
+                for clip in read_shard(tmp_path / "shard-000000.tar")}
+    assert handlers == {str(signal.SIG_IGN)}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's, back

@@ -293,3 +293,18 @@ def test_two_processes_fine_tune_score_every_clip_once_and_resume_exactly(data, 
     assert len(a["ranks"]) == 2
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
+
+
+def test_the_summary_prints_the_metric_as_the_eval_lines_do():
+    from rich.console import Console
+    evals = [{"epoch": 4, "eval_top1": 0.25}, {"epoch": 9, "eval_top1": 0.1833}]
+    summary = {"metric": "top1", "folds": 0, "seconds": 1.0, "interrupted": None,
+               "runs": [{"run_dir": "runs/x", "step": 300, "total_steps": 450, "start_step": 0,
+                         "trained_steps": 280, "evals": evals, "pretrained": None,
+                         "checkpoint": "c.pt"}]}
+    console = Console(record=True, width=250, file=open(os.devnull, "w"))
+    ft._print_summary(console, summary, [])
+    text = console.export_text()
+    # not at its end: "latest", not "final"; percentages as the eval lines print top-1
+    assert ("step 300 / 450: latest top-1 18.33% (epoch 9), best 25.00% (epoch 4) (280 "
+            "trained, 20 passed over where an epoch's data ended early this run)") in text

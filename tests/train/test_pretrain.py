@@ -242,6 +242,10 @@ def test_steps_an_epoch_has_no_data_for_are_not_reported_as_non_finite(shards, t
     with caplog.at_level("WARNING", logger="fastmavil.train"):
         summary = run(shards, tmp_path)
     assert summary["step"] == summary["total_steps"] > 3  # every epoch ran short
+    assert summary["trained_steps"] == 3  # one per epoch: the summary says how many
+    table = _printed_summary(summary)
+    assert (f"{summary['step']} / {summary['total_steps']} (this run from 0; 3 trained, "
+            f"{summary['step'] - 3} passed over where an epoch's data ended early)") in table
     assert "non-finite" not in caplog.text
     # epochs 1 and 2 ended 3 and 5 steps short, more than partial batches explain
     assert caplog.text.count("clips were skipped") == 2
@@ -365,8 +369,8 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(shards, tmp_path, capsys):
     summary = run(shards, tmp_path, train__epochs=30, train__max_steps=step + 2)
     assert summary["start_step"] == step and summary["step"] == step + 2
     # the summary says the plan is longer than this run's cap
-    assert (f"planned steps    │ {summary['planned_steps']} (stopped by train.max_steps)"
-            in capsys.readouterr().err)
+    assert (f"planned steps    │ {summary['planned_steps']} (train.max_steps ends the run at "
+            f"{step + 2})" in capsys.readouterr().err)
 
 
 def test_non_finite_loss_is_skipped_then_stops(shards, tmp_path, monkeypatch, caplog):
@@ -483,7 +487,11 @@ def test_plan_prints_the_schedule_without_training(shards, tmp_path, capsys):
     assert pretrain.main([*demo, "--data.shards", str(shards)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "12 epochs of 24 clips" in out and "TFLOP in all" in out
-    assert pretrain.main([*demo, "--data.shards", str(tmp_path / "nowhere" / "train")]) == 2
+    # the demo's data before its first run: the clips it will generate (300, 60 held out)
+    assert pretrain.main([*demo, "--data.shards", str(tmp_path / "nowhere" / "train")]) == 0
+    assert "12 epochs of 240 clips" in " ".join(capsys.readouterr().out.split())
+    assert pretrain.main([*demo, "--data.shards", str(tmp_path / "nowhere" / "train"),
+                          "--data.synth_clips", "0"]) == 2
     assert "does not exist (a demo config generates it on its first run)" in \
         capsys.readouterr().err
     assert pretrain.main([*demo, "--data.shards", "", "--data.synth_clips", "0"]) == 2
@@ -518,6 +526,36 @@ def test_triton_attention_without_the_kernels_says_what_runs(tmp_path, caplog):
     assert "model.attention = 'triton' runs the Triton kernels, which are off here" in caplog.text
 
 
+def _printed_summary(summary: dict) -> str:
+    from rich.console import Console
+    console = Console(record=True, width=200, file=open(os.devnull, "w"))
+    pretrain._print_summary(console, summary, [])
+    return console.export_text()
+
+
+def test_the_summary_names_what_ended_the_run(shards, tmp_path):
+    summary = run(shards, tmp_path, train__max_steps=2)
+    table = _printed_summary(summary)
+    assert "2 / 2 (this run from 0)" in table and "passed over" not in table
+    assert f"{summary['planned_steps']} (train.max_steps ends the run at 2)" in table
+    summary["interrupted"] = "SIGTERM"
+    assert "stopped by SIGTERM at step 2; resume with" in _printed_summary(summary)
+
+
+def test_an_interrupt_outside_the_training_loop_is_one_line(capsys):
+    """Ctrl-C while the demo data is generated (or a second one mid-step): one line and exit
+    130, not a traceback."""
+    from fastmavil.train.runtime import run_command
+
+    def interrupted(cfg, world):
+        raise KeyboardInterrupt
+    load = lambda: load_config(ROOT / "configs" / "demo.toml",  # noqa: E731
+                               {"data.random_clips": "8"})
+    assert run_command("fastmavil-train", "configs/demo.toml", load, interrupted) == 130
+    assert capsys.readouterr().err == ("fastmavil-train: interrupted; the same command goes on "
+                                       "from what was saved\n")
+
+
 def test_bad_shards_are_errors_not_an_empty_run(shards, tmp_path):
     """A path that is no tar file, an index listing a shard that is gone, and shards that are all
     unreadable: each stops the run with an error naming the data, instead of a run that
@@ -527,6 +565,11 @@ def test_bad_shards_are_errors_not_an_empty_run(shards, tmp_path):
     garbage.write_bytes(os.urandom(4096))
     with pytest.raises(ConfigError, match=r"notatar.tar': not a readable tar file"):
         run(garbage, tmp_path / "r0")
+    folder = tmp_path / "junk"  # a folder of shards without an index: the bad one is named
+    folder.mkdir()
+    (folder / "shard-000000.tar").write_bytes(os.urandom(4096))
+    with pytest.raises(ConfigError, match=r"junk': not a readable tar file \(shard-000000.tar: "):
+        run(folder, tmp_path / "r0b")
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
     tars = sorted(copy.glob("*.tar"))
