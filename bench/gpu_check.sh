@@ -49,8 +49,10 @@
 #                    with its passes replayed as CUDA graphs, then eager, in 4 passes of 8 and
 #                    in 1 pass of 32 per step (the trainer's own step time, MFU and memory)
 #   train-fast  240  bench.train in the trainer's fastest setting: compiled blocks, CUDA graphs,
-#                    bf16 residual, in 4 passes of 8 and 1 pass of 32 per step (the trainer's
-#                    MFU, its optimiser step once per step as in training)
+#                    bf16 residual, in 2 passes of 32 (bench.throughput's pass) and 1 pass of
+#                    64 per step (the trainer's MFU, its optimiser step once per step as under
+#                    the gradient accumulation R4 trains with: bench.throughput steps the
+#                    optimiser, ~2 ms at fe81939, after every pass)
 #   profile     150  a profile of R4's step with compiled blocks and CUDA graphs: its device
 #                    time by kind of kernel (matmul, attention, ...) and by operator
 # Groups: default = tests kernels throughput (the issue's check, under 8 minutes);
@@ -177,7 +179,8 @@ for stage in "${stages[@]}"; do
     attention) run "bench.attention (R4, base)" 120 python -m bench.attention configs/r4.toml ;;
     train) run "bench.train (R4, base, random clips)" 180 python -m bench.train --steps 30 ;;
     train-fast) run "bench.train (R4, base, compiled, graphs, bf16 residual)" 240 python -m \
-                  bench.train --steps 30 --compile --kinds compiled --residual bf16 ;;
+                  bench.train --steps 20 --batch 64 --micro 32 --compile --kinds compiled \
+                  --residual bf16 ;;
     profile) run "bench.throughput (base, profile)" 150 python -m bench.throughput --size base \
                --steps 3 --compile --cuda-graph --no-compare --no-curriculum --profile \
                configs/r4.toml ;;

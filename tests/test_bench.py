@@ -450,7 +450,7 @@ def test_gpu_check_runs_the_named_stages_in_order(tmp_path):
     assert "--compile-mode max-autotune" in stages[3] and "--attention" not in stages[3]
     assert all("--compile " in s and "--cuda-graph" in s for s in stages[1:4])
     assert all("--residual bf16" in s for s in stages[1:4] + stages[5:])
-    assert "--compile --kinds compiled" in stages[5]
+    assert "--batch 64 --micro 32 --compile --kinds compiled" in stages[5]
     done, stages = run("residual")
     assert len(stages) == 1 and "--residual bf16" in stages[0] and "--compile " in stages[0]
     done, stages = run("views", "amp")
