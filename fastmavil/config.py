@@ -411,11 +411,13 @@ class RunConfig:
     tensorboard: bool = True    # TensorBoard events too, when tensorboard is installed
 
     def check(self) -> None:
-        # one folder inside run.dir: a name with a path in it would put the run elsewhere
-        if self.name in (".", "..") or any(sep in self.name for sep in ("/", "\\")):
-            raise ConfigError(f"run.name = {self.name!r} must be a folder name, without '/' or "
-                              "'..' (the run goes to run.dir/run.name; set run.dir for the "
-                              "parent folder)")
+        # a folder inside run.dir (nested names, sweep/lr3e-4, are fine): an absolute path or
+        # '..' would put the run elsewhere
+        parts = Path(self.name.replace("\\", "/")).parts
+        if Path(self.name).is_absolute() or ".." in parts or self.name == ".":
+            raise ConfigError(f"run.name = {self.name!r} must be a folder inside run.dir, "
+                              "without '..' or a leading '/' (set run.dir for the parent "
+                              "folder)")
 
 
 @dataclass
@@ -568,17 +570,22 @@ COMMAND_SECTIONS = {"finetune": "fastmavil-finetune", "mask": "fastmavil-train",
                     "diffusion": "fastmavil-train", "loss": "fastmavil-train"}
 
 
-def _misplaced(root: type, key: str) -> ConfigError:
-    """The error for an unknown top-level `key` of a `root` config: a section of the other
-    command's config, a key that belongs inside a section, or a plain unknown key."""
+def _misplaced(root: type, key: str, flag: str | None = None) -> ConfigError:
+    """The error for an unknown top-level `key` of a `root` config, in a file or in a
+    command-line `flag`: a section of the other command's configs, a key that belongs inside a
+    section, or a plain unknown key."""
     command = COMMAND_SECTIONS.get(key)
     if command is not None:
+        fix = f"run this config with {command}" if flag is None else f"{flag} is {command}'s"
         return ConfigError(f"[{key}] is a section of {command}'s configs, not of this command's: "
-                           f"run this config with {command}")
+                           f"{fix}")
     owners = _sections_with(root, key)
-    if owners:
+    if owners and flag is None:
         return ConfigError(f"{key} is outside any section; put it under "
                            f"{' or '.join(f'[{name}]' for name in owners)}")
+    if owners:
+        return ConfigError(f"{key} is outside any section; did you mean "
+                           f"{' or '.join(f'--{name}.{flag[2:]}' for name in owners)}?")
     return _unknown_key("", key, typing.get_type_hints(root))
 
 
@@ -745,10 +752,8 @@ def _field_hint(dotted_key: str, root: type = Config):
         if part not in hints:
             if not hints:
                 raise ConfigError(f"{prefix.rstrip('.')} is not a section")
-            owners = [] if prefix else _sections_with(root, part)
-            if owners:  # --epochs for --train.epochs
-                raise ConfigError(f"{part} is outside any section; did you mean "
-                                  f"{' or '.join(f'--{name}.{part}' for name in owners)}?")
+            if not prefix:  # --epochs for --train.epochs, --finetune.x for fastmavil-train
+                raise _misplaced(root, part, flag=f"--{dotted_key}")
             raise _unknown_key(prefix, part, hints)
         cls, prefix = hints[part], f"{prefix}{part}."
     if dataclasses.is_dataclass(cls):

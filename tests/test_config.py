@@ -96,8 +96,9 @@ def test_bad_choice_lists_allowed_values(tmp_path):
     # passed the checks before, failed or misbehaved later: seeds out of NumPy's or torch's
     # range, and non-finite numbers (lr = inf ran until max_bad_steps; grad_clip = nan clipped
     # nothing)
-    ("[run]\nname = '../escape'\n", "run.name = '../escape' must be a folder name"),
-    ("[run]\nname = '..'\n", "run.name = '..' must be a folder name"),
+    ("[run]\nname = '../escape'\n", "run.name = '../escape' must be a folder inside run.dir"),
+    ("[run]\nname = 'a/../../b'\n", "run.name = 'a/../../b' must be a folder inside"),
+    ("[run]\nname = '/abs'\n", "run.name = '/abs' must be a folder inside run.dir"),
     ("[data]\nseed = -1\n", "data.seed = -1 must lie in \\[0, 2\\*\\*63\\)"),
     ("[train]\nseed = 9223372036854775808\n", "train.seed = 9223372036854775808 must lie in"),
     ("[optim]\nlr = inf\n", "optim.lr = inf must hold finite numbers only"),
@@ -121,6 +122,12 @@ def test_misplaced_keys_and_other_commands_configs(tmp_path):
         load_config(write(tmp_path, "[finetune]\ncheckpoint = 'x.pt'\n"))
     with pytest.raises(ConfigError, match=r"\[mask\] is a section of fastmavil-train's"):
         load_config(write(tmp_path, "[mask]\nstart = 0.8\n"), root=FinetuneConfig)
+    with pytest.raises(ConfigError, match=r"--finetune.checkpoint x: \[finetune\] is a section "
+                                          r".*: --finetune.checkpoint is fastmavil-finetune's"):
+        load_config(write(tmp_path, "[model]\nsize = 'tiny'\n"), {"finetune.checkpoint": "x"})
+    # a nested run name stays inside run.dir
+    assert load_config(write(tmp_path, "[run]\nname = 'sweep/lr3e-4'\n")).run.name == \
+        "sweep/lr3e-4"
     with pytest.raises(ConfigError, match="unknown key nonsense; allowed: model, data"):
         load_config(write(tmp_path, "nonsense = 1\n"))
 

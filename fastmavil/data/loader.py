@@ -2,7 +2,8 @@
 for audio, Kaldi fbank in torch.
 
 Shards are split across ranks and DataLoader workers (when there are fewer shards than
-consumers, every consumer reads every shard and keeps every n-th clip instead). Training
+consumers, every consumer reads every shard and keeps every n-th batch's worth of clips
+instead). Training
 shuffles the shard order per epoch and the clips through a shuffle buffer, starts the video
 window at random and rolls the waveform (Table 4 "R"); evaluation does none of these. The
 buffer's draws and each sample's augmentations come from separate streams (the latter keyed by

@@ -188,10 +188,12 @@ def _describe(index: int) -> str:
     return f"synthetic clip {index}"
 
 
-def synthesized(out: str | Path) -> bool:
-    """Whether OUT holds a finished synthetic dataset: each split's index.json, written last
-    (an interrupted run leaves a split without one; a rerun of synthesize finishes it)."""
-    return all((Path(out) / split / "index.json").exists() for split in ("train", "heldout"))
+def synthesized(out: str | Path, clips: int, heldout: float = 0.2) -> bool:
+    """Whether OUT holds a finished synthetic dataset of `clips` clips: the index.json,
+    written last, of each split synthesize writes (an interrupted run leaves a split without
+    one; a rerun of synthesize finishes it)."""
+    return all((Path(out) / split / "index.json").exists()
+               for split, items in split_items(clips, heldout).items() if items)
 
 
 def split_items(clips: int, heldout: float = 0.2) -> dict[str, range]:

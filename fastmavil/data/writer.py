@@ -115,24 +115,32 @@ class _Workers:
         raise BrokenProcessPool("a fresh pool of workers broke before any job")
 
     def _alone(self, job) -> tuple:
-        with self._start(1) as pool:
-            try:
-                with _sigint_ignored():
-                    future = pool.submit(_run_one, job)
-                return future.result()
-            except BrokenProcessPool:
-                return None, None, ("its worker process died (killed by the OS, out of memory, "
-                                    "or a crash in a decoder)")
+        pool = self._start(1)
+        try:
+            with _sigint_ignored():
+                future = pool.submit(_run_one, job)
+            return future.result()
+        except BrokenProcessPool:
+            return None, None, ("its worker process died (killed by the OS, out of memory, "
+                                "or a crash in a decoder)")
+        finally:  # done, or Ctrl-C: a worker that ignores it is ended here, not waited for
+            _terminate(pool)
 
     def close(self) -> None:
         """Stops the pool, killing jobs still running (an error or Ctrl-C ended the run; at
-        the end every job is done): shutdown alone would wait for them at exit."""
+        the end every job is done)."""
         if self.pool is not None:
-            processes = list((getattr(self.pool, "_processes", None) or {}).values())
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            for process in processes:  # no public way before Python 3.14's terminate_workers
-                process.terminate()
+            _terminate(self.pool)
             self.pool = None
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Shuts `pool` down without waiting, killing its jobs still running: shutdown alone
+    would wait for them at exit (and its workers ignore Ctrl-C)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:  # no public way before Python 3.14's terminate_workers
+        process.terminate()
 
 
 def interrupted(prog: str) -> int:

@@ -55,7 +55,7 @@ def prepare_data(cfg: Config) -> Path:
     source = Path(d.shards)
     if d.synth_clips:
         from ..data.synth import SynthSpec, synthesize, synthesized
-        if not synthesized(source.parent):  # first use, or an interrupted one: finished here
+        if not synthesized(source.parent, d.synth_clips):  # first use, or an interrupted one
             log.info("generating %d synthetic clips under %s (first use only)", d.synth_clips,
                      source.parent)
             synthesize(source.parent, clips=d.synth_clips, spec=SynthSpec(seed=d.seed))

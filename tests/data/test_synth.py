@@ -7,7 +7,7 @@ import pytest
 from fastmavil.data.media import decode_audio, decode_video
 from fastmavil.data.shards import read_index, read_shard
 from fastmavil.data.synth import (SOUNDS, SynthSpec, class_names, main, make_clip,
-                                  synthesized)
+                                  synthesize, synthesized)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = SynthSpec(seconds=2.0, size=48, fps=8.0)
@@ -109,11 +109,14 @@ def test_prepare_data_finishes_an_interrupted_first_use(tmp_path):
     root = tmp_path / "demo"
     cfg = load_config(ROOT / "configs" / "demo.toml",
                       {"data.shards": str(root / "train"), "data.synth_clips": "5"})
-    assert prepare_data(cfg) == root / "train" and synthesized(root)
+    assert prepare_data(cfg) == root / "train" and synthesized(root, 5)
     (root / "heldout" / "index.json").unlink()
-    assert not synthesized(root)
+    assert not synthesized(root, 5)
     prepare_data(cfg)
     assert read_index(root / "heldout")["clips"] == 1
+    # too few clips for a held-out one: the training split alone is the whole dataset
+    assert synthesize(tmp_path / "two", clips=2, spec=SPEC).keys() == {"train"}
+    assert synthesized(tmp_path / "two", 2)
 
 
 def test_ctrl_c_ends_the_cli_in_one_line(tmp_path, capsys, monkeypatch):

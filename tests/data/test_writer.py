@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -72,3 +73,35 @@ def test_workers_leave_ctrl_c_to_the_parent(tmp_path, deadline):
                 for clip in read_shard(tmp_path / "shard-000000.tar")}
     assert handlers == {str(signal.SIG_IGN)}
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's, back
+
+
+def _slow(item: int):
+    time.sleep(60)
+    return f"clip{item}", {}
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_ctrl_c_ends_the_workers_at_once(alone):
+    """The workers ignore Ctrl-C, so the parent must end them: in the pool, and in the fresh
+    process that retries a job alone after a worker died (there, leaving a `with` block waited
+    for the job)."""
+    from fastmavil.data.writer import _Workers
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    workers, started = _Workers(2), time.monotonic()
+    signal.alarm(3)  # the spawned worker has started the job by then
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            if alone:
+                workers._alone((_slow, 0))
+            else:
+                try:
+                    list(workers.map([(_slow, 0), (_slow, 1)]))
+                finally:
+                    workers.close()  # write_shards' finally
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 20  # not the job's 60 s
