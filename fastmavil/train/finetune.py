@@ -536,7 +536,7 @@ def _print_summary(console, s: dict, argv: list[str]) -> None:
             text = "not evaluated yet"
         passed_over = steps_passed_over(r["step"] - r["start_step"], r["trained_steps"])
         table.add_row(label, f"step {r['step']} / {r['total_steps']}: {text}"
-                             + (f" ({passed_over[2:]} this run)" if passed_over else ""))
+                             + (f" ({passed_over} this run)" if passed_over else ""))
     if "mean" in s:
         table.add_row(f"{s['folds']}-fold mean", f"{name} {shown(s['mean'])} ± {shown(s['std'])}")
     if s["runs"]:

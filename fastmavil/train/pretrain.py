@@ -618,8 +618,9 @@ def _line(r: dict, total: int) -> str:
 def _print_summary(console, s: dict, argv: list[str]) -> None:
     from rich.table import Table
     table = Table(title="fastmavil-train summary", show_header=False)
+    passed_over = steps_passed_over(s["step"] - s["start_step"], s["trained_steps"])
     table.add_row("steps", f"{s['step']} / {s['total_steps']} (this run from {s['start_step']}"
-                  f"{steps_passed_over(s['step'] - s['start_step'], s['trained_steps'])})")
+                  + (f"; {passed_over})" if passed_over else ")"))
     if s["planned_steps"] != s["total_steps"]:
         table.add_row("planned steps",
                       f"{s['planned_steps']} (train.max_steps ends the run at {s['total_steps']})")

@@ -118,8 +118,7 @@ def steps_passed_over(advanced: int, trained: int) -> str:
     data ended before its plan and the schedule moved on to the next epoch ('' if none)."""
     if advanced == trained:
         return ""
-    return (f"; {trained} trained, {advanced - trained} passed over where an epoch's data ended "
-            "early")
+    return f"{trained} trained, {advanced - trained} passed over where an epoch's data ended early"
 
 
 def epoch_ended_early(plan: EpochPlan, done: int, missing: int, source: Path,
