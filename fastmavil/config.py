@@ -373,7 +373,7 @@ class TrainConfig:
     # steps only): a crash loses at most that long and a step, however long steps take
     ckpt_minutes: float = 30.0
     keep_checkpoints: int = 3
-    max_bad_steps: int = 5      # consecutive non-finite losses before the run stops
+    max_bad_steps: int = 5      # consecutive non-finite steps (loss or gradient) stop the run
 
     def check(self) -> None:
         for key in ("epochs", "batch_size", "batch_multiple", "max_shapes", "log_every",

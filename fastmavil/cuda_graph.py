@@ -185,8 +185,9 @@ class GraphedPasses(_Replayer):
     them over torchrun's processes (`average_over`; a graph holds no all-reduce) one call, as
     DistributedDataParallel's bucket views do. Unlike eager passes, a parameter that gets no
     gradient still holds a (zero) buffer, so AdamW decays it where an eager step would skip it;
-    every parameter of the shipped configs gets a gradient in every pass. The gradients of a pass take one more copy of the parameters' size in the pool
-    (torch.autograd.grad's result, added into the buffers), which `backward()` would not.
+    every parameter of the shipped configs gets a gradient in every pass. The gradients of a
+    pass take one more copy of the parameters' size in the pool (torch.autograd.grad's result,
+    added into the buffers), which `backward()` would not.
     """
 
     def __init__(self, model: nn.Module, generator: torch.Generator,

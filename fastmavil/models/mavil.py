@@ -1,11 +1,11 @@
 """The pre-training model: MAViL, DiffMAViL and the audio-only AudioMAE (+ diffusion).
 
 One training forward (paper Sec. 3, App. B):
-  mask audio (and video) twice -> encoders over the visible patches of both views (four encoder
-  passes, batched as two) -> InfoNCE inter-modal (view 1 audio vs video) and intra-modal (view 1
-  vs view 2 per modality) on mean-pooled uni-modal tokens -> fusion encoder over view 1 ->
-  decoders from the fused visible latents plus [MASK] tokens or diffused masked patches ->
-  MSE on the masked patches. AudioMAE variants have one view, no fusion and no contrastive terms.
+  mask audio (and video) twice -> encoders over the visible patches of both views (four
+  encodings, batched as two calls) -> InfoNCE inter-modal (view 1 audio vs video) and
+  intra-modal (view 1 vs view 2 per modality) on mean-pooled uni-modal tokens -> fusion
+  encoder over view 1 -> decoders from the fused visible latents plus [MASK] tokens or
+  diffused masked patches -> MSE on the masked patches. AudioMAE variants have one view, no fusion and no contrastive terms.
 """
 from __future__ import annotations
 
@@ -86,17 +86,17 @@ class MAViL(nn.Module):
             _check_shape("video", video, (3, m.video_frames, m.video_size, m.video_size))
         batch, views, loss_cfg = audio.shape[0], self.views, self.cfg.loss
         audio_ids = self._mask(audio, self.audio_patch, views, mask_ratio, generator)
-        audio_um = self.audio_encoder(audio, audio_ids.keep)
+        audio_unimodal = self.audio_encoder(audio, audio_ids.keep)
         terms = {}
         if not self.has_video:
             terms["mse_audio"] = self._reconstruct(self.audio_decoder, audio, self.audio_patch,
-                                                   audio_um, audio_ids.view(0), generator)
+                                                   audio_unimodal, audio_ids.view(0), generator)
             return PretrainOutput(terms["mse_audio"], terms)
 
         video_ids = self._mask(video, self.video_patch, views, mask_ratio, generator)
-        video_um = self.video_encoder(video, video_ids.keep)
-        audio_emb = audio_um.unflatten(0, (views, batch)).mean(dim=2)  # (views, B, D)
-        video_emb = video_um.unflatten(0, (views, batch)).mean(dim=2)
+        video_unimodal = self.video_encoder(video, video_ids.keep)
+        audio_emb = audio_unimodal.unflatten(0, (views, batch)).mean(dim=2)  # (views, B, D)
+        video_emb = video_unimodal.unflatten(0, (views, batch)).mean(dim=2)
         loss = 0.0
         if loss_cfg.inter_weight > 0:
             terms["inter"] = info_nce(audio_emb[0], video_emb[0], loss_cfg.temperature)
@@ -106,11 +106,11 @@ class MAViL(nn.Module):
                                     + info_nce(video_emb[0], video_emb[1], loss_cfg.temperature))
             loss = loss + loss_cfg.intra_weight * terms["intra"]
 
-        audio_mm, video_mm = self.fusion(audio_um[:batch], video_um[:batch])
+        audio_fused, video_fused = self.fusion(audio_unimodal[:batch], video_unimodal[:batch])
         terms["mse_audio"] = self._reconstruct(self.audio_decoder, audio, self.audio_patch,
-                                               audio_mm, audio_ids.view(0), generator)
+                                               audio_fused, audio_ids.view(0), generator)
         terms["mse_video"] = self._reconstruct(self.video_decoder, video, self.video_patch,
-                                               video_mm, video_ids.view(0), generator)
+                                               video_fused, video_ids.view(0), generator)
         return PretrainOutput(loss + terms["mse_audio"] + terms["mse_video"], terms)
 
     @staticmethod

@@ -43,7 +43,7 @@ from .checkpoint import (CheckpointClock, checkpoint_dir, checkpoint_name, rng_s
 from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, device_of,
                           distributed_model, latest_checkpoint, rank_seed, resume_command)
 from .launches import record_launch
-from .metrics import MetricsWriter, NoMetrics, StepTimer
+from .metrics import MetricsWriter, NoMetrics, StepTimer, device_sync
 from .runtime import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
                       prepared_data, progress_bar, run_command, run_folder, setup_runtime,
                       steps_passed_over)
@@ -233,8 +233,9 @@ class _Run:
         log.info("resumed from %s (step %d)", self.last_ckpt, self.step)
         if len(ranks) != self.world.size:
             reseed = rank_seed(self.seed + self.step, self.world.rank)
-            for generator in (self.generator, self.host_generator, torch.default_generator):
+            for generator in (self.generator, self.host_generator):
                 generator.manual_seed(reseed)
+            torch.manual_seed(reseed)  # every device's default stream: stochastic depth's on CUDA
             log.warning("%s was written by %d process(es), this run has %d: the random streams "
                         "are reseeded (the samples and augmentations from here on differ from "
                         "an uninterrupted run's)", self.last_ckpt, len(ranks), self.world.size,
@@ -244,8 +245,12 @@ class _Run:
         self.host_generator.set_state(streams["host_generator"])
         try:
             self.generator.set_state(streams["generator"])
-        except RuntimeError:  # saved on another device type
+        except RuntimeError:  # saved on another device type: CPU and CUDA states differ
             self.generator.manual_seed(rank_seed(self.seed + self.step, self.world.rank))
+            log.warning("%s was written on another device type: its augmentation RNG state "
+                        "does not load here, so it is reseeded from the seed and the step (the "
+                        "augmentations from here on differ from an uninterrupted run's)",
+                        self.last_ckpt, extra=SAME_ON_EVERY_RANK)
         set_rng_state(streams["rng"], self.device)
 
     def checkpoint(self) -> None:
@@ -376,7 +381,7 @@ class _Run:
                 if self.step < end:
                     progress.update(task, epoch=plan.epoch)
                     self.run_epoch(plan, start, end, progress, task, writer, stop)
-                    if self.stopping(stop):  # an epoch it finished is evaluated on resume
+                    if stop.agreed(self.world):  # an epoch it finished is evaluated on resume
                         break
                 last = end >= self.total_steps
                 due = (plan.epoch + 1) % f.eval_every == 0 or last
@@ -400,13 +405,6 @@ class _Run:
                 "evals": self.evals, "checkpoint": str(self.last_ckpt),
                 "pretrained": self.pretrained, "interrupted": stop.signal}
 
-    def stopping(self, stop: StopFlag) -> bool:
-        """Whether a signal asked any process to stop (all stop after the same step)."""
-        agreed = self.world.any(stop.signal is not None)
-        if agreed and stop.signal is None:
-            stop.signal = "a signal to another process"
-        return agreed
-
     def run_epoch(self, plan, start, end, progress, task, writer, stop) -> None:
         t = self.cfg.train
         workers = self.cfg.data.num_workers
@@ -421,7 +419,7 @@ class _Run:
         if self.world.parallel:  # the epoch ends on every process when one has no pass left
             batches = agreed_batches(batches, self.world)
         self.timer, losses, ran_out = StepTimer(), [], False
-        while self.step < end and not self.stopping(stop):
+        while self.step < end and not stop.agreed(self.world):
             lr = learning_rate(self.cfg, self.step, self.plans)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
@@ -438,7 +436,8 @@ class _Run:
                 self.log(plan, lr, losses, writer, progress, task)
                 losses = []
             if self.checkpoint_clock.due(self.step):
-                self.checkpoint()
+                with self.timer.left_out(device_sync(self.device)):
+                    self.checkpoint()
         if losses:  # the epoch's last steps
             self.log(plan, lr, losses, writer, progress, task)
         if ran_out and self.step < end:  # the data ran short: the schedule goes on
@@ -450,11 +449,11 @@ class _Run:
     def log(self, plan, lr, losses, writer, progress, task) -> None:
         worst = int(self.worst_run)  # a sync per log interval
         if worst >= self.cfg.train.max_bad_steps:
-            raise TrainingError(f"{worst} non-finite steps in a row at step {self.step}; the "
-                                f"newest checkpoint, {self.last_ckpt}, is intact")
+            kept = (f"the newest checkpoint, {self.last_ckpt}, is intact" if self.last_ckpt
+                    else "no checkpoint was written yet")
+            raise TrainingError(f"{worst} non-finite steps in a row at step {self.step}; {kept}")
         self.worst_run = self.bad_run.clone()
-        timing = self.timer.summary(torch.cuda.synchronize if self.device.type == "cuda"
-                                    else None)
+        timing = self.timer.summary(device_sync(self.device))
         finite = [float(v) for v in losses if torch.isfinite(v)]
         record = {"step": self.step, "epoch": plan.epoch, "lr": lr,
                   "loss": sum(finite) / len(finite) if finite else float("nan"),
@@ -496,8 +495,7 @@ def finetune(cfg: FinetuneConfig, argv: list[str], world: World | None = None) -
             run_dir = base / f"fold-{fold}" if fold else base
             with run_folder(run_dir, world):
                 runs.append(_Run(cfg, run_dir, fold, world).run(progress, stop))
-            if world.any(stop.signal is not None):  # every process stops before the next fold
-                stop.signal = stop.signal or "a signal to another process"
+            if stop.agreed(world):  # every process stops before the next fold
                 break
     summary = {"runs": runs, "seconds": time.perf_counter() - started,
                "metric": cfg.finetune.metric, "folds": cfg.finetune.folds,

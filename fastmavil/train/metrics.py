@@ -377,6 +377,11 @@ def _drop_records_after(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+def device_sync(device: torch.device) -> Callable[[], object] | None:
+    """What waits for `device`'s queued work (StepTimer's `sync`): None off CUDA."""
+    return functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else None
+
+
 class StepTimer:
     """Mean step wall time and the share of it the host spent waiting for data, without a host
     sync per step.
@@ -401,10 +406,20 @@ class StepTimer:
         step), so the compute before it does not count as data wait."""
         self._last_step = time.perf_counter()
 
-    def exclude(self, seconds: float) -> None:
-        """Leaves `seconds` out of the interval's wall time: a checkpoint's save, which is
-        neither a step's compute nor its data wait."""
-        self._interval_start += seconds
+    @contextlib.contextmanager
+    def left_out(self, sync: Callable[[], object] | None = None):
+        """Leaves the block's time (a checkpoint's save) out of the interval: neither a step's
+        compute nor its data wait. `sync` (torch.cuda.synchronize on CUDA) runs first, so that
+        the steps queued before the block are counted as compute."""
+        if sync is not None:
+            sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self._interval_start += now - start
+            self._last_step = now  # the next fetch's wait starts after the block
 
     def data_ready(self) -> None:
         self._wait += time.perf_counter() - self._last_step

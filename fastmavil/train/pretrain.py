@@ -3,7 +3,7 @@
 One epoch is one pass over the dataset at that epoch's (mask ratio, batch size) from the plan
 (fastmavil.schedule); a step runs the epoch's passes (batch_size / micro_batch_size of them,
 each a forward of the model, where masking, diffusion and losses live, and a backward adding
-into the gradients), then takes an AdamW step with a per-iteration lr.
+into the gradients), then takes an AdamW step with a per-step lr.
 The run directory `<run.dir>/<run.name>/` holds the resolved config.toml, metrics.jsonl,
 TensorBoard events (when installed) and checkpoints/; starting the same command again resumes
 from the newest complete checkpoint. SIGINT/SIGTERM finish the current step, checkpoint, and
@@ -44,7 +44,7 @@ from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, broadcast_p
                           rank_seed, resume_command)
 from .launches import record_launch
 from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
-                      mfu, peak_memory_bytes, tflops)
+                      device_sync, mfu, peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
 from .runtime import (DataError, StopFlag, TrainingError, epoch_ended_early, fast_path,
                       loader_workers, open_dataset, prepared_data, progress_bar, run_command,
@@ -241,7 +241,7 @@ class _Run:
         # intervals and checkpoints
         self.bad_run = torch.zeros((), device=self.device, dtype=torch.long)
         self.worst_run = self.bad_run.clone()
-        self.trained = self.step  # the step count after the last step run
+        self.last_trained_step = self.step  # the step count after the last step run
         self.interval = _Interval(self.step, self.device)  # the steps since the last log line
         self.summary = {"start_step": self.step, "samples": 0, "trained_steps": 0}
         self.lr, self.last_plan = None, None  # the latest step's
@@ -287,15 +287,16 @@ class _Run:
         checkpoints: the others may be waiting in a collective."""
         if self.world.parallel and not agreed:
             log.warning("%s stopped step %d on rank %d; the newest checkpoint is %s", cause,
-                        self.trained + 1, self.world.rank, self.last_ckpt)
+                        self.last_trained_step + 1, self.world.rank, self.last_ckpt)
             return
-        if self.trained > self.summary["start_step"] and not self.saved(self.trained):
+        last = self.last_trained_step
+        if last > self.summary["start_step"] and not self.saved(last):
             try:
                 log.warning("%s stopped step %d: checkpointing step %d before stopping: %s",
-                            cause, self.trained + 1, self.trained, self.checkpoint(self.trained))
+                            cause, last + 1, last, self.checkpoint(last))
             except Exception as err:  # e.g. a broken CUDA context: the error that came first
-                log.error("could not checkpoint step %d (%s: %s)", self.trained,
-                          type(err).__name__, err)
+                log.error("could not checkpoint step %d (%s: %s)", last, type(err).__name__,
+                          err)
 
     def run(self, argv: list[str]) -> dict:
         """Trains the plan's remaining steps (or until a signal); returns the run's summary,
@@ -319,7 +320,7 @@ class _Run:
                                                rate="-")
             for plan in self.plans:
                 self.run_epoch(plan)
-                if self.stopping() or self.step >= self.total_steps:
+                if self.stop.agreed(self.world) or self.step >= self.total_steps:
                     break
             if self.interval.ran:  # steps since the last log line: an epoch whose data ran
                 # short jumped to the end, or a signal stopped the run between log lines
@@ -335,13 +336,6 @@ class _Run:
         if main:
             _print_summary(self.progress.console, self.summary, argv)
         return self.summary
-
-    def stopping(self) -> bool:
-        """Whether a signal asked any rank to stop (they stop together, after the same step)."""
-        stop = self.world.any(self.stop.signal is not None)
-        if stop and self.stop.signal is None:
-            self.stop.signal = "a signal to another process"
-        return stop
 
     def run_epoch(self, plan: EpochPlan) -> None:
         """The steps of `plan`'s epoch this run has left, up to a signal."""
@@ -372,7 +366,7 @@ class _Run:
         if self.world.parallel:  # an epoch ends on every rank when one has no batch left
             batches = agreed_batches(batches, self.world)
         self.progress.update(self.task, epoch=plan.epoch)
-        while self.step < end and not self.stopping():
+        while self.step < end and not self.stop.agreed(self.world):
             self.lr = learning_rate(cfg, self.step, self.plans)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
@@ -425,7 +419,7 @@ class _Run:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         self.step += 1
-        self.trained = self.step  # not moved by epochs whose data ran short
+        self.last_trained_step = self.step  # not moved by epochs whose data ran short
         self.summary["trained_steps"] += 1
         self.last_plan = plan
         self.progress.advance(self.task)
@@ -449,12 +443,8 @@ class _Run:
         if due_log:
             self.log_interval()
         if due_checkpoint:
-            if self.device.type == "cuda":  # the steps queued before it are compute
-                torch.cuda.synchronize(self.device)
-            saving = time.perf_counter()
-            self.checkpoint(self.step)
-            self.timer.exclude(time.perf_counter() - saving)  # neither compute nor data wait
-            self.timer.fetch_start()
+            with self.timer.left_out(device_sync(self.device)):
+                self.checkpoint(self.step)
 
     def check_bad_steps(self) -> None:
         """Stops the run after train.max_bad_steps non-finite steps in a row (a sync); else
@@ -587,8 +577,7 @@ def _log_record(cfg, plan: EpochPlan, step, lr, sums, updates, timer, device, pe
                 work: dict, memory: int) -> dict:
     """One metrics record over the steps since the last one (`updates` of them applied, `work`
     their samples, training FLOPs and visible tokens); ratio and batch are the latest step's."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    timing = timer.summary(sync)
+    timing = timer.summary(device_sync(device))
     seconds = timing["step_ms"] * timing["steps"] / 1000.0
     visible = sum(cfg.model.visible_tokens(plan.mask_ratio))
     record = {"step": step, "epoch": plan.epoch, "mask_ratio": plan.mask_ratio,

@@ -112,6 +112,14 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def agreed(self, world: World) -> bool:
+        """Whether a signal asked any of `world`'s processes to stop (one host round trip), so
+        that all stop after the same step; one stopped by another's signal says so."""
+        stop = world.any(self.signal is not None)
+        if stop and self.signal is None:
+            self.signal = "a signal to another process"
+        return stop
+
 
 def steps_passed_over(advanced: int, trained: int) -> str:
     """For a summary: how many of the steps a run advanced were not trained, where an epoch's

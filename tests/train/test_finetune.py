@@ -308,3 +308,21 @@ def test_the_summary_prints_the_metric_as_the_eval_lines_do():
     # not at its end: "latest", not "final"; percentages as the eval lines print top-1
     assert ("step 300 / 450: latest top-1 18.33% (epoch 9), best 25.00% (epoch 4) (280 "
             "trained, 20 passed over where an epoch's data ended early this run)") in text
+
+
+def test_a_resume_in_another_number_of_processes_reseeds_every_devices_stream(monkeypatch):
+    """Stochastic depth draws from the default stream of the training device: on CUDA that is
+    not torch.default_generator (the CPU's), so the reseed must reach every device's."""
+    import types
+    from fastmavil.train.distributed import World
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    run = types.SimpleNamespace(
+        model=model, optimizer=optimizer, world=World(), seed=7, last_ckpt="c.pt",
+        generator=torch.Generator(), host_generator=torch.Generator())
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3,
+             "evals": [], "ranks": [{}, {}]}  # written by 2 processes
+    seeds = []
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(seed))
+    ft._Run._restore(run, state)
+    assert len(seeds) == 1 and run.generator.initial_seed() == seeds[0]

@@ -345,3 +345,18 @@ def test_step_timer_does_not_count_compute_between_micro_batches_as_data_wait():
             time.sleep(0.01)              # compute of one micro-batch
         timer.step_done()
     assert timer.summary()["data_wait_share"] < 0.2
+
+
+def test_step_timer_leaves_a_checkpoints_save_out():
+    """A save between steps is neither compute nor data wait (the trainers' checkpoints)."""
+    timer, syncs = StepTimer(), []
+    for step in range(2):
+        timer.data_ready()            # data at once
+        time.sleep(0.02)              # the step
+        timer.step_done()
+        if step == 0:
+            with timer.left_out(sync=lambda: syncs.append(1)):
+                time.sleep(0.3)       # the save
+    summary = timer.summary()
+    assert syncs == [1]
+    assert summary["step_ms"] < 100 and summary["data_wait_share"] < 0.3
