@@ -44,9 +44,9 @@ from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, device_of,
                           distributed_model, latest_checkpoint, rank_seed, resume_command)
 from .launches import record_launch
 from .metrics import MetricsWriter, NoMetrics, StepTimer, device_sync
-from .runtime import (StopFlag, TrainingError, epoch_ended_early, fast_path, open_dataset,
-                      prepared_data, progress_bar, run_command, run_folder, setup_runtime,
-                      steps_passed_over)
+from .runtime import (StopFlag, TrainingError, accumulate_gradients, epoch_ended_early,
+                      fast_path, open_dataset, prepared_data, progress_bar, run_command,
+                      run_folder, setup_runtime, steps_passed_over)
 
 log = logging.getLogger("fastmavil.finetune")
 
@@ -295,24 +295,23 @@ class _Run:
             return F.binary_cross_entropy_with_logits(logits, targets)
         return F.cross_entropy(logits, targets)  # soft targets: mixup, smoothing
 
+    def run_pass(self, batch, last: bool) -> tuple[torch.Tensor, dict]:
+        """One forward + backward of `batch`, adding the gradient of loss / passes into .grad;
+        returns (loss, no terms), detached. `last`: the step's last pass."""
+        audio = batch["audio"].to(self.device, non_blocking=True)
+        targets = batch["labels"].to(self.device, non_blocking=True)
+        audio, targets = self.augment(audio, targets)
+        sync = last or not self.world.parallel  # all-reduce at the step's last pass
+        with contextlib.nullcontext() if sync else self.forward_model.no_sync():
+            with self.autocast:
+                loss = self.loss(self.forward_model(audio), targets)
+            (loss / self.passes).backward()
+        return loss.detach(), {}
+
     def train_step(self, batches) -> torch.Tensor:
         """One optimizer step over this process's passes; StopIteration when the data ends."""
         self.optimizer.zero_grad(set_to_none=True)  # a step the data cut short added some
-        total, passes = 0.0, self.passes
-        for i in range(passes):
-            if i:
-                self.timer.fetch_start()
-            batch = next(batches)
-            self.timer.data_ready()
-            audio = batch["audio"].to(self.device, non_blocking=True)
-            targets = batch["labels"].to(self.device, non_blocking=True)
-            audio, targets = self.augment(audio, targets)
-            sync = i == passes - 1 or not self.world.parallel  # all-reduce at the last pass
-            with contextlib.nullcontext() if sync else self.forward_model.no_sync():
-                with self.autocast:
-                    loss = self.loss(self.forward_model(audio), targets)
-                (loss / passes).backward()
-            total = total + loss.detach() / passes
+        total, _ = accumulate_gradients(self.run_pass, batches, self.passes, self.timer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
         total = self.world.mean(total)  # every process's: they apply or skip a step together

@@ -46,9 +46,9 @@ from .launches import record_launch
 from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
                       device_sync, mfu, peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
-from .runtime import (DataError, StopFlag, TrainingError, epoch_ended_early, fast_path,
-                      loader_workers, open_dataset, prepared_data, progress_bar, run_command,
-                      run_folder, setup_runtime, steps_passed_over)
+from .runtime import (DataError, StopFlag, TrainingError, accumulate_gradients,
+                      epoch_ended_early, fast_path, loader_workers, open_dataset, prepared_data,
+                      progress_bar, run_command, run_folder, setup_runtime, steps_passed_over)
 
 log = logging.getLogger("fastmavil.train")
 
@@ -215,7 +215,6 @@ class _Run:
             self.forward_model = distributed_model(self.model, self.device)
         elif self.world.parallel:
             broadcast_parameters(self.model, self.world)
-        self.passes_done = 0  # of the current step, on this rank
         # the batches' copies to the GPU overlap the previous pass (data.loader.to_device)
         self.copy_stream = (torch.cuda.Stream(self.device) if self.device.type == "cuda"
                             else None)
@@ -370,7 +369,6 @@ class _Run:
             self.lr = learning_rate(cfg, self.step, self.plans)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
-            self.passes_done = 0
             try:
                 loss, terms = accumulate_gradients(run_pass, batches, passes, self.timer)
             except StopIteration:
@@ -392,16 +390,15 @@ class _Run:
                 raise
             self.finish_step(plan, loss, terms, work)
 
-    def run_pass(self, plan: EpochPlan, batch) -> tuple[torch.Tensor, dict]:
+    def run_pass(self, plan: EpochPlan, batch, last: bool) -> tuple[torch.Tensor, dict]:
         """One forward + backward of `batch` at the epoch's shape, adding the gradient of
-        loss / passes into .grad; returns (loss, terms), detached."""
+        loss / passes into .grad; returns (loss, terms), detached. `last`: the step's last pass."""
         audio, video = to_device(batch, self.device, self.dataset.spec, self.copy_stream)
         passes = plan.passes // self.world.size
         if self.graphed:
             return self.graphed(audio, video, plan.mask_ratio, passes)
-        self.passes_done += 1
         # under torchrun the gradients are averaged over the ranks once, at the step's last pass
-        sync = self.passes_done == passes or not self.world.parallel
+        sync = last or not self.world.parallel
         with contextlib.nullcontext() if sync else self.forward_model.no_sync():
             with self.autocast:
                 out = self.forward_model(audio, video, plan.mask_ratio, self.generator)
@@ -541,26 +538,6 @@ def _restore(state: dict, path: Path, model, optimizer, generator: torch.Generat
     set_rng_state(streams["rng"], generator.device)  # the training device
     log.info("resumed from %s (step %d)", path, step)
     return step
-
-
-def accumulate_gradients(run_pass, batches, passes: int, timer: StepTimer):
-    """One step's gradients over `passes` batches from `batches`: run_pass(batch) runs a
-    forward and adds the gradient of its loss / passes to the parameters' .grad (eagerly, or
-    replayed: fastmavil.cuda_graph.GraphedPasses), so the gradient is the mean over the step's
-    samples as in one pass of them all (every pass holds as many), and returns the pass's
-    (loss, terms), detached. Returns the step's (loss, terms); StopIteration when the data ends
-    mid-step."""
-    loss_sum, terms_sum = 0.0, {}
-    for micro_step in range(passes):
-        if micro_step:
-            timer.fetch_start()
-        batch = next(batches)
-        timer.data_ready()
-        loss, terms = run_pass(batch)  # read before the next pass: a replay overwrites them
-        loss_sum = loss_sum + loss / passes
-        for k, v in terms.items():
-            terms_sum[k] = terms_sum.get(k, 0.0) + v / passes
-    return loss_sum, terms_sum
 
 
 def _memory_held(device: torch.device, graphed: GraphedPasses | None) -> int:

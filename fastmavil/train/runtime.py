@@ -21,6 +21,7 @@ from ..schedule import EpochPlan
 from .checkpoint import CheckpointError, RunLocked, run_lock
 from .distributed import (SAME_ON_EVERY_RANK, OtherProcessFailed, World, init_world, launched,
                           launched_rank, leave_out_repeats, rank_seed, shutdown)
+from .metrics import StepTimer
 
 log = logging.getLogger("fastmavil.train")
 
@@ -119,6 +120,29 @@ class StopFlag:
         if stop and self.signal is None:
             self.signal = "a signal to another process"
         return stop
+
+
+def accumulate_gradients(run_pass, batches, passes: int, timer: StepTimer):
+    """One step's gradients over `passes` batches from `batches`, for both trainers.
+
+    run_pass(batch, last) runs a forward and adds the gradient of its loss / passes to the
+    parameters' .grad (eagerly, or replayed: fastmavil.cuda_graph.GraphedPasses), so the
+    gradient is the mean over the step's samples as in one pass of them all (every pass holds
+    as many); `last` is the step's last pass, where DistributedDataParallel all-reduces. It
+    returns the pass's (loss, terms), detached. Returns the step's (loss, terms);
+    StopIteration when the data ends mid-step."""
+    loss_sum, terms_sum = 0.0, {}
+    for index in range(passes):
+        if index:
+            timer.fetch_start()
+        batch = next(batches)
+        timer.data_ready()
+        # read before the next pass: a replay overwrites them
+        loss, terms = run_pass(batch, index == passes - 1)
+        loss_sum = loss_sum + loss / passes
+        for k, v in terms.items():
+            terms_sum[k] = terms_sum.get(k, 0.0) + v / passes
+    return loss_sum, terms_sum
 
 
 def steps_passed_over(advanced: int, trained: int) -> str:

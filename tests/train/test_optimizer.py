@@ -6,7 +6,8 @@ from torch import nn
 
 from fastmavil.models import build_model
 from fastmavil.train.metrics import StepTimer
-from fastmavil.train.pretrain import accumulate_gradients, make_optimizer
+from fastmavil.train.pretrain import make_optimizer
+from fastmavil.train.runtime import accumulate_gradients
 
 from conftest import tiny_config
 
@@ -40,7 +41,10 @@ def test_passes_of_a_step_average_to_one_pass_of_all_its_samples():
     model = nn.Linear(5, 1)
     samples = torch.randn(8, 5)
 
-    def run_pass(batch, passes):  # as the trainer's eager pass
+    lasts = []
+
+    def run_pass(batch, passes, last):  # as the trainer's eager pass
+        lasts.append(last)
         loss = model(batch).square().mean()
         (loss / passes).backward()
         return loss.detach(), {"mse": loss.detach() * 2}
@@ -49,13 +53,15 @@ def test_passes_of_a_step_average_to_one_pass_of_all_its_samples():
     for passes in (1, 2):
         model.zero_grad()
         batches = iter(samples.chunk(passes))
-        loss, terms = accumulate_gradients(lambda b: run_pass(b, passes), batches, passes,
-                                           StepTimer())
+        loss, terms = accumulate_gradients(lambda b, last: run_pass(b, passes, last), batches,
+                                           passes, StepTimer())
         grads.append((loss, terms["mse"], model.weight.grad.clone(), model.bias.grad.clone()))
     for one, two in zip(*grads):
         torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-7)
+    assert lasts == [True, False, True]  # each step's last pass is told so (DDP's all-reduce)
     with pytest.raises(StopIteration):  # the data ends mid-step
-        accumulate_gradients(lambda b: run_pass(b, 3), iter(samples.chunk(2)), 3, StepTimer())
+        accumulate_gradients(lambda b, last: run_pass(b, 3, last), iter(samples.chunk(2)), 3,
+                             StepTimer())
 
 
 def test_graphed_passes_accumulate_as_backward_does():
