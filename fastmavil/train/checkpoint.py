@@ -95,6 +95,25 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     return path
 
 
+def save_run_checkpoint(world, run_dir: Path, step: int, streams: dict, state, keep: int
+                        ) -> Path:
+    """Step `step`'s checkpoint of a run in `world`'s processes (fastmavil.train.distributed.
+    World), for both trainers: each process's random `streams` are gathered, and rank 0 writes
+    them with `state()` (the model, optimiser and run state; called there only) while the others
+    wait. An error on rank 0 (a full disk) raises on every process. Returns the path."""
+    gathered = world.gather(streams)
+    path, error = checkpoint_dir(run_dir) / checkpoint_name(step), None
+    if world.main:
+        try:
+            path = save_checkpoint(run_dir, step, {
+                **state(), **gathered[0], **({"ranks": gathered} if world.parallel else {})},
+                keep)
+        except Exception as err:  # every process stops
+            error = err
+    world.agree(error, f"writing step {step}'s checkpoint")
+    return path
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first; leftover `.tmp` files from a crash are removed."""
     folder = checkpoint_dir(run_dir)

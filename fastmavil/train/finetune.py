@@ -38,8 +38,8 @@ from ..models import compile_blocks
 from ..models.classifier import AudioClassifier, load_pretrained_encoder, param_groups
 from ..schedule import EpochPlan, first_step, learning_rate
 from . import resume
-from .checkpoint import (CheckpointClock, checkpoint_dir, checkpoint_name, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointClock, checkpoint_name, rng_state, save_run_checkpoint,
+                         set_rng_state)
 from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, device_of,
                           distributed_model, latest_checkpoint, rank_seed, resume_command)
 from .launches import record_launch
@@ -255,25 +255,16 @@ class _Run:
 
     def checkpoint(self) -> None:
         """Rank 0 writes the checkpoint, with every process's random streams."""
-        streams = self.world.gather({"generator": self.generator.get_state(),
-                                     "host_generator": self.host_generator.get_state(),
-                                     "rng": rng_state(self.device)})
-        error = None
-        if self.world.main:
-            try:
-                self.last_ckpt = save_checkpoint(self.run_dir, self.step, {
-                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    **streams[0], **({"ranks": streams} if self.world.parallel else {}),
-                    "step": self.step, "evals": self.evals, "config": to_toml(self.cfg),
-                    "clips": self.clips, "plan": resume.plan_record(self.plans),
-                    "precision": self.precision, "pretrained": self.pretrained,
-                    "format": resume.FORMAT},
-                    self.cfg.train.keep_checkpoints)
-            except Exception as err:  # a full disk: every rank stops
-                error = err
-        else:
-            self.last_ckpt = checkpoint_dir(self.run_dir) / checkpoint_name(self.step)
-        self.world.agree(error, f"writing step {self.step}'s checkpoint")
+        self.last_ckpt = save_run_checkpoint(
+            self.world, self.run_dir, self.step,
+            {"generator": self.generator.get_state(),
+             "host_generator": self.host_generator.get_state(), "rng": rng_state(self.device)},
+            lambda: {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "step": self.step, "evals": self.evals, "config": to_toml(self.cfg),
+                     "clips": self.clips, "plan": resume.plan_record(self.plans),
+                     "precision": self.precision, "pretrained": self.pretrained,
+                     "format": resume.FORMAT},
+            self.cfg.train.keep_checkpoints)
         self.checkpoint_clock.reset()
 
     # --- one step -------------------------------------------------------------------------

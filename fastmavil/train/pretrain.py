@@ -37,8 +37,8 @@ from ..models import build_model, compile_blocks
 from ..models.compile import MAX_AUTOTUNE_NEEDS_KERNELS
 from ..schedule import EpochPlan, first_step, fits_passes, learning_rate, plan_epochs
 from . import resume
-from .checkpoint import (CheckpointClock, checkpoint_dir, checkpoint_name, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointClock, checkpoint_name, rng_state, save_run_checkpoint,
+                         set_rng_state)
 from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, broadcast_parameters,
                           device_of, distributed_model, latest_checkpoint, launched_rank,
                           rank_seed, resume_command)
@@ -254,22 +254,14 @@ class _Run:
     def checkpoint(self, at: int) -> Path:
         """Writes step `at`'s checkpoint (rank 0, with every rank's random streams; the others
         wait for it)."""
-        streams = self.world.gather({"generator": self.generator.get_state(),
-                                     "rng": rng_state(self.device)})
-        error = None
-        if self.world.main:
-            try:
-                self.last_ckpt = save_checkpoint(self.run_dir, at, {
-                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    **streams[0], **({"ranks": streams} if self.world.parallel else {}),
-                    "step": at, "config": to_toml(self.cfg), "clips": self.clips,
-                    "plan": resume.plan_record(self.plans), "precision": self.precision,
-                    "format": resume.FORMAT}, self.cfg.train.keep_checkpoints)
-            except Exception as err:  # a full disk: every rank stops
-                error = err
-        else:
-            self.last_ckpt = checkpoint_dir(self.run_dir) / checkpoint_name(at)
-        self.world.agree(error, f"writing step {at}'s checkpoint")
+        self.last_ckpt = save_run_checkpoint(
+            self.world, self.run_dir, at,
+            {"generator": self.generator.get_state(), "rng": rng_state(self.device)},
+            lambda: {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "step": at, "config": to_toml(self.cfg), "clips": self.clips,
+                     "plan": resume.plan_record(self.plans), "precision": self.precision,
+                     "format": resume.FORMAT},
+            self.cfg.train.keep_checkpoints)
         self.checkpoint_clock.reset()
         return self.last_ckpt
 

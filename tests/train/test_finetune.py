@@ -326,3 +326,16 @@ def test_a_resume_in_another_number_of_processes_reseeds_every_devices_stream(mo
     monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(seed))
     ft._Run._restore(run, state)
     assert len(seeds) == 1 and run.generator.initial_seed() == seeds[0]
+
+
+def test_a_checkpoints_save_is_not_counted_as_step_time(data, pretrained, tmp_path,
+                                                        monkeypatch):
+    """Step 4's checkpoint (train.ckpt_every = 4) is saved mid-epoch: the record of steps 5-6
+    times those steps alone, without the save."""
+    import time
+    import fastmavil.train.checkpoint as checkpoint
+    save = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *args: time.sleep(3) or save(*args))
+    ft.finetune(config(data, pretrained, tmp_path, train__max_steps=6), [])
+    steps = {r["step"]: r for r in records(tmp_path / "t") if "step_ms" in r}
+    assert sorted(steps) == [2, 4, 6] and steps[6]["step_ms"] < 1000, steps[6]

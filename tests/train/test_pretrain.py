@@ -131,9 +131,9 @@ def test_the_dali_loader_trains_and_resumes_as_an_uninterrupted_run(shards, tmp_
 def test_a_checkpoints_save_is_not_counted_as_step_time(shards, tmp_path, monkeypatch):
     """The record after a checkpoint times its steps alone (the save, 2.9 GB at paper size,
     would count in its step_ms, samples/s and MFU)."""
-    save = pretrain.save_checkpoint
-    monkeypatch.setattr(pretrain, "save_checkpoint",
-                        lambda *args: time.sleep(3) or save(*args))
+    import fastmavil.train.checkpoint as checkpoint
+    save = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *args: time.sleep(3) or save(*args))
     run(shards, tmp_path, train__max_steps=4)  # a checkpoint at step 3, after its log record
     records = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").open()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
