@@ -316,7 +316,7 @@ def _schedule(path: str, cfg: Config, device: torch.device, args,
     # size, and train.passes_per_step = "fit" (243 to 265 passes) by +-0.19 %. Without
     # micro-batches the one pass of B_e is timed at args.batch / B0 of it.
     t = cfg.train
-    per_pass = t.micro_batch_size or t.batch_size  # at B0
+    per_pass = t.pass_size  # at B0
     scale, base_passes = args.batch / per_pass, t.batch_size // per_pass
     epochs = [{"epoch": p.epoch, "mask_ratio": p.mask_ratio,
                "batch": max(1, round(p.micro_batch * scale)), "passes": p.passes / base_passes}

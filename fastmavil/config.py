@@ -375,6 +375,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 5      # consecutive non-finite steps (loss or gradient) stop the run
 
+    @property
+    def pass_size(self) -> int:
+        """Samples per forward pass (at B0 with adaptive_batch): micro_batch_size, else the
+        whole batch."""
+        return self.micro_batch_size or self.batch_size
+
     def check(self) -> None:
         for key in ("epochs", "batch_size", "batch_multiple", "max_shapes", "log_every",
                     "ckpt_every", "keep_checkpoints", "max_bad_steps"):

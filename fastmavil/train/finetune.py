@@ -44,7 +44,7 @@ from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, device_of,
                           distributed_model, latest_checkpoint, rank_seed, resume_command)
 from .launches import record_launch
 from .metrics import MetricsWriter, NoMetrics, StepTimer, device_sync
-from .runtime import (StopFlag, TrainingError, accumulate_gradients, epoch_ended_early,
+from .runtime import (NonFiniteStreak, StopFlag, accumulate_gradients, epoch_ended_early,
                       fast_path, open_dataset, prepared_data, progress_bar, run_command,
                       run_folder, setup_runtime, steps_passed_over)
 
@@ -94,7 +94,7 @@ def check_task(cfg: FinetuneConfig) -> None:
     if f.train_split and f.train_split == f.eval_split and not f.eval_shards:
         raise ConfigError(f"finetune.train_split = finetune.eval_split = {f.train_split!r}: the "
                           "evaluation clips would be trained on")
-    micro = t.micro_batch_size or t.batch_size
+    micro = t.pass_size
     if (f.mixup or f.cutmix) and micro % 2:
         raise ConfigError(f"mixup and cutmix pair each clip with the pass's reverse: a pass of "
                           f"{micro} clips (train.micro_batch_size, or train.batch_size) must be "
@@ -159,7 +159,7 @@ class _Run:
                               f"= '{source}' (their index.json files): both must list the same "
                               "classes in the same order")
         selected = "" if fold is None and not f.train_split else " selected"
-        micro = t.micro_batch_size or t.batch_size
+        micro = t.pass_size
         steps = clips // t.batch_size
         if not steps or not eval_clips:
             raise ConfigError(f"{source}: {clips}{selected} training clips and {eval_clips} "
@@ -219,8 +219,7 @@ class _Run:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
                          else contextlib.nullcontext())
         self.fill = -cfg.data.audio_mean / (2 * cfg.data.audio_std)  # a raw 0, normalised
-        self.bad_run = torch.zeros((), dtype=torch.long, device=self.device)
-        self.worst_run = self.bad_run.clone()
+        self.streak = NonFiniteStreak(self.device)
         if world.main:
             (run_dir / "config.toml").write_text(to_toml(cfg))
 
@@ -309,8 +308,7 @@ class _Run:
         finite = torch.isfinite(total) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()  # the fused AdamW skips it on the device
         self.optimizer.step()
-        self.bad_run = torch.where(finite, 0, self.bad_run + 1)
-        self.worst_run = torch.maximum(self.worst_run, self.bad_run)
+        self.streak.update(finite)
         return torch.where(finite, total, float("nan"))
 
     # --- evaluation -----------------------------------------------------------------------
@@ -326,7 +324,7 @@ class _Run:
         f, t = self.cfg.finetune, self.cfg.train
         self.model.eval()
         scores, targets = [], []
-        loader = build_loader(self.eval_data, t.micro_batch_size or t.batch_size,
+        loader = build_loader(self.eval_data, t.pass_size,
                               self.cfg.data.num_workers, drop_last=False)
         for batch in loader:
             with self.autocast:
@@ -437,16 +435,11 @@ class _Run:
             self.step = end
 
     def log(self, plan, lr, losses, writer, progress, task) -> None:
-        worst = int(self.worst_run)  # a sync per log interval
-        if worst >= self.cfg.train.max_bad_steps:
-            kept = (f"the newest checkpoint, {self.last_ckpt}, is intact" if self.last_ckpt
-                    else "no checkpoint was written yet")
-            raise TrainingError(f"{worst} non-finite steps in a row at step {self.step}; {kept}")
-        self.worst_run = self.bad_run.clone()
+        self.streak.check(self.cfg.train.max_bad_steps, self.step, self.last_ckpt)  # a sync
         timing = self.timer.summary(device_sync(self.device))
-        finite = [float(v) for v in losses if torch.isfinite(v)]
-        record = {"step": self.step, "epoch": plan.epoch, "lr": lr,
-                  "loss": sum(finite) / len(finite) if finite else float("nan"),
+        losses = torch.stack(losses)  # the mean of the finite ones (nan if none), one sync
+        loss = float(losses.where(losses.isfinite(), float("nan")).nanmean())
+        record = {"step": self.step, "epoch": plan.epoch, "lr": lr, "loss": loss,
                   "step_ms": timing["step_ms"],
                   "samples_per_s": plan.batch_size * 1e3 / timing["step_ms"],
                   "data_wait": timing["data_wait_share"]}

@@ -46,7 +46,7 @@ from .launches import record_launch
 from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
                       device_sync, mfu, peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
-from .runtime import (DataError, StopFlag, TrainingError, accumulate_gradients,
+from .runtime import (DataError, NonFiniteStreak, StopFlag, accumulate_gradients,
                       epoch_ended_early, fast_path, loader_workers, open_dataset, prepared_data,
                       progress_bar, run_command, run_folder, setup_runtime, steps_passed_over)
 
@@ -238,8 +238,7 @@ class _Run:
                             and self.optimizer.defaults["fused"])
         # device-side count of non-finite steps in a row (and the longest), read at log
         # intervals and checkpoints
-        self.bad_run = torch.zeros((), device=self.device, dtype=torch.long)
-        self.worst_run = self.bad_run.clone()
+        self.streak = NonFiniteStreak(self.device)
         self.last_trained_step = self.step  # the step count after the last step run
         self.interval = _Interval(self.step, self.device)  # the steps since the last log line
         self.summary = {"start_step": self.step, "samples": 0, "trained_steps": 0}
@@ -420,9 +419,7 @@ class _Run:
         elif bool(finite):  # not stepped at all: apex counts a step without gradients
             self.optimizer.step()
         self.clear_grads()
-        self.bad_run = torch.where(finite, 0, self.bad_run + 1)
-        # a streak can end between reads
-        self.worst_run = torch.maximum(self.worst_run, self.bad_run)
+        self.streak.update(finite)
         self.interval.add(finite, work, {"loss": loss, **terms, "grad_norm": grad_norm})
         self.timer.step_done()  # the optimizer step's time is compute, not data wait
         due_log = self.step % t.log_every == 0 or self.step == self.total_steps
@@ -436,16 +433,8 @@ class _Run:
                 self.checkpoint(self.step)
 
     def check_bad_steps(self) -> None:
-        """Stops the run after train.max_bad_steps non-finite steps in a row (a sync); else
-        starts counting the longest streak afresh."""
-        in_a_row = int(self.worst_run)
-        if in_a_row >= self.cfg.train.max_bad_steps:
-            # skipped updates left the model as it was: the checkpoint is good
-            where = (f"the newest checkpoint, {self.last_ckpt}, is intact" if self.last_ckpt
-                     else "no checkpoint was written yet")
-            raise TrainingError(f"{in_a_row} non-finite steps in a row at step {self.step}; "
-                                f"{where}")
-        self.worst_run = self.bad_run.clone()
+        """Stops the run after train.max_bad_steps non-finite steps in a row (a sync)."""
+        self.streak.check(self.cfg.train.max_bad_steps, self.step, self.last_ckpt)
 
     def log_interval(self) -> None:
         """The log line and metrics record of the interval's steps (their applied updates), a

@@ -122,6 +122,30 @@ class StopFlag:
         return stop
 
 
+class NonFiniteStreak:
+    """Non-finite steps in a row (a non-finite loss or gradient skips the update), counted on
+    the device, so that a step needs no host sync: `update` after each step, `check` (one sync)
+    when the loop logs or checkpoints, which stops the run at train.max_bad_steps in a row."""
+
+    def __init__(self, device: torch.device):
+        self.current = torch.zeros((), dtype=torch.long, device=device)
+        self.longest = self.current.clone()  # since the last check: a streak can end between
+
+    def update(self, finite: torch.Tensor) -> None:
+        self.current = torch.where(finite, 0, self.current + 1)
+        self.longest = torch.maximum(self.longest, self.current)
+
+    def check(self, limit: int, step: int, last_checkpoint: Path | None) -> None:
+        """Raises TrainingError after `limit` non-finite steps in a row; else counts the
+        longest streak afresh."""
+        in_a_row = int(self.longest)
+        if in_a_row >= limit:  # skipped updates left the model as it was: the checkpoint is good
+            kept = (f"the newest checkpoint, {last_checkpoint}, is intact" if last_checkpoint
+                    else "no checkpoint was written yet")
+            raise TrainingError(f"{in_a_row} non-finite steps in a row at step {step}; {kept}")
+        self.longest = self.current.clone()
+
+
 def accumulate_gradients(run_pass, batches, passes: int, timer: StepTimer):
     """One step's gradients over `passes` batches from `batches`, for both trainers.
 

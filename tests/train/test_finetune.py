@@ -18,6 +18,7 @@ from fastmavil.models import build_model
 from fastmavil.train import finetune as ft
 from fastmavil.train.checkpoint import list_checkpoints, save_checkpoint
 from fastmavil.train.resume import FORMAT
+from fastmavil.train.runtime import TrainingError
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNTH = SynthSpec(seconds=1.0, size=48, fps=8.0)
@@ -214,7 +215,7 @@ def test_clear_errors_before_training(data, pretrained, folds, tmp_path, capsys)
         ft.finetune(config(data, pretrained, tmp_path,
                            finetune__checkpoint=tmp_path / "none"), [])
     # 3 shards of 8 clips over 2 workers: shares of 16 and 8, each smaller than a batch of 20
-    with pytest.raises(ft.TrainingError, match="data.num_workers = 2 split the epoch into "):
+    with pytest.raises(TrainingError, match="data.num_workers = 2 split the epoch into "):
         ft.finetune(config(data, pretrained, tmp_path, train__batch_size=20,
                            data__num_workers=2), [])
     with pytest.raises(ConfigError, match="1: 4 clips, 2: 4 clips, 3: 4 clips"):

@@ -19,6 +19,7 @@ from fastmavil.data.dali_loader import dali_available
 from fastmavil.data.synth import SynthSpec, synthesize
 from fastmavil.train import pretrain
 from fastmavil.train.checkpoint import checkpoint_name, list_checkpoints, load_latest
+from fastmavil.train.runtime import TrainingError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -319,7 +320,7 @@ def test_a_second_trainer_in_a_run_directory_is_refused(shards, tmp_path):
     from fastmavil.train.checkpoint import run_lock
     (tmp_path / "t").mkdir()
     with run_lock(tmp_path / "t"):
-        with pytest.raises(pretrain.TrainingError, match=rf"in use by another trainer "
+        with pytest.raises(TrainingError, match=rf"in use by another trainer "
                                                          rf"\(pid {os.getpid()}\)"):
             run(shards, tmp_path)
     assert not (tmp_path / "t" / "checkpoints").exists()
@@ -390,10 +391,10 @@ def test_non_finite_loss_is_skipped_then_stops(shards, tmp_path, monkeypatch, ca
     run(shards, tmp_path, train__max_steps=3)
     before = load_latest(tmp_path / "t")[1]["model"]
     monkeypatch.setattr(pretrain, "build_model", nan_model)
-    with pytest.raises(pretrain.TrainingError, match=r"2 non-finite steps in a row at step 5; "
+    with pytest.raises(TrainingError, match=r"2 non-finite steps in a row at step 5; "
                                                      r"the newest checkpoint, .*step-00000003.pt"):
         run(shards, tmp_path, train__max_steps=10, train__max_bad_steps=2)
-    with pytest.raises(pretrain.TrainingError, match="at step 2; no checkpoint was written yet"):
+    with pytest.raises(TrainingError, match="at step 2; no checkpoint was written yet"):
         run(shards, tmp_path / "new", train__max_steps=10, train__max_bad_steps=2)
     assert "non-finite loss or gradient, update skipped" in caplog.text
     path, state = load_latest(tmp_path / "t")
@@ -579,7 +580,7 @@ def test_bad_shards_are_errors_not_an_empty_run(shards, tmp_path):
         run(copy, tmp_path / "r1")
     for tar in tars:
         tar.write_bytes(os.urandom(4096))
-    with pytest.raises(pretrain.TrainingError, match="epoch 0 gave not even one step"):
+    with pytest.raises(TrainingError, match="epoch 0 gave not even one step"):
         run(copy, tmp_path / "r2")
     assert not list_checkpoints(tmp_path / "r2" / "t")
     # resumed mid-epoch onto shards that have since become unreadable: the resumed epoch cannot
@@ -612,3 +613,16 @@ def test_a_resume_on_another_device_type_reseeds_the_masking_rng(shards, tmp_pat
         summary = run(shards, tmp_path, train__max_steps=5)
     assert summary["start_step"] == 3 and summary["step"] == 5
     assert "written on another device type" in caplog.text
+
+
+def test_the_non_finite_streak_remembers_a_streak_that_ended_between_checks():
+    from fastmavil.train.runtime import NonFiniteStreak
+    streak = NonFiniteStreak(torch.device("cpu"))
+    for finite in (False, False, True, False):  # 2 in a row, ended before the check
+        streak.update(torch.tensor(finite))
+    streak.check(3, 4, None)  # under the limit: counts afresh from the current streak (1)
+    streak.update(torch.tensor(False))
+    with pytest.raises(TrainingError, match="2 non-finite steps in a row at step 5; no checkpoint"):
+        streak.check(2, 5, None)
+    with pytest.raises(TrainingError, match="the newest checkpoint, c.pt, is intact"):
+        streak.check(2, 5, Path("c.pt"))
