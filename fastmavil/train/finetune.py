@@ -132,7 +132,7 @@ class _Run:
         self.cfg, self.run_dir, self.fold, self.world = cfg, run_dir, fold, world
         f, t = cfg.finetune, cfg.train
         self.device, bf16 = setup_runtime(t, device_of(world, t.device), world.rank)
-        fused = fast_path(cfg, self.device)
+        kernels_on = fast_path(cfg, self.device)
         resumed = latest_checkpoint(run_dir, world)
         if resumed:
             resume.check_format(*resumed)
@@ -182,7 +182,7 @@ class _Run:
             resume.check_run(resumed[0], resumed[1], clips, self.precision, self.plans)
 
         self.model = AudioClassifier(cfg.model, len(self.labels), f.drop_path)
-        self.model.use_kernels(fused)
+        self.model.use_kernels(kernels_on)
         if t.residual_precision == "bf16":
             if not bf16:
                 raise ConfigError("train.residual_precision = 'bf16' needs bf16 autocast; this "

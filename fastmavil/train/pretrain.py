@@ -9,9 +9,10 @@ TensorBoard events (when installed) and checkpoints/; starting the same command 
 from the newest complete checkpoint. SIGINT/SIGTERM finish the current step, checkpoint, and
 exit 0. Under torchrun several processes train one run, data-parallel (train/distributed.py).
 
-No host sync per step: a non-finite step is skipped on the device by the fused AdamW
-(found_inf, as under AMP's GradScaler); losses, counters and timings are read at log intervals
-and checkpoints.
+No host sync per step (with optim.optimizer = 'adamw', the default): a non-finite step is
+skipped on the device by the fused AdamW (found_inf, as under AMP's GradScaler); losses,
+counters and timings are read at log intervals and checkpoints. apex's FusedAdam is told to
+skip on the host, one sync per step.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
 
 
 def _settings(cfg: Config, world: World) -> tuple[torch.device, bool, bool, str]:
-    """(device, bf16, fused, precision) of the run, its settings checked against each other and
+    """(device, bf16, kernels_on, precision) of the run, its settings checked against each other and
     the machine before any data or model work (the process is set up for them: setup_runtime);
     precision is what the checkpoints record."""
     t = cfg.train
@@ -109,15 +110,15 @@ def _settings(cfg: Config, world: World) -> tuple[torch.device, bool, bool, str]
                           "AdamW skips a non-finite step on the device, without clearing the "
                           "gradients the graphs add into")
     device, bf16 = setup_runtime(t, device_of(world, t.device), world.rank)
-    fused = fast_path(cfg, device)
-    if t.compile and t.compile_mode == "max-autotune" and not fused:
+    kernels_on = fast_path(cfg, device)
+    if t.compile and t.compile_mode == "max-autotune" and not kernels_on:
         raise ConfigError(MAX_AUTOTUNE_NEEDS_KERNELS)
     if t.residual_precision == "bf16" and not bf16:
         raise ConfigError("train.residual_precision = 'bf16' needs bf16 autocast; this run "
                           f"trains in fp32 (train.precision = {t.precision!r} on {device})")
     precision = ("bf16" if bf16 else "fp32") + (
         ", bf16 residual" if t.residual_precision == "bf16" else "")
-    return device, bf16, fused, precision
+    return device, bf16, kernels_on, precision
 
 
 def _training_data(cfg: Config, world: World) -> tuple[Path | None, ShardDataset | RandomClips,
@@ -167,7 +168,7 @@ class _Run:
     def __init__(self, cfg: Config, run_dir: Path, world: World | None = None):
         self.cfg, self.run_dir, self.world = cfg, run_dir, world or World()
         t = cfg.train
-        self.device, bf16, fused, self.precision = _settings(cfg, self.world)
+        self.device, bf16, kernels_on, self.precision = _settings(cfg, self.world)
         resumed = latest_checkpoint(run_dir, self.world)
         if resumed:
             resume.check_format(*resumed)
@@ -183,8 +184,8 @@ class _Run:
             (run_dir / "config.toml").write_text(to_toml(cfg))
 
         self.model = build_model(cfg).to(self.device)
-        self.model.use_kernels(fused)
-        if cfg.model.attention == "triton" and not fused:
+        self.model.use_kernels(kernels_on)
+        if cfg.model.attention == "triton" and not kernels_on:
             log.info("model.attention = 'triton' runs the Triton kernels, which are off here: "
                      "attention runs as under 'auto'")
         self.model.set_residual_dtype(torch.bfloat16 if t.residual_precision == "bf16" else None)
@@ -231,14 +232,9 @@ class _Run:
         if self.world.parallel and self.peak:  # the work logged is every rank's
             self.peak *= self.world.size
             self.peak_source += f", x {self.world.size} processes"
-        # With torch's fused AdamW a non-finite step is skipped on the device (found_inf, as
-        # under AMP's GradScaler) and the host learns of it at the next log or checkpoint; other
-        # optimisers read it at once.
-        self.device_skip = (isinstance(self.optimizer, torch.optim.AdamW)
-                            and self.optimizer.defaults["fused"])
-        # device-side count of non-finite steps in a row (and the longest), read at log
-        # intervals and checkpoints
-        self.streak = NonFiniteStreak(self.device)
+        # torch's fused AdamW skips a non-finite step on the device; apex's is told on the host
+        self.device_skip = cfg.optim.optimizer == "adamw"
+        self.streak = NonFiniteStreak(self.device)  # read at log intervals and checkpoints
         self.last_trained_step = self.step  # the step count after the last step run
         self.interval = _Interval(self.step, self.device)  # the steps since the last log line
         self.summary = {"start_step": self.step, "samples": 0, "trained_steps": 0}
