@@ -446,18 +446,23 @@ class _Run:
             keys = sorted(interval.sums)  # every rank's, in one all-reduce
             sums = dict(zip(keys, self.world.mean(torch.stack(
                 [interval.sums[k].float() for k in keys])).unbind()))
-            record = _log_record(self.cfg, plan, self.step, self.lr, sums, applied,
-                                 self.timer, self.device, self.peak, self.gpu_util,
-                                 interval.work, _memory_held(self.device, self.graphed))
+            means = {k: float(v) / applied for k, v in sums.items()}  # over the applied updates
+        # the interval's meters, read and started afresh for the next one
+        timing = self.timer.summary(device_sync(self.device) if applied else None)
+        gpu_util = self.gpu_util.mean()
+        self.gpu_util.reset()
+        if applied:
+            record = {"step": self.step, "epoch": plan.epoch, "mask_ratio": plan.mask_ratio,
+                      "batch_size": plan.batch_size, "lr": self.lr, **means,
+                      **_speed(self.cfg, plan, timing, interval.work, self.peak),
+                      "peak_memory_gb": _memory_held(self.device, self.graphed) / 2 ** 30,
+                      "gpu_util": gpu_util}
             self.writer.write(record)
             self.summary["last"] = record
             if main:
                 self.progress.update(self.task, loss=f"{record['loss']:.4f}",
                                      rate=f"{record['samples_per_s']:.1f}")
                 self.progress.console.print(_line(record, self.total_steps), soft_wrap=True)
-        else:  # nothing applied: start the next interval's timing afresh
-            self.timer.summary()
-            self.gpu_util.reset()
         self.summary["samples"] += interval.work["samples"]
         self.interval = _Interval(self.step, self.device)
 
@@ -527,25 +532,16 @@ def _memory_held(device: torch.device, graphed: GraphedPasses | None) -> int:
     return peak if idle is None else max(peak, torch.cuda.memory_allocated(device) + idle)
 
 
-def _log_record(cfg, plan: EpochPlan, step, lr, sums, updates, timer, device, peak, gpu_util,
-                work: dict, memory: int) -> dict:
-    """One metrics record over the steps since the last one (`updates` of them applied, `work`
-    their samples, training FLOPs and visible tokens); ratio and batch are the latest step's."""
-    timing = timer.summary(device_sync(device))
+def _speed(cfg, plan: EpochPlan, timing: dict, work: dict, peak: float | None) -> dict:
+    """A record's speed figures from StepTimer's `timing` of its steps and their `work`
+    (samples, training FLOPs and visible tokens, summed per step); the visible tokens per step
+    are the latest step's."""
     seconds = timing["step_ms"] * timing["steps"] / 1000.0
     visible = sum(cfg.model.visible_tokens(plan.mask_ratio))
-    record = {"step": step, "epoch": plan.epoch, "mask_ratio": plan.mask_ratio,
-              "batch_size": plan.batch_size, "visible_tokens": visible * plan.batch_size,
-              "lr": lr, **{k: float(v) / updates for k, v in sums.items()},
-              "step_ms": timing["step_ms"], "samples_per_s": work["samples"] / seconds,
-              "tokens_per_s": work["tokens"] / seconds,
-              "tflops": tflops(work["flops"], seconds),
-              "mfu": mfu(work["flops"], seconds, peak),
-              "data_wait": timing["data_wait_share"],
-              "peak_memory_gb": memory / 2 ** 30,
-              "gpu_util": gpu_util.mean()}
-    gpu_util.reset()
-    return record
+    return {"visible_tokens": visible * plan.batch_size, "step_ms": timing["step_ms"],
+            "samples_per_s": work["samples"] / seconds, "tokens_per_s": work["tokens"] / seconds,
+            "tflops": tflops(work["flops"], seconds), "mfu": mfu(work["flops"], seconds, peak),
+            "data_wait": timing["data_wait_share"]}
 
 
 def _line(r: dict, total: int) -> str:
