@@ -44,9 +44,9 @@ from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, device_of,
                           distributed_model, latest_checkpoint, rank_seed, resume_command)
 from .launches import record_launch
 from .metrics import MetricsWriter, NoMetrics, StepTimer, device_sync
-from .runtime import (NonFiniteStreak, StopFlag, accumulate_gradients, epoch_ended_early,
-                      fast_path, open_dataset, prepared_data, progress_bar, run_command,
-                      run_folder, setup_runtime, steps_passed_over)
+from .runtime import (NonFiniteStreak, StopFlag, accumulate_gradients, check_even_passes,
+                      epoch_ended_early, fast_path, open_dataset, prepared_data, progress_bar,
+                      run_command, run_folder, setup_runtime, steps_passed_over)
 
 log = logging.getLogger("fastmavil.finetune")
 
@@ -166,12 +166,8 @@ class _Run:
                               f"evaluation clips: fine-tuning needs at least train.batch_size = "
                               f"{t.batch_size} of the first and one of the second")
         self.plans = [EpochPlan(e, 0.0, t.batch_size, micro, steps) for e in range(t.epochs)]
+        check_even_passes(self.plans[:1], world.size, fixed_passes=False)  # every epoch's
         self.passes = self.plans[0].passes // world.size  # this process's share of a step's
-        if self.plans[0].passes % world.size:
-            raise ConfigError(f"a step's {self.plans[0].passes} passes of {micro} clips cannot "
-                              f"be shared evenly by {world.size} processes: set "
-                              "train.micro_batch_size so that train.batch_size / "
-                              f"micro_batch_size is a multiple of {world.size}")
         planned = steps * t.epochs
         self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
         log.info("%s: %d classes, %d training clips (%d steps an epoch), %d evaluation clips",

@@ -48,8 +48,9 @@ from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, devic
                       device_sync, mfu, peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
 from .runtime import (DataError, NonFiniteStreak, StopFlag, accumulate_gradients,
-                      epoch_ended_early, fast_path, loader_workers, open_dataset, prepared_data,
-                      progress_bar, run_command, run_folder, setup_runtime, steps_passed_over)
+                      check_even_passes, epoch_ended_early, fast_path, loader_workers,
+                      open_dataset, prepared_data, progress_bar, run_command, run_folder,
+                      setup_runtime, steps_passed_over)
 
 log = logging.getLogger("fastmavil.train")
 
@@ -142,14 +143,7 @@ def _training_data(cfg: Config, world: World) -> tuple[Path | None, ShardDataset
                 raise ConfigError(str(err)) from None
             log.info("data: DALI decodes on the %s", device)
     plans = plan_epochs(cfg, clips)
-    uneven = [p for p in plans if p.passes % world.size]
-    if uneven:
-        p = uneven[0]
-        raise ConfigError(f"epoch {p.epoch}'s steps take {p.passes} passes of {p.micro_batch} "
-                          f"samples, which {world.size} processes cannot share evenly: set "
-                          "train.micro_batch_size so that train.batch_size / micro_batch_size "
-                          f"is a multiple of {world.size} (with train.passes_per_step = "
-                          "'fixed')")
+    check_even_passes(plans, world.size)
     if cfg.data.random_clips:  # drawn once, sized for the largest pass of the plan
         dataset = RandomClips(clips, loader_spec(cfg, train=True),
                               max(p.micro_batch for p in plans),

@@ -169,6 +169,20 @@ def accumulate_gradients(run_pass, batches, passes: int, timer: StepTimer):
     return loss_sum, terms_sum
 
 
+def check_even_passes(plans: list[EpochPlan], processes: int, fixed_passes: bool = True
+                      ) -> None:
+    """Each process runs 1 / `processes` of every step's passes: a ConfigError naming the first
+    epoch whose passes they cannot share evenly."""
+    uneven = [p for p in plans if p.passes % processes]
+    if uneven:
+        p = uneven[0]
+        raise ConfigError(f"epoch {p.epoch}'s steps take {p.passes} passes of {p.micro_batch} "
+                          f"samples, which {processes} processes cannot share evenly: set "
+                          "train.micro_batch_size so that train.batch_size / micro_batch_size "
+                          f"is a multiple of {processes}"
+                          + (" (with train.passes_per_step = 'fixed')" if fixed_passes else ""))
+
+
 def steps_passed_over(advanced: int, trained: int) -> str:
     """For a summary: how many of the steps a run advanced were not trained, where an epoch's
     data ended before its plan and the schedule moved on to the next epoch ('' if none)."""

@@ -287,3 +287,16 @@ def test_passes_the_processes_cannot_share_are_a_config_error(shards, tmp_path):
             return flag
     with pytest.raises(ConfigError, match="2 processes cannot share evenly"):
         pretrain._training_data(cfg, Unjoined(rank=0, size=2))
+
+
+def test_the_even_passes_check_names_the_first_epoch_the_processes_cannot_share():
+    from fastmavil.schedule import EpochPlan
+    from fastmavil.train.runtime import check_even_passes
+    plans = [EpochPlan(0, 0.9, 16, 8, 1), EpochPlan(1, 0.85, 24, 8, 1), EpochPlan(2, 0.8, 40, 8, 1)]
+    check_even_passes(plans[:1], 2)
+    with pytest.raises(ConfigError, match=r"^epoch 1's steps take 3 passes of 8 samples, which 2 "
+                                          r"processes cannot share evenly: .* multiple of 2 "
+                                          r"\(with train.passes_per_step = 'fixed'\)$"):
+        check_even_passes(plans, 2)
+    with pytest.raises(ConfigError, match=r"is a multiple of 2$"):  # fine-tuning: no such key
+        check_even_passes(plans[1:2], 2, fixed_passes=False)
