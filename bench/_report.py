@@ -75,12 +75,9 @@ def kernel_rows(events) -> list:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "cpu"
+    """The GPU's name, or the CPU's model: what the records' file names carry."""
+    from fastmavil.train.launches import cpu_model
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def gpu_time_ms(fn, reps: int = 20) -> tuple[float | None, list[tuple[str, float, float]]]:

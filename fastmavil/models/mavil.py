@@ -5,7 +5,8 @@ One training forward (paper Sec. 3, App. B):
   encodings, batched as two calls) -> InfoNCE inter-modal (view 1 audio vs video) and
   intra-modal (view 1 vs view 2 per modality) on mean-pooled uni-modal tokens -> fusion
   encoder over view 1 -> decoders from the fused visible latents plus [MASK] tokens or
-  diffused masked patches -> MSE on the masked patches. AudioMAE variants have one view, no fusion and no contrastive terms.
+  diffused masked patches -> MSE on the masked patches. AudioMAE variants have one view, no
+  fusion and no contrastive terms.
 """
 from __future__ import annotations
 

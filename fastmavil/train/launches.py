@@ -68,17 +68,22 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what platform knows)."""
+    model = platform.processor() or platform.machine() or "cpu"
     try:  # Linux names the model; platform gives only the architecture there
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f
                           if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores"
+    return model
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def record_launch(run_dir: Path, device: torch.device, processes: int, step: int) -> dict:

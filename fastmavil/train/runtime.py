@@ -307,6 +307,7 @@ def run_command(prog: str, config_path: str, load, run) -> int:
     process group, then run(cfg, world). A config error exits 2, a training or checkpoint error
     1, each printed as one line."""
     rank = launched_rank()
+    said_by = f"{prog} [rank {rank}]" if rank else prog  # how a process's one-line errors begin
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=("%(levelname)s %(name)s: %(message)s" if not launched()
@@ -327,12 +328,12 @@ def run_command(prog: str, config_path: str, load, run) -> int:
             print(f"{prog}: {err}", file=sys.stderr)
         return 2
     except (TrainingError, CheckpointError, OtherProcessFailed) as err:
-        print(f"{prog}{f' [rank {rank}]' if rank else ''}: {err}", file=sys.stderr)
+        print(f"{said_by}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the training loop (which stops at a step's end), or a
         # second Ctrl-C: what was saved stays (a checkpoint, the demo data's finished shards)
-        print(f"{prog}{f' [rank {rank}]' if rank else ''}: interrupted; the same command goes "
-              "on from what was saved", file=sys.stderr)
+        print(f"{said_by}: interrupted; the same command goes on from what was saved",
+              file=sys.stderr)
         return 130
     finally:
         shutdown(world)
