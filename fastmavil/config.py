@@ -381,6 +381,10 @@ class TrainConfig:
         whole batch."""
         return self.micro_batch_size or self.batch_size
 
+    def steps_to_run(self, planned: int) -> int:
+        """The steps a run of `planned` steps trains: train.max_steps ends it early."""
+        return min(planned, self.max_steps) if self.max_steps else planned
+
     def check(self) -> None:
         for key in ("epochs", "batch_size", "batch_multiple", "max_shapes", "log_every",
                     "ckpt_every", "keep_checkpoints", "max_bad_steps"):
@@ -443,6 +447,30 @@ class Config:
             raise ConfigError(f"train.max_shapes = {self.train.max_shapes} cannot follow "
                               "mask.schedule = 'linear' (it needs >= 2 ratios)")
         return self
+
+
+# The settings only the audio-video variants read: the video branch, the fusion encoder and
+# the contrastive terms between the modalities.
+VIDEO_SETTINGS = ("model.video_decoder_attention", "model.fusion_depth", "model.video_frames",
+                  "model.video_size", "model.video_patch", "data.video_seconds",
+                  "data.video_mean", "data.video_std", "loss.inter_weight", "loss.intra_weight",
+                  "loss.temperature")
+
+
+def unread_settings(cfg: Config) -> list[str]:
+    """`key = value` for each setting moved off its default that `cfg`'s model variant never
+    reads: an audio-only variant's video and contrastive settings, a [MASK]-token variant's
+    diffusion schedule (a set default is not named: the paper configs write them all)."""
+    keys = [] if cfg.model.has_video else list(VIDEO_SETTINGS)
+    if not cfg.model.diffusion:
+        keys += [f"diffusion.{f.name}" for f in dataclasses.fields(DiffusionConfig)]
+    default = Config(model=ModelConfig(size=cfg.model.size))  # the size preset's video shape
+
+    def value(config, key):
+        section, name = key.split(".")
+        return getattr(getattr(config, section), name)
+    return [f"{key} = {to_toml_value(value(cfg, key))}" for key in keys
+            if value(cfg, key) != value(default, key)]
 
 
 def check_sections(cfg, decoders: bool = True) -> None:

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from fastmavil.config import (SIZES, Config, ConfigError, FinetuneConfig, OptimConfig,
-                              TrainConfig, config_changes, load_config, to_toml)
+                              TrainConfig, config_changes, load_config, to_toml,
+                              unread_settings)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -58,6 +59,25 @@ def test_unknown_key_names_file_and_key(tmp_path):
                     {"run.name": "x"})
     with pytest.raises(ConfigError, match="unknown key modle"):
         load_config(write(tmp_path, "[modle]\nsize = 'tiny'\n"))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_configs_set_nothing_their_variant_never_reads(path):
+    assert unread_settings(load_config(path)) == []
+
+
+def test_settings_a_variant_never_reads_are_named():
+    overrides = {"model.size": "small", "model.video_frames": "4", "loss.inter_weight": "0.05",
+                 "data.video_mean": "[0.5, 0.5, 0.5]", "diffusion.phi": "0.5",
+                 "loss.norm_pix": "false", "optim.lr": "1e-4"}  # the last two: read by all
+    named = ["model.video_frames = 4", "data.video_mean = [0.5, 0.5, 0.5]",
+             "loss.inter_weight = 0.05", "diffusion.phi = 0.5"]
+    assert unread_settings(load_config(CONFIGS / "audiomae.toml", overrides)) == named
+    assert unread_settings(load_config(CONFIGS / "audiomae_diff.toml", overrides)) == named[:3]
+    assert unread_settings(load_config(CONFIGS / "mavil.toml", overrides)) == named[3:]
+    assert unread_settings(load_config(CONFIGS / "r4.toml", overrides)) == []
+    # the size preset's own video shape is its default, not a setting
+    assert unread_settings(load_config(CONFIGS / "audiomae.toml", {"model.size": "tiny"})) == []
 
 
 def test_bad_choice_lists_allowed_values(tmp_path):

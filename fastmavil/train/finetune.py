@@ -46,7 +46,8 @@ from .launches import record_launch
 from .metrics import MetricsWriter, NoMetrics, StepTimer, device_sync
 from .runtime import (NonFiniteStreak, StopFlag, accumulate_gradients, check_even_passes,
                       epoch_ended_early, fast_path, open_dataset, prepared_data, progress_bar,
-                      run_command, run_folder, setup_runtime, steps_passed_over)
+                      run_command, run_folder, run_precision, setup_runtime,
+                      steps_passed_over)
 
 log = logging.getLogger("fastmavil.finetune")
 
@@ -132,6 +133,7 @@ class _Run:
         self.cfg, self.run_dir, self.fold, self.world = cfg, run_dir, fold, world
         f, t = cfg.finetune, cfg.train
         self.device, bf16 = setup_runtime(t, device_of(world, t.device), world.rank)
+        self.precision = run_precision(t, bf16, self.device)
         kernels_on = fast_path(cfg, self.device)
         resumed = latest_checkpoint(run_dir, world)
         if resumed:
@@ -169,20 +171,16 @@ class _Run:
         check_even_passes(self.plans[:1], world.size, fixed_passes=False)  # every epoch's
         self.passes = self.plans[0].passes // world.size  # this process's share of a step's
         planned = steps * t.epochs
-        self.total_steps = min(planned, t.max_steps) if t.max_steps else planned
+        self.total_steps = t.steps_to_run(planned)
         log.info("%s: %d classes, %d training clips (%d steps an epoch), %d evaluation clips",
                  run_dir, len(self.labels), clips, steps, eval_clips)
         self.clips, self.source, self.workers = clips, source, cfg.data.num_workers
-        self.precision = "bf16" if bf16 else "fp32"
         if resumed:
             resume.check_run(resumed[0], resumed[1], clips, self.precision, self.plans)
 
         self.model = AudioClassifier(cfg.model, len(self.labels), f.drop_path)
         self.model.use_kernels(kernels_on)
         if t.residual_precision == "bf16":
-            if not bf16:
-                raise ConfigError("train.residual_precision = 'bf16' needs bf16 autocast; this "
-                                  f"run trains in fp32 on {self.device}")
             self.model.encoder.residual_dtype = torch.bfloat16
         self.pretrained, error = None, None
         if not resumed and world.main:  # DistributedDataParallel hands rank 0's weights on

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..config import (OVERRIDE_SYNTAX, Config, ConfigError, load_config, split_overrides,
-                      to_toml)
+                      to_toml, unread_settings)
 from ..cuda_graph import GraphedPasses
 from ..data.dali_loader import DaliLoader, check_codec, dali_available, dali_device
 from ..data.loader import ShardDataset, build_loader, loader_spec, to_device
@@ -50,7 +50,7 @@ from .plan_report import print_plan, work_per_step
 from .runtime import (DataError, NonFiniteStreak, StopFlag, accumulate_gradients,
                       check_even_passes, epoch_ended_early, fast_path, loader_workers,
                       open_dataset, prepared_data, progress_bar, run_command, run_folder,
-                      setup_runtime, steps_passed_over)
+                      run_precision, setup_runtime, steps_passed_over)
 
 log = logging.getLogger("fastmavil.train")
 
@@ -114,12 +114,7 @@ def _settings(cfg: Config, world: World) -> tuple[torch.device, bool, bool, str]
     kernels_on = fast_path(cfg, device)
     if t.compile and t.compile_mode == "max-autotune" and not kernels_on:
         raise ConfigError(MAX_AUTOTUNE_NEEDS_KERNELS)
-    if t.residual_precision == "bf16" and not bf16:
-        raise ConfigError("train.residual_precision = 'bf16' needs bf16 autocast; this run "
-                          f"trains in fp32 (train.precision = {t.precision!r} on {device})")
-    precision = ("bf16" if bf16 else "fp32") + (
-        ", bf16 residual" if t.residual_precision == "bf16" else "")
-    return device, bf16, kernels_on, precision
+    return device, bf16, kernels_on, run_precision(t, bf16, device)
 
 
 def _training_data(cfg: Config, world: World) -> tuple[Path | None, ShardDataset | RandomClips,
@@ -172,8 +167,11 @@ class _Run:
             resume.check_run(resumed[0], resumed[1], self.clips, self.precision, self.plans)
         self.planned_steps = sum(p.steps for p in self.plans)
         _log_plan(self.plans, self.planned_steps, t)
-        self.total_steps = (min(self.planned_steps, t.max_steps) if t.max_steps
-                            else self.planned_steps)
+        unread = unread_settings(cfg)
+        if unread:
+            log.warning("model.variant = %r never reads %s: they change nothing in this run",
+                        cfg.model.variant, ", ".join(unread), extra=SAME_ON_EVERY_RANK)
+        self.total_steps = t.steps_to_run(self.planned_steps)
         if self.world.main:
             (run_dir / "config.toml").write_text(to_toml(cfg))
 

@@ -290,6 +290,17 @@ def setup_runtime(t, device_name: str | None = None, rank: int = 0) -> tuple[tor
     return device, t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
 
 
+def run_precision(t, bf16: bool, device: torch.device) -> str:
+    """What the checkpoints record of a run's precision ("bf16" or "fp32", with ", bf16
+    residual" where train.residual_precision keeps the residual stream so); a bf16 residual
+    stream needs bf16 autocast."""
+    if t.residual_precision == "bf16" and not bf16:
+        raise ConfigError("train.residual_precision = 'bf16' needs bf16 autocast; this run "
+                          f"trains in fp32 (train.precision = {t.precision!r} on {device})")
+    return ("bf16" if bf16 else "fp32") + (", bf16 residual" if t.residual_precision == "bf16"
+                                           else "")
+
+
 def progress_bar(disable: bool = False):
     """The run's progress display (on stderr): epoch, steps, loss, samples/s, time left."""
     from rich.console import Console

@@ -202,6 +202,8 @@ def test_clear_errors_before_training(data, pretrained, folds, tmp_path, capsys)
         (dict(train__passes_per_step="fit"), "fixed batch"),
         (dict(train__residual_precision="bf16", train__precision="bf16",
               train__max_batch_size=2), "exceeds train.max_batch_size = 2"),
+        (dict(train__residual_precision="bf16", train__device="cpu"),
+         r"needs bf16 autocast; this run trains in fp32 \(train.precision = 'auto' on cpu\)"),
         (dict(data__loader="dali"), "reference loader"),
         (dict(finetune__eval_shards=str(tmp_path / "nowhere")), "does not exist"),
         (dict(train__batch_size=64), "at least train.batch_size = 64"),

@@ -187,6 +187,14 @@ def test_fitted_passes_without_micro_batches_say_they_change_nothing(shards, tmp
             "the adaptive batch's steps, and this run has one pass per step") in caplog.text
 
 
+def test_settings_the_variant_never_reads_are_named(shards, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="fastmavil.train"):
+        run(shards, tmp_path, train__max_steps=1, model__variant="audiomae",
+            loss__intra_weight=0.1, diffusion__phi=0.5)
+    assert ("model.variant = 'audiomae' never reads loss.intra_weight = 0.1, diffusion.phi = 0.5: "
+            "they change nothing in this run") in caplog.text
+
+
 def test_resume_refuses_a_config_that_trains_something_else(shards, tmp_path, caplog):
     run(shards, tmp_path, train__max_steps=3)
     saved = (tmp_path / "t" / "config.toml").read_text()
