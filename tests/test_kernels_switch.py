@@ -64,3 +64,25 @@ def test_the_fast_path_without_triton_runs_the_references(monkeypatch, caplog):
     audio = torch.randn(2, 1, m.audio_frames, m.mel_bins)
     video = torch.randn(2, 3, m.video_frames, m.video_size, m.video_size)
     assert torch.isfinite(model(audio, video, 0.8, torch.Generator().manual_seed(0)).loss)
+
+
+def test_the_trainers_switch_needs_the_request_cuda_and_triton(monkeypatch):
+    """runtime.fast_path: the kernels run only where requested (model.kernels, FASTMAVIL_KERNELS
+    winning) and runnable (CUDA and triton); a CUDA device object launches nothing here."""
+    import sys
+
+    import torch
+
+    from fastmavil.config import Config
+    from fastmavil.train.runtime import fast_path
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    on, off = Config(), Config()
+    off.model.kernels = False
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert fast_path(on, cuda) and not fast_path(off, cuda) and not fast_path(on, cpu)
+    monkeypatch.setenv(ENV_VAR, "0")
+    assert not fast_path(on, cuda)
+    monkeypatch.setenv(ENV_VAR, "1")
+    assert fast_path(off, cuda) and not fast_path(off, cpu)
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    assert not fast_path(on, cuda)

@@ -263,7 +263,8 @@ def test_h264_on_the_cpu_is_named_not_skipped_clip_by_clip(tmp_path):
         list(DaliLoader(dataset, 1, device="cpu"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU path (NVDEC) needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: the GPU path (NVDEC)")
 def test_the_gpu_path_gives_the_cpu_paths_batches_on_the_gpu(dataset_dir):
     dataset = ShardDataset(dataset_dir, SPEC)
     dataset.set_epoch(0)

@@ -7,6 +7,8 @@ import torch
 import kernels
 import kernels.attention as sequence_attention
 import kernels.diffuse_embed as diffuse_embed
+import kernels.masked_mse as masked_mse
+import kernels.patch_embed as patch_embed
 import kernels.window_attention as window_attention
 from fastmavil.config import Config, ModelConfig
 from fastmavil.diffusion import DiffusionSchedule
@@ -31,12 +33,12 @@ TOL = dict(rtol=1e-4, atol=1e-5) if DEVICE == "cuda" else dict(rtol=1e-5, atol=1
 
 @pytest.mark.usefixtures("true_fp32")  # tests/conftest.py: TF32 off on CUDA
 @pytest.mark.parametrize("variant, options", [
-    ("diffmavil", {}), ("mavil", {}), ("audiomae_diff", {}),
+    ("diffmavil", {}), ("mavil", {}), ("audiomae_diff", {}), ("audiomae", {}),
     ("diffmavil", dict(audio_decoder_block="swinv2cr")),
     ("diffmavil", dict(video_decoder_attention="self")), ("diffmavil", dict(norm_pix=False)),
     ("diffmavil", dict(attention="triton")), ("mavil", dict(attention="triton",
                                                           video_decoder_attention="self"))],
-    ids=["diffmavil", "mavil", "audiomae_diff", "swinv2cr", "self-decoder", "no-norm-pix",
+    ids=["diffmavil", "mavil", "audiomae_diff", "audiomae", "swinv2cr", "self-decoder", "no-norm-pix",
          "triton-attention", "mavil-triton-attention"])
 def test_fast_step_equals_reference_step(variant, options, monkeypatch):
     monkeypatch.setattr(kernels, "_warned", set())  # names of kernels that fell back
@@ -67,6 +69,12 @@ def test_fast_step_equals_reference_step(variant, options, monkeypatch):
     real_windows, windowed = window_attention.window_attention, []
     monkeypatch.setattr(window_attention, "window_attention",
                         lambda *a: windowed.append(a) or real_windows(*a))
+    launched = {"patch_embed": 0, "masked_mse": 0}  # the other kernels' calls
+    for module, name, key in ((patch_embed, "patch_embed_visible", "patch_embed"),
+                              (masked_mse, "masked_patch_mse", "masked_mse")):
+        op = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, op=op, key=key, **k: launched.update(
+            {key: launched[key] + 1}) or op(*a, **k))
     sequences = []  # backend triton: the encoders' and the video decoder's attention
     for name in ("self_attention", "cross_attention"):
         op = getattr(sequence_attention, name)
@@ -86,6 +94,9 @@ def test_fast_step_equals_reference_step(variant, options, monkeypatch):
     (ref_out, ref_grads), (fast_out, fast_grads) = outs
     diffused = {"diffmavil": 2, "audiomae_diff": 1}.get(variant, 0)  # modalities
     assert len(calls) == diffused  # the fused path was taken
+    modalities = 2 if cfg.model.has_video else 1
+    mask_first_views = reference.views if cfg.model.mask_first else 0  # a launch per view
+    assert launched == {"patch_embed": modalities * mask_first_views, "masked_mse": modalities}
     assert len(windowed) == cfg.model.decoder_depth  # the Swin decoder's windows, in Triton
     m = cfg.model  # the reference path (kernels off) never calls the sequence kernels
     assert len(sequences) == (0 if m.attention != "triton" else 2 * m.encoder_depth

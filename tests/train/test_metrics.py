@@ -311,23 +311,33 @@ def test_metrics_writer_tensorboard_resumed_purges_replayed_steps(tmp_path):
     assert events.Tags()["scalars"] == ["train/loss"]
 
 
-def test_step_timer_data_wait_share():
+@pytest.fixture
+def clock(monkeypatch):
+    """StepTimer's clock, moved by hand: `clock.wait(seconds)` stands in for time passing."""
+    now = types.SimpleNamespace(t=100.0)
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now.t)
+    now.wait = lambda seconds: setattr(now, "t", now.t + seconds)
+    return now
+
+
+def test_step_timer_data_wait_share(clock):
     timer = StepTimer()
     syncs = []
     for _ in range(3):
-        time.sleep(0.02)  # waiting for the batch
+        clock.wait(0.01)  # waiting for the batch
         timer.data_ready()
-        time.sleep(0.02)  # the step
+        clock.wait(0.03)  # the step
         timer.step_done()
     summary = timer.summary(sync=lambda: syncs.append(1))
     assert syncs == [1]
     assert summary["steps"] == 3
-    assert summary["data_wait_share"] == pytest.approx(0.5, abs=0.2)
-    assert 25 <= summary["step_ms"] <= 120
+    assert summary["data_wait_share"] == pytest.approx(0.25)
+    assert summary["step_ms"] == pytest.approx(40.0)
     # The next summary covers only the steps after this one.
     timer.data_ready()
+    clock.wait(0.02)
     timer.step_done()
-    assert timer.summary(sync=lambda: syncs.append(1))["steps"] == 1
+    assert timer.summary(sync=lambda: syncs.append(1))["step_ms"] == pytest.approx(20.0)
     assert syncs == [1, 1]
 
 
@@ -335,28 +345,31 @@ def test_step_timer_without_steps():
     assert StepTimer().summary() == {"step_ms": None, "data_wait_share": None, "steps": 0}
 
 
-def test_step_timer_does_not_count_compute_between_micro_batches_as_data_wait():
+def test_step_timer_does_not_count_compute_between_micro_batches_as_data_wait(clock):
     timer = StepTimer()
     for _ in range(2):
         for micro in range(3):
             if micro:
                 timer.fetch_start()
-            timer.data_ready()            # data arrives at once
-            time.sleep(0.01)              # compute of one micro-batch
+                clock.wait(0.002)         # the next micro-batch's fetch
+            timer.data_ready()
+            clock.wait(0.01)              # compute of one micro-batch
         timer.step_done()
-    assert timer.summary()["data_wait_share"] < 0.2
+    summary = timer.summary()
+    assert summary["data_wait_share"] == pytest.approx(0.004 / 0.034)
+    assert summary["step_ms"] == pytest.approx(34.0)
 
 
-def test_step_timer_leaves_a_checkpoints_save_out():
+def test_step_timer_leaves_a_checkpoints_save_out(clock):
     """A save between steps is neither compute nor data wait (the trainers' checkpoints)."""
     timer, syncs = StepTimer(), []
     for step in range(2):
         timer.data_ready()            # data at once
-        time.sleep(0.02)              # the step
+        clock.wait(0.02)              # the step
         timer.step_done()
         if step == 0:
             with timer.left_out(sync=lambda: syncs.append(1)):
-                time.sleep(0.3)       # the save
+                clock.wait(3.0)       # the save
     summary = timer.summary()
     assert syncs == [1]
-    assert summary["step_ms"] < 100 and summary["data_wait_share"] < 0.3
+    assert summary["step_ms"] == pytest.approx(20.0) and summary["data_wait_share"] == 0
