@@ -45,7 +45,11 @@ def random_masking(shape: tuple[int, ...], num_tokens: int, ratio: float, device
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x (B, N, C), ids (..., B, n) -> (..., B, n, C): the tokens of x at ids, per sample."""
-    lead = ids.shape[:-2]
-    x = x.expand(*lead, *x.shape)
-    return torch.gather(x, -2, ids.unsqueeze(-1).expand(*ids.shape, x.shape[-1]))
+    """x (B, N, C), ids (..., B, n) -> (..., B, n, C): the tokens of x at ids, per sample.
+
+    One gather per sample over all its views' ids: gathering from x expanded to every view
+    would make gather's backward a zero tensor of that expanded size (MAViL's two views)."""
+    *lead, batch, n = ids.shape
+    flat = ids.movedim(-2, 0).reshape(batch, -1)  # (B, views * n)
+    out = torch.gather(x, 1, flat.unsqueeze(-1).expand(*flat.shape, x.shape[-1]))
+    return out.view(batch, *lead, n, x.shape[-1]).movedim(0, -3)

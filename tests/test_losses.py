@@ -29,6 +29,14 @@ def test_info_nce_matches_pairwise_loop(n, tau):
     assert info_nce(x, y, tau).item() == pytest.approx(info_nce_loop(x, y, tau), rel=1e-5)
 
 
+def test_info_nce_is_fp32_under_autocast():
+    x, y = torch.randn(16, 768), torch.randn(16, 768)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = info_nce(x, y, 0.1)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(info_nce(x, y, 0.1).item(), rel=1e-6)
+
+
 def test_info_nce_prefers_aligned_pairs():
     x = torch.randn(6, 16)
     assert info_nce(x, x, 0.1) < info_nce(x, torch.randn(6, 16), 0.1)

@@ -45,3 +45,12 @@ def test_gather_tokens_matches_indexing():
     for v in range(2):
         for b in range(3):
             assert torch.equal(out[v, b], x[b, ids[v, b]])
+    x.requires_grad_(True)  # each token's gradient sums its picks over every view
+    grad = torch.randn(2, 3, 5, 4)
+    gather_tokens(x, ids).backward(grad)
+    expected = torch.zeros(3, 10, 4)
+    for v in range(2):
+        for b in range(3):
+            expected[b].index_add_(0, ids[v, b], grad[v, b])
+    torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(gather_tokens(x, ids[0]), out[0])  # without views

@@ -121,9 +121,11 @@ class MAViL(nn.Module):
         return random_masking((views, x.shape[0]), num_tokens, ratio, x.device, generator)
 
     def use_kernels(self, enabled: bool) -> None:
-        """Fast path (Triton kernels) or the plain PyTorch references; both compute the same.
-        Where triton is not installed the references run, and a warning says so (the kernel
-        modules cannot even be imported there)."""
+        """Fast path (Triton kernels) or the plain PyTorch references: the same function, but
+        not the same random draws (the fused diffusion noise comes from a Philox stream seeded
+        by one draw of the step's generator, the reference's from B x m x P normal draws, so
+        the later draws differ too). Where triton is not installed the references run, and a
+        warning says so (the kernel modules cannot even be imported there)."""
         from kernels import can_launch, triton_available
         if enabled and not triton_available():
             can_launch("fast path")  # logs why the references run
