@@ -1,6 +1,8 @@
 """Pre-training objectives: masked-patch MSE and InfoNCE (paper App. B.1)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +27,9 @@ def info_nce(x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tens
 
     In fp32 even under autocast (a B x B product, no cost): bf16 rounds a cosine near 1 by up to
     0.002, 0.02 in a logit at temperature 0.1."""
-    with torch.autocast(x.device.type, enabled=False):
+    device = x.device.type  # the meta device (FLOPs counting) has no autocast
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
+            else contextlib.nullcontext():
         x = F.normalize(x.float(), dim=-1)
         y = F.normalize(y.float(), dim=-1)
         logits = x @ y.t() / temperature
