@@ -446,13 +446,6 @@ class Config:
         if self.mask.schedule == "linear" and self.train.max_shapes < 2:
             raise ConfigError(f"train.max_shapes = {self.train.max_shapes} cannot follow "
                               "mask.schedule = 'linear' (it needs >= 2 ratios)")
-        contrastive = self.loss.inter_weight > 0 or self.loss.intra_weight > 0
-        if self.model.has_video and contrastive and self.train.pass_size < 2:
-            # a pass's clips are each other's negatives: one clip has none, the loss is 0
-            raise ConfigError(f"train.{'micro_' if self.train.micro_batch_size else ''}"
-                              f"batch_size = {self.train.pass_size} gives InfoNCE one clip a "
-                              "pass, with no negatives: use >= 2, or set loss.inter_weight "
-                              "and loss.intra_weight to 0")
         return self
 
 

@@ -187,9 +187,10 @@ def probe_video(data: bytes) -> VideoHeaders:
 
 def from_keyframe(data: bytes, key_pts: int) -> bytes:
     """The video's packets from the keyframe with timestamp `key_pts` on (compared exactly, in
-    the stream's time base), remuxed (not decoded) into a WebM of their own: DALI 2.4's decoder decodes a clip from its first frame up to the
-    frames asked for, even with a keyframe every second (a 10 s clip's last 16 frames took it
-    44 ms, its first 16 10 ms, in one CPU thread), where the reference seeks. ~2 ms a clip."""
+    the stream's time base), remuxed (not decoded) into a WebM of their own: DALI 2.4's decoder
+    decodes a clip from its first frame up to the frames asked for, even with a keyframe every
+    second (a 10 s clip's last 16 frames took it 44 ms, its first 16 10 ms, in one CPU thread),
+    where the reference seeks. ~2 ms a clip."""
     av = _av()
     buffer = io.BytesIO()
     with av.open(io.BytesIO(data)) as source:

@@ -101,6 +101,18 @@ def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
                     else "one pass per step (train.micro_batch_size)", extra=SAME_ON_EVERY_RANK)
 
 
+def _warn_lone_clips(cfg: Config, plans: list[EpochPlan]) -> None:
+    """A pass of one clip gives InfoNCE no negatives (a pass's clips are each other's): its
+    terms are 0 there, and only the reconstruction trains."""
+    # passes follow the ratio's linear schedule: the epochs of one-clip passes are a run
+    lone = [p.epoch for p in plans if p.micro_batch < 2]
+    if lone and cfg.model.has_video and (cfg.loss.inter_weight or cfg.loss.intra_weight):
+        epochs = f"epoch {lone[0]} passes" if len(lone) == 1 else \
+            f"epochs {lone[0]}-{lone[-1]} pass"
+        log.warning("%s one clip at a time: InfoNCE has no negatives there and its terms are "
+                    "0", epochs, extra=SAME_ON_EVERY_RANK)
+
+
 def _settings(cfg: Config, world: World) -> tuple[torch.device, bool, bool, str]:
     """(device, bf16, kernels_on, precision) of the run, its settings checked against each other and
     the machine before any data or model work (the process is set up for them: setup_runtime);
@@ -167,6 +179,7 @@ class _Run:
             resume.check_run(resumed[0], resumed[1], self.clips, self.precision, self.plans)
         self.planned_steps = sum(p.steps for p in self.plans)
         _log_plan(self.plans, self.planned_steps, t)
+        _warn_lone_clips(cfg, self.plans)
         unread = unread_settings(cfg)
         if unread:
             log.warning("model.variant = %r never reads %s: they change nothing in this run",

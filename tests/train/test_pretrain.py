@@ -187,6 +187,19 @@ def test_fitted_passes_without_micro_batches_say_they_change_nothing(shards, tmp
             "the adaptive batch's steps, and this run has one pass per step") in caplog.text
 
 
+def test_passes_of_one_clip_say_infonce_has_no_negatives(shards, tmp_path, caplog):
+    # the adaptive batch of 8 -> 4 over 3 epochs: 2 clips a pass in epoch 0, then 1
+    with caplog.at_level("WARNING", logger="fastmavil.train"):
+        run(shards, tmp_path, train__max_steps=1, train__micro_batch_size=1)
+    assert ("epochs 1-2 pass one clip at a time: InfoNCE has no negatives there and its terms "
+            "are 0") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastmavil.train"):
+        run(shards, tmp_path / "b", train__max_steps=1, train__micro_batch_size=1,
+            loss__inter_weight=0, loss__intra_weight=0)
+    assert "InfoNCE" not in caplog.text
+
+
 def test_settings_the_variant_never_reads_are_named(shards, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fastmavil.train"):
         run(shards, tmp_path, train__max_steps=1, model__variant="audiomae",
