@@ -118,12 +118,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)
-        if bias is None and _packed_kernels(self, qkv.shape[-1] // 3, qkv):
+        if _packed_kernels(self, qkv.shape[-1] // 3, qkv):
             from kernels.attention import self_attention
             return self.proj(self_attention(qkv, self.heads))
-        return self.proj(heads_attention(*qkv.chunk(3, dim=-1), self.heads, bias, self.backend))
+        return self.proj(heads_attention(*qkv.chunk(3, dim=-1), self.heads, None, self.backend))
 
 
 class CrossAttention(nn.Module):
