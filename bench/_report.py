@@ -1,16 +1,19 @@
 """Helpers shared by the benchmarks: a table (rich when installed, plain text otherwise, since
-the GPU image may lack rich), the commit, the device name, and a call's time: on the GPU from
-the profiler, on a CPU by the clock."""
+the GPU image may lack rich), the commit, the device name and what a record says of its
+machine, and a call's time: on the GPU from the profiler, on a CPU by the clock."""
 from __future__ import annotations
 
+import json
 import os
+import platform
 import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 
 def add_results_option(parser) -> None:
@@ -57,14 +60,51 @@ def commit() -> str:
     if os.environ.get("FASTMAVIL_COMMIT"):
         return os.environ["FASTMAVIL_COMMIT"]
     try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], capture_output=True, text=True,
-                                  check=True).stdout.strip()
+        def git(*args: str) -> str:  # the repository's, wherever the bench runs from
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=ROOT).stdout.strip()
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                    f":!{RESULTS.relative_to(RESULTS.parents[1])}")
+                    ":!bench/results")
         return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def environment(device: torch.device) -> dict:
+    """What every record says of the run's machine and code: the device, the versions (CUDA's
+    and the driver's on a GPU) and the commit."""
+    env = {"device": device_name(device), "torch": torch.__version__,
+           "triton": triton_version(), "python": platform.python_version(), "commit": commit()}
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:  # no pynvml, or NVML failed: the record goes without it
+            env["driver"] = None
+    return env
+
+
+def write_json(path: Path, record) -> None:
+    """Writes `record` whole or not at all: a run stopped mid-write (a time limit) leaves the
+    previous file, never a truncated one."""
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def file_slug(name: str) -> str:
+    """A device name as the records' file names carry it ("NVIDIA H200" -> NVIDIA_H200)."""
+    return name.replace(" ", "_").replace("/", "_")
 
 
 def kernel_rows(events) -> list:

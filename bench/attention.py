@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import warnings
 from pathlib import Path
@@ -37,10 +36,9 @@ import kernels
 from fastmavil.config import ConfigError, load_config
 from fastmavil.models import build_model
 
-from ._report import (add_results_option, commit, device_name, gpu_time_ms, positive_int,
-                      print_table, wall_times_ms)
+from ._report import (ROOT, add_results_option, device_name, environment, file_slug,
+                      gpu_time_ms, positive_int, print_table, wall_times_ms, write_json)
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("sdpa", "math")
 # SDPA restricted to one of its kernels (CUDA): "sdpa:<name>" runs under sdpa_kernel(<kernel>)
 SDPA_KERNELS = ("cudnn", "flash", "efficient")
@@ -235,11 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     print("per forward + backward, all calls: " + ", ".join(
         f"{b} {'-' if totals[b] is None else f'{totals[b]:.2f}'} ms" for b in backends))
     args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"attention-{name.replace(' ', '_').replace('/', '_')}-{size}.json"
-    out.write_text(json.dumps({
-        "bench": "attention", "config": str(args.config), "size": size, "batch": batch,
-        "device": name, "dtype": str(dtype), "timing": what, "torch": torch.__version__,
-        "commit": commit(), "sites": records, "total_ms": totals}, indent=2) + "\n")
+    # R4's record keeps its name; another config's, or another batch's, gets its own
+    suffix = "".join(part for part, on in ((f"-{path.stem}", path.stem != "r4"),
+                                           (f"-b{batch}", args.batch is not None)) if on)
+    out = args.results / f"attention-{file_slug(name)}-{size}{suffix}.json"
+    write_json(out, {"bench": "attention", **environment(device), "config": str(args.config),
+                     "size": size, "batch": batch, "dtype": str(dtype), "timing": what,
+                     "sites": records, "total_ms": totals})
     print(f"wrote {out}")
     return 0
 

@@ -30,7 +30,7 @@ from fastmavil.data.loader import ShardDataset, build_loader, loader_spec, to_de
 from fastmavil.data.shards import count_clips
 from fastmavil.data.synth import SynthSpec, synthesize
 
-from ._report import RESULTS, commit, device_name
+from ._report import add_results_option, environment, positive_int, write_json
 
 
 def _training_dataset(source: Path, size: str) -> ShardDataset:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None,
                         help="synthetic dataset folder (generated when missing; default "
                              "data/bench-synth, or data/bench-synth-prep with --prep-clips)")
-    parser.add_argument("--clips", type=int, default=200)
+    parser.add_argument("--clips", type=positive_int, default=200)
     parser.add_argument("--prep-clips", action="store_true",
                         help="10 s clips of H.264 256x256 at 16 fps, as fastmavil-prep writes "
                              "(by default), instead of fastmavil-synth's 4 s VP9 96x96 at 8 fps")
@@ -125,13 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: both where DALI is installed")
     parser.add_argument("--dali-device", choices=["cpu", "gpu"], default="cpu",
                         help="where DALI decodes (gpu: NVDEC, needed for --prep-clips' H.264)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="passes per row; the best counts")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=2,
+                        help="passes per row; the best counts")
+    add_results_option(parser)
     parser.add_argument("--resume", action="store_true",
                         help="also time the first batch after resuming half-way through an epoch")
     args = parser.parse_args(argv)
-
+    if min(args.workers) < 0:
+        parser.error(f"--workers {' '.join(map(str, args.workers))}: each must be >= 0")
     if args.codec and not args.prep_clips:
         parser.error("--codec goes with --prep-clips (fastmavil-synth's clips are VP9)")
     codec = args.codec or "h264"
@@ -176,17 +178,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['resume_batches']} in {row['first_batch_s']:.2f} s; reading up to it took "
               f"{row['read_up_to_s']:.2f} s")
     import av
-    record = {"bench": "dataload", "device": device_name(torch.device("cpu")),
-              "cpus": os.cpu_count(), "torch": torch.__version__, "pyav": av.__version__,
-              "commit": commit(), "clips": clip_text, "rows": rows,
+    record = {"bench": "dataload", **environment(torch.device("cpu")),
+              "cpus": os.cpu_count(), "pyav": av.__version__, "clips": clip_text, "rows": rows,
               **({"dali": _dali_version(), "dali_device": args.dali_device}
                  if "dali" in loaders else {}),
               **({"resume": resumes} if resumes else {})}
     name = (f"dataload-cpu-{args.size}{prep}"
             f"{'-resume' if args.resume else ''}.json")  # a run of one never overwrites another
-    out = args.out or RESULTS / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / name
+    write_json(out, record)
     print(f"wrote {out}")
     return 0
 

@@ -30,8 +30,8 @@ import torch
 from fastmavil.diffusion import DiffusionSchedule
 from fastmavil.masking import random_masking
 
-from ._report import (add_results_option, commit, gpu_time_ms, positive_int, print_table,
-                      wall_times_ms)
+from ._report import (add_results_option, commit, device_name, file_slug, gpu_time_ms,
+                      positive_int, print_table, triton_version, wall_times_ms)
 
 # Dense datasheet HBM bandwidth, GB/s, by device-name fragment (most specific first).
 PEAK_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0))
@@ -43,8 +43,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "amp": torch.float32}
 
 
 def _cases(device: torch.device, setting: str, modality: str, ratio: float):
-    """(kernel name, fused fn, reference fn, FLOPs, bytes) per kernel; fns take no arguments
-    and return the output to time or backpropagate."""
+    """(kernel name, fused fn, reference fn, FLOPs, bytes) per kernel, and the tensors they
+    train (whose .grad a timed backward sets); fns take no arguments and return the output to
+    time or backpropagate."""
     from kernels.diffuse_embed import diffuse_embed_masked, reference_diffuse_embed_masked
     from kernels.masked_mse import masked_patch_mse, reference_masked_patch_mse
     from kernels.patch_embed import patch_embed_visible, reference_patch_embed_visible
@@ -88,7 +89,8 @@ def _cases(device: torch.device, setting: str, modality: str, ratio: float):
     else:  # the kernel's interface, given noise
         fused_diffuse = run(diffuse_embed_masked, *diffusion, noise=noise)
         reference_diffuse = run(reference_diffuse_embed_masked, *diffusion, noise=noise)
-    return [
+    leaves = [t for t in (*enc, *dec, pred) if t.requires_grad]
+    return leaves, [
         ("patch_embed_visible",
          run(patch_embed_visible, x, ids.keep, *enc, patch),
          run(reference_patch_embed_visible, x, ids.keep, *enc, patch),
@@ -114,18 +116,29 @@ def _time(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
     return q[1], statistics.median(times), q[7]
 
 
-def _timed_fn(make, mode: str):
-    """What to time for one mode: the forward, the backward alone (graph kept), or both."""
+def _timed_fn(make, mode: str, leaves: list[torch.Tensor]):
+    """What to time for one mode: the forward, the backward alone (graph kept), or both. A
+    backward starts with the leaves' .grad cleared (no kernel): each call writes its gradients
+    instead of adding them into the last call's, an add per leaf that both providers paid
+    before and that made the ratios look closer to 1."""
+    def clear():
+        for leaf in leaves:
+            leaf.grad = None
     if mode == "forward":
         return make
     if mode == "forward+backward":
         def both():
+            clear()
             out = make()
             out.backward(torch.ones_like(out))
         return both
     out = make()
     grad = torch.ones_like(out)
-    return lambda: out.backward(grad, retain_graph=True)
+
+    def backward():
+        clear()
+        out.backward(grad, retain_graph=True)
+    return backward
 
 
 def _against_target(speedup: float | None) -> str:
@@ -173,14 +186,18 @@ def _append_rows(path, rows: list[list]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.9])
-    parser.add_argument("--modalities", nargs="+", default=["audio", "video"])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.9],
+                        help="masking ratios, each in (0, 1)")
+    parser.add_argument("--modalities", nargs="+", choices=list(GEOMETRY),
+                        default=list(GEOMETRY))
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="bf16, fp32, or amp (fp32 under bf16 autocast, as in training); "
                              "default: bf16 on CUDA, fp32 on a CPU")
     parser.add_argument("--reps", type=positive_int, default=5, help="repeats per CPU timing")
     add_results_option(parser)
     args = parser.parse_args(argv)
+    if not all(0 < ratio < 1 for ratio in args.ratios):
+        parser.error(f"--ratios {' '.join(map(str, args.ratios))}: each must lie in (0, 1)")
 
     from fastmavil.train.metrics import device_peak_flops
 
@@ -188,35 +205,32 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     setting = args.dtype or ("bf16" if cuda else "fp32")
     dtype = torch.bfloat16 if setting == "amp" else DTYPES[setting]  # the matmuls' dtype
-    name = torch.cuda.get_device_name() if cuda else "cpu"
+    name = device_name(device)
     if not cuda:
         print("No CUDA device: timing the PyTorch references only (Triton kernels run "
                       "natively on GPUs; on a CPU only through the interpreter, for tests).")
     peak_flops, _ = device_peak_flops(device, dtype)
     peak_gbps = next((v for k, v in PEAK_GBPS if k.lower() in name.lower()), None)
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
+    triton_text = triton_version() or "none"
     head = commit()
     providers = ("triton", "torch") if cuda else ("torch",)
     args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"kernels-{name.replace(' ', '_')}.csv"
+    out = args.results / f"kernels-{file_slug(name) if cuda else 'cpu'}.csv"
     written, table, target = 0, [], []  # target: forward+backward speedups, wall and device
     # each row's device time kernel by kernel, this run's only (overwritten by the next)
-    parts_out = args.results / f"kernels-{name.replace(' ', '_')}-{setting}-breakdown.txt"
+    parts_out = args.results / f"kernels-{file_slug(name)}-{setting}-breakdown.txt"
     parts_text = [f"device ms per call and its kernels ({name}, torch {torch.__version__}, "
-                  f"triton {triton_version}, commit {head}, {setting})"]
+                  f"triton {triton_text}, commit {head}, {setting})"]
     for modality in args.modalities:
         for ratio in args.ratios:
-            for kernel, fused, reference, flops, nbytes in _cases(device, setting, modality,
-                                                                  ratio):
+            leaves, cases = _cases(device, setting, modality, ratio)
+            for kernel, fused, reference, flops, nbytes in cases:
                 shape = f"{modality} B={GEOMETRY[modality]['batch']} rho={ratio} {setting}"
                 for mode in ("forward", "backward", "forward+backward"):
                     timings, device_ms, measured = {}, {}, []
                     for provider in providers:
-                        fn = _timed_fn(fused if provider == "triton" else reference, mode)
+                        fn = _timed_fn(fused if provider == "triton" else reference, mode,
+                                       leaves)
                         timings[provider] = _time(fn, device, args.reps)
                         device_ms[provider], parts = gpu_time_ms(fn) if cuda else (None, [])
                         parts_text += [f"{kernel} {shape} {mode} {provider}: "
@@ -224,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"  {us:9.2f} us  {count:5.1f}x  {kernel_name[:110]}"
                             for kernel_name, us, count in parts]
                         measured.append([kernel, provider, mode, shape, *timings[provider], name,
-                                         torch.__version__, triton_version, head,
+                                         torch.__version__, triton_text, head,
                                          "" if device_ms[provider] is None
                                          else f"{device_ms[provider]:.4f}"])
                     # Kept as measured: a run cut short (a time limit) loses no finished row.

@@ -32,9 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -55,12 +52,11 @@ from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, pea
 from fastmavil.train.plan_report import spread, work_per_step
 from fastmavil.train.runtime import fast_path
 
-from ._report import (add_results_option, commit, device_name, kernel_rows, positive_int,
-                      print_table, time_by_category)
+from ._report import (ROOT, add_results_option, device_name, environment, file_slug, kernel_rows,
+                      positive_int, print_table, time_by_category, write_json)
 
 CONFIGS = ["configs/r1.toml", "configs/r2.toml", "configs/r3.toml", "configs/r4.toml",
            "configs/mavil.toml"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Trainer:
@@ -197,7 +193,8 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
                    attention=args.attention)
     work = work_per_step(cfg, forward_flops_per_sample(cfg, {ratio}), ratio, batch)
     flops = work["flops"]
-    record = {"config": path, "mask_ratio": ratio, "batch": batch, "flops_per_step": flops}
+    record = {"config": path, "mask_ratio": ratio, "batch": batch, "flops_per_step": flops,
+              "fast_runs_kernels": fast.model.fused}  # on a CPU: the references, SDPA, fused AdamW
     warmup_s = {}  # wall time of the warm-up steps, which compile (--compile) and autotune
     for name, trainer in (("reference", reference), ("fast", fast)):
         warmup_s[name] = (trainer.time(audio, video, ratio, args.warmup) * args.warmup / 1e3
@@ -216,7 +213,8 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
             # The other path's model and optimiser state sit on the device meanwhile.
             other = paths["fast" if name == "reference" else "reference"]
             idle = graph_pool_idle_bytes(paths[name])
-            if idle is None or memory.get(name, 0) is None:  # once unknown, unknown
+            # a CPU's peak is the process's whole life (it cannot be reset): not this path's
+            if device.type != "cuda" or idle is None or memory.get(name, 0) is None:
                 memory[name] = None
             else:
                 own = peak_memory_bytes(device) - resident_bytes(other, device) + idle
@@ -224,7 +222,8 @@ def _compare(path: str, cfg: Config, device: torch.device, args, peak, batch: in
     for name in times:
         ms = statistics.median(times[name])
         seconds = ms / 1e3
-        record[name] = {"step_ms": ms, "samples_per_s": batch / seconds,
+        record[name] = {"step_ms": ms, "step_ms_repeats": times[name],
+                        "samples_per_s": batch / seconds,
                         "tokens_per_s": work["tokens"] / seconds,
                         "tflops": tflops(flops, seconds), "mfu": mfu(flops, seconds, peak),
                         "peak_memory_gb": None if memory[name] is None else memory[name] / 2 ** 30,
@@ -361,14 +360,6 @@ def _view(run: dict) -> dict:
             "step_ms_spread": spread(step_ms), "flops_spread": spread(work)}
 
 
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
-
-
 def _plot(views: dict, out: Path) -> str:
     try:
         import matplotlib
@@ -453,9 +444,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="B0 (default 32 CUDA, 8 CPU)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="steps per timing (default 5 CUDA, 2 CPU)")
-    parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--clips", type=int, default=1_900_000,
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timings per path, interleaved; the median is reported, each "
+                             "kept in the record (step_ms_repeats)")
+    parser.add_argument("--warmup", type=positive_int, default=2,
+                        help="untimed steps per path and shape first (compiles, autotunes)")
+    parser.add_argument("--clips", type=positive_int, default=1_900_000,
                         help="dataset size for the projected epoch times (AS-2M)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the fast path's transformer blocks (regional torch.compile)")
@@ -470,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                              "Triton sequence kernels, kernels/attention.py)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay the fast path's whole step as a CUDA graph per shape (CUDA)")
-    parser.add_argument("--no-curriculum", action="store_true")
+    parser.add_argument("--no-curriculum", action="store_true",
+                        help="skip the curriculum views: the comparison alone")
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the reference-vs-fast comparison: curriculum views only")
     parser.add_argument("--compare-first", action="store_true",
@@ -486,8 +481,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="profile the fast path of the first config: where a step's time goes")
     add_results_option(parser)
     args = parser.parse_args(argv)
-    if args.warmup < 0:
-        parser.error(f"--warmup {args.warmup} must be >= 0")
     if args.no_compare and args.no_curriculum and not args.profile:
         parser.error("--no-compare with --no-curriculum leaves nothing to measure")
     if args.compile_mode != "default" and not args.compile:
@@ -506,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (5 if cuda else 2)
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if cuda else torch.float32)
     name = device_name(device)
-    slug = name.replace(" ", "_").replace("/", "_")
+    slug = file_slug(name)
     # variants get their own record, so a run of one never overwrites the default's
     variant = "".join(suffix for suffix, on in ((f"-b{args.batch}", args.batch != default_batch),
                                                 ("-compile", args.compile),
@@ -519,21 +512,16 @@ def main(argv: list[str] | None = None) -> int:
                                                 ("-first", args.compare_first),
                                                 ("-views", args.no_compare
                                                  and not args.no_curriculum)) if on)
-    head = commit()  # once: the records written below must not make the tree look modified
+    env = environment(device)
     args.results.mkdir(parents=True, exist_ok=True)
 
     def save(records: list, views: dict) -> Path:
         out = args.results / f"throughput-{slug}-{args.size}{variant}.json"
-        tmp = out.with_suffix(".tmp")  # then renamed: a kill mid-write leaves the last record
-        tmp.write_text(json.dumps({
-            "bench": "throughput", "device": name, "peak": peak_source, "size": args.size,
-            "batch": args.batch, "torch": torch.__version__, "triton": _triton_version(),
-            "python": platform.python_version(), "commit": head,
-            "kernels_env": kernels.kernels_enabled(True),
+        write_json(out, {
+            "bench": "throughput", **env, "peak": peak_source, "size": args.size,
+            "batch": args.batch, "kernels_env": kernels.kernels_enabled(True),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "configs": records,
-            "curriculum": views}, indent=2) + "\n")
-        os.replace(tmp, out)
+            "configs": records, "curriculum": views})
         return out
 
     try:
@@ -544,6 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in configs.values():
         cfg.train.adaptive_batch_rule = args.batch_rule or cfg.train.adaptive_batch_rule
         cfg.train.passes_per_step = args.passes or cfg.train.passes_per_step
+    # R3 and R4's schedules, and R1 (one shape), the baseline of R4's projected epoch time
+    # (paper Table 2), timed as R4 is: fast path alone at B0 (the comparison halves R1's batch
+    # where its reference path runs out of memory: it peaked at 98.9 GB at B = 32 on an H200)
+    viewed = {} if args.no_curriculum else {
+        path: cfg for path, cfg in configs.items()
+        if cfg.mask.schedule == "linear" or Path(path).stem == "r1"}
+    for path, cfg in viewed.items():  # a schedule the clips cannot fill: before any timing
+        try:
+            plan_epochs(cfg, args.clips)
+        except ConfigError as err:
+            parser.error(f"--clips {args.clips}, {path}: {err}")
     records = []  # saved after each config and view: a run cut short keeps what it measured
     compared = ({} if args.no_compare else
                 dict(list(configs.items())[:1]) if args.compare_first else configs)
@@ -562,12 +561,6 @@ def main(argv: list[str] | None = None) -> int:
         _print_comparison(records, f"Training step, {args.size} size, {name} "
                                    f"(peak: {peak_source})")
 
-    # R3 and R4's schedules, and R1 (one shape), the baseline of R4's projected epoch time
-    # (paper Table 2), timed as R4 is: fast path alone at B0 (the comparison halves R1's batch
-    # where its reference path runs out of memory: it peaked at 98.9 GB at B = 32 on an H200)
-    viewed = {} if args.no_curriculum else {
-        path: cfg for path, cfg in configs.items()
-        if cfg.mask.schedule == "linear" or Path(path).stem == "r1"}
     views = curriculum(viewed, device, args, lambda views: save(records, views)) if viewed else {}
     release_memory(device)
     for stem, view in views.items():

@@ -14,7 +14,8 @@ Step time, samples/s, MFU and GPU utilisation are the trainer's own log records 
 after the first, which holds the warm-up (Triton autotuning, graph capture, compilation); peak
 memory is the trainer's too. --kinds picks the kinds of variant to run (compiled, graphs, eager),
 --residual and --compile-mode pass train.residual_precision and train.compile_mode to every run.
-Writes bench/results/train-<device>-<size>[-autotune][-res16].json.
+Writes bench/results/train-<device>-<size>[-<options>].json: a suffix per option off its
+default (e.g. -b64-m32-compile-compiled-res16), so runs of other settings keep their records.
 """
 from __future__ import annotations
 
@@ -31,9 +32,8 @@ import torch
 
 from fastmavil.config import ConfigError, load_config
 
-from ._report import add_results_option, commit, device_name, positive_int, print_table
-
-ROOT = Path(__file__).resolve().parents[1]
+from ._report import (ROOT, add_results_option, device_name, environment, file_slug,
+                      positive_int, print_table, write_json)
 
 
 KINDS = ("compiled", "graphs", "eager")
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="model size (default: base on CUDA, small on a CPU)")
     parser.add_argument("--batch", type=positive_int, default=None,
                         help="B0 (default 32 CUDA, 8 CPU)")
-    parser.add_argument("--micro", type=int, default=8, help="samples per pass of the "
-                        "accumulating variants (r4.toml's 8)")
+    parser.add_argument("--micro", type=positive_int, default=8, help="samples per pass of "
+                        "the accumulating variants (r4.toml's 8)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="steps per run (default 40 CUDA, 6 CPU), logged every steps / 4")
     parser.add_argument("--compile", action="store_true",
@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     add_results_option(parser)
     args = parser.parse_args(argv)
+    config = Path(args.config)  # the runs start in the repository's root
+    config = str(config.resolve() if config.exists() else ROOT / config)
     try:  # here, rather than in each run's process
-        load_config(args.config)
+        load_config(config)
     except ConfigError as err:
         parser.error(str(err))
     cuda = torch.cuda.is_available()
@@ -141,11 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         parser.error(f"--kinds {' '.join(args.kinds)}: nothing to run here (compiled needs "
                      "--compile, compiled and graphs need CUDA)")
-    name = device_name(torch.device("cuda" if cuda else "cpu"))
+    device = torch.device("cuda" if cuda else "cpu")
+    name, env = device_name(device), environment(device)
     args.results.mkdir(parents=True, exist_ok=True)
-    suffix = ("-autotune" if args.compile_mode == "max-autotune" else "") + \
-        ("-res16" if args.residual == "bf16" else "")
-    out = args.results / f"train-{name.replace(' ', '_').replace('/', '_')}-{size}{suffix}.json"
+    stem = Path(config).stem
+    suffix = "".join(part for part, on in (
+        (f"-{stem}", stem != "r4"), (f"-b{b0}", args.batch is not None),
+        (f"-m{args.micro}", args.micro != 8), ("-compile", args.compile),
+        (f"-{'-'.join(args.kinds)}", tuple(args.kinds) != KINDS),
+        ("-autotune", args.compile_mode == "max-autotune"),
+        ("-res16", args.residual == "bf16")) if on)
+    out = args.results / f"train-{file_slug(name)}-{size}{suffix}.json"
     results, rows = {}, []
     with tempfile.TemporaryDirectory(prefix="bench-train-", dir=_run_space()) as tmp:
         for label, over in runs.items():
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                          "train.ckpt_every": str(10 * steps), "train.keep_checkpoints": "1",
                          "run.dir": tmp, "run.name": f"run{len(results)}", **over}
             try:
-                r = results[label] = summarise(run_trainer(args.config, overrides, Path(tmp),
+                r = results[label] = summarise(run_trainer(config, overrides, Path(tmp),
                                                            args.timeout))
                 rows.append([label, *(_cell(r[key], form) for key, form in (
                     ("step_ms", ".1f"), ("samples_per_s", ".1f"), ("mfu", ".1%"),
@@ -170,12 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append([label, "failed", "-", "-", "-", "-"])
             shutil.rmtree(Path(tmp) / overrides["run.name"], ignore_errors=True)  # its checkpoint
             # after each run: a stage cut short keeps what it measured
-            out.write_text(json.dumps({
-                "bench": "train", "config": args.config, "size": size, "batch": b0,
-                "residual": args.residual, "compile_mode": args.compile_mode,
-                "mask_ratio": 0.8, "steps": steps, "log_every": every, "device": name,
-                "torch": torch.__version__, "commit": commit(), "variants": results},
-                indent=2) + "\n")
+            write_json(out, {
+                "bench": "train", **env, "config": args.config, "size": size, "batch": b0,
+                "micro": args.micro, "residual": args.residual,
+                "compile_mode": args.compile_mode, "mask_ratio": 0.8, "steps": steps,
+                "log_every": every, "variants": results})
     print_table(f"fastmavil-train {Path(args.config).stem}, {size}, B0 = {b0}, rho 0.8, "
                 f"random clips, {name}: medians of the log intervals after the first",
                 ["variant", "step ms", "samples/s", "MFU", "GPU util %", "peak GB"], rows)

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import statistics
 import subprocess
 import tarfile
 import types
@@ -27,7 +28,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def results(tmp_path, monkeypatch):
     """The benches' default records folder, moved to a temporary one (--results' default)."""
     monkeypatch.setattr(bench._report, "RESULTS", tmp_path)
-    monkeypatch.setattr(bench.dataload, "RESULTS", tmp_path)
     return tmp_path
 
 
@@ -40,6 +40,15 @@ def test_throughput_writes_comparison_curriculum_and_profile(results):
     r4, r1 = record["configs"]
     assert r4["speedup"] > 0 and r4["fast"]["step_ms"] > 0 and r4["flops_per_step"] > 0
     assert r4["fast"]["warmup_s"] > 0 and r4["reference"]["warmup_s"] > 0
+    for path in ("fast", "reference"):  # each repeat kept; the figure is their median
+        assert len(r4[path]["step_ms_repeats"]) == 2
+        repeats = r4[path]["step_ms_repeats"]
+        assert r4[path]["step_ms"] == pytest.approx(statistics.median(repeats))
+        # a CPU's peak memory is the process's whole life: not reported as a path's
+        assert r4[path]["peak_memory_gb"] is None
+    assert r4["fast_runs_kernels"] is False  # no CUDA: the kernels' references
+    assert record["torch"] == torch.__version__ and record["python"] and record["commit"]
+    assert "triton" in record and "cuda" not in record  # a GPU's record adds CUDA's, driver's
     view = record["curriculum"]["r4"]
     assert view["shapes"] == len({(e["mask_ratio"], e["batch"]) for e in view["epochs"]}) > 1
     assert view["batch_rule"] == "flops" and view["passes_per_step"] == "fit"
@@ -58,6 +67,16 @@ def test_throughput_writes_comparison_curriculum_and_profile(results):
                                                    / baseline["mean_epoch_s"])
     (profile,) = results.glob("profile-*-r4-flops-fit.txt")
     assert "r4 fast path" in profile.read_text()
+
+
+@pytest.mark.parametrize("mode", ["backward", "forward+backward"])
+def test_kernels_times_each_backward_from_cleared_gradients(mode):
+    """No call adds into the last call's .grad (an add per leaf both providers paid)."""
+    w = torch.randn(3, requires_grad=True)
+    fn = bench.kernels._timed_fn(lambda: (w * 2).sum(), mode, [w])
+    fn()
+    fn()
+    assert torch.equal(w.grad, torch.full((3,), 2.0))
 
 
 def test_dataload_writes_the_resume_timing_beside_the_plain_record(results, tmp_path):
@@ -266,7 +285,7 @@ def test_throughput_views_alone_timed_round_robin_and_saved_after_each_repeat(re
     monkeypatch.setattr(type(results), "write_text", record_write)
     monkeypatch.setattr(bench.throughput.Trainer, "time", time)
     assert bench.throughput.main(["configs/r1.toml", "configs/r4.toml", "--size", "tiny",
-                                  "--steps", "1", "--repeats", "2", "--warmup", "0",
+                                  "--steps", "1", "--repeats", "2", "--warmup", "1",
                                   "--no-compare"]) == 0
     # its own file, not the default record's; no comparison; both views after every repeat
     (name,) = {name for name, _ in saved}
@@ -285,7 +304,7 @@ def test_throughput_views_alone_timed_round_robin_and_saved_after_each_repeat(re
     # a B0 other than the default names its own record
     saved.clear()
     assert bench.throughput.main(["configs/r4.toml", "--size", "tiny", "--steps", "1",
-                                  "--repeats", "1", "--warmup", "0", "--no-compare",
+                                  "--repeats", "1", "--warmup", "1", "--no-compare",
                                   "--batch", "4"]) == 0
     assert {name for name, _ in saved} == {name.replace("-tiny-", "-tiny-b4-")}
 
@@ -299,7 +318,7 @@ def test_throughput_sets_the_fast_paths_attention_backend(results, monkeypatch):
     monkeypatch.setattr(bench.throughput, "set_attention_backend",
                         lambda model, name: backends.append(name) or real(model, name))
     assert bench.throughput.main(["configs/r4.toml", "--size", "tiny", "--steps", "1",
-                                  "--repeats", "1", "--warmup", "0", "--no-curriculum",
+                                  "--repeats", "1", "--warmup", "1", "--no-curriculum",
                                   "--attention", "triton"]) == 0
     assert backends == ["math", "triton"]
     (path,) = results.glob("throughput-*-tiny-triton.json")
@@ -309,7 +328,7 @@ def test_throughput_sets_the_fast_paths_attention_backend(results, monkeypatch):
 def test_throughput_writes_to_the_results_folder_given(results, tmp_path):
     elsewhere = tmp_path / "quick" / "check"
     assert bench.throughput.main(["configs/r4.toml", "--size", "tiny", "--steps", "1",
-                                  "--repeats", "1", "--warmup", "0", "--no-curriculum",
+                                  "--repeats", "1", "--warmup", "1", "--no-curriculum",
                                   "--results", str(elsewhere)]) == 0
     (path,) = elsewhere.glob("throughput-*-tiny.json")
     assert json.loads(path.read_text())["args"]["results"] == str(elsewhere)
@@ -322,7 +341,9 @@ def test_throughput_writes_to_the_results_folder_given(results, tmp_path):
      "run this config with fastmavil-finetune"),
     (bench.throughput, ["--repeats", "0"], "argument --repeats: '0' is not an integer >= 1"),
     (bench.throughput, ["--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
-    (bench.throughput, ["--warmup", "-1"], "--warmup -1 must be >= 0"),
+    (bench.throughput, ["--warmup", "0"], "--warmup: '0' is not an integer >= 1"),
+    (bench.throughput, ["configs/r4.toml", "--size", "tiny", "--clips", "100"],
+     "--clips 100, configs/r4.toml: "),
     (bench.attention, ["configs/nope.toml"], "no such config file"),
     (bench.attention, ["--batch", "0"], "argument --batch: '0' is not an integer >= 1"),
     (bench.train, ["configs/nope.toml"], "no such config file"),
@@ -376,7 +397,7 @@ def test_train_runs_the_trainer_per_variant_and_records_its_metrics(results):
     passes of 2, each run in its own process on random clips."""
     assert bench.train.main(["--size", "tiny", "--batch", "4", "--micro", "2",
                              "--steps", "4"]) == 0
-    (path,) = results.glob("train-*-tiny.json")
+    (path,) = results.glob("train-*-tiny-b4-m2.json")  # options off their defaults named
     record = json.loads(path.read_text())
     assert set(record["variants"]) == {"eager, 1 pass of 4", "eager, 2 passes of 2"}
     for r in record["variants"].values():
