@@ -189,8 +189,9 @@ class DataConfig:
     video_mean: tuple[float, float, float] = (0.45, 0.45, 0.45)   # MAE-ST; ImageNet also fine
     video_std: tuple[float, float, float] = (0.225, 0.225, 0.225)
     seed: int = 0
-    # When > 0 and `shards` (a folder named `train`) holds no dataset yet, fastmavil-train
-    # first generates this many synthetic clips there (fastmavil-synth), for demos.
+    # When > 0 and `shards` (a folder named `train`) holds no dataset of this many synthetic
+    # clips from `seed` yet, fastmavil-train first generates them there (fastmavil-synth, for
+    # demos; a rerun keeps the shards that already match).
     synth_clips: int = 0
     # When > 0, train on this many random clips per epoch held in memory instead of `shards`
     # (fastmavil.data.random_clips): the trainer's speed without a dataset or a decoder.

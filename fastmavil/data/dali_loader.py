@@ -40,7 +40,7 @@ import itertools
 import logging
 import math
 import threading
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -95,7 +95,8 @@ def dali_device(device: str) -> str:
     if device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if device == "gpu" and not torch.cuda.is_available():
-        raise ValueError("data.dali_device = 'gpu' needs CUDA; use 'cpu' (VP9 or MJPEG video)")
+        raise ValueError("data.dali_device = 'gpu' needs CUDA; use 'cpu' (VP8, VP9 or MJPEG "
+                         "video)")
     return device
 
 
@@ -315,7 +316,7 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[dict]:
         dali, fn, types, feed_ndarray = _dali()
-        skipped_before, read = sum(self.dataset.skipped.values()), [0]  # read: _plans counts
+        skipped_before, read = Counter(self.dataset.skipped), [0]  # read: _plans counts
         spec, plans, lock = self.spec, self._plans(read), threading.Lock()
         queued: deque[list[ClipPlan]] = deque()  # the batches fed to DALI, not yet returned
         unsupported = []

@@ -85,7 +85,7 @@ def loader_spec(cfg, train: bool = True) -> LoaderSpec:
 
 class ShardDataset(IterableDataset):
     """`keep`, when given, selects clips by their json (fine-tuning's split and fold filters):
-    the others are passed over unread, and the counts that deal clips to workers and plan
+    the others are passed over undecoded, and the counts that deal clips to workers and plan
     resumes are of the kept clips (one pass over the shards' json members finds them)."""
 
     def __init__(self, source: str | Path, spec: LoaderSpec, rank: int = 0, world_size: int = 1,
@@ -213,7 +213,7 @@ class ShardDataset(IterableDataset):
                            clips=1 if missing is None else missing)
 
     def __iter__(self) -> Iterator[dict]:
-        skipped_before, read = sum(self.skipped.values()), 0
+        skipped_before, read = Counter(self.skipped), 0
         for clip, rng in self.drawn():
             read += 1
             sample = self._decoded(clip, rng)
@@ -221,15 +221,16 @@ class ShardDataset(IterableDataset):
                 yield sample
         self.log_skips(skipped_before, read)
 
-    def log_skips(self, skipped_before: int, read: int) -> None:
-        """At a pass's end: the clips it read and, when any were skipped since the count was
-        `skipped_before`, how many and why (one line per consumer)."""
-        skipped = sum(self.skipped.values()) - skipped_before
+    def log_skips(self, skipped_before: Counter, read: int) -> None:
+        """At a pass's end: the clips it read and, when any were skipped since the counts were
+        `skipped_before` (a copy of `skipped` at the pass's start), how many and why: this
+        pass's alone, where the counts go on over a process's passes (one line per consumer)."""
+        skipped = self.skipped - skipped_before
         if skipped:
             consumer, consumers, _ = self._consumer()
             log.warning("loader consumer %d/%d: %d clips read, %d skipped (%s)", consumer,
-                        consumers, read, skipped,
-                        ", ".join(f"{r}: {c}" for r, c in self.skipped.items()))
+                        consumers, read, skipped.total(),
+                        ", ".join(f"{r}: {c}" for r, c in skipped.items()))
 
     def drawn(self) -> Iterator[tuple[Clip, np.random.Generator]]:
         """This consumer's clips for the epoch in the order they are sampled, each with its
@@ -321,7 +322,7 @@ class ShardDataset(IterableDataset):
                                              at=sample_times(start, span, spec.video_frames))
                     window = (start, span)
                 except MediaError:  # window past the real end (wrong duration): decode it all
-                    pass
+                    pass  # (a damaged file fails again there, and is skipped)
             if frames is None:  # no or a wrong duration: sample over the whole clip
                 frames, times = decode_video(data)
                 frames = frames[pick_frames(sample_times(0.0, shown_until(times),
@@ -350,6 +351,8 @@ def clip_meta(clip: Clip) -> dict:
         meta = json.loads(clip.members["json"])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SkipClip(f"corrupt json: {err}") from None
+    if not isinstance(meta, dict):
+        raise SkipClip(f"corrupt json: a {type(meta).__name__}, not an object")
     if "flac" not in clip.members:
         raise SkipClip("missing audio")
     return meta

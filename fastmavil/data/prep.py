@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = write_shards(args.out, items, make, describe, labels,
                              args.clips_per_shard, args.workers, title="prep",
-                             prep={"src": text(args.src), **asdict(options)})
+                             # SRC as a path: "videos/" and "videos" write the same shards
+                             prep={"src": text(str(Path(args.src))), **asdict(options)})
     except KeyboardInterrupt:
         return interrupted("fastmavil-prep")
     out = Path(args.out)

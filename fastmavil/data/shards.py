@@ -6,7 +6,9 @@ a group of consecutive tar members sharing a key: `KEY.webm` (VP9) or `KEY.mp4` 
 tarfile and DALI's webdataset reader both read it.
 
 Shards are written under a temporary name and renamed when complete, so a shard file that
-exists is whole: tools that write shards resume by skipping the ones already there.
+exists is whole: tools that write shards resume by keeping the ones already there whose
+sidecar (`shard-NNNNNN.meta.json`) says they hold the same items written the same way
+(fastmavil.data.writer).
 """
 from __future__ import annotations
 
@@ -171,7 +173,9 @@ def shard_paths(source: str | Path) -> list[Path]:
 
 
 def shard_clips(source: str | Path) -> dict[Path, int]:
-    """Clips per shard: from the dataset's index, else by scanning the shards' tar headers."""
+    """Clips per shard: from the dataset's index, else by scanning the shards' tar headers as
+    read_shard reads them (past a damaged header, grouping consecutive members by key), so
+    that the plan counts what the loader reads."""
     source = Path(source)
     if source.is_dir() and (source / INDEX).exists():
         shards = read_index(source)["shards"]
@@ -180,8 +184,7 @@ def shard_clips(source: str | Path) -> dict[Path, int]:
     counts = {}
     for path in shard_paths(source):
         try:
-            with tarfile.open(path, "r:", errors="surrogateescape") as tar:
-                counts[path] = len({split_key(info.name)[0] for info in tar if info.isfile()})
+            counts[path] = sum(1 for _ in read_shard(path, only=()))
         except tarfile.TarError as err:  # named: a dataset folder holds many shards
             raise tarfile.TarError(f"{path.name}: {err}") from err
     return counts

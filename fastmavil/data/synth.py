@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .media import SAMPLE_RATE, VIDEO_CODECS, encode_flac, encode_video
+from .shards import read_index
 from .writer import interrupted, write_shards
 
 SOUNDS = ("tone", "chord", "chirp_up", "chirp_down", "noise_band", "clicks", "tremolo",
@@ -188,12 +189,24 @@ def _describe(index: int) -> str:
     return f"synthetic clip {index}"
 
 
-def synthesized(out: str | Path, clips: int, heldout: float = 0.2) -> bool:
-    """Whether OUT holds a finished synthetic dataset of `clips` clips: the index.json,
-    written last, of each split synthesize writes (an interrupted run leaves a split without
-    one; a rerun of synthesize finishes it)."""
-    return all((Path(out) / split / "index.json").exists()
-               for split, items in split_items(clips, heldout).items() if items)
+def synthesized(out: str | Path, clips: int, heldout: float = 0.2,
+                spec: SynthSpec = SynthSpec()) -> bool:
+    """Whether OUT holds the finished synthetic dataset synthesize(out, clips, heldout, spec=spec)
+    writes: each split's index.json (written last: an interrupted run leaves a split without
+    one) counts the split's clips, made from `spec`. Another count or spec (a demo rerun with
+    --data.synth_clips or --data.seed changed) is not it; a rerun of synthesize rewrites what
+    differs and finishes the rest."""
+    for split, items in split_items(clips, heldout).items():
+        if not items:
+            continue
+        try:
+            index = read_index(Path(out) / split)
+        except (FileNotFoundError, ValueError):
+            return False
+        if index["clips"] + index.get("failed", 0) != len(items) or \
+                index.get("synth") != asdict(spec):
+            return False
+    return True
 
 
 def split_items(clips: int, heldout: float = 0.2) -> dict[str, range]:

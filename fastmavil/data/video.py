@@ -11,9 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-KINETICS_MEAN, KINETICS_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)  # MAE-ST
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 def window_start(duration: float, window: float, train: bool, rng: np.random.Generator) -> float:
     """Start of the sampled window: uniform over the clip in training, centred otherwise."""

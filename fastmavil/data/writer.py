@@ -37,6 +37,29 @@ def _meta_path(shard: Path) -> Path:
     return shard.with_name(shard.name.replace(".tar", ".meta.json"))
 
 
+def _write_meta(shard: Path, meta: dict) -> None:
+    """The shard's sidecar, written whole or not at all (a crash mid-write leaves the last)."""
+    partial = _meta_path(shard).with_suffix(".tmp")
+    partial.write_text(json.dumps(meta))
+    os.replace(partial, _meta_path(shard))
+
+
+def _finished_meta(shard: Path) -> dict | None:
+    """The sidecar of a shard an earlier run finished, or None: no shard, no sidecar, or one
+    that does not read (said, and the shard is then written again)."""
+    if not (shard.exists() and _meta_path(shard).exists()):
+        return None
+    try:
+        meta = json.loads(_meta_path(shard).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"a {type(meta).__name__}, not an object")
+        return meta
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        print(f"{_meta_path(shard)}: does not read ({err}); writing its shard again",
+              file=sys.stderr)
+        return None
+
+
 def _fingerprint(group: Sequence, options: dict) -> str:
     """What a shard is made of: its items and the options they are written with."""
     text = json.dumps({"items": [repr(item) for item in group], "options": options},
@@ -176,8 +199,8 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
             for number, group in enumerate(groups):
                 path = out / shard_name(number)
                 fingerprint = _fingerprint(group, index_extra)
-                if path.exists() and _meta_path(path).exists():  # finished by an earlier run
-                    meta = json.loads(_meta_path(path).read_text())
+                meta = _finished_meta(path)
+                if meta is not None:  # finished by an earlier run
                     # shards from before fingerprints carry none: taken as they are
                     if meta.get("fingerprint", fingerprint) == fingerprint:
                         shards.append(meta)
@@ -200,9 +223,9 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
                     meta = {"name": path.name, "clips": writer.clips, "failures": failures,
                             "fingerprint": fingerprint}
                     # sidecar first: the tar's rename on close is what marks the shard finished
-                    _meta_path(path).write_text(json.dumps(meta))
+                    _write_meta(path, meta)
                 meta["bytes"] = path.stat().st_size
-                _meta_path(path).write_text(json.dumps(meta))
+                _write_meta(path, meta)
                 shards.append(meta)
             if kept:
                 progress.console.print(f"{out}: kept {kept} of the {len(groups)} shards, which "

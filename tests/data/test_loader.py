@@ -13,7 +13,7 @@ import torch
 from fastmavil.data.loader import (LoaderSpec, ShardDataset, build_loader, loader_spec,
                                    round_robin)
 from fastmavil.data.media import encode_flac, encode_video
-from fastmavil.data.shards import ShardWriter, read_shard
+from fastmavil.data.shards import ShardWriter, read_shard, shard_clips
 from fastmavil.data.video import pick_frames, sample_times, shown_until
 from fastmavil.data.synth import SynthSpec, make_clip
 
@@ -50,12 +50,14 @@ def test_bad_clips_are_repaired_or_skipped_and_counted(bad_shard, caplog):
 def test_an_unforeseen_error_in_one_clip_skips_it(tmp_path, caplog):
     _, ok = good(0)
     raw_tar(tmp_path / "shard-000000.tar", [
+        ("odd.webm", ok["webm"]), ("odd.flac", ok["flac"]), ("odd.json", b'{"duration": "x"}'),
         ("list.webm", ok["webm"]), ("list.flac", ok["flac"]), ("list.json", b"[1, 2]"),
         ("fine.webm", ok["webm"]), ("fine.flac", ok["flac"]), ("fine.json", b"{}")])
     dataset = ShardDataset(tmp_path, LoaderSpec(**{**SPEC.__dict__, "train": False}))
     assert [s["key"] for s in dataset] == ["fine"]
-    assert dict(dataset.skipped) == {"decode error": 1}
-    assert "skipping shard-000000.tar/list: decode error: AttributeError" in caplog.text
+    assert dict(dataset.skipped) == {"decode error": 1, "corrupt json": 1}
+    assert "skipping shard-000000.tar/odd: decode error: ValueError" in caplog.text
+    assert "skipping shard-000000.tar/list: corrupt json: a list, not an object" in caplog.text
 
 
 def test_truncated_shard_yields_the_clips_before_the_damage(tmp_path, caplog):
@@ -90,11 +92,34 @@ def test_a_damaged_tar_header_loses_no_silent_clips(tmp_path, caplog, damage):
     if damage == "header":  # one member of clip 2 lost: it is skipped, every other clip read
         assert keys == [f"synth00000{i}" for i in (0, 1, 3, 4, 5)]
         assert sum(dataset.skipped.values()) == 1
+        # a folder without an index is counted as it is read: past the bad header
+        (tmp_path / "index.json").unlink()
+        assert shard_clips(tmp_path) == {path: 6}
     else:
         assert keys == ["synth000000", "synth000001"]
         assert dict(dataset.skipped) == {"damaged shard": 4}
         assert "skipping shard-000000.tar/*: damaged shard: 4 of its 6 clips not read" in \
             caplog.text
+
+
+def test_each_pass_reports_its_own_skips(tmp_path, caplog):
+    """In one process (no loader workers, or DALI) the skip counts go on over the passes; each
+    pass's warning gives that pass's count and reasons."""
+    _, ok = good(0)
+    raw_tar(tmp_path / "shard-000000.tar", [
+        ("list.webm", ok["webm"]), ("list.flac", ok["flac"]), ("list.json", b"[1]"),
+        ("fine.webm", ok["webm"]), ("fine.flac", ok["flac"]), ("fine.json", b"{}")])
+    dataset = ShardDataset(tmp_path, LoaderSpec(**{**SPEC.__dict__, "train": False}))
+    list(dataset)
+    caplog.clear()
+    (tmp_path / "shard-000000.tar").unlink()
+    raw_tar(tmp_path / "shard-000000.tar", [
+        ("bare.webm", ok["webm"]), ("bare.flac", ok["flac"]),
+        ("fine.webm", ok["webm"]), ("fine.flac", ok["flac"]), ("fine.json", b"{}")])
+    with caplog.at_level("WARNING", logger="fastmavil.data"):
+        list(dataset)
+    assert "2 clips read, 1 skipped (missing json: 1)" in caplog.text
+    assert dict(dataset.skipped) == {"corrupt json": 1, "missing json": 1}
 
 
 def test_audio_segment_holds_the_video_window():

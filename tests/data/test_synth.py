@@ -82,6 +82,22 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, args, message):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_sidecar_that_does_not_read_has_its_shard_written_again(tmp_path, capsys):
+    """A crash mid-write of a shard's .meta.json, or a damaged one: named, and the shard is
+    written again, rather than every rerun stopping at a JSON error."""
+    out = tmp_path / "synth"
+    args = ["--out", str(out), "--clips", "4", "--heldout", "0", "--seconds", "1", "--size",
+            "32", "--clips-per-shard", "2", "--workers", "1"]
+    assert main(args) == 0
+    sidecar = out / "train" / "shard-000001.meta.json"
+    sidecar.write_text('{"name": "shard-0')
+    capsys.readouterr()
+    assert main(args) == 0
+    assert f"{sidecar}: does not read" in capsys.readouterr().err
+    assert json.loads(sidecar.read_text())["clips"] == 2
+    assert read_index(out / "train")["clips"] == 4
+
+
 def test_a_rerun_with_other_clips_rewrites_the_shards_it_changes(tmp_path, capsys):
     """Shards are reused only for the same items and options: 20 then 40 clips into one folder
     (another train/heldout split) must not mix the two runs' shards."""
@@ -116,7 +132,23 @@ def test_prepare_data_finishes_an_interrupted_first_use(tmp_path):
     assert read_index(root / "heldout")["clips"] == 1
     # too few clips for a held-out one: the training split alone is the whole dataset
     assert synthesize(tmp_path / "two", clips=2, spec=SPEC).keys() == {"train"}
-    assert synthesized(tmp_path / "two", 2)
+    assert synthesized(tmp_path / "two", 2, spec=SPEC)
+
+
+def test_prepare_data_makes_the_demo_data_again_for_another_count_or_seed(tmp_path):
+    """A demo folder made for 5 clips is not the dataset of 6, nor of another data.seed: it is
+    rewritten (the shards that still match are kept), not trained on as it is."""
+    from fastmavil.config import load_config
+    from fastmavil.train.runtime import prepare_data
+    root = tmp_path / "demo"
+    config = {"data.shards": str(root / "train"), "data.synth_clips": "5"}
+    prepare_data(load_config(ROOT / "configs" / "demo.toml", config))
+    assert synthesized(root, 5) and not synthesized(root, 6)
+    assert not synthesized(root, 5, spec=SynthSpec(seed=1))
+    prepare_data(load_config(ROOT / "configs" / "demo.toml", {**config, "data.synth_clips": "6"}))
+    assert synthesized(root, 6) and read_index(root / "train")["clips"] == 5  # 1 held out
+    prepare_data(load_config(ROOT / "configs" / "demo.toml", {**config, "data.seed": "1"}))
+    assert synthesized(root, 5, spec=SynthSpec(seed=1))
 
 
 def test_ctrl_c_ends_the_cli_in_one_line(tmp_path, capsys, monkeypatch):
