@@ -190,7 +190,7 @@ class DataConfig:
     video_std: tuple[float, float, float] = (0.225, 0.225, 0.225)
     seed: int = 0
     # When > 0 and `shards` (a folder named `train`) holds no dataset of this many synthetic
-    # clips from `seed` yet, fastmavil-train first generates them there (fastmavil-synth, for
+    # clips yet, fastmavil-train first generates them there, from `seed` (fastmavil-synth, for
     # demos; a rerun keeps the shards that already match).
     synth_clips: int = 0
     # When > 0, train on this many random clips per epoch held in memory instead of `shards`

@@ -56,12 +56,12 @@ def prepare_data(cfg: Config) -> Path:
     source = Path(d.shards)
     if d.synth_clips:
         from ..data.synth import SynthSpec, synthesize, synthesized
-        spec = SynthSpec(seed=d.seed)
-        # first use, an interrupted one, or another data.synth_clips or data.seed
-        if not synthesized(source.parent, d.synth_clips, spec=spec):
-            log.info("generating %d synthetic clips under %s (data.synth_clips, data.seed %d)",
-                     d.synth_clips, source.parent, d.seed)
-            synthesize(source.parent, clips=d.synth_clips, spec=spec)
+        # first use, an interrupted one, or another data.synth_clips (not another data.seed,
+        # which also seeds the loader: runs of other seeds share the demo's clips)
+        if not synthesized(source.parent, d.synth_clips):
+            log.info("generating %d synthetic clips under %s (data.synth_clips)", d.synth_clips,
+                     source.parent)
+            synthesize(source.parent, clips=d.synth_clips, spec=SynthSpec(seed=d.seed))
     if not source.exists():
         raise ConfigError(f"data.shards = {d.shards!r} does not exist")
     return source
