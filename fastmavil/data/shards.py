@@ -184,6 +184,8 @@ def shard_clips(source: str | Path) -> dict[Path, int]:
     counts = {}
     for path in shard_paths(source):
         try:
+            # a file whose first header does not read is no tar (read_shard would skip it all)
+            tarfile.open(path, "r:").close()
             counts[path] = sum(1 for _ in read_shard(path, only=()))
         except tarfile.TarError as err:  # named: a dataset folder holds many shards
             raise tarfile.TarError(f"{path.name}: {err}") from err
