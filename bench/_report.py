@@ -24,6 +24,13 @@ def add_results_option(parser) -> None:
                              "committed records are; give another for a quick check)")
 
 
+def config_path(text: str) -> Path:
+    """A config named on the command line: the path as given where it exists, else under the
+    repository's root (`configs/r4.toml` from anywhere)."""
+    path = Path(text)
+    return path if path.exists() else ROOT / path
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
     try:

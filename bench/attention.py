@@ -36,8 +36,9 @@ import kernels
 from fastmavil.config import ConfigError, load_config
 from fastmavil.models import build_model
 
-from ._report import (ROOT, add_results_option, device_name, environment, file_slug,
-                      gpu_time_ms, positive_int, print_table, wall_times_ms, write_json)
+from ._report import (add_results_option, config_path, device_name, environment,
+                      file_slug, gpu_time_ms, positive_int, print_table, wall_times_ms,
+                      write_json)
 
 BACKENDS = ("sdpa", "math")
 # SDPA restricted to one of its kernels (CUDA): "sdpa:<name>" runs under sdpa_kernel(<kernel>)
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 *(("window", "sdpa-packed", "triton") if cuda else ()))
     path = Path(args.config)
     try:
-        cfg = load_config(path if path.exists() else ROOT / path, {"model.size": size})
+        cfg = load_config(config_path(args.config), {"model.size": size})
     except ConfigError as err:
         parser.error(str(err))
     sites = call_sites(cfg, device, batch)

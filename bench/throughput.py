@@ -52,8 +52,8 @@ from fastmavil.train.metrics import (GpuUtilization, device_peak_flops, mfu, pea
 from fastmavil.train.plan_report import spread, work_per_step
 from fastmavil.train.runtime import fast_path
 
-from ._report import (ROOT, add_results_option, device_name, environment, file_slug, kernel_rows,
-                      positive_int, print_table, time_by_category, write_json)
+from ._report import (add_results_option, config_path, device_name, environment, file_slug,
+                      kernel_rows, positive_int, print_table, time_by_category, write_json)
 
 CONFIGS = ["configs/r1.toml", "configs/r2.toml", "configs/r3.toml", "configs/r4.toml",
            "configs/mavil.toml"]
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     try:
-        configs = {path: load_config(ROOT / path if not Path(path).exists() else path,
+        configs = {path: load_config(config_path(path),
                                      {"model.size": args.size}) for path in args.configs}
     except ConfigError as err:
         parser.error(str(err))

@@ -32,7 +32,7 @@ import torch
 
 from fastmavil.config import ConfigError, load_config
 
-from ._report import (ROOT, add_results_option, device_name, environment, file_slug,
+from ._report import (ROOT, add_results_option, config_path, device_name, environment, file_slug,
                       positive_int, print_table, write_json)
 
 
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     add_results_option(parser)
     args = parser.parse_args(argv)
-    config = Path(args.config)  # the runs start in the repository's root
-    config = str(config.resolve() if config.exists() else ROOT / config)
+    config = str(config_path(args.config).resolve())  # the runs start in the repository root
     try:  # here, rather than in each run's process
         load_config(config)
     except ConfigError as err:
