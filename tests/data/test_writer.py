@@ -67,12 +67,17 @@ def _sigint_handler(item: int):
 def test_workers_leave_ctrl_c_to_the_parent(tmp_path, deadline):
     """The terminal sends Ctrl-C to the whole process group: the workers ignore it (each
     would print a KeyboardInterrupt traceback), the parent stops and ends them."""
-    write_shards(tmp_path, list(range(4)), _sigint_handler, str, [], clips_per_shard=4,
-                 workers=2)
+    # Python's handler, as under a terminal (a shell's background job starts with it ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        write_shards(tmp_path, list(range(4)), _sigint_handler, str, [], clips_per_shard=4,
+                     workers=2)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's
+    finally:
+        signal.signal(signal.SIGINT, before)
     handlers = {json.loads(clip.members["json"])["handler"]
                 for clip in read_shard(tmp_path / "shard-000000.tar")}
     assert handlers == {str(signal.SIG_IGN)}
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's, back
 
 
 def _slow(item: int):
