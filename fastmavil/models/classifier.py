@@ -100,7 +100,7 @@ def read_pretrained(path: str | Path) -> tuple[Path, dict]:
     from ..train.checkpoint import load_latest
     path = Path(path)
     if path.is_dir():
-        found = load_latest(path)
+        found = load_latest(path, owner=False)  # its run may still be training
         if found is None:
             raise ConfigError(f"finetune.checkpoint = '{path}': no checkpoint in "
                               f"{path / 'checkpoints'} (has its pre-training run started?)")

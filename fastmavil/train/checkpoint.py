@@ -71,6 +71,10 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     """Writes checkpoints/step-<8-digit step>.pt atomically and deletes all but the newest `keep`."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    # a crash's partial files: removed by the saver alone, which holds the run's lock (a
+    # reader, fine-tuning from a run still training, would remove the one being written)
+    for partial in folder.glob("*.tmp"):
+        partial.unlink(missing_ok=True)
     path = folder / checkpoint_name(step)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -78,18 +82,18 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException as err:  # a full disk, or a stop mid-write: no partial file is left
         tmp.unlink(missing_ok=True)
         if isinstance(err, (OSError, RuntimeError)):  # torch's zip writer raises RuntimeError
             raise CheckpointError(f"{path} could not be written ({type(err).__name__}: {err}); "
                                   "the checkpoints before it are intact") from None
         raise
-    os.replace(tmp, path)
-    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -115,17 +119,18 @@ def save_run_checkpoint(world, run_dir: Path, step: int, streams: dict, state, k
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; leftover `.tmp` files from a crash are removed."""
+    """Complete checkpoints, oldest first (a `.tmp` is one being written, or a crash's)."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    for tmp in folder.glob("*.tmp"):
-        tmp.unlink(missing_ok=True)
     return sorted(p for p in folder.iterdir() if NAME.match(p.name))
 
 
-def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads, or None when the run has none."""
+def load_latest(run_dir: Path, owner: bool = True) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, or None when the run has none. The `owner`, the trainer
+    holding the run's lock, sets a damaged one aside (renamed *.bad) before trying the one
+    before; a reader (fine-tuning from the run, which may still be training) only passes over
+    it, changing nothing."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, torch.load(path, map_location="cpu", weights_only=False)
@@ -142,11 +147,15 @@ def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
                 raise CheckpointError(f"{path} does not fit in memory now ({err}); left as it "
                                       "is: resume where more memory is free") from None
             damage = err
+        if not owner:
+            log.warning("checkpoint %s does not load (%s: %s); trying an older one", path,
+                        type(damage).__name__, damage)
+            continue
         bad = path.with_name(path.name + ".bad")  # set aside, fall back to the one before
         path.rename(bad)
         log.warning("checkpoint %s does not load (%s: %s); moved to %s, trying an older one",
                     path, type(damage).__name__, damage, bad.name)
-    if any(checkpoint_dir(run_dir).glob("*.bad")):
+    if owner and any(checkpoint_dir(run_dir).glob("*.bad")):
         raise CheckpointError(f"{checkpoint_dir(run_dir)} holds checkpoints but none loads (see "
                               "the *.bad files); not restarting from step 0 over them")
     return None
@@ -166,6 +175,22 @@ class RunLocked(RuntimeError):
     """Another process trains in this run directory."""
 
 
+# The run locks this process holds, by file descriptor. A flock belongs to the open file, which
+# a forked child (a DataLoader worker) shares: children close their copies at once, so that the
+# lock goes with the trainer when it dies, not with workers that outlive it by seconds.
+_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _LOCK_FDS:  # closed, not unlocked: unlocking would release the parent's lock
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """Holds an exclusive lock on run_dir/.lock while a trainer runs there: a second trainer in
@@ -183,9 +208,11 @@ def run_lock(run_dir: Path):
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
+        _LOCK_FDS.add(f.fileno())
         try:
             yield
         finally:
+            _LOCK_FDS.discard(f.fileno())
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -414,10 +414,12 @@ class _Run:
             self.trained_steps += 1
             self.timer.step_done()
             progress.advance(task)
-            if self.step % t.log_every == 0:
+            due_checkpoint = self.checkpoint_clock.due(self.step)
+            # a checkpoint closes the log interval: a resume from it loses no step's record
+            if self.step % t.log_every == 0 or due_checkpoint:
                 self.log(plan, lr, losses, writer, progress, task)
                 losses = []
-            if self.checkpoint_clock.due(self.step):
+            if due_checkpoint:
                 with self.timer.left_out(device_sync(self.device)):
                     self.checkpoint()
         if losses:  # the epoch's last steps

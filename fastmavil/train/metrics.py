@@ -289,8 +289,8 @@ class MetricsWriter:
     TensorBoard scalars `train/<key>` at the record's step under `run_dir/tensorboard`.
 
     The file is opened for appending, so a resumed run continues it (from `start_step`: records
-    past it are dropped first), and flushed after every record, so a crash loses nothing
-    written. Records are flat dicts; NaN and infinities are written as null. Tensor values are
+    past it are dropped first), and synced to disk after every record (one per log interval),
+    so a crash, even of the machine, loses nothing written. Records are flat dicts; NaN and infinities are written as null. Tensor values are
     read with .item(), a host sync on CUDA, so write at log intervals. `tensorboard`: None uses
     it if the package is installed, True requires it, False turns it off.
     """
@@ -326,6 +326,7 @@ class MetricsWriter:
         record = {key: _json_value(value) for key, value in record.items()}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        os.fsync(self._file.fileno())
         if self._tb is not None:
             for key, value in record.items():
                 numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -373,7 +374,10 @@ def _drop_records_after(path: Path, step: int) -> None:
             continue
     if len(kept) < len(lines) or not text.endswith("\n"):  # the next record needs a new line
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: never an empty file after it
         os.replace(tmp, path)
 
 

@@ -423,11 +423,10 @@ class _Run:
         self.streak.update(finite)
         self.interval.add(finite, work, {"loss": loss, **terms, "grad_norm": grad_norm})
         self.timer.step_done()  # the optimizer step's time is compute, not data wait
-        due_log = self.step % t.log_every == 0 or self.step == self.total_steps
         due_checkpoint = self.checkpoint_clock.due(self.step)
-        if due_log or due_checkpoint:
+        # a checkpoint closes the log interval: a resume from it loses no step's record
+        if self.step % t.log_every == 0 or self.step == self.total_steps or due_checkpoint:
             self.check_bad_steps()
-        if due_log:
             self.log_interval()
         if due_checkpoint:
             with self.timer.left_out(device_sync(self.device)):

@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -60,6 +61,51 @@ def test_a_damaged_newest_checkpoint_falls_back_and_is_set_aside(tmp_path, caplo
     ckpt.save_checkpoint(tmp_path, 3, {"step": 3}, keep=1)
     assert ckpt.load_latest(tmp_path)[1]["step"] == 3
     assert (tmp_path / "checkpoints" / "step-00000002.pt.bad").exists()
+
+
+def test_a_reader_of_a_run_in_training_changes_nothing(tmp_path, caplog):
+    """Fine-tuning from a run folder reads it while its trainer may be writing: the checkpoint
+    being written (.tmp) stays, and a damaged one is passed over, not renamed. The trainer's
+    next save removes a crash's leftover .tmp."""
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=3)
+    folder = tmp_path / "checkpoints"
+    (folder / "step-00000003.pt.tmp").write_bytes(b"being written")
+    (folder / "step-00000002.pt").write_bytes(b"garbage")
+    assert ckpt.load_latest(tmp_path, owner=False)[1]["step"] == 1
+    assert "step-00000002.pt does not load" in caplog.text
+    assert {p.name for p in folder.iterdir()} == {
+        "step-00000001.pt", "step-00000002.pt", "step-00000003.pt.tmp"}
+    ckpt.save_checkpoint(tmp_path, 4, {"step": 4}, keep=3)
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_the_run_lock_dies_with_its_trainer_not_with_forked_children(tmp_path):
+    """A flock belongs to the open file, which forked children (DataLoader workers) share: they
+    close their copies, so a killed trainer's lock is free at once, while its workers live on."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from fastmavil.train.checkpoint import run_lock
+        with run_lock({str(tmp_path)!r}):
+            child = os.fork()
+            if child == 0:  # a worker outliving its trainer (off the test's output pipe)
+                os.close(1)
+                os.close(2)
+                time.sleep(30)
+                os._exit(0)
+            print(child, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # the trainer dies holding the lock
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    child = int(done.stdout.split()[0])
+    try:
+        with ckpt.run_lock(tmp_path):  # free, with the child still alive
+            os.kill(child, 0)
+    finally:
+        os.kill(child, 9)
 
 
 @pytest.mark.parametrize("cut", [0.1, 0.5, 0.9, 0.999])

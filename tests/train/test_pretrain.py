@@ -200,6 +200,20 @@ def test_passes_of_one_clip_say_infonce_has_no_negatives(shards, tmp_path, caplo
     assert "InfoNCE" not in caplog.text
 
 
+def test_a_checkpoint_closes_the_log_interval(shards, tmp_path):
+    """Checkpoints every 3 steps, records every 4: each checkpoint's step gets a record too, so
+    a run resumed from one logs the same records as an uninterrupted run (before, the steps
+    since the last record were lost with the crash)."""
+    every = dict(train__log_every=4, train__ckpt_every=3)
+    run(shards, tmp_path / "a", train__max_steps=8, **every)
+    a = losses(tmp_path / "a")
+    assert sorted(a) == [3, 4, 6, 8]
+    run(shards, tmp_path / "b", train__max_steps=5, **every)  # ends at 5: as a crash after 3
+    (tmp_path / "b" / "t" / "checkpoints" / "step-00000005.pt").unlink()
+    run(shards, tmp_path / "b", train__max_steps=8, **every)
+    assert losses(tmp_path / "b") == a
+
+
 def test_settings_the_variant_never_reads_are_named(shards, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fastmavil.train"):
         run(shards, tmp_path, train__max_steps=1, model__variant="audiomae",
@@ -311,7 +325,8 @@ def test_the_steps_after_the_last_log_line_are_logged(shards, tmp_path, monkeypa
         return all_but_last(real_loader(*args)) if len(calls) == 3 else real_loader(*args)
 
     monkeypatch.setattr(pretrain, "build_loader", loader)
-    summary = run(shards, tmp_path, train__log_every=5)
+    # no checkpoint before the end: a checkpoint would close the log interval too
+    summary = run(shards, tmp_path, train__log_every=5, train__ckpt_every=1000)
     records = [json.loads(line)
                for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert len(calls) == 3 and summary["step"] == summary["total_steps"]
@@ -353,7 +368,7 @@ def test_a_log_line_spanning_epochs_counts_each_steps_own_work(shards, tmp_path)
     visible tokens per sample are the steps' own, weighted by their samples, not the last
     epoch's."""
     from fastmavil.schedule import plan_epochs
-    summary = run(shards, tmp_path, train__log_every=1000)
+    summary = run(shards, tmp_path, train__log_every=1000, train__ckpt_every=1000)
     (record,) = [json.loads(line)
                  for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     cfg = load_config(ROOT / "configs" / "demo.toml", overrides(shards, tmp_path))
