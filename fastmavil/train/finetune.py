@@ -370,10 +370,12 @@ class _Run:
                 if due and not any(r["step"] == end for r in self.evals):
                     record = self.evaluate(plan.epoch)
                     self.evals.append(record)
+                    # the checkpoint holding it first: a crash during the save then evaluates
+                    # again on resume without a record of the first try in metrics.jsonl
+                    self.checkpoint()
                     writer.write(record)
                     if main:
                         progress.console.print(_eval_line(record), soft_wrap=True)
-                    self.checkpoint()
                 if last:
                     break
             if self.last_ckpt is None or self.last_ckpt.name != checkpoint_name(self.step):
