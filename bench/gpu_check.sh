@@ -10,7 +10,9 @@
 # timings, $OUT/autotune-cache.tar, into bench/.inductor-cache/ (carried to the next call).
 #   FASTMAVIL_COMMIT=<sha> bash bench/gpu_check.sh [STAGE|GROUP ...]   # from the repository
 #       root; results in bench/results/ (the sha: a copied tree's git metadata can be stale)
-# Stages (limits in seconds; measured on an H200 where a figure is given):
+# Stages (limits in seconds; measured on an H200 where a figure is given). The MFU stages time
+# 12 steps a window (~1 s of the fast path's, more of the reference's): NVML's utilisation
+# figure covers its own sample period, 1/6 to 1 s, which 3 graphed steps (~225 ms) fall short of.
 #   tests       180  CUDA kernel (every autotune candidate, a whole model step, graphed steps)
 #                    and attention parity tests, and every other CUDA-only test (130 s at
 #                    a56a753, with pytest-xdist)
@@ -165,16 +167,17 @@ for stage in "${stages[@]}"; do
              --size base --steps 3 --cuda-graph --batch-rule flops --passes fit --compare-first \
              configs/r4.toml configs/r1.toml configs/r3.toml ;;
     graph-compile) run "bench.throughput (base, compile, graphs)" 150 python -m bench.throughput \
-                     --size base --steps 3 --compile --cuda-graph --no-curriculum configs/r4.toml ;;
+                     --size base --steps 12 --compile --cuda-graph --no-curriculum \
+                     configs/r4.toml ;;
     residual) run "bench.throughput (base, compile, graphs, bf16 residual)" 120 python -m \
-                bench.throughput --size base --steps 3 --compile --cuda-graph --residual bf16 \
+                bench.throughput --size base --steps 12 --compile --cuda-graph --residual bf16 \
                 --no-curriculum configs/r4.toml ;;
     triton-attention) run "bench.throughput (base, compile, graphs, bf16 res., Triton attn.)" \
-                        150 python -m bench.throughput --size base --steps 3 --compile \
+                        150 python -m bench.throughput --size base --steps 12 --compile \
                         --cuda-graph --residual bf16 --attention triton --no-curriculum \
                         configs/r4.toml ;;
     autotune) run "bench.throughput (base, compile max-autotune, graphs)" 480 python -m \
-                bench.throughput --size base --steps 3 --compile --compile-mode max-autotune \
+                bench.throughput --size base --steps 12 --compile --compile-mode max-autotune \
                 --cuda-graph --residual bf16 --no-curriculum configs/r4.toml ;;
     attention) run "bench.attention (R4, base)" 120 python -m bench.attention configs/r4.toml ;;
     train) run "bench.train (R4, base, random clips)" 180 python -m bench.train --steps 30 ;;
