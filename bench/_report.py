@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from fastmavil.files import write_atomically
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
@@ -104,9 +106,7 @@ def environment(device: torch.device) -> dict:
 def write_json(path: Path, record) -> None:
     """Writes `record` whole or not at all: a run stopped mid-write (a time limit) leaves the
     previous file, never a truncated one."""
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)
+    write_atomically(path, json.dumps(record, indent=2) + "\n")
 
 
 def file_slug(name: str) -> str:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ..files import write_atomically
+
 INDEX = "index.json"
 
 
@@ -138,9 +140,7 @@ def write_index(folder: str | Path, shards: list[dict], labels: list[str], **ext
     folder = Path(folder)
     index = {"clips": sum(s["clips"] for s in shards), "labels": labels,
              "shards": sorted(shards, key=lambda s: s["name"]), **extra}
-    tmp = folder / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, folder / INDEX)
+    write_atomically(folder / INDEX, json.dumps(index, indent=2))
     return index
 
 

@@ -26,6 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from ..files import write_atomically
 from .shards import ShardWriter, shard_name, write_index
 
 
@@ -35,13 +36,6 @@ class ClipFailure(Exception):
 
 def _meta_path(shard: Path) -> Path:
     return shard.with_name(shard.name.replace(".tar", ".meta.json"))
-
-
-def _write_meta(shard: Path, meta: dict) -> None:
-    """The shard's sidecar, written whole or not at all (a crash mid-write leaves the last)."""
-    partial = _meta_path(shard).with_suffix(".tmp")
-    partial.write_text(json.dumps(meta))
-    os.replace(partial, _meta_path(shard))
 
 
 def _finished_meta(shard: Path) -> dict | None:
@@ -223,9 +217,9 @@ def write_shards(out: str | Path, items: Sequence, make_clip: Callable, describe
                     meta = {"name": path.name, "clips": writer.clips, "failures": failures,
                             "fingerprint": fingerprint}
                     # sidecar first: the tar's rename on close is what marks the shard finished
-                    _write_meta(path, meta)
+                    write_atomically(_meta_path(path), json.dumps(meta))
                 meta["bytes"] = path.stat().st_size
-                _write_meta(path, meta)
+                write_atomically(_meta_path(path), json.dumps(meta))
                 shards.append(meta)
             if kept:
                 progress.console.print(f"{out}: kept {kept} of the {len(groups)} shards, which "

@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..files import write_atomically
+
 log = logging.getLogger("fastmavil.train")
 
 # Dense peak TFLOP/s (no 2:4 sparsity) from the NVIDIA H100, H200 and A100 datasheets, whose
@@ -290,8 +292,9 @@ class MetricsWriter:
 
     The file is opened for appending, so a resumed run continues it (from `start_step`: records
     past it are dropped first), and synced to disk after every record (one per log interval),
-    so a crash, even of the machine, loses nothing written. Records are flat dicts; NaN and infinities are written as null. Tensor values are
-    read with .item(), a host sync on CUDA, so write at log intervals. `tensorboard`: None uses
+    so a crash, even of the machine, loses nothing written. Records are flat dicts; NaN and
+    infinities are written as null. Tensor values are read with .item(), a host sync on CUDA,
+    so write at log intervals. `tensorboard`: None uses
     it if the package is installed, True requires it, False turns it off.
     """
 
@@ -373,12 +376,7 @@ def _drop_records_after(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     if len(kept) < len(lines) or not text.endswith("\n"):  # the next record needs a new line
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: never an empty file after it
-        os.replace(tmp, path)
+        write_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def device_sync(device: torch.device) -> Callable[[], object] | None:

@@ -101,9 +101,13 @@ def _log_plan(plans: list[EpochPlan], steps: int, t) -> None:
                     else "one pass per step (train.micro_batch_size)", extra=SAME_ON_EVERY_RANK)
 
 
-def _warn_lone_clips(cfg: Config, plans: list[EpochPlan]) -> None:
-    """A pass of one clip gives InfoNCE no negatives (a pass's clips are each other's): its
-    terms are 0 there, and only the reconstruction trains."""
+def _warn_of_settings_without_effect(cfg: Config, plans: list[EpochPlan]) -> None:
+    """Settings the model variant never reads, and passes of one clip, which give InfoNCE no
+    negatives (a pass's clips are each other's): its terms are 0 there."""
+    unread = unread_settings(cfg)
+    if unread:
+        log.warning("model.variant = %r never reads %s: they change nothing in this run",
+                    cfg.model.variant, ", ".join(unread), extra=SAME_ON_EVERY_RANK)
     # passes follow the ratio's linear schedule: the epochs of one-clip passes are a run
     lone = [p.epoch for p in plans if p.micro_batch < 2]
     if lone and cfg.model.has_video and (cfg.loss.inter_weight or cfg.loss.intra_weight):
@@ -179,11 +183,7 @@ class _Run:
             resume.check_run(resumed[0], resumed[1], self.clips, self.precision, self.plans)
         self.planned_steps = sum(p.steps for p in self.plans)
         _log_plan(self.plans, self.planned_steps, t)
-        _warn_lone_clips(cfg, self.plans)
-        unread = unread_settings(cfg)
-        if unread:
-            log.warning("model.variant = %r never reads %s: they change nothing in this run",
-                        cfg.model.variant, ", ".join(unread), extra=SAME_ON_EVERY_RANK)
+        _warn_of_settings_without_effect(cfg, self.plans)
         self.total_steps = t.steps_to_run(self.planned_steps)
         if self.world.main:
             (run_dir / "config.toml").write_text(to_toml(cfg))
