@@ -274,8 +274,9 @@ def test_throughput_views_alone_timed_round_robin_and_saved_after_each_repeat(re
     write_text = type(results).write_text
 
     def record_write(path, text, *a, **k):  # every record the run writes, in order
-        if path.suffix in (".json", ".tmp"):  # .tmp: written, then renamed to .json
-            saved.append((path.with_suffix(".json").name, json.loads(text)))
+        name = path.name.removesuffix(".tmp")  # .json.tmp: written, then renamed to .json
+        if name.endswith(".json"):
+            saved.append((name, json.loads(text)))
         return write_text(path, text, *a, **k)
 
     def time(trainer, audio, video, ratio, steps):

@@ -34,6 +34,7 @@ from ..config import (OVERRIDE_SYNTAX, ConfigError, FinetuneConfig, load_config,
 from ..data.loader import build_loader, loader_spec
 from ..data.shards import shard_metas
 from ..evaluation import mean_average_precision, top1_accuracy
+from ..files import write_atomically
 from ..models import compile_blocks
 from ..models.classifier import AudioClassifier, load_pretrained_encoder, param_groups
 from ..schedule import EpochPlan, first_step, learning_rate
@@ -215,7 +216,7 @@ class _Run:
         self.fill = -cfg.data.audio_mean / (2 * cfg.data.audio_std)  # a raw 0, normalised
         self.streak = NonFiniteStreak(self.device)
         if world.main:
-            (run_dir / "config.toml").write_text(to_toml(cfg))
+            write_atomically(run_dir / "config.toml", to_toml(cfg))
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -381,7 +382,7 @@ class _Run:
             if self.last_ckpt is None or self.last_ckpt.name != checkpoint_name(self.step):
                 self.checkpoint()
         if main:
-            (self.run_dir / "results.json").write_text(json.dumps(
+            write_atomically(self.run_dir / "results.json", json.dumps(
                 {"evals": self.evals, "pretrained": self.pretrained, "step": self.step},
                 indent=1))
         return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
@@ -486,7 +487,7 @@ def finetune(cfg: FinetuneConfig, argv: list[str], world: World | None = None) -
         summary["mean"] = statistics.fmean(finals)
         summary["std"] = statistics.pstdev(finals)
         if world.main:
-            (base / "cv.json").write_text(json.dumps(
+            write_atomically(base / "cv.json", json.dumps(
                 {"metric": cfg.finetune.metric, "folds": finals, "mean": summary["mean"],
                  "std": summary["std"]}, indent=1))
     if world.main:

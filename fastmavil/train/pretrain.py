@@ -33,6 +33,7 @@ from ..cuda_graph import GraphedPasses
 from ..data.dali_loader import DaliLoader, check_codec, dali_available, dali_device
 from ..data.loader import ShardDataset, build_loader, loader_spec, to_device
 from ..data.random_clips import RandomClips
+from ..files import write_atomically
 from ..flops import forward_flops_per_sample
 from ..models import build_model, compile_blocks
 from ..models.compile import MAX_AUTOTUNE_NEEDS_KERNELS
@@ -186,7 +187,7 @@ class _Run:
         _warn_of_settings_without_effect(cfg, self.plans)
         self.total_steps = t.steps_to_run(self.planned_steps)
         if self.world.main:
-            (run_dir / "config.toml").write_text(to_toml(cfg))
+            write_atomically(run_dir / "config.toml", to_toml(cfg))
 
         self.model = build_model(cfg).to(self.device)
         self.model.use_kernels(kernels_on)
@@ -282,6 +283,12 @@ class _Run:
             return
         last = self.last_trained_step
         if last > self.summary["start_step"] and not self.saved(last):
+            try:  # the checkpoint closes the log interval, as a due one does
+                if self.interval.ran:
+                    self.log_interval()
+            except Exception as err:
+                log.error("could not log steps %d-%d (%s: %s)", self.interval.start + 1, last,
+                          type(err).__name__, err)
             try:
                 log.warning("%s stopped step %d: checkpointing step %d before stopping: %s",
                             cause, last + 1, last, self.checkpoint(last))

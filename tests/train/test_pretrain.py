@@ -174,10 +174,13 @@ def test_an_error_mid_step_keeps_the_steps_trained_since_the_last_checkpoint(sha
     monkeypatch.setattr(pretrain, "accumulate_gradients", failing)
     with caplog.at_level("WARNING", logger="fastmavil.train"), \
             pytest.raises(RuntimeError, match="is killed by signal"):
-        run(shards, tmp_path, train__max_steps=8, train__ckpt_every=100)
+        run(shards, tmp_path, train__max_steps=8, train__ckpt_every=100, train__log_every=3)
     assert "RuntimeError stopped step 5: checkpointing step 4 before stopping" in caplog.text
+    # the checkpoint closed the log interval: step 4's record is kept
+    assert list(losses(tmp_path)) == [3, 4]
     monkeypatch.setattr(pretrain, "accumulate_gradients", accumulate)
-    assert run(shards, tmp_path, train__max_steps=8)["start_step"] == 4
+    assert run(shards, tmp_path, train__max_steps=8, train__log_every=3)["start_step"] == 4
+    assert list(losses(tmp_path)) == [3, 4, 6, 8]
 
 
 def test_fitted_passes_without_micro_batches_say_they_change_nothing(shards, tmp_path, caplog):
