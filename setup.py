@@ -12,7 +12,7 @@ setup(
     # torch below 2.14: on the project's CPU machines pip then takes the local CPU build (2.13)
     # instead of downloading a multi-GB CUDA build; GPU users get the CUDA wheel as usual.
     install_requires=[
-        "torch>=2.4,<2.14", "numpy", "rich",
+        "torch>=2.6,<2.14", "numpy", "rich",
         "av>=14",          # PyAV: video encode/decode for prep, synth and the reference loader
         "soundfile",       # FLAC audio
         "nvidia-ml-py",    # pynvml: GPU utilisation in metrics and benchmarks

@@ -46,8 +46,8 @@ from .distributed import (SAME_ON_EVERY_RANK, World, agreed_batches, device_of,
 from .launches import record_launch
 from .metrics import MetricsWriter, NoMetrics, StepTimer, device_sync
 from .runtime import (NonFiniteStreak, StopFlag, accumulate_gradients, check_even_passes,
-                      epoch_ended_early, fast_path, open_dataset, prepared_data, progress_bar,
-                      run_command, run_folder, run_precision, setup_runtime,
+                      clip_gradients, epoch_ended_early, fast_path, open_dataset, prepared_data,
+                      progress_bar, run_command, run_folder, run_precision, setup_runtime,
                       steps_passed_over)
 
 log = logging.getLogger("fastmavil.finetune")
@@ -297,8 +297,7 @@ class _Run:
         """One optimizer step over this process's passes; StopIteration when the data ends."""
         self.optimizer.zero_grad(set_to_none=True)  # a step the data cut short added some
         total, _ = accumulate_gradients(self.run_pass, batches, self.passes, self.timer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
+        grad_norm = clip_gradients(self.model, self.cfg.train.grad_clip)
         total = self.world.mean(total)  # every process's: they apply or skip a step together
         finite = torch.isfinite(total) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()  # the fused AdamW skips it on the device

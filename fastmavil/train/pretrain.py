@@ -48,7 +48,7 @@ from .launches import record_launch
 from .metrics import (GpuUtilization, MetricsWriter, NoMetrics, StepTimer, device_peak_flops,
                       device_sync, mfu, peak_memory_bytes, tflops)
 from .plan_report import print_plan, work_per_step
-from .runtime import (DataError, NonFiniteStreak, StopFlag, accumulate_gradients,
+from .runtime import (DataError, NonFiniteStreak, StopFlag, accumulate_gradients, clip_gradients,
                       check_even_passes, epoch_ended_early, fast_path, loader_workers,
                       open_dataset, prepared_data, progress_bar, run_command, run_folder,
                       run_precision, setup_runtime, steps_passed_over)
@@ -412,8 +412,7 @@ class _Run:
         t = self.cfg.train
         if self.graphed and self.world.parallel:
             self.graphed.average_over(self.world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        grad_norm = clip_gradients(self.model, t.grad_clip)
         self.step += 1
         self.last_trained_step = self.step  # not moved by epochs whose data ran short
         self.summary["trained_steps"] += 1

@@ -1,4 +1,4 @@
-"""The optimizer's parameter groups and gradient accumulation."""
+"""The optimizer's parameter groups, gradient accumulation and clipping."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch import nn
 from fastmavil.models import build_model
 from fastmavil.train.metrics import StepTimer
 from fastmavil.train.pretrain import make_optimizer
-from fastmavil.train.runtime import accumulate_gradients
+from fastmavil.train.runtime import accumulate_gradients, clip_gradients
 
 from conftest import tiny_config
 
@@ -89,3 +89,22 @@ def test_graphed_passes_accumulate_as_backward_does():
     for (name, a), b in zip(models[1].named_parameters(), models[0].parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_clipping_off_takes_the_norm_and_leaves_the_gradients_alone():
+    """train.grad_clip = 0: the norm, as clip_grad_norm_ gives it, without clip_grad_norm_'s
+    multiply by 1 (a read and write of every gradient; the version counter sees it)."""
+    model = nn.Sequential(nn.Linear(7, 5), nn.GELU(), nn.Linear(5, 3))
+    model(torch.randn(4, 7)).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    versions = [p.grad._version for p in model.parameters()]
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    norm = clip_gradients(model, 0.0)
+    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    assert [p.grad._version for p in model.parameters()] == versions
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    # on: scaled to the max norm, the norm before clipping returned
+    norm = clip_gradients(model, 0.5 * expected.item())
+    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, 0.5 * g, rtol=1e-5, atol=1e-7)
