@@ -4,6 +4,7 @@ loader (DALI decoding; `fastmavil.data.dali_loader`), by worker (DALI: thread) c
     python -m bench.dataload                       # demo sizes, 1 and 2 workers, both loaders
     python -m bench.dataload --size small --workers 1 2 --data DIR
     python -m bench.dataload --resume              # + the first batch of a resumed epoch
+    python -m bench.dataload --plan                # + the DALI loader's planning alone
     python -m bench.dataload --size base --prep-clips   # clips as fastmavil-prep writes them
     python -m bench.dataload --size base --prep-clips --codec vp9   # the same in VP9 (DALI, CPU)
 
@@ -22,12 +23,13 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fastmavil.config import Config, ModelConfig
-from fastmavil.data.dali_loader import DaliLoader, dali_available
+from fastmavil.data.dali_loader import DaliLoader, dali_available, plan
 from fastmavil.data.loader import ShardDataset, build_loader, loader_spec, to_device
-from fastmavil.data.shards import count_clips
+from fastmavil.data.shards import count_clips, read_shard
 from fastmavil.data.synth import SynthSpec, synthesize
 
 from ._report import add_results_option, environment, positive_int, write_json
@@ -91,6 +93,23 @@ def time_resume(source: Path, size: str, workers: int, batch_size: int) -> dict:
             "first_batch_s": seconds["resumed"], "read_up_to_s": seconds["read up to it"]}
 
 
+def time_planning(source: Path, size: str, repeats: int) -> dict:
+    """The DALI loader's planning alone, in this thread (`dali_loader.plan`: the json, the
+    media's headers and packet times, the draws, a VP8/VP9 clip's remux from its window's
+    keyframe), best pass of `repeats` over the dataset: where DALI decodes on a GPU, what the
+    loader's `data.num_workers` planning threads must keep up with. Needs PyAV, not DALI."""
+    dataset = _training_dataset(source, size)
+    clips = [clip for shard in dataset.shards for clip in read_shard(shard)]
+    best = float("inf")
+    for epoch in range(repeats):
+        rng, start = np.random.default_rng(epoch), time.perf_counter()
+        for clip in clips:  # "gpu": every codec passes the check (nothing runs on a GPU)
+            plan(dataset, clip, rng, [epoch], "gpu")
+        best = min(best, time.perf_counter() - start)
+    return {"clips": len(clips), "ms_per_clip": round(best / len(clips) * 1e3, 2),
+            "clips_per_s_per_thread": round(len(clips) / best, 1)}
+
+
 def _dali_version() -> str:
     import nvidia.dali
     return nvidia.dali.__version__
@@ -131,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     add_results_option(parser)
     parser.add_argument("--resume", action="store_true",
                         help="also time the first batch after resuming half-way through an epoch")
+    parser.add_argument("--plan", action="store_true",
+                        help="also time the DALI loader's planning alone, in one thread")
     args = parser.parse_args(argv)
     if min(args.workers) < 0:
         parser.error(f"--workers {' '.join(map(str, args.workers))}: each must be >= 0")
@@ -177,12 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['workers']} worker(s): first batch after resuming at batch "
               f"{row['resume_batches']} in {row['first_batch_s']:.2f} s; reading up to it took "
               f"{row['read_up_to_s']:.2f} s")
+    planning = time_planning(source, args.size, args.repeats) if args.plan else None
+    if planning:
+        print(f"DALI loader's planning, one thread: {planning['ms_per_clip']:.2f} ms a clip, "
+              f"{planning['clips_per_s_per_thread']:.1f} clips/s")
     import av
     record = {"bench": "dataload", **environment(torch.device("cpu")),
               "cpus": os.cpu_count(), "pyav": av.__version__, "clips": clip_text, "rows": rows,
               **({"dali": _dali_version(), "dali_device": args.dali_device}
                  if "dali" in loaders else {}),
-              **({"resume": resumes} if resumes else {})}
+              **({"resume": resumes} if resumes else {}),
+              **({"planning": planning} if planning else {})}
     name = (f"dataload-cpu-{args.size}{prep}"
             f"{'-resume' if args.resume else ''}.json")  # a run of one never overwrites another
     args.results.mkdir(parents=True, exist_ok=True)

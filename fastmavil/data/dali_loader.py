@@ -11,7 +11,8 @@ random draws and batches (`loader.collate`'s keys and shapes).
   draws the sample's video window, crop, audio segment and roll from the sample's own random
   stream in the reference's order (`plan`): a clip's frames, crop and roll are the ones the
   reference loader would pick. This runs in `threads` threads (`data.num_workers`) of the
-  trainer's process, a few batches ahead: 7.4 ms a 10 s 256² VP9 clip in one, 3.7 in two.
+  trainer's process, a few batches ahead (a 10 s 256² VP9 clip: 7.4 ms in one thread, 3.7 in
+  two, before the headers and the remux shared one open of the clip, which saved 2 ms of it).
 - DALI decodes the 16 frames picked (`fn.decoders.video` with their indices: NVDEC on the GPU
   with `data.dali_device = "gpu"`, for H.264 and HEVC too; libavcodec on the CPU, which decodes
   VP8, VP9 and MJPEG) and resizes and crops them on the same device, and decodes the FLAC (on
@@ -34,6 +35,7 @@ with the reference's reasons.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import itertools
@@ -108,7 +110,8 @@ def check_codec(dataset: ShardDataset, device: str) -> None:
     if ext is None or dataset.spec.audio_only:
         return
     try:
-        codec = probe_video(clip.members[ext]).codec
+        with open_video(clip.members[ext]) as video:
+            codec = video.codec
     except SkipClip:
         return  # a bad clip: the loader skips it
     _check_codec(codec, device, clip)
@@ -148,62 +151,69 @@ class VideoHeaders:
     period: float      # 1 / the stream's average frame rate (0 when not known)
     keyframes: np.ndarray  # the keyframes' times, ascending
     keyframe_pts: np.ndarray  # and their exact timestamps, in the stream's time base
+    stream: object = None  # open_video's: the stream and its packets, in demux order, for
+    packets: list = None   # from_keyframe (valid inside open_video's block only)
 
 
-def probe_video(data: bytes) -> VideoHeaders:
+@contextlib.contextmanager
+def open_video(data: bytes) -> Iterator[VideoHeaders]:
     """The video's codec, size and frame times, from its headers and packets: demuxed, not
     decoded (a 10 s clip at 16 fps: 160 packets). The times are the decoder's frame times, so
     `video.pick_frames` picks the frames the reference's decoder would. A file damaged part-way
-    keeps the packets before the damage, as the reference keeps the frames. Raises SkipClip."""
+    keeps the packets before the damage, as the reference keeps the frames. Raises SkipClip.
+    The container stays open in the block, so that `from_keyframe` remuxes the packets demuxed
+    here: opening a clip costs as much as demuxing it (FFmpeg probes the stream's first frames),
+    and one open took the headers and the remux from 3.9 to 1.9 ms a 10 s 256² VP9 clip."""
     av = _av()
-    times, keyframes = [], []  # keyframes: (time, pts)
     try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise SkipClip("corrupt video: no video stream")
-            stream = container.streams.video[0]
-            codec, tb = stream.codec_context.name, stream.time_base
-            width, height = stream.codec_context.width, stream.codec_context.height
-            period = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
-            try:
-                for packet in container.demux(stream):
-                    if packet.pts is not None and packet.size:
-                        times.append(float(packet.pts * tb))
-                        if packet.is_keyframe:
-                            keyframes.append((times[-1], packet.pts))
-            except Exception:  # damaged data: the packets before it count
-                if not times:
-                    raise
-    except SkipClip:
-        raise
+        container = av.open(io.BytesIO(data))
     except Exception as err:  # PyAV raises many types
         raise SkipClip(f"corrupt video: {err}") from None
-    if width < 1 or height < 1 or not times:
-        raise SkipClip(f"corrupt video: {width}x{height}, {len(times)} frames in its packets")
-    keyframes.sort()
-    return VideoHeaders(codec, width, height, np.sort(np.asarray(times)), period,
-                        np.asarray([t for t, _ in keyframes]),
-                        np.asarray([pts for _, pts in keyframes], np.int64))
+    with container:
+        yield _headers(container)
 
 
-def from_keyframe(data: bytes, key_pts: int) -> bytes:
+def _headers(container) -> VideoHeaders:
+    if not container.streams.video:
+        raise SkipClip("corrupt video: no video stream")
+    stream = container.streams.video[0]
+    codec, tb = stream.codec_context.name, stream.time_base
+    width, height = stream.codec_context.width, stream.codec_context.height
+    period = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
+    packets = []
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is not None and packet.size:
+                packets.append(packet)
+    except Exception as err:  # damaged data: the packets before it count
+        if not packets:
+            raise SkipClip(f"corrupt video: {err}") from None
+    if width < 1 or height < 1 or not packets:
+        raise SkipClip(f"corrupt video: {width}x{height}, {len(packets)} frames in its packets")
+    times = np.asarray([float(p.pts * tb) for p in packets])
+    keys = sorted((t, p.pts) for t, p in zip(times, packets) if p.is_keyframe)
+    return VideoHeaders(codec, width, height, np.sort(times), period,
+                        np.asarray([t for t, _ in keys]), np.asarray([pts for _, pts in keys],
+                                                                     np.int64),
+                        stream, packets)
+
+
+def from_keyframe(video: VideoHeaders, key_pts: int) -> bytes:
     """The video's packets from the keyframe with timestamp `key_pts` on (compared exactly, in
     the stream's time base), remuxed (not decoded) into a WebM of their own: DALI 2.4's decoder
     decodes a clip from its first frame up to the frames asked for, even with a keyframe every
     second (a 10 s clip's last 16 frames took it 44 ms, its first 16 10 ms, in one CPU thread),
-    where the reference seeks. ~2 ms a clip."""
-    av = _av()
+    where the reference seeks. Inside `open_video`'s block, once: muxing rebases the packets'
+    timestamps."""
     buffer = io.BytesIO()
-    with av.open(io.BytesIO(data)) as source:
-        stream = source.streams.video[0]
-        with av.open(buffer, "w", format="webm", options={"fflags": "+bitexact"}) as out:
-            copy, first = out.add_stream_from_template(stream), True
-            for packet in source.demux(stream):
-                if packet.size and packet.pts is not None and packet.pts >= key_pts:
-                    if first and not packet.is_keyframe:
-                        raise ValueError(f"the packet at {packet.pts} is not a keyframe")
-                    packet.stream, first = copy, False
-                    out.mux(packet)
+    with _av().open(buffer, "w", format="webm", options={"fflags": "+bitexact"}) as out:
+        copy, first = out.add_stream_from_template(video.stream), True
+        for packet in video.packets:
+            if packet.pts >= key_pts:
+                if first and not packet.is_keyframe:
+                    raise ValueError(f"the packet at {packet.pts} is not a keyframe")
+                packet.stream, first = copy, False
+                out.mux(packet)
     return buffer.getvalue()
 
 
@@ -263,26 +273,27 @@ def _video_draws(p: ClipPlan, spec, meta: dict, rng, device: str
     if ext is None:
         raise SkipClip("missing video")
     data = p.clip.members[ext]
-    video = probe_video(data)
-    _check_codec(video.codec, device, p.clip)
-    duration, window = float(meta.get("duration") or 0.0), None
-    if duration > 0:
-        start = window_start(duration, spec.video_seconds, spec.train, rng)
-        span = min(spec.video_seconds, duration)
-        if video.times[-1] + video.period > start:  # as media.decode_video finds frames
-            times, window = sample_times(start, span, spec.video_frames), (start, span)
-    if window is None:
-        times = sample_times(0.0, shown_until(video.times), spec.video_frames)
-    p.frames = pick_frames(times, video.times).astype(np.int32)
-    key = np.searchsorted(video.keyframes, video.times[p.frames.min()], side="right") - 1
-    if video.codec in TRIMMED_CODECS and key >= 0 and video.keyframes[key] > video.times[0]:
-        before = np.searchsorted(video.times, video.keyframes[key])  # frames shown before it
-        try:
-            data = from_keyframe(data, int(video.keyframe_pts[key]))
-            p.frames -= before
-        except Exception as err:  # an optimisation only: DALI takes the whole clip
-            _warn_once("trim", f"{p.clip.shard}/{p.clip.display_key}: handed to DALI whole, "
-                       f"not from its window's keyframe ({type(err).__name__}: {err})")
+    with open_video(data) as video:
+        _check_codec(video.codec, device, p.clip)
+        duration, window = float(meta.get("duration") or 0.0), None
+        if duration > 0:
+            start = window_start(duration, spec.video_seconds, spec.train, rng)
+            span = min(spec.video_seconds, duration)
+            if video.times[-1] + video.period > start:  # as media.decode_video finds frames
+                times, window = sample_times(start, span, spec.video_frames), (start, span)
+        if window is None:
+            times = sample_times(0.0, shown_until(video.times), spec.video_frames)
+        p.frames = pick_frames(times, video.times).astype(np.int32)
+        key = np.searchsorted(video.keyframes, video.times[p.frames.min()], side="right") - 1
+        if video.codec in TRIMMED_CODECS and key >= 0 and video.keyframes[key] > video.times[0]:
+            before = np.searchsorted(video.times, video.keyframes[key])  # frames shown before
+            try:
+                data = from_keyframe(video, int(video.keyframe_pts[key]))
+                p.frames -= before
+            except Exception as err:  # an optimisation only: DALI takes the whole clip
+                _warn_once("trim", f"{p.clip.shard}/{p.clip.display_key}: handed to DALI "
+                           f"whole, not from its window's keyframe ({type(err).__name__}: "
+                           f"{err})")
     scale = spec.video_size / min(video.height, video.width)
     new_h = max(spec.video_size, round(video.height * scale))
     new_w = max(spec.video_size, round(video.width * scale))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastmavil.data.dali_loader import (DaliLoader, dali_available, dali_device, from_keyframe,
-                                        probe_video)
+                                        open_video)
 from fastmavil.data.loader import LoaderSpec, ShardDataset, build_loader
 from fastmavil.data.media import decode_video, encode_flac, encode_video
 
@@ -87,14 +87,15 @@ def test_a_clip_from_its_keyframe_has_the_same_frames():
     video = encode_video(np.stack([np.full((32, 32, 3), 8 * f, np.uint8) for f in range(30)]),
                          10.0, keyframe_interval=11)
     whole, times = decode_video(video)
-    headers = probe_video(video)
-    assert list(headers.keyframes) == [0.0, 1.1, 2.2]
-    trimmed = from_keyframe(video, int(headers.keyframe_pts[1]))
+    with open_video(video) as headers:
+        assert list(headers.keyframes) == [0.0, 1.1, 2.2]
+        trimmed = from_keyframe(headers, int(headers.keyframe_pts[1]))
     assert len(trimmed) < len(video)
     frames, trimmed_times = decode_video(trimmed)
     assert np.array_equal(frames, whole[11:]) and np.array_equal(trimmed_times, times[11:])
-    with pytest.raises(ValueError, match="is not a keyframe"):  # the loader then sends it whole
-        from_keyframe(video, int(headers.keyframe_pts[1]) + 1)
+    with open_video(video) as headers, \
+            pytest.raises(ValueError, match="is not a keyframe"):  # the loader sends it whole
+        from_keyframe(headers, int(headers.keyframe_pts[1]) + 1)
 
 
 def test_a_wrong_window_crop_segment_or_roll_would_be_seen(tmp_path):
