@@ -11,8 +11,8 @@ random draws and batches (`loader.collate`'s keys and shapes).
   draws the sample's video window, crop, audio segment and roll from the sample's own random
   stream in the reference's order (`plan`): a clip's frames, crop and roll are the ones the
   reference loader would pick. This runs in `threads` threads (`data.num_workers`) of the
-  trainer's process, a few batches ahead (a 10 s 256² VP9 clip: 7.4 ms in one thread, 3.7 in
-  two, before the headers and the remux shared one open of the clip, which saved 2 ms of it).
+  trainer's process, a few batches ahead (a 10 s 256² VP9 clip: 2.6 ms in one thread,
+  `python -m bench.dataload --plan`).
 - DALI decodes the 16 frames picked (`fn.decoders.video` with their indices: NVDEC on the GPU
   with `data.dali_device = "gpu"`, for H.264 and HEVC too; libavcodec on the CPU, which decodes
   VP8, VP9 and MJPEG) and resizes and crops them on the same device, and decodes the FLAC (on
@@ -162,8 +162,8 @@ def open_video(data: bytes) -> Iterator[VideoHeaders]:
     `video.pick_frames` picks the frames the reference's decoder would. A file damaged part-way
     keeps the packets before the damage, as the reference keeps the frames. Raises SkipClip.
     The container stays open in the block, so that `from_keyframe` remuxes the packets demuxed
-    here: opening a clip costs as much as demuxing it (FFmpeg probes the stream's first frames),
-    and one open took the headers and the remux from 3.9 to 1.9 ms a 10 s 256² VP9 clip."""
+    here: opening a clip costs as much as demuxing it (FFmpeg probes the stream), and one open
+    took a 10 s 256² VP9 clip's plan from 4.1-4.6 to 2.6-2.7 ms (BENCHMARKS.md)."""
     av = _av()
     try:
         container = av.open(io.BytesIO(data))
@@ -401,8 +401,8 @@ class DaliLoader:
                 plans.close()
 
     def _plans(self, read: list[int]) -> Iterator[ClipPlan]:
-        """The dataset's clips, planned in order by `threads` threads (a 10 s 256² VP9 clip's
-        plan took 7.4 ms in one, 3.7 in two: PyAV lets go of the GIL), a few batches ahead;
+        """The dataset's clips, planned in order by `threads` threads (PyAV lets go of the GIL;
+        a 10 s 256² VP9 clip's plan: 2.6 ms in one), a few batches ahead;
         those that cannot be planned are skipped as the reference skips them, here, in order.
         read[0] counts the clips read."""
         dataset, ahead = self.dataset, self.batch_size * (self.prefetch + 1)
