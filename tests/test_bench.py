@@ -80,14 +80,17 @@ def test_kernels_times_each_backward_from_cleared_gradients(mode):
 
 
 def test_dataload_writes_the_resume_timing_beside_the_plain_record(results, tmp_path):
-    """--resume adds a timing and its own record name: the plain run's record stays."""
+    """--resume adds a timing and its own record name: the plain run's record stays. --plan
+    adds the DALI loader's planning alone (no DALI needed)."""
     args = ["--data", str(tmp_path / "synth"), "--clips", "8", "--workers", "0",
             "--batch-size", "2", "--repeats", "1"]
     assert bench.dataload.main(args) == 0
-    assert bench.dataload.main([*args, "--resume"]) == 0
+    assert bench.dataload.main([*args, "--resume", "--plan"]) == 0
     plain = json.loads((results / "dataload-cpu-tiny.json").read_text())
     resumed = json.loads((results / "dataload-cpu-tiny-resume.json").read_text())
     assert "resume" not in plain and resumed["resume"][0]["resume_batches"] == 2
+    assert "planning" not in plain and resumed["planning"]["clips"] == 8
+    assert resumed["planning"]["skipped"] == 0
     loaders = ["reference"] + (["dali"] if dali_available() else [])
     assert [(r["loader"], r["clips"]) for r in plain["rows"]] == [(l, 8) for l in loaders]
 
