@@ -9,7 +9,7 @@ def write_atomically(path: str | Path, text: str) -> None:
     """Writes `text` to `path` through a temporary file, synced to disk, then renamed over it:
     a crash or a kill mid-write leaves the previous file (or none), never a truncated one."""
     path = Path(path)
-    partial = path.with_name(path.name + ".tmp")  # beside it: the rename stays on one disk
+    partial = path.with_name(path.name + ".tmp")  # the whole name: a.toml and a.json differ
     partial.write_text(text, encoding="utf-8")
     fd = os.open(partial, os.O_RDONLY)
     try:
