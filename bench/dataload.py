@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                  if "dali" in loaders else {}),
               **({"resume": resumes} if resumes else {}),
               **({"planning": planning} if planning else {})}
-    name = (f"dataload-cpu-{args.size}{prep}"
-            f"{'-resume' if args.resume else ''}.json")  # a run of one never overwrites another
+    name = (f"dataload-cpu-{args.size}{prep}{'-resume' if args.resume else ''}"
+            f"{'-plan' if args.plan else ''}.json")  # a run of one never overwrites another
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / name
     write_json(out, record)

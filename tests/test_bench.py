@@ -87,7 +87,7 @@ def test_dataload_writes_the_resume_timing_beside_the_plain_record(results, tmp_
     assert bench.dataload.main(args) == 0
     assert bench.dataload.main([*args, "--resume", "--plan"]) == 0
     plain = json.loads((results / "dataload-cpu-tiny.json").read_text())
-    resumed = json.loads((results / "dataload-cpu-tiny-resume.json").read_text())
+    resumed = json.loads((results / "dataload-cpu-tiny-resume-plan.json").read_text())
     assert "resume" not in plain and resumed["resume"][0]["resume_batches"] == 2
     assert "planning" not in plain and resumed["planning"]["clips"] == 8
     assert resumed["planning"]["skipped"] == 0

@@ -152,7 +152,7 @@ class VideoHeaders:
     keyframes: np.ndarray  # the keyframes' times, ascending
     keyframe_pts: np.ndarray  # and their exact timestamps, in the stream's time base
     stream: object = None  # open_video's: the stream and its packets, in demux order, for
-    packets: list = None   # from_keyframe (valid inside open_video's block only)
+    packets: list = None   # from_keyframe (inside open_video's block only; None after it)
 
 
 @contextlib.contextmanager
@@ -170,7 +170,16 @@ def open_video(data: bytes) -> Iterator[VideoHeaders]:
     except Exception as err:  # PyAV raises many types
         raise SkipClip(f"corrupt video: {err}") from None
     with container:
-        yield _headers(container)
+        try:
+            video = _headers(container)
+        except SkipClip:
+            raise
+        except Exception as err:  # e.g. a codec ID no decoder knows: no codec context
+            raise SkipClip(f"corrupt video: {err}") from None
+        try:
+            yield video
+        finally:  # the packets' memory goes with the container
+            video.stream = video.packets = None
 
 
 def _headers(container) -> VideoHeaders:

@@ -241,10 +241,9 @@ class _Run:
         # torch's fused AdamW skips a non-finite step on the device; apex's is told on the host
         self.device_skip = cfg.optim.optimizer == "adamw"
         self.streak = NonFiniteStreak(self.device)  # read at log intervals and checkpoints
-        self.last_trained_step = self.step  # the step count after the last step run
         self.interval = _Interval(self.step, self.device)  # the steps since the last log line
         self.summary = {"start_step": self.step, "samples": 0, "trained_steps": 0}
-        self.lr, self.last_plan = None, None  # the latest step's
+        self.lr, self.last_plan = None, None  # the latest finished step's
 
     def clear_grads(self) -> None:
         if self.graphed:  # the graphed passes add into fixed buffers: zeroed, never dropped
@@ -279,22 +278,23 @@ class _Run:
         checkpoints: the others may be waiting in a collective."""
         if self.world.parallel and not agreed:
             log.warning("%s stopped step %d on rank %d; the newest checkpoint is %s", cause,
-                        self.last_trained_step + 1, self.world.rank, self.last_ckpt)
+                        self.step + 1, self.world.rank, self.last_ckpt)
             return
-        last = self.last_trained_step
-        if last > self.summary["start_step"] and not self.saved(last):
+        # at the step count, past the last step trained where an epoch's data ended early
+        # since: the resumed run then goes on from there, as this one would have
+        at = self.step
+        if self.summary["trained_steps"] and not self.saved(at):
             try:  # the checkpoint closes the log interval, as a due one does
                 if self.interval.ran:
                     self.log_interval()
             except Exception as err:
-                log.error("could not log steps %d-%d (%s: %s)", self.interval.start + 1, last,
+                log.error("could not log steps %d-%d (%s: %s)", self.interval.start + 1, at,
                           type(err).__name__, err)
             try:
                 log.warning("%s stopped step %d: checkpointing step %d before stopping: %s",
-                            cause, last + 1, last, self.checkpoint(last))
+                            cause, at + 1, at, self.checkpoint(at))
             except Exception as err:  # e.g. a broken CUDA context: the error that came first
-                log.error("could not checkpoint step %d (%s: %s)", last, type(err).__name__,
-                          err)
+                log.error("could not checkpoint step %d (%s: %s)", at, type(err).__name__, err)
 
     def run(self, argv: list[str]) -> dict:
         """Trains the plan's remaining steps (or until a signal); returns the run's summary,
@@ -365,9 +365,9 @@ class _Run:
             batches = agreed_batches(batches, self.world)
         self.progress.update(self.task, epoch=plan.epoch)
         while self.step < end and not self.stop.agreed(self.world):
-            self.lr = learning_rate(cfg, self.step, self.plans)
+            lr = learning_rate(cfg, self.step, self.plans)
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr
+                group["lr"] = lr
             try:
                 loss, terms = accumulate_gradients(run_pass, batches, passes, self.timer)
             except StopIteration:
@@ -387,7 +387,7 @@ class _Run:
             except Exception as err:  # a loader worker killed, out of memory, ...
                 self.keep_trained(type(err).__name__)
                 raise
-            self.finish_step(plan, loss, terms, work)
+            self.finish_step(plan, loss, terms, work, lr)
 
     def run_pass(self, plan: EpochPlan, batch, last: bool) -> tuple[torch.Tensor, dict]:
         """One forward + backward of `batch` at the epoch's shape, adding the gradient of
@@ -404,7 +404,8 @@ class _Run:
             (out.loss / passes).backward()
         return out.loss.detach(), {k: v.detach() for k, v in out.terms.items()}
 
-    def finish_step(self, plan: EpochPlan, loss: torch.Tensor, terms: dict, work: dict) -> None:
+    def finish_step(self, plan: EpochPlan, loss: torch.Tensor, terms: dict, work: dict,
+                    lr: float) -> None:
         """After the step's passes: clips the gradients and updates the parameters, counts the
         step, then writes its log line and checkpoint when due. A non-finite loss or gradient
         skips the update; the step and its data still count, so the schedule and a resume stay
@@ -414,9 +415,8 @@ class _Run:
             self.graphed.average_over(self.world)
         grad_norm = clip_gradients(self.model, t.grad_clip)
         self.step += 1
-        self.last_trained_step = self.step  # not moved by epochs whose data ran short
         self.summary["trained_steps"] += 1
-        self.last_plan = plan
+        self.last_plan, self.lr = plan, lr
         self.progress.advance(self.task)
         # every rank's loss: the ranks must skip or apply a step together
         finite = torch.isfinite(self.world.mean(loss)) & torch.isfinite(grad_norm)

@@ -11,7 +11,7 @@ import torch
 
 from fastmavil.data.dali_loader import (DaliLoader, dali_available, dali_device, from_keyframe,
                                         open_video)
-from fastmavil.data.loader import LoaderSpec, ShardDataset, build_loader
+from fastmavil.data.loader import LoaderSpec, ShardDataset, SkipClip, build_loader
 from fastmavil.data.media import decode_video, encode_flac, encode_video
 
 from .clips import SPEC, good, raw_tar
@@ -96,6 +96,17 @@ def test_a_clip_from_its_keyframe_has_the_same_frames():
     with open_video(video) as headers, \
             pytest.raises(ValueError, match="is not a keyframe"):  # the loader sends it whole
         from_keyframe(headers, int(headers.keyframe_pts[1]) + 1)
+    assert headers.packets is None  # freed with the container
+
+
+def test_a_video_whose_headers_do_not_read_is_a_skipped_clip():
+    """A codec ID no decoder knows (no codec context): skipped as corrupt, as the reference
+    loader skips it, not an AttributeError that check_codec would raise at the run's start."""
+    video = encode_video(np.zeros((4, 32, 32, 3), np.uint8), 10.0)
+    assert video.count(b"V_VP9") == 1
+    with pytest.raises(SkipClip, match="corrupt video"), open_video(video.replace(b"V_VP9",
+                                                                                 b"V_QQ9")):
+        pass
 
 
 def test_a_wrong_window_crop_segment_or_roll_would_be_seen(tmp_path):

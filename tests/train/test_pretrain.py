@@ -16,6 +16,7 @@ import torch
 
 from fastmavil.config import ConfigError, load_config
 from fastmavil.data.dali_loader import dali_available
+from fastmavil.data.shards import count_clips
 from fastmavil.data.synth import SynthSpec, synthesize
 from fastmavil.train import pretrain
 from fastmavil.train.checkpoint import checkpoint_name, list_checkpoints, load_latest
@@ -35,6 +36,11 @@ def overrides(shards, run_dir, **extra):
 def run(shards, run_dir, **extra):
     cfg = load_config(ROOT / "configs" / "demo.toml", overrides(shards, run_dir, **extra))
     return pretrain.train(cfg, ["configs/demo.toml"])
+
+
+def records(run_dir):
+    lines = (Path(run_dir) / "t" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def losses(run_dir):
@@ -181,6 +187,38 @@ def test_an_error_mid_step_keeps_the_steps_trained_since_the_last_checkpoint(sha
     monkeypatch.setattr(pretrain, "accumulate_gradients", accumulate)
     assert run(shards, tmp_path, train__max_steps=8, train__log_every=3)["start_step"] == 4
     assert list(losses(tmp_path)) == [3, 4, 6, 8]
+    # the kept record is step 4's, its learning rate too (not the failed step 5's)
+    run(shards, tmp_path / "whole", train__max_steps=4)
+    assert records(tmp_path)[1]["lr"] == records(tmp_path / "whole")[3]["lr"]
+
+
+def test_an_error_after_an_epoch_ended_early_keeps_the_run_at_the_epochs_end(
+        shards, tmp_path, caplog, monkeypatch):
+    """Epoch 0's data ends at its second step (the schedule moves to epoch 1), then an error
+    stops epoch 1's first step: the checkpoint and the record are at epoch 0's end, where the
+    resumed run goes on as this one would have."""
+    accumulate, calls = pretrain.accumulate_gradients, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise StopIteration
+        if len(calls) == 3:
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed.")
+        return accumulate(*args)
+    monkeypatch.setattr(pretrain, "accumulate_gradients", failing)
+    cfg = load_config(ROOT / "configs" / "demo.toml", overrides(shards, tmp_path))
+    epoch_end = pretrain.first_step(1, pretrain.plan_epochs(cfg, count_clips(shards)))
+    assert epoch_end > 2
+    with caplog.at_level("WARNING", logger="fastmavil.train"), \
+            pytest.raises(RuntimeError, match="is killed by signal"):
+        run(shards, tmp_path, train__log_every=100, train__ckpt_every=100)
+    assert (f"RuntimeError stopped step {epoch_end + 1}: checkpointing step {epoch_end} "
+            "before stopping") in caplog.text
+    assert list(losses(tmp_path)) == [epoch_end]
+    monkeypatch.setattr(pretrain, "accumulate_gradients", accumulate)
+    assert run(shards, tmp_path, train__max_steps=epoch_end + 1)["start_step"] == epoch_end
+    assert list(losses(tmp_path)) == [epoch_end, epoch_end + 1]
 
 
 def test_fitted_passes_without_micro_batches_say_they_change_nothing(shards, tmp_path, caplog):
