@@ -270,8 +270,8 @@ class _Run:
         return self.last_ckpt is not None and self.last_ckpt.name == checkpoint_name(at)
 
     def keep_trained(self, cause: str, agreed: bool = False) -> None:
-        """Before an error mid-step ends the run: checkpoints the steps trained since the last
-        checkpoint. Parameters and optimizer state are still the last finished step's (the
+        """Before an error mid-step ends the run: logs and checkpoints the steps trained since
+        the last checkpoint. Parameters and optimizer state are still the last finished step's (the
         error came before its update). Resumed, the failed step runs again on the same data with
         its masks (and dropout) drawn anew: from there the run differs from one that never
         failed. With several processes only an error every rank `agreed` on (the data's end)
